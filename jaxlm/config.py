@@ -1,0 +1,308 @@
+"""Configs: the base schema, loading `configs/*.py`, command-line overrides and validation.
+
+Every config file's `get_config()` starts from `base_config()` and changes
+fields, so the base is the schema: a key it lacks is a typo, and a value whose
+type differs from the base's is a mistake. Both are caught here, before JAX
+compiles anything, with one line that names the key and the fix.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import ml_collections
+
+ConfigDict = ml_collections.ConfigDict
+
+
+class ConfigError(ValueError):
+  """A bad config value; the message is one line naming the key and the fix."""
+
+
+# Logical axis name -> mesh axes. One short table, as in Flax's lm1b example:
+# batch rows split over data and fsdp, weights split over fsdp along the
+# embedding dimension and over tensor along heads/mlp/vocab.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("layers", None),
+    ("norm", None),
+)
+
+
+def base_config() -> ConfigDict:
+  """The full schema with defaults: a small byte-level GPT on the stdlib corpus."""
+  c = ConfigDict()
+  c.seed = 0
+
+  c.model = ConfigDict()
+  c.model.family = "decoder"        # decoder | encoder_decoder | encoder
+  c.model.vocab_size = 260          # byte tokenizer: 256 bytes + pad, bos, eos, mask
+  c.model.num_layers = 4
+  c.model.num_decoder_layers = 0    # encoder_decoder only; 0 means num_layers
+  c.model.d_model = 256
+  c.model.num_heads = 4
+  c.model.num_kv_heads = 0          # 0 means num_heads (multi-head attention)
+  c.model.head_dim = 0              # 0 means d_model // num_heads
+  c.model.mlp_dim = 1024
+  c.model.max_len = 256             # positions the model supports
+  c.model.norm = "layernorm"        # layernorm | rmsnorm
+  c.model.norm_eps = 1e-5
+  c.model.norm_position = "pre"     # pre | post
+  c.model.position = "learned"      # learned | rope | sinusoidal
+  c.model.rope_theta = 10000.0
+  c.model.mlp = "gelu"              # gelu | swiglu | relu
+  c.model.use_bias = True
+  c.model.tie_embeddings = True
+  c.model.scale_embeddings = False  # multiply embeddings by sqrt(d_model), as Vaswani et al.
+  c.model.num_token_types = 0       # BERT segment embeddings; 0 disables
+  c.model.dropout_rate = 0.0
+  c.model.dtype = "float32"         # compute dtype
+  c.model.param_dtype = "float32"   # storage dtype of the master weights
+  c.model.scan_layers = False
+  c.model.remat_policy = "none"     # none | full | dots | dots_no_batch
+  c.model.attention_impl = "xla"    # xla | cudnn (GPU only)
+
+  c.data = ConfigDict()
+  c.data.source = "stdlib"          # stdlib | files
+  c.data.paths = ""                 # comma-separated files or globs for source=files
+  c.data.include_tests = False      # stdlib: include the test folders
+  c.data.val_fraction = 0.03
+  c.data.tokenizer = "byte"         # byte | sentencepiece
+  c.data.tokenizer_path = ""
+  c.data.seq_len = 256
+  c.data.shuffle_seed = 0
+  c.data.prefetch_threads = 0       # grain read threads; 0 reads in the main thread
+
+  c.train = ConfigDict()
+  c.train.global_batch_size = 16
+  c.train.num_micro_batches = 1     # gradient accumulation inside the step
+  c.train.num_steps = 1000
+  c.train.log_every = 50
+  c.train.eval_every = 250
+  c.train.eval_batches = 8
+  c.train.checkpoint_every = 250
+  c.train.keep_checkpoints = 3
+  c.train.z_loss = 0.0
+  c.train.label_smoothing = 0.0
+  c.train.compilation_cache_dir = ""  # persistent XLA compilation cache; empty disables
+
+  c.optim = ConfigDict()
+  c.optim.name = "adamw"            # adamw | adafactor | lion
+  c.optim.learning_rate = 1e-3
+  c.optim.schedule = "cosine"       # cosine | linear | rsqrt | constant | transformer
+  c.optim.warmup_steps = 100
+  c.optim.end_lr_fraction = 0.1     # cosine/linear decay to this fraction of the peak
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.95
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.1
+  c.optim.decay_embeddings = False
+  c.optim.clip_norm = 1.0           # 0 disables
+
+  c.eval = ConfigDict()
+  c.eval.batch_size = 16
+  c.eval.max_batches = 0            # 0 evaluates the whole validation split
+
+  c.mesh = ConfigDict()
+  c.mesh.data = -1                  # -1 takes the devices the other axes leave
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  c.mesh.rules = json.dumps(DEFAULT_RULES)  # JSON so it can be overridden on the command line
+
+  c.distributed = ConfigDict()
+  c.distributed.coordinator_address = ""  # or env JAX_COORDINATOR_ADDRESS
+  c.distributed.num_processes = 0         # or env JAX_NUM_PROCESSES; 0: one process, -1: detect (TPU, SLURM)
+  c.distributed.process_id = -1           # or env JAX_PROCESS_ID
+  return c
+
+
+def load_config_file(path: str) -> ConfigDict:
+  file = Path(path)
+  if not file.is_file():
+    raise ConfigError(f"--config: file '{path}' not found; pass a path such as configs/default.py")
+  spec = importlib.util.spec_from_file_location(f"jaxlm_config_{file.stem}", file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"--config: '{path}' has no get_config(); define one returning a ConfigDict")
+  config = module.get_config()
+  check_schema(config)
+  return config
+
+
+def _leaves(config: ConfigDict, prefix: str = ""):
+  for key, value in config.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, ConfigDict):
+      yield from _leaves(value, name + ".")
+    else:
+      yield name, value
+
+
+def _get(config: ConfigDict, dotted: str):
+  node = config
+  for part in dotted.split("."):
+    if not isinstance(node, ConfigDict) or part not in node:
+      raise KeyError(dotted)
+    node = node[part]
+  return node
+
+
+def _type_ok(expected, value) -> bool:
+  if isinstance(expected, bool) or isinstance(value, bool):
+    return isinstance(expected, bool) and isinstance(value, bool)
+  if isinstance(expected, float):
+    return isinstance(value, (int, float))
+  return isinstance(value, type(expected))
+
+
+def check_schema(config: ConfigDict) -> None:
+  """Every key exists in the base schema and has its type."""
+  base = base_config()
+  for name, value in _leaves(config):
+    try:
+      expected = _get(base, name)
+    except KeyError:
+      raise ConfigError(f"config key '{name}' is unknown; check the spelling against jaxlm/config.py base_config()") from None
+    if not _type_ok(expected, value):
+      raise ConfigError(f"config key '{name}' must be {type(expected).__name__}, got {value!r}; fix the value")
+
+
+def apply_overrides(config: ConfigDict, overrides: list[str]) -> ConfigDict:
+  """Applies `--config.a.b=value` arguments; values parse as Python literals."""
+  base = base_config()
+  for arg in overrides:
+    if "=" not in arg:
+      raise ConfigError(f"override '{arg}' has no value; write it as --config.KEY=VALUE")
+    key, text = arg[len("--config."):].split("=", 1)
+    try:
+      expected = _get(base, key)
+    except KeyError:
+      raise ConfigError(f"config key '{key}' is unknown; check the spelling against jaxlm/config.py base_config()") from None
+    if isinstance(expected, str):
+      value = text
+    else:
+      try:
+        value = ast.literal_eval(text)
+      except (ValueError, SyntaxError):
+        raise ConfigError(f"config key '{key}' must be {type(expected).__name__}, got '{text}'; fix the value") from None
+    if not _type_ok(expected, value):
+      raise ConfigError(f"config key '{key}' must be {type(expected).__name__}, got '{text}'; fix the value")
+    parent, _, leaf = key.rpartition(".")
+    node = _get(config, parent) if parent else config
+    with node.ignore_type():
+      node[leaf] = type(expected)(value)
+  return config
+
+
+def head_dim(model: ConfigDict) -> int:
+  return model.head_dim or model.d_model // model.num_heads
+
+
+def num_kv_heads(model: ConfigDict) -> int:
+  return model.num_kv_heads or model.num_heads
+
+
+def mesh_rules(config: ConfigDict) -> tuple:
+  try:
+    rules = json.loads(config.mesh.rules)
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"config key 'mesh.rules' is not valid JSON ({e.msg}); write a list of [logical, mesh_axes] pairs") from None
+  return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
+
+
+_CHOICES = {
+    "model.family": ("decoder", "encoder_decoder", "encoder"),
+    "model.norm": ("layernorm", "rmsnorm"),
+    "model.norm_position": ("pre", "post"),
+    "model.position": ("learned", "rope", "sinusoidal"),
+    "model.mlp": ("gelu", "swiglu", "relu"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.remat_policy": ("none", "full", "dots", "dots_no_batch"),
+    "model.attention_impl": ("xla", "cudnn"),
+    "data.source": ("stdlib", "files", "tfds", "codesum"),
+    "data.tokenizer": ("byte", "sentencepiece"),
+    "optim.name": ("adamw", "adafactor", "lion"),
+    "optim.schedule": ("cosine", "linear", "rsqrt", "constant", "transformer"),
+}
+
+
+def validate(config: ConfigDict, num_devices: int) -> None:
+  """Checks everything that can be checked before compiling; raises ConfigError."""
+  check_schema(config)
+  for key, allowed in _CHOICES.items():
+    value = _get(config, key)
+    if value not in allowed:
+      raise ConfigError(f"config key '{key}' is '{value}'; choose one of {', '.join(allowed)}")
+  m = config.model
+  for key in ("num_layers", "d_model", "num_heads", "mlp_dim", "max_len", "vocab_size"):
+    if m[key] <= 0:
+      raise ConfigError(f"config key 'model.{key}' must be positive, got {m[key]}")
+  if not m.head_dim and m.d_model % m.num_heads:
+    raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; "
+                      "change one of them or set model.head_dim")
+  if m.num_heads % num_kv_heads(m):
+    raise ConfigError(f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}; "
+                      "choose num_kv_heads dividing num_heads")
+  if m.position == "rope" and head_dim(m) % 2:
+    raise ConfigError(f"RoPE needs an even head dimension, got {head_dim(m)}; change model.head_dim or model.num_heads")
+  if config.data.seq_len > m.max_len:
+    raise ConfigError(f"data.seq_len={config.data.seq_len} exceeds model.max_len={m.max_len}; "
+                      "lower data.seq_len or raise model.max_len")
+  if config.data.source == "files" and not config.data.paths:
+    raise ConfigError("data.paths is empty but data.source='files'; pass --config.data.paths=PATH_OR_GLOB")
+  if config.data.source == "files":
+    from jaxlm import corpus  # local: keeps config importable without the data stack
+    try:
+      corpus.glob_files(config.data.paths.split(","))
+    except FileNotFoundError as e:
+      raise ConfigError(f"data.paths: no file matches '{e.args[0]}'; fix the path or glob") from None
+  if config.data.tokenizer == "sentencepiece" and config.data.tokenizer_path and not Path(config.data.tokenizer_path).is_file():
+    raise ConfigError(f"data.tokenizer_path: '{config.data.tokenizer_path}' not found; pass an existing .model file")
+
+  mesh_shape(config, num_devices)  # raises on a bad mesh
+  t = config.train
+  dp = data_parallel_size(config, num_devices)
+  if t.global_batch_size % (dp * t.num_micro_batches):
+    raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not divisible by data-parallel size {dp} "
+                      f"x train.num_micro_batches={t.num_micro_batches}; use a multiple of {dp * t.num_micro_batches}")
+  if config.eval.batch_size % dp:
+    raise ConfigError(f"eval.batch_size={config.eval.batch_size} is not divisible by data-parallel size {dp}; "
+                      f"use a multiple of {dp}")
+  for key in ("num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "num_micro_batches"):
+    if t[key] <= 0:
+      raise ConfigError(f"config key 'train.{key}' must be positive, got {t[key]}")
+
+
+def mesh_shape(config: ConfigDict, num_devices: int) -> dict[str, int]:
+  """{'data': d, 'fsdp': f, 'tensor': t} whose product is the device count."""
+  sizes = {axis: config.mesh[axis] for axis in ("data", "fsdp", "tensor")}
+  free = [axis for axis, size in sizes.items() if size == -1]
+  if len(free) > 1 or any(size == 0 or size < -1 for size in sizes.values()):
+    raise ConfigError(f"mesh {sizes} is invalid; give positive sizes, with at most one axis set to -1")
+  fixed = math.prod(size for size in sizes.values() if size != -1)
+  if free:
+    if num_devices % fixed:
+      raise ConfigError(f"mesh {sizes} cannot fill {num_devices} devices; make the fixed axes divide {num_devices}")
+    sizes[free[0]] = num_devices // fixed
+  if math.prod(sizes.values()) != num_devices:
+    raise ConfigError(f"mesh {sizes} has {math.prod(sizes.values())} devices but {num_devices} are present; "
+                      f"set --config.mesh.data=-1 or make the product {num_devices}")
+  return sizes
+
+
+def data_parallel_size(config: ConfigDict, num_devices: int) -> int:
+  sizes = mesh_shape(config, num_devices)
+  return sizes["data"] * sizes["fsdp"]

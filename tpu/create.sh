@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Usage: tpu/create.sh --name NAME --accelerator-type TYPE --zone ZONE
+#            --project PROJECT [--runtime-version V] [--spot] [--dry-run]
+#
+# Creates a TPU VM (e.g. TYPE=v5litepod-16) through a queued resource and
+# waits until it is ACTIVE. --runtime-version defaults to Google's
+# recommended JAX image for the TPU generation. --dry-run prints the gcloud
+# commands instead of running them.
+set -euo pipefail
+# shellcheck source-path=SCRIPTDIR disable=SC1091
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+parse_args "name= accelerator-type= zone= project= runtime-version= spot" "$@"
+require name accelerator-type zone project
+
+if [[ -z ${OPT[runtime-version]:-} ]]; then
+  case ${OPT[accelerator-type]} in
+    v6e-*) OPT[runtime-version]=v2-alpha-tpuv6e ;;
+    v5p-*) OPT[runtime-version]=v2-alpha-tpuv5 ;;
+    v5litepod-*) OPT[runtime-version]=v2-alpha-tpuv5-lite ;;
+    v2-* | v3-* | v4-*) OPT[runtime-version]=tpu-ubuntu2204-base ;;
+    *) usage_error "no default runtime for ${OPT[accelerator-type]}; pass --runtime-version" ;;
+  esac
+fi
+
+spot=()
+if [[ -n ${OPT[spot]:-} ]]; then
+  spot=(--spot)
+fi
+
+# A queued resource, unlike `tpu-vm create`, waits for capacity instead of
+# failing at once when the zone has no free TPUs.
+queued_resource create \
+  --node-id "${OPT[name]}" \
+  --accelerator-type "${OPT[accelerator-type]}" \
+  --runtime-version "${OPT[runtime-version]}" \
+  "${spot[@]}"
+
+describe=(queued_resource describe --format='value(state.state)')
+if ((DRY_RUN)); then
+  "${describe[@]}"
+  exit 0
+fi
+
+# Capacity can take minutes to hours; poll quietly, reporting state changes.
+last=""
+while true; do
+  state=$("${describe[@]}")
+  case $state in
+    ACTIVE) break ;;
+    FAILED | SUSPENDING | SUSPENDED)
+      echo "$PROG: queued resource ${OPT[name]} is $state" >&2
+      exit 1
+      ;;
+  esac
+  if [[ $state != "$last" ]]; then
+    echo "$PROG: ${OPT[name]} is $state; waiting for ACTIVE..." >&2
+    last=$state
+  fi
+  sleep 30
+done
+echo "$PROG: ${OPT[name]} is ACTIVE" >&2
