@@ -13,8 +13,16 @@ split is deliberately absent: carving it out of the hash range would put files
 the LM trains on into it, breaking (b).
 
 Measured 2026-11-28, Python 3.11.7, defaults (val_fraction=0.05,
-include_tests=False, max_source_chars=2000), 2-CPU machine:
-  FIGURES_PLACEHOLDER
+include_tests=False, max_source_chars=2000), on a busy 2-CPU machine:
+  extraction: 734 files -> 6637 pairs in 2.7 s CPU (5.4 s wall), cached
+  train: 6117 pairs; validation: 216 pairs from 18 files
+  (252 sources over 2000 chars dropped; 5 validation pairs dropped because a
+  train file has the same source verbatim)
+  validation BLEU: most_common ('Emit a record.') 0.07, name_words 0.14
+  with include_tests=True: 8170 pairs, train 7405, validation 358, 9.9 s CPU
+Both baselines are near zero: BLEU's brevity penalty crushes 1-3 word guesses
+against ~8-word references. With 216 examples from 18 files, validation BLEU
+is noisy; raise val_fraction (0.2 -> 946 pairs from 76 files) to compare models.
 """
 
 from __future__ import annotations
@@ -26,7 +34,6 @@ import functools
 import re
 import textwrap
 import tokenize
-import types
 import warnings
 from pathlib import Path
 
@@ -74,25 +81,40 @@ def _line_reader(data: bytes):
   return lambda: next(lines, b"")
 
 
-def _span(start_line, start_col, end_line, end_col):
-  return types.SimpleNamespace(lineno=start_line, col_offset=start_col,
-                               end_lineno=end_line, end_col_offset=end_col)
+def _segment(lines: list[bytes], start: tuple[int, int], end: tuple[int, int],
+             padded: bool = False) -> str:
+  """Text between two AST positions (1-based line, UTF-8 byte column).
+
+  Same result as `ast.get_source_segment`, which re-splits the whole file
+  character by character on every call: 80 s over the stdlib instead of ~3 s.
+  """
+  (start_line, start_col), (end_line, end_col) = start, end
+  first, last = lines[start_line - 1], lines[end_line - 1]
+  if start_line == end_line:
+    return first[start_col:end_col].decode()
+  middle = lines[start_line:end_line - 1]
+  text = b"\n".join([first[start_col:], *middle, last[:end_col]]).decode()
+  if not padded:
+    return text
+  prefix = first[:start_col].decode()
+  return "".join(c if c in " \t\f" else " " for c in prefix) + text
 
 
-def _source_without_docstring(text: str, node: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
+def _source_without_docstring(lines: list[bytes],
+                              node: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
   """The function's text (decorators included) with the docstring statement cut out.
 
   Splicing the original text keeps comments and formatting that `ast.unparse`
   would drop; unparse is only the fallback when the splice does not reparse.
   """
-  first = node.decorator_list[0] if node.decorator_list else node
+  start = (node.lineno, node.col_offset)
+  if node.decorator_list:  # a decorator's position is its expression's, after the '@'
+    decorator = node.decorator_list[0]
+    start = (decorator.lineno, lines[decorator.lineno - 1].rindex(b"@", 0, decorator.col_offset))
   docstring = node.body[0]
-  head = ast.get_source_segment(
-      text, _span(first.lineno, first.col_offset, docstring.lineno, docstring.col_offset),
-      padded=True)
-  tail = ast.get_source_segment(
-      text, _span(docstring.end_lineno, docstring.end_col_offset, node.end_lineno,
-                  node.end_col_offset))
+  head = _segment(lines, start, (docstring.lineno, docstring.col_offset), padded=True)
+  tail = _segment(lines, (docstring.end_lineno, docstring.end_col_offset),
+                  (node.end_lineno, node.end_col_offset))
   head_code = head.rstrip(" \t")
   indent = head[len(head_code):]
   rest = tail.lstrip(" \t")
@@ -122,16 +144,22 @@ def _first_line(docstring: str) -> str:
   return ""
 
 
-def _functions(tree: ast.AST, prefix: tuple[str, ...]):
+# Definitions only occur in statement lists, so the walk skips expressions,
+# which are most of the tree (and of the time a full ast.walk would take).
+_BLOCKS = ("body", "orelse", "finalbody", "handlers", "cases")
+
+
+def _functions(node: ast.AST, prefix: tuple[str, ...]):
   """(qualified-name parts, node) for every function, in source order."""
-  for child in ast.iter_child_nodes(tree):
-    if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
-      yield prefix + (child.name,), child
-      yield from _functions(child, prefix + (child.name,))
-    elif isinstance(child, ast.ClassDef):
-      yield from _functions(child, prefix + (child.name,))
-    else:  # functions under if/try/with at any level
-      yield from _functions(child, prefix)
+  for block in _BLOCKS:
+    for child in getattr(node, block, ()):
+      if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        yield prefix + (child.name,), child
+        yield from _functions(child, prefix + (child.name,))
+      elif isinstance(child, ast.ClassDef):
+        yield from _functions(child, prefix + (child.name,))
+      else:  # functions under if/try/with/match at any depth
+        yield from _functions(child, prefix)
 
 
 def extract_pairs(path, rel_path: str) -> list[Pair]:
@@ -145,14 +173,16 @@ def extract_pairs(path, rel_path: str) -> list[Pair]:
       tree = ast.parse(text)
   except (SyntaxError, ValueError, RecursionError, MemoryError):
     return []
+  lines = [line.encode() for line in text.split("\n")]
   module = module_name(rel_path)
   pairs = []
   for parts, node in _functions(tree, (module,) if module else ()):
     docstring = ast.get_docstring(node, clean=True)
     summary = _first_line(docstring or "")
-    if len(summary.split()) < MIN_SUMMARY_WORDS:
+    # pickletools' readers open with a doctest prompt, which is not a summary.
+    if len(summary.split()) < MIN_SUMMARY_WORDS or summary.startswith(">>>"):
       continue
-    pairs.append(Pair(source=_source_without_docstring(text, node), summary=summary,
+    pairs.append(Pair(source=_source_without_docstring(lines, node), summary=summary,
                       name=".".join(parts), path=rel_path))
   return pairs
 
@@ -169,16 +199,25 @@ def _stdlib_pairs(include_tests: bool) -> tuple[tuple[str, tuple[Pair, ...]], ..
 
 def load_pairs(split: str, val_fraction: float = 0.05, include_tests: bool = False,
                max_source_chars: int = 2000) -> list[Pair]:
-  """Deduplicated pairs of the stdlib files hashed into `split`, in file order."""
+  """Deduplicated pairs of the stdlib files hashed into `split`, in file order.
+
+  Identical (source, summary) pairs are kept once. A few functions are copied
+  verbatim between modules, so validation also drops any source that train
+  already has: otherwise BLEU would partly measure memorization.
+  """
   if split not in SPLITS:
     raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+  train_sources = set()
+  if split == "validation":
+    train_sources = {pair.source for pair in load_pairs(
+        "train", val_fraction, include_tests, max_source_chars)}
   pairs, seen = [], set()
   for rel_path, file_pairs in _stdlib_pairs(include_tests):
     if corpus.split_of(rel_path, val_fraction) != split:
       continue
     for pair in file_pairs:
       key = (pair.source, pair.summary)
-      if len(pair.source) > max_source_chars or key in seen:
+      if len(pair.source) > max_source_chars or key in seen or pair.source in train_sources:
         continue
       seen.add(key)
       pairs.append(pair)
@@ -199,6 +238,8 @@ def name_words(name: str) -> str:
 
 def baseline_predictions(train: list[Pair], eval_pairs: list[Pair]) -> dict[str, list[str]]:
   """Trivial lower bounds any trained model must beat."""
+  if not train:
+    raise ValueError("baseline_predictions needs a non-empty train set")
   counts = collections.Counter(pair.summary for pair in train)
   # Ties broken alphabetically so the baseline does not depend on train order.
   most_common = min(counts, key=lambda summary: (-counts[summary], summary))

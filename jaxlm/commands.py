@@ -37,6 +37,9 @@ def _eval(args, overrides) -> int:
   from jaxlm import evaluate
   result = evaluate.evaluate(args.workdir, args.step, args.max_batches)
   print(json.dumps(result, indent=2))
+  if "summary" in result:  # the encoder and encoder-decoder families report against their own baselines
+    print(result["summary"])
+    return 0
   print(f"step {result['step']}: validation loss {result['loss']:.4f}, perplexity {result['perplexity']:.3f}, "
         f"{result['bits_per_byte']:.3f} bits/byte (gzip -9: {result['gzip-9_bits_per_byte']:.3f}, "
         f"xz -9: {result['xz-9_bits_per_byte']:.3f})")

@@ -66,6 +66,7 @@ def base_config() -> ConfigDict:
   c.model.tie_embeddings = True
   c.model.scale_embeddings = False  # multiply embeddings by sqrt(d_model), as Vaswani et al.
   c.model.num_token_types = 0       # BERT segment embeddings; 0 disables
+  c.model.embed_norm = False        # BERT: LayerNorm over the summed embeddings
   c.model.dropout_rate = 0.0
   c.model.dtype = "float32"         # compute dtype
   c.model.param_dtype = "float32"   # storage dtype of the master weights
@@ -83,11 +84,25 @@ def base_config() -> ConfigDict:
   c.data.seq_len = 256
   c.data.shuffle_seed = 0
   c.data.prefetch_threads = 0       # grain read threads; 0 reads in the main thread
+  c.data.target_len = 0             # encoder_decoder: target tokens per row; 0 means seq_len
+  c.data.max_examples = 0           # tfds/codesum: read at most this many examples per split; 0 reads all
+  c.data.mlm_probability = 0.15     # encoder: share of tokens chosen for MLM (BERT: 80% [MASK], 10% random, 10% kept)
+  c.data.mlm_seed = 0               # MLM masks are a function of (mlm_seed, row index)
+  # data.source='tfds': datasets prepared as array_record (docs/datasets.md), read without TensorFlow.
+  c.data.tfds_name = ""             # e.g. lm1b, tiny_shakespeare, wmt14_translate/de-en
+  c.data.tfds_data_dir = ""         # the prepared data's directory; empty: TFDS's default (~/tensorflow_datasets)
+  c.data.tfds_train_split = "train"
+  c.data.tfds_eval_split = "validation"  # lm1b has no validation split: use 'test'
+  c.data.text_key = "text"          # language modelling: the feature holding the text
+  c.data.source_key = ""            # translation: the source language feature, e.g. 'en'
+  c.data.target_key = ""            # translation: the target language feature, e.g. 'de'
+  c.data.spm_vocab_size = 0         # >0: train a SentencePiece vocabulary of this size at tokenizer_path if missing
 
   c.train = ConfigDict()
   c.train.global_batch_size = 16
   c.train.num_micro_batches = 1     # gradient accumulation inside the step
   c.train.num_steps = 1000
+  c.train.stop_at_step = 0          # stop early, as a preemption would (resume later); 0 runs to num_steps
   c.train.log_every = 50
   c.train.eval_every = 250
   c.train.eval_batches = 8
@@ -113,6 +128,10 @@ def base_config() -> ConfigDict:
   c.eval = ConfigDict()
   c.eval.batch_size = 16
   c.eval.max_batches = 0            # 0 evaluates the whole validation split
+  c.eval.beam_size = 4              # encoder_decoder BLEU: beam search as Vaswani et al. (beam 4, alpha 0.6)
+  c.eval.length_penalty = 0.6       # GNMT alpha
+  c.eval.max_decode_len = 0         # generated tokens; 0 means data.target_len (or seq_len)
+  c.eval.bleu_examples = 0          # validation pairs translated for BLEU; 0: all
 
   c.mesh = ConfigDict()
   c.mesh.data = -1                  # -1 takes the devices the other axes leave
@@ -269,10 +288,23 @@ def validate(config: ConfigDict, num_devices: int) -> None:
       corpus.glob_files(config.data.paths.split(","))
     except FileNotFoundError as e:
       raise ConfigError(f"data.paths: no file matches '{e.args[0]}'; fix the path or glob") from None
-  if config.data.tokenizer == "sentencepiece" and config.data.tokenizer_path and not Path(config.data.tokenizer_path).is_file():
+  if config.data.tokenizer == "sentencepiece" and not config.data.tokenizer_path:
+    raise ConfigError("data.tokenizer_path is empty but data.tokenizer='sentencepiece'; pass an existing .model file, "
+                      "or a path to create together with --config.data.spm_vocab_size=N")
+  if config.data.target_len > m.max_len:
+    raise ConfigError(f"data.target_len={config.data.target_len} exceeds model.max_len={m.max_len}; "
+                      "lower data.target_len or raise model.max_len")
+  if config.data.source == "tfds":
+    _validate_tfds(config)
+  if config.data.source == "codesum" and m.family != "encoder_decoder":
+    raise ConfigError(f"data.source='codesum' pairs code with summaries, which needs model.family='encoder_decoder', "
+                      f"not '{m.family}'")
+  if (config.data.tokenizer == "sentencepiece" and not config.data.spm_vocab_size
+      and not Path(config.data.tokenizer_path).is_file()):
     raise ConfigError(f"data.tokenizer_path: '{config.data.tokenizer_path}' not found; pass an existing .model file")
 
   mesh_shape(config, num_devices)  # raises on a bad mesh
+  mesh_rules(config)
   t = config.train
   dp = data_parallel_size(config, num_devices)
   if t.global_batch_size % (dp * t.num_micro_batches):
@@ -284,6 +316,18 @@ def validate(config: ConfigDict, num_devices: int) -> None:
   for key in ("num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "num_micro_batches"):
     if t[key] <= 0:
       raise ConfigError(f"config key 'train.{key}' must be positive, got {t[key]}")
+
+
+def _validate_tfds(config: ConfigDict) -> None:
+  d = config.data
+  if not d.tfds_name:
+    raise ConfigError("data.tfds_name is empty but data.source='tfds'; pass e.g. --config.data.tfds_name=lm1b")
+  if d.tfds_data_dir and not Path(d.tfds_data_dir).is_dir():
+    raise ConfigError(f"data.tfds_data_dir '{d.tfds_data_dir}' does not exist; prepare the data with "
+                      f"`tfds build {d.tfds_name} --file_format=array_record --data_dir=DIR` (docs/datasets.md)")
+  if config.model.family == "encoder_decoder" and not (d.source_key and d.target_key):
+    raise ConfigError("data.source_key/data.target_key are empty; a translation dataset needs both, "
+                      "e.g. --config.data.source_key=en --config.data.target_key=de")
 
 
 def mesh_shape(config: ConfigDict, num_devices: int) -> dict[str, int]:

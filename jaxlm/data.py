@@ -38,6 +38,9 @@ def load_documents(data_config, split: str) -> list[bytes]:
     if not paths:
       # A single small file still needs both splits: take the validation share from its tail.
       return _split_single(all_paths, split, data_config.val_fraction)
+  elif data_config.source == "tfds":
+    from jaxlm import tfds_data  # local: TFDS is imported only by runs that read it
+    return tfds_data.load_documents(data_config, split)
   else:
     raise ValueError(f"data.source '{data_config.source}' has no text documents")
   return [corpus.read_text_bytes(p) for p in paths]
@@ -135,9 +138,10 @@ def train_batches(rows, global_batch: int, seed: int, start_step: int, num_steps
 def eval_batches(rows, global_batch: int, max_batches: int = 0) -> Iterator[Batch]:
   """The split in order; the last batch is filled with weight-0 padding rows."""
   p, n = jax.process_index(), jax.process_count()
+  # Row types of other families (seq2seq, MLM) bring their own padding row.
+  pad = rows.padding_row() if hasattr(rows, "padding_row") else padding_row(rows.seq_len)
   num_batches = -(-len(rows) // global_batch)
   if max_batches:
     num_batches = min(num_batches, max_batches)
   for step in range(num_batches):
-    yield collate([rows[i] if i < len(rows) else padding_row(rows.seq_len)
-                   for i in local_rows(step, global_batch, p, n)])
+    yield collate([rows[i] if i < len(rows) else pad for i in local_rows(step, global_batch, p, n)])

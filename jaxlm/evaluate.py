@@ -69,6 +69,9 @@ def compression_bits_per_byte(text: bytes) -> dict[str, float]:
 def evaluate(workdir: str | Path, step: int | None = None, max_batches: int | None = None) -> dict[str, float]:
   workdir = Path(workdir)
   config = fit_mesh(load_run_config(workdir), jax.device_count())
+  if config.model.family != "decoder":
+    from jaxlm import family_eval  # BLEU for encoder-decoders, MLM accuracy for encoders
+    return family_eval.evaluate(workdir, config, step, max_batches)
   tokenizer = tokenizer_lib.load(workdir)
   mesh = sharding.make_mesh(config)
   s = train_lib.setup(config, mesh)

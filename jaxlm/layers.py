@@ -11,6 +11,7 @@ the mesh through the rules table in the config.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from typing import Any
 
@@ -38,6 +39,50 @@ def dense(features, axes: tuple[str, ...], cfg, name: str, in_axis: int | tuple 
       dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype],
       kernel_init=nn.with_logical_partitioning(_kernel_init, axes),
       bias_init=nn.with_logical_partitioning(_zeros, axes[-len(features):]))
+
+
+class DenseParams(nn.Module):
+  """The kernel and bias that `dense` would create, returned instead of applied.
+
+  The parameters are identical to `dense`'s (same names, shapes, logical axes and
+  initial values, as DenseGeneral also draws its kernel flattened to 2-D), so
+  callers can fuse several projections into one matmul without changing the
+  parameter tree that checkpoints and the Hugging Face conversion read.
+  """
+  in_features: tuple[int, ...]
+  features: tuple[int, ...]
+  axes: tuple[str, ...]
+  cfg: ml_collections.ConfigDict
+
+  @nn.compact
+  def __call__(self) -> tuple[Array, Array | None]:
+    dtype = DTYPES[self.cfg.param_dtype]
+    shape = self.in_features + self.features
+    flat = (math.prod(self.in_features), math.prod(self.features))
+    kernel = self.param("kernel", nn.with_logical_partitioning(
+        lambda rng, _, dt: _kernel_init(rng, flat, dt).reshape(shape), self.axes), shape, dtype)
+    bias = None
+    if self.cfg.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(_zeros, self.axes[-len(self.features):]),
+                        self.features, dtype)
+    return kernel, bias
+
+
+def fused_projection(x_BxTxI: Array, projections: list[tuple[Array, Array | None]], dtype) -> list[Array]:
+  """x @ [W1 | W2 | ...] + [b1 | b2 | ...] as one 2-D matmul, split back into one output per kernel.
+
+  Kernels are (I, *features) with the same input size; outputs are (B, T, *features).
+  One wide matmul (and one of each in the backward pass) runs well above three
+  narrow ones on CPU; see BENCHMARKS.md.
+  """
+  b, t, i = x_BxTxI.shape
+  widths = [math.prod(k.shape[1:]) for k, _ in projections]
+  kernel_IxC = jnp.concatenate([k.reshape(i, -1) for k, _ in projections], axis=1).astype(dtype)
+  y_MxC = x_BxTxI.reshape(b * t, i).astype(dtype) @ kernel_IxC
+  if all(bias is not None for _, bias in projections):
+    y_MxC = y_MxC + jnp.concatenate([bias.reshape(-1) for _, bias in projections]).astype(dtype)
+  splits = jnp.split(y_MxC, list(itertools.accumulate(widths))[:-1], axis=1)
+  return [y.reshape(b, t, *k.shape[1:]) for y, (k, _) in zip(splits, projections)]
 
 
 class Norm(nn.Module):
@@ -104,6 +149,31 @@ def attention_mask(q_segment_BxT: Array, kv_segment_BxS: Array, causal: bool,
   return mask[:, None]
 
 
+def dot_product_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_Bx1xTxS: Array) -> Array:
+  """softmax(q k^T / sqrt(H), masked) v, equal to `jax.nn.dot_product_attention` up to float32 rounding.
+
+  Two changes of order make it cheaper on CPU, where attention is not fused:
+  the scale multiplies q (T x H) instead of the logits (T x S), and the softmax
+  normalization divides the output (T x H) instead of the probabilities
+  (T x S). The gradient of the second form needs no T x S row sum, which
+  softmax's backward pass otherwise computes. Masked entries get the same
+  large negative logit as jax's, so a fully masked row still averages V.
+  """
+  b, t, n, h = q_BxTxNxH.shape
+  k = k_BxSxKxH.shape[2]
+  q_BxTxKxGxH = (q_BxTxNxH * jnp.asarray(h ** -0.5, q_BxTxNxH.dtype)).reshape(b, t, k, n // k, h)
+  logits_BxKxGxTxS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BxTxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32)
+  logits_BxKxGxTxS = jnp.where(mask_Bx1xTxS[:, :, None], logits_BxKxGxTxS, -0.7 * jnp.finfo(jnp.float32).max)
+  # The row max only keeps exp in range; it cancels out of the result, so it needs no gradient.
+  row_max = jax.lax.stop_gradient(jnp.max(logits_BxKxGxTxS, axis=-1, keepdims=True))
+  weights_BxKxGxTxS = jnp.exp(logits_BxKxGxTxS - row_max)
+  row_sum_BxKxGxT = jnp.sum(weights_BxKxGxTxS, axis=-1)
+  out_BxTxKxGxH = jnp.einsum("BKGTS,BSKH->BTKGH", weights_BxKxGxTxS.astype(v_BxSxKxH.dtype), v_BxSxKxH,
+                             preferred_element_type=jnp.float32)
+  out_BxTxKxGxH = out_BxTxKxGxH / jnp.transpose(row_sum_BxKxGxT, (0, 3, 1, 2))[..., None]
+  return out_BxTxKxGxH.reshape(b, t, n, h).astype(v_BxSxKxH.dtype)
+
+
 class Attention(nn.Module):
   """Multi-head, grouped-query or multi-query attention; self or cross.
 
@@ -122,18 +192,28 @@ class Attention(nn.Module):
     num_heads, num_kv, hd = cfg.num_heads, config_lib.num_kv_heads(cfg), config_lib.head_dim(cfg)
     is_cross = kv_BxSxD is not None
     kv_in = kv_BxSxD if is_cross else x_BxTxD
-    q_BxTxNxH = dense((num_heads, hd), ("embed", "heads", "head_dim"), cfg, "query")(x_BxTxD)
-    k_BxSxKxH = dense((num_kv, hd), ("embed", "kv_heads", "head_dim"), cfg, "key")(kv_in)
-    v_BxSxKxH = dense((num_kv, hd), ("embed", "kv_heads", "head_dim"), cfg, "value")(kv_in)
+    dtype, d = DTYPES[cfg.dtype], x_BxTxD.shape[-1]
+    query = DenseParams((d,), (num_heads, hd), ("embed", "heads", "head_dim"), cfg, name="query")()
+    key = DenseParams((kv_in.shape[-1],), (num_kv, hd), ("embed", "kv_heads", "head_dim"), cfg, name="key")()
+    value = DenseParams((kv_in.shape[-1],), (num_kv, hd), ("embed", "kv_heads", "head_dim"), cfg, name="value")()
+    if is_cross:
+      (q_BxTxNxH,) = fused_projection(x_BxTxD, [query], dtype)
+      k_BxSxKxH, v_BxSxKxH = fused_projection(kv_in, [key, value], dtype)
+    else:
+      q_BxTxNxH, k_BxSxKxH, v_BxSxKxH = fused_projection(x_BxTxD, [query, key, value], dtype)
     if cfg.position == "rope" and not is_cross:
       q_BxTxNxH = rope(q_BxTxNxH, positions_BxT, cfg.rope_theta)
       k_BxSxKxH = rope(k_BxSxKxH, positions_BxT, cfg.rope_theta)
     if self.decode and not is_cross:
       k_BxSxKxH, v_BxSxKxH = self._update_cache(k_BxSxKxH, v_BxSxKxH)
-    out_BxTxNxH = jax.nn.dot_product_attention(
-        q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS,
-        implementation=None if cfg.attention_impl == "xla" else cfg.attention_impl)
-    out_BxTxD = dense(cfg.d_model, ("heads", "head_dim", "embed"), cfg, "out", in_axis=(-2, -1))(out_BxTxNxH)
+    if cfg.attention_impl == "xla":
+      out_BxTxNxH = dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS)
+    else:
+      out_BxTxNxH = jax.nn.dot_product_attention(
+          q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS, implementation=cfg.attention_impl)
+    b, t = out_BxTxNxH.shape[:2]
+    out = DenseParams((num_heads, hd), (cfg.d_model,), ("heads", "head_dim", "embed"), cfg, name="out")()
+    (out_BxTxD,) = fused_projection(out_BxTxNxH.reshape(b, t, num_heads * hd), [(out[0].reshape(-1, cfg.d_model), out[1])], dtype)
     return nn.Dropout(cfg.dropout_rate)(out_BxTxD, deterministic=self.deterministic)
 
   def _update_cache(self, k_BxTxKxH: Array, v_BxTxKxH: Array) -> tuple[Array, Array]:
@@ -273,6 +353,8 @@ class Embedder(nn.Module):
     if not cfg.tie_embeddings:
       self.unembed = dense(cfg.vocab_size, ("embed", "vocab"), cfg, "unembed", use_bias=False)
     self.dropout = nn.Dropout(cfg.dropout_rate)
+    if cfg.get("embed_norm", False):
+      self.embed_norm = Norm(cfg)  # BERT normalizes the summed embeddings
 
   def embed(self, tokens_BxT: Array, positions_BxT: Array, token_types_BxT: Array | None = None) -> Array:
     cfg = self.cfg
@@ -285,6 +367,8 @@ class Embedder(nn.Module):
       x_BxTxD = x_BxTxD + sinusoidal(positions_BxT, cfg.d_model).astype(x_BxTxD.dtype)
     if cfg.num_token_types and token_types_BxT is not None:
       x_BxTxD = x_BxTxD + self.token_type(token_types_BxT)
+    if self.cfg.get("embed_norm", False):
+      x_BxTxD = self.embed_norm(x_BxTxD)
     x_BxTxD = self.dropout(x_BxTxD, deterministic=self.deterministic)
     return nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
 

@@ -1,9 +1,20 @@
 """Transformer families built from `jaxlm.layers`.
 
-`DecoderLM` covers GPT-2 and LLaMA styles by config. Inputs follow one
+`DecoderLM` covers GPT-2 and LLaMA styles by config, `EncoderDecoder` the
+Transformer of Vaswani et al. (2017) and `Encoder` BERT. Inputs follow one
 convention across families: `segment_ids` (0 is padding, equal ids attend to
 each other) and `positions` (restarting at 0 in every packed segment).
 Shape letters are explained in `jaxlm.layers`.
+
+Batch keys per family (see `example_batch`):
+  decoder:          inputs, targets, segment_ids, positions, weights (all B x T).
+  encoder (MLM):    the same; `inputs` holds the masked tokens, `targets` the
+                    originals and `weights` is 1 only where a token was masked.
+  encoder_decoder:  inputs, input_segment_ids, input_positions (source, B x S);
+                    decoder_inputs (BOS + targets shifted right, per segment),
+                    targets, segment_ids, positions, weights (target, B x T).
+                    Segment k of the target attends to segment k of the source
+                    only, so packed pairs never see each other.
 """
 
 from __future__ import annotations
@@ -59,23 +70,138 @@ class DecoderLM(nn.Module):
     return embedder.logits(x_BxTxD)
 
 
+def _final_norm(cfg, name: str | None = None):
+  """Pre-norm stacks end un-normalized (each sublayer normalizes its input); post-norm ones already end in a norm."""
+  return layers.Norm(cfg, name=name) if cfg.norm_position == "pre" else (lambda x: x)
+
+
+class EncoderDecoder(nn.Module):
+  """The Transformer of Vaswani et al. (2017): source tokens -> target logits.
+
+  One `Embedder` serves source, target and the pre-softmax projection (shared,
+  tied embeddings, scaled by sqrt(d_model) when `model.scale_embeddings`).
+  `encode` and `decode` are separate methods so cached generation runs the
+  encoder once: apply with `method="encode"`, then `method="decode"` with
+  `decoding=True` and `mutable=["cache"]`. (`decoding` plays the role of
+  `DecoderLM.decode`, whose name the `decode` method takes here; `build`
+  maps its `decode` argument onto it.)
+  """
+  cfg: ml_collections.ConfigDict
+  decoding: bool = False
+  deterministic: bool = True
+
+  def setup(self):
+    cfg = self.cfg
+    self.embedder = layers.Embedder(cfg, self.deterministic)
+    self.encoder = layers.Stack(cfg, cfg.num_layers, deterministic=self.deterministic)
+    self.encoder_norm = _final_norm(cfg)
+    self.decoder = layers.Stack(cfg, cfg.num_decoder_layers or cfg.num_layers, cross=True,
+                                decode=self.decoding, deterministic=self.deterministic)
+    self.decoder_norm = _final_norm(cfg)
+
+  def encode(self, tokens_BxS: Array, segment_ids_BxS: Array | None = None,
+             positions_BxS: Array | None = None) -> Array:
+    segment_ids_BxS, positions_BxS = default_segments(tokens_BxS, segment_ids_BxS, positions_BxS)
+    mask = layers.attention_mask(segment_ids_BxS, segment_ids_BxS, causal=False)
+    x_BxSxD = self.embedder.embed(tokens_BxS, positions_BxS)
+    return self.encoder_norm(self.encoder(x_BxSxD, mask, positions_BxS))
+
+  def decode(self, encoded_BxSxD: Array, input_segment_ids_BxS: Array, tokens_BxT: Array,
+             segment_ids_BxT: Array | None = None, positions_BxT: Array | None = None,
+             cache_index_BxT: Array | None = None, kv_segment_ids_BxS: Array | None = None) -> Array:
+    """Target logits. While decoding with the cache, as in `DecoderLM`: `cache_index_BxT` gives each
+    query's cache slot and `kv_segment_ids_BxS` marks the filled slots."""
+    segment_ids_BxT, positions_BxT = default_segments(tokens_BxT, segment_ids_BxT, positions_BxT)
+    if self.decoding and kv_segment_ids_BxS is not None:
+      mask = layers.attention_mask(segment_ids_BxT, kv_segment_ids_BxS, causal=True, q_index_BxT=cache_index_BxT,
+                                   kv_index_BxS=jnp.arange(kv_segment_ids_BxS.shape[1])[None])
+    else:
+      mask = layers.attention_mask(segment_ids_BxT, segment_ids_BxT, causal=True)
+    # Source padding (segment 0) never matches a target segment, so it is never read.
+    cross_mask = layers.attention_mask(segment_ids_BxT, input_segment_ids_BxS, causal=False)
+    x_BxTxD = self.embedder.embed(tokens_BxT, positions_BxT)
+    x_BxTxD = self.decoder(x_BxTxD, mask, positions_BxT, encoded_BxSxD, cross_mask)
+    return self.embedder.logits(self.decoder_norm(x_BxTxD))
+
+  def __call__(self, inputs_BxS: Array, decoder_inputs_BxT: Array, input_segment_ids_BxS: Array | None = None,
+               input_positions_BxS: Array | None = None, segment_ids_BxT: Array | None = None,
+               positions_BxT: Array | None = None) -> Array:
+    input_segment_ids_BxS, input_positions_BxS = default_segments(inputs_BxS, input_segment_ids_BxS,
+                                                                  input_positions_BxS)
+    encoded_BxSxD = self.encode(inputs_BxS, input_segment_ids_BxS, input_positions_BxS)
+    return self.decode(encoded_BxSxD, input_segment_ids_BxS, decoder_inputs_BxT, segment_ids_BxT, positions_BxT)
+
+
+class MlmHead(nn.Module):
+  """BERT's masked-LM head (Hugging Face `BertOnlyMLMHead`): dense + GELU + LayerNorm, tied decoder + bias."""
+  cfg: ml_collections.ConfigDict
+
+  @nn.compact
+  def __call__(self, x_BxTxD: Array, embedder: layers.Embedder) -> Array:
+    cfg = self.cfg
+    h_BxTxD = layers.dense(cfg.d_model, ("embed", "mlp"), cfg, "transform", use_bias=True)(x_BxTxD)
+    # BERT's hidden_act "gelu" is the exact erf form, unlike GPT-2's tanh approximation.
+    h_BxTxD = layers.Norm(cfg, name="transform_norm")(nn.gelu(h_BxTxD, approximate=False))
+    bias_V = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
+                        (cfg.vocab_size,), layers.DTYPES[cfg.param_dtype])
+    return embedder.logits(h_BxTxD) + bias_V.astype(h_BxTxD.dtype)
+
+
+class Encoder(nn.Module):
+  """BERT: bidirectional encoder with token-type embeddings and a masked-LM head."""
+  cfg: ml_collections.ConfigDict
+  decode: bool = False  # accepted for a uniform `build`; an encoder has nothing to cache
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, tokens_BxT: Array, segment_ids_BxT: Array | None = None, positions_BxT: Array | None = None,
+               token_types_BxT: Array | None = None) -> Array:
+    cfg = self.cfg
+    segment_ids_BxT, positions_BxT = default_segments(tokens_BxT, segment_ids_BxT, positions_BxT)
+    if cfg.num_token_types and token_types_BxT is None:
+      token_types_BxT = jnp.zeros_like(tokens_BxT)  # BERT's single-sentence inputs are all type 0
+    mask = layers.attention_mask(segment_ids_BxT, segment_ids_BxT, causal=False)
+    embedder = layers.Embedder(cfg, self.deterministic, name="embedder")
+    x_BxTxD = embedder.embed(tokens_BxT, positions_BxT, token_types_BxT)
+    x_BxTxD = layers.Stack(cfg, cfg.num_layers, deterministic=self.deterministic, name="encoder")(
+        x_BxTxD, mask, positions_BxT)
+    x_BxTxD = _final_norm(cfg, "final_norm")(x_BxTxD)
+    return MlmHead(cfg, name="mlm_head")(x_BxTxD, embedder)
+
+
 def model_inputs(cfg: ml_collections.ConfigDict, batch: dict) -> dict:
   """The keyword arguments of the family's `__call__`, taken from a data batch."""
-  return {"tokens_BxT": batch["inputs"], "segment_ids_BxT": batch["segment_ids"],
-          "positions_BxT": batch["positions"]}
+  if cfg.family == "encoder_decoder":
+    return {"inputs_BxS": batch["inputs"], "decoder_inputs_BxT": batch["decoder_inputs"],
+            "input_segment_ids_BxS": batch["input_segment_ids"], "input_positions_BxS": batch["input_positions"],
+            "segment_ids_BxT": batch["segment_ids"], "positions_BxT": batch["positions"]}
+  inputs = {"tokens_BxT": batch["inputs"], "segment_ids_BxT": batch["segment_ids"],
+            "positions_BxT": batch["positions"]}
+  if cfg.family == "encoder" and "token_types" in batch:
+    inputs["token_types_BxT"] = batch["token_types"]
+  return inputs
 
 
 def example_batch(cfg: ml_collections.ConfigDict, shape: tuple[int, int]) -> dict:
-  """A batch of the family's structure and shape, for initialization and tracing."""
+  """A batch of the family's structure and shape, for initialization and tracing.
+
+  Parameter shapes do not depend on the lengths, so an encoder-decoder uses
+  `shape` on both sides here even when its data has a separate target length.
+  """
   ones = jnp.ones(shape, jnp.int32)
-  return {"inputs": ones, "targets": ones, "segment_ids": ones,
-          "positions": jnp.broadcast_to(jnp.arange(shape[1], dtype=jnp.int32), shape),
-          "weights": jnp.ones(shape, jnp.float32)}
+  positions = jnp.broadcast_to(jnp.arange(shape[1], dtype=jnp.int32), shape)
+  batch = {"inputs": ones, "targets": ones, "segment_ids": ones, "positions": positions,
+           "weights": jnp.ones(shape, jnp.float32)}
+  if cfg.family == "encoder_decoder":
+    batch.update(decoder_inputs=ones, input_segment_ids=ones, input_positions=positions)
+  return batch
 
 
 def build(cfg: ml_collections.ConfigDict, decode: bool = False, deterministic: bool = True) -> nn.Module:
-  """The model for `cfg.model.family`."""
-  families = {"decoder": DecoderLM}
+  """The model for `cfg.model.family`; `decode` builds it for cached generation."""
+  if cfg.family == "encoder_decoder":
+    return EncoderDecoder(cfg, decoding=decode, deterministic=deterministic)
+  families = {"decoder": DecoderLM, "encoder": Encoder}
   if cfg.family not in families:
-    raise ValueError(f"model.family '{cfg.family}' is not built yet; choose one of {sorted(families)}")
+    raise ValueError(f"model.family '{cfg.family}' is unknown; choose one of decoder, encoder, encoder_decoder")
   return families[cfg.family](cfg, decode=decode, deterministic=deterministic)

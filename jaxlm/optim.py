@@ -14,7 +14,7 @@ def schedule(optim_config, num_steps: int, d_model: int) -> optax.Schedule:
     # Vaswani et al. (2017), eq. 3: d_model^-0.5 * min(step^-0.5, step * warmup^-1.5),
     # scaled by learning_rate so that 1.0 reproduces the paper.
     def vaswani(step):
-      step = jnp.maximum(step.astype(jnp.float32) + 1.0, 1.0)
+      step = jnp.maximum(jnp.asarray(step, jnp.float32) + 1.0, 1.0)
       return o.learning_rate * d_model ** -0.5 * jnp.minimum(step ** -0.5, step * max(warmup, 1) ** -1.5)
     return vaswani
   peak, end = o.learning_rate, o.learning_rate * o.end_lr_fraction
@@ -24,7 +24,8 @@ def schedule(optim_config, num_steps: int, d_model: int) -> optax.Schedule:
   elif o.schedule == "linear":
     decay = optax.linear_schedule(peak, end, decay_steps)
   elif o.schedule == "rsqrt":
-    decay = lambda step: peak * jnp.sqrt(max(warmup, 1) / (step + max(warmup, 1)))
+    # join_schedules shifts the step by -warmup, so the decay sees 0 at the peak.
+    decay = lambda step: peak * jax.lax.rsqrt(jnp.maximum(jnp.asarray(step, jnp.float32), 0.0) / max(warmup, 1) + 1.0)
   else:
     decay = optax.constant_schedule(peak)
   if not warmup:

@@ -141,7 +141,7 @@ def make_train_step(s: Setup):
     updates, opt_state = s.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": sums["nll_sum"] / weight, "objective": sums["loss_sum"] / weight,
-               "grad_norm": optax.global_norm(grads), "learning_rate": s.schedule(state.step),
+               "grad_norm": optax.tree.norm(grads), "learning_rate": s.schedule(state.step),
                "tokens": sums["weight_sum"]}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

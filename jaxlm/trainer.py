@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import math
 import signal
+import sys
 import time
+import zlib
 from pathlib import Path
 
 import jax
@@ -30,7 +32,7 @@ class TrainingError(RuntimeError):
 
 def log(message: str) -> None:
   if jax.process_index() == 0:
-    tqdm.tqdm.write(message)
+    tqdm.tqdm.write(message, file=sys.stderr)
 
 
 class _StopRequest:
@@ -63,11 +65,21 @@ def write_run_files(config, workdir: Path, tokenizer) -> None:
 
 
 def prepare_data(config, tokenizer, split: str):
+  """The split's random-access rows for the model family."""
+  if config.model.family == "encoder_decoder":
+    from jaxlm import seq2seq_data
+    return seq2seq_data.prepare(config, tokenizer, split)
+  if config.model.family == "encoder":
+    from jaxlm import mlm
+    return mlm.prepare(config, tokenizer, split)
   return data_lib.PackedRows(data_lib.TokenStream.from_documents(
       data_lib.load_documents(config.data, split), tokenizer), config.data.seq_len)
 
 
 def load_tokenizer(config):
+  if config.data.tokenizer == "sentencepiece" and config.data.spm_vocab_size:
+    from jaxlm import spm
+    spm.train_if_missing(config)
   tokenizer = tokenizer_lib.from_config(config.data)
   if config.model.vocab_size < tokenizer.vocab_size:
     raise config_lib.ConfigError(
@@ -135,14 +147,19 @@ def _loop(config, workdir, s, state, start, train_rows, val_rows, checkpointer) 
   try:
     with _StopRequest() as stop:
       for step in range(start, t.num_steps):
-        batch = sharding.global_batch(next(batches), s.batch_sharding)
+        local_batch = next(batches)
+        batch = sharding.global_batch(local_batch, s.batch_sharding)
         state, step_metrics = train_step(state, batch, rng)
         window_steps += 1
         done = step + 1
         progress.update(1)
+        if done == t.stop_at_step:
+          stop.requested = True
         is_save = done % t.checkpoint_every == 0 or done == t.num_steps or stop.requested
         if done % t.log_every == 0 or is_save or done == start + 1:
           values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+          # Identifies the batch this process fed, so resumed runs can be checked against uninterrupted ones.
+          values["batch_crc32"] = float(zlib.crc32(local_batch["inputs"].tobytes()))
           if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
             raise TrainingError(
                 f"loss is {values['loss']} (grad norm {values['grad_norm']}) at step {done}; stopped without "
@@ -155,7 +172,7 @@ def _loop(config, workdir, s, state, start, train_rows, val_rows, checkpointer) 
             values["mfu"] = flops_per_step / values["step_time_s"] / peak
           writer.write(done, values)
           progress.set_postfix(loss=f"{values['loss']:.3f}", refresh=False)
-          log(f"step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items() if k != "tokens"))
+          log(f"step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items() if k not in ("tokens", "batch_crc32")))
           last = values
           window_start, window_steps = time.perf_counter(), 0
         if done % t.eval_every == 0 or done == t.num_steps:

@@ -170,13 +170,15 @@ def test_install_ref_needs_git_url(script, tmp_path):
 # --- launch.sh ---
 
 TRAIN = "cd ~/jaxlm && . ~/jaxlm-venv/bin/activate && nohup bash -c \"{}\" > ~/jaxlm-train.log 2>&1 < /dev/null &"
+# launch.sh asks jaxlm to detect the TPU VM's processes (jax.distributed.initialize() with no arguments).
+DETECT = " --config.distributed.num_processes=-1"
 
 
 def test_launch(script):
     lines = dry_run(script, "launch.sh", *LOC, "--config", "configs/x.py",
                     "--workdir", "gs://bucket/run")
     assert lines == [ssh("all", TRAIN.format(
-        "jaxlm train --config configs/x.py --workdir gs://bucket/run"))]
+        "jaxlm train --config configs/x.py --workdir gs://bucket/run" + DETECT))]
 
 
 def test_launch_with_eval_and_extra_args(script):
@@ -184,7 +186,7 @@ def test_launch_with_eval_and_extra_args(script):
                     "--workdir", "gs://bucket/run", "--eval",
                     "--", "--config.train.num_steps=100")
     assert lines == [ssh("all", TRAIN.format(
-        "jaxlm train --config configs/x.py --workdir gs://bucket/run"
+        "jaxlm train --config configs/x.py --workdir gs://bucket/run" + DETECT +
         " --config.train.num_steps=100 && jaxlm eval --workdir gs://bucket/run"))]
 
 
@@ -218,7 +220,7 @@ def test_launch_remote_command_runs(script, tmp_path):
         time.sleep(0.02)
     assert [json.loads(line) for line in calls.read_text().splitlines()] == [
         [str(tmp_path / "jaxlm"), ["train", "--config", "configs/x.py", "--workdir", "gs://b/r",
-                                   "--config.train.num_steps=3", awkward]],
+                                   DETECT.strip(), "--config.train.num_steps=3", awkward]],
         [str(tmp_path / "jaxlm"), ["eval", "--workdir", "gs://b/r"]],
     ]
     assert (tmp_path / "jaxlm-train.log").exists()

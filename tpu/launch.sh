@@ -16,9 +16,10 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 parse_args "name= zone= project= config= workdir= eval --" "$@"
 require name zone project config workdir
 
-# No coordinator flags: on TPU VMs jax.distributed.initialize() discovers the
-# coordinator address, process count and process id from the TPU metadata.
-job="jaxlm train --config $(shell_quote "${OPT[config]}") --workdir $(shell_quote "${OPT[workdir]}")"
+# num_processes=-1 makes jaxlm call jax.distributed.initialize() with no
+# arguments: on TPU VMs it discovers the coordinator address, process count
+# and process id from the TPU metadata.
+job="jaxlm train --config $(shell_quote "${OPT[config]}") --workdir $(shell_quote "${OPT[workdir]}") --config.distributed.num_processes=-1"
 if ((${#EXTRA_ARGS[@]})); then
   job+=" $(shell_quote "${EXTRA_ARGS[@]}")"
 fi

@@ -1,0 +1,93 @@
+"""Where jaxlm's train step spends its time: a per-op table from a jax.profiler trace.
+
+    python benchmarks/profile_step.py [--steps 3] [--top 25] [--trace-dir /tmp/jaxlm-trace] [--config.KEY=VALUE ...]
+
+Traces a few steps of the real train step on `configs/bench_reference.py`,
+then sums the device time of every XLA op (fusion, dot, custom call) and
+prints them largest first, with the share of the step. Also times the
+forward pass alone (the loss without its gradient), so the backward/forward
+ratio is visible. The trace directory opens in TensorBoard/XProf; add
+XLA_FLAGS=--xla_dump_to=DIR to see the HLO behind each op name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import torch_peer, train_speed  # noqa: E402
+from jaxlm import train  # noqa: E402
+
+
+def op_times(trace_dir: str) -> collections.Counter:
+  """Total seconds per op name over all XLA op events in the newest trace under `trace_dir`."""
+  path = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))[-1]
+  data = jax.profiler.ProfileData.from_file(path)
+  totals = collections.Counter()
+  for plane in data.planes:
+    for line in plane.lines:
+      for event in line.events:
+        # XLA's CPU thunks are named after their HLO instruction; Python/runtime events are not.
+        if event.name.startswith(("fusion", "dot", "custom-call", "copy", "reduce", "convolution", "scatter",
+                                  "gather", "transpose", "broadcast", "add", "multiply", "select", "concatenate",
+                                  "dynamic", "while", "call", "loop_", "input_", "wrapped_", "%")):
+          totals[event.name] += event.duration_ns * 1e-9
+  return totals
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--steps", type=int, default=3)
+  p.add_argument("--top", type=int, default=25)
+  p.add_argument("--trace-dir", default="/tmp/jaxlm-trace")
+  args, overrides = p.parse_known_args(argv)
+  config = train_speed.reference_config(overrides)
+  runner = train_speed.JaxRunner(config)
+  peer_c = train_speed.peer_config(config)
+  tokens = torch_peer.random_tokens(peer_c, np.random.default_rng(0))
+  batch = train_speed.jax_batch(tokens, runner.setup.batch_sharding)
+  s = runner.setup
+
+  def loss_only(params, batch):
+    sums = train.batch_sums(s.model, params, batch, config.train, runner.rng)
+    return sums["loss_sum"]
+  forward = train._with_mesh(s, jax.jit(loss_only))
+  forward(runner.state.params, batch).block_until_ready()
+  runner.compile_seconds(batch)
+
+  step_s, forward_s = [], []
+  for _ in range(args.steps):
+    start = time.perf_counter()
+    forward(runner.state.params, batch).block_until_ready()
+    forward_s.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    runner.run(batch)
+    step_s.append(time.perf_counter() - start)
+  step, fwd = statistics.median(step_s), statistics.median(forward_s)
+  print(f"train step {step * 1e3:.0f} ms, forward only {fwd * 1e3:.0f} ms, "
+        f"so backward + optimizer is {(step - fwd) / fwd:.2f}x the forward (medians of {args.steps})")
+
+  with jax.profiler.trace(args.trace_dir):
+    for _ in range(args.steps):
+      runner.run(batch)
+  totals = op_times(args.trace_dir)
+  total = sum(totals.values())
+  print(f"\nXLA ops: {total / args.steps * 1e3:.0f} ms/step of op time (threads overlap, so this can "
+        f"exceed the wall time); top {args.top}:")
+  for name, seconds in totals.most_common(args.top):
+    print(f"  {seconds / args.steps * 1e3:8.1f} ms  {seconds / total:6.1%}  {name}")
+
+
+if __name__ == "__main__":
+  main()

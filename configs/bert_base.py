@@ -1,0 +1,17 @@
+"""BERT-base (110M parameters; Devlin et al., 2019): masked-LM pretraining, no next-sentence prediction.
+
+Command:   experiments/bert.sh bert_base gs://BUCKET/bert_base   (train, then MLM loss/accuracy)
+Hardware:  TPU v4-16 class (the paper: 16 Cloud TPU chips for 4 days).
+Time:      1M steps of 256 x 512 tokens; about 4 days on the paper's hardware.
+Expected:  the paper reports downstream scores only (MNLI-m 84.6 after fine-tuning,
+           which jaxlm does not do); jaxlm reports MLM accuracy beside the unigram baseline.
+Data:      English Wikipedia via TFDS (docs/datasets.md); BooksCorpus is not available.
+"""
+
+from jaxlm import presets
+
+PAPER_PARAMS = 1.1e+08
+
+
+def get_config():
+  return presets.bert(large=False)

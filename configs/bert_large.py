@@ -1,0 +1,17 @@
+"""BERT-large (340M parameters; Devlin et al., 2019): masked-LM pretraining, no next-sentence prediction.
+
+Command:   experiments/bert.sh bert_large gs://BUCKET/bert_large   (train, then MLM loss/accuracy)
+Hardware:  TPU v4-64 class (the paper: 64 Cloud TPU chips for 4 days).
+Time:      1M steps of 256 x 512 tokens; about 4 days on the paper's hardware.
+Expected:  the paper reports downstream scores only (MNLI-m 86.7 after fine-tuning,
+           which jaxlm does not do); jaxlm reports MLM accuracy beside the unigram baseline.
+Data:      English Wikipedia via TFDS (docs/datasets.md); BooksCorpus is not available.
+"""
+
+from jaxlm import presets
+
+PAPER_PARAMS = 3.4e+08
+
+
+def get_config():
+  return presets.bert(large=True)

@@ -1,0 +1,19 @@
+"""GPT-2 medium (355M parameters; Radford et al., 2019): 24 layers, d_model 1024, 16 heads, context 1024.
+
+Command:   experiments/gpt.sh gpt2_medium gs://BUCKET/gpt2_medium   (train, then evaluate)
+           or: jaxlm train --config configs/gpt2_medium.py --workdir gs://BUCKET/gpt2_medium
+Hardware:  v4-64 or 16x A100 (bfloat16 compute, float32 master weights).
+Time:      about 1 week (estimate, not measured) for 300B tokens at 0.5M tokens per step
+           (GPT-3's recipe; GPT-2's own is unpublished).
+Expected:  the paper's zero-shot WikiText-103 perplexity is 26.37; jaxlm reports C4 validation
+           loss/perplexity with its own SentencePiece vocabulary, which is not directly comparable.
+Data:      C4 via TFDS (docs/datasets.md); GPT-2's WebText is not public.
+"""
+
+from jaxlm import presets
+
+PAPER_PARAMS = 3.55e+08
+
+
+def get_config():
+  return presets.gpt(24, 1024, 16)

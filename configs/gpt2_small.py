@@ -1,0 +1,19 @@
+"""GPT-2 small (124M parameters; Radford et al., 2019): 12 layers, d_model 768, 12 heads, context 1024.
+
+Command:   experiments/gpt.sh gpt2_small gs://BUCKET/gpt2_small   (train, then evaluate)
+           or: jaxlm train --config configs/gpt2_small.py --workdir gs://BUCKET/gpt2_small
+Hardware:  v4-32 or 8x A100 (bfloat16 compute, float32 master weights).
+Time:      about 4 days (estimate, not measured) for 300B tokens at 0.5M tokens per step
+           (GPT-3's recipe; GPT-2's own is unpublished).
+Expected:  the paper's zero-shot WikiText-103 perplexity is 37.5; jaxlm reports C4 validation
+           loss/perplexity with its own SentencePiece vocabulary, which is not directly comparable.
+Data:      C4 via TFDS (docs/datasets.md); GPT-2's WebText is not public.
+"""
+
+from jaxlm import presets
+
+PAPER_PARAMS = 1.24e+08
+
+
+def get_config():
+  return presets.gpt(12, 768, 12)

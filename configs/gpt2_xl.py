@@ -1,0 +1,19 @@
+"""GPT-2 xl (1558M parameters; Radford et al., 2019): 48 layers, d_model 1600, 25 heads, context 1024.
+
+Command:   experiments/gpt.sh gpt2_xl gs://BUCKET/gpt2_xl   (train, then evaluate)
+           or: jaxlm train --config configs/gpt2_xl.py --workdir gs://BUCKET/gpt2_xl
+Hardware:  v4-256 (bfloat16 compute, float32 master weights).
+Time:      about 2 weeks (estimate, not measured) for 300B tokens at 0.5M tokens per step
+           (GPT-3's recipe; GPT-2's own is unpublished).
+Expected:  the paper's zero-shot WikiText-103 perplexity is 17.48; jaxlm reports C4 validation
+           loss/perplexity with its own SentencePiece vocabulary, which is not directly comparable.
+Data:      C4 via TFDS (docs/datasets.md); GPT-2's WebText is not public.
+"""
+
+from jaxlm import presets
+
+PAPER_PARAMS = 1.558e+09
+
+
+def get_config():
+  return presets.gpt(48, 1600, 25)

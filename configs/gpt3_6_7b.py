@@ -1,0 +1,20 @@
+"""GPT-3 6.7B (Brown et al., 2020, Table 2.1): 32 layers, d_model 4096, d_head 128, 2M tokens (1024 x 2048), lr 0.00012.
+
+The table is consistent here: 32 heads x 128 = d_model 4096.
+
+Command:   experiments/gpt.sh gpt3_6_7b gs://BUCKET/gpt3_6_7b   (train, then evaluate)
+Hardware:  v4-1024 (bfloat16 compute; raise mesh.fsdp / mesh.tensor for the large rows).
+Time:      about 1-2 weeks for the paper's 300B tokens (estimate, not measured).
+Expected:  the paper's validation loss curves (Figure 3.1) and zero-shot results (Table 3.2 onward; 175B:
+           LAMBADA perplexity 3.00, accuracy 76.2%). jaxlm reports C4 validation loss/perplexity with its
+           own SentencePiece vocabulary, so the numbers are not directly comparable.
+Data:      C4 via TFDS (docs/datasets.md); GPT-3's training mix is not public.
+"""
+
+from jaxlm import presets
+
+PAPER_PARAMS = 6.7e+09
+
+
+def get_config():
+  return presets.gpt3("6.7b")

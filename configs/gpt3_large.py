@@ -1,0 +1,20 @@
+"""GPT-3 760M (Brown et al., 2020, Table 2.1): 24 layers, d_model 1536, d_head 96, 0.5M tokens (256 x 2048), lr 0.00025.
+
+The table is consistent here: 16 heads x 96 = d_model 1536.
+
+Command:   experiments/gpt.sh gpt3_large gs://BUCKET/gpt3_large   (train, then evaluate)
+Hardware:  v4-256 (bfloat16 compute; raise mesh.fsdp / mesh.tensor for the large rows).
+Time:      about 3 days for the paper's 300B tokens (estimate, not measured).
+Expected:  the paper's validation loss curves (Figure 3.1) and zero-shot results (Table 3.2 onward; 175B:
+           LAMBADA perplexity 3.00, accuracy 76.2%). jaxlm reports C4 validation loss/perplexity with its
+           own SentencePiece vocabulary, so the numbers are not directly comparable.
+Data:      C4 via TFDS (docs/datasets.md); GPT-3's training mix is not public.
+"""
+
+from jaxlm import presets
+
+PAPER_PARAMS = 7.6e+08
+
+
+def get_config():
+  return presets.gpt3("large")

@@ -1,0 +1,20 @@
+"""GPT-3 350M (Brown et al., 2020, Table 2.1): 24 layers, d_model 1024, d_head 64, 0.5M tokens (256 x 2048), lr 0.0003.
+
+The table is consistent here: 16 heads x 64 = d_model 1024.
+
+Command:   experiments/gpt.sh gpt3_medium gs://BUCKET/gpt3_medium   (train, then evaluate)
+Hardware:  v4-128 (bfloat16 compute; raise mesh.fsdp / mesh.tensor for the large rows).
+Time:      about 3 days for the paper's 300B tokens (estimate, not measured).
+Expected:  the paper's validation loss curves (Figure 3.1) and zero-shot results (Table 3.2 onward; 175B:
+           LAMBADA perplexity 3.00, accuracy 76.2%). jaxlm reports C4 validation loss/perplexity with its
+           own SentencePiece vocabulary, so the numbers are not directly comparable.
+Data:      C4 via TFDS (docs/datasets.md); GPT-3's training mix is not public.
+"""
+
+from jaxlm import presets
+
+PAPER_PARAMS = 3.5e+08
+
+
+def get_config():
+  return presets.gpt3("medium")

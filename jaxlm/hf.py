@@ -1,0 +1,327 @@
+"""Hugging Face interop: GPT2LMHeadModel and LlamaForCausalLM as config.json + model.safetensors.
+
+Weights are read and written with `safetensors.numpy`, so conversion needs
+no torch. Layout facts the mapping relies on:
+  GPT-2: Conv1D weights stored (in, out); c_attn is (D, 3D) = [q | k | v];
+         lm_head is tied to wte and not saved; gelu_new; LayerNorm.
+  Llama: Linear weights stored (out, in), no biases; k/v are (K*H, D); MLP is
+         down(silu(gate) * up); RMSNorm weight only; half-split RoPE (ours).
+Every conversion checks the full key set and every shape against the model
+jaxlm would build, and fails with the list of differences: a missing or
+renamed key never leaves a weight at its random init. Real HF tokenizers are
+out of scope: a converted run gets jaxlm's byte tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlm import config as config_lib
+from jaxlm import model as model_lib
+
+
+class ConvertError(ValueError):
+  """An unsupported or inconsistent checkpoint; the message lists what differs."""
+
+
+ARCHITECTURES = ("GPT2LMHeadModel", "LlamaForCausalLM")
+
+
+# --- configs ----------------------------------------------------------------------------------------
+
+def _require(hf: dict, key: str, allowed, default=None):
+  value = hf.get(key, default)
+  if value not in allowed:
+    raise ConvertError(f"config.json: {key}={value!r} is not supported; jaxlm maps only {list(allowed)}")
+  return value
+
+
+def config_from_hf(hf: dict) -> config_lib.ConfigDict:
+  """A full jaxlm config (base defaults + the HF model's shape) for a HF config.json dict."""
+  arch = (hf.get("architectures") or [""])[0]
+  c = config_lib.base_config()
+  m = c.model
+  if arch == "GPT2LMHeadModel":
+    _require(hf, "activation_function", ("gelu_new",), "gelu_new")
+    _require(hf, "scale_attn_by_inverse_layer_idx", (False,), False)
+    _require(hf, "tie_word_embeddings", (True,), True)
+    m.vocab_size, m.max_len, m.d_model = hf["vocab_size"], hf["n_positions"], hf["n_embd"]
+    m.num_layers, m.num_heads = hf["n_layer"], hf["n_head"]
+    m.mlp_dim = hf.get("n_inner") or 4 * hf["n_embd"]
+    m.norm_eps = hf.get("layer_norm_epsilon", 1e-5)
+    m.norm, m.position, m.mlp, m.use_bias, m.tie_embeddings = "layernorm", "learned", "gelu", True, True
+  elif arch == "LlamaForCausalLM":
+    _require(hf, "hidden_act", ("silu",), "silu")
+    _require(hf, "attention_bias", (False,), False)
+    _require(hf, "mlp_bias", (False,), False)
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    _require(rope, "rope_type", ("default",), "default")
+    m.vocab_size, m.max_len, m.d_model = hf["vocab_size"], hf["max_position_embeddings"], hf["hidden_size"]
+    m.num_layers, m.num_heads = hf["num_hidden_layers"], hf["num_attention_heads"]
+    m.num_kv_heads = hf.get("num_key_value_heads") or hf["num_attention_heads"]
+    m.head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+    m.mlp_dim, m.norm_eps = hf["intermediate_size"], hf.get("rms_norm_eps", 1e-6)
+    m.rope_theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    m.tie_embeddings = bool(hf.get("tie_word_embeddings", False))
+    m.norm, m.position, m.mlp, m.use_bias = "rmsnorm", "rope", "swiglu", False
+  else:
+    raise ConvertError(f"config.json: architecture {arch!r} is not supported; convert one of {list(ARCHITECTURES)}")
+  c.data.seq_len = min(c.data.seq_len, m.max_len)
+  return c
+
+
+def architecture_of(m) -> str:
+  """The HF architecture whose computation equals this jaxlm model config, or an error naming the mismatch."""
+  gpt2 = dict(family="decoder", norm="layernorm", norm_position="pre", position="learned", mlp="gelu",
+              use_bias=True, tie_embeddings=True, scale_embeddings=False, num_kv_heads=0)
+  llama = dict(family="decoder", norm="rmsnorm", norm_position="pre", position="rope", mlp="swiglu",
+               use_bias=False, scale_embeddings=False)
+  for arch, wanted in (("GPT2LMHeadModel", gpt2), ("LlamaForCausalLM", llama)):
+    if all(m[k] in (v, None) or (k == "num_kv_heads" and m[k] == m.num_heads) for k, v in wanted.items()):
+      if arch == "GPT2LMHeadModel" and config_lib.head_dim(m) * m.num_heads != m.d_model:
+        continue
+      return arch
+  raise ConvertError("this run matches neither GPT2LMHeadModel (layernorm, learned positions, gelu, biases, tied) "
+                     "nor LlamaForCausalLM (rmsnorm, rope, swiglu, no biases); it cannot be exported to HF")
+
+
+def config_to_hf(m) -> dict:
+  arch = architecture_of(m)
+  if arch == "GPT2LMHeadModel":
+    return {"architectures": [arch], "model_type": "gpt2", "vocab_size": m.vocab_size, "n_positions": m.max_len,
+            "n_embd": m.d_model, "n_layer": m.num_layers, "n_head": m.num_heads, "n_inner": m.mlp_dim,
+            "activation_function": "gelu_new", "layer_norm_epsilon": m.norm_eps, "tie_word_embeddings": True,
+            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "torch_dtype": "float32"}
+  return {"architectures": [arch], "model_type": "llama", "vocab_size": m.vocab_size,
+          "max_position_embeddings": m.max_len, "hidden_size": m.d_model, "intermediate_size": m.mlp_dim,
+          "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_heads,
+          "num_key_value_heads": config_lib.num_kv_heads(m), "head_dim": config_lib.head_dim(m),
+          "hidden_act": "silu", "rms_norm_eps": m.norm_eps, "rope_theta": m.rope_theta,
+          "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
+          "tie_word_embeddings": bool(m.tie_embeddings), "attention_bias": False, "mlp_bias": False,
+          "torch_dtype": "float32"}
+
+
+# --- weights: one table per architecture of (hf key, jaxlm path, to jaxlm, to hf) -------------------
+
+def _gpt2_table(m):
+  n, h, d = m.num_heads, config_lib.head_dim(m), m.d_model
+  rows = [("transformer.wte.weight", "embedder/token/embedding"),
+          ("transformer.wpe.weight", "embedder/position/embedding"),
+          ("transformer.ln_f.weight", "final_norm/scale"), ("transformer.ln_f.bias", "final_norm/bias")]
+  rows = [(k, p, None, None) for k, p in rows]
+  for i in range(m.num_layers):
+    hf, ours = f"transformer.h.{i}.", f"decoder/layer_{i}/"
+    for hf_norm, our_norm in (("ln_1", "self_attention_norm"), ("ln_2", "mlp_norm")):
+      rows += [(f"{hf}{hf_norm}.weight", f"{ours}{our_norm}/scale", None, None),
+               (f"{hf}{hf_norm}.bias", f"{ours}{our_norm}/bias", None, None)]
+    for j, name in enumerate(("query", "key", "value")):
+      # One HF tensor feeds three of ours: the importer slices it, the exporter concatenates.
+      rows.append((f"{hf}attn.c_attn.weight#{j}", f"{ours}self_attention/{name}/kernel",
+                   lambda w, j=j: w[:, j * d:(j + 1) * d].reshape(d, n, h), lambda k: k.reshape(d, n * h)))
+      rows.append((f"{hf}attn.c_attn.bias#{j}", f"{ours}self_attention/{name}/bias",
+                   lambda b, j=j: b[j * d:(j + 1) * d].reshape(n, h), lambda b: b.reshape(n * h)))
+    rows += [(f"{hf}attn.c_proj.weight", f"{ours}self_attention/out/kernel",
+              lambda w: w.reshape(n, h, d), lambda k: k.reshape(n * h, d)),
+             (f"{hf}attn.c_proj.bias", f"{ours}self_attention/out/bias", None, None),
+             (f"{hf}mlp.c_fc.weight", f"{ours}mlp/up/kernel", None, None),
+             (f"{hf}mlp.c_fc.bias", f"{ours}mlp/up/bias", None, None),
+             (f"{hf}mlp.c_proj.weight", f"{ours}mlp/down/kernel", None, None),
+             (f"{hf}mlp.c_proj.bias", f"{ours}mlp/down/bias", None, None)]
+  return rows
+
+
+def _llama_table(m):
+  n, k, h, d = m.num_heads, config_lib.num_kv_heads(m), config_lib.head_dim(m), m.d_model
+  # HF Linear is (out, in). Ours: q/k/v kernels D x heads x H, the output kernel N x H x D.
+  into = lambda *shape: (lambda w: w.T.reshape(*shape), lambda x: x.reshape(d, -1).T)
+  out_of = (lambda w: w.T.reshape(n, h, d), lambda x: x.reshape(-1, d).T)
+  rows = [("model.embed_tokens.weight", "embedder/token/embedding", None, None),
+          ("model.norm.weight", "final_norm/scale", None, None)]
+  if not m.tie_embeddings:
+    rows.append(("lm_head.weight", "embedder/unembed/kernel", lambda w: w.T, lambda x: x.T))
+  for i in range(m.num_layers):
+    hf, ours = f"model.layers.{i}.", f"decoder/layer_{i}/"
+    rows += [(f"{hf}input_layernorm.weight", f"{ours}self_attention_norm/scale", None, None),
+             (f"{hf}post_attention_layernorm.weight", f"{ours}mlp_norm/scale", None, None),
+             (f"{hf}self_attn.q_proj.weight", f"{ours}self_attention/query/kernel", *into(d, n, h)),
+             (f"{hf}self_attn.k_proj.weight", f"{ours}self_attention/key/kernel", *into(d, k, h)),
+             (f"{hf}self_attn.v_proj.weight", f"{ours}self_attention/value/kernel", *into(d, k, h)),
+             (f"{hf}self_attn.o_proj.weight", f"{ours}self_attention/out/kernel", *out_of),
+             (f"{hf}mlp.gate_proj.weight", f"{ours}mlp/gate/kernel", lambda w: w.T, lambda x: x.T),
+             (f"{hf}mlp.up_proj.weight", f"{ours}mlp/up/kernel", lambda w: w.T, lambda x: x.T),
+             (f"{hf}mlp.down_proj.weight", f"{ours}mlp/down/kernel", lambda w: w.T, lambda x: x.T)]
+  return rows
+
+
+def _table(m):
+  return _gpt2_table(m) if architecture_of(m) == "GPT2LMHeadModel" else _llama_table(m)
+
+
+# Keys HF may save that carry no weights of their own: tied heads and GPT-2's causal-mask buffers.
+_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+
+
+def _flatten(tree, prefix=""):
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f"{prefix}{key}/"))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def _unflatten(flat: dict) -> dict:
+  tree = {}
+  for path, value in flat.items():
+    *parents, leaf = path.split("/")
+    node = tree
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return tree
+
+
+def _stack_layers(flat: dict, num_layers: int) -> dict:
+  """The scan_layers tree: decoder/layer_i/x for every i -> decoder/layers/block/x stacked on axis 0."""
+  out = {p: v for p, v in flat.items() if not p.startswith("decoder/layer_")}
+  for path in [p for p in flat if p.startswith("decoder/layer_0/")]:
+    rest = path[len("decoder/layer_0/"):]
+    out[f"decoder/layers/block/{rest}"] = np.stack([flat[f"decoder/layer_{i}/{rest}"] for i in range(num_layers)])
+  return out
+
+
+def _unstack_layers(flat: dict, num_layers: int) -> dict:
+  out = {p: v for p, v in flat.items() if not p.startswith("decoder/layers/block/")}
+  for path, value in flat.items():
+    if path.startswith("decoder/layers/block/"):
+      for i in range(num_layers):
+        out[f"decoder/layer_{i}/{path[len('decoder/layers/block/'):]}"] = value[i]
+  return out
+
+
+def expected_params(config) -> dict:
+  """Flat path -> ShapeDtypeStruct of the params jaxlm builds for `config`."""
+  batch = model_lib.example_batch(config.model, (1, 8))
+  module = model_lib.build(config.model)
+  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), **model_lib.model_inputs(config.model, batch)))
+  import flax.linen as nn  # local: only the unboxing needs it
+  return _flatten(nn.meta.unbox(shapes["params"]))
+
+
+def _check(found: dict, expected: dict, what: str) -> None:
+  missing = sorted(set(expected) - set(found))
+  unexpected = sorted(set(found) - set(expected))
+  shapes = [f"{p}: {tuple(found[p].shape)} vs expected {tuple(expected[p].shape)}"
+            for p in sorted(set(found) & set(expected)) if tuple(found[p].shape) != tuple(expected[p].shape)]
+  if missing or unexpected or shapes:
+    raise ConvertError(f"{what} does not match the model: missing {missing or 'none'}; "
+                       f"unexpected {unexpected or 'none'}; shape mismatches {shapes or 'none'}")
+
+
+def params_from_hf(state: dict[str, np.ndarray], config) -> dict:
+  """jaxlm params (nested dicts of float32 numpy) from a HF state dict; raises listing any difference."""
+  m = config.model
+  table = _table(m)
+  hf_keys = {k.split("#")[0] for k, *_ in table}
+  absent = sorted(k for k in hf_keys if k not in state)
+  tied_head = "lm_head.weight" in state and m.tie_embeddings
+  extra = sorted(k for k in state if k not in hf_keys and not k.endswith(_IGNORED_SUFFIXES)
+                 and not (k == "lm_head.weight" and tied_head))
+  if absent or extra:
+    raise ConvertError(f"model.safetensors does not match {architecture_of(m)}: missing keys {absent or 'none'}; "
+                       f"unexpected keys {extra or 'none'}")
+  flat = {}
+  for hf_key, path, to_ours, _ in table:
+    tensor = np.asarray(state[hf_key.split("#")[0]], np.float32)
+    try:
+      flat[path] = to_ours(tensor) if to_ours else tensor
+    except ValueError as e:
+      raise ConvertError(f"model.safetensors: {hf_key.split('#')[0]} has shape {tensor.shape}, which does not "
+                         f"fit {path} ({e})") from None
+  if m.scan_layers:
+    flat = _stack_layers(flat, m.num_layers)
+  _check(flat, expected_params(config), "model.safetensors")
+  return _unflatten(flat)
+
+
+def params_to_hf(params, config) -> dict[str, np.ndarray]:
+  m = config.model
+  flat = {p: np.asarray(v, np.float32) for p, v in _flatten(jax.device_get(params)).items()}
+  _check(flat, expected_params(config), "the run's parameters")
+  if m.scan_layers:
+    flat = _unstack_layers(flat, m.num_layers)
+  state, pieces = {}, {}
+  for hf_key, path, _, to_hf in _table(m):
+    value = to_hf(flat[path]) if to_hf else flat[path]
+    key, _, index = hf_key.partition("#")
+    if index:
+      pieces.setdefault(key, {})[int(index)] = value
+    else:
+      state[key] = value
+  for key, parts in pieces.items():
+    state[key] = np.concatenate([parts[j] for j in sorted(parts)], axis=-1)
+  return {k: np.ascontiguousarray(v) for k, v in state.items()}
+
+
+# --- directories ------------------------------------------------------------------------------------
+
+def read_hf(directory) -> tuple[config_lib.ConfigDict, dict]:
+  """(jaxlm config, params) from a HF directory with config.json and model.safetensors."""
+  from safetensors.numpy import load_file  # local: only conversion needs safetensors
+  directory = Path(directory)
+  for name in ("config.json", "model.safetensors"):
+    if not (directory / name).is_file():
+      raise ConvertError(f"{directory / name} not found; --from-hf takes a directory written by save_pretrained "
+                         "(sharded or .bin checkpoints are not supported)")
+  config = config_from_hf(json.loads((directory / "config.json").read_text()))
+  return config, params_from_hf(load_file(directory / "model.safetensors"), config)
+
+
+def write_hf(params, config, out) -> Path:
+  from safetensors.numpy import save_file
+  out = Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  hf_config = config_to_hf(config.model)
+  state = params_to_hf(params, config)
+  save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+  (out / "config.json").write_text(json.dumps(hf_config, indent=2))
+  return out
+
+
+def import_run(hf_dir, workdir) -> Path:
+  """Writes a jaxlm run (config.json, tokenizer, Orbax checkpoint at step 0 with a fresh optimizer state)."""
+  from jaxlm import checkpoint, sharding, tokenizer as tokenizer_lib, train as train_lib, trainer
+  config, params = read_hf(hf_dir)
+  tokenizer = tokenizer_lib.ByteTokenizer()
+  if config.model.vocab_size < tokenizer.vocab_size:
+    raise ConvertError(f"the HF model's vocab_size {config.model.vocab_size} is below the byte tokenizer's "
+                       f"{tokenizer.vocab_size}; HF tokenizers are not converted, so jaxlm needs a vocabulary "
+                       "of at least 260 ids")
+  workdir = Path(workdir)
+  checkpoints = workdir / "checkpoints"
+  if checkpoints.is_dir() and any(checkpoints.iterdir()):
+    raise ConvertError(f"{checkpoints} already holds checkpoints; pass an empty --workdir")
+  trainer.write_run_files(config, workdir, tokenizer)
+  s = train_lib.setup(config, sharding.make_mesh(config))
+
+  def make_state(p):
+    return train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=s.tx.init(p))
+  with s.mesh:
+    state = jax.jit(make_state, out_shardings=s.state_shardings)(jax.tree.map(jnp.asarray, params))
+  saver = checkpoint.Checkpointer(checkpoints, keep=config.train.keep_checkpoints)
+  saver.save(0, state.to_dict(), {"config": config.to_dict(), "data_position": 0})
+  saver.close()
+  return workdir
+
+
+def export_run(workdir, out, step: int | None = None) -> Path:
+  from jaxlm import decode  # local: keeps the converter's import light
+  run = decode.load_run(workdir, step)
+  return write_hf(run.params, run.config, out)

@@ -1,0 +1,66 @@
+"""TensorFlow Datasets sources, read without TensorFlow.
+
+`tfds.data_source` gives random access over datasets prepared as array_record
+(docs/datasets.md shows how to prepare them on a machine with internet). It is
+called with `download=False`: a missing dataset is a one-line `ConfigError`
+naming the keys and the `tfds build` command, never a download at run time.
+
+Prepared data holds bytes, `tfds.testing.mock_data` str; both are handled.
+"""
+
+from __future__ import annotations
+
+from jaxlm.config import ConfigError
+
+def split_name(data_config, split: str) -> str:
+  """jaxlm's 'train'/'validation' -> the dataset's split names from the config."""
+  return data_config.tfds_train_split if split == "train" else data_config.tfds_eval_split
+
+
+def data_source(data_config, split: str):
+  import tensorflow_datasets as tfds  # local: only tfds runs pay for the import
+  name = data_config.tfds_name
+  if "_translate" in name:
+    import tensorflow_datasets.translate  # noqa: F401  (the WMT builders register on import)
+  tfds_split = split_name(data_config, split)
+  try:
+    return tfds.data_source(name, split=tfds_split, data_dir=data_config.tfds_data_dir or None, download=False)
+  except Exception as e:  # tfds raises several types for "not prepared"; all mean the same here
+    where = data_config.tfds_data_dir or "TFDS's default data dir"
+    raise ConfigError(
+        f"data.tfds_name '{name}' split '{tfds_split}' is not prepared as array_record in {where} "
+        f"({type(e).__name__}); run `tfds build {name} --file_format=array_record --data_dir=DIR` on a machine "
+        "with internet and pass --config.data.tfds_data_dir=DIR (see docs/datasets.md)") from None
+
+
+def as_text(value) -> str:
+  return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _records(data_config, split: str):
+  source = data_source(data_config, split)
+  count = len(source)
+  if data_config.max_examples:
+    count = min(count, data_config.max_examples)
+  # One index at a time: the mocked source's batched __getitems__ is broken in tfds 4.9.10.
+  return (source[i] for i in range(count))
+
+
+def _feature(record, key: str, data_config, key_name: str):
+  if key not in record:
+    raise ConfigError(f"data.{key_name}='{key}' is not a feature of {data_config.tfds_name} "
+                      f"(it has {', '.join(sorted(record))}); set --config.data.{key_name}")
+  return record[key]
+
+
+def load_documents(data_config, split: str) -> list[bytes]:
+  """The text feature of every example, as UTF-8 documents for `data.TokenStream`."""
+  return [as_text(_feature(r, data_config.text_key, data_config, "text_key")).encode("utf-8")
+          for r in _records(data_config, split)]
+
+
+def load_pairs(data_config, split: str) -> list[tuple[str, str]]:
+  """(source, target) sentence pairs of a translation dataset."""
+  return [(as_text(_feature(r, data_config.source_key, data_config, "source_key")),
+           as_text(_feature(r, data_config.target_key, data_config, "target_key")))
+          for r in _records(data_config, split)]

@@ -1,0 +1,108 @@
+"""Hugging Face interop: logits parity both ways with random HF models built offline, and loud key errors."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+from safetensors.numpy import load_file, save_file  # noqa: E402
+
+from jaxlm import decode, hf, main, model as model_lib  # noqa: E402
+
+from conftest import tiny_config  # noqa: E402
+
+HF_MODELS = {
+    "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=260, n_positions=64, n_embd=32, n_layer=2, n_head=4, n_inner=64)),
+    "llama_gqa_untied": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)),
+    "llama_tied": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64, tie_word_embeddings=True, rms_norm_eps=1e-5)),
+}
+TOKENS = np.random.default_rng(0).integers(4, 260, (2, 24))
+
+
+def save_hf(name, directory):
+  torch.manual_seed(0)
+  model = HF_MODELS[name]().eval()
+  with torch.no_grad():  # HF inits some weights to exact ones/zeros; perturb all so every mapping is exercised
+    for p in model.parameters():
+      p.add_(0.02 * torch.randn_like(p))
+  model.save_pretrained(directory)
+  return model
+
+
+def hf_logits(model):
+  with torch.no_grad():
+    return model(torch.tensor(TOKENS)).logits.numpy()
+
+
+def jax_logits(config, params):
+  return np.asarray(jax.jit(model_lib.build(config.model).apply)({"params": params}, jnp.asarray(TOKENS)))
+
+
+@pytest.mark.parametrize("name", sorted(HF_MODELS))
+def test_import_matches_hf_logits(name, tmp_path):
+  model = save_hf(name, tmp_path)
+  config, params = hf.read_hf(tmp_path)
+  assert np.abs(jax_logits(config, params) - hf_logits(model)).max() <= 1e-4
+  # The stacked (scan_layers) tree imports too and computes the same.
+  config.model.scan_layers = True
+  state = load_file(tmp_path / "model.safetensors")
+  stacked = hf.params_from_hf(state, config)
+  assert "layers" in stacked["decoder"]
+  assert np.abs(jax_logits(config, stacked) - hf_logits(model)).max() <= 1e-4
+
+
+@pytest.mark.parametrize("style", ["gpt2", "llama"])
+def test_export_matches_in_transformers(style, tmp_path):
+  overrides = {} if style == "gpt2" else dict(norm="rmsnorm", position="rope", mlp="swiglu", use_bias=False,
+                                               tie_embeddings=False, num_kv_heads=2)
+  config = tiny_config(**overrides)
+  params = model_lib.build(config.model).init(jax.random.key(3), jnp.asarray(TOKENS))["params"]
+  hf.write_hf(params, config, tmp_path)
+  model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+  assert type(model).__name__ == hf.config_to_hf(config.model)["architectures"][0]
+  assert np.abs(jax_logits(config, params) - hf_logits(model)).max() <= 1e-4
+
+
+def test_mismatches_are_listed_never_silent(tmp_path):
+  save_hf("llama_gqa_untied", tmp_path)
+  state = load_file(tmp_path / "model.safetensors")
+  config = hf.config_from_hf(json.loads((tmp_path / "config.json").read_text()))
+  broken = dict(state)
+  del broken["model.layers.1.mlp.up_proj.weight"]
+  broken["model.layers.1.mlp.extra.weight"] = np.zeros(3, np.float32)
+  with pytest.raises(hf.ConvertError, match=r"missing keys \['model.layers.1.mlp.up_proj.weight'\].*"
+                                            r"unexpected keys \['model.layers.1.mlp.extra.weight'\]"):
+    hf.params_from_hf(broken, config)
+  bad_shape = dict(state, **{"model.layers.0.mlp.gate_proj.weight": np.zeros((65, 32), np.float32)})
+  with pytest.raises(hf.ConvertError, match="gate"):
+    hf.params_from_hf(bad_shape, config)
+  bad_config = json.loads((tmp_path / "config.json").read_text()) | {"hidden_act": "gelu"}
+  with pytest.raises(hf.ConvertError, match="hidden_act"):
+    hf.config_from_hf(bad_config)
+
+
+def test_convert_cli_round_trip_and_generate(tmp_path, capsys):
+  save_hf("gpt2", tmp_path / "hf")
+  run = tmp_path / "run"
+  assert main.main(["convert", "--from-hf", str(tmp_path / "hf"), "--workdir", str(run)]) == 0
+  assert (run / "config.json").is_file() and (run / "tokenizer.json").is_file()
+  loaded = decode.load_run(run)
+  assert loaded.step == 0
+  assert main.main(["convert", "--to-hf", str(run), "--out", str(tmp_path / "back")]) == 0
+  before, after = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+  for key in after:
+    np.testing.assert_array_equal(before[key], after[key])
+  # A run directory that already holds checkpoints is refused (exit 2, one line).
+  assert main.main(["convert", "--from-hf", str(tmp_path / "hf"), "--workdir", str(run)]) == 2
+  assert "already holds checkpoints" in capsys.readouterr().err
+  assert main.main(["convert", "--from-hf", str(tmp_path / "nope"), "--workdir", str(tmp_path / "r2")]) == 2
+  assert "config.json" in capsys.readouterr().err

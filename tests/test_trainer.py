@@ -1,0 +1,165 @@
+"""End-to-end training through the CLI in fresh processes: resume, signals, NaN, distributed."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from jaxlm import checkpoint as checkpoint_lib, sharding, train as train_lib
+
+from conftest import REPO, files_config, run_cli
+
+TINY = str(REPO / "configs" / "tiny.py")
+
+
+def train_args(text_corpus, workdir, *extra):
+  return ["train", "--config", TINY, "--workdir", str(workdir), "--config.data.source=files",
+          f"--config.data.paths={text_corpus}/*.txt", "--config.data.val_fraction=0.2",
+          "--config.train.num_steps=6", "--config.train.log_every=1", "--config.train.checkpoint_every=3",
+          "--config.train.eval_every=3", "--config.train.eval_batches=2", "--config.train.keep_checkpoints=5",
+          "--config.mesh.data=2", "--config.mesh.fsdp=4", *extra]
+
+
+def metrics(workdir):
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return {r["step"]: r for r in rows if "loss" in r}
+
+
+def val_losses(workdir):
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return [r["val_loss"] for r in rows if "val_loss" in r]
+
+
+def restore_state(workdir, step, text_corpus):
+  cfg = files_config(text_corpus)
+  cfg.mesh.data, cfg.mesh.fsdp = 2, 4
+  s = train_lib.setup(cfg, sharding.make_mesh(cfg))
+  target = checkpoint_lib.abstract_with_shardings(s.abstract_state.to_dict(), s.state_shardings.to_dict())
+  return jax.device_get(checkpoint_lib.Checkpointer(workdir / "checkpoints", read_only=True).restore(step, target))
+
+
+@pytest.fixture(scope="module")
+def full_run(text_corpus, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("full")
+  result = run_cli(train_args(text_corpus, workdir))
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+@pytest.mark.slow
+def test_resume_twice_in_fresh_processes_is_exact(full_run, text_corpus, tmp_path):
+  for stop in (2, 4):
+    result = run_cli(train_args(text_corpus, tmp_path, f"--config.train.stop_at_step={stop}"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"stopped at step {stop}" in result.stderr
+  result = run_cli(train_args(text_corpus, tmp_path))
+  assert "resumed from step 4" in result.stderr
+  full, resumed = metrics(full_run), metrics(tmp_path)
+  for step in range(1, 7):
+    assert resumed[step]["batch_crc32"] == full[step]["batch_crc32"], step
+    assert resumed[step]["loss"] == full[step]["loss"], step
+  a, b = restore_state(full_run, 6, text_corpus), restore_state(tmp_path, 6, text_corpus)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.slow
+def test_eval_restores_onto_one_device_and_onto_eight(full_run):
+  results = {}
+  for devices in (1, 8):
+    out = run_cli(["eval", "--workdir", str(full_run)], devices=devices)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results[devices] = json.loads(out.stdout[:out.stdout.rindex("}") + 1])
+    assert "bits/byte" in out.stdout and "gzip -9" in out.stdout
+  np.testing.assert_allclose(results[1]["loss"], results[8]["loss"], rtol=1e-5)
+  assert results[1]["tokens"] == results[8]["tokens"] > 0
+  assert 0 < results[1]["bits_per_byte"] < 9 and 0 < results[1]["xz-9_bits_per_byte"] < 8
+
+
+def test_restore_onto_a_different_mesh_is_exact(full_run, text_corpus):
+  original = restore_state(full_run, 6, text_corpus)
+  cfg = files_config(text_corpus)
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 4, 1, 2
+  s = train_lib.setup(cfg, sharding.make_mesh(cfg))
+  target = checkpoint_lib.abstract_with_shardings(s.abstract_state.to_dict(), s.state_shardings.to_dict())
+  restored = checkpoint_lib.Checkpointer(full_run / "checkpoints", read_only=True).restore(6, target)
+  kernel = restored["params"]["decoder"]["layer_0"]["mlp"]["up"]["kernel"]
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  assert dict(kernel.sharding.mesh.shape) == {"data": 4, "fsdp": 1, "tensor": 2}
+  for x, y in zip(jax.tree.leaves(original), jax.tree.leaves(jax.device_get(restored)), strict=True):
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.slow
+def test_incomplete_checkpoint_is_skipped(full_run, text_corpus, tmp_path):
+  import shutil
+  shutil.copytree(full_run, tmp_path, dirs_exist_ok=True)
+  # What a kill -9 during an async save of step 9 leaves behind.
+  shutil.copytree(tmp_path / "checkpoints" / "6", tmp_path / "checkpoints" / "9.orbax-checkpoint-tmp-1234")
+  result = run_cli(train_args(text_corpus, tmp_path, "--config.train.num_steps=7"))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "skipping incomplete checkpoint 9.orbax-checkpoint-tmp-1234" in result.stderr
+  assert "resumed from step 6" in result.stderr
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(text_corpus, tmp_path):
+  result = run_cli(train_args(text_corpus, tmp_path, "--config.optim.learning_rate=1e30",
+                              "--config.optim.warmup_steps=0", "--config.optim.clip_norm=0.0",
+                              "--config.train.checkpoint_every=1"))
+  assert result.returncode == 2
+  last_line = result.stderr.strip().splitlines()[-1]
+  assert "loss is" in last_line and "last good checkpoint is step" in last_line
+  good = int(last_line.split("last good checkpoint is step ")[1].split(".")[0])
+  cfg = files_config(text_corpus)
+  s = train_lib.setup(cfg, sharding.make_mesh(cfg))
+  target = {"params": checkpoint_lib.abstract_with_shardings(s.abstract_state.params, s.state_shardings.params)}
+  params = checkpoint_lib.Checkpointer(tmp_path / "checkpoints", read_only=True).restore(good, target, partial=True)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(params)))
+
+
+@pytest.mark.slow
+def test_sigterm_saves_then_exits(text_corpus, tmp_path):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  proc = subprocess.Popen([sys.executable, "-m", "jaxlm.main", *train_args(
+      text_corpus, tmp_path, "--config.train.num_steps=100000", "--config.train.checkpoint_every=100000")],
+      stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+  for line in proc.stderr:
+    if "step 2:" in line:
+      proc.send_signal(signal.SIGTERM)
+      break
+  rest = proc.communicate(timeout=300)[1]
+  assert proc.returncode == 0, rest[-3000:]
+  assert "received signal" in rest
+  steps = checkpoint_lib.Checkpointer(tmp_path / "checkpoints", read_only=True).all_steps()
+  assert len(steps) == 1 and 2 <= steps[0] < 100000
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(full_run, text_corpus, tmp_path):
+  """2 processes x 4 CPU devices (gloo) give the losses of 1 process x 8 devices."""
+  port = free_port()
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2")
+  procs = [subprocess.Popen([sys.executable, "-m", "jaxlm.main", *train_args(text_corpus, tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env=dict(env, JAX_PROCESS_ID=str(i))) for i in range(2)]
+  outputs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  full, multi = metrics(full_run), metrics(tmp_path)
+  for step in range(1, 7):
+    np.testing.assert_allclose(multi[step]["loss"], full[step]["loss"], rtol=2e-5)
+  np.testing.assert_allclose(val_losses(tmp_path), val_losses(full_run), rtol=2e-5)
