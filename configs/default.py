@@ -19,10 +19,10 @@ def get_config():
   config.model.max_len = 256
   config.data.seq_len = 256
   config.train.global_batch_size = 16
-  config.train.num_steps = 1200
+  config.train.num_steps = 600
   config.train.log_every = 50
-  config.train.eval_every = 400
-  config.train.checkpoint_every = 400
+  config.train.eval_every = 200
+  config.train.checkpoint_every = 200
   config.optim.learning_rate = 2e-3
   config.optim.warmup_steps = 100
   return config
