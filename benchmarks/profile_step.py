@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
+import re
 import statistics
 import sys
 import time
@@ -30,19 +31,34 @@ from benchmarks import torch_peer, train_speed  # noqa: E402
 from jaxlm import train  # noqa: E402
 
 
-def op_times(trace_dir: str) -> collections.Counter:
-  """Total seconds per op name over all XLA op events in the newest trace under `trace_dir`."""
+def op_names(hlo_text: str) -> dict[str, str]:
+  """HLO instruction name -> the jax op it came from (its op_name metadata), layer index folded away."""
+  names = {}
+  for line in hlo_text.splitlines():
+    m = re.match(r'\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name="([^"]+)"', line)
+    if m:
+      names[m.group(1)] = re.sub(r"layer_\d+", "layer_N", m.group(2)).replace("jit(step_fn)/", "")
+  return names
+
+
+def op_times(trace_dir: str, names: dict[str, str]) -> collections.Counter:
+  """Seconds per (thunk kind, jax op) over the XLA CPU thunks in the newest trace under `trace_dir`.
+
+  XLA CPU names each thunk after its HLO instruction (`ynn_fusion.12` is a
+  matmul or reduction run by YNNPACK, `dot.3` one run by Eigen, `*_fusion`
+  elementwise loops); executor bookkeeping events are left out.
+  """
   path = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))[-1]
-  data = jax.profiler.ProfileData.from_file(path)
   totals = collections.Counter()
-  for plane in data.planes:
+  for plane in jax.profiler.ProfileData.from_file(path).planes:
     for line in plane.lines:
+      if "XLA" not in line.name:
+        continue
       for event in line.events:
-        # XLA's CPU thunks are named after their HLO instruction; Python/runtime events are not.
-        if event.name.startswith(("fusion", "dot", "custom-call", "copy", "reduce", "convolution", "scatter",
-                                  "gather", "transpose", "broadcast", "add", "multiply", "select", "concatenate",
-                                  "dynamic", "while", "call", "loop_", "input_", "wrapped_", "%")):
-          totals[event.name] += event.duration_ns * 1e-9
+        if event.name.startswith(("ThunkExecutor", "SlinkyThreadPool")):
+          continue
+        kind = re.sub(r"[.\d]+$", "", event.name)
+        totals[(kind, names.get(event.name, event.name))] += event.duration_ns * 1e-9
   return totals
 
 
@@ -78,16 +94,21 @@ def main(argv=None):
   print(f"train step {step * 1e3:.0f} ms, forward only {fwd * 1e3:.0f} ms, "
         f"so backward + optimizer is {(step - fwd) / fwd:.2f}x the forward (medians of {args.steps})")
 
+  names = op_names(runner.step.lower(runner.state, batch, runner.rng).compile().as_text())
   with jax.profiler.trace(args.trace_dir):
     for _ in range(args.steps):
       runner.run(batch)
-  totals = op_times(args.trace_dir)
+  totals = op_times(args.trace_dir, names)
   total = sum(totals.values())
-  print(f"\nXLA ops: {total / args.steps * 1e3:.0f} ms/step of op time (threads overlap, so this can "
-        f"exceed the wall time); top {args.top}:")
-  for name, seconds in totals.most_common(args.top):
-    print(f"  {seconds / args.steps * 1e3:8.1f} ms  {seconds / total:6.1%}  {name}")
-
+  kinds = collections.Counter()
+  for (kind, _), seconds in totals.items():
+    kinds[kind] += seconds
+  print(f"\nXLA op time {total / args.steps * 1e3:.0f} ms/step (summed over threads); by kind:")
+  for kind, seconds in kinds.most_common(8):
+    print(f"  {seconds / args.steps * 1e3:8.1f} ms  {seconds / total:6.1%}  {kind}")
+  print(f"by jax op (all layers together), top {args.top}:")
+  for (kind, op), seconds in totals.most_common(args.top):
+    print(f"  {seconds / args.steps * 1e3:8.1f} ms  {seconds / total:6.1%}  {kind:24s} {op}")
 
 if __name__ == "__main__":
   main()

@@ -3,8 +3,10 @@
 Command:   jaxlm train --config configs/stdlib_bert.py --workdir runs/stdlib_bert
            jaxlm eval --workdir runs/stdlib_bert
 Hardware:  2-core x86-64 CPU (CI-sized machine, shared), float32.
-Time:      about TIME_PLACEHOLDER of training, plus about a minute of evaluation.
-Expected:  RESULT_PLACEHOLDER
+Time:      measured 1038 s of training (350 steps) and 68 s of evaluation on a 2-core CPU shared with
+           other jobs (load ~6; about half that on an idle machine, from the 1.5 s/step measured there).
+Expected:  measured 2026-11 (one run, eval.max_batches=50): MLM loss 2.71, accuracy 0.395 on the masked
+           bytes, beside the unigram baseline (always ' ', the most common training byte) at 0.340.
 BERT's recipe (post-norm, learned positions, embedding LayerNorm, token
 types, 15% masking with 80/10/10, MLM head tied to the embeddings), shrunk.
 """

@@ -14,8 +14,9 @@ from jaxlm import checkpoint, config as config_lib
 
 def _expected_errors():
   from jaxlm import evaluate, trainer  # local: keeps `jaxlm --help` fast
+  from jaxlm import decode, hf
   return (config_lib.ConfigError, checkpoint.CheckpointError, evaluate.RunError, trainer.TrainingError,
-          FileNotFoundError)
+          FileNotFoundError, decode.DecodeError, hf.ConvertError)
 
 
 def run(args, overrides: list[str]) -> int:
@@ -46,4 +47,76 @@ def _eval(args, overrides) -> int:
   return 0
 
 
-COMMANDS = {"train": _train, "eval": _eval}
+def _load(args):
+  from jaxlm import decode, quantize
+  run = decode.load_run(args.workdir, args.step)
+  return run._replace(params=quantize.quantize_params(run.params)) if getattr(args, "int8", False) else run
+
+
+def _generate(args, overrides) -> int:
+  from pathlib import Path
+  from jaxlm import decode
+  run = _load(args)
+  text = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
+  tok, model = run.tokenizer, run.config.model
+  # Training ends every document with EOS, so a decoder-only model starts a new text after one.
+  ids = ([tok.eos_id] if model.family == "decoder" else []) + [int(i) for i in tok.encode(text)]
+  stop = [] if args.ignore_eos else [tok.eos_id]
+  if args.beam_size:
+    result = decode.beam_search(model, run.params, [ids], args.beam_size, args.max_tokens, tok.eos_id,
+                                args.length_penalty, start_id=tok.bos_id)
+    print(tok.decode(result.tokens[0]), flush=True)
+    return 0
+  generator = decode.Generator(model, run.params, start_id=tok.bos_id)
+  sampling = decode.Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+  new, printed = [], ""
+  for out in generator.stream([ids], args.max_tokens, sampling, stop):
+    if out.emit_B[0]:
+      new.append(int(out.tokens_B[0]))
+      decoded = tok.decode(new)
+      if not decoded.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+        print(decoded[len(printed):], end="", flush=True)
+        printed = decoded
+  print(tok.decode(new)[len(printed):], flush=True)
+  return 0
+
+
+def _serve(args, overrides) -> int:
+  from jaxlm import serve
+  serve.serve(args.workdir, args.host, args.port, args.step, args.int8, args.max_batch)
+  return 0
+
+
+def _convert(args, overrides) -> int:
+  from jaxlm import hf
+  if args.from_hf:
+    if not args.workdir:
+      raise hf.ConvertError("convert --from-hf needs --workdir RUN: the run directory to write")
+    print(f"wrote run {hf.import_run(args.from_hf, args.workdir)} (checkpoint step 0, byte tokenizer)")
+  else:
+    if not args.out:
+      raise hf.ConvertError("convert --to-hf needs --out DIR: where to write config.json and model.safetensors")
+    print(f"wrote {hf.export_run(args.to_hf, args.out, args.step)}")
+  return 0
+
+
+def _export(args, overrides) -> int:
+  from jaxlm import export
+  run = _load(args)
+  out = export.export_run(run, args.out, args.batch_size, args.max_prompt_len)
+  print(f"wrote {out} (step {run.step}); load it with jaxlm.export.load('{out}')")
+  return 0
+
+
+def _quantize(args, overrides) -> int:
+  from jaxlm import quantize
+  result = quantize.compare(args.workdir, args.step, args.max_batches)
+  print(json.dumps(result, indent=2))
+  print(f"int8 weights: {result['float_mb']:.2f} MB -> {result['int8_mb']:.2f} MB "
+        f"({result['memory_reduction']:.2f}x smaller); validation perplexity {result['float_perplexity']:.4f} -> "
+        f"{result['int8_perplexity']:.4f} ({100 * result['perplexity_change']:+.2f}%)")
+  return 0
+
+
+COMMANDS = {"train": _train, "eval": _eval, "generate": _generate, "serve": _serve, "convert": _convert,
+            "export": _export, "quantize": _quantize}

@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import model as model_lib
 from jaxlm import quantize
 
 Array = jax.Array
@@ -71,6 +70,8 @@ class _Adapter:
   """
 
   def __init__(self, cfg):
+    # Imported here, not at the top: `jaxlm.export` loads artifacts with this module's loop and no model code.
+    from jaxlm import model as model_lib
     self.cfg = cfg
     self.module = model_lib.build(cfg, decode=True)
 
@@ -212,8 +213,7 @@ class Sampling:
 
   def arrays(self, batch: int) -> dict[str, Array]:
     full = lambda v, dtype: np.broadcast_to(np.asarray(v, dtype), (batch,)).copy()
-    seeds = full(self.seed, np.uint32)
-    return {"keys_B": jax.vmap(jax.random.key)(jnp.asarray(seeds)),
+    return {"seeds_B": jnp.asarray(full(self.seed, np.uint32)),
             "temperature_B": jnp.asarray(full(self.temperature, np.float32)),
             "top_k_B": jnp.asarray(full(self.top_k, np.int32)),
             "top_p_B": jnp.asarray(full(self.top_p, np.float32))}
@@ -222,7 +222,8 @@ class Sampling:
 def choose(logits_BxV, sampling: dict, t, do_sample: bool) -> Array:
   if not do_sample:  # static: an all-greedy batch skips the sort
     return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-  keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(sampling["keys_B"], t)
+  # Raw uint32 seeds rather than key arrays: exported artifacts (`jax.export`) take plain integer arrays.
+  keys_B = jax.vmap(lambda seed: jax.random.fold_in(jax.random.key(seed), t))(sampling["seeds_B"])
   return sample(logits_BxV, keys_B, sampling["temperature_B"], sampling["top_k_B"], sampling["top_p_B"])
 
 
@@ -235,10 +236,14 @@ class StepOutput(NamedTuple):
   finished_B: np.ndarray  # row is finished after this step (stop token or its max_new_tokens)
 
 
-def pad_prompts(prompts: Sequence[Sequence[int]], batch: int, bucket: int = PROMPT_BUCKET):
-  """Right-padded B x P ids (P rounded up to `bucket`) and lengths; rows past the prompts are dummies."""
+def pad_prompts(prompts: Sequence[Sequence[int]], batch: int, width: int | None = None):
+  """Right-padded B x P ids (P: `width`, else the longest rounded up to PROMPT_BUCKET) and lengths.
+
+  Rows past the prompts are dummies."""
   lengths = [len(p) for p in prompts] + [1] * (batch - len(prompts))
-  tokens = np.zeros((batch, round_up(max(lengths), bucket)), np.int32)
+  if width is not None and max(lengths) > width:
+    raise DecodeError(f"a prompt has {max(lengths)} tokens; this generator takes at most {width}")
+  tokens = np.zeros((batch, width or round_up(max(lengths), PROMPT_BUCKET)), np.int32)
   for i, p in enumerate(prompts):
     tokens[i, :len(p)] = p
   return tokens, np.asarray(lengths, np.int32)
@@ -259,6 +264,8 @@ def check_request(cfg, prompts: Sequence[Sequence[int]], max_new_tokens: Sequenc
 
 class Generator:
   """Jitted prefill and step for one model and its parameters (float or int8, see `jaxlm.quantize`)."""
+
+  prompt_len: int | None = None  # a fixed prompt width (exported artifacts); None buckets per batch
 
   def __init__(self, cfg, params, cache_len: int | None = None, start_id: int = 1):
     self.cfg, self.params, self.cache_len = cfg, params, cache_len
@@ -284,9 +291,11 @@ class Generator:
     sampling = sampling or Sampling()
     n = len(prompts)
     batch = batch_size or n
+    if n > batch:
+      raise DecodeError(f"{n} prompts do not fit a batch of {batch}")
     max_new = np.broadcast_to(np.asarray(max_new_tokens, np.int64), (n,))
     check_request(self.cfg, prompts, max_new)
-    tokens_BxP, lengths_B = pad_prompts(prompts, batch)
+    tokens_BxP, lengths_B = pad_prompts(prompts, batch, self.prompt_len)
     if self.cfg.family == "encoder_decoder":  # the decoder prompt is BOS alone, in slot 0
       slots_needed = 1 + int(max_new.max())
     else:

@@ -23,6 +23,7 @@ import numpy as np
 
 from jaxlm import config as config_lib
 from jaxlm import model as model_lib
+from jaxlm.export import flatten, unflatten
 
 
 class ConvertError(ValueError):
@@ -167,27 +168,6 @@ def _table(m):
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 
 
-def _flatten(tree, prefix=""):
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flatten(value, f"{prefix}{key}/"))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
-
-
-def _unflatten(flat: dict) -> dict:
-  tree = {}
-  for path, value in flat.items():
-    *parents, leaf = path.split("/")
-    node = tree
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return tree
-
-
 def _stack_layers(flat: dict, num_layers: int) -> dict:
   """The scan_layers tree: decoder/layer_i/x for every i -> decoder/layers/block/x stacked on axis 0."""
   out = {p: v for p, v in flat.items() if not p.startswith("decoder/layer_")}
@@ -206,13 +186,18 @@ def _unstack_layers(flat: dict, num_layers: int) -> dict:
   return out
 
 
+def _unbox(params):
+  """Plain arrays from params that may still carry Flax's logical-partitioning boxes (fresh `init` output)."""
+  import flax.linen as nn  # local: only unboxing needs Flax
+  return nn.meta.unbox(params)
+
+
 def expected_params(config) -> dict:
   """Flat path -> ShapeDtypeStruct of the params jaxlm builds for `config`."""
   batch = model_lib.example_batch(config.model, (1, 8))
   module = model_lib.build(config.model)
   shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), **model_lib.model_inputs(config.model, batch)))
-  import flax.linen as nn  # local: only the unboxing needs it
-  return _flatten(nn.meta.unbox(shapes["params"]))
+  return flatten(_unbox(shapes["params"]))
 
 
 def _check(found: dict, expected: dict, what: str) -> None:
@@ -248,12 +233,12 @@ def params_from_hf(state: dict[str, np.ndarray], config) -> dict:
   if m.scan_layers:
     flat = _stack_layers(flat, m.num_layers)
   _check(flat, expected_params(config), "model.safetensors")
-  return _unflatten(flat)
+  return unflatten(flat)
 
 
 def params_to_hf(params, config) -> dict[str, np.ndarray]:
   m = config.model
-  flat = {p: np.asarray(v, np.float32) for p, v in _flatten(jax.device_get(params)).items()}
+  flat = {p: np.asarray(v, np.float32) for p, v in flatten(jax.device_get(_unbox(params))).items()}
   _check(flat, expected_params(config), "the run's parameters")
   if m.scan_layers:
     flat = _unstack_layers(flat, m.num_layers)
@@ -296,25 +281,31 @@ def write_hf(params, config, out) -> Path:
 
 
 def import_run(hf_dir, workdir) -> Path:
-  """Writes a jaxlm run (config.json, tokenizer, Orbax checkpoint at step 0 with a fresh optimizer state)."""
-  from jaxlm import checkpoint, sharding, tokenizer as tokenizer_lib, train as train_lib, trainer
+  """Writes a jaxlm run from a HF directory; see `write_run`."""
+  from jaxlm import tokenizer as tokenizer_lib
   config, params = read_hf(hf_dir)
-  tokenizer = tokenizer_lib.ByteTokenizer()
-  if config.model.vocab_size < tokenizer.vocab_size:
+  if config.model.vocab_size < tokenizer_lib.ByteTokenizer.vocab_size:
     raise ConvertError(f"the HF model's vocab_size {config.model.vocab_size} is below the byte tokenizer's "
-                       f"{tokenizer.vocab_size}; HF tokenizers are not converted, so jaxlm needs a vocabulary "
-                       "of at least 260 ids")
+                       f"{tokenizer_lib.ByteTokenizer.vocab_size}; HF tokenizers are not converted, so jaxlm "
+                       "needs a vocabulary of at least 260 ids")
+  return write_run(config, params, workdir)
+
+
+def write_run(config, params, workdir) -> Path:
+  """A run directory usable by train/eval/generate/serve: config.json, byte tokenizer, and an Orbax
+  checkpoint at step 0 holding `params` with a fresh optimizer state (the normal TrainState layout)."""
+  from jaxlm import checkpoint, sharding, tokenizer as tokenizer_lib, train as train_lib, trainer
   workdir = Path(workdir)
   checkpoints = workdir / "checkpoints"
   if checkpoints.is_dir() and any(checkpoints.iterdir()):
     raise ConvertError(f"{checkpoints} already holds checkpoints; pass an empty --workdir")
-  trainer.write_run_files(config, workdir, tokenizer)
+  trainer.write_run_files(config, workdir, tokenizer_lib.ByteTokenizer())
   s = train_lib.setup(config, sharding.make_mesh(config))
 
   def make_state(p):
     return train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=s.tx.init(p))
-  with s.mesh:
-    state = jax.jit(make_state, out_shardings=s.state_shardings)(jax.tree.map(jnp.asarray, params))
+  params = jax.tree.map(jnp.asarray, _unbox(params))
+  state = jax.jit(make_state, out_shardings=s.state_shardings)(params)
   saver = checkpoint.Checkpointer(checkpoints, keep=config.train.keep_checkpoints)
   saver.save(0, state.to_dict(), {"config": config.to_dict(), "data_position": 0})
   saver.close()

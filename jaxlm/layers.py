@@ -152,26 +152,33 @@ def attention_mask(q_segment_BxT: Array, kv_segment_BxS: Array, causal: bool,
 def dot_product_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_Bx1xTxS: Array) -> Array:
   """softmax(q k^T / sqrt(H), masked) v, equal to `jax.nn.dot_product_attention` up to float32 rounding.
 
-  Two changes of order make it cheaper on CPU, where attention is not fused:
-  the scale multiplies q (T x H) instead of the logits (T x S), and the softmax
+  Three changes of order make it cheaper on CPU, where attention is not fused
+  (BENCHMARKS.md has the measurements): heads move in front of the sequence
+  once, explicitly, so both batched matmuls see (B, K) as contiguous batch
+  dimensions, with a GQA group folded into the query rows (GT = G x T); the
+  scale multiplies q (T x H) instead of the logits (T x S); and the softmax
   normalization divides the output (T x H) instead of the probabilities
-  (T x S). The gradient of the second form needs no T x S row sum, which
-  softmax's backward pass otherwise computes. Masked entries get the same
-  large negative logit as jax's, so a fully masked row still averages V.
+  (T x S), whose gradient then needs no T x S row sum. Masked entries get
+  jax's large negative logit, so a fully masked row still averages V.
   """
   b, t, n, h = q_BxTxNxH.shape
-  k = k_BxSxKxH.shape[2]
-  q_BxTxKxGxH = (q_BxTxNxH * jnp.asarray(h ** -0.5, q_BxTxNxH.dtype)).reshape(b, t, k, n // k, h)
-  logits_BxKxGxTxS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BxTxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32)
-  logits_BxKxGxTxS = jnp.where(mask_Bx1xTxS[:, :, None], logits_BxKxGxTxS, -0.7 * jnp.finfo(jnp.float32).max)
+  s, k = k_BxSxKxH.shape[1], k_BxSxKxH.shape[2]
+  g = n // k
+  q_BxTxKxGxH = (q_BxTxNxH * jnp.asarray(h ** -0.5, q_BxTxNxH.dtype)).reshape(b, t, k, g, h)
+  q_BxKxGTxH = q_BxTxKxGxH.transpose(0, 2, 3, 1, 4).reshape(b, k, g * t, h)
+  k_BxKxSxH, v_BxKxSxH = k_BxSxKxH.transpose(0, 2, 1, 3), v_BxSxKxH.transpose(0, 2, 1, 3)
+  mask_Bx1xGTxS = jnp.broadcast_to(mask_Bx1xTxS[:, :, None], (b, 1, g, t, s)).reshape(b, 1, g * t, s)
+  # einsum letters: Q stands for the GT query rows.
+  logits_BxKxGTxS = jnp.einsum("BKQH,BKSH->BKQS", q_BxKxGTxH, k_BxKxSxH, preferred_element_type=jnp.float32)
+  logits_BxKxGTxS = jnp.where(mask_Bx1xGTxS, logits_BxKxGTxS, -0.7 * jnp.finfo(jnp.float32).max)
   # The row max only keeps exp in range; it cancels out of the result, so it needs no gradient.
-  row_max = jax.lax.stop_gradient(jnp.max(logits_BxKxGxTxS, axis=-1, keepdims=True))
-  weights_BxKxGxTxS = jnp.exp(logits_BxKxGxTxS - row_max)
-  row_sum_BxKxGxT = jnp.sum(weights_BxKxGxTxS, axis=-1)
-  out_BxTxKxGxH = jnp.einsum("BKGTS,BSKH->BTKGH", weights_BxKxGxTxS.astype(v_BxSxKxH.dtype), v_BxSxKxH,
-                             preferred_element_type=jnp.float32)
-  out_BxTxKxGxH = out_BxTxKxGxH / jnp.transpose(row_sum_BxKxGxT, (0, 3, 1, 2))[..., None]
-  return out_BxTxKxGxH.reshape(b, t, n, h).astype(v_BxSxKxH.dtype)
+  row_max_BxKxGTx1 = jax.lax.stop_gradient(jnp.max(logits_BxKxGTxS, axis=-1, keepdims=True))
+  weights_BxKxGTxS = jnp.exp(logits_BxKxGTxS - row_max_BxKxGTx1)
+  row_sum_BxKxGTx1 = jnp.sum(weights_BxKxGTxS, axis=-1, keepdims=True)
+  out_BxKxGTxH = jnp.einsum("BKQS,BKSH->BKQH", weights_BxKxGTxS.astype(v_BxSxKxH.dtype), v_BxKxSxH,
+                            preferred_element_type=jnp.float32) / row_sum_BxKxGTx1
+  out_BxTxNxH = out_BxKxGTxH.reshape(b, k, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+  return out_BxTxNxH.astype(v_BxSxKxH.dtype)
 
 
 class Attention(nn.Module):
@@ -242,16 +249,19 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxD: Array) -> Array:
     cfg = self.cfg
+    dtype, d = DTYPES[cfg.dtype], x_BxTxD.shape[-1]
+    up = DenseParams((d,), (cfg.mlp_dim,), ("embed", "mlp"), cfg, name="up")()
     if cfg.mlp == "swiglu":
-      gate_BxTxF = dense(cfg.mlp_dim, ("embed", "mlp"), cfg, "gate")(x_BxTxD)
-      up_BxTxF = dense(cfg.mlp_dim, ("embed", "mlp"), cfg, "up")(x_BxTxD)
+      gate = DenseParams((d,), (cfg.mlp_dim,), ("embed", "mlp"), cfg, name="gate")()
+      gate_BxTxF, up_BxTxF = fused_projection(x_BxTxD, [gate, up], dtype)
       h_BxTxF = nn.silu(gate_BxTxF) * up_BxTxF
     else:
-      h_BxTxF = dense(cfg.mlp_dim, ("embed", "mlp"), cfg, "up")(x_BxTxD)
+      (h_BxTxF,) = fused_projection(x_BxTxD, [up], dtype)
       # GPT-2 uses the tanh approximation ("gelu_new"); BERT's checkpoints too.
       h_BxTxF = nn.gelu(h_BxTxF, approximate=True) if cfg.mlp == "gelu" else nn.relu(h_BxTxF)
     h_BxTxF = nn.Dropout(cfg.dropout_rate)(h_BxTxF, deterministic=self.deterministic)
-    return dense(cfg.d_model, ("mlp", "embed"), cfg, "down")(h_BxTxF)
+    down = DenseParams((cfg.mlp_dim,), (cfg.d_model,), ("mlp", "embed"), cfg, name="down")()
+    return fused_projection(h_BxTxF, [down], dtype)[0]
 
 
 class Block(nn.Module):

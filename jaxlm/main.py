@@ -3,6 +3,11 @@
 Usage:
   jaxlm train --config configs/default.py --workdir runs/x [--config.model.num_layers=4 ...]
   jaxlm eval --workdir runs/x [--step N]
+  jaxlm generate --workdir runs/x --prompt "def " [--max-tokens 64 --temperature 0.8 --top-p 0.9 --seed 0]
+  jaxlm serve --workdir runs/x --port 8000
+  jaxlm convert --from-hf HF_DIR --workdir runs/x  |  jaxlm convert --to-hf runs/x --out HF_DIR
+  jaxlm export --workdir runs/x --out export/x
+  jaxlm quantize --workdir runs/x
 """
 
 from __future__ import annotations
@@ -23,7 +28,51 @@ def parser() -> argparse.ArgumentParser:
   evaluate.add_argument("--workdir", required=True)
   evaluate.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   evaluate.add_argument("--max-batches", type=int, default=None, help="limit the batches scored (default: config)")
+  _deployment_parsers(sub)
   return p
+
+
+def _run_args(p, int8: bool = True):
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  if int8:
+    p.add_argument("--int8", action="store_true", help="int8 weight-only quantized weights (see `jaxlm quantize`)")
+
+
+def _deployment_parsers(sub):
+  gen = sub.add_parser("generate", help="generate text from a run's checkpoint, streaming tokens as produced")
+  _run_args(gen)
+  source = gen.add_mutually_exclusive_group(required=True)
+  source.add_argument("--prompt")
+  source.add_argument("--prompt-file")
+  gen.add_argument("--max-tokens", type=int, default=128)
+  gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+  gen.add_argument("--top-k", type=int, default=0, help="0 disables")
+  gen.add_argument("--top-p", type=float, default=1.0, help="1 disables")
+  gen.add_argument("--seed", type=int, default=0)
+  gen.add_argument("--beam-size", type=int, default=0, help="beam search with this width (no streaming)")
+  gen.add_argument("--length-penalty", type=float, default=0.6, help="GNMT alpha for beam search")
+  gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
+  serve = sub.add_parser("serve", help="HTTP completion server (POST /v1/completions, GET /health, /v1/models)")
+  _run_args(serve)
+  serve.add_argument("--host", default="127.0.0.1")
+  serve.add_argument("--port", type=int, default=8000)
+  serve.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
+  convert = sub.add_parser("convert", help="Hugging Face <-> jaxlm (GPT2LMHeadModel, LlamaForCausalLM)")
+  direction = convert.add_mutually_exclusive_group(required=True)
+  direction.add_argument("--from-hf", metavar="HF_DIR", help="config.json + model.safetensors; needs --workdir")
+  direction.add_argument("--to-hf", metavar="RUN", help="a run directory; needs --out")
+  convert.add_argument("--workdir")
+  convert.add_argument("--out")
+  convert.add_argument("--step", type=int, default=None)
+  export = sub.add_parser("export", help="serialize prefill and decode step (StableHLO via jax.export) + weights")
+  _run_args(export)
+  export.add_argument("--out", required=True)
+  export.add_argument("--batch-size", type=int, default=1)
+  export.add_argument("--max-prompt-len", type=int, default=0, help="prompt tokens the artifact takes (default: half the context)")
+  quantize = sub.add_parser("quantize", help="int8 weight-only: memory and validation perplexity vs float")
+  _run_args(quantize, int8=False)
+  quantize.add_argument("--max-batches", type=int, default=None)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,9 @@ int8 in memory between calls and are widened per call.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,3 +82,32 @@ def _nodes(node):
 
 def nbytes(params) -> int:
   return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(params)))
+
+
+def compare(workdir, step: int | None = None, max_batches: int | None = None) -> dict:
+  """Weight bytes and validation perplexity of a run, float vs int8, side by side."""
+  import math
+  from jaxlm import data as data_lib, decode, model as model_lib, train as train_lib, trainer
+  run = decode.load_run(workdir, step)
+  config = run.config
+  if config.model.family != "decoder":
+    raise decode.DecodeError(f"quantize compares perplexity of decoder runs; this run is '{config.model.family}'")
+  int8 = quantize_params(run.params)
+  module = model_lib.build(config.model)
+  sums = jax.jit(lambda p, batch: train_lib.batch_sums(module, materialize(p), batch, config.train))
+  rows = trainer.prepare_data(config, run.tokenizer, "validation")
+  limit = config.eval.max_batches if max_batches is None else max_batches
+  totals = {"float": [0.0, 0.0], "int8": [0.0, 0.0]}
+  for batch in data_lib.eval_batches(rows, config.eval.batch_size, limit):
+    for name, params in (("float", run.params), ("int8", int8)):
+      out = sums(params, batch)
+      totals[name][0] += float(out["nll_sum"])
+      totals[name][1] += float(out["weight_sum"])
+  ppl = {name: math.exp(nll / max(weight, 1.0)) for name, (nll, weight) in totals.items()}
+  float_bytes, int8_bytes = nbytes(run.params), nbytes(int8)
+  result = {"step": run.step, "tokens": totals["float"][1], "float_mb": float_bytes / 2**20,
+            "int8_mb": int8_bytes / 2**20, "memory_reduction": float_bytes / int8_bytes,
+            "float_perplexity": ppl["float"], "int8_perplexity": ppl["int8"],
+            "perplexity_change": ppl["int8"] / ppl["float"] - 1}
+  (Path(workdir) / f"quantize_step_{run.step}.json").write_text(json.dumps(result, indent=2))
+  return result

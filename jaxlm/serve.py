@@ -34,6 +34,9 @@ _FIELDS = {"prompt": (str,), "max_tokens": (int,), "temperature": (int, float), 
            "top_k": (int,), "stop": (str, list, type(None)), "seed": (int,), "stream": (bool,), "model": (str,)}
 
 
+ENGINE = web.AppKey("engine", object)
+
+
 class RequestError(ValueError):
   def __init__(self, param: str, message: str):
     super().__init__(message)
@@ -210,7 +213,7 @@ def make_app(generator: decode.Generator, tokenizer, model_name: str, max_batch:
 
   app = web.Application(client_max_size=1 << 20)
   app.add_routes([web.get("/health", health), web.get("/v1/models", models), web.post("/v1/completions", completions)])
-  app["engine"] = engine
+  app[ENGINE] = engine
   return app
 
 

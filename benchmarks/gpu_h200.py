@@ -1,0 +1,128 @@
+"""GPT-2 124M (seq 1024) train-step MFU on one GPU, across attention implementations, remat policies and batch sizes.
+
+    python benchmarks/gpu_h200.py [--json gpu_h200.json] [--impls cudnn xla]
+        [--remat none dots_no_batch full] [--batches 16 32] [--steps 10] [--max-minutes 12]
+    python benchmarks/gpu_h200.py --smoke     # tiny model on CPU: checks the script, measures nothing
+
+Installs nothing: it needs the jax (with CUDA) that the machine has, and this
+repository on the path. bfloat16 compute with float32 master weights
+(model.dtype=bfloat16, param_dtype=float32), scanned layers, AdamW, through
+jaxlm's real train step. MFU counts 6 N_matmul + attention FLOPs per token
+(jaxlm.metrics.flops_per_token) against the bfloat16 dense matmul peak
+measured in the same run (jaxlm.metrics.measure_matmul_peak), not the spec
+sheet. Each configuration's result (or its error, e.g. out of memory) is
+printed and written to the JSON file as soon as it is done, so a run cut
+short still reports what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from jaxlm import metrics, presets, sharding, train  # noqa: E402
+
+
+def model_config(impl: str, remat: str, batch: int, smoke: bool):
+  c = presets.gpt(2, 64, 4, context=128) if smoke else presets.gpt(12, 768, 12)
+  c.model.dtype = "bfloat16"
+  c.model.param_dtype = "float32"
+  c.model.scan_layers = True
+  c.model.remat_policy = remat
+  c.model.attention_impl = impl
+  c.data.source, c.data.tokenizer, c.data.tokenizer_path = "stdlib", "byte", ""
+  c.train.global_batch_size = batch
+  c.optim.warmup_steps = 0
+  return c
+
+
+def measure(config, steps: int) -> dict:
+  s = train.setup(config, sharding.make_mesh(config))
+  state = train.create_state(s, config.seed)
+  step = train.make_train_step(s)
+  b, t = config.train.global_batch_size, config.data.seq_len
+  tokens = np.random.default_rng(0).integers(0, config.model.vocab_size, (b, t + 1))
+  batch = sharding.global_batch({
+      "inputs": tokens[:, :-1].astype(np.int32), "targets": tokens[:, 1:].astype(np.int32),
+      "segment_ids": np.ones((b, t), np.int32), "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
+      "weights": np.ones((b, t), np.float32)}, s.batch_sharding)
+  rng = jax.random.key(1)
+  start = time.perf_counter()
+  compiled = step.lower(state, batch, rng).compile()
+  compile_s = time.perf_counter() - start
+  memory = compiled.memory_analysis()
+  for _ in range(2):  # warm-up: allocator and autotuning settle
+    state, out = compiled(state, batch, rng)
+  float(out["loss"])
+  times = []
+  for _ in range(3):  # three timed blocks of `steps` steps; dispatch runs ahead within a block
+    start = time.perf_counter()
+    for _ in range(steps):
+      state, out = compiled(state, batch, rng)
+    loss = float(out["loss"])
+    times.append((time.perf_counter() - start) / steps)
+  step_s = statistics.median(times)
+  return {"compile_s": compile_s, "step_ms": 1e3 * step_s, "tokens_per_s": b * t / step_s, "loss": loss,
+          "temp_gib": memory.temp_size_in_bytes / 2**30 if memory else None,
+          "argument_gib": memory.argument_size_in_bytes / 2**30 if memory else None}
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--impls", nargs="+", default=["cudnn", "xla"])
+  p.add_argument("--remat", nargs="+", default=["none", "dots_no_batch", "full"])
+  p.add_argument("--batches", nargs="+", type=int, default=[16, 32])
+  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--max-minutes", type=float, default=12.0, help="start no new configuration after this")
+  p.add_argument("--json", default="gpu_h200.json")
+  p.add_argument("--smoke", action="store_true", help="tiny model, xla attention only, runs on CPU")
+  args = p.parse_args(argv)
+  if args.smoke:
+    args.impls, args.remat, args.batches, args.steps = ["xla"], ["none", "full"], [2], 2
+  began = time.perf_counter()
+  device = jax.devices()[0]
+  peak = metrics.measure_matmul_peak(n=512 if args.smoke else 8192, dtype=jnp.bfloat16, repeats=10)
+  report = {"date": time.strftime("%Y-%m-%d"), "device": device.device_kind, "platform": device.platform,
+            "jax": jax.__version__, "smoke": args.smoke, "bf16_matmul_peak_tflops": peak / 1e12, "results": []}
+  print(f"{device.device_kind} ({device.platform}); measured bf16 matmul peak {peak / 1e12:.1f} TFLOP/s")
+  print(f"{'attention':9s} {'remat':14s} {'batch':>5s} {'tok/s':>10s} {'ms/step':>8s} {'MFU':>6s} "
+        f"{'temp GiB':>8s} {'compile s':>9s}")
+  for impl, remat, batch in itertools.product(args.impls, args.remat, args.batches):
+    if time.perf_counter() - began > 60 * args.max_minutes:
+      print(f"stopping: --max-minutes {args.max_minutes} reached")
+      break
+    config = model_config(impl, remat, batch, args.smoke)
+    row = {"attention_impl": impl, "remat_policy": remat, "batch": batch, "seq_len": config.data.seq_len}
+    try:
+      row.update(measure(config, args.steps))
+      row["mfu"] = row["tokens_per_s"] * metrics.flops_per_token(config.model, config.data.seq_len) / peak
+      print(f"{impl:9s} {remat:14s} {batch:5d} {row['tokens_per_s']:10,.0f} {row['step_ms']:8.1f} "
+            f"{row['mfu']:6.1%} {row['temp_gib'] or 0:8.2f} {row['compile_s']:9.1f}", flush=True)
+    except Exception as e:  # one failing configuration (OOM, unsupported cuDNN case) must not end the sweep
+      row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+      print(f"{impl:9s} {remat:14s} {batch:5d} failed: {row['error']}", flush=True)
+      traceback.print_exc(limit=2)
+    report["results"].append(row)
+    Path(args.json).write_text(json.dumps(report, indent=2))
+  ok = [r for r in report["results"] if "mfu" in r]
+  if ok:
+    best = max(ok, key=lambda r: r["mfu"])
+    print(f"best: {best['attention_impl']} attention, remat {best['remat_policy']}, batch {best['batch']}: "
+          f"MFU {best['mfu']:.1%} ({best['tokens_per_s']:,.0f} tok/s); results in {args.json}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,104 @@
+"""Deployable artifacts: prefill and decode step serialized with `jax.export` (StableHLO), plus the weights.
+
+An artifact directory holds prefill.bin and step.bin (serialized
+`jax.export.Exported`), weights.npz (the params, float or int8, flattened
+by path) and meta.json (shapes and special ids). `load` runs it with jax and
+numpy alone: neither the model code (jaxlm.model, jaxlm.layers) nor Flax is
+imported, so the artifact decodes wherever jax does. Shapes are fixed at
+export time: batch size, prompt width and cache length.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlm import decode  # model code is imported lazily there, only when a model is built
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+  """{'a/b/c': leaf} from nested dicts; the artifact's weights.npz and `jaxlm.hf` key params this way."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(flatten(value, f"{prefix}{key}/"))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def unflatten(flat: dict) -> dict:
+  tree = {}
+  for path, value in flat.items():
+    *parents, leaf = path.split("/")
+    node = tree
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return tree
+
+
+def export_run(run, out, batch_size: int = 1, max_prompt_len: int = 0) -> Path:
+  """Exports `run` (a `decode.Run`, params float or int8) to the directory `out`."""
+  cfg = run.config.model
+  prompt_len = decode.round_up(max_prompt_len or max(cfg.max_len // 2, 1), decode.PROMPT_BUCKET)
+  cache_len = (1 if cfg.family == "encoder_decoder" else prompt_len) + cfg.max_len
+  generator = decode.Generator(cfg, run.params, cache_len, start_id=run.tokenizer.bos_id)
+  prefill = jax.jit(functools.partial(generator._prefill, cache_len=cache_len, do_sample=True))
+  step = jax.jit(functools.partial(generator._step, do_sample=True), donate_argnums=(1,))
+  spec = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype), tree)
+  params = spec(run.params)
+  prompt = {"tokens_BxP": jax.ShapeDtypeStruct((batch_size, prompt_len), jnp.int32),
+            "lengths_B": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+  sampling = spec(decode.Sampling().arrays(batch_size))
+  tokens_B, state = jax.eval_shape(prefill, params, prompt, sampling)
+  out = Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "prefill.bin").write_bytes(jax.export.export(prefill)(params, prompt, sampling).serialize())
+  (out / "step.bin").write_bytes(jax.export.export(step)(
+      params, state, tokens_B, sampling, jax.ShapeDtypeStruct((), jnp.int32)).serialize())
+  np.savez(out / "weights.npz", **flatten(jax.device_get(run.params)))
+  tok = run.tokenizer
+  meta = {"family": cfg.family, "max_len": cfg.max_len, "batch_size": batch_size, "prompt_len": prompt_len,
+          "cache_len": cache_len, "vocab_size": cfg.vocab_size, "eos_id": int(tok.eos_id),
+          "bos_id": int(tok.bos_id), "step": run.step}
+  (out / "meta.json").write_text(json.dumps(meta, indent=2))
+  return out
+
+
+class ExportedGenerator(decode.Generator):
+  """`decode.Generator`'s streaming loop over the deserialized prefill and step; no model code."""
+
+  def __init__(self, directory):
+    directory = Path(directory)
+    for name in ("meta.json", "prefill.bin", "step.bin", "weights.npz"):
+      if not (directory / name).is_file():
+        raise FileNotFoundError(f"{directory / name} not found; pass a directory written by `jaxlm export`")
+    self.meta = json.loads((directory / "meta.json").read_text())
+    self.cfg = SimpleNamespace(family=self.meta["family"], max_len=self.meta["max_len"])
+    self.cache_len, self.prompt_len = self.meta["cache_len"], self.meta["prompt_len"]
+    with np.load(directory / "weights.npz") as weights:
+      self.params = jax.tree.map(jnp.asarray, unflatten({k: weights[k] for k in weights.files}))
+    self._prefill_exported = jax.export.deserialize(bytearray((directory / "prefill.bin").read_bytes()))
+    self._step_exported = jax.export.deserialize(bytearray((directory / "step.bin").read_bytes()))
+
+  def prefill(self, params, prompt, sampling, cache_len, do_sample):
+    return self._prefill_exported.call(params, prompt, sampling)
+
+  def step(self, params, state, tokens_B, sampling, t, do_sample):
+    return self._step_exported.call(params, state, tokens_B, sampling, t)
+
+  def stream(self, prompts, max_new_tokens, sampling=None, stop_ids=(), batch_size=None):
+    # The artifact's batch is fixed; fewer prompts are padded with dummy rows.
+    return super().stream(prompts, max_new_tokens, sampling or decode.Sampling(temperature=0.0), stop_ids,
+                          self.meta["batch_size"])
+
+
+def load(directory) -> ExportedGenerator:
+  return ExportedGenerator(directory)

@@ -1,0 +1,53 @@
+"""jax.export artifacts: reloaded in a fresh process without the model code, they generate the same tokens."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jaxlm import decode, hf, main, model as model_lib, quantize
+
+from conftest import REPO, tiny_config
+
+PROMPTS = [[2, 70, 71, 72], [2, 80]]
+
+LOADER = """
+import json, sys
+from jaxlm import export
+generator = export.load(sys.argv[1])
+greedy = generator.generate({prompts}, 12)
+sampled = generator.generate({prompts}, 12, export.decode.Sampling(temperature=0.9, top_p=0.9, seed=[1, 2]))
+leaked = sorted(m for m in sys.modules if m in ("jaxlm.model", "jaxlm.layers", "flax", "flax.linen"))
+print(json.dumps({{"greedy": greedy, "sampled": sampled, "leaked": leaked}}))
+"""
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  config = tiny_config(position="rope", norm="rmsnorm", mlp="swiglu", use_bias=False, num_kv_heads=2)
+  params = model_lib.build(config.model).init(jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"]
+  return hf.write_run(config, params, tmp_path_factory.mktemp("run"))
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_exported_artifact_generates_the_same_tokens_without_model_code(run_dir, tmp_path, int8):
+  out = tmp_path / "artifact"
+  assert main.main(["export", "--workdir", str(run_dir), "--out", str(out), "--batch-size", "2",
+                    "--max-prompt-len", "16"] + (["--int8"] if int8 else [])) == 0
+  run = decode.load_run(run_dir)
+  params = quantize.quantize_params(run.params) if int8 else run.params
+  generator = decode.Generator(run.config.model, params)
+  want_greedy = generator.generate(PROMPTS, 12)
+  want_sampled = generator.generate(PROMPTS, 12, decode.Sampling(temperature=0.9, top_p=0.9, seed=[1, 2]))
+  env = dict(os.environ, XLA_FLAGS="")
+  result = subprocess.run([sys.executable, "-c", LOADER.format(prompts=PROMPTS), str(out)], capture_output=True,
+                          text=True, env=env, cwd=REPO, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  got = json.loads(result.stdout.strip().splitlines()[-1])
+  assert got["leaked"] == []
+  assert got["greedy"] == want_greedy
+  assert got["sampled"] == want_sampled

@@ -1,0 +1,62 @@
+"""int8 weight-only quantization: per-channel error bounds, memory, perplexity, and quantized generation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlm import decode, hf, main, model as model_lib, quantize
+
+from conftest import files_config, tiny_config
+
+
+def test_per_channel_int8_round_trip():
+  cfg = tiny_config(scan_layers=True, d_model=64, mlp_dim=256, num_heads=4).model
+  params = hf._unbox(model_lib.build(cfg).init(jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"])
+  q = quantize.quantize_params(params)
+  kernel = q["decoder"]["layers"]["block"]["self_attention"]["out"]["kernel"]
+  assert kernel["int8"].dtype == jnp.int8 and kernel["scale"].shape == (2, 1, 1, 64)  # per layer, per output
+  assert q["embedder"]["token"]["embedding"]["scale"].shape == (260, 1)
+  assert quantize.is_quantized(q) and not quantize.is_quantized(params)
+  restored = quantize.materialize(q)
+  for w, r, qq in zip(jax.tree.leaves(params), jax.tree.leaves(restored), jax.tree.leaves(q, is_leaf=quantize._is_quantized)):
+    if isinstance(qq, dict):
+      assert np.all(np.abs(np.asarray(w) - np.asarray(r)) <= np.asarray(qq["scale"]) / 2 + 1e-7)
+    else:
+      np.testing.assert_array_equal(w, r)
+  assert quantize.nbytes(params) / quantize.nbytes(q) > 3.0
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, text_corpus):
+  config = files_config(text_corpus)
+  params = model_lib.build(config.model).init(jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"]
+  return hf.write_run(config, params, tmp_path_factory.mktemp("run"))
+
+
+def test_compare_and_cli(run_dir, capsys):
+  assert main.main(["quantize", "--workdir", str(run_dir), "--max-batches", "2"]) == 0
+  out = capsys.readouterr().out
+  assert "smaller" in out and (run_dir / "quantize_step_0.json").is_file()
+  result = quantize.compare(run_dir, max_batches=2)
+  assert result["memory_reduction"] > 2.5
+  assert abs(result["perplexity_change"]) < 0.02 and result["float_perplexity"] > 1
+
+
+def test_quantized_model_generates_close_to_float(run_dir, capsys):
+  run = decode.load_run(run_dir)
+  float_gen = decode.Generator(run.config.model, run.params)
+  int8_gen = decode.Generator(run.config.model, quantize.quantize_params(run.params))
+  prompts = [[2, 70, 71, 72, 73, 74]]
+  assert len(int8_gen.generate(prompts, 8)[0]) == 8
+  _, float_logits, _ = jax.jit(float_gen.adapter.prefill, static_argnums=2)(
+      run.params, {"tokens_BxP": jnp.asarray(prompts), "lengths_B": jnp.array([6])}, 16)
+  _, int8_logits, _ = jax.jit(int8_gen.adapter.prefill, static_argnums=2)(
+      quantize.materialize(quantize.quantize_params(run.params)),
+      {"tokens_BxP": jnp.asarray(prompts), "lengths_B": jnp.array([6])}, 16)
+  assert np.abs(np.asarray(float_logits) - np.asarray(int8_logits)).max() < 0.05 * np.abs(np.asarray(float_logits)).max()
+  # The CLI streams text from the int8 weights too.
+  assert main.main(["generate", "--workdir", str(run_dir), "--prompt", "def f", "--max-tokens", "8", "--int8",
+                    "--ignore-eos"]) == 0
+  expected = run.tokenizer.decode(int8_gen.generate([[2] + list(run.tokenizer.encode("def f"))], 8)[0])
+  assert capsys.readouterr().out == expected + "\n"
