@@ -20,6 +20,7 @@ def get_config():
   c = base_config()
   m = c.model
   m.family = "encoder"
+  m.mlp = "gelu_exact"
   m.num_layers = 4
   m.d_model = 192
   m.num_heads = 4

@@ -61,7 +61,7 @@ def base_config() -> ConfigDict:
   c.model.norm_position = "pre"     # pre | post
   c.model.position = "learned"      # learned | rope | sinusoidal
   c.model.rope_theta = 10000.0
-  c.model.mlp = "gelu"              # gelu | swiglu | relu
+  c.model.mlp = "gelu"              # gelu (tanh, GPT-2) | gelu_exact (erf, BERT) | swiglu | relu
   c.model.use_bias = True
   c.model.tie_embeddings = True
   c.model.scale_embeddings = False  # multiply embeddings by sqrt(d_model), as Vaswani et al.
@@ -246,7 +246,7 @@ _CHOICES = {
     "model.norm": ("layernorm", "rmsnorm"),
     "model.norm_position": ("pre", "post"),
     "model.position": ("learned", "rope", "sinusoidal"),
-    "model.mlp": ("gelu", "swiglu", "relu"),
+    "model.mlp": ("gelu", "gelu_exact", "swiglu", "relu"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat_policy": ("none", "full", "dots", "dots_no_batch"),

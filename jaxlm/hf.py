@@ -1,4 +1,4 @@
-"""Hugging Face interop: GPT2LMHeadModel and LlamaForCausalLM as config.json + model.safetensors.
+"""Hugging Face interop: GPT2LMHeadModel, LlamaForCausalLM and BertForMaskedLM as config.json + model.safetensors.
 
 Weights are read and written with `safetensors.numpy`, so conversion needs
 no torch. Layout facts the mapping relies on:
@@ -6,6 +6,11 @@ no torch. Layout facts the mapping relies on:
          lm_head is tied to wte and not saved; gelu_new; LayerNorm.
   Llama: Linear weights stored (out, in), no biases; k/v are (K*H, D); MLP is
          down(silu(gate) * up); RMSNorm weight only; half-split RoPE (ours).
+  BERT:  Linear weights stored (out, in) with biases; post-LayerNorm; exact
+         (erf) GELU; embedding LayerNorm over word + position + token type;
+         MLM head dense + GELU + LayerNorm, decoder tied to the word
+         embeddings (save_pretrained writes only cls.predictions.bias).
+         Our Encoder's segment id 0 is HF's attention_mask 0.
 Every conversion checks the full key set and every shape against the model
 jaxlm would build, and fails with the list of differences: a missing or
 renamed key never leaves a weight at its random init. Real HF tokenizers are
@@ -30,7 +35,7 @@ class ConvertError(ValueError):
   """An unsupported or inconsistent checkpoint; the message lists what differs."""
 
 
-ARCHITECTURES = ("GPT2LMHeadModel", "LlamaForCausalLM")
+ARCHITECTURES = ("GPT2LMHeadModel", "LlamaForCausalLM", "BertForMaskedLM")
 
 
 # --- configs ----------------------------------------------------------------------------------------
@@ -70,6 +75,21 @@ def config_from_hf(hf: dict) -> config_lib.ConfigDict:
     m.rope_theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
     m.tie_embeddings = bool(hf.get("tie_word_embeddings", False))
     m.norm, m.position, m.mlp, m.use_bias = "rmsnorm", "rope", "swiglu", False
+  elif arch == "BertForMaskedLM":
+    _require(hf, "hidden_act", ("gelu",), "gelu")
+    _require(hf, "position_embedding_type", ("absolute",), "absolute")
+    _require(hf, "is_decoder", (False,), False)
+    _require(hf, "add_cross_attention", (False,), False)
+    _require(hf, "tie_word_embeddings", (True,), True)
+    if hf["hidden_size"] % hf["num_attention_heads"]:
+      raise ConvertError(f"config.json: hidden_size={hf['hidden_size']} is not a multiple of "
+                         f"num_attention_heads={hf['num_attention_heads']}")
+    m.family, m.norm_position, m.embed_norm = "encoder", "post", True
+    m.vocab_size, m.max_len, m.d_model = hf["vocab_size"], hf["max_position_embeddings"], hf["hidden_size"]
+    m.num_layers, m.num_heads, m.mlp_dim = hf["num_hidden_layers"], hf["num_attention_heads"], hf["intermediate_size"]
+    m.num_token_types = hf.get("type_vocab_size", 2)
+    m.norm_eps = hf.get("layer_norm_eps", 1e-12)
+    m.norm, m.position, m.mlp, m.use_bias, m.tie_embeddings = "layernorm", "learned", "gelu_exact", True, True
   else:
     raise ConvertError(f"config.json: architecture {arch!r} is not supported; convert one of {list(ARCHITECTURES)}")
   c.data.seq_len = min(c.data.seq_len, m.max_len)
@@ -82,13 +102,20 @@ def architecture_of(m) -> str:
               use_bias=True, tie_embeddings=True, scale_embeddings=False, num_kv_heads=0)
   llama = dict(family="decoder", norm="rmsnorm", norm_position="pre", position="rope", mlp="swiglu",
                use_bias=False, scale_embeddings=False)
-  for arch, wanted in (("GPT2LMHeadModel", gpt2), ("LlamaForCausalLM", llama)):
-    if all(m[k] in (v, None) or (k == "num_kv_heads" and m[k] == m.num_heads) for k, v in wanted.items()):
-      if arch == "GPT2LMHeadModel" and config_lib.head_dim(m) * m.num_heads != m.d_model:
+  bert = dict(family="encoder", norm="layernorm", norm_position="post", position="learned", mlp="gelu_exact",
+              use_bias=True, tie_embeddings=True, scale_embeddings=False, num_kv_heads=0, embed_norm=True)
+  for arch, wanted in (("GPT2LMHeadModel", gpt2), ("LlamaForCausalLM", llama), ("BertForMaskedLM", bert)):
+    if all(m.get(k) in (v, None) or (k == "num_kv_heads" and m[k] == m.num_heads) for k, v in wanted.items()):
+      if arch != "LlamaForCausalLM" and config_lib.head_dim(m) * m.num_heads != m.d_model:
         continue
+      if arch == "BertForMaskedLM" and not m.num_token_types:
+        continue  # HF BERT always has token-type embeddings
       return arch
-  raise ConvertError("this run matches neither GPT2LMHeadModel (layernorm, learned positions, gelu, biases, tied) "
-                     "nor LlamaForCausalLM (rmsnorm, rope, swiglu, no biases); it cannot be exported to HF")
+  raise ConvertError("this run matches none of GPT2LMHeadModel (decoder, layernorm, learned positions, gelu, "
+                     "biases, tied), LlamaForCausalLM (decoder, rmsnorm, rope, swiglu, no biases) or "
+                     "BertForMaskedLM (encoder, post-layernorm, learned positions, gelu_exact, biases, tied, "
+                     "embed_norm, num_token_types >= 1, head_dim * num_heads == d_model); "
+                     "it cannot be exported to HF")
 
 
 def config_to_hf(m) -> dict:
@@ -98,6 +125,14 @@ def config_to_hf(m) -> dict:
             "n_embd": m.d_model, "n_layer": m.num_layers, "n_head": m.num_heads, "n_inner": m.mlp_dim,
             "activation_function": "gelu_new", "layer_norm_epsilon": m.norm_eps, "tie_word_embeddings": True,
             "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "torch_dtype": "float32"}
+  if arch == "BertForMaskedLM":
+    return {"architectures": [arch], "model_type": "bert", "vocab_size": m.vocab_size,
+            "max_position_embeddings": m.max_len, "hidden_size": m.d_model, "intermediate_size": m.mlp_dim,
+            "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_heads,
+            "type_vocab_size": m.num_token_types, "hidden_act": "gelu", "layer_norm_eps": m.norm_eps,
+            "position_embedding_type": "absolute", "tie_word_embeddings": True, "is_decoder": False,
+            "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "pad_token_id": 0,
+            "torch_dtype": "float32"}
   return {"architectures": [arch], "model_type": "llama", "vocab_size": m.vocab_size,
           "max_position_embeddings": m.max_len, "hidden_size": m.d_model, "intermediate_size": m.mlp_dim,
           "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_heads,
@@ -160,29 +195,81 @@ def _llama_table(m):
   return rows
 
 
+def _bert_table(m):
+  n, h, d = m.num_heads, config_lib.head_dim(m), m.d_model
+  t = (lambda w: w.T, lambda x: x.T)
+  # HF Linear is (out, in) = (N*H, D) for q/k/v; ours D x N x H. The output dense is (D, N*H); ours N x H x D.
+  into = (lambda w: w.T.reshape(d, n, h), lambda x: x.reshape(d, n * h).T)
+  heads = (lambda b: b.reshape(n, h), lambda b: b.reshape(n * h))
+  out_of = (lambda w: w.T.reshape(n, h, d), lambda x: x.reshape(n * h, d).T)
+  rows = [("bert.embeddings.word_embeddings.weight", "embedder/token/embedding", None, None),
+          ("bert.embeddings.position_embeddings.weight", "embedder/position/embedding", None, None),
+          ("bert.embeddings.token_type_embeddings.weight", "embedder/token_type/embedding", None, None),
+          ("bert.embeddings.LayerNorm.weight", "embedder/embed_norm/scale", None, None),
+          ("bert.embeddings.LayerNorm.bias", "embedder/embed_norm/bias", None, None),
+          ("cls.predictions.transform.dense.weight", "mlm_head/transform/kernel", *t),
+          ("cls.predictions.transform.dense.bias", "mlm_head/transform/bias", None, None),
+          ("cls.predictions.transform.LayerNorm.weight", "mlm_head/transform_norm/scale", None, None),
+          ("cls.predictions.transform.LayerNorm.bias", "mlm_head/transform_norm/bias", None, None),
+          ("cls.predictions.bias", "mlm_head/bias", None, None)]
+  for i in range(m.num_layers):
+    hf, ours = f"bert.encoder.layer.{i}.", f"encoder/layer_{i}/"
+    for name in ("query", "key", "value"):
+      rows += [(f"{hf}attention.self.{name}.weight", f"{ours}self_attention/{name}/kernel", *into),
+               (f"{hf}attention.self.{name}.bias", f"{ours}self_attention/{name}/bias", *heads)]
+    rows += [(f"{hf}attention.output.dense.weight", f"{ours}self_attention/out/kernel", *out_of),
+             (f"{hf}attention.output.dense.bias", f"{ours}self_attention/out/bias", None, None),
+             (f"{hf}attention.output.LayerNorm.weight", f"{ours}self_attention_norm/scale", None, None),
+             (f"{hf}attention.output.LayerNorm.bias", f"{ours}self_attention_norm/bias", None, None),
+             (f"{hf}intermediate.dense.weight", f"{ours}mlp/up/kernel", *t),
+             (f"{hf}intermediate.dense.bias", f"{ours}mlp/up/bias", None, None),
+             (f"{hf}output.dense.weight", f"{ours}mlp/down/kernel", *t),
+             (f"{hf}output.dense.bias", f"{ours}mlp/down/bias", None, None),
+             (f"{hf}output.LayerNorm.weight", f"{ours}mlp_norm/scale", None, None),
+             (f"{hf}output.LayerNorm.bias", f"{ours}mlp_norm/bias", None, None)]
+  return rows
+
+
 def _table(m):
-  return _gpt2_table(m) if architecture_of(m) == "GPT2LMHeadModel" else _llama_table(m)
+  return {"GPT2LMHeadModel": _gpt2_table, "LlamaForCausalLM": _llama_table,
+          "BertForMaskedLM": _bert_table}[architecture_of(m)](m)
 
 
 # Keys HF may save that carry no weights of their own: tied heads and GPT-2's causal-mask buffers.
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+# BERT: the tied MLM decoder (older save_pretrained wrote it: a copy of the word embeddings and of
+# cls.predictions.bias), the position_ids buffer, and the pooler / next-sentence head of BertForPreTraining
+# checkpoints (bert-base-uncased), which BertForMaskedLM itself drops on load since MLM never uses them.
+_BERT_IGNORED = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias", "bert.embeddings.position_ids")
+_BERT_IGNORED_PREFIXES = ("bert.pooler.", "cls.seq_relationship.")
 
 
-def _stack_layers(flat: dict, num_layers: int) -> dict:
-  """The scan_layers tree: decoder/layer_i/x for every i -> decoder/layers/block/x stacked on axis 0."""
-  out = {p: v for p, v in flat.items() if not p.startswith("decoder/layer_")}
-  for path in [p for p in flat if p.startswith("decoder/layer_0/")]:
-    rest = path[len("decoder/layer_0/"):]
-    out[f"decoder/layers/block/{rest}"] = np.stack([flat[f"decoder/layer_{i}/{rest}"] for i in range(num_layers)])
+def _ignored(key: str, arch: str, m) -> bool:
+  if arch == "BertForMaskedLM":
+    return key in _BERT_IGNORED or key.startswith(_BERT_IGNORED_PREFIXES)
+  return key.endswith(_IGNORED_SUFFIXES) or (key == "lm_head.weight" and m.tie_embeddings)
+
+
+def _stack_name(m) -> str:
+  return "encoder" if m.family == "encoder" else "decoder"
+
+
+def _stack_layers(flat: dict, num_layers: int, stack: str = "decoder") -> dict:
+  """The scan_layers tree: {stack}/layer_i/x for every i -> {stack}/layers/block/x stacked on axis 0."""
+  out = {p: v for p, v in flat.items() if not p.startswith(f"{stack}/layer_")}
+  for path in [p for p in flat if p.startswith(f"{stack}/layer_0/")]:
+    rest = path[len(f"{stack}/layer_0/"):]
+    out[f"{stack}/layers/block/{rest}"] = np.stack([flat[f"{stack}/layer_{i}/{rest}"] for i in range(num_layers)])
   return out
 
 
-def _unstack_layers(flat: dict, num_layers: int) -> dict:
-  out = {p: v for p, v in flat.items() if not p.startswith("decoder/layers/block/")}
+def _unstack_layers(flat: dict, num_layers: int, stack: str = "decoder") -> dict:
+  prefix = f"{stack}/layers/block/"
+  out = {p: v for p, v in flat.items() if not p.startswith(prefix)}
   for path, value in flat.items():
-    if path.startswith("decoder/layers/block/"):
+    if path.startswith(prefix):
       for i in range(num_layers):
-        out[f"decoder/layer_{i}/{path[len('decoder/layers/block/'):]}"] = value[i]
+        out[f"{stack}/layer_{i}/{path[len(prefix):]}"] = value[i]
   return out
 
 
@@ -213,14 +300,13 @@ def _check(found: dict, expected: dict, what: str) -> None:
 def params_from_hf(state: dict[str, np.ndarray], config) -> dict:
   """jaxlm params (nested dicts of float32 numpy) from a HF state dict; raises listing any difference."""
   m = config.model
+  arch = architecture_of(m)
   table = _table(m)
   hf_keys = {k.split("#")[0] for k, *_ in table}
   absent = sorted(k for k in hf_keys if k not in state)
-  tied_head = "lm_head.weight" in state and m.tie_embeddings
-  extra = sorted(k for k in state if k not in hf_keys and not k.endswith(_IGNORED_SUFFIXES)
-                 and not (k == "lm_head.weight" and tied_head))
+  extra = sorted(k for k in state if k not in hf_keys and not _ignored(k, arch, m))
   if absent or extra:
-    raise ConvertError(f"model.safetensors does not match {architecture_of(m)}: missing keys {absent or 'none'}; "
+    raise ConvertError(f"model.safetensors does not match {arch}: missing keys {absent or 'none'}; "
                        f"unexpected keys {extra or 'none'}")
   flat = {}
   for hf_key, path, to_ours, _ in table:
@@ -231,7 +317,7 @@ def params_from_hf(state: dict[str, np.ndarray], config) -> dict:
       raise ConvertError(f"model.safetensors: {hf_key.split('#')[0]} has shape {tensor.shape}, which does not "
                          f"fit {path} ({e})") from None
   if m.scan_layers:
-    flat = _stack_layers(flat, m.num_layers)
+    flat = _stack_layers(flat, m.num_layers, _stack_name(m))
   _check(flat, expected_params(config), "model.safetensors")
   return unflatten(flat)
 
@@ -241,7 +327,7 @@ def params_to_hf(params, config) -> dict[str, np.ndarray]:
   flat = {p: np.asarray(v, np.float32) for p, v in flatten(jax.device_get(_unbox(params))).items()}
   _check(flat, expected_params(config), "the run's parameters")
   if m.scan_layers:
-    flat = _unstack_layers(flat, m.num_layers)
+    flat = _unstack_layers(flat, m.num_layers, _stack_name(m))
   state, pieces = {}, {}
   for hf_key, path, _, to_hf in _table(m):
     value = to_hf(flat[path]) if to_hf else flat[path]

@@ -257,8 +257,11 @@ class Mlp(nn.Module):
       h_BxTxF = nn.silu(gate_BxTxF) * up_BxTxF
     else:
       (h_BxTxF,) = fused_projection(x_BxTxD, [up], dtype)
-      # GPT-2 uses the tanh approximation ("gelu_new"); BERT's checkpoints too.
-      h_BxTxF = nn.gelu(h_BxTxF, approximate=True) if cfg.mlp == "gelu" else nn.relu(h_BxTxF)
+      # GPT-2 uses the tanh approximation ("gelu_new"); BERT uses the exact erf form.
+      if cfg.mlp == "relu":
+        h_BxTxF = nn.relu(h_BxTxF)
+      else:
+        h_BxTxF = nn.gelu(h_BxTxF, approximate=cfg.mlp == "gelu")
     h_BxTxF = nn.Dropout(cfg.dropout_rate)(h_BxTxF, deterministic=self.deterministic)
     down = DenseParams((cfg.mlp_dim,), (cfg.d_model,), ("mlp", "embed"), cfg, name="down")()
     return fused_projection(h_BxTxF, [down], dtype)[0]

@@ -1,4 +1,4 @@
-"""The `jaxlm` command: train, eval (and the deployment commands as they land).
+"""The `jaxlm` command: train, eval, generate, serve, convert, export, quantize.
 
 Usage:
   jaxlm train --config configs/default.py --workdir runs/x [--config.model.num_layers=4 ...]
@@ -58,7 +58,7 @@ def _deployment_parsers(sub):
   serve.add_argument("--host", default="127.0.0.1")
   serve.add_argument("--port", type=int, default=8000)
   serve.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
-  convert = sub.add_parser("convert", help="Hugging Face <-> jaxlm (GPT2LMHeadModel, LlamaForCausalLM)")
+  convert = sub.add_parser("convert", help="Hugging Face <-> jaxlm (GPT2LMHeadModel, LlamaForCausalLM, BertForMaskedLM)")
   direction = convert.add_mutually_exclusive_group(required=True)
   direction.add_argument("--from-hf", metavar="HF_DIR", help="config.json + model.safetensors; needs --workdir")
   direction.add_argument("--to-hf", metavar="RUN", help="a run directory; needs --out")

@@ -134,6 +134,7 @@ def bert(large: bool) -> ConfigDict:
   m.max_len = 512
   m.norm_position = "post"
   m.norm_eps = 1e-12
+  m.mlp = "gelu_exact"
   m.embed_norm = True
   m.num_token_types = 2
   m.dropout_rate = 0.1

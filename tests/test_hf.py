@@ -24,8 +24,18 @@ HF_MODELS = {
     "llama_tied": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=64, tie_word_embeddings=True, rms_norm_eps=1e-5)),
+    "bert": lambda: transformers.BertForMaskedLM(transformers.BertConfig(
+        vocab_size=260, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64, type_vocab_size=2)),
 }
 TOKENS = np.random.default_rng(0).integers(4, 260, (2, 24))
+# jaxlm's BERT (presets.bert) at the tiny size.
+BERT = dict(family="encoder", norm_position="post", num_token_types=2, embed_norm=True, mlp="gelu_exact",
+            norm_eps=1e-12)
+# Padding: row 0 has its last 5 tokens padded, row 1 none. Token types: a second "sentence" from position 10.
+SEGMENTS = np.ones_like(TOKENS)
+SEGMENTS[0, -5:] = 0
+TYPES = (np.arange(TOKENS.shape[1]) >= 10).astype(TOKENS.dtype)[None].repeat(2, 0) * SEGMENTS
 
 
 def save_hf(name, directory):
@@ -38,13 +48,26 @@ def save_hf(name, directory):
   return model
 
 
-def hf_logits(model):
+def hf_logits(model, padded=False):
   with torch.no_grad():
-    return model(torch.tensor(TOKENS)).logits.numpy()
+    if not padded:
+      return model(torch.tensor(TOKENS)).logits.numpy()
+    return model(torch.tensor(TOKENS), attention_mask=torch.tensor(SEGMENTS),
+                 token_type_ids=torch.tensor(TYPES)).logits.numpy()
 
 
-def jax_logits(config, params):
-  return np.asarray(jax.jit(model_lib.build(config.model).apply)({"params": params}, jnp.asarray(TOKENS)))
+def jax_logits(config, params, padded=False):
+  apply = jax.jit(model_lib.build(config.model).apply)
+  if not padded:
+    return np.asarray(apply({"params": params}, jnp.asarray(TOKENS)))
+  return np.asarray(apply({"params": params}, jnp.asarray(TOKENS), segment_ids_BxT=jnp.asarray(SEGMENTS),
+                          token_types_BxT=jnp.asarray(TYPES)))
+
+
+def padded_diff(config, params, model):
+  """Max |jaxlm - HF| over the real (unpadded) tokens; HF still computes outputs at pads, jaxlm masks them."""
+  diff = np.abs(jax_logits(config, params, padded=True) - hf_logits(model, padded=True))
+  return diff[SEGMENTS.astype(bool)].max()
 
 
 @pytest.mark.parametrize("name", sorted(HF_MODELS))
@@ -56,19 +79,30 @@ def test_import_matches_hf_logits(name, tmp_path):
   config.model.scan_layers = True
   state = load_file(tmp_path / "model.safetensors")
   stacked = hf.params_from_hf(state, config)
-  assert "layers" in stacked["decoder"]
+  assert "layers" in stacked["encoder" if name == "bert" else "decoder"]
   assert np.abs(jax_logits(config, stacked) - hf_logits(model)).max() <= 1e-4
+  if name == "bert":  # HF attention_mask 0 on trailing pads is jaxlm's segment id 0; token type 1 is used too
+    assert padded_diff(config, stacked, model) <= 1e-4
 
 
-@pytest.mark.parametrize("style", ["gpt2", "llama"])
+@pytest.mark.parametrize("style", ["gpt2", "llama", "bert"])
 def test_export_matches_in_transformers(style, tmp_path):
-  overrides = {} if style == "gpt2" else dict(norm="rmsnorm", position="rope", mlp="swiglu", use_bias=False,
-                                               tie_embeddings=False, num_kv_heads=2)
-  config = tiny_config(**overrides)
+  overrides = {"gpt2": {}, "bert": BERT, "llama": dict(norm="rmsnorm", position="rope", mlp="swiglu",
+                                                        use_bias=False, tie_embeddings=False, num_kv_heads=2)}
+  config = tiny_config(**overrides[style])
   params = model_lib.build(config.model).init(jax.random.key(3), jnp.asarray(TOKENS))["params"]
+  if style == "bert":  # init leaves biases at 0 and norms at 1; perturb so every mapping is exercised
+    leaves, tree = jax.tree.flatten(hf._unbox(params))
+    keys = jax.random.split(jax.random.key(4), len(leaves))
+    params = jax.tree.unflatten(tree, [x + 0.02 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
   hf.write_hf(params, config, tmp_path)
-  model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+  auto = transformers.AutoModelForMaskedLM if style == "bert" else transformers.AutoModelForCausalLM
+  model, info = auto.from_pretrained(tmp_path, output_loading_info=True)
+  model.eval()
   assert type(model).__name__ == hf.config_to_hf(config.model)["architectures"][0]
+  if style == "bert":  # nothing left at HF's random init, nothing written that HF drops
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert padded_diff(config, params, model) <= 1e-4
   assert np.abs(jax_logits(config, params) - hf_logits(model)).max() <= 1e-4
 
 
@@ -90,6 +124,28 @@ def test_mismatches_are_listed_never_silent(tmp_path):
     hf.config_from_hf(bad_config)
 
 
+def test_bert_mismatches_are_listed(tmp_path):
+  save_hf("bert", tmp_path)
+  state = load_file(tmp_path / "model.safetensors")
+  config = hf.config_from_hf(json.loads((tmp_path / "config.json").read_text()))
+  assert config.model.family == "encoder" and config.model.mlp == "gelu_exact"
+  broken = dict(state)
+  del broken["bert.encoder.layer.1.attention.self.key.bias"]
+  broken["bert.encoder.layer.1.attention.self.extra.weight"] = np.zeros(3, np.float32)
+  with pytest.raises(hf.ConvertError, match=r"missing keys \['bert.encoder.layer.1.attention.self.key.bias'\].*"
+                                            r"unexpected keys \['bert.encoder.layer.1.attention.self.extra.weight'\]"):
+    hf.params_from_hf(broken, config)
+  bad_shape = dict(state, **{"bert.embeddings.token_type_embeddings.weight": np.zeros((3, 32), np.float32)})
+  with pytest.raises(hf.ConvertError, match="token_type"):
+    hf.params_from_hf(bad_shape, config)
+  bad_config = json.loads((tmp_path / "config.json").read_text()) | {"hidden_act": "gelu_new"}
+  with pytest.raises(hf.ConvertError, match="hidden_act"):
+    hf.config_from_hf(bad_config)
+  # A run that is an encoder but not BERT's (pre-norm) is refused on export with the reason.
+  with pytest.raises(hf.ConvertError, match="BertForMaskedLM"):
+    hf.config_to_hf(tiny_config(**(BERT | {"norm_position": "pre"})).model)
+
+
 def test_convert_cli_round_trip_and_generate(tmp_path, capsys):
   save_hf("gpt2", tmp_path / "hf")
   run = tmp_path / "run"
@@ -106,3 +162,15 @@ def test_convert_cli_round_trip_and_generate(tmp_path, capsys):
   assert "already holds checkpoints" in capsys.readouterr().err
   assert main.main(["convert", "--from-hf", str(tmp_path / "nope"), "--workdir", str(tmp_path / "r2")]) == 2
   assert "config.json" in capsys.readouterr().err
+
+
+def test_convert_cli_round_trip_bert(tmp_path):
+  save_hf("bert", tmp_path / "hf")
+  run = tmp_path / "run"
+  assert main.main(["convert", "--from-hf", str(tmp_path / "hf"), "--workdir", str(run)]) == 0
+  assert decode.load_run(run).config.model.family == "encoder"
+  assert main.main(["convert", "--to-hf", str(run), "--out", str(tmp_path / "back")]) == 0
+  before, after = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+  assert sorted(before) == sorted(after)
+  for key in after:
+    np.testing.assert_array_equal(before[key], after[key])
