@@ -68,6 +68,9 @@ class DenseParams(nn.Module):
     return kernel, bias
 
 
+_SEPARATE_BELOW_ROWS = 64
+
+
 def fused_projection(x_BxTxI: Array, projections: list[tuple[Array, Array | None]], dtype) -> list[Array]:
   """x @ [W1 | W2 | ...] + [b1 | b2 | ...] as one 2-D matmul, split back into one output per kernel.
 
@@ -76,6 +79,17 @@ def fused_projection(x_BxTxI: Array, projections: list[tuple[Array, Array | None
   narrow ones on CPU; see BENCHMARKS.md.
   """
   b, t, i = x_BxTxI.shape
+  if b * t <= _SEPARATE_BELOW_ROWS:
+    # Decoding: with a few rows the matmuls are bound by reading the weights, and the
+    # concatenation would copy every kernel once more per token.
+    x_MxI = x_BxTxI.reshape(b * t, i).astype(dtype)
+    outputs = []
+    for kernel, bias in projections:
+      y_MxC = x_MxI @ kernel.reshape(i, -1).astype(dtype)
+      if bias is not None:
+        y_MxC = y_MxC + bias.reshape(-1).astype(dtype)
+      outputs.append(y_MxC.reshape(b, t, *kernel.shape[1:]))
+    return outputs
   widths = [math.prod(k.shape[1:]) for k, _ in projections]
   kernel_IxC = jnp.concatenate([k.reshape(i, -1) for k, _ in projections], axis=1).astype(dtype)
   y_MxC = x_BxTxI.reshape(b * t, i).astype(dtype) @ kernel_IxC
