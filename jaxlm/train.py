@@ -77,7 +77,7 @@ def setup(config, mesh: Mesh) -> Setup:
 
 def create_state(s: Setup, seed: int) -> TrainState:
   """Initializes the state directly into its shardings; no host holds it whole."""
-  with s.mesh, nn.logical_axis_rules(s.rules):
+  with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
     return jax.jit(s.init_fn, out_shardings=s.state_shardings)(jax.random.key(seed))
 
 
@@ -160,14 +160,14 @@ def _with_mesh(s: Setup, fn):
   """Runs `fn` under the mesh and the logical rules, which the model's constraints need."""
   @functools.wraps(fn)
   def wrapped(*args):
-    with s.mesh, nn.logical_axis_rules(s.rules):
+    with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
       return fn(*args)
   wrapped.lower = lambda *args: _lower_under_mesh(s, fn, *args)
   return wrapped
 
 
 def _lower_under_mesh(s: Setup, fn, *args):
-  with s.mesh, nn.logical_axis_rules(s.rules):
+  with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
     return fn.lower(*args)
 
 
