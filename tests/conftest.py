@@ -20,25 +20,16 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def tiny_config(**model_overrides):
-  """A 2-layer, d_model 32 byte-level decoder; seq 32, batch 8."""
-  c = config_lib.base_config()
-  c.model.num_layers = 2
-  c.model.d_model = 32
-  c.model.num_heads = 4
-  c.model.mlp_dim = 64
-  c.model.max_len = 64
+  """configs/tiny.py (2 layers, d_model 32, seq 32, batch 8), shortened to 6 steps for tests."""
+  c = config_lib.load_config_file(str(REPO / "configs" / "tiny.py"))
   for key, value in model_overrides.items():
     c.model[key] = value
-  c.data.seq_len = 32
-  c.train.global_batch_size = 8
   c.train.num_steps = 6
   c.train.log_every = 1
   c.train.eval_every = 3
   c.train.eval_batches = 2
   c.train.checkpoint_every = 3
   c.optim.warmup_steps = 2
-  c.optim.learning_rate = 3e-3
-  c.eval.batch_size = 8
   c.eval.max_batches = 2
   return c
 
