@@ -163,36 +163,89 @@ def attention_mask(q_segment_BxT: Array, kv_segment_BxS: Array, causal: bool,
   return mask[:, None]
 
 
-def dot_product_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_Bx1xTxS: Array) -> Array:
+_MASKED_LOGIT = -0.7 * float(jnp.finfo(jnp.float32).max)  # jax.nn's value: a fully masked row averages V
+_CAUSAL_BLOCKS = 4  # query blocks of causal self-attention; 4 measured fastest at T=256 (BENCHMARKS.md)
+
+
+def dot_product_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_Bx1xTxS: Array,
+                          causal: bool = False) -> Array:
   """softmax(q k^T / sqrt(H), masked) v, equal to `jax.nn.dot_product_attention` up to float32 rounding.
 
-  Three changes of order make it cheaper on CPU, where attention is not fused
-  (BENCHMARKS.md has the measurements): heads move in front of the sequence
-  once, explicitly, so both batched matmuls see (B, K) as contiguous batch
-  dimensions, with a GQA group folded into the query rows (GT = G x T); the
-  scale multiplies q (T x H) instead of the logits (T x S); and the softmax
-  normalization divides the output (T x H) instead of the probabilities
-  (T x S), whose gradient then needs no T x S row sum. Masked entries get
-  jax's large negative logit, so a fully masked row still averages V.
+  Written for CPU, where XLA does not fuse attention (BENCHMARKS.md has the
+  measurements): heads move in front of the sequence once, with a GQA group
+  folded into the query rows; the scale multiplies q (T x H) rather than the
+  logits (T x S); and `_attention` has a hand-written backward pass.
+
+  `causal=True` promises that the mask hides every key after its query
+  (s > t, with T == S), as in decoder self-attention. The queries are then cut
+  into `_CAUSAL_BLOCKS` blocks and each block attends only to the keys up to
+  its own end, so the forward and backward passes skip 3/8 of the T x S work.
+  The one visible difference: a query that sees no key at all (padding) gets
+  the mean of the values up to its block's end instead of all values; losses
+  give padding weight 0, so no gradient changes.
   """
   b, t, n, h = q_BxTxNxH.shape
   s, k = k_BxSxKxH.shape[1], k_BxSxKxH.shape[2]
   g = n // k
-  q_BxTxKxGxH = (q_BxTxNxH * jnp.asarray(h ** -0.5, q_BxTxNxH.dtype)).reshape(b, t, k, g, h)
-  q_BxKxGTxH = q_BxTxKxGxH.transpose(0, 2, 3, 1, 4).reshape(b, k, g * t, h)
+  q_BxKxGxTxH = (q_BxTxNxH * jnp.asarray(h ** -0.5, q_BxTxNxH.dtype)).reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4)
   k_BxKxSxH, v_BxKxSxH = k_BxSxKxH.transpose(0, 2, 1, 3), v_BxSxKxH.transpose(0, 2, 1, 3)
-  mask_Bx1xGTxS = jnp.broadcast_to(mask_Bx1xTxS[:, :, None], (b, 1, g, t, s)).reshape(b, 1, g * t, s)
-  # einsum letters: Q stands for the GT query rows.
-  logits_BxKxGTxS = jnp.einsum("BKQH,BKSH->BKQS", q_BxKxGTxH, k_BxKxSxH, preferred_element_type=jnp.float32)
-  logits_BxKxGTxS = jnp.where(mask_Bx1xGTxS, logits_BxKxGTxS, -0.7 * jnp.finfo(jnp.float32).max)
-  # The row max only keeps exp in range; it cancels out of the result, so it needs no gradient.
-  row_max_BxKxGTx1 = jax.lax.stop_gradient(jnp.max(logits_BxKxGTxS, axis=-1, keepdims=True))
-  weights_BxKxGTxS = jnp.exp(logits_BxKxGTxS - row_max_BxKxGTx1)
-  row_sum_BxKxGTx1 = jnp.sum(weights_BxKxGTxS, axis=-1, keepdims=True)
-  out_BxKxGTxH = jnp.einsum("BKQS,BKSH->BKQH", weights_BxKxGTxS.astype(v_BxSxKxH.dtype), v_BxKxSxH,
-                            preferred_element_type=jnp.float32) / row_sum_BxKxGTx1
-  out_BxTxNxH = out_BxKxGTxH.reshape(b, k, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
-  return out_BxTxNxH.astype(v_BxSxKxH.dtype)
+  blocks = _CAUSAL_BLOCKS if causal and t == s and t % _CAUSAL_BLOCKS == 0 else 1
+  size = t // blocks
+  outs = []
+  for i in range(blocks):
+    rows, end = slice(i * size, (i + 1) * size), (s if blocks == 1 else (i + 1) * size)
+    # einsum letters in `_attention`: Q stands for the G x size query rows of this block.
+    q_BxKxQxH = q_BxKxGxTxH[:, :, :, rows].reshape(b, k, g * size, h)
+    mask_Bx1xQxS = jnp.broadcast_to(mask_Bx1xTxS[:, :, None, rows, :end], (b, 1, g, size, end)).reshape(b, 1, g * size, end)
+    out_BxKxQxH = _attention(q_BxKxQxH, k_BxKxSxH[:, :, :end], v_BxKxSxH[:, :, :end], mask_Bx1xQxS)
+    outs.append(out_BxKxQxH.reshape(b, k, g, size, h))
+  out_BxKxGxTxH = outs[0] if blocks == 1 else jnp.concatenate(outs, axis=3)
+  return out_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
+@jax.custom_vjp
+def _attention(q_BxKxQxH: Array, k_BxKxSxH: Array, v_BxKxSxH: Array, mask_Bx1xQxS: Array) -> Array:
+  """Heads-first attention core (q already scaled); see `_attention_forward`."""
+  return _attention_forward(q_BxKxQxH, k_BxKxSxH, v_BxKxSxH, mask_Bx1xQxS)[0]
+
+
+def _attention_forward(q_BxKxQxH, k_BxKxSxH, v_BxKxSxH, mask_Bx1xQxS):
+  """The softmax normalization divides the output (Q x H), not the weights (Q x S)."""
+  logits_BxKxQxS = jnp.einsum("BKQH,BKSH->BKQS", q_BxKxQxH, k_BxKxSxH, preferred_element_type=jnp.float32)
+  logits_BxKxQxS = jnp.where(mask_Bx1xQxS, logits_BxKxQxS, _MASKED_LOGIT)
+  weights_BxKxQxS = jnp.exp(logits_BxKxQxS - jnp.max(logits_BxKxQxS, axis=-1, keepdims=True))
+  row_sum_BxKxQx1 = jnp.sum(weights_BxKxQxS, axis=-1, keepdims=True)
+  out_BxKxQxH = jnp.einsum("BKQS,BKSH->BKQH", weights_BxKxQxS.astype(v_BxKxSxH.dtype), v_BxKxSxH,
+                           preferred_element_type=jnp.float32) / row_sum_BxKxQx1
+  residuals = (q_BxKxQxH, k_BxKxSxH, v_BxKxSxH, mask_Bx1xQxS, out_BxKxQxH, weights_BxKxQxS, row_sum_BxKxQx1)
+  return out_BxKxQxH.astype(v_BxKxSxH.dtype), residuals
+
+
+def _attention_backward(residuals, d_out_BxKxQxH):
+  """The softmax gradient P(dP - rowsum(P dP)) with rowsum(P dP) = rowsum(dO O): a Q x H product, not Q x S.
+
+  Autodiff of the forward gets the same values but made the train step about
+  6% slower (BENCHMARKS.md).
+  """
+  q_BxKxQxH, k_BxKxSxH, v_BxKxSxH, mask_Bx1xQxS, out_BxKxQxH, weights_BxKxQxS, row_sum_BxKxQx1 = residuals
+  dtype = v_BxKxSxH.dtype
+  # Gradient w.r.t. the unnormalized weights' product, since `weights` are unnormalized.
+  d_out_BxKxQxH = d_out_BxKxQxH.astype(jnp.float32) / row_sum_BxKxQx1
+  d_v_BxKxSxH = jnp.einsum("BKQS,BKQH->BKSH", weights_BxKxQxS.astype(dtype), d_out_BxKxQxH.astype(dtype),
+                           preferred_element_type=jnp.float32)
+  d_weights_BxKxQxS = jnp.einsum("BKQH,BKSH->BKQS", d_out_BxKxQxH.astype(dtype), v_BxKxSxH,
+                                 preferred_element_type=jnp.float32)
+  row_dot_BxKxQx1 = jnp.sum(d_out_BxKxQxH * out_BxKxQxH, axis=-1, keepdims=True)
+  # Masked logits get no gradient, also in a fully masked row, whose weights are all 1.
+  d_logits_BxKxQxS = jnp.where(mask_Bx1xQxS, weights_BxKxQxS * (d_weights_BxKxQxS - row_dot_BxKxQx1), 0.0)
+  d_logits_BxKxQxS = d_logits_BxKxQxS.astype(q_BxKxQxH.dtype)
+  d_q_BxKxQxH = jnp.einsum("BKQS,BKSH->BKQH", d_logits_BxKxQxS, k_BxKxSxH, preferred_element_type=jnp.float32)
+  d_k_BxKxSxH = jnp.einsum("BKQS,BKQH->BKSH", d_logits_BxKxQxS, q_BxKxQxH, preferred_element_type=jnp.float32)
+  return (d_q_BxKxQxH.astype(q_BxKxQxH.dtype), d_k_BxKxSxH.astype(k_BxKxSxH.dtype),
+          d_v_BxKxSxH.astype(dtype), None)
+
+
+_attention.defvjp(_attention_forward, _attention_backward)
 
 
 class Attention(nn.Module):
@@ -200,11 +253,13 @@ class Attention(nn.Module):
 
   `kv_BxSxD` switches to cross-attention. With `decode=True` keys and values
   are appended to a static-shape cache in the 'cache' collection, so one
-  compiled decode step serves every position.
+  compiled decode step serves every position. `causal=True` declares that the
+  mask hides later keys (see `dot_product_attention`).
   """
   cfg: ml_collections.ConfigDict
   decode: bool = False
   deterministic: bool = True
+  causal: bool = False
 
   @nn.compact
   def __call__(self, x_BxTxD: Array, mask_Bx1xTxS: Array, positions_BxT: Array | None = None,
@@ -228,7 +283,9 @@ class Attention(nn.Module):
     if self.decode and not is_cross:
       k_BxSxKxH, v_BxSxKxH = self._update_cache(k_BxSxKxH, v_BxSxKxH)
     if cfg.attention_impl == "xla":
-      out_BxTxNxH = dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS)
+      # While decoding, queries sit at cache slots, not at their row index: no block shortcut.
+      out_BxTxNxH = dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS,
+                                          causal=self.causal and not self.decode)
     else:
       out_BxTxNxH = jax.nn.dot_product_attention(
           q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS, implementation=cfg.attention_impl)
@@ -291,12 +348,14 @@ class Block(nn.Module):
   cross: bool = False
   decode: bool = False
   deterministic: bool = True
+  causal: bool = False
 
   @nn.compact
   def __call__(self, x_BxTxD, mask_Bx1xTxS, positions_BxT, encoded_BxSxD=None, cross_mask_Bx1xTxS=None):
     cfg = self.cfg
     dropout = functools.partial(nn.Dropout(cfg.dropout_rate), deterministic=self.deterministic)
-    sublayers = [("self_attention", lambda h: Attention(cfg, self.decode, self.deterministic, name="self_attention")(
+    sublayers = [("self_attention", lambda h: Attention(cfg, self.decode, self.deterministic, self.causal,
+                                                      name="self_attention")(
         h, mask_Bx1xTxS, positions_BxT))]
     if self.cross:
       sublayers.append(("cross_attention", lambda h: Attention(cfg, False, self.deterministic, name="cross_attention")(
@@ -319,12 +378,16 @@ _REMAT_POLICIES: dict[str, Any] = {
 
 
 class Stack(nn.Module):
-  """`num_layers` Blocks, either unrolled or as one `nn.scan` (compile time flat in depth)."""
+  """`num_layers` Blocks, either unrolled or as one `nn.scan` (compile time flat in depth).
+
+  `causal=True` declares that `mask_Bx1xTxS` hides later positions (decoders).
+  """
   cfg: ml_collections.ConfigDict
   num_layers: int
   cross: bool = False
   decode: bool = False
   deterministic: bool = True
+  causal: bool = False
 
   @nn.compact
   def __call__(self, x_BxTxD, mask_Bx1xTxS, positions_BxT, encoded_BxSxD=None, cross_mask_Bx1xTxS=None):
@@ -339,10 +402,12 @@ class Stack(nn.Module):
           split_rngs={"params": True, "dropout": True},
           in_axes=(nn.broadcast,) * 4, length=self.num_layers,
           metadata_params={nn.PARTITION_NAME: "layers"})
-      x_BxTxD, _ = scanned(block, cfg, self.cross, self.decode, self.deterministic, name="layers")(x_BxTxD, *args)
+      x_BxTxD, _ = scanned(block, cfg, self.cross, self.decode, self.deterministic, self.causal,
+                             name="layers")(x_BxTxD, *args)
       return x_BxTxD
     for i in range(self.num_layers):
-      x_BxTxD = block(cfg, self.cross, self.decode, self.deterministic, name=f"layer_{i}")(x_BxTxD, *args)
+      x_BxTxD = block(cfg, self.cross, self.decode, self.deterministic, self.causal,
+                       name=f"layer_{i}")(x_BxTxD, *args)
     return x_BxTxD
 
 
@@ -353,10 +418,11 @@ class _ScanAdapter(nn.Module):
   cross: bool
   decode: bool
   deterministic: bool
+  causal: bool
 
   @nn.compact
   def __call__(self, x_BxTxD, *args):
-    return self.block(self.cfg, self.cross, self.decode, self.deterministic, name="block")(x_BxTxD, *args), None
+    return self.block(self.cfg, self.cross, self.decode, self.deterministic, self.causal, name="block")(x_BxTxD, *args), None
 
 
 class Embedder(nn.Module):

@@ -64,7 +64,7 @@ class DecoderLM(nn.Module):
     embedder = layers.Embedder(cfg, self.deterministic, name="embedder")
     x_BxTxD = embedder.embed(tokens_BxT, positions_BxT)
     x_BxTxD = layers.Stack(cfg, cfg.num_layers, decode=self.decode, deterministic=self.deterministic,
-                           name="decoder")(x_BxTxD, mask, positions_BxT)
+                           causal=True, name="decoder")(x_BxTxD, mask, positions_BxT)
     if cfg.norm_position == "pre":
       x_BxTxD = layers.Norm(cfg, name="final_norm")(x_BxTxD)
     return embedder.logits(x_BxTxD)
@@ -96,7 +96,7 @@ class EncoderDecoder(nn.Module):
     self.encoder = layers.Stack(cfg, cfg.num_layers, deterministic=self.deterministic)
     self.encoder_norm = _final_norm(cfg)
     self.decoder = layers.Stack(cfg, cfg.num_decoder_layers or cfg.num_layers, cross=True,
-                                decode=self.decoding, deterministic=self.deterministic)
+                                decode=self.decoding, deterministic=self.deterministic, causal=True)
     self.decoder_norm = _final_norm(cfg)
 
   def encode(self, tokens_BxS: Array, segment_ids_BxS: Array | None = None,

@@ -1,4 +1,4 @@
-"""jaxlm.layers.dot_product_attention against jax.nn.dot_product_attention."""
+"""jaxlm.layers.dot_product_attention (and its causal block path) against jax.nn.dot_product_attention."""
 
 import jax
 import jax.numpy as jnp
@@ -38,14 +38,19 @@ def test_dot_product_attention_matches_jax(t, n, k, causal):
   seg = _packed_segments(rng, b, t)
   mask = layers.attention_mask(seg, seg, causal=causal)
   assert not bool(jnp.any(mask[0, 0, -1]))  # a fully masked (padding) row is covered
-  ct = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+  assert bool(jnp.any(mask[0, 0, 0]))
+  # With causal=True a query that sees no key (padding) averages only the values up to its
+  # block's end, so those rows are left out, as the loss leaves them out in training.
+  sees_a_key = jnp.any(mask[:, 0], axis=-1)[:, :, None, None] if causal else True
+  ct = jnp.where(sees_a_key, jnp.asarray(rng.standard_normal(q.shape), jnp.float32), 0.0)
 
   def loss(f, *args):
     return jnp.sum(f(*args) * ct)
 
-  ours = lambda q, kk, v: layers.dot_product_attention(q, kk, v, mask)
+  ours = lambda q, kk, v: layers.dot_product_attention(q, kk, v, mask, causal=causal)
   ref = lambda q, kk, v: jax.nn.dot_product_attention(q, kk, v, mask=mask, implementation="xla")
-  np.testing.assert_allclose(jax.jit(ours)(q, kk, v), ref(q, kk, v), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(jnp.where(sees_a_key, jax.jit(ours)(q, kk, v), 0.0),
+                             jnp.where(sees_a_key, ref(q, kk, v), 0.0), rtol=1e-5, atol=1e-5)
   g_ours = jax.jit(jax.grad(lambda *a: loss(ours, *a), argnums=(0, 1, 2)))(q, kk, v)
   g_ref = jax.grad(lambda *a: loss(ref, *a), argnums=(0, 1, 2))(q, kk, v)
   for a, r in zip(g_ours, g_ref):
@@ -59,3 +64,19 @@ def test_dot_product_attention_arbitrary_mask():
   mask = jnp.asarray(rng.random((b, 1, t, t)) < 0.5)
   np.testing.assert_allclose(layers.dot_product_attention(q, kk, v, mask),
                              jax.nn.dot_product_attention(q, kk, v, mask=mask), rtol=1e-5, atol=1e-5)
+
+
+def test_causal_block_path_skips_keys_after_each_block():
+  """The causal path really takes the block shortcut: it never reads keys above a block's end.
+
+  Poisoning the last key with NaN leaves every earlier block's output finite;
+  the full path (causal=False) multiplies 0 by NaN there and returns NaN.
+  """
+  b, t, n, h = 1, 64, 2, 8
+  q, kk, v, _ = _inputs(1, b, t, t, n, n, h)
+  seg = jnp.ones((b, t), jnp.int32)
+  mask = layers.attention_mask(seg, seg, causal=True)
+  v = v.at[:, -1].set(jnp.nan)
+  block = t // layers._CAUSAL_BLOCKS
+  assert bool(jnp.all(jnp.isfinite(layers.dot_product_attention(q, kk, v, mask, causal=True)[:, :t - block])))
+  assert not bool(jnp.all(jnp.isfinite(layers.dot_product_attention(q, kk, v, mask)[:, :t - block])))
