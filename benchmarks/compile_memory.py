@@ -3,6 +3,7 @@
     python benchmarks/compile_memory.py compile   # first-step compile, scan_layers off and on
     python benchmarks/compile_memory.py cache     # cold vs warm start with train.compilation_cache_dir
     python benchmarks/compile_memory.py memory    # peak bytes and step time for each model.remat_policy
+    python benchmarks/compile_memory.py speed     # step time per policy, alternating in one process
     python benchmarks/compile_memory.py all [--batch 1] [--steps 2] [--json out.json]
 
 Every case runs in a fresh Python process, so no in-memory cache carries over
@@ -41,8 +42,8 @@ def gpt2_small(batch: int, scan_layers: bool, remat_policy: str, cache_dir: str 
   return c
 
 
-def run_case(case: dict) -> dict:
-  """One measurement, in this process: build, compile, run `steps` steps."""
+def compile_case(case: dict):
+  """Builds and compiles the step of one case in this process: (compiled, state, batch, rng, result)."""
   import jax
   import numpy as np
   from jaxlm import sharding, train
@@ -73,6 +74,12 @@ def run_case(case: dict) -> dict:
   # Peak live bytes: inputs + scratch + outputs that do not reuse a donated input.
   result["peak_bytes"] = (memory.argument_size_in_bytes + memory.temp_size_in_bytes
                           + memory.output_size_in_bytes - memory.alias_size_in_bytes)
+  return compiled, state, batch, rng, result
+
+
+def run_case(case: dict) -> dict:
+  """One measurement, in this process: build, compile, run `steps` steps."""
+  compiled, state, batch, rng, result = compile_case(case)
   times = []
   for _ in range(case["steps"]):
     start = time.perf_counter()
@@ -81,6 +88,27 @@ def run_case(case: dict) -> dict:
     times.append(time.perf_counter() - start)
   result["step_s"] = sorted(times)[len(times) // 2] if times else None
   return result
+
+
+def remat_speed(batch: int, rounds: int) -> dict:
+  """Step time of every remat policy, compiled in one process and run in alternating rounds.
+
+  Separate processes run minutes apart, so load from other jobs shifts them
+  by more than the policies differ; alternating isolates the policy's cost.
+  """
+  steps = {policy: list(compile_case({"batch": batch, "scan_layers": True, "remat_policy": policy})[:4])
+           for policy in POLICIES}
+  times = {policy: [] for policy in POLICIES}
+  for r in range(rounds + 1):  # round 0 warms up and is not counted
+    for policy in (POLICIES if r % 2 else POLICIES[::-1]):
+      compiled, state, batch_arrays, rng = steps[policy]
+      start = time.perf_counter()
+      state, metrics = compiled(state, batch_arrays, rng)
+      float(metrics["loss"])
+      steps[policy][1] = state
+      if r:
+        times[policy].append(time.perf_counter() - start)
+  return {policy: sorted(t)[len(t) // 2] for policy, t in times.items()}
 
 
 def spawn(case: dict) -> dict:
@@ -92,9 +120,10 @@ def spawn(case: dict) -> dict:
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("what", nargs="?", default="all", choices=("compile", "cache", "memory", "all"))
+  p.add_argument("what", nargs="?", default="all", choices=("compile", "cache", "memory", "speed", "all"))
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--steps", type=int, default=2, help="timed steps per memory case")
+  p.add_argument("--rounds", type=int, default=3, help="alternating rounds of the speed case")
   p.add_argument("--json", default="")
   p.add_argument("--case", default="", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
@@ -127,6 +156,11 @@ def main(argv=None):
       results[f"memory_{policy}"] = r
       print(f"  {policy:14s} {r['peak_bytes'] / 2**20:9.0f} {r['temp_bytes'] / 2**20:9.0f} "
             f"{r['argument_bytes'] / 2**20:9.0f} {r['step_s']:7.2f}", flush=True)
+  if args.what in ("speed", "all"):
+    print(f"step time per remat policy, one process, {args.rounds} alternating rounds (median), batch {args.batch}:")
+    results["speed"] = remat_speed(args.batch, args.rounds)
+    for policy, seconds in results["speed"].items():
+      print(f"  {policy:14s} {seconds:6.2f} s  {seconds / results['speed']['none']:5.2f}x the time of none", flush=True)
   if args.json:
     Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -7,8 +7,8 @@ with global-norm clipping at a constant learning rate (as the peer has no schedu
 Command:   python benchmarks/train_speed.py      (see BENCHMARKS.md)
 Hardware:  any; the figures in BENCHMARKS.md are from a 2-core x86-64 CPU.
 Time:      about 5 minutes for `train_speed.py --rounds 5 --steps 2` on 2 cores (compiles included).
-Expected:  on a quiet 2-core CPU, about 1.9 s/step = 2,160 tokens/s = 48% MFU for jaxlm, ratio 0.72 to
-           the PyTorch peer (2026-11-28). Random tokens, so the loss is not a metric here.
+Expected:  on a quiet 2-core CPU, about 1.78 s/step = 2,300 tokens/s = 50% MFU for jaxlm, ratio 0.82 to
+           the PyTorch peer (2026-11-28, 21:11 UTC). Random tokens, so the loss is not a metric here.
 """
 
 from jaxlm.config import base_config
