@@ -20,7 +20,8 @@ STYLES = {
 
 def init(cfg, tokens):
   module = model_lib.build(cfg)
-  return module, module.init(jax.random.key(0), tokens)
+  # jit: tracing once takes seconds where op-by-op dispatch took tens of seconds per test.
+  return module, jax.jit(module.init)(jax.random.key(0), tokens)
 
 
 def logits_with_embedding_delta(module, variables, tokens, delta_BxTxD):
@@ -41,7 +42,7 @@ def test_causal_through_gradients(style):
   module, variables = init(cfg, tokens)
   position = 9
   loss = lambda delta: logits_with_embedding_delta(module, variables, tokens, delta)[0, position].sum()
-  grads_BxTxD = jax.grad(loss)(jnp.zeros((1, 16, cfg.d_model)))
+  grads_BxTxD = jax.jit(jax.grad(loss))(jnp.zeros((1, 16, cfg.d_model)))
   per_position = np.abs(np.asarray(grads_BxTxD)).sum(axis=(0, 2))
   assert np.all(per_position[position + 1:] == 0)
   assert np.all(per_position[:position + 1] > 0)
@@ -57,9 +58,10 @@ def test_packed_equals_unpacked(style):
   segments = np.array([[1] * 11 + [2] * 7 + [0] * 6])
   positions = np.array([list(range(11)) + list(range(7)) + [0] * 6])
   module, variables = init(cfg, jnp.asarray(packed))
-  logits_packed = module.apply(variables, jnp.asarray(packed), jnp.asarray(segments), jnp.asarray(positions))
-  logits_a = module.apply(variables, jnp.asarray(doc_a[None]))
-  logits_b = module.apply(variables, jnp.asarray(doc_b[None]))
+  apply = jax.jit(module.apply)
+  logits_packed = apply(variables, jnp.asarray(packed), jnp.asarray(segments), jnp.asarray(positions))
+  logits_a = apply(variables, jnp.asarray(doc_a[None]))
+  logits_b = apply(variables, jnp.asarray(doc_b[None]))
   np.testing.assert_allclose(logits_packed[0, :11], logits_a[0], atol=1e-5)
   np.testing.assert_allclose(logits_packed[0, 11:18], logits_b[0], atol=1e-5)
 
@@ -69,8 +71,9 @@ def test_padding_is_never_attended():
   tokens = jnp.asarray(np.random.default_rng(1).integers(4, 260, (1, 12)))
   segments = jnp.asarray([[1] * 8 + [0] * 4])
   module, variables = init(cfg, tokens)
-  base = module.apply(variables, tokens, segments)
-  changed = module.apply(variables, tokens.at[0, 9].set(5), segments)
+  apply = jax.jit(module.apply)
+  base = apply(variables, tokens, segments)
+  changed = apply(variables, tokens.at[0, 9].set(5), segments)
   np.testing.assert_array_equal(base[0, :8], changed[0, :8])
 
 
@@ -83,8 +86,8 @@ def test_scan_matches_unrolled():
   params = nn.meta.unbox(variables["params"])
   layers_stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[params["decoder"][f"layer_{i}"] for i in range(2)])
   scan_params = {**params, "decoder": {"layers": {"block": layers_stacked}}}
-  np.testing.assert_allclose(module.apply(variables, tokens), module_scan.apply({"params": scan_params}, tokens),
-                             atol=1e-5)
+  np.testing.assert_allclose(jax.jit(module.apply)(variables, tokens),
+                             jax.jit(module_scan.apply)({"params": scan_params}, tokens), atol=1e-5)
 
 
 def test_rope_is_half_split():
@@ -111,4 +114,4 @@ def test_bfloat16_compute_keeps_float32_params():
   tokens = jnp.ones((1, 8), jnp.int32)
   module, variables = init(cfg, tokens)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))
-  assert module.apply(variables, tokens).dtype == jnp.bfloat16
+  assert jax.jit(module.apply)(variables, tokens).dtype == jnp.bfloat16
