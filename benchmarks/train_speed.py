@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import torch_peer  # noqa: E402
-from jaxlm import config as config_lib, metrics, sharding, train  # noqa: E402
+from jaxlm import config as config_lib, cpu_kernels, metrics, sharding, train  # noqa: E402
 
 
 def reference_config(overrides: list[str]):
@@ -92,7 +92,10 @@ def main(argv=None) -> dict:
   p.add_argument("--steps", type=int, default=5, help="timed steps per framework per round")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps per framework before round 1")
   p.add_argument("--json", default="", help="also write the results here")
+  p.add_argument("--default-malloc", action="store_true",
+                 help="skip cpu_kernels.retain_freed_memory(), which `jaxlm train` calls (it applies to both sides)")
   args, overrides = p.parse_known_args(argv)
+  retained = False if args.default_malloc else cpu_kernels.retain_freed_memory()
   config = reference_config(overrides)
   peer_c = peer_config(config)
   tokens_per_step = config.train.global_batch_size * config.data.seq_len
@@ -132,7 +135,7 @@ def main(argv=None) -> dict:
   result = {"date": time.strftime("%Y-%m-%d"), "cpu_count": os.cpu_count(), "backend": jax.default_backend(),
             "jax_version": jax.__version__, "torch_version": torch_peer.torch.__version__,
             "rounds": args.rounds, "steps_per_round": args.steps, "tokens_per_step": tokens_per_step,
-            "flops_per_token": flops_per_token, "jaxlm_compile_s": compile_s,
+            "flops_per_token": flops_per_token, "jaxlm_compile_s": compile_s, "retain_freed_memory": retained,
             "first_step_loss": first_losses, "peak_flops": median("peak_flops"), "ratio": median("ratio")}
   for name in ("jaxlm", "torch"):
     tok_s = [tokens_per_step / row[f"{name}_step_s"] for row in rounds]
@@ -140,7 +143,8 @@ def main(argv=None) -> dict:
     result[name] = {"tokens_per_s": statistics.median(tok_s), "mfu": statistics.median(mfu),
                     "step_ms": 1e3 * median(f"{name}_step_s")}
   print(f"\nreference config, {result['cpu_count']} CPUs, jax {result['jax_version']}, torch {result['torch_version']}, "
-        f"medians of {args.rounds} rounds x {args.steps} steps; matmul peak {result['peak_flops'] / 1e9:.0f} GFLOP/s")
+        f"medians of {args.rounds} rounds x {args.steps} steps; matmul peak {result['peak_flops'] / 1e9:.0f} GFLOP/s; "
+        f"retain_freed_memory {retained}")
   for name in ("jaxlm", "torch"):
     r = result[name]
     print(f"  {name:6s} {r['tokens_per_s']:8,.0f} tok/s  {r['step_ms']:7.1f} ms/step  MFU {r['mfu']:.1%}  "

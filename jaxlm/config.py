@@ -73,6 +73,7 @@ def base_config() -> ConfigDict:
   c.model.scan_layers = False
   c.model.remat_policy = "none"     # none | full | dots | dots_no_batch
   c.model.attention_impl = "xla"    # xla | cudnn (GPU only)
+  c.model.cpu_kernels = True        # CPU backend, float32: fused attention and norm kernels (jaxlm/cpu_kernels.py)
 
   c.data = ConfigDict()
   c.data.source = "stdlib"          # stdlib | files

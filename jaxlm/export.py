@@ -46,7 +46,9 @@ def unflatten(flat: dict) -> dict:
 
 def export_run(run, out, batch_size: int = 1, max_prompt_len: int = 0) -> Path:
   """Exports `run` (a `decode.Run`, params float or int8) to the directory `out`."""
-  cfg = run.config.model
+  # jax.export accepts no custom calls, and the artifact must also run off CPU: XLA code only.
+  cfg = run.config.model.copy_and_resolve_references()
+  cfg.cpu_kernels = False
   prompt_len = decode.round_up(max_prompt_len or max(cfg.max_len // 2, 1), decode.PROMPT_BUCKET)
   cache_len = (1 if cfg.family == "encoder_decoder" else prompt_len) + cfg.max_len
   generator = decode.Generator(cfg, run.params, cache_len, start_id=run.tokenizer.bos_id)
@@ -57,9 +59,9 @@ def export_run(run, out, batch_size: int = 1, max_prompt_len: int = 0) -> Path:
   prompt = {"tokens_BxP": jax.ShapeDtypeStruct((batch_size, prompt_len), jnp.int32),
             "lengths_B": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
   sampling = spec(decode.Sampling().arrays(batch_size))
-  tokens_B, state = jax.eval_shape(prefill, params, prompt, sampling)
   out = Path(out)
   out.mkdir(parents=True, exist_ok=True)
+  tokens_B, state = jax.eval_shape(prefill, params, prompt, sampling)
   (out / "prefill.bin").write_bytes(jax.export.export(prefill)(params, prompt, sampling).serialize())
   (out / "step.bin").write_bytes(jax.export.export(step)(
       params, state, tokens_B, sampling, jax.ShapeDtypeStruct((), jnp.int32)).serialize())

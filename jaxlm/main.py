@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxlm import commands
+from jaxlm import commands, cpu_kernels
 
 
 def parser() -> argparse.ArgumentParser:
@@ -76,6 +76,7 @@ def _deployment_parsers(sub):
 
 
 def main(argv: list[str] | None = None) -> int:
+  cpu_kernels.retain_freed_memory()
   args, rest = parser().parse_known_args(argv)
   overrides = [a for a in rest if a.startswith("--config.")]
   unknown = [a for a in rest if not a.startswith("--config.")]

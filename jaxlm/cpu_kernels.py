@@ -1,0 +1,214 @@
+"""Float32 attention and norm kernels for XLA:CPU (`csrc/`), built on first use and called via `jax.ffi`.
+
+XLA:CPU runs attention as separate batched matmuls and elementwise passes over
+the T x S scores, and splits each LayerNorm into several fusions with
+reductions sent to YNNPACK. `attention` fuses the former per (batch, head) and
+skips the key tiles that causal attention never reads; `norm` does a norm's
+forward or backward in one pass over each block of rows. Measurements are in
+BENCHMARKS.md, "Fourth pass".
+
+The library is compiled once per machine with the system C++ compiler
+(`$CXX`, else g++ or c++) and `-march=native`, into
+`$JAXLM_CACHE_DIR` (default `~/.cache/jaxlm`), named by a hash of the source,
+the compiler, jaxlib's version and the CPU's instruction set, so hosts that
+share a home directory never load each other's builds. Without a compiler, or
+if the build fails, `layers.py` uses its XLA code with one warning. The
+model config's `model.cpu_kernels = False` turns them off; `jaxlm export`
+does so, since `jax.export` accepts no custom calls and its artifacts must
+run anywhere.
+
+`retain_freed_memory()` is the one process-wide setting: see its docstring.
+
+Multi-device CPU meshes work, but a custom call is not partitioned: XLA
+gathers its operands and every device computes all of it. CPU meshes are for
+tests; accelerators never use these kernels.
+"""
+
+import ctypes
+import functools
+import hashlib
+import importlib.util
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+
+_SOURCES = sorted((Path(__file__).with_name("csrc")).glob("*.cc"))
+_HEADERS = sorted((Path(__file__).with_name("csrc")).glob("*.h"))
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC"]
+
+
+def _cpu_signature() -> str:
+  """The CPU's feature flags: a build for one instruction set must not load on another."""
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith(("flags", "Features")):
+        return line
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def _compiler() -> str | None:
+  return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+
+
+def _build(compiler: str) -> Path:
+  sources = [path.read_bytes() for path in _SOURCES + _HEADERS]
+  key = hashlib.sha256(b"\0".join([*sources, compiler.encode(), " ".join(_FLAGS).encode(),
+                                   jaxlib.__version__.encode(), _cpu_signature().encode()])).hexdigest()[:16]
+  cache = Path(os.environ.get("JAXLM_CACHE_DIR", Path.home() / ".cache" / "jaxlm"))
+  library = cache / f"kernels-{key}.so"
+  if library.exists():
+    return library
+  cache.mkdir(parents=True, exist_ok=True)
+  # Build beside the target and rename: concurrent processes never load a half-written file.
+  with tempfile.TemporaryDirectory(dir=cache) as tmp:
+    partial = Path(tmp) / library.name
+    command = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, _SOURCES), "-o", str(partial)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+      errors = [line for line in result.stderr.splitlines() if "error" in line] or result.stderr.splitlines()[-1:]
+      raise RuntimeError(f"{' '.join(command)} failed: {errors[0] if errors else 'no output'}")
+    os.replace(partial, library)
+  return library
+
+
+def retain_freed_memory() -> bool:
+  """On a CPU-only JAX install with glibc, keeps freed heap memory in the process; True if it did.
+
+  XLA:CPU allocates every step's temporaries as one block (650 MB at the
+  reference config) and frees it after the step. glibc maps such a block
+  fresh from the kernel each time, so each step first-touched ~180,000 pages
+  (about 7% of the reference step; BENCHMARKS.md, "Fourth pass"). With one
+  arena, no mmap and no trimming, the block comes from the heap and its pages
+  stay mapped. The price: the process keeps its peak heap until it exits.
+  `jaxlm` commands call this before JAX starts its threads (an arena is
+  chosen per thread, at its first allocation); in your own program, call it
+  first. Hosts with an accelerator plugin are left alone, since their host
+  memory is mostly data-loading buffers, read by many threads at once.
+  """
+  if importlib.util.find_spec("jax_plugins") or importlib.util.find_spec("libtpu"):
+    return False
+  try:
+    mallopt = ctypes.CDLL("libc.so.6").mallopt
+  except (OSError, AttributeError):  # not glibc
+    return False
+  # mallopt's parameters from glibc's malloc.h: M_ARENA_MAX, M_MMAP_MAX, M_TRIM_THRESHOLD.
+  return all(mallopt(param, value) == 1 for param, value in ((-8, 1), (-4, 0), (-1, 2**31 - 1)))
+
+
+@functools.cache
+def available() -> bool:
+  """Builds (or finds) and registers the kernel; False, with one warning, where that is impossible."""
+  compiler = _compiler()
+  if compiler is None:
+    warnings.warn("jaxlm: no C++ compiler (set CXX or install g++); CPU attention and norms use slower XLA code",
+                  stacklevel=2)
+    return False
+  try:
+    library = ctypes.cdll.LoadLibrary(str(_build(compiler)))
+  except (OSError, RuntimeError) as error:
+    warnings.warn(f"jaxlm: CPU kernels unavailable, using slower XLA code: {error}", stacklevel=2)
+    return False
+  for target, symbol in _TARGETS.items():
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+  return True
+
+
+_TARGETS = {"jaxlm_attention_forward": "JaxlmAttentionForward", "jaxlm_attention_backward": "JaxlmAttentionBackward",
+            "jaxlm_norm_forward": "JaxlmNormForward", "jaxlm_norm_backward": "JaxlmNormBackward",
+            "jaxlm_bias_gelu_forward": "JaxlmBiasGeluForward", "jaxlm_bias_gelu_backward": "JaxlmBiasGeluBackward"}
+
+
+def usable(*arrays: jax.Array) -> bool:
+  """True where the kernels apply: CPU backend, float32, and built (callers check `model.cpu_kernels`)."""
+  return (jax.default_backend() == "cpu"
+          and all(a.dtype == jnp.float32 for a in arrays)
+          and available())
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array, mask_BxTxS: jax.Array,
+              causal: bool) -> jax.Array:
+  """softmax(q k^T / sqrt(H), masked) v in jaxlm's layouts; `causal` as in `layers.dot_product_attention`."""
+  return _forward(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, causal)[0]
+
+
+def _ffi_call(target, result_shapes):
+  if not available():
+    raise RuntimeError("jaxlm: the CPU kernels are not built (see the warning above); "
+                       "check cpu_kernels.usable() before calling them, as layers.py does")
+  return jax.ffi.ffi_call(target, result_shapes, vmap_method="sequential")
+
+
+def _forward(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, causal):
+  b, t, n, _ = q_BxTxNxH.shape
+  out_BxTxNxH, lse_BxNxT = _ffi_call(
+      "jaxlm_attention_forward",
+      (jax.ShapeDtypeStruct(q_BxTxNxH.shape, jnp.float32), jax.ShapeDtypeStruct((b, n, t), jnp.float32)))(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, causal=causal)
+  return out_BxTxNxH, (q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, out_BxTxNxH, lse_BxNxT)
+
+
+def _backward(causal, residuals, d_out_BxTxNxH):
+  q, k, v, mask, _, _ = residuals
+  d_q, d_k, d_v = _ffi_call("jaxlm_attention_backward",
+                            tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v)))(*residuals, d_out_BxTxNxH, causal=causal)
+  return d_q, d_k, d_v, None
+
+
+attention.defvjp(_forward, _backward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def norm(x_MxD: jax.Array, scale_D: jax.Array, bias_D: jax.Array, rms: bool, eps: float) -> jax.Array:
+  """LayerNorm (x - mean) * rstd * scale + bias over the last axis; RMSNorm (`rms`) skips the centering."""
+  return _norm_forward(x_MxD, scale_D, bias_D, rms, eps)[0]
+
+
+def _norm_forward(x_MxD, scale_D, bias_D, rms, eps):
+  m = x_MxD.shape[0]
+  row = jax.ShapeDtypeStruct((m,), jnp.float32)
+  y_MxD, mean_M, rstd_M = _ffi_call("jaxlm_norm_forward", (jax.ShapeDtypeStruct(x_MxD.shape, jnp.float32), row, row))(
+      x_MxD, scale_D, bias_D, rms=rms, eps=np.float32(eps))
+  return y_MxD, (x_MxD, scale_D, mean_M, rstd_M)
+
+
+def _norm_backward(rms, eps, residuals, d_y_MxD):
+  x_MxD, scale_D = residuals[:2]
+  d_x, d_scale, d_bias = _ffi_call("jaxlm_norm_backward", (jax.ShapeDtypeStruct(x_MxD.shape, jnp.float32),
+                                                           *[jax.ShapeDtypeStruct(scale_D.shape, jnp.float32)] * 2))(
+      *residuals, d_y_MxD, rms=rms)
+  return d_x, d_scale, d_bias
+
+
+norm.defvjp(_norm_forward, _norm_backward)
+
+
+@jax.custom_vjp
+def bias_gelu(x_MxF: jax.Array, bias_F: jax.Array) -> jax.Array:
+  """gelu(x + bias) with GELU's tanh approximation, as `nn.gelu(approximate=True)`."""
+  return _bias_gelu_forward(x_MxF, bias_F)[0]
+
+
+def _bias_gelu_forward(x_MxF, bias_F):
+  y_MxF = _ffi_call("jaxlm_bias_gelu_forward", jax.ShapeDtypeStruct(x_MxF.shape, jnp.float32))(x_MxF, bias_F)
+  return y_MxF, (x_MxF, bias_F)
+
+
+def _bias_gelu_backward(residuals, d_y_MxF):
+  x_MxF, bias_F = residuals
+  return tuple(_ffi_call("jaxlm_bias_gelu_backward", (jax.ShapeDtypeStruct(x_MxF.shape, jnp.float32),
+                                                      jax.ShapeDtypeStruct(bias_F.shape, jnp.float32)))(
+      x_MxF, bias_F, d_y_MxF))
+
+
+bias_gelu.defvjp(_bias_gelu_forward, _bias_gelu_backward)

@@ -1,0 +1,169 @@
+"""jaxlm.cpu_kernels: the CPU attention and norm kernels equal the XLA code they replace.
+
+The attention kernel is also checked against jax.nn in test_layers.py, which
+runs every attention test on both paths.
+"""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxlm import cpu_kernels, layers, model as model_lib
+
+from conftest import REPO, tiny_config
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler: the CPU kernels are not built")
+
+
+def _both_paths(make_fn, *args):
+  """make_fn(use_kernels)'s value with the kernels, then without; asserts each took the path it claims."""
+  results = []
+  for use_kernels in (True, False):
+    fn = make_fn(use_kernels)
+    assert ("jaxlm_" in str(jax.make_jaxpr(fn)(*args))) == use_kernels
+    results.append(jax.jit(fn)(*args))
+  return results
+
+
+@pytest.mark.parametrize("norm,use_bias", [("layernorm", True), ("layernorm", False), ("rmsnorm", False)])
+def test_norm_matches_xla(norm, use_bias):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((3, 5, 40)) * 3 + 1, jnp.float32)  # 40: whole vectors plus a tail
+  cotangent = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+
+  def make_fn(use_kernels):
+    module = layers.Norm(tiny_config(norm=norm, use_bias=use_bias, d_model=40, cpu_kernels=use_kernels).model)
+
+    def value_and_grads(params, x):
+      y, vjp = jax.vjp(lambda p, x: module.apply({"params": p}, x), params, x)
+      return y, vjp(cotangent)
+    return value_and_grads
+
+  params = jax.tree.map(lambda p: p + jnp.asarray(rng.standard_normal(p.shape), p.dtype),
+                        layers.Norm(tiny_config(norm=norm, use_bias=use_bias, d_model=40).model).init(
+                            jax.random.key(0), x)["params"])
+  (y_kernel, g_kernel), (y_xla, g_xla) = _both_paths(make_fn, params, x)
+  np.testing.assert_allclose(y_kernel, y_xla, rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(g_kernel), jax.tree.leaves(g_xla)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_bias_gelu_mlp_matches_xla():
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.standard_normal((2, 7, 32)), jnp.float32)
+  cotangent = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+
+  def make_fn(use_kernels):
+    module = layers.Mlp(tiny_config(mlp="gelu", mlp_dim=40, cpu_kernels=use_kernels).model)
+
+    def value_and_grads(params, x):
+      y, vjp = jax.vjp(lambda p, x: module.apply({"params": p}, x), params, x)
+      return y, vjp(cotangent)
+    return value_and_grads
+
+  params = jax.tree.map(lambda p: p + 0.1 * jnp.asarray(rng.standard_normal(p.shape), p.dtype),
+                        layers.Mlp(tiny_config(mlp_dim=40).model).init(jax.random.key(0), x)["params"])
+  (y_kernel, g_kernel), (y_xla, g_xla) = _both_paths(make_fn, params, x)
+  np.testing.assert_allclose(y_kernel, y_xla, rtol=1e-5, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(g_kernel), jax.tree.leaves(g_xla)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("style", [{}, dict(norm="rmsnorm", position="rope", mlp="swiglu", use_bias=False,
+                                            num_kv_heads=2)])
+def test_model_on_a_mesh_matches_xla(style):
+  """Batch sharded over 8 CPU devices: XLA gathers the custom calls' operands, and the result is the same."""
+  rng = np.random.default_rng(1)
+  tokens = jnp.asarray(rng.integers(4, 260, (8, 32)))
+  segments = jnp.asarray(np.repeat([[1] * 20 + [2] * 8 + [0] * 4], 8, axis=0))
+  positions = jnp.asarray(np.repeat([list(range(20)) + list(range(8)) + [0] * 4], 8, axis=0))
+  params = jax.jit(model_lib.build(tiny_config(**style).model).init)(jax.random.key(0), tokens)["params"]
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  batch = [jax.device_put(a, NamedSharding(mesh, PartitionSpec("data"))) for a in (tokens, segments, positions)]
+
+  def make_fn(use_kernels):
+    module = model_lib.build(tiny_config(**style, cpu_kernels=use_kernels).model)
+
+    def loss(params, tokens, segments, positions):
+      log_probs = jax.nn.log_softmax(module.apply({"params": params}, tokens, segments, positions))
+      picked = jnp.take_along_axis(log_probs[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0]
+      return -jnp.mean(picked * (segments[:, 1:] > 0))
+    return jax.value_and_grad(loss)
+
+  (loss_kernel, g_kernel), (loss_xla, g_xla) = _both_paths(make_fn, params, *batch)
+  np.testing.assert_allclose(loss_kernel, loss_xla, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g_kernel), jax.tree.leaves(g_xla)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_attention_under_vmap():
+  rng = np.random.default_rng(2)
+  q, k, v = (jnp.asarray(rng.standard_normal((2, 3, 16, 2, 8)), jnp.float32) for _ in range(3))
+  seg = jnp.ones((3, 16), jnp.int32)
+  mask = layers.attention_mask(seg, seg, causal=True)[:, 0]
+  attend = lambda q, k, v: cpu_kernels.attention(q, k, v, mask, True)
+  batched = jax.jit(jax.vmap(attend))(q, k, v)
+  for i in range(2):
+    np.testing.assert_allclose(batched[i], jax.nn.dot_product_attention(q[i], k[i], v[i], mask=mask[:, None]),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_build_goes_to_the_cache_once(tmp_path, monkeypatch):
+  monkeypatch.setenv("JAXLM_CACHE_DIR", str(tmp_path))
+  compiler = cpu_kernels._compiler()
+  library = cpu_kernels._build(compiler)
+  assert library.parent == tmp_path and library.name.startswith("kernels-") and library.suffix == ".so"
+  built_at = library.stat().st_mtime_ns
+  assert cpu_kernels._build(compiler) == library and library.stat().st_mtime_ns == built_at
+  assert list(tmp_path.iterdir()) == [library]  # no temporary directory left behind
+
+
+def test_without_a_compiler_falls_back_with_one_warning(tmp_path):
+  code = ("import jax.numpy as jnp; from jaxlm import cpu_kernels, layers\n"
+          "seg = jnp.ones((1, 8), jnp.int32); x = jnp.ones((1, 8, 2, 4))\n"
+          "out = layers.dot_product_attention(x, x, x, layers.attention_mask(seg, seg, True), causal=True)\n"
+          "print(cpu_kernels.usable(x), bool(jnp.all(out == 1)))\n")
+  env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), JAXLM_CACHE_DIR=str(tmp_path / "cache"))
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO,
+                          timeout=120)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.split() == ["False", "True"]
+  assert result.stderr.count("jaxlm: CPU kernels unavailable, using slower XLA code") == 1
+  assert not list((tmp_path / "cache").glob("*.so"))
+
+
+def test_calling_an_unbuilt_kernel_says_so(monkeypatch):
+  monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+  with pytest.raises(RuntimeError, match="CPU kernels are not built"):
+    cpu_kernels.norm(jnp.ones((2, 4)), jnp.ones(4), jnp.zeros(4), False, 1e-5)
+
+
+def test_retain_freed_memory_stops_refaulting_large_blocks():
+  """A freed 200 MB block comes back without page faults after retain_freed_memory(), and not before."""
+  # Plain malloc + memset, as XLA's allocator does (numpy asks for huge pages, which hides the effect).
+  code = ("import ctypes, resource, sys\n"
+          "from jaxlm import cpu_kernels\n"
+          "applied = cpu_kernels.retain_freed_memory() if sys.argv[1] == 'on' else False\n"
+          "libc = ctypes.CDLL('libc.so.6'); libc.malloc.restype = ctypes.c_void_p\n"
+          "faults = []\n"
+          "for _ in range(2):\n"
+          "  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+          "  block = libc.malloc(200_000_000); ctypes.memset(block, 1, 200_000_000)\n"
+          "  libc.free(ctypes.c_void_p(block))\n"
+          "  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
+          "print(applied, faults[0], faults[1])\n")
+  results = {}
+  for mode in ("on", "off"):
+    out = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    applied, first, second = out.stdout.split()
+    results[mode] = (applied, int(first), int(second))
+  assert results["on"][0] == "True" and results["off"][0] == "False"
+  assert results["off"][2] > 40_000  # 200 MB of 4 kB pages, faulted again
+  assert results["on"][2] < results["on"][1] / 10
