@@ -125,6 +125,8 @@ def available() -> bool:
 
 
 _TARGETS = {"jaxlm_attention_forward": "JaxlmAttentionForward", "jaxlm_attention_backward": "JaxlmAttentionBackward",
+            "jaxlm_packed_attention_forward": "JaxlmPackedAttentionForward",
+            "jaxlm_packed_attention_backward": "JaxlmPackedAttentionBackward",
             "jaxlm_norm_forward": "JaxlmNormForward", "jaxlm_norm_backward": "JaxlmNormBackward",
             "jaxlm_bias_gelu_forward": "JaxlmBiasGeluForward", "jaxlm_bias_gelu_backward": "JaxlmBiasGeluBackward"}
 
@@ -167,6 +169,34 @@ def _backward(causal, residuals, d_out_BxTxNxH):
 
 attention.defvjp(_forward, _backward)
 
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def self_attention(qkv_BxTxCxH: jax.Array, mask_BxTxT: jax.Array, causal: bool, num_heads: int) -> jax.Array:
+  """`attention` on the fused projection's output: qkv holds N query heads, then K key and K value heads.
+
+  Reading the three from one array saves splitting it, and the backward pass
+  returns d_qkv in the same layout, which saves concatenating the gradients.
+  """
+  return _self_attention_forward(qkv_BxTxCxH, mask_BxTxT, causal, num_heads)[0]
+
+
+def _self_attention_forward(qkv_BxTxCxH, mask_BxTxT, causal, num_heads):
+  b, t, _, h = qkv_BxTxCxH.shape
+  out_BxTxNxH, lse_BxNxT = _ffi_call(
+      "jaxlm_packed_attention_forward",
+      (jax.ShapeDtypeStruct((b, t, num_heads, h), jnp.float32), jax.ShapeDtypeStruct((b, num_heads, t), jnp.float32)))(
+      qkv_BxTxCxH, mask_BxTxT, causal=causal, num_heads=np.int64(num_heads))
+  return out_BxTxNxH, (qkv_BxTxCxH, mask_BxTxT, out_BxTxNxH, lse_BxNxT)
+
+
+def _self_attention_backward(causal, num_heads, residuals, d_out_BxTxNxH):
+  qkv_BxTxCxH, mask_BxTxT = residuals[:2]
+  d_qkv = _ffi_call("jaxlm_packed_attention_backward", jax.ShapeDtypeStruct(qkv_BxTxCxH.shape, jnp.float32))(
+      *residuals, d_out_BxTxNxH, causal=causal, num_heads=np.int64(num_heads))
+  return d_qkv, None
+
+
+self_attention.defvjp(_self_attention_forward, _self_attention_backward)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def norm(x_MxD: jax.Array, scale_D: jax.Array, bias_D: jax.Array, rms: bool, eps: float) -> jax.Array:

@@ -72,15 +72,17 @@ class DenseParams(nn.Module):
 _SEPARATE_BELOW_ROWS = 64
 
 
-def fused_projection(x_BxTxI: Array, projections: list[tuple[Array, Array | None]], dtype) -> list[Array]:
+def fused_projection(x_BxTxI: Array, projections: list[tuple[Array, Array | None]], dtype,
+                     split: bool = True) -> list[Array] | Array:
   """x @ [W1 | W2 | ...] + [b1 | b2 | ...] as one 2-D matmul, split back into one output per kernel.
 
   Kernels are (I, *features) with the same input size; outputs are (B, T, *features).
   One wide matmul (and one of each in the backward pass) runs well above three
-  narrow ones on CPU; see BENCHMARKS.md.
+  narrow ones on CPU; see BENCHMARKS.md. `split=False` returns the (B, T, C)
+  product unsplit, for a consumer that reads the parts in place.
   """
   b, t, i = x_BxTxI.shape
-  if b * t <= _SEPARATE_BELOW_ROWS:
+  if split and b * t <= _SEPARATE_BELOW_ROWS:
     # Decoding: with a few rows the matmuls are bound by reading the weights, and the
     # concatenation would copy every kernel once more per token.
     x_MxI = x_BxTxI.reshape(b * t, i).astype(dtype)
@@ -96,6 +98,8 @@ def fused_projection(x_BxTxI: Array, projections: list[tuple[Array, Array | None
   y_MxC = x_BxTxI.reshape(b * t, i).astype(dtype) @ kernel_IxC
   if all(bias is not None for _, bias in projections):
     y_MxC = y_MxC + jnp.concatenate([bias.reshape(-1) for _, bias in projections]).astype(dtype)
+  if not split:
+    return y_MxC.reshape(b, t, -1)
   splits = jnp.split(y_MxC, list(itertools.accumulate(widths))[:-1], axis=1)
   return [y.reshape(b, t, *k.shape[1:]) for y, (k, _) in zip(splits, projections)]
 
@@ -286,6 +290,15 @@ class Attention(nn.Module):
     query = DenseParams((d,), (num_heads, hd), ("embed", "heads", "head_dim"), cfg, name="query")()
     key = DenseParams((kv_in.shape[-1],), (num_kv, hd), ("embed", "kv_heads", "head_dim"), cfg, name="key")()
     value = DenseParams((kv_in.shape[-1],), (num_kv, hd), ("embed", "kv_heads", "head_dim"), cfg, name="value")()
+    b, t = x_BxTxD.shape[:2]
+    if (not is_cross and not self.decode and cfg.position != "rope" and cfg.attention_impl == "xla"
+        and cfg.get("cpu_kernels", True) and cpu_kernels.usable(x_BxTxD)):
+      # The CPU kernel reads q, k and v in place from the fused projection (cpu_kernels.self_attention).
+      qkv_BxTxC = fused_projection(x_BxTxD, [query, key, value], dtype, split=False)
+      mask_BxTxT = jnp.broadcast_to(mask_Bx1xTxS, (b, 1, t, t))[:, 0].astype(bool)
+      out_BxTxNxH = cpu_kernels.self_attention(qkv_BxTxC.reshape(b, t, num_heads + 2 * num_kv, hd), mask_BxTxT,
+                                               self.causal, num_heads)
+      return self._output(out_BxTxNxH)
     if is_cross:
       (q_BxTxNxH,) = fused_projection(x_BxTxD, [query], dtype)
       k_BxSxKxH, v_BxSxKxH = fused_projection(kv_in, [key, value], dtype)
@@ -304,7 +317,11 @@ class Attention(nn.Module):
     else:
       out_BxTxNxH = jax.nn.dot_product_attention(
           q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS, implementation=cfg.attention_impl)
-    b, t = out_BxTxNxH.shape[:2]
+    return self._output(out_BxTxNxH)
+
+  def _output(self, out_BxTxNxH: Array) -> Array:
+    cfg = self.cfg
+    (b, t, num_heads, hd), dtype = out_BxTxNxH.shape, DTYPES[cfg.dtype]
     out = DenseParams((num_heads, hd), (cfg.d_model,), ("heads", "head_dim", "embed"), cfg, name="out")()
     (out_BxTxD,) = fused_projection(out_BxTxNxH.reshape(b, t, num_heads * hd), [(out[0].reshape(-1, cfg.d_model), out[1])], dtype)
     return nn.Dropout(cfg.dropout_rate)(out_BxTxD, deterministic=self.deterministic)

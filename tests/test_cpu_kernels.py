@@ -102,6 +102,25 @@ def test_model_on_a_mesh_matches_xla(style):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("t,n,k,causal", [(128, 4, 2, True), (33, 4, 1, False), (96, 2, 2, True)])
+def test_self_attention_on_the_fused_projection_matches_jax(t, n, k, causal):
+  """q, k and v read in place from qkv [B, T, N+2K, H]; d_qkv comes back in that layout."""
+  b, h = 2, 16
+  rng = np.random.default_rng(t + n + k)
+  qkv = jnp.asarray(rng.standard_normal((b, t, n + 2 * k, h)), jnp.float32)
+  segments = np.ones((b, t), np.int32)
+  segments[:, t // 2:] = 2
+  segments[0, -5:] = 0  # padding queries see no key
+  mask = layers.attention_mask(jnp.asarray(segments), jnp.asarray(segments), causal=causal)
+  cotangent = jnp.asarray(rng.standard_normal((b, t, n, h)), jnp.float32)
+  ref = lambda x: jax.nn.dot_product_attention(x[:, :, :n], x[:, :, n:n + k], x[:, :, n + k:], mask=mask)
+  ours = lambda x: cpu_kernels.self_attention(x, mask[:, 0], causal, n)
+  out_ref, vjp_ref = jax.vjp(ref, qkv)
+  out_ours, vjp_ours = jax.vjp(jax.jit(ours), qkv)
+  np.testing.assert_allclose(out_ours, out_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(vjp_ours(cotangent)[0], vjp_ref(cotangent)[0], rtol=1e-4, atol=1e-5)
+
+
 def test_attention_under_vmap():
   rng = np.random.default_rng(2)
   q, k, v = (jnp.asarray(rng.standard_normal((2, 3, 16, 2, 8)), jnp.float32) for _ in range(3))
