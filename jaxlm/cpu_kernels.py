@@ -107,20 +107,44 @@ def retain_freed_memory() -> bool:
 
 
 @functools.cache
-def available() -> bool:
-  """Builds (or finds) and registers the kernel; False, with one warning, where that is impossible."""
+def _kernel_library() -> ctypes.CDLL | None:
+  """Builds (or finds), loads and registers the kernels; None, with one warning, where that is impossible."""
   compiler = _compiler()
   if compiler is None:
-    warnings.warn("jaxlm: no C++ compiler (set CXX or install g++); CPU attention and norms use slower XLA code",
-                  stacklevel=2)
-    return False
+    warnings.warn("jaxlm: no C++ compiler (set CXX or install g++); CPU kernels off, using slower XLA code",
+                  stacklevel=3)
+    return None
   try:
     library = ctypes.cdll.LoadLibrary(str(_build(compiler)))
   except (OSError, RuntimeError) as error:
-    warnings.warn(f"jaxlm: CPU kernels unavailable, using slower XLA code: {error}", stacklevel=2)
-    return False
+    warnings.warn(f"jaxlm: CPU kernels unavailable, using slower XLA code: {error}", stacklevel=3)
+    return None
   for target, symbol in _TARGETS.items():
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+  return library
+
+
+def available() -> bool:
+  """True once the kernels are built and registered (the first call builds them)."""
+  return _kernel_library() is not None
+
+
+@functools.cache
+def blas_available() -> bool:
+  """Hands OpenBLAS's sgemm (the scipy-openblas32 wheel, single-threaded) to `dense`; False without it."""
+  library = _kernel_library()
+  if library is None:
+    return False
+  try:
+    import scipy_openblas32
+    blas = ctypes.CDLL(str(Path(scipy_openblas32.get_lib_dir()) / scipy_openblas32.get_library(fullname=True)))
+    # The wheel prefixes every symbol with scipy_, so it never clashes with numpy's own OpenBLAS.
+    blas.scipy_openblas_set_num_threads(1)  # the kernel splits the work across XLA's threads
+    sgemm = ctypes.cast(blas.scipy_cblas_sgemm, ctypes.c_void_p)
+  except (ImportError, IndexError, OSError, AttributeError) as error:
+    warnings.warn(f"jaxlm: OpenBLAS (scipy-openblas32) unavailable, CPU matmuls use XLA's: {error}", stacklevel=2)
+    return False
+  library.JaxlmSetSgemm(sgemm)
   return True
 
 
@@ -128,7 +152,8 @@ _TARGETS = {"jaxlm_attention_forward": "JaxlmAttentionForward", "jaxlm_attention
             "jaxlm_packed_attention_forward": "JaxlmPackedAttentionForward",
             "jaxlm_packed_attention_backward": "JaxlmPackedAttentionBackward",
             "jaxlm_norm_forward": "JaxlmNormForward", "jaxlm_norm_backward": "JaxlmNormBackward",
-            "jaxlm_bias_gelu_forward": "JaxlmBiasGeluForward", "jaxlm_bias_gelu_backward": "JaxlmBiasGeluBackward"}
+            "jaxlm_bias_gelu_forward": "JaxlmBiasGeluForward", "jaxlm_bias_gelu_backward": "JaxlmBiasGeluBackward",
+            "jaxlm_dense_forward": "JaxlmDenseForward", "jaxlm_dense_backward": "JaxlmDenseBackward"}
 
 
 def usable(*arrays: jax.Array) -> bool:
@@ -242,3 +267,25 @@ def _bias_gelu_backward(residuals, d_y_MxF):
 
 
 bias_gelu.defvjp(_bias_gelu_forward, _bias_gelu_backward)
+
+
+@jax.custom_vjp
+def dense(x_MxK: jax.Array, w_KxN: jax.Array, bias_N: jax.Array) -> jax.Array:
+  """x @ w + bias in float32 through OpenBLAS; check `blas_available()` first."""
+  return _dense_forward(x_MxK, w_KxN, bias_N)[0]
+
+
+def _dense_forward(x_MxK, w_KxN, bias_N):
+  y_MxN = _ffi_call("jaxlm_dense_forward", jax.ShapeDtypeStruct((x_MxK.shape[0], w_KxN.shape[1]), jnp.float32))(
+      x_MxK, w_KxN, bias_N)
+  return y_MxN, (x_MxK, w_KxN)
+
+
+def _dense_backward(residuals, d_y_MxN):
+  x_MxK, w_KxN = residuals
+  shapes = (x_MxK.shape, w_KxN.shape, (w_KxN.shape[1],))
+  return tuple(_ffi_call("jaxlm_dense_backward", tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes))(
+      x_MxK, w_KxN, d_y_MxN))
+
+
+dense.defvjp(_dense_forward, _dense_backward)

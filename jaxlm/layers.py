@@ -72,14 +72,20 @@ class DenseParams(nn.Module):
 _SEPARATE_BELOW_ROWS = 64
 
 
+def _kernels_on(cfg) -> bool:
+  """`model.cpu_kernels`; runs saved before the option existed have it on."""
+  return cfg.get("cpu_kernels", True)
+
+
 def fused_projection(x_BxTxI: Array, projections: list[tuple[Array, Array | None]], dtype,
-                     split: bool = True) -> list[Array] | Array:
+                     split: bool = True, cpu_kernel: bool = False) -> list[Array] | Array:
   """x @ [W1 | W2 | ...] + [b1 | b2 | ...] as one 2-D matmul, split back into one output per kernel.
 
   Kernels are (I, *features) with the same input size; outputs are (B, T, *features).
   One wide matmul (and one of each in the backward pass) runs well above three
   narrow ones on CPU; see BENCHMARKS.md. `split=False` returns the (B, T, C)
-  product unsplit, for a consumer that reads the parts in place.
+  product unsplit, for a consumer that reads the parts in place. `cpu_kernel`
+  lets float32 on CPU run through OpenBLAS (`cpu_kernels.dense`).
   """
   b, t, i = x_BxTxI.shape
   if split and b * t <= _SEPARATE_BELOW_ROWS:
@@ -95,9 +101,15 @@ def fused_projection(x_BxTxI: Array, projections: list[tuple[Array, Array | None
     return outputs
   widths = [math.prod(k.shape[1:]) for k, _ in projections]
   kernel_IxC = jnp.concatenate([k.reshape(i, -1) for k, _ in projections], axis=1).astype(dtype)
-  y_MxC = x_BxTxI.reshape(b * t, i).astype(dtype) @ kernel_IxC
-  if all(bias is not None for _, bias in projections):
-    y_MxC = y_MxC + jnp.concatenate([bias.reshape(-1) for _, bias in projections]).astype(dtype)
+  x_MxI = x_BxTxI.reshape(b * t, i).astype(dtype)
+  has_bias = all(bias is not None for _, bias in projections)
+  bias_C = jnp.concatenate([bias.reshape(-1) for _, bias in projections]).astype(dtype) if has_bias else None
+  if cpu_kernel and cpu_kernels.usable(x_MxI, kernel_IxC) and cpu_kernels.blas_available():
+    y_MxC = cpu_kernels.dense(x_MxI, kernel_IxC, jnp.zeros(sum(widths), dtype) if bias_C is None else bias_C)
+  else:
+    y_MxC = x_MxI @ kernel_IxC
+    if has_bias:
+      y_MxC = y_MxC + bias_C
   if not split:
     return y_MxC.reshape(b, t, -1)
   splits = jnp.split(y_MxC, list(itertools.accumulate(widths))[:-1], axis=1)
@@ -118,7 +130,7 @@ class Norm(nn.Module):
     if cfg.norm != "rmsnorm" and cfg.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(_zeros, ("norm",)),
                         (x.shape[-1],), DTYPES[cfg.param_dtype])
-    if cfg.get("cpu_kernels", True) and cpu_kernels.usable(x, scale):  # get: runs saved before the option
+    if _kernels_on(cfg) and cpu_kernels.usable(x, scale):
       y = cpu_kernels.norm(x.reshape(-1, x.shape[-1]), scale, jnp.zeros_like(scale) if bias is None else bias,
                            cfg.norm == "rmsnorm", cfg.norm_eps).reshape(x.shape)
     elif cfg.norm == "rmsnorm":
@@ -291,19 +303,20 @@ class Attention(nn.Module):
     key = DenseParams((kv_in.shape[-1],), (num_kv, hd), ("embed", "kv_heads", "head_dim"), cfg, name="key")()
     value = DenseParams((kv_in.shape[-1],), (num_kv, hd), ("embed", "kv_heads", "head_dim"), cfg, name="value")()
     b, t = x_BxTxD.shape[:2]
+    kernels = _kernels_on(cfg)
     if (not is_cross and not self.decode and cfg.position != "rope" and cfg.attention_impl == "xla"
-        and cfg.get("cpu_kernels", True) and cpu_kernels.usable(x_BxTxD)):
+        and kernels and cpu_kernels.usable(x_BxTxD)):
       # The CPU kernel reads q, k and v in place from the fused projection (cpu_kernels.self_attention).
-      qkv_BxTxC = fused_projection(x_BxTxD, [query, key, value], dtype, split=False)
+      qkv_BxTxC = fused_projection(x_BxTxD, [query, key, value], dtype, split=False, cpu_kernel=kernels)
       mask_BxTxT = jnp.broadcast_to(mask_Bx1xTxS, (b, 1, t, t))[:, 0].astype(bool)
       out_BxTxNxH = cpu_kernels.self_attention(qkv_BxTxC.reshape(b, t, num_heads + 2 * num_kv, hd), mask_BxTxT,
                                                self.causal, num_heads)
       return self._output(out_BxTxNxH)
     if is_cross:
-      (q_BxTxNxH,) = fused_projection(x_BxTxD, [query], dtype)
-      k_BxSxKxH, v_BxSxKxH = fused_projection(kv_in, [key, value], dtype)
+      (q_BxTxNxH,) = fused_projection(x_BxTxD, [query], dtype, cpu_kernel=kernels)
+      k_BxSxKxH, v_BxSxKxH = fused_projection(kv_in, [key, value], dtype, cpu_kernel=kernels)
     else:
-      q_BxTxNxH, k_BxSxKxH, v_BxSxKxH = fused_projection(x_BxTxD, [query, key, value], dtype)
+      q_BxTxNxH, k_BxSxKxH, v_BxSxKxH = fused_projection(x_BxTxD, [query, key, value], dtype, cpu_kernel=kernels)
     if cfg.position == "rope" and not is_cross:
       q_BxTxNxH = rope(q_BxTxNxH, positions_BxT, cfg.rope_theta)
       k_BxSxKxH = rope(k_BxSxKxH, positions_BxT, cfg.rope_theta)
@@ -313,7 +326,7 @@ class Attention(nn.Module):
       # While decoding, queries sit at cache slots, not at their row index: no block shortcut.
       out_BxTxNxH = dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS,
                                           causal=self.causal and not self.decode,
-                                          cpu_kernel=cfg.get("cpu_kernels", True))
+                                          cpu_kernel=kernels)
     else:
       out_BxTxNxH = jax.nn.dot_product_attention(
           q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS, implementation=cfg.attention_impl)
@@ -323,7 +336,8 @@ class Attention(nn.Module):
     cfg = self.cfg
     (b, t, num_heads, hd), dtype = out_BxTxNxH.shape, DTYPES[cfg.dtype]
     out = DenseParams((num_heads, hd), (cfg.d_model,), ("heads", "head_dim", "embed"), cfg, name="out")()
-    (out_BxTxD,) = fused_projection(out_BxTxNxH.reshape(b, t, num_heads * hd), [(out[0].reshape(-1, cfg.d_model), out[1])], dtype)
+    (out_BxTxD,) = fused_projection(out_BxTxNxH.reshape(b, t, num_heads * hd),
+                                    [(out[0].reshape(-1, cfg.d_model), out[1])], dtype, cpu_kernel=_kernels_on(cfg))
     return nn.Dropout(cfg.dropout_rate)(out_BxTxD, deterministic=self.deterministic)
 
   def _update_cache(self, k_BxTxKxH: Array, v_BxTxKxH: Array) -> tuple[Array, Array]:
@@ -352,19 +366,19 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxD: Array) -> Array:
     cfg = self.cfg
-    dtype, d = DTYPES[cfg.dtype], x_BxTxD.shape[-1]
+    dtype, d, kernels = DTYPES[cfg.dtype], x_BxTxD.shape[-1], _kernels_on(cfg)
     up = DenseParams((d,), (cfg.mlp_dim,), ("embed", "mlp"), cfg, name="up")()
     if cfg.mlp == "swiglu":
       gate = DenseParams((d,), (cfg.mlp_dim,), ("embed", "mlp"), cfg, name="gate")()
-      gate_BxTxF, up_BxTxF = fused_projection(x_BxTxD, [gate, up], dtype)
+      gate_BxTxF, up_BxTxF = fused_projection(x_BxTxD, [gate, up], dtype, cpu_kernel=kernels)
       h_BxTxF = nn.silu(gate_BxTxF) * up_BxTxF
-    elif cfg.mlp == "gelu" and cfg.get("cpu_kernels", True) and cpu_kernels.usable(x_BxTxD, up[0]):
+    elif cfg.mlp == "gelu" and kernels and cpu_kernels.usable(x_BxTxD, up[0]):
       # The bias add goes into the kernel, which also sums its gradient.
-      (pre_BxTxF,) = fused_projection(x_BxTxD, [(up[0], None)], dtype)
+      (pre_BxTxF,) = fused_projection(x_BxTxD, [(up[0], None)], dtype, cpu_kernel=kernels)
       bias_F = jnp.zeros(cfg.mlp_dim, jnp.float32) if up[1] is None else up[1]
       h_BxTxF = cpu_kernels.bias_gelu(pre_BxTxF.reshape(-1, cfg.mlp_dim), bias_F).reshape(pre_BxTxF.shape)
     else:
-      (h_BxTxF,) = fused_projection(x_BxTxD, [up], dtype)
+      (h_BxTxF,) = fused_projection(x_BxTxD, [up], dtype, cpu_kernel=kernels)
       # GPT-2 uses the tanh approximation ("gelu_new"); BERT uses the exact erf form.
       if cfg.mlp == "relu":
         h_BxTxF = nn.relu(h_BxTxF)
@@ -372,7 +386,7 @@ class Mlp(nn.Module):
         h_BxTxF = nn.gelu(h_BxTxF, approximate=cfg.mlp == "gelu")
     h_BxTxF = nn.Dropout(cfg.dropout_rate)(h_BxTxF, deterministic=self.deterministic)
     down = DenseParams((cfg.mlp_dim,), (cfg.d_model,), ("mlp", "embed"), cfg, name="down")()
-    return fused_projection(h_BxTxF, [down], dtype)[0]
+    return fused_projection(h_BxTxF, [down], dtype, cpu_kernel=kernels)[0]
 
 
 class Block(nn.Module):
