@@ -64,7 +64,7 @@ def main(argv=None):
   p.add_argument("--repeats", type=int, default=5, help="calls per timing")
   args = p.parse_args(argv)
   cpu_kernels.retain_freed_memory()
-  if not (cpu_kernels.available() and cpu_kernels.blas_available()):
+  if not (cpu_kernels.available() and cpu_kernels.blas()):
     raise SystemExit("the CPU kernels are not built here (see the warning above)")
   compiled = {}
   for name, (kernel, xla, inputs) in cases(np.random.default_rng(0)).items():

@@ -27,6 +27,7 @@ tests; accelerators never use these kernels.
 import ctypes
 import functools
 import hashlib
+import importlib.metadata
 import importlib.util
 import os
 import platform
@@ -129,31 +130,49 @@ def available() -> bool:
   return _kernel_library() is not None
 
 
-@functools.cache
-def blas_available() -> bool:
-  """Hands OpenBLAS's sgemm (the scipy-openblas32 wheel, single-threaded) to `dense`; False without it."""
-  library = _kernel_library()
-  if library is None:
-    return False
-  try:
-    import scipy_openblas32
-    blas = ctypes.CDLL(str(Path(scipy_openblas32.get_lib_dir()) / scipy_openblas32.get_library(fullname=True)))
-    # The wheel prefixes every symbol with scipy_, so it never clashes with numpy's own OpenBLAS.
-    blas.scipy_openblas_set_num_threads(1)  # the kernel splits the work across XLA's threads
-    sgemm = ctypes.cast(blas.scipy_cblas_sgemm, ctypes.c_void_p)
-  except (ImportError, IndexError, OSError, AttributeError) as error:
-    warnings.warn(f"jaxlm: OpenBLAS (scipy-openblas32) unavailable, CPU matmuls use XLA's: {error}", stacklevel=2)
-    return False
-  library.JaxlmSetSgemm(sgemm)
-  return True
-
-
 _TARGETS = {"jaxlm_attention_forward": "JaxlmAttentionForward", "jaxlm_attention_backward": "JaxlmAttentionBackward",
             "jaxlm_packed_attention_forward": "JaxlmPackedAttentionForward",
             "jaxlm_packed_attention_backward": "JaxlmPackedAttentionBackward",
             "jaxlm_norm_forward": "JaxlmNormForward", "jaxlm_norm_backward": "JaxlmNormBackward",
             "jaxlm_bias_gelu_forward": "JaxlmBiasGeluForward", "jaxlm_bias_gelu_backward": "JaxlmBiasGeluBackward",
             "jaxlm_dense_forward": "JaxlmDenseForward", "jaxlm_dense_backward": "JaxlmDenseBackward"}
+
+
+def _mkl_sgemm():
+  """cblas_sgemm from Intel MKL (the optional `mkl` wheel, x86-64), sequential."""
+  path = next(f.locate() for f in importlib.metadata.files("mkl") or [] if f.name.startswith("libmkl_rt.so"))
+  blas = ctypes.CDLL(str(path))
+  # MKL_THREADING_SEQUENTIAL, since the kernel splits the work across XLA's threads. (The C name: the
+  # lowercase mkl_set_threading_layer is the Fortran one and takes a pointer.)
+  blas.MKL_Set_Threading_Layer(1)
+  return blas.cblas_sgemm
+
+
+def _openblas_sgemm():
+  """cblas_sgemm from the scipy-openblas32 wheel, single-threaded."""
+  import scipy_openblas32
+  blas = ctypes.CDLL(str(Path(scipy_openblas32.get_lib_dir()) / scipy_openblas32.get_library(fullname=True)))
+  # The wheel prefixes every symbol with scipy_, so it never clashes with numpy's own OpenBLAS.
+  blas.scipy_openblas_set_num_threads(1)  # the kernel splits the work across XLA's threads
+  return blas.scipy_cblas_sgemm
+
+
+@functools.cache
+def blas() -> str | None:
+  """Hands an sgemm to `dense` and names its library: "MKL" if the `mkl` wheel is installed, else
+  "OpenBLAS" (scipy-openblas32, a dependency); None, with one warning, without either."""
+  library = _kernel_library()
+  if library is None:
+    return None
+  errors = []
+  for name, load in (("MKL", _mkl_sgemm), ("OpenBLAS", _openblas_sgemm)):
+    try:
+      library.JaxlmSetSgemm(ctypes.cast(load(), ctypes.c_void_p))
+      return name
+    except (ImportError, StopIteration, OSError, AttributeError) as error:  # ImportError covers PackageNotFoundError
+      errors.append(f"{name}: {error!r}")
+  warnings.warn(f"jaxlm: no BLAS for the CPU dense kernel, using XLA's matmuls ({'; '.join(errors)})", stacklevel=2)
+  return None
 
 
 def usable(*arrays: jax.Array) -> bool:
@@ -271,7 +290,7 @@ bias_gelu.defvjp(_bias_gelu_forward, _bias_gelu_backward)
 
 @jax.custom_vjp
 def dense(x_MxK: jax.Array, w_KxN: jax.Array, bias_N: jax.Array) -> jax.Array:
-  """x @ w + bias in float32 through OpenBLAS; check `blas_available()` first."""
+  """x @ w + bias in float32 through MKL or OpenBLAS (see `blas()`); check `blas()` first."""
   return _dense_forward(x_MxK, w_KxN, bias_N)[0]
 
 

@@ -85,7 +85,7 @@ def fused_projection(x_BxTxI: Array, projections: list[tuple[Array, Array | None
   One wide matmul (and one of each in the backward pass) runs well above three
   narrow ones on CPU; see BENCHMARKS.md. `split=False` returns the (B, T, C)
   product unsplit, for a consumer that reads the parts in place. `cpu_kernel`
-  lets float32 on CPU run through OpenBLAS (`cpu_kernels.dense`).
+  lets float32 on CPU run through MKL or OpenBLAS (`cpu_kernels.dense`).
   """
   b, t, i = x_BxTxI.shape
   if split and b * t <= _SEPARATE_BELOW_ROWS:
@@ -104,7 +104,7 @@ def fused_projection(x_BxTxI: Array, projections: list[tuple[Array, Array | None
   x_MxI = x_BxTxI.reshape(b * t, i).astype(dtype)
   has_bias = all(bias is not None for _, bias in projections)
   bias_C = jnp.concatenate([bias.reshape(-1) for _, bias in projections]).astype(dtype) if has_bias else None
-  if cpu_kernel and cpu_kernels.usable(x_MxI, kernel_IxC) and cpu_kernels.blas_available():
+  if cpu_kernel and cpu_kernels.usable(x_MxI, kernel_IxC) and cpu_kernels.blas():
     y_MxC = cpu_kernels.dense(x_MxI, kernel_IxC, jnp.zeros(sum(widths), dtype) if bias_C is None else bias_C)
   else:
     y_MxC = x_MxI @ kernel_IxC

@@ -4,6 +4,7 @@ The attention kernel is also checked against jax.nn in test_layers.py, which
 runs every attention test on both paths.
 """
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -54,10 +55,23 @@ def test_norm_matches_xla(norm, use_bias):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.fixture(params=["MKL", "OpenBLAS"])
+def blas(request):
+  """The dense kernel on each BLAS that is installed; the process's choice is restored afterwards."""
+  chosen = cpu_kernels.blas()
+  loaders = {"MKL": cpu_kernels._mkl_sgemm, "OpenBLAS": cpu_kernels._openblas_sgemm}
+  try:
+    sgemm = loaders[request.param]()
+  except (ImportError, StopIteration, OSError) as error:
+    pytest.skip(f"{request.param} is not installed: {error!r}")
+  library = cpu_kernels._kernel_library()
+  library.JaxlmSetSgemm(ctypes.cast(sgemm, ctypes.c_void_p))
+  yield request.param
+  library.JaxlmSetSgemm(ctypes.cast(loaders[chosen](), ctypes.c_void_p))
+
+
 @pytest.mark.parametrize("m,k,n", [(37, 48, 20), (37, 20, 48), (1, 8, 8)])  # both weight-gradient splits, one row
-def test_dense_matches_xla(m, k, n):
-  if not cpu_kernels.blas_available():
-    pytest.skip("scipy-openblas32 is not installed")
+def test_dense_matches_xla(m, k, n, blas):
   rng = np.random.default_rng(m + k + n)
   x, w, bias, cotangent = (jnp.asarray(rng.standard_normal(shape), jnp.float32)
                            for shape in ((m, k), (k, n), (n,), (m, n)))
