@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxlm import config as config_lib
 from jaxlm import cpu_kernels
@@ -70,6 +71,9 @@ class DenseParams(nn.Module):
 
 
 _SEPARATE_BELOW_ROWS = 64
+# The CPU dense kernel's outputs are matmul outputs too, but custom calls, not dots, so they carry
+# this name for the `dots` remat policies (_REMAT_POLICIES).
+_CPU_DENSE = "cpu_dense"
 
 
 def _kernels_on(cfg) -> bool:
@@ -106,6 +110,7 @@ def fused_projection(x_BxTxI: Array, projections: list[tuple[Array, Array | None
   bias_C = jnp.concatenate([bias.reshape(-1) for _, bias in projections]).astype(dtype) if has_bias else None
   if cpu_kernel and cpu_kernels.usable(x_MxI, kernel_IxC) and cpu_kernels.blas():
     y_MxC = cpu_kernels.dense(x_MxI, kernel_IxC, jnp.zeros(sum(widths), dtype) if bias_C is None else bias_C)
+    y_MxC = checkpoint_name(y_MxC, _CPU_DENSE)
   else:
     y_MxC = x_MxI @ kernel_IxC
     if has_bias:
@@ -423,8 +428,11 @@ class Block(nn.Module):
 
 _REMAT_POLICIES: dict[str, Any] = {
     "full": None,  # save nothing: recompute the whole layer in the backward pass
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.checkpoint_dots, jax.checkpoint_policies.save_only_these_names(_CPU_DENSE)),
+    "dots_no_batch": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+        jax.checkpoint_policies.save_only_these_names(_CPU_DENSE)),
 }
 
 

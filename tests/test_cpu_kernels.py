@@ -83,6 +83,18 @@ def test_dense_matches_xla(m, k, n, blas):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("policy,saved", [("dots", True), ("dots_no_batch", True), ("full", False)])
+def test_dots_remat_policies_save_the_dense_kernels_outputs(policy, saved, capsys):
+  """The dense kernel is a custom call, not a dot; the `dots` policies must still keep its output."""
+  if not cpu_kernels.blas():
+    pytest.skip("no BLAS for the dense kernel")
+  rng = np.random.default_rng(4)
+  x, w = jnp.asarray(rng.standard_normal((2, 40, 16)), jnp.float32), jnp.asarray(rng.standard_normal((16, 24)))
+  project = lambda x, w: jnp.sum(jnp.tanh(layers.fused_projection(x, [(w, None)], jnp.float32, cpu_kernel=True)[0]))
+  jax.ad_checkpoint.print_saved_residuals(jax.checkpoint(project, policy=layers._REMAT_POLICIES[policy]), x, w)
+  assert (f"named '{layers._CPU_DENSE}'" in capsys.readouterr().out) == saved
+
+
 def test_bias_gelu_mlp_matches_xla():
   rng = np.random.default_rng(3)
   x = jnp.asarray(rng.standard_normal((2, 7, 32)), jnp.float32)
