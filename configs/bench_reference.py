@@ -6,9 +6,11 @@ with global-norm clipping at a constant learning rate (as the peer has no schedu
 
 Command:   python benchmarks/train_speed.py      (see BENCHMARKS.md)
 Hardware:  any; the figures in BENCHMARKS.md are from a 2-core x86-64 CPU.
-Time:      about 5 minutes for `train_speed.py --rounds 5 --steps 2` on 2 cores (compiles included).
-Expected:  on a quiet 2-core CPU, about 1.78 s/step = 2,300 tokens/s = 50% MFU for jaxlm, ratio 0.82 to
-           the PyTorch peer (2026-11-28, 21:11 UTC). Random tokens, so the loss is not a metric here.
+Time:      about 2 minutes for `train_speed.py --rounds 7 --steps 2` on 2 cores (compiles included).
+Expected:  on a quiet 2-core CPU with `pip install -e '.[bench]'` (MKL), about 1.07 s/step = 3,800
+           tokens/s = 71% MFU for jaxlm, ratio 1.14 to the PyTorch peer (2026-11-29, 00:00 UTC);
+           ratio 1.03 with OpenBLAS only, 0.82 with --config.model.cpu_kernels=False. Random
+           tokens, so the loss is not a metric here.
 """
 
 from jaxlm.config import base_config
