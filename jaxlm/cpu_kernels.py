@@ -1,11 +1,12 @@
-"""Float32 attention and norm kernels for XLA:CPU (`csrc/`), built on first use and called via `jax.ffi`.
+"""Float32 kernels for XLA:CPU (`csrc/`), built on first use and called through `jax.ffi`.
 
 XLA:CPU runs attention as separate batched matmuls and elementwise passes over
-the T x S scores, and splits each LayerNorm into several fusions with
-reductions sent to YNNPACK. `attention` fuses the former per (batch, head) and
-skips the key tiles that causal attention never reads; `norm` does a norm's
-forward or backward in one pass over each block of rows. Measurements are in
-BENCHMARKS.md, "Fourth pass".
+the T x S scores, splits each LayerNorm and GELU into several fusions, and its
+matmuls trail MKL's by 20-30% on two cores. `attention`/`self_attention` fuse
+attention per (batch, head) and skip the key tiles that causal attention never
+reads; `norm` and `bias_gelu` do their forward or backward in one pass per row
+block; `dense` calls MKL or OpenBLAS (`blas()`), split across XLA's threads.
+Each has its own VJP. Measurements are in BENCHMARKS.md, "Fourth pass".
 
 The library is compiled once per machine with the system C++ compiler
 (`$CXX`, else g++ or c++) and `-march=native`, into
@@ -89,7 +90,7 @@ def retain_freed_memory() -> bool:
   XLA:CPU allocates every step's temporaries as one block (650 MB at the
   reference config) and frees it after the step. glibc maps such a block
   fresh from the kernel each time, so each step first-touched ~180,000 pages
-  (about 7% of the reference step; BENCHMARKS.md, "Fourth pass"). With one
+  (7-14% of the reference step; BENCHMARKS.md, "Fourth pass"). With one
   arena, no mmap and no trimming, the block comes from the heap and its pages
   stay mapped. The price: the process keeps its peak heap until it exits.
   `jaxlm` commands call this before JAX starts its threads (an arena is
