@@ -6,6 +6,7 @@ runs every attention test on both paths.
 
 import ctypes
 import os
+import platform
 import subprocess
 import sys
 
@@ -227,3 +228,44 @@ def test_retain_freed_memory_stops_refaulting_large_blocks():
   assert results["on"][0] == "True" and results["off"][0] == "False"
   assert results["off"][2] > 40_000  # 200 MB of 4 kB pages, faulted again
   assert results["on"][2] < results["on"][1] / 10
+
+
+_NARROW_BUILD_CHECK = """
+import os, sys
+import jax, jax.numpy as jnp, numpy as np
+from jaxlm import cpu_kernels, layers
+cpu_kernels._FLAGS = [f"-march={sys.argv[1]}" if f == "-march=native" else f for f in cpu_kernels._FLAGS]
+assert cpu_kernels.available()
+rng = np.random.default_rng(0)
+errors = []
+def check(ours, ref, *args):
+  out, vjp = jax.vjp(jax.jit(ours), *args)
+  out_ref, vjp_ref = jax.vjp(ref, *args)
+  ct = jnp.asarray(rng.standard_normal(out.shape), jnp.float32)
+  for a, b in zip((out, *vjp(ct)), (out_ref, *vjp_ref(ct))):
+    errors.append(float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-9)))
+n, k = 4, 2
+qkv = jnp.asarray(rng.standard_normal((2, 70, n + 2 * k, 12)), jnp.float32)  # 70, 12: vector tails everywhere
+seg = jnp.asarray(np.r_[[1] * 40 + [2] * 25 + [0] * 5, [1] * 70].reshape(2, 70))
+mask = layers.attention_mask(seg, seg, causal=True)
+check(lambda x: cpu_kernels.self_attention(x, mask[:, 0], True, n),
+      lambda x: jax.nn.dot_product_attention(x[:, :, :n], x[:, :, n:n + k], x[:, :, n + k:], mask=mask), qkv)
+x, v = jnp.asarray(rng.standard_normal((33, 40)), jnp.float32), jnp.asarray(rng.standard_normal(40), jnp.float32)
+check(lambda x, s: cpu_kernels.norm(x, s, v, False, 1e-5),
+      lambda x, s: (x - x.mean(-1, keepdims=True)) * jax.lax.rsqrt(x.var(-1, keepdims=True) + 1e-5) * s + v, x, v)
+check(cpu_kernels.bias_gelu, lambda x, b: jax.nn.gelu(x + b, approximate=True), x, v)
+print(max(errors))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("march", ["haswell", "x86-64"])  # AVX2 (8 floats per vector) and SSE (4)
+def test_narrower_vector_builds_match_xla(march, tmp_path):
+  """The kernels' 8- and 4-float vector paths, which an AVX-512 machine never compiles by itself."""
+  if platform.machine() != "x86_64":
+    pytest.skip("x86-64 -march names")
+  env = dict(os.environ, JAXLM_CACHE_DIR=str(tmp_path))
+  result = subprocess.run([sys.executable, "-c", _NARROW_BUILD_CHECK, march], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert float(result.stdout.split()[-1]) < 1e-4
