@@ -186,7 +186,7 @@ def usable(*arrays: jax.Array) -> bool:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array, mask_BxTxS: jax.Array,
               causal: bool) -> jax.Array:
-  """softmax(q k^T / sqrt(H), masked) v in jaxlm's layouts; `causal` as in `layers.dot_product_attention`."""
+  """softmax(q k^T / sqrt(H), masked) v in jaxlm's layouts; `causal` as in `attention.dot_product_attention`."""
   return _forward(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, causal)[0]
 
 

@@ -186,9 +186,9 @@ def test_build_goes_to_the_cache_once(tmp_path, monkeypatch):
 
 
 def test_without_a_compiler_falls_back_with_one_warning(tmp_path):
-  code = ("import jax.numpy as jnp; from jaxlm import cpu_kernels, layers\n"
+  code = ("import jax.numpy as jnp; from jaxlm import attention, cpu_kernels, layers\n"
           "seg = jnp.ones((1, 8), jnp.int32); x = jnp.ones((1, 8, 2, 4))\n"
-          "out = layers.dot_product_attention(x, x, x, layers.attention_mask(seg, seg, True), causal=True)\n"
+          "out = attention.dot_product_attention(x, x, x, layers.attention_mask(seg, seg, True), causal=True)\n"
           "print(cpu_kernels.usable(x), bool(jnp.all(out == 1)))\n")
   env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), JAXLM_CACHE_DIR=str(tmp_path / "cache"))
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO,

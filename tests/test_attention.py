@@ -1,4 +1,4 @@
-"""jaxlm.layers.dot_product_attention against jax.nn.dot_product_attention, on both of its paths.
+"""jaxlm.attention.dot_product_attention against jax.nn.dot_product_attention, on both of its paths.
 
 On CPU it runs the fused kernel of `cpu_kernels` ("kernel"); elsewhere, or
 with `cpu_kernel=False`, the XLA code with its causal block shortcut ("xla").
@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm import cpu_kernels, layers
+from jaxlm import attention as attention_lib, cpu_kernels, layers
 
 
 @pytest.fixture(params=["kernel", "xla"])
@@ -24,7 +24,7 @@ def path(request):
 
 @pytest.fixture
 def attention(path):
-  return functools.partial(layers.dot_product_attention, cpu_kernel=path == "kernel")
+  return functools.partial(attention_lib.dot_product_attention, cpu_kernel=path == "kernel")
 
 
 def _inputs(seed, b, t, s, n, k, h):
@@ -99,7 +99,7 @@ def test_causal_path_skips_keys_after_each_block(attention):
   seg = jnp.ones((b, t), jnp.int32)
   mask = layers.attention_mask(seg, seg, causal=True)
   v = v.at[:, -1].set(jnp.nan)
-  block = t // layers._CAUSAL_BLOCKS
+  block = t // attention_lib._CAUSAL_BLOCKS
   attend = jax.jit(attention, static_argnames="causal")
   assert bool(jnp.all(jnp.isfinite(attend(q, kk, v, mask, causal=True)[:, :t - block])))
   assert not bool(jnp.all(jnp.isfinite(attend(q, kk, v, mask, causal=False)[:, :t - block])))
