@@ -1,6 +1,6 @@
 """jaxlm.cpu_kernels: the CPU attention and norm kernels equal the XLA code they replace.
 
-The attention kernel is also checked against jax.nn in test_layers.py, which
+The attention kernel is also checked against jax.nn in test_attention.py, which
 runs every attention test on both paths.
 """
 
