@@ -142,7 +142,8 @@ def main(argv=None) -> dict:
     mfu = [tokens_per_step / row[f"{name}_step_s"] * flops_per_token / row["peak_flops"] for row in rounds]
     result[name] = {"tokens_per_s": statistics.median(tok_s), "mfu": statistics.median(mfu),
                     "step_ms": 1e3 * median(f"{name}_step_s")}
-  print(f"\nreference config, {result['cpu_count']} CPUs, jax {result['jax_version']}, torch {result['torch_version']}, "
+  print(f"\nreference config, {result['cpu_count']} CPUs, jax {result['jax_version']}, "
+        f"torch {result['torch_version']}, "
         f"medians of {args.rounds} rounds x {args.steps} steps; matmul peak {result['peak_flops'] / 1e9:.0f} GFLOP/s; "
         f"retain_freed_memory {retained}")
   for name in ("jaxlm", "torch"):

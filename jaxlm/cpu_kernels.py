@@ -201,14 +201,16 @@ def _forward(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, causal):
   b, t, n, _ = q_BxTxNxH.shape
   out_BxTxNxH, lse_BxNxT = _ffi_call(
       "jaxlm_attention_forward",
-      (jax.ShapeDtypeStruct(q_BxTxNxH.shape, jnp.float32), jax.ShapeDtypeStruct((b, n, t), jnp.float32)))(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, causal=causal)
+      (jax.ShapeDtypeStruct(q_BxTxNxH.shape, jnp.float32), jax.ShapeDtypeStruct((b, n, t), jnp.float32)))(
+      q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, causal=causal)
   return out_BxTxNxH, (q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, out_BxTxNxH, lse_BxNxT)
 
 
 def _backward(causal, residuals, d_out_BxTxNxH):
   q, k, v, mask, _, _ = residuals
   d_q, d_k, d_v = _ffi_call("jaxlm_attention_backward",
-                            tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v)))(*residuals, d_out_BxTxNxH, causal=causal)
+                            tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v)))(
+      *residuals, d_out_BxTxNxH, causal=causal)
   return d_q, d_k, d_v, None
 
 
@@ -242,6 +244,7 @@ def _self_attention_backward(causal, num_heads, residuals, d_out_BxTxNxH):
 
 
 self_attention.defvjp(_self_attention_forward, _self_attention_backward)
+
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def norm(x_MxD: jax.Array, scale_D: jax.Array, bias_D: jax.Array, rms: bool, eps: float) -> jax.Array:

@@ -279,8 +279,8 @@ ffi::Error forward_packed(ffi::ThreadPool pool, F32 qkv, Pred mask, ffi::ResultB
                           ffi::ResultBuffer<ffi::F32> lse, bool causal, int64_t num_heads) {
   Dims d;
   if (auto err = packed_dims(qkv, mask, num_heads, &d); err.failure()) return err;
-  forward(pool, d, packed_rows<const float>(qkv.typed_data(), d), mask.typed_data(), out->typed_data(), lse->typed_data(),
-          causal);
+  forward(pool, d, packed_rows<const float>(qkv.typed_data(), d), mask.typed_data(), out->typed_data(),
+          lse->typed_data(), causal);
   return ffi::Error::Success();
 }
 
@@ -288,8 +288,8 @@ ffi::Error backward_packed(ffi::ThreadPool pool, F32 qkv, Pred mask, F32 out, F3
                            ffi::ResultBuffer<ffi::F32> d_qkv, bool causal, int64_t num_heads) {
   Dims d;
   if (auto err = packed_dims(qkv, mask, num_heads, &d); err.failure()) return err;
-  backward(pool, d, packed_rows<const float>(qkv.typed_data(), d), mask.typed_data(), out.typed_data(), lse.typed_data(),
-           d_out.typed_data(), packed_rows(d_qkv->typed_data(), d), causal);
+  backward(pool, d, packed_rows<const float>(qkv.typed_data(), d), mask.typed_data(), out.typed_data(),
+           lse.typed_data(), d_out.typed_data(), packed_rows(d_qkv->typed_data(), d), causal);
   return ffi::Error::Success();
 }
 

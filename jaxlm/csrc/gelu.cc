@@ -26,6 +26,15 @@ constexpr float kSqrt2OverPi = 0.7978845608028654f, kCubic = 0.044715f;
 inline vf vtanh(vf u) { return 1.0f - 2.0f / (vexp(2.0f * u) + 1.0f); }
 inline float stanh(float u) { return 1.0f - 2.0f / (std::exp(std::min(2.0f * u, 88.0f)) + 1.0f); }
 
+// The tanh argument sqrt(2/pi) (v + c v^3), and d gelu / dv = 0.5 (1 + t) + 0.5 v (1 - t^2)
+// sqrt(2/pi) (1 + 3 c v^2) given t = tanh of it; for a vector or a scalar.
+template <typename T>
+inline T tanh_argument(T v) { return kSqrt2OverPi * (v + kCubic * v * v * v); }
+template <typename T>
+inline T slope(T v, T t) {
+  return 0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * kSqrt2OverPi * (1.0f + 3.0f * kCubic * v * v);
+}
+
 ffi::Error forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> bias,
                    ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions();
@@ -41,18 +50,17 @@ ffi::Error forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
       int64_t i = 0;
       for (; i + VL <= F; i += VL) {
         vf v = load(xr + i) + load(Bs + i);
-        store(yr + i, 0.5f * v * (1.0f + vtanh(kSqrt2OverPi * (v + kCubic * v * v * v))));
+        store(yr + i, 0.5f * v * (1.0f + vtanh(tanh_argument(v))));
       }
       for (; i < F; ++i) {
         float v = xr[i] + Bs[i];
-        yr[i] = 0.5f * v * (1.0f + stanh(kSqrt2OverPi * (v + kCubic * v * v * v)));
+        yr[i] = 0.5f * v * (1.0f + stanh(tanh_argument(v)));
       }
     }
   });
   return ffi::Error::Success();
 }
 
-// d gelu / dv = 0.5 (1 + t) + 0.5 v (1 - t^2) sqrt(2/pi) (1 + 3 c v^2), t = tanh(sqrt(2/pi) (v + c v^3)).
 ffi::Error backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> bias,
                     ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dbias) {
   auto xd = x.dimensions();
@@ -70,16 +78,14 @@ ffi::Error backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
       float* dxr = dX + r * F;
       int64_t i = 0;
       for (; i + VL <= F; i += VL) {
-        vf v = load(xr + i) + load(Bs + i), v2 = v * v;
-        vf t = vtanh(kSqrt2OverPi * (v + kCubic * v2 * v));
-        vf grad = load(dyr + i) * (0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * kSqrt2OverPi * (1.0f + 3.0f * kCubic * v2));
+        vf v = load(xr + i) + load(Bs + i);
+        vf grad = load(dyr + i) * slope(v, vtanh(tanh_argument(v)));
         store(dxr + i, grad);
         store(db + i, load(db + i) + grad);
       }
       for (; i < F; ++i) {
-        float v = xr[i] + Bs[i], v2 = v * v;
-        float t = stanh(kSqrt2OverPi * (v + kCubic * v2 * v));
-        float grad = dyr[i] * (0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * kSqrt2OverPi * (1.0f + 3.0f * kCubic * v2));
+        float v = xr[i] + Bs[i];
+        float grad = dyr[i] * slope(v, stanh(tanh_argument(v)));
         dxr[i] = grad;
         db[i] += grad;
       }
