@@ -78,6 +78,7 @@ def base_config() -> ConfigDict:
   c.data = ConfigDict()
   c.data.source = "stdlib"          # stdlib | files
   c.data.paths = ""                 # comma-separated files or globs for source=files
+  c.data.validation_paths = ""      # source=files: validation files or globs; empty: split data.paths (README "Data")
   c.data.include_tests = False      # stdlib: include the test folders
   c.data.val_fraction = 0.03
   c.data.tokenizer = "byte"         # byte | sentencepiece
@@ -289,6 +290,11 @@ def validate(config: ConfigDict, num_devices: int) -> None:
       corpus.glob_files(config.data.paths.split(","))
     except FileNotFoundError as e:
       raise ConfigError(f"data.paths: no file matches '{e.args[0]}'; fix the path or glob") from None
+    if config.data.validation_paths:
+      try:
+        corpus.glob_files(config.data.validation_paths.split(","))
+      except FileNotFoundError as e:
+        raise ConfigError(f"data.validation_paths: no file matches '{e.args[0]}'; fix the path or glob") from None
   if config.data.tokenizer == "sentencepiece" and not config.data.tokenizer_path:
     raise ConfigError("data.tokenizer_path is empty but data.tokenizer='sentencepiece'; pass an existing .model file, "
                       "or a path to create together with --config.data.spm_vocab_size=N")

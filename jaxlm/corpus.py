@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
+import os
 import sysconfig
 from pathlib import Path
 
@@ -52,13 +54,40 @@ def stdlib_split(split: str, val_fraction: float, include_tests: bool = False) -
 
 def glob_files(patterns: tuple[str, ...] | list[str]) -> list[Path]:
   """Sorted files matching any of `patterns`; raises FileNotFoundError naming the pattern."""
-  files = set()
+  return sorted(glob_files_with_keys(patterns))
+
+
+def glob_files_with_keys(patterns: tuple[str, ...] | list[str]) -> dict[Path, str]:
+  """{file: split key} for the files matching any of `patterns`.
+
+  The split key is the file's path relative to its pattern's fixed leading
+  folders (`corpus/**/*.txt` -> `sub/a.txt`; a plain file -> its name), so
+  `data/x.txt`, `./data/x.txt` and `/abs/data/x.txt` hash into the same split
+  whatever the current folder. Raises FileNotFoundError naming the pattern.
+  """
+  files = {}
   for pattern in patterns:
     matched = [Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file()]
     if not matched:
       raise FileNotFoundError(pattern)
-    files.update(matched)
-  return sorted(files)
+    base = _fixed_prefix(pattern)
+    for path in matched:
+      files.setdefault(path.resolve(), path.resolve().relative_to(base).as_posix())
+  return files
+
+
+def absolute_patterns(patterns: str) -> str:
+  """Comma-separated globs made absolute, so a saved run reads the same files from any folder."""
+  return ",".join(os.path.abspath(pattern) for pattern in patterns.split(",")) if patterns else patterns
+
+
+def _fixed_prefix(pattern: str) -> Path:
+  """The folder before the first glob magic in `pattern` (a plain file's parent), resolved."""
+  parts = Path(pattern).parts
+  fixed = list(itertools.takewhile(lambda part: not glob.has_magic(part), parts))
+  if len(fixed) == len(parts):  # no magic: a file
+    fixed = fixed[:-1]
+  return Path(*fixed).resolve() if fixed else Path.cwd()
 
 
 def read_text_bytes(path: Path) -> bytes:

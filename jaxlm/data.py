@@ -29,15 +29,11 @@ Batch = dict[str, np.ndarray]
 
 
 def load_documents(data_config, split: str) -> list[bytes]:
-  """The raw documents of a split, for the text sources."""
+  """The raw documents of a split ('train' or 'validation'), for the text sources."""
   if data_config.source == "stdlib":
     paths = corpus.stdlib_split(split, data_config.val_fraction, data_config.include_tests)
   elif data_config.source == "files":
-    all_paths = corpus.glob_files(data_config.paths.split(","))
-    paths = [p for p in all_paths if corpus.split_of(p.as_posix(), data_config.val_fraction) == split]
-    if not paths:
-      # A single small file still needs both splits: take the validation share from its tail.
-      return _split_single(all_paths, split, data_config.val_fraction)
+    return _file_documents(data_config, split)
   elif data_config.source == "tfds":
     from jaxlm import tfds_data  # local: TFDS is imported only by runs that read it
     return tfds_data.load_documents(data_config, split)
@@ -46,9 +42,27 @@ def load_documents(data_config, split: str) -> list[bytes]:
   return [corpus.read_text_bytes(p) for p in paths]
 
 
-def _split_single(paths, split: str, val_fraction: float) -> list[bytes]:
-  text = b"".join(corpus.read_text_bytes(p) for p in paths)
-  cut = int(len(text) * (1 - val_fraction))
+def _file_documents(data_config, split: str) -> list[bytes]:
+  """Documents of `data.paths`, split so that no training byte is also a validation byte.
+
+  With `data.validation_paths`, validation is exactly those files and training
+  is every other file of `data.paths`. Otherwise each file goes to one split by
+  a hash of its path (relative to its glob's fixed folders). When that leaves
+  either split empty (one file, the common case), the concatenated text is
+  cut instead: training takes the head and validation the last `val_fraction`.
+  """
+  keyed = corpus.glob_files_with_keys(data_config.paths.split(","))
+  if data_config.validation_paths:
+    validation = corpus.glob_files(data_config.validation_paths.split(","))
+    paths = validation if split == "validation" else [p for p in sorted(keyed) if p not in set(validation)]
+    return [corpus.read_text_bytes(p) for p in paths]
+  by_split = {"train": [], "validation": []}
+  for path in sorted(keyed):
+    by_split[corpus.split_of(keyed[path], data_config.val_fraction)].append(path)
+  if by_split["train"] and by_split["validation"]:
+    return [corpus.read_text_bytes(p) for p in by_split[split]]
+  text = b"".join(corpus.read_text_bytes(p) for p in sorted(keyed))
+  cut = int(len(text) * (1 - data_config.val_fraction))
   return [text[:cut]] if split == "train" else [text[cut:]]
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import tqdm
 
 from jaxlm import checkpoint as checkpoint_lib
+from jaxlm import corpus
 from jaxlm import config as config_lib
 from jaxlm import data as data_lib
 from jaxlm import metrics as metrics_lib
@@ -64,6 +65,16 @@ def write_run_files(config, workdir: Path, tokenizer) -> None:
   tokenizer.save(workdir)
 
 
+def _with_absolute_data_paths(config):
+  """A copy of `config` whose file globs are absolute, so `jaxlm eval` works from any folder."""
+  if config.data.source != "files":
+    return config
+  config = config.copy_and_resolve_references()
+  config.data.paths = corpus.absolute_patterns(config.data.paths)
+  config.data.validation_paths = corpus.absolute_patterns(config.data.validation_paths)
+  return config
+
+
 def prepare_data(config, tokenizer, split: str):
   """The split's random-access rows for the model family."""
   if config.model.family == "encoder_decoder":
@@ -102,6 +113,7 @@ def train(config, workdir: str | Path) -> dict[str, float]:
   workdir = Path(workdir)
   sharding.maybe_initialize_distributed(config)
   config_lib.validate(config, jax.device_count())
+  config = _with_absolute_data_paths(config)
   tokenizer = load_tokenizer(config)
   if config.train.compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", config.train.compilation_cache_dir)

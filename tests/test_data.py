@@ -86,3 +86,41 @@ def test_files_source_splits_a_directory(text_corpus):
   train = data_lib.load_documents(cfg.data, "train")
   validation = data_lib.load_documents(cfg.data, "validation")
   assert train and validation and not set(train) & set(validation)
+
+
+def test_one_file_is_cut_so_no_training_byte_is_validated(tmp_path):
+  # One file never hashes into validation; before the fix, training read the whole file
+  # while validation was its tail, so evaluation scored training data.
+  path = tmp_path / "one.txt"
+  text = bytes(range(32, 127)) * 200
+  path.write_bytes(text)
+  cfg = files_config(tmp_path)
+  cfg.data.paths = str(path)
+  cfg.data.val_fraction = 0.1
+  train = b"".join(data_lib.load_documents(cfg.data, "train"))
+  validation = b"".join(data_lib.load_documents(cfg.data, "validation"))
+  assert train + validation == text
+  assert len(validation) == len(text) - int(len(text) * 0.9)
+
+
+def test_split_does_not_depend_on_how_the_path_is_spelled(text_corpus, monkeypatch):
+  spellings = [str(text_corpus / "*.txt"), f"{text_corpus}/./*.txt"]
+  monkeypatch.chdir(text_corpus.parent)
+  spellings += [f"{text_corpus.name}/*.txt", f"./{text_corpus.name}/*.txt"]
+  splits = []
+  for pattern in spellings:
+    cfg = files_config(text_corpus)
+    cfg.data.paths = pattern
+    splits.append(data_lib.load_documents(cfg.data, "validation"))
+  assert splits[0] and all(split == splits[0] for split in splits)
+
+
+def test_explicit_validation_paths_are_left_out_of_training(text_corpus):
+  cfg = files_config(text_corpus)
+  cfg.data.validation_paths = str(text_corpus / "doc0[0-2].txt")
+  validation = data_lib.load_documents(cfg.data, "validation")
+  train = data_lib.load_documents(cfg.data, "train")
+  held_out = [corpus.read_text_bytes(text_corpus / f"doc0{i}.txt") for i in range(3)]
+  assert validation == held_out
+  assert len(train) == len(list(text_corpus.glob("*.txt"))) - 3
+  assert not set(train) & set(held_out)
