@@ -42,6 +42,16 @@ def load_documents(data_config, split: str) -> list[bytes]:
   return [corpus.read_text_bytes(p) for p in paths]
 
 
+def decoder_rows(config, tokenizer: Tokenizer, split: str) -> "PackedRows":
+  """Random-access packed rows of `split` for the decoder family; takes the whole config.
+
+  The one entry point from the trainer to the language-modelling data: each
+  `data.source` decides here where the tokens come from.
+  """
+  documents = load_documents(config.data, split)
+  return PackedRows(TokenStream.from_documents(documents, tokenizer), config.data.seq_len)
+
+
 def _file_documents(data_config, split: str) -> list[bytes]:
   """Documents of `data.paths`, split so that no training byte is also a validation byte.
 

@@ -83,8 +83,7 @@ def prepare_data(config, tokenizer, split: str):
   if config.model.family == "encoder":
     from jaxlm import mlm
     return mlm.prepare(config, tokenizer, split)
-  return data_lib.PackedRows(data_lib.TokenStream.from_documents(
-      data_lib.load_documents(config.data, split), tokenizer), config.data.seq_len)
+  return data_lib.decoder_rows(config, tokenizer, split)
 
 
 def load_tokenizer(config):
