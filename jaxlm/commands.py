@@ -48,8 +48,8 @@ def _eval(args, overrides) -> int:
 
 
 def _load(args):
-  from jaxlm import decode, quantize
-  run = decode.load_run(args.workdir, args.step)
+  from jaxlm import loader, quantize
+  run = loader.load(args.workdir, args.step)
   return run._replace(params=quantize.quantize_params(run.params)) if getattr(args, "int8", False) else run
 
 

@@ -38,26 +38,10 @@ def round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
 
-class Run(NamedTuple):
-  config: object
-  params: dict
-  tokenizer: object
-  step: int
-
-
-def load_run(workdir, step: int | None = None) -> Run:
-  """A run's saved config, tokenizer and params (latest checkpoint, or `step`), on one device.
-
-  Decoding is latency-bound: a mesh over every device would replicate each
-  step's work on all of them, so the params are restored onto the first.
-  """
-  from jax.sharding import Mesh
-  from jaxlm import evaluate, sharding, tokenizer as tokenizer_lib, train as train_lib
-  config = evaluate.load_run_config(workdir)
-  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 1, 1
-  mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.AXES)
-  params, step = evaluate.restore_params(workdir, step, train_lib.setup(config, mesh))
-  return Run(config, params, tokenizer_lib.load(workdir), step)
+def load_run(workdir, step: int | None = None):
+  """`jaxlm.loader.load(workdir, step)`: the run's params on one device, as decoding wants them."""
+  from jaxlm import loader  # local: `jaxlm.export` runs artifacts with this module and no model code
+  return loader.load(workdir, step)
 
 
 # --- Adapters: the family-specific prefill and step -------------------------------------------------

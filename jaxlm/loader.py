@@ -1,0 +1,128 @@
+"""One loader for a trained run: `load(workdir, step=None, mesh=None)`.
+
+Every command that reads a run (eval, generate, serve, export, quantize,
+convert --to-hf) goes through `load`, and so can research code:
+
+    run = jaxlm.load("runs/tiny")
+    logits_BxTxV = run.model.apply({"params": run.params}, tokens_BxT)
+
+It reads the run's saved config (unchanged: no mesh or batch size is
+rewritten), its tokenizer, and the parameters of one checkpoint, restored
+straight into their target shardings. No optimizer is built and its state is
+never read, so a run loads in the memory of its parameters alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from jaxlm import checkpoint as checkpoint_lib
+from jaxlm import config as config_lib
+from jaxlm import model as model_lib
+from jaxlm import sharding, tokenizer as tokenizer_lib
+
+
+class RunError(RuntimeError):
+  """A work directory that is not a finished `jaxlm train` run (no config, no checkpoint)."""
+
+
+class Run(NamedTuple):
+  """A loaded run.
+
+  config: the whole saved config (`ml_collections.ConfigDict`; `config.model` is the model sub-config).
+  model: the family's Flax module, built from `config.model` (deterministic, not for cached decoding).
+  params: the parameter tree, on the mesh given to `load` or on one device.
+  tokenizer: the run's `jaxlm.tokenizer.Tokenizer`.
+  step: the checkpoint step the params come from.
+  """
+  config: ml_collections.ConfigDict
+  model: nn.Module
+  params: Any
+  tokenizer: tokenizer_lib.Tokenizer
+  step: int
+
+
+def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
+  """The whole config a run saved in `workdir/config.json`, schema-checked; raises RunError if absent."""
+  path = Path(workdir) / "config.json"
+  if not path.is_file():
+    raise RunError(f"{path} not found; pass the --workdir of a run started with `jaxlm train`")
+  config = ml_collections.ConfigDict(json.loads(path.read_text()))
+  config_lib.check_schema(config)
+  return config
+
+
+def single_device_mesh() -> Mesh:
+  """A 1 x 1 x 1 mesh (axes data, fsdp, tensor) on the first device."""
+  return Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.AXES)
+
+
+def abstract_params(model_cfg: ml_collections.ConfigDict, module: nn.Module | None = None):
+  """The boxed (logically partitioned) parameter shapes of the model `model_cfg` describes; nothing is allocated."""
+  module = module or model_lib.build(model_cfg)
+  batch = model_lib.example_batch(model_cfg, (1, 8))  # parameter shapes do not depend on the length
+  return jax.eval_shape(lambda: module.init(jax.random.key(0), **model_lib.model_inputs(model_cfg, batch))["params"])
+
+
+def param_shardings(config: ml_collections.ConfigDict, mesh: Mesh, module: nn.Module | None = None):
+  """NamedShardings of the params on `mesh`, by the whole `config`'s logical rules (`mesh.rules`)."""
+  return sharding.logical_shardings(mesh, config_lib.mesh_rules(config), abstract_params(config.model, module))
+
+
+@contextlib.contextmanager
+def _quiet_restore():
+  """Silences the absl warnings Orbax logs on every read-only partial restore (they are expected here)."""
+  logger = logging.getLogger("absl")
+  previous = logger.level
+  logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    logger.setLevel(previous)
+
+
+def restore_params(workdir: str | Path, config: ml_collections.ConfigDict, shardings, step: int | None = None):
+  """(params, step): the params of checkpoint `step` (default: the latest) in `workdir`, placed by `shardings`.
+
+  `config` is the whole config; `shardings` a tree of NamedShardings matching the params. Raises RunError when
+  the run has no complete checkpoint, `checkpoint.CheckpointError` when `step` is missing or does not match.
+  """
+  abstract = nn.meta.unbox(abstract_params(config.model))
+  target = {"params": checkpoint_lib.abstract_with_shardings(abstract, shardings)}
+  with _quiet_restore():
+    checkpointer = checkpoint_lib.Checkpointer(Path(workdir) / "checkpoints", read_only=True)
+    try:
+      step = checkpointer.latest_step() if step is None else step
+      if step is None:
+        raise RunError(f"no complete checkpoint in {checkpointer.directory}; train first")
+      params = checkpointer.restore(step, target, partial=True)["params"]
+    finally:
+      checkpointer.close()
+  return params, step
+
+
+def load(workdir: str | Path, step: int | None = None, mesh: Mesh | None = None) -> Run:
+  """Loads a run: `Run(config, model, params, tokenizer, step)`.
+
+  workdir: a `jaxlm train` (or `jaxlm convert --from-hf`) work directory.
+  step: the checkpoint to read; None takes the latest complete one.
+  mesh: a `jax.sharding.Mesh` with axes ('data', 'fsdp', 'tensor'); the params are sharded onto it by the
+    run's logical rules (`config.mesh.rules`). None puts them whole on the first device, which suits
+    decoding: it is latency-bound, and a mesh would repeat each step's work on every device.
+  """
+  config = load_config(workdir)
+  tokenizer = tokenizer_lib.load(workdir)
+  module = model_lib.build(config.model)
+  shardings = param_shardings(config, mesh or single_device_mesh(), module)
+  params, step = restore_params(workdir, config, shardings, step)
+  return Run(config, module, params, tokenizer, step)
