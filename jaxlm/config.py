@@ -76,8 +76,10 @@ def base_config() -> ConfigDict:
   c.model.cpu_kernels = True        # CPU backend, float32: fused attention and norm kernels (jaxlm/cpu_kernels.py)
 
   c.data = ConfigDict()
-  c.data.source = "stdlib"          # stdlib | files
+  c.data.source = "stdlib"          # stdlib | files | tfds | codesum | prepared
   c.data.paths = ""                 # comma-separated files or globs for source=files
+  c.data.prepared_dir = ""          # source=prepared: a `jaxlm prepare --out` folder (train/, validation/) (README "Data")
+  c.data.mixture = ""               # source=prepared: "[(DIR, WEIGHT), ...]" prepared folders mixed by weight for training
   c.data.validation_paths = ""      # source=files: validation files or globs; empty: split data.paths (README "Data")
   c.data.include_tests = False      # stdlib: include the test folders
   c.data.val_fraction = 0.03
@@ -253,7 +255,7 @@ _CHOICES = {
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat_policy": ("none", "full", "dots", "dots_no_batch"),
     "model.attention_impl": ("xla", "cudnn"),
-    "data.source": ("stdlib", "files", "tfds", "codesum"),
+    "data.source": ("stdlib", "files", "tfds", "codesum", "prepared"),
     "data.tokenizer": ("byte", "sentencepiece"),
     "optim.name": ("adamw", "adafactor", "lion"),
     "optim.schedule": ("cosine", "linear", "rsqrt", "constant", "transformer"),
@@ -303,6 +305,11 @@ def validate(config: ConfigDict, num_devices: int) -> None:
                       "lower data.target_len or raise model.max_len")
   if config.data.source == "tfds":
     _validate_tfds(config)
+  if config.data.source == "prepared" and not (config.data.prepared_dir or config.data.mixture):
+    raise ConfigError("data.source='prepared' needs --config.data.prepared_dir=DIR (from `jaxlm prepare --out DIR`) "
+                      "or --config.data.mixture='[(DIR, WEIGHT), ...]'")
+  if config.data.source == "prepared" and m.family != "decoder":
+    raise ConfigError(f"data.source='prepared' feeds the decoder family, not model.family='{m.family}'")
   if config.data.source == "codesum" and m.family != "encoder_decoder":
     raise ConfigError(f"data.source='codesum' pairs code with summaries, which needs model.family='encoder_decoder', "
                       f"not '{m.family}'")
