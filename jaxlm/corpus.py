@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import itertools
+import json
 import os
 import sysconfig
 from pathlib import Path
@@ -93,3 +94,94 @@ def _fixed_prefix(pattern: str) -> Path:
 def read_text_bytes(path: Path) -> bytes:
   """File bytes, with invalid UTF-8 replaced so every document is valid text."""
   return path.read_bytes().decode("utf-8", errors="replace").encode("utf-8")
+
+
+# A byte range [start, end) of one file: the unit in which splits and prepared shards name their text.
+Range = tuple[Path, int, int]
+
+
+def split_ranges(data_config, split: str) -> list[Range]:
+  """The file ranges of `split` ('train' or 'validation') for data.source 'stdlib' or 'files', in reading order.
+
+  Each range of a text file is one document; a `.jsonl` range holds one
+  document per line (see `documents`). With `data.validation_paths`,
+  validation is exactly those files and training every other file. Otherwise
+  each file goes to one split by a hash of its path (relative to its glob's
+  fixed folders). When that leaves either split empty (one file, the common
+  case), the files are cut instead: training takes the head and validation
+  the last `val_fraction` of their bytes, so no byte is in both.
+  Raises ConfigError when every file is empty.
+  """
+  if data_config.source == "stdlib":
+    return [_whole(p) for p in stdlib_split(split, data_config.val_fraction, data_config.include_tests)]
+  keyed = glob_files_with_keys(data_config.paths.split(","))
+  if data_config.validation_paths:
+    validation = glob_files(data_config.validation_paths.split(","))
+    paths = validation if split == "validation" else [p for p in sorted(keyed) if p not in set(validation)]
+    return [_whole(p) for p in paths]
+  by_split = {"train": [], "validation": []}
+  for path in sorted(keyed):
+    by_split[split_of(keyed[path], data_config.val_fraction)].append(path)
+  if by_split["train"] and by_split["validation"]:
+    return [_whole(p) for p in by_split[split]]
+  return _cut(sorted(keyed), data_config.val_fraction, split, data_config.paths)
+
+
+def _whole(path: Path) -> Range:
+  return (path, 0, path.stat().st_size)
+
+
+def _cut(paths: list[Path], val_fraction: float, split: str, patterns: str) -> list[Range]:
+  """The head (train) or tail (validation) of the files' bytes taken as one sequence."""
+  from jaxlm.config import ConfigError  # local: config imports this module lazily too
+  sizes = [p.stat().st_size for p in paths]
+  if not sum(sizes):
+    raise ConfigError(f"data.paths: every file matching '{patterns}' is empty; add text to train on")
+  cut, offset, ranges = int(sum(sizes) * (1 - val_fraction)), 0, []
+  for path, size in zip(paths, sizes):
+    local = min(max(cut - offset, 0), size)
+    if path.suffix == ".jsonl":  # a JSON line is never cut in two
+      local = next_line_start(path, local)
+    head, tail = (path, 0, local), (path, local, size)
+    chosen = head if split == "train" else tail
+    if chosen[2] > chosen[1]:
+      ranges.append(chosen)
+    offset += size
+  return ranges
+
+
+def next_line_start(path: Path, offset: int) -> int:
+  """The first offset >= `offset` that starts a line of `path` (or its size)."""
+  with open(path, "rb") as f:
+    if offset == 0:
+      return 0
+    f.seek(offset - 1)
+    while chunk := f.read(1 << 20):
+      newline = chunk.find(b"\n")
+      if newline >= 0:
+        return f.tell() - len(chunk) + newline + 1
+  return path.stat().st_size
+
+
+def documents(path: Path, start: int, end: int, text_key: str = "text") -> list[bytes]:
+  """The UTF-8 documents in bytes [start, end) of `path` (invalid bytes replaced).
+
+  A text file's range is one document. A `.jsonl` file holds one JSON object
+  per line; each line's `text_key` string is a document (data.text_key).
+  """
+  with open(path, "rb") as f:
+    f.seek(start)
+    data = f.read(end - start)
+  if path.suffix != ".jsonl":
+    return [data.decode("utf-8", errors="replace").encode("utf-8")]
+  from jaxlm.config import ConfigError  # local: config imports this module lazily too
+  out = []
+  for number, line in enumerate(data.splitlines()):
+    if not line.strip():
+      continue
+    try:
+      out.append(json.loads(line)[text_key].encode("utf-8"))
+    except (ValueError, KeyError, TypeError, AttributeError):
+      raise ConfigError(f"{path}: line {number + 1} after byte {start} is not a JSON object with a "
+                        f"'{text_key}' string; fix the line or set data.text_key") from None
+  return out

@@ -23,57 +23,50 @@ import jax
 import numpy as np
 
 from jaxlm import corpus
+from jaxlm.config import ConfigError
 from jaxlm.tokenizer import Tokenizer
 
 Batch = dict[str, np.ndarray]
 
 
 def load_documents(data_config, split: str) -> list[bytes]:
-  """The raw documents of a split ('train' or 'validation'), for the text sources."""
-  if data_config.source == "stdlib":
-    paths = corpus.stdlib_split(split, data_config.val_fraction, data_config.include_tests)
-  elif data_config.source == "files":
-    return _file_documents(data_config, split)
-  elif data_config.source == "tfds":
+  """The raw documents of a split ('train' or 'validation'), for the text sources, all in memory.
+
+  For corpora that do not fit, `jaxlm prepare` tokenizes them once into shards
+  that `data.source='prepared'` reads (jaxlm/prepare.py, jaxlm/prepared.py).
+  """
+  if data_config.source in ("stdlib", "files"):
+    return [document for path, start, end in corpus.split_ranges(data_config, split)
+            for document in corpus.documents(path, start, end, data_config.text_key)]
+  if data_config.source == "tfds":
     from jaxlm import tfds_data  # local: TFDS is imported only by runs that read it
     return tfds_data.load_documents(data_config, split)
-  else:
-    raise ValueError(f"data.source '{data_config.source}' has no text documents")
-  return [corpus.read_text_bytes(p) for p in paths]
+  raise ValueError(f"data.source '{data_config.source}' has no text documents")
 
 
-def decoder_rows(config, tokenizer: Tokenizer, split: str) -> "PackedRows":
+def decoder_rows(config, tokenizer: Tokenizer, split: str):
   """Random-access packed rows of `split` for the decoder family; takes the whole config.
 
   The one entry point from the trainer to the language-modelling data: each
-  `data.source` decides here where the tokens come from.
+  `data.source` decides here where the tokens come from. 'prepared' reads
+  memory-mapped shards (a `mixture.Mixture` when `data.mixture` is set, for
+  training); the others tokenize the split's text in memory (`PackedRows`).
+  Raises ConfigError, before anything compiles, when the split cannot fill
+  one batch.
   """
-  documents = load_documents(config.data, split)
-  return PackedRows(TokenStream.from_documents(documents, tokenizer), config.data.seq_len)
-
-
-def _file_documents(data_config, split: str) -> list[bytes]:
-  """Documents of `data.paths`, split so that no training byte is also a validation byte.
-
-  With `data.validation_paths`, validation is exactly those files and training
-  is every other file of `data.paths`. Otherwise each file goes to one split by
-  a hash of its path (relative to its glob's fixed folders). When that leaves
-  either split empty (one file, the common case), the concatenated text is
-  cut instead: training takes the head and validation the last `val_fraction`.
-  """
-  keyed = corpus.glob_files_with_keys(data_config.paths.split(","))
-  if data_config.validation_paths:
-    validation = corpus.glob_files(data_config.validation_paths.split(","))
-    paths = validation if split == "validation" else [p for p in sorted(keyed) if p not in set(validation)]
-    return [corpus.read_text_bytes(p) for p in paths]
-  by_split = {"train": [], "validation": []}
-  for path in sorted(keyed):
-    by_split[corpus.split_of(keyed[path], data_config.val_fraction)].append(path)
-  if by_split["train"] and by_split["validation"]:
-    return [corpus.read_text_bytes(p) for p in by_split[split]]
-  text = b"".join(corpus.read_text_bytes(p) for p in sorted(keyed))
-  cut = int(len(text) * (1 - data_config.val_fraction))
-  return [text[:cut]] if split == "train" else [text[cut:]]
+  d = config.data
+  if d.source == "prepared":
+    from jaxlm import mixture  # local: the prepared readers are needed only by prepared runs
+    rows = mixture.decoder_rows(d, tokenizer, split)
+    where = "the prepared data (data.prepared_dir, data.mixture)"
+  else:
+    rows = PackedRows(TokenStream.from_documents(load_documents(d, split), tokenizer), d.seq_len)
+    where = f"data.source '{d.source}'" + (f" (data.paths '{d.paths}')" if d.source == "files" else "")
+  needed = config.train.global_batch_size if split == "train" else 1
+  if len(rows) < needed:
+    raise ConfigError(f"the {split} split of {where} has {len(rows)} rows of data.seq_len={d.seq_len} tokens, "
+                      f"fewer than the {needed} needed; add text, or lower data.seq_len or train.global_batch_size")
+  return rows
 
 
 @dataclasses.dataclass
@@ -149,9 +142,10 @@ def train_batches(rows, global_batch: int, seed: int, start_step: int, num_steps
                   prefetch_threads: int = 0) -> Iterator[Batch]:
   """This process's batches for steps start_step .. num_steps-1, read by grain."""
   if len(rows) < global_batch:
-    raise ValueError(f"the training split has {len(rows)} rows, fewer than one batch of {global_batch}; "
+    raise ConfigError(f"the training split has {len(rows)} rows, fewer than one batch of {global_batch}; "
                      "add data or lower train.global_batch_size")
-  shuffled = grain.MapDataset.source(rows).shuffle(seed=seed)
+  # A mixture draws its own rows from (seed, row index); other rows get one grain shuffle per epoch.
+  shuffled = rows.shuffled(seed) if hasattr(rows, "shuffled") else grain.MapDataset.source(rows).shuffle(seed=seed)
   p, n = jax.process_index(), jax.process_count()
   batches = grain.MapDataset.range(num_steps).map(
       lambda step: collate([shuffled[i] for i in local_rows(step, global_batch, p, n)]))

@@ -37,13 +37,17 @@ def as_text(value) -> str:
   return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
 
 
-def _records(data_config, split: str):
+def num_examples(data_config, split: str) -> int:
+  """Examples of the split that jaxlm reads: all, or at most data.max_examples."""
+  count = len(data_source(data_config, split))
+  return min(count, data_config.max_examples) if data_config.max_examples else count
+
+
+def _records(data_config, split: str, first: int = 0, end: int | None = None):
   source = data_source(data_config, split)
-  count = len(source)
-  if data_config.max_examples:
-    count = min(count, data_config.max_examples)
+  end = num_examples(data_config, split) if end is None else end
   # One index at a time: the mocked source's batched __getitems__ is broken in tfds 4.9.10.
-  return (source[i] for i in range(count))
+  return (source[i] for i in range(first, end))
 
 
 def _feature(record, key: str, data_config, key_name: str):
@@ -53,10 +57,10 @@ def _feature(record, key: str, data_config, key_name: str):
   return record[key]
 
 
-def load_documents(data_config, split: str) -> list[bytes]:
-  """The text feature of every example, as UTF-8 documents for `data.TokenStream`."""
+def load_documents(data_config, split: str, first: int = 0, end: int | None = None) -> list[bytes]:
+  """The text feature of examples [first, end) (default: all), as UTF-8 documents for `data.TokenStream`."""
   return [as_text(_feature(r, data_config.text_key, data_config, "text_key")).encode("utf-8")
-          for r in _records(data_config, split)]
+          for r in _records(data_config, split, first, end)]
 
 
 def load_pairs(data_config, split: str) -> list[tuple[str, str]]:

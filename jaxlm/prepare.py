@@ -1,0 +1,291 @@
+"""`jaxlm prepare`: tokenize a source once into memory-mapped token shards, in parallel and resumably.
+
+    jaxlm prepare --config CONFIG --out DIR [--split train] [--workers N] [--shard-mb 16] [--config.data.KEY=V ...]
+
+The source and the tokenizer are the config's `data.*` keys (stdlib, files and
+globs including `.jsonl` files, or tfds), so each split holds exactly the
+documents `jaxlm train` would read for it: the same validation files, never a
+training one. Each split goes to its own folder, DIR/train and DIR/validation:
+
+  plan.json                  the source ranges of every shard, with the tokenizer's and source's
+                             fingerprints; written first, it is what a rerun compares against
+  shard_NNNNN.tokens.npy     token ids, documents back to back, each ending in EOS (uint16 when the
+                             vocabulary fits, else int32); read with np.load(mmap_mode='r')
+  shard_NNNNN.documents.npy  int64 end offsets (in the shard's tokens) of the documents ending in it
+  shard_NNNNN.json           the shard's counts; renamed into place last, it marks the shard complete
+  index.json                 totals, the shard list and both fingerprints; written once every shard is
+
+Every file is written as NAME.tmp and renamed, so an interrupted prepare never
+leaves a shard that looks complete. Running the same command again keeps the
+finished shards and writes the others; if the source or tokenizer changed, it
+starts the split over. The plan depends only on the source and --shard-mb, and
+every shard only on its plan, so the output bytes are identical on every run
+and with any number of workers. Worker processes are forked (no JAX runs in
+them), each tokenizes whole shards, and they report progress to one bar.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import sys
+import time
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+import tqdm
+
+from jaxlm import corpus, tokenizer as tokenizer_lib
+from jaxlm.config import ConfigError
+
+FORMAT = "jaxlm-prepared-1"
+INDEX = "index.json"
+PLAN = "plan.json"
+TFDS_EXAMPLES_PER_SHARD = 100_000
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+  """A hex digest naming the tokenizer: its kind and special ids, and its model file's bytes if it has one."""
+  digest = hashlib.sha256(json.dumps([type(tokenizer).__name__, tokenizer.vocab_size, tokenizer.pad_id,
+                                      tokenizer.bos_id, tokenizer.eos_id]).encode())
+  model_path = getattr(tokenizer, "model_path", None)
+  if model_path is not None:
+    digest.update(Path(model_path).read_bytes())
+  return digest.hexdigest()
+
+
+def _file_pieces(path: Path, start: int, end: int, shard_bytes: int) -> list[dict]:
+  """A file range as segments of at most about `shard_bytes`, cut at line starts.
+
+  Every JSON line is a document. A text range is one document, so only its
+  last piece ends it (gets the EOS); pieces are tokenized apart, which for
+  SentencePiece may tokenize the few characters at a cut differently.
+  """
+  pieces, jsonl = [], path.suffix == ".jsonl"
+  while True:
+    cut = corpus.next_line_start(path, start + shard_bytes) if end - start > shard_bytes else end
+    cut = min(cut, end)
+    pieces.append({"path": str(path), "start": start, "end": cut, "ends_document": jsonl or cut == end})
+    if cut >= end:
+      return pieces
+    start = cut
+
+
+def _segments(data_config, split: str, shard_bytes: int) -> tuple[list[dict], str]:
+  """(the split's segments in reading order, the source's fingerprint).
+
+  A file segment is {path, start, end, ends_document}; a TFDS segment is
+  {tfds: [first, end]} example indices. The fingerprint hashes what the
+  segments name (paths, sizes and modification times; the TFDS name, split
+  and size), so a changed source restarts the prepare instead of resuming.
+  """
+  if data_config.source in ("stdlib", "files"):
+    segments, described = [], []
+    for path, start, end in corpus.split_ranges(data_config, split):
+      stat = path.stat()
+      described.append([str(path), start, end, stat.st_size, stat.st_mtime_ns])
+      segments += _file_pieces(path, start, end, shard_bytes)
+  elif data_config.source == "tfds":
+    from jaxlm import tfds_data  # local: TFDS is imported only when it is the source
+    count = tfds_data.num_examples(data_config, split)
+    segments = [{"tfds": [first, min(first + TFDS_EXAMPLES_PER_SHARD, count)]}
+                for first in range(0, count, TFDS_EXAMPLES_PER_SHARD)]
+    described = [data_config.tfds_name, tfds_data.split_name(data_config, split), data_config.tfds_data_dir, count]
+  else:
+    raise ConfigError(f"data.source='{data_config.source}' cannot be prepared; use stdlib, files "
+                      "(text or .jsonl) or tfds")
+  return segments, hashlib.sha256(json.dumps(described).encode()).hexdigest()
+
+
+def _group(segments: list[dict], shard_bytes: int) -> list[list[dict]]:
+  """Consecutive segments grouped into shards of about `shard_bytes` (a TFDS segment is a shard)."""
+  shards, size = [], 0
+  for segment in segments:
+    length = segment["end"] - segment["start"] if "path" in segment else shard_bytes
+    if not shards or (size and size + length > shard_bytes):
+      shards.append([])
+      size = 0
+    shards[-1].append(segment)
+    size += length
+  return shards
+
+
+def make_plan(config, split: str, tokenizer, shard_mb: float) -> dict:
+  """What `prepare` writes for `split` (JSON-ready); equal plans give identical output."""
+  shard_bytes = max(int(shard_mb * 2**20), 1)
+  segments, source_fingerprint = _segments(config.data, split, shard_bytes)
+  return {
+      "format": FORMAT, "split": split, "source": config.data.source, "source_fingerprint": source_fingerprint,
+      "tokenizer": {"kind": type(tokenizer).__name__, "vocab_size": tokenizer.vocab_size,
+                    "eos_id": tokenizer.eos_id, "fingerprint": tokenizer_fingerprint(tokenizer)},
+      "dtype": "uint16" if tokenizer.vocab_size <= 2**16 else "int32",
+      "data": {key: config.data[key] for key in ("source", "tokenizer", "tokenizer_path", "text_key", "tfds_name",
+                                                  "tfds_data_dir", "tfds_train_split", "tfds_eval_split")},
+      "shards": _group(segments, shard_bytes),
+  }
+
+
+# --- the workers ---------------------------------------------------------------------------------
+
+_progress = None  # in a worker: the queue progress goes to; in-process: a callback
+_tokenizers = {}
+
+
+def _init_worker(progress_queue) -> None:
+  global _progress
+  _progress = progress_queue.put
+
+
+def _tokenizer(data: dict):
+  key = json.dumps(data, sort_keys=True)
+  if key not in _tokenizers:
+    _tokenizers[key] = tokenizer_lib.from_config(ml_collections.ConfigDict(data))
+  return _tokenizers[key]
+
+
+def _documents(segment: dict, data: dict, split: str) -> tuple[list[bytes], int]:
+  """(the segment's documents, its size in progress units: bytes, or TFDS examples)."""
+  if "tfds" in segment:
+    from jaxlm import tfds_data  # local: TFDS is imported only when it is the source
+    first, end = segment["tfds"]
+    return tfds_data.load_documents(ml_collections.ConfigDict(data), split, first, end), end - first
+  return corpus.documents(Path(segment["path"]), segment["start"], segment["end"], data["text_key"]), \
+      segment["end"] - segment["start"]
+
+
+def _write_atomic(path: Path, write) -> None:
+  """Calls write(file) on PATH.tmp, then renames it to `path`: readers never see a partial file."""
+  tmp = path.with_name(path.name + ".tmp")
+  with open(tmp, "wb") as f:
+    write(f)
+  os.replace(tmp, path)
+
+
+def write_shard(job: tuple) -> dict:
+  """Tokenizes one shard's segments and writes its three files; returns its counts.
+
+  job: (split folder, shard number, segments, plan['data'], split, dtype name).
+  """
+  directory, number, segments, data, split, dtype = job
+  tokenizer = _tokenizer({key: data[key] for key in ("tokenizer", "tokenizer_path")})
+  pieces, ends, num_tokens, num_bytes = [], [], 0, 0
+  for segment in segments:
+    documents, units = _documents(segment, data, split)
+    start_tokens = num_tokens
+    for i, document in enumerate(documents):
+      tokens = tokenizer.encode(document)
+      if segment.get("ends_document", True) or i < len(documents) - 1:
+        tokens = np.append(tokens, np.int32(tokenizer.eos_id))
+        ends.append(num_tokens + len(tokens))
+      pieces.append(tokens.astype(dtype))
+      num_tokens += len(tokens)
+      num_bytes += len(document)
+    if _progress:
+      _progress((units, len(documents), num_tokens - start_tokens))
+  base = Path(directory) / f"shard_{number:05d}"
+  tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype)
+  _write_atomic(base.with_name(base.name + ".tokens.npy"), lambda f: np.save(f, tokens))
+  _write_atomic(base.with_name(base.name + ".documents.npy"), lambda f: np.save(f, np.asarray(ends, np.int64)))
+  counts = {"tokens": base.name + ".tokens.npy", "documents": base.name + ".documents.npy",
+            "num_tokens": num_tokens, "num_documents": len(ends), "num_bytes": num_bytes}
+  _write_atomic(base.with_name(base.name + ".json"), lambda f: f.write(json.dumps(counts).encode()))
+  return counts
+
+
+# --- the driver ----------------------------------------------------------------------------------
+
+def _clear(directory: Path) -> None:
+  """Removes what a previous prepare wrote in `directory` (only its own file names)."""
+  for pattern in ("shard_*", INDEX, PLAN, "*.tmp"):
+    for path in directory.glob(pattern):
+      path.unlink()
+
+
+def _run(jobs: list[tuple], workers: int, bar: tqdm.tqdm) -> None:
+  """Runs write_shard over `jobs`, in `workers` forked processes (or here when workers <= 1)."""
+  global _progress
+  documents, tokens, started = 0, 0, time.perf_counter()
+
+  def report(update):
+    nonlocal documents, tokens
+    units, new_documents, new_tokens = update
+    documents, tokens = documents + new_documents, tokens + new_tokens
+    bar.set_postfix_str(f"{documents:,} docs, {tokens / max(time.perf_counter() - started, 1e-9):,.0f} tokens/s",
+                        refresh=False)
+    bar.update(units)
+
+  if workers <= 1 or len(jobs) <= 1:
+    _progress = report
+    try:
+      for job in jobs:
+        write_shard(job)
+    finally:
+      _progress = None
+    return
+  context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+  # A SimpleQueue's put writes before returning, so once the jobs are done every report is readable.
+  progress_queue = context.SimpleQueue()
+  with context.Pool(min(workers, len(jobs)), initializer=_init_worker, initargs=(progress_queue,)) as pool:
+    result = pool.map_async(write_shard, jobs, chunksize=1)
+    while not result.ready() or not progress_queue.empty():
+      if progress_queue.empty():
+        result.wait(0.1)
+      else:
+        report(progress_queue.get())
+    result.get()  # re-raises a worker's error here
+
+
+def prepare_split(config, out: Path, split: str, tokenizer, workers: int, shard_mb: float,
+                  show_progress: bool = True) -> dict:
+  """Prepares one split of the config's source into out/split (resuming); returns its index."""
+  directory = Path(out) / split
+  directory.mkdir(parents=True, exist_ok=True)
+  plan = json.loads(json.dumps(make_plan(config, split, tokenizer, shard_mb)))
+  plan_path = directory / PLAN
+  previous = json.loads(plan_path.read_text()) if plan_path.is_file() else None
+  if previous == plan and (directory / INDEX).is_file():
+    return json.loads((directory / INDEX).read_text())
+  if previous != plan:
+    if previous is not None:
+      print(f"{directory}: the source, tokenizer or --shard-mb changed since the last prepare; starting over",
+            file=sys.stderr)
+    _clear(directory)
+    _write_atomic(plan_path, lambda f: f.write(json.dumps(plan, indent=1).encode()))
+  for tmp in directory.glob("*.tmp"):  # left by an interrupted run; never complete
+    tmp.unlink()
+  shards = plan["shards"]
+  done = [i for i in range(len(shards)) if (directory / f"shard_{i:05d}.json").is_file()]
+  if done:
+    print(f"{directory}: resuming, {len(done)} of {len(shards)} shards already written", file=sys.stderr)
+  jobs = [(str(directory), i, shard, plan["data"], split, plan["dtype"])
+          for i, shard in enumerate(shards) if i not in set(done)]
+  size = lambda shard: sum(s["end"] - s["start"] if "path" in s else s["tfds"][1] - s["tfds"][0] for s in shard)
+  by_bytes = plan["source"] != "tfds"
+  with tqdm.tqdm(total=sum(map(size, shards)), initial=sum(size(shards[i]) for i in done), unit="B" if by_bytes
+                 else " docs", unit_scale=True, desc=f"prepare {split}", disable=not show_progress,
+                 dynamic_ncols=True) as bar:
+    _run(jobs, workers, bar)
+  counts = [json.loads((directory / f"shard_{i:05d}.json").read_text()) for i in range(len(shards))]
+  index = {key: plan[key] for key in ("format", "split", "source", "source_fingerprint", "tokenizer", "dtype")}
+  index.update({total: sum(c[total] for c in counts) for total in ("num_documents", "num_tokens", "num_bytes")})
+  index["shards"] = counts
+  _write_atomic(directory / INDEX, lambda f: f.write(json.dumps(index, indent=1).encode()))
+  return index
+
+
+def prepare(config, out: str | Path, splits=("train", "validation"), workers: int = 0, shard_mb: float = 16.0,
+            show_progress: bool = True) -> dict[str, dict]:
+  """Tokenizes the config's source into `out`/SPLIT for each split; takes the whole config.
+
+  workers: processes that tokenize (0: one per CPU). Returns {split: index}.
+  """
+  if config.data.tokenizer == "sentencepiece" and config.data.spm_vocab_size:
+    from jaxlm import spm  # local: trains the vocabulary on the training split if it is missing
+    spm.train_if_missing(config)
+  tokenizer = tokenizer_lib.from_config(config.data)
+  workers = workers or os.cpu_count() or 1
+  return {split: prepare_split(config, Path(out), split, tokenizer, workers, shard_mb, show_progress)
+          for split in splits}

@@ -1,0 +1,258 @@
+"""`jaxlm prepare` and the prepared readers: same rows as in memory, resumable, identical bytes, mixtures."""
+
+import itertools
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jaxlm import config as config_lib, corpus, data as data_lib, mixture, prepare, prepared, spm
+from jaxlm.tokenizer import ByteTokenizer, SentencePieceTokenizer
+
+from conftest import REPO, files_config, run_cli
+
+SEQ = 32
+SENTENCES = [f"Return the {w} of the {v} in line {i}." for i in range(200)
+             for w, v in [("length", "list"), ("sum", "values"), ("name", "module")]]
+
+
+def prepare_files(text_corpus, out, workers=1, shard_mb=0.01, **data):
+  """Prepares the tiny corpus (files source) into `out` with shards of about 10 kB; returns the config."""
+  cfg = files_config(text_corpus)
+  for key, value in data.items():
+    cfg.data[key] = value
+  prepare.prepare(cfg, out, workers=workers, shard_mb=shard_mb, show_progress=False)
+  return cfg
+
+
+def in_memory_rows(cfg, split):
+  documents = data_lib.load_documents(cfg.data, split)
+  return data_lib.PackedRows(data_lib.TokenStream.from_documents(documents, ByteTokenizer()), SEQ)
+
+
+def assert_same_rows(expected, actual):
+  assert len(actual) == len(expected) > 0
+  for i in range(len(expected)):
+    for key, value in expected[i].items():
+      np.testing.assert_array_equal(actual[i][key], value, err_msg=f"row {i} {key}")
+
+
+def folder_bytes(directory):
+  return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def prepared_corpus(text_corpus, tmp_path_factory):
+  out = tmp_path_factory.mktemp("prepared")
+  return out, prepare_files(text_corpus, out)
+
+
+def test_prepared_rows_equal_the_in_memory_rows(prepared_corpus):
+  out, cfg = prepared_corpus
+  for split in ("train", "validation"):
+    assert_same_rows(in_memory_rows(cfg, split), prepared.open_split(out / split, ByteTokenizer(), SEQ))
+  index = json.loads((out / "train" / "index.json").read_text())
+  assert len(index["shards"]) > 3  # rows really cross shard boundaries
+  ends = np.concatenate([np.load(out / "train" / s["documents"]) + offset for s, offset in
+                         zip(index["shards"], np.cumsum([0] + [s["num_tokens"] for s in index["shards"]]))])
+  assert len(ends) == index["num_documents"] == len(data_lib.load_documents(cfg.data, "train"))
+
+
+def test_large_files_and_jsonl_lines_are_cut_into_shards_without_changing_tokens(tmp_path):
+  big = tmp_path / "src" / "big.txt"
+  big.parent.mkdir()
+  big.write_bytes(b"".join(b"line %d of a long document\n" % i for i in range(3000)))  # about 80 kB
+  lines = tmp_path / "src" / "docs.jsonl"
+  lines.write_text("".join(json.dumps({"text": f"document {i}: " + "word " * (i % 50)}) + "\n" for i in range(900)))
+  cfg = files_config(tmp_path / "src")
+  cfg.data.paths = f"{big},{lines}"
+  cfg.data.validation_paths = str(lines)
+  prepare.prepare(cfg, tmp_path / "out", workers=1, shard_mb=0.01, show_progress=False)
+  for split in ("train", "validation"):
+    rows = prepared.open_split(tmp_path / "out" / split, ByteTokenizer(), SEQ)
+    assert len(json.loads((tmp_path / "out" / split / "index.json").read_text())["shards"]) > 1
+    assert_same_rows(in_memory_rows(cfg, split), rows)
+  assert len(data_lib.load_documents(cfg.data, "validation")) == 900
+
+
+def test_prepare_twice_gives_identical_bytes_with_any_worker_count(prepared_corpus, text_corpus, tmp_path):
+  out, _ = prepared_corpus
+  prepare_files(text_corpus, tmp_path / "two", workers=2)
+  assert folder_bytes(tmp_path / "two") == folder_bytes(out)
+  before = {p: p.stat().st_mtime_ns for p in (tmp_path / "two").rglob("*")}
+  prepare_files(text_corpus, tmp_path / "two", workers=2)  # already prepared: nothing is rewritten
+  assert {p: p.stat().st_mtime_ns for p in (tmp_path / "two").rglob("*")} == before
+
+
+def test_interrupted_prepare_resumes_and_never_leaves_a_shard_that_looks_complete(
+    prepared_corpus, text_corpus, tmp_path, monkeypatch):
+  out, _ = prepared_corpus
+  written = []
+  original = prepare.write_shard
+
+  def dies_at_the_fourth_shard(job):
+    if len(written) == 3:
+      # Killed mid-shard: a half-written tokens file, under its temporary name only.
+      (tmp_path / "train" / "shard_00003.tokens.npy.tmp").write_bytes(b"\x93NUMPY partial")
+      raise KeyboardInterrupt
+    written.append(job[1])
+    return original(job)
+
+  monkeypatch.setattr(prepare, "write_shard", dies_at_the_fourth_shard)
+  with pytest.raises(KeyboardInterrupt):
+    prepare_files(text_corpus, tmp_path)
+  train = tmp_path / "train"
+  assert not (train / "index.json").exists()  # readers refuse the split
+  with pytest.raises(config_lib.ConfigError, match="index.json is missing"):
+    prepared.open_split(train, ByteTokenizer(), SEQ)
+  assert sorted(p.name for p in train.glob("shard_*.json")) == [f"shard_{i:05d}.json" for i in range(3)]
+  # A kill between the renames leaves tokens without the shard's marker; it must be redone, not trusted.
+  (train / "shard_00004.tokens.npy").write_bytes(b"garbage")
+  monkeypatch.setattr(prepare, "write_shard", original)
+  prepare_files(text_corpus, tmp_path)
+  assert folder_bytes(tmp_path) == folder_bytes(out)
+  # A changed source starts the split over instead of mixing old and new shards.
+  cfg = prepare_files(text_corpus, tmp_path, val_fraction=0.5)
+  assert_same_rows(in_memory_rows(cfg, "validation"), prepared.open_split(tmp_path / "validation", ByteTokenizer(), SEQ))
+
+
+def test_tokenizer_mismatch_stops_with_one_line(prepared_corpus, tmp_path):
+  out, _ = prepared_corpus
+  model = spm.train(SENTENCES, tmp_path / "t.model", vocab_size=36)
+  with pytest.raises(config_lib.ConfigError) as error:
+    prepared.open_split(out / "train", SentencePieceTokenizer(model), SEQ)
+  assert "another tokenizer" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_cli_prepare_then_train_with_another_tokenizer_is_one_line(text_corpus, tmp_path):
+  data_args = ["--config.data.source=files", f"--config.data.paths={text_corpus}/*.txt", "--config.data.val_fraction=0.2"]
+  result = run_cli(["prepare", "--config", str(REPO / "configs" / "tiny.py"), "--out", str(tmp_path / "out"),
+                    "--workers", "2", "--shard-mb", "0.02", *data_args])
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "documents" in result.stdout and (tmp_path / "out" / "validation" / "index.json").is_file()
+  model = spm.train(SENTENCES, tmp_path / "t.model", vocab_size=36)
+  result = run_cli(["train", "--config", str(REPO / "configs" / "tiny.py"), "--workdir", str(tmp_path / "run"),
+                    "--config.data.source=prepared", f"--config.data.prepared_dir={tmp_path / 'out'}",
+                    "--config.data.tokenizer=sentencepiece", f"--config.data.tokenizer_path={model}"])
+  assert result.returncode == 2
+  assert result.stderr.strip().count("\n") == 0 and "jaxlm: error: data.prepared_dir" in result.stderr
+
+
+def test_validation_holds_no_training_document(text_corpus, tmp_path):
+  cfg = prepare_files(text_corpus, tmp_path / "hashed")
+  train_tokens = prepared.PreparedRows(tmp_path / "hashed" / "train", SEQ)
+  validation_tokens = prepared.PreparedRows(tmp_path / "hashed" / "validation", SEQ)
+  split_documents = {}
+  for name, rows in (("train", train_tokens), ("validation", validation_tokens)):
+    tokens = rows.tokens(0, int(rows.offsets[-1]))
+    ends = np.flatnonzero(tokens == ByteTokenizer.eos_id)
+    split_documents[name] = {ByteTokenizer().decode(piece) for piece in np.split(tokens, ends + 1) if len(piece)}
+  all_files = {corpus.read_text_bytes(p).decode() for p in text_corpus.glob("*.txt")}
+  assert split_documents["train"] and split_documents["validation"]
+  assert not split_documents["train"] & split_documents["validation"]
+  assert split_documents["train"] | split_documents["validation"] == all_files
+  # One file is cut: training gets the head, validation the tail, and no byte is in both.
+  one = text_corpus / "doc07.txt"
+  prepare_files(text_corpus, tmp_path / "one", paths=str(one), val_fraction=0.25)
+  parts = [prepared.PreparedRows(tmp_path / "one" / s, SEQ) for s in ("train", "validation")]
+  texts = [ByteTokenizer().decode(r.tokens(0, int(r.offsets[-1]))) for r in parts]
+  assert texts[0] + texts[1] == one.read_text() and len(texts[1]) == len(one.read_bytes()) - int(0.75 * len(one.read_bytes()))
+
+
+def two_sources(text_corpus, tmp_path):
+  """Two prepared folders from disjoint halves of the corpus, and a 3:1 mixture of them."""
+  files = sorted(text_corpus.glob("*.txt"))
+  for name, part in (("first", files[:15]), ("second", files[15:])):
+    prepare_files(text_corpus, tmp_path / name, paths=",".join(map(str, part)))
+  cfg = files_config(text_corpus)
+  cfg.data.source = "prepared"
+  cfg.data.mixture = repr([(str(tmp_path / "first"), 3), (str(tmp_path / "second"), 1.0)])
+  return cfg
+
+
+def test_mixture_resumes_exactly_and_realizes_its_weights(text_corpus, tmp_path):
+  cfg = two_sources(text_corpus, tmp_path)
+  rows = data_lib.decoder_rows(cfg, ByteTokenizer(), "train")
+  assert isinstance(rows, mixture.Mixture)
+  take = lambda start, steps, threads=0: [b["inputs"] for b in itertools.islice(
+      data_lib.train_batches(rows, 8, 5, start, start + steps, threads), steps)]
+  full = take(0, 60)
+  for start in (7, 33):
+    for a, b in zip(full[start:], take(start, 60 - start)):
+      np.testing.assert_array_equal(a, b)
+  for a, b in zip(full, take(0, 60, threads=2)):
+    np.testing.assert_array_equal(a, b)
+  shares = mixture.realized_proportions(rows, 5, 0, 60, 8)
+  assert shares.keys() == {"mixture/first", "mixture/second"}
+  assert abs(shares["mixture/first"] - 0.75) < 0.06 and sum(shares.values()) == pytest.approx(1.0)
+  # Each row is a row of the source the draw names.
+  first = {rows.sources[0][i]["inputs"].tobytes() for i in range(len(rows.sources[0]))}
+  drawn = rows.source_of(5, np.arange(8 * 60))
+  from_first = np.array([row.tobytes() in first for batch in full for row in batch])
+  np.testing.assert_array_equal(from_first, drawn == 0)
+  validation = data_lib.decoder_rows(cfg, ByteTokenizer(), "validation")
+  assert len(validation) == sum(len(prepared.PreparedRows(tmp_path / n / "validation", SEQ)) for n in ("first", "second"))
+  assert mixture.realized_proportions(validation, 5, 0, 60, 8) == {}
+
+
+def test_bad_mixture_is_one_line():
+  for text in ("web:0.5", "[('a', 0)]", "[]"):
+    with pytest.raises(config_lib.ConfigError, match="data.mixture"):
+      mixture.parse(text)
+
+
+WORKER = """
+import itertools, sys
+import jax, numpy as np
+jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jaxlm import data as data_lib, prepared, sharding
+rows, read = prepared.PreparedRows(sys.argv[3], 32), []
+class Recorded:  # the prepared rows, noting which rows this process reads
+  seq_len = 32
+  def __len__(self): return len(rows)
+  def __getitem__(self, i): read.append(int(i)); return rows[i]
+batches = list(itertools.islice(data_lib.train_batches(Recorded(), 8, 0, 0, 4), 4))
+devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+spec = NamedSharding(Mesh(np.array(devices), ("data",)), PartitionSpec("data"))
+gathered = [multihost_utils.process_allgather(sharding.global_batch(b, spec)["inputs"], tiled=True) for b in batches]
+np.savez(sys.argv[4], local=np.stack([b["inputs"] for b in batches]), gathered=np.stack(gathered), read=read)
+"""
+
+
+def test_two_processes_read_disjoint_rows_whose_union_is_the_global_batch(prepared_corpus, tmp_path):
+  """2 processes x 4 CPU devices (jax.distributed, gloo) against this process's whole global batches."""
+  out, _ = prepared_corpus
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  procs = [subprocess.Popen([sys.executable, "-c", WORKER, f"127.0.0.1:{port}", str(i), str(out / "train"),
+                             str(tmp_path / f"p{i}.npz")], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  for p in procs:
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+  results = [np.load(tmp_path / f"p{i}.npz") for i in range(2)]
+  rows, everything = prepared.PreparedRows(out / "train", SEQ), []
+
+  class Recorded:  # the same rows read by this one process, which feeds whole global batches
+    seq_len = SEQ
+    __len__ = rows.__len__
+
+    def __getitem__(self, i):
+      everything.append(int(i))
+      return rows[i]
+
+  whole = np.stack([b["inputs"] for b in itertools.islice(data_lib.train_batches(Recorded(), 8, 0, 0, 4), 4)])
+  np.testing.assert_array_equal(np.concatenate([r["local"] for r in results], axis=1), whole)
+  for r in results:
+    np.testing.assert_array_equal(r["gathered"], whole)
+  read = [set(r["read"].tolist()) for r in results]
+  assert len(read[0]) == len(read[1]) == 16 and not read[0] & read[1]
+  assert read[0] | read[1] == set(everything)
