@@ -1,0 +1,213 @@
+"""Paths for every file a run reads or writes: local folders and `gs://` buckets alike.
+
+All of jaxlm's file I/O goes through `etils.epath.Path`, the path type that
+Orbax and TFDS already use. Without TensorFlow installed, epath reaches
+`gs://` through fsspec and gcsfs (pure Python, no TensorFlow), and Orbax
+writes array data with TensorStore's own GCS driver. Three traps this module
+exists to avoid:
+
+- `pathlib.Path("gs://b/run")` folds `//` and names a local folder `gs:/b/run`;
+  `path()` keeps the URL.
+- `epath.Path.absolute()` and `.resolve()` do the same fold on URLs;
+  `absolute()` leaves them alone.
+- Object stores have no append: `AppendFile` keeps what was written and
+  rewrites the object (at most every `upload_every_s`, and on close).
+
+`check_access` turns a missing bucket, missing credentials or a missing
+permission into one `StorageError` line naming the bucket and the fix, before
+anything compiles.
+"""
+
+from __future__ import annotations
+
+import glob as glob_lib
+import os
+import socket
+import threading
+import time
+from typing import Union
+
+from etils import epath
+
+PathLike = Union[str, os.PathLike]
+
+
+class StorageError(RuntimeError):
+  """A bucket that is missing, unreachable or not accessible; the message says which and the fix."""
+
+
+def is_url(location: PathLike) -> bool:
+  """True for `scheme://...` locations (`gs://bucket/run`), False for local paths."""
+  return "://" in os.fspath(location)
+
+
+def path(location: PathLike) -> epath.Path:
+  """`location` (str, pathlib or epath path) as an `epath.Path`; a URL stays a URL."""
+  return epath.Path(location)
+
+
+def absolute(location: PathLike) -> epath.Path:
+  """Local paths made absolute (so a run works from any folder); URLs unchanged."""
+  return path(location) if is_url(location) else path(os.path.abspath(os.fspath(location)))
+
+
+def join(location: PathLike, *names: str) -> str:
+  """`location/names...` as a string, keeping a URL's `//`."""
+  return os.fspath(path(location).joinpath(*names))
+
+
+def bucket_of(location: PathLike) -> str:
+  """The bucket of a `gs://bucket/...` location."""
+  return os.fspath(location).split("://", 1)[1].split("/", 1)[0]
+
+
+def glob(pattern: str) -> list[str]:
+  """Sorted files (not folders) matching `pattern`; `**` matches any depth; URLs come back as URLs."""
+  if not is_url(pattern):
+    return sorted(p for p in glob_lib.glob(pattern, recursive=True) if os.path.isfile(p))
+  import fsspec  # local: only URL patterns need it
+  filesystem, _ = fsspec.core.url_to_fs(pattern)
+  scheme = pattern.split("://", 1)[0]
+  found = filesystem.glob(pattern, detail=True)
+  return sorted(f"{scheme}://{name}" for name, info in found.items() if info["type"] == "file")
+
+
+def read_bytes(location: PathLike) -> bytes:
+  return path(location).read_bytes()
+
+
+def write_bytes(location: PathLike, data: bytes) -> None:
+  """Writes `data` to the file `location`, creating its local folder if needed (buckets have none)."""
+  target = path(location)
+  if not is_url(location):
+    target.parent.mkdir(parents=True, exist_ok=True)
+  target.write_bytes(data)
+
+
+def write_text(location: PathLike, text: str) -> None:
+  write_bytes(location, text.encode("utf-8"))
+
+
+def makedirs(location: PathLike) -> None:
+  """Creates a local folder and its parents; nothing to do in a bucket, where folders are name prefixes."""
+  if not is_url(location):
+    path(location).mkdir(parents=True, exist_ok=True)
+
+
+class AppendFile:
+  """A file opened for appending (bytes or str), on a local disk or in a bucket.
+
+  Locally it is an ordinary file in append mode and `flush` writes through.
+  In a bucket, where objects cannot be appended to, it keeps the object's
+  bytes (those already there, then what is written) and `flush` rewrites the
+  object when `upload_every_s` seconds have passed since the last upload;
+  `close` always uploads. A kill -9 thus loses at most that many seconds of
+  appended lines. Also serves as tensorboardX's record writer (see
+  `tensorboard_writer`).
+  """
+
+  def __init__(self, location: PathLike, upload_every_s: float = 30.0):
+    self.location = os.fspath(location)
+    self.upload_every_s = upload_every_s
+    self.remote = is_url(location)
+    if self.remote:
+      target = path(location)
+      self.buffer = bytearray(target.read_bytes() if target.exists() else b"")
+      self.last_upload = float("-inf")
+      self.pending = False
+    else:
+      makedirs(os.path.dirname(self.location) or ".")
+      self.file = open(self.location, "ab")
+
+  def write(self, data: bytes | str) -> None:
+    data = data.encode("utf-8") if isinstance(data, str) else data
+    if self.remote:
+      self.buffer += data
+      self.pending = True
+    else:
+      self.file.write(data)
+
+  def flush(self) -> None:
+    if not self.remote:
+      self.file.flush()
+    elif self.pending and time.monotonic() - self.last_upload >= self.upload_every_s:
+      self._upload()
+
+  def _upload(self) -> None:
+    path(self.location).write_bytes(bytes(self.buffer))
+    self.last_upload, self.pending = time.monotonic(), False
+
+  def close(self) -> None:
+    if not self.remote:
+      self.file.close()
+    elif self.pending:
+      self._upload()
+
+
+class _TensorBoardFactory:
+  """tensorboardX's record-writer factory for `gs://` (its own GCS writer needs google-cloud-storage
+  and crashes in `__del__` when that fails); event files go through `AppendFile`."""
+
+  def open(self, location: str) -> AppendFile:
+    return AppendFile(location)
+
+  def directory_check(self, location: str) -> None:
+    del location  # buckets have no folders to create
+
+
+def tensorboard_writer(logdir: PathLike):
+  """A `tensorboardX.SummaryWriter` for `logdir`, local or `gs://`, without TensorFlow."""
+  from tensorboardX import SummaryWriter, record_writer  # local: only metric writers need it
+  if os.fspath(logdir).startswith("gs://"):
+    record_writer.register_writer_factory("gs", _TensorBoardFactory())
+  return SummaryWriter(os.fspath(logdir))
+
+
+def check_access(location: PathLike, write: bool = False, timeout_s: float = 20.0) -> None:
+  """Raises `StorageError` unless the bucket of a `gs://` location can be listed (and, with
+  `write=True`, written to and deleted from under `location`). Local paths pass unchecked.
+
+  Runs in a helper thread so that an unreachable endpoint (gcsfs retries for
+  about half a minute) becomes one message after `timeout_s` seconds.
+  """
+  location = os.fspath(location)
+  if not location.startswith("gs://"):
+    return
+  bucket = bucket_of(location)
+  outcome: dict = {}
+  probe = threading.Thread(target=_probe, args=(location, bucket, write, outcome), daemon=True)
+  probe.start()
+  probe.join(timeout_s)
+  credentials = ("no Google credentials were found: run `gcloud auth application-default login` or set "
+                 "GOOGLE_APPLICATION_CREDENTIALS (on a TPU VM jaxlm uses the VM's service account)")
+  if probe.is_alive():
+    cause = credentials if outcome.get("anonymous") else "check the network and the credentials"
+    raise StorageError(f"gs://{bucket}: no answer from Cloud Storage within {timeout_s:.0f} s; {cause}")
+  error = outcome.get("error")
+  if error is None:
+    return
+  if isinstance(error, FileNotFoundError):
+    raise StorageError(f"gs://{bucket}: bucket not found (from {location}); create it with "
+                       f"`gcloud storage buckets create gs://{bucket} --location=REGION` or fix the name")
+  if outcome.get("anonymous"):
+    raise StorageError(f"gs://{bucket}: access refused; {credentials}")
+  needed = "roles/storage.objectUser" if write else "roles/storage.objectViewer"
+  first_line = (str(error).splitlines() or [type(error).__name__])[0][:200]
+  raise StorageError(f"gs://{bucket}: cannot {'write to' if write else 'read'} {location} ({first_line}); grant "
+                     f"{needed} on the bucket to the account jaxlm runs as (on a TPU VM, its service account)")
+
+
+def _probe(location: str, bucket: str, write: bool, outcome: dict) -> None:
+  """Lists one object of the bucket, then writes and deletes a small object under `location`."""
+  try:
+    import fsspec
+    filesystem, _ = fsspec.core.url_to_fs(location)
+    outcome["anonymous"] = getattr(getattr(filesystem, "credentials", None), "method", None) == "anon"
+    filesystem.ls(bucket, max_results=1)
+    if write:
+      # One name per host and process: every host of a slice checks its own credentials.
+      probe = f"{location.rstrip('/')}/.jaxlm-access-check-{socket.gethostname()}-{os.getpid()}"
+      filesystem.pipe(probe, b"")
+      filesystem.rm(probe)
+  except Exception as e:  # every failure is reported by check_access with its first line
+    outcome["error"] = e
