@@ -1,29 +1,114 @@
-"""Orbax checkpoints: async saves, keep-last-K, and restores onto any mesh.
+"""Orbax checkpoints: async saves, keep-last-K, verified restores onto any mesh.
 
 A checkpoint holds two items: `state` (step, params, optimizer state) and
-`meta` (the resolved config and the data position). Restores always pass
+`meta` (the resolved config, the data position, and `integrity`: each array's
+shape, dtype and checksum from `jaxlm.integrity`). Restores always pass
 target shardings built for the current mesh, because Orbax otherwise tries
 the saved topology and fails or runs out of memory on another device count.
+
+Every restore is verified. A step counts as damaged when a commit marker is
+missing (an incomplete save), when Orbax cannot read it (a truncated or
+deleted file), or when an array's checksum differs from the one recorded at
+save time. Damage is named (step, array or file, what is wrong) in one line
+that also names the intact steps; `train` falls back to the newest intact
+step and moves the damaged ones aside, so nothing is deleted.
 """
 
 from __future__ import annotations
 
+import contextlib
+import re
+import shutil
+import sys
+import time
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
 
+from jaxlm import integrity
+
+# Written by Orbax 0.12 when a save commits (the step folder is renamed into place after them).
+COMMIT_MARKERS = ("_CHECKPOINT_METADATA", "commit_success.txt", "state/commit_success.txt",
+                  "meta/commit_success.txt")
+# Files every complete step holds besides the array data: the state's tree structure and the OCDBT root.
+STRUCTURE_FILES = ("state/_METADATA", "state/manifest.ocdbt", "meta/metadata")
+_STATUS = re.compile(r"\b[A-Z][A-Z_]{4,}: ")  # TensorStore's status prefix, e.g. 'OUT_OF_RANGE: '
+
 
 class CheckpointError(RuntimeError):
-  pass
+  """A checkpoint that cannot be used or written; the message is one line naming the step or path."""
+
+
+class _Damaged(Exception):
+  """Internal: a step failed verification; the message says where and how."""
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  return (text[0] if text else type(error).__name__)[:300]
+
+
+def _read_error_text(error: BaseException) -> str:
+  """The informative line of a failed read: TensorStore's status message (with the file it names) if the
+  exception chain holds one, without the multi-kilobyte spec Orbax appends."""
+  chain, current = [], error
+  while current is not None and len(chain) < 10:
+    chain.append(current)
+    current = current.__cause__ or current.__context__
+  text = next((str(e) for e in chain if _STATUS.search(str(e))), str(chain[-1]))
+  match = _STATUS.search(text)
+  text = text[match.start():] if match else text
+  return text.split(" [tensorstore_spec=")[0].strip().splitlines()[0][:400]
+
+
+def _ignore_reads_finishing_after_a_failure() -> None:
+  """Drops the 'Event loop is closed' reports of reads still in flight when a restore failed.
+
+  Orbax runs each restore in a fresh event loop and closes it when the first
+  read fails; TensorStore then completes the other reads and its callbacks hit
+  the closed loop, each printing a traceback through `sys.unraisablehook`. Only
+  that exact error is dropped; the hook is chained, and installed once, at the
+  first restore (never on import), since the reports can come before the
+  failure reaches this module.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "jaxlm_closed_loop_filter", False):
+    return
+
+  def hook(unraisable):
+    if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+      return
+    previous(unraisable)
+  hook.jaxlm_closed_loop_filter = True
+  sys.unraisablehook = hook
 
 
 def _abspath(directory) -> Path:
   return Path(directory).absolute()
 
 
+def last_good_sentence(step: int | None) -> str:
+  """A sentence naming the newest checkpoint that is safe to resume from (`step`, None if there is none)."""
+  if step is None:
+    return "No checkpoint has been saved yet, so a rerun starts from scratch."
+  return f"The last good checkpoint is step {step}; rerunning the command resumes from it."
+
+
+def free_space(path: Path) -> str:
+  """Free bytes on the file system holding `path` (or its nearest existing parent), as text like '1.2 MB'."""
+  existing = Path(path)
+  while not existing.exists() and existing != existing.parent:
+    existing = existing.parent
+  free = shutil.disk_usage(existing).free
+  for unit in ("B", "kB", "MB", "GB", "TB"):
+    if free < 1000 or unit == "TB":
+      return f"{free:.0f} {unit}" if unit == "B" else f"{free:.1f} {unit}"
+    free /= 1000
+
+
 class Checkpointer:
-  """A thin wrapper over `ocp.CheckpointManager` with jaxlm's two items."""
+  """A thin wrapper over `ocp.CheckpointManager` with jaxlm's two items, verified on restore."""
 
   def __init__(self, directory, keep: int = 3, read_only: bool = False):
     self.directory = _abspath(directory)
@@ -39,42 +124,188 @@ class Checkpointer:
     return sorted(p for p in self.directory.iterdir() if ".orbax-checkpoint-tmp" in p.name)
 
   def latest_step(self) -> int | None:
+    """The newest step folder Orbax lists (not verified; see `newest_intact_step`)."""
     return self.manager.latest_step()
 
   def all_steps(self) -> list[int]:
-    return list(self.manager.all_steps())
+    return sorted(self.manager.all_steps())
+
+  def missing_markers(self, step: int) -> list[str]:
+    """The commit markers step `step` lacks; a non-empty list means the save never completed."""
+    folder = self.directory / str(step)
+    return [name for name in COMMIT_MARKERS if not (folder / name).exists()]
+
+  # Saving.
 
   def save(self, step: int, state, meta: dict, force: bool = False) -> bool:
-    """Starts an async save; every process must call it (Orbax coordinates them)."""
-    return self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+    """Starts an async save of `state` (a dict of jax arrays) and `meta` (JSON); every process calls it.
+
+    Records each array's checksum in `meta['integrity']` first. Refuses, with a
+    CheckpointError, a state holding non-finite (or overflowing) values, and
+    reports a failed earlier save before starting another.
+    """
+    self.check()
+    arrays = integrity.describe(state)
+    bad = [name for name, record in arrays.items() if not record["finite"]]
+    if bad:
+      raise CheckpointError(
+          f"the state at step {step} has non-finite or overflowing values in '{bad[0]}' ({len(bad)} array(s)); "
+          f"it was not saved. {last_good_sentence(self.newest_complete_step())} Lower optim.learning_rate "
+          "or raise optim.warmup_steps.")
+    meta = {**meta, "integrity": {"algorithm": integrity.ALGORITHM, "arrays": arrays}}
+    try:
+      return self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+    except Exception as e:  # noqa: BLE001 - any failure to write becomes one line naming the path
+      raise self._save_error(step, e) from None
+
+  def check(self) -> None:
+    """Raises CheckpointError if an async save has failed (e.g. the disk is full); cheap, call it every step."""
+    try:
+      self.manager.check_for_errors()
+    except Exception as e:  # noqa: BLE001
+      raise self._save_error(None, e) from None
+
+  def _save_error(self, step: int | None, error: BaseException) -> CheckpointError:
+    which = f"step {step}" if step is not None else "a checkpoint"
+    return CheckpointError(
+        f"saving {which} to {self.directory} failed ({_first_line(error)}); {free_space(self.directory)} free "
+        f"there. {last_good_sentence(self.newest_complete_step())} Free space or pick another --workdir.")
+
+  def newest_complete_step(self) -> int | None:
+    """The newest step with all its commit markers (not verified against checksums)."""
+    complete = [step for step in self.all_steps() if not self.missing_markers(step)]
+    return complete[-1] if complete else None
+
+  # Restoring.
 
   def read_meta(self, step: int) -> dict:
-    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    """The step's `meta` item (config, data position, integrity records)."""
+    try:
+      return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # noqa: BLE001 - a missing or garbled metadata file is damage, named
+      raise CheckpointError(f"checkpoint step {step} in {self.directory} is damaged: its meta item cannot be "
+                            f"read ({_first_line(e)}); {self._intact_clause(None, False, exclude=step)}") from None
+
+  def _restore_verified(self, step: int, target, partial: bool):
+    """The restored `state` tree; raises _Damaged (damage) or CheckpointError (the model does not match)."""
+    missing = self.missing_markers(step)
+    if missing:
+      raise _Damaged(f"incomplete, the commit marker '{missing[0]}' is missing")
+    folder = self.directory / str(step)
+    absent = [name for name in STRUCTURE_FILES if not (folder / name).is_file()]
+    if absent:
+      raise _Damaged(f"the file '{absent[0]}' is missing")
+    try:
+      meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # noqa: BLE001
+      raise _Damaged(f"the meta item cannot be read ({_first_line(e)})") from None
+    records = (meta or {}).get("integrity", {}).get("arrays")
+    if records is not None:
+      mismatch = integrity.mismatch_with_target(records, target, partial)
+      if mismatch:
+        raise CheckpointError(f"checkpoint step {step} in {self.directory} does not match this model: {mismatch}")
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    _ignore_reads_finishing_after_a_failure()
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=partial)))["state"]
+    except (ValueError, KeyError) as e:
+      if records is None:  # saved before checksums existed: a structure error means another model
+        raise CheckpointError(f"checkpoint step {step} in {self.directory} does not match this model: "
+                              f"{_first_line(e)}") from None
+      raise _Damaged(f"a file of the state item cannot be read ({_read_error_text(e)})") from None
+    except Exception as e:  # noqa: BLE001 - TensorStore reports truncated or missing files in many types
+      raise _Damaged(f"a file of the state item cannot be read ({_read_error_text(e)})") from None
+    if records is not None:
+      problem = integrity.first_damaged(records, restored)
+      if problem:
+        raise _Damaged(problem)
+    return restored
 
   def restore(self, step: int, target, partial: bool = False):
-    """Restores `state` into `target`, a tree of `jax.ShapeDtypeStruct` with shardings.
+    """Restores `state` into `target`, a tree of `jax.ShapeDtypeStruct` with shardings, and verifies it.
 
     With `partial=True` only the subtrees present in `target` are read (for
     example params alone, for evaluation), so the optimizer state never
-    occupies memory.
+    occupies memory. Raises CheckpointError, one line naming the damage and
+    the intact steps, if the step is damaged.
     """
     if step not in self.all_steps():
       raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; available: {self.all_steps()}")
-    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
     try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=partial)))
-    except (ValueError, KeyError) as e:
-      raise CheckpointError(f"checkpoint step {step} in {self.directory} does not match this model: "
-                            f"{str(e).splitlines()[0][:300]}") from None
-    return restored["state"]
+      return self._restore_verified(step, target, partial)
+    except _Damaged as e:
+      raise CheckpointError(f"checkpoint step {step} in {self.directory} is damaged: {e}; "
+                            f"{self._intact_clause(target, partial, exclude=step)}") from None
+
+  def problem(self, step: int, target, partial: bool = False) -> str | None:
+    """What is wrong with step `step` (restored into `target` and checked), or None if it is intact."""
+    try:
+      self._restore_verified(step, target, partial)
+    except _Damaged as e:
+      return str(e)
+    return None
+
+  def intact_steps(self, target, partial: bool = False, exclude: int | None = None) -> list[int]:
+    """Steps that restore into `target` and pass verification, newest first (this reads each one)."""
+    return [step for step in reversed(self.all_steps()) if step != exclude and self.problem(step, target, partial) is None]
+
+  def _intact_clause(self, target, partial: bool, exclude: int) -> str:
+    intact = (self.intact_steps(target, partial, exclude) if target is not None else
+              [step for step in reversed(self.all_steps()) if step != exclude and not self.missing_markers(step)])
+    if not intact:
+      return "no other intact checkpoint exists in this run"
+    return f"intact steps: {', '.join(map(str, intact))} (pass --step {intact[0]})"
+
+  def newest_intact_step(self, target, partial: bool = False) -> int | None:
+    """The newest step that restores into `target` and passes verification, or None."""
+    intact = self.intact_steps(target, partial)
+    return intact[0] if intact else None
+
+  def restore_newest_intact(self, target, report) -> tuple[int | None, dict | None]:
+    """(step, state) of the newest intact step, or (None, None) if there is none.
+
+    Each damaged step newer than it is reported through `report(message)` and
+    moved into `<directory>-damaged/`, so that a resumed run can save that
+    step number again; nothing is deleted.
+    """
+    for step in reversed(self.all_steps()):
+      try:
+        return step, self._restore_verified(step, target, partial=False)
+      except _Damaged as e:
+        moved = self.quarantine(step)
+        report(f"checkpoint step {step} is damaged: {e}; moved it to {moved} and trying an older step")
+    return None, None
+
+  def quarantine(self, step: int) -> Path:
+    """Moves step `step` out of the way (process 0 moves, all wait); returns its new path."""
+    destination = self.directory.parent / f"{self.directory.name}-damaged" / f"{step}-{int(time.time())}"
+    if jax.process_index() == 0:
+      destination.parent.mkdir(parents=True, exist_ok=True)
+      shutil.move(str(self.directory / str(step)), destination)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # local: single-process runs never need it
+      multihost_utils.sync_global_devices(f"jaxlm_quarantine_{step}")
+    self.manager.reload()
+    return destination
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Blocks until the async save finishes; raises CheckpointError if it failed."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      raise self._save_error(None, e) from None
+    self.check()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    """Waits for the last save (raising CheckpointError if it failed) and closes the manager."""
+    try:
+      self.wait()
+    except CheckpointError:
+      with contextlib.suppress(Exception):  # the failure is already being reported
+        self.manager.close()
+      raise
     self.manager.close()
 
 

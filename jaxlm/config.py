@@ -9,6 +9,8 @@ compiles anything, with one line that names the key and the fix.
 from __future__ import annotations
 
 import ast
+import dataclasses
+import difflib
 import importlib.util
 import json
 import math
@@ -72,7 +74,8 @@ def base_config() -> ConfigDict:
   c.model.param_dtype = "float32"   # storage dtype of the master weights
   c.model.scan_layers = False
   c.model.remat_policy = "none"     # none | full | dots | dots_no_batch
-  c.model.attention_impl = "xla"    # xla | cudnn (GPU only)
+  c.model.attention_impl = "xla"    # xla | cudnn (GPU) | splash (TPU Pallas) | triton (GPU Pallas); jaxlm/ops/
+  c.model.attention_block_size = 0  # splash/triton query and key tile (multiple of 128 for splash); 0: 512 / 128
   c.model.cpu_kernels = True        # CPU backend, float32: fused attention and norm kernels (jaxlm/cpu_kernels.py)
 
   c.data = ConfigDict()
@@ -147,21 +150,155 @@ def base_config() -> ConfigDict:
   c.distributed.coordinator_address = ""  # or env JAX_COORDINATOR_ADDRESS
   c.distributed.num_processes = 0         # or env JAX_NUM_PROCESSES; 0: one process, -1: detect (TPU, SLURM)
   c.distributed.process_id = -1           # or env JAX_PROCESS_ID
+  c.distributed.initialization_timeout_s = 300  # how long each process waits for all the others to join
+  c.distributed.initialization_attempts = 3     # tries of jax.distributed.initialize (busy hosts fail spuriously)
+  c.distributed.heartbeat_timeout_s = 20        # a peer silent this long counts as dead; the others then exit
   return c
 
 
+@dataclasses.dataclass(frozen=True)
+class Allowed:
+  """The values a config key accepts: numbers in a range (plus special values), a set of choices, or any."""
+  low: float | None = None
+  high: float | None = None
+  low_open: bool = False   # True excludes `low` itself
+  high_open: bool = False  # True excludes `high` itself
+  also: tuple = ()         # special values outside the range, such as 0 for "off" or -1 for "fill"
+  choices: tuple = ()
+  note: str = ""           # shown for keys without a numeric range, e.g. "a path or glob"
+
+  def describe(self) -> str:
+    """The accepted values as text, e.g. '>= 1', '[0, 1)', 'decoder | encoder'."""
+    if self.choices:
+      return " | ".join(self.choices)
+    if self.low is None and self.high is None:
+      return self.note or "any"
+    if self.high is None:
+      text = f"{'>' if self.low_open else '>='} {self.low:g}"
+    elif self.low is None:
+      text = f"{'<' if self.high_open else '<='} {self.high:g}"
+    else:
+      text = f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+    return text + "".join(f" or {value}" for value in self.also)
+
+  def accepts(self, value) -> bool:
+    if self.choices:
+      return value in self.choices
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      return True
+    if value in self.also:
+      return True
+    if not math.isfinite(value):
+      return False
+    if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+      return False
+    return self.high is None or (value < self.high or (not self.high_open and value == self.high))
+
+
+def _at_least(low, *also) -> Allowed:
+  return Allowed(low=low, also=also)
+
+
+_POSITIVE, _COUNT, _FRACTION, _OPEN_FRACTION = _at_least(1), _at_least(0), Allowed(0, 1), Allowed(0, 1, True, True)
+_POSITIVE_REAL, _BOOL, _TEXT = Allowed(0, low_open=True), Allowed(note="True | False"), Allowed(note="text")
+_BETA = Allowed(0, 1, high_open=True)
+
+# What every schema key accepts, next to base_config's defaults and comments (`jaxlm config show` prints all
+# three). Keys with choices are in _CHOICES below; tests/test_config.py checks that every key is in one of them.
+RANGES = {
+    "seed": _COUNT,
+    "model.vocab_size": _POSITIVE, "model.num_layers": _POSITIVE, "model.num_decoder_layers": _COUNT,
+    "model.d_model": _POSITIVE, "model.num_heads": _POSITIVE, "model.num_kv_heads": _COUNT,
+    "model.head_dim": _COUNT, "model.mlp_dim": _POSITIVE, "model.max_len": _at_least(1),
+    "model.norm_eps": _POSITIVE_REAL, "model.rope_theta": _POSITIVE_REAL, "model.use_bias": _BOOL,
+    "model.tie_embeddings": _BOOL, "model.scale_embeddings": _BOOL, "model.num_token_types": _COUNT,
+    "model.embed_norm": _BOOL, "model.dropout_rate": _BETA, "model.scan_layers": _BOOL, "model.cpu_kernels": _BOOL,
+    "model.attention_block_size": _COUNT,
+    "data.paths": Allowed(note="comma-separated paths or globs"),
+    "data.validation_paths": Allowed(note="comma-separated paths or globs"), "data.include_tests": _BOOL,
+    "data.val_fraction": _OPEN_FRACTION, "data.tokenizer_path": Allowed(note="a path"), "data.seq_len": _POSITIVE,
+    "data.shuffle_seed": _COUNT, "data.prefetch_threads": _COUNT, "data.target_len": _COUNT,
+    "data.max_examples": _COUNT, "data.mlm_probability": Allowed(0, 1, low_open=True), "data.mlm_seed": _COUNT,
+    "data.tfds_name": _TEXT, "data.tfds_data_dir": Allowed(note="a directory"), "data.tfds_train_split": _TEXT,
+    "data.tfds_eval_split": _TEXT, "data.text_key": _TEXT, "data.source_key": _TEXT, "data.target_key": _TEXT,
+    "data.spm_vocab_size": _COUNT, "data.prepared_dir": Allowed(note="a directory"),
+    "data.mixture": Allowed(note="[(DIR, WEIGHT), ...]"),
+    "train.global_batch_size": _POSITIVE, "train.num_micro_batches": _POSITIVE, "train.num_steps": _POSITIVE,
+    "train.stop_at_step": _COUNT, "train.log_every": _POSITIVE, "train.eval_every": _POSITIVE,
+    "train.eval_batches": _POSITIVE, "train.checkpoint_every": _POSITIVE, "train.keep_checkpoints": _POSITIVE,
+    "train.z_loss": _at_least(0), "train.label_smoothing": _BETA,
+    "train.compilation_cache_dir": Allowed(note="a directory"),
+    "optim.learning_rate": _POSITIVE_REAL, "optim.warmup_steps": _COUNT, "optim.end_lr_fraction": _FRACTION,
+    "optim.b1": _BETA, "optim.b2": _BETA, "optim.eps": _at_least(0), "optim.weight_decay": _at_least(0),
+    "optim.decay_embeddings": _BOOL, "optim.clip_norm": _at_least(0),
+    "eval.batch_size": _POSITIVE, "eval.max_batches": _COUNT, "eval.beam_size": _COUNT,
+    "eval.length_penalty": _at_least(0), "eval.max_decode_len": _COUNT, "eval.bleu_examples": _COUNT,
+    "mesh.data": _at_least(1, -1), "mesh.fsdp": _at_least(1, -1), "mesh.tensor": _at_least(1, -1),
+    "mesh.rules": Allowed(note="JSON list of [logical, mesh axes]"),
+    "distributed.coordinator_address": Allowed(note="host:port"), "distributed.num_processes": _at_least(0, -1),
+    "distributed.process_id": _at_least(0, -1), "distributed.initialization_timeout_s": _POSITIVE,
+    "distributed.initialization_attempts": _POSITIVE, "distributed.heartbeat_timeout_s": _POSITIVE,
+}
+
+
+def allowed(key: str) -> Allowed:
+  """What config key `key` (dotted) accepts (anything, for a key missing from the tables; a test flags those)."""
+  if key in _CHOICES:
+    return Allowed(choices=_CHOICES[key])
+  return RANGES.get(key, Allowed())
+
+
+def _line_in(file: Path, error: BaseException) -> str:
+  """'line N' of the innermost traceback frame inside `file`, or '' if the error arose elsewhere."""
+  line = ""
+  frame = error.__traceback__
+  while frame is not None:
+    if Path(frame.tb_frame.f_code.co_filename).resolve() == file.resolve():
+      line = f"line {frame.tb_lineno}"
+    frame = frame.tb_next
+  return line
+
+
 def load_config_file(path: str) -> ConfigDict:
+  """Runs `get_config()` of the Python file `path` and schema-checks the result; ConfigError names the file and line."""
   file = Path(path)
   if not file.is_file():
     raise ConfigError(f"--config: file '{path}' not found; pass a path such as configs/default.py")
+  if file.suffix != ".py":
+    raise ConfigError(f"--config: '{path}' is not a Python file; pass a configs/*.py file defining get_config() "
+                      "(a run's saved config.json is read through --workdir by eval, generate and serve)")
   spec = importlib.util.spec_from_file_location(f"jaxlm_config_{file.stem}", file)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  try:
+    spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise ConfigError(f"--config: {path}, line {e.lineno}: syntax error ({e.msg}); fix the file") from None
+  except Exception as e:  # noqa: BLE001 - whatever the file raises is reported with its line
+    raise ConfigError(f"--config: {path}, {_line_in(file, e) or 'at import'}: {type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''}; fix the file") from None
   if not hasattr(module, "get_config"):
     raise ConfigError(f"--config: '{path}' has no get_config(); define one returning a ConfigDict")
-  config = module.get_config()
+  try:
+    config = module.get_config()
+  except Exception as e:  # noqa: BLE001
+    where = _line_in(file, e) or "in get_config()"
+    raise ConfigError(f"--config: {path}, {where}: get_config() raised {type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''}; fix the file") from None
+  if not isinstance(config, ConfigDict):
+    raise ConfigError(f"--config: get_config() in {path} returned {type(config).__name__}, not a ConfigDict; "
+                      "start from jaxlm.config.base_config()")
   check_schema(config)
   return config
+
+
+def unknown_key_message(key: str) -> str:
+  """One line for a key the schema lacks, with the closest schema keys as suggestions."""
+  names = [name for name, _ in _leaves(base_config())]
+  close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+  if not close:  # a right leaf under a wrong section, e.g. 'train.learning_rate'
+    close = [name for name in names if name.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]][:1]
+  hint = f"did you mean `{close[0]}`?" if close else "`jaxlm config show CONFIG` lists every key"
+  return f"config key '{key}' is unknown; {hint}"
 
 
 def _leaves(config: ConfigDict, prefix: str = ""):
@@ -197,9 +334,12 @@ def check_schema(config: ConfigDict) -> None:
     try:
       expected = _get(base, name)
     except KeyError:
-      raise ConfigError(f"config key '{name}' is unknown; check the spelling against jaxlm/config.py base_config()") from None
+      raise ConfigError(unknown_key_message(name)) from None
     if not _type_ok(expected, value):
       raise ConfigError(f"config key '{name}' must be {type(expected).__name__}, got {value!r}; fix the value")
+
+
+_NON_FINITE = ("nan", "+nan", "-nan", "inf", "+inf", "-inf", "infinity", "-infinity")
 
 
 def apply_overrides(config: ConfigDict, overrides: list[str]) -> ConfigDict:
@@ -207,17 +347,18 @@ def apply_overrides(config: ConfigDict, overrides: list[str]) -> ConfigDict:
   base = base_config()
   for arg in overrides:
     if "=" not in arg:
-      raise ConfigError(f"override '{arg}' has no value; write it as --config.KEY=VALUE")
+      raise ConfigError(f"override '{arg}' has no value; write it as {arg}=VALUE (with '=', not a space)")
     key, text = arg[len("--config."):].split("=", 1)
     try:
       expected = _get(base, key)
     except KeyError:
-      raise ConfigError(f"config key '{key}' is unknown; check the spelling against jaxlm/config.py base_config()") from None
+      raise ConfigError(unknown_key_message(key)) from None
     if isinstance(expected, str):
       value = text
     else:
       try:
-        value = ast.literal_eval(text)
+        # float() first: it reads nan and inf, which literal_eval cannot, so validation can name them.
+        value = float(text) if isinstance(expected, float) and text.strip().lower() in _NON_FINITE else ast.literal_eval(text)
       except (ValueError, SyntaxError):
         raise ConfigError(f"config key '{key}' must be {type(expected).__name__}, got '{text}'; fix the value") from None
     if not _type_ok(expected, value):
@@ -242,7 +383,11 @@ def mesh_rules(config: ConfigDict) -> tuple:
     rules = json.loads(config.mesh.rules)
   except json.JSONDecodeError as e:
     raise ConfigError(f"config key 'mesh.rules' is not valid JSON ({e.msg}); write a list of [logical, mesh_axes] pairs") from None
-  return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
+  try:
+    return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
+  except (TypeError, ValueError):
+    raise ConfigError("config key 'mesh.rules' is not a list of [logical, mesh_axes] pairs; "
+                      'write e.g. [["batch", ["data", "fsdp"]], ["embed", "fsdp"]]') from None
 
 
 _CHOICES = {
@@ -254,7 +399,7 @@ _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat_policy": ("none", "full", "dots", "dots_no_batch"),
-    "model.attention_impl": ("xla", "cudnn"),
+    "model.attention_impl": ("xla", "cudnn", "splash", "triton"),
     "data.source": ("stdlib", "files", "tfds", "codesum", "prepared"),
     "data.tokenizer": ("byte", "sentencepiece"),
     "optim.name": ("adamw", "adafactor", "lion"),
@@ -265,10 +410,13 @@ _CHOICES = {
 def validate(config: ConfigDict, num_devices: int) -> None:
   """Checks everything that can be checked before compiling; raises ConfigError."""
   check_schema(config)
-  for key, allowed in _CHOICES.items():
-    value = _get(config, key)
-    if value not in allowed:
-      raise ConfigError(f"config key '{key}' is '{value}'; choose one of {', '.join(allowed)}")
+  for key, value in _leaves(config):
+    rule = allowed(key)
+    if not rule.accepts(value):
+      if rule.choices:
+        raise ConfigError(f"config key '{key}' is '{value}'; choose one of {', '.join(rule.choices)}")
+      finite = "" if isinstance(value, str) or math.isfinite(value) else "a finite number, "
+      raise ConfigError(f"config key '{key}' is {value}; it must be {finite}{rule.describe()}")
   m = config.model
   for key in ("num_layers", "d_model", "num_heads", "mlp_dim", "max_len", "vocab_size"):
     if m[key] <= 0:
@@ -318,7 +466,11 @@ def validate(config: ConfigDict, num_devices: int) -> None:
     raise ConfigError(f"data.tokenizer_path: '{config.data.tokenizer_path}' not found; pass an existing .model file")
 
   mesh_shape(config, num_devices)  # raises on a bad mesh
-  mesh_rules(config)
+  for logical, axes in mesh_rules(config):
+    for axis in (axes if isinstance(axes, tuple) else (axes,)):
+      if axis is not None and axis not in ("data", "fsdp", "tensor"):
+        raise ConfigError(f"config key 'mesh.rules' maps '{logical}' to mesh axis '{axis}', which does not exist; "
+                          "use data, fsdp, tensor or null")
   t = config.train
   dp = data_parallel_size(config, num_devices)
   if t.global_batch_size % (dp * t.num_micro_batches):

@@ -355,13 +355,20 @@ def read_hf(directory) -> tuple[config_lib.ConfigDict, dict]:
   return config, params_from_hf(load_file(directory / "model.safetensors"), config)
 
 
-def write_hf(params, config, out) -> Path:
+def write_hf(params, config, out, tokenizer=None) -> Path:
+  """config.json, model.safetensors and, given the run's `tokenizer`, its bos/eos/pad ids in config.json and a
+  generation_config.json, so that HF `generate` stops at jaxlm's end-of-text token."""
   from safetensors.numpy import save_file
   out = Path(out)
   out.mkdir(parents=True, exist_ok=True)
   hf_config = config_to_hf(config.model)
   state = params_to_hf(params, config)
   save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+  if tokenizer is not None:
+    special = {"bos_token_id": int(tokenizer.bos_id), "eos_token_id": int(tokenizer.eos_id),
+               "pad_token_id": int(tokenizer.pad_id)}
+    hf_config.update(special)
+    (out / "generation_config.json").write_text(json.dumps(special, indent=2))
   (out / "config.json").write_text(json.dumps(hf_config, indent=2))
   return out
 
@@ -380,7 +387,7 @@ def import_run(hf_dir, workdir) -> Path:
 def write_run(config, params, workdir) -> Path:
   """A run directory usable by train/eval/generate/serve: config.json, byte tokenizer, and an Orbax
   checkpoint at step 0 holding `params` with a fresh optimizer state (the normal TrainState layout)."""
-  from jaxlm import checkpoint, sharding, tokenizer as tokenizer_lib, train as train_lib, trainer
+  from jaxlm import checkpoint, sharding, tokenizer as tokenizer_lib, train_step as train_lib, trainer
   workdir = Path(workdir)
   checkpoints = workdir / "checkpoints"
   if checkpoints.is_dir() and any(checkpoints.iterdir()):
@@ -399,6 +406,6 @@ def write_run(config, params, workdir) -> Path:
 
 
 def export_run(workdir, out, step: int | None = None) -> Path:
-  from jaxlm import decode  # local: keeps the converter's import light
-  run = decode.load_run(workdir, step)
-  return write_hf(run.params, run.config, out)
+  from jaxlm import loader  # local: keeps the converter's import light
+  run = loader.load(workdir, step)
+  return write_hf(run.params, run.config, out, run.tokenizer)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Protocol
 
@@ -34,14 +35,24 @@ class ByteTokenizer:
   pad_id, bos_id, eos_id, mask_id = 0, 1, 2, 3
   offset = 4
   vocab_size = 256 + offset
+  _warned_out_of_range = False  # class-wide: one warning per process
 
   def encode(self, text: str | bytes) -> np.ndarray:
     data = text.encode("utf-8") if isinstance(text, str) else text
     return np.frombuffer(data, np.uint8).astype(np.int32) + self.offset
 
   def decode(self, ids) -> str:
-    ids = np.asarray(ids, np.int64)
-    return bytes((ids[ids >= self.offset] - self.offset).astype(np.uint8)).decode("utf-8", errors="replace")
+    """Text for `ids`; special ids are dropped, and ids past the byte range (a converted model with a larger
+    vocabulary) are skipped with a warning the first time, instead of wrapping into wrong bytes."""
+    ids = np.asarray(ids, np.int64).reshape(-1)
+    beyond = ids >= self.vocab_size
+    if beyond.any() and not self._warned_out_of_range:
+      ByteTokenizer._warned_out_of_range = True
+      warnings.warn(f"ByteTokenizer.decode: skipping ids above {self.vocab_size - 1} (e.g. {int(ids[beyond][0])}), "
+                    "which stand for no byte; the model's vocabulary is larger than the byte tokenizer's",
+                    stacklevel=2)
+    kept = ids[(ids >= self.offset) & ~beyond]
+    return bytes((kept - self.offset).astype(np.uint8)).decode("utf-8", errors="replace")
 
   def byte_lengths(self) -> np.ndarray:
     lengths = np.ones(self.vocab_size, np.int32)

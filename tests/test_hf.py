@@ -157,6 +157,10 @@ def test_convert_cli_round_trip_and_generate(tmp_path, capsys):
   before, after = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
   for key in after:
     np.testing.assert_array_equal(before[key], after[key])
+  # The byte tokenizer's special ids travel with the export, so HF `generate` stops at jaxlm's EOS.
+  back = json.loads((tmp_path / "back" / "config.json").read_text())
+  assert (back["bos_token_id"], back["eos_token_id"], back["pad_token_id"]) == (1, 2, 0)
+  assert transformers.GenerationConfig.from_pretrained(tmp_path / "back").eos_token_id == 2
   # A run directory that already holds checkpoints is refused (exit 2, one line).
   assert main.main(["convert", "--from-hf", str(tmp_path / "hf"), "--workdir", str(run)]) == 2
   assert "already holds checkpoints" in capsys.readouterr().err
