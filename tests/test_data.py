@@ -3,11 +3,13 @@
 import itertools
 
 import numpy as np
+import pytest
 
 from jaxlm import corpus, data as data_lib
+from jaxlm.config import ConfigError
 from jaxlm.tokenizer import ByteTokenizer
 
-from conftest import files_config
+from conftest import REPO, files_config, run_cli
 
 
 def stream(docs):
@@ -124,3 +126,19 @@ def test_explicit_validation_paths_are_left_out_of_training(text_corpus):
   assert validation == held_out
   assert len(train) == len(list(text_corpus.glob("*.txt"))) - 3
   assert not set(train) & set(held_out)
+
+
+def test_a_lone_empty_training_file_is_one_line(tmp_path):
+  empty = tmp_path / "empty.txt"
+  empty.write_bytes(b"")
+  result = run_cli(["train", "--config", str(REPO / "configs" / "tiny.py"), "--workdir", str(tmp_path / "run"),
+                    "--config.data.source=files", f"--config.data.paths={empty}"])
+  assert result.returncode == 2
+  assert result.stderr.strip().count("\n") == 0 and "data.paths" in result.stderr and "empty" in result.stderr
+
+
+def test_too_little_text_for_a_batch_is_a_config_error(tmp_path):
+  (tmp_path / "short.txt").write_text("x = 1\n" * 20)  # 120 bytes: 3 rows of 32, fewer than a batch of 8
+  cfg = files_config(tmp_path)
+  with pytest.raises(ConfigError, match="the train split .* has 3 rows .* fewer than the 8 needed"):
+    data_lib.decoder_rows(cfg, ByteTokenizer(), "train")

@@ -1,5 +1,6 @@
 """TFDS sources (tfds_data.py) through tfds.testing.mock_data: no TensorFlow, no download."""
 
+import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
@@ -58,3 +59,17 @@ def test_missing_data_is_a_one_line_config_error_without_download(tmp_path):
     tfds_data.load_documents(c.data, "train")
   assert "--file_format=array_record" in str(error.value) and "\n" not in str(error.value)
   assert not any(tmp_path.rglob("*.array_record*"))  # nothing was downloaded or prepared
+
+
+def test_prepared_tfds_split_gives_the_in_memory_rows(tmp_path):
+  from jaxlm import data as data_lib, prepare, prepared
+  c = tfds_config("tiny_shakespeare", max_examples=30)
+  with tfds.testing.mock_data(num_examples=40):
+    prepare.prepare(c, tmp_path, splits=("train",), workers=1, show_progress=False)
+    expected = trainer.prepare_data(c, ByteTokenizer(), "train")
+  assert prepared.read_index(tmp_path / "train")["num_documents"] == 30
+  rows = prepared.open_split(tmp_path / "train", ByteTokenizer(), c.data.seq_len)
+  assert len(rows) == len(expected) > 0
+  for i in range(len(rows)):
+    for key, value in expected[i].items():
+      np.testing.assert_array_equal(rows[i][key], value)
