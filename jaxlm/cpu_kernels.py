@@ -13,16 +13,18 @@ The library is compiled once per machine with the system C++ compiler
 `$JAXLM_CACHE_DIR` (default `~/.cache/jaxlm`), named by a hash of the source,
 the compiler, jaxlib's version and the CPU's instruction set, so hosts that
 share a home directory never load each other's builds. Without a compiler, or
-if the build fails, `layers.py` uses its XLA code with one warning. The
+if the build fails, `jaxlm.ops` uses XLA's code with one warning. The
 model config's `model.cpu_kernels = False` turns them off; `jaxlm export`
 does so, since `jax.export` accepts no custom calls and its artifacts must
-run anywhere.
+run anywhere. `jaxlm.ops.dispatch.choose` is the one place that decides
+where they run: a CPU target of one device, in float32.
 
 `retain_freed_memory()` is the one process-wide setting: see its docstring.
 
-Multi-device CPU meshes work, but a custom call is not partitioned: XLA
-gathers its operands and every device computes all of it. CPU meshes are for
-tests; accelerators never use these kernels.
+A custom call is not partitioned: XLA would gather its operands and every
+device compute all of it. So under a mesh of more than one device (set with
+`jax.set_mesh`) the ops stand them aside, and activations keep the shardings
+an accelerator gets; accelerators never use these kernels.
 """
 
 import ctypes
@@ -176,13 +178,6 @@ def blas() -> str | None:
   return None
 
 
-def usable(*arrays: jax.Array) -> bool:
-  """True where the kernels apply: CPU backend, float32, and built (callers check `model.cpu_kernels`)."""
-  return (jax.default_backend() == "cpu"
-          and all(a.dtype == jnp.float32 for a in arrays)
-          and available())
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array, mask_BxTxS: jax.Array,
               causal: bool) -> jax.Array:
@@ -193,7 +188,7 @@ def attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array, 
 def _ffi_call(target, result_shapes):
   if not available():
     raise RuntimeError("jaxlm: the CPU kernels are not built (see the warning above); "
-                       "check cpu_kernels.usable() before calling them, as layers.py does")
+                       "check cpu_kernels.available() before calling them, as jaxlm.ops does")
   return jax.ffi.ffi_call(target, result_shapes, vmap_method="sequential")
 
 

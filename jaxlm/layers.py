@@ -10,8 +10,6 @@ the mesh through the rules table in the config.
 
 from __future__ import annotations
 
-import functools
-import itertools
 import math
 from typing import Any
 
@@ -19,11 +17,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-from jax.ad_checkpoint import checkpoint_name
+from einops import rearrange
 
 from jaxlm import config as config_lib
-from jaxlm import cpu_kernels
-from jaxlm.attention import dot_product_attention
+from jaxlm import ops
 
 Array = jax.Array
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -71,57 +68,6 @@ class DenseParams(nn.Module):
     return kernel, bias
 
 
-_SEPARATE_BELOW_ROWS = 64
-# The CPU dense kernel's outputs are matmul outputs too, but custom calls, not dots, so they carry
-# this name for the `dots` remat policies (_REMAT_POLICIES).
-_CPU_DENSE = "cpu_dense"
-
-
-def _kernels_on(cfg) -> bool:
-  """`model.cpu_kernels`; runs saved before the option existed have it on."""
-  return cfg.get("cpu_kernels", True)
-
-
-def fused_projection(x_BxTxI: Array, projections: list[tuple[Array, Array | None]], dtype,
-                     split: bool = True, cpu_kernel: bool = False) -> list[Array] | Array:
-  """x @ [W1 | W2 | ...] + [b1 | b2 | ...] as one 2-D matmul, split back into one output per kernel.
-
-  Kernels are (I, *features) with the same input size; outputs are (B, T, *features).
-  One wide matmul (and one of each in the backward pass) runs well above three
-  narrow ones on CPU; see BENCHMARKS.md. `split=False` returns the (B, T, C)
-  product unsplit, for a consumer that reads the parts in place. `cpu_kernel`
-  lets float32 on CPU run through MKL or OpenBLAS (`cpu_kernels.dense`).
-  """
-  b, t, i = x_BxTxI.shape
-  if split and b * t <= _SEPARATE_BELOW_ROWS:
-    # Decoding: with a few rows the matmuls are bound by reading the weights, and the
-    # concatenation would copy every kernel once more per token.
-    x_MxI = x_BxTxI.reshape(b * t, i).astype(dtype)
-    outputs = []
-    for kernel, bias in projections:
-      y_MxC = x_MxI @ kernel.reshape(i, -1).astype(dtype)
-      if bias is not None:
-        y_MxC = y_MxC + bias.reshape(-1).astype(dtype)
-      outputs.append(y_MxC.reshape(b, t, *kernel.shape[1:]))
-    return outputs
-  widths = [math.prod(k.shape[1:]) for k, _ in projections]
-  kernel_IxC = jnp.concatenate([k.reshape(i, -1) for k, _ in projections], axis=1).astype(dtype)
-  x_MxI = x_BxTxI.reshape(b * t, i).astype(dtype)
-  has_bias = all(bias is not None for _, bias in projections)
-  bias_C = jnp.concatenate([bias.reshape(-1) for _, bias in projections]).astype(dtype) if has_bias else None
-  if cpu_kernel and cpu_kernels.usable(x_MxI, kernel_IxC) and cpu_kernels.blas():
-    y_MxC = cpu_kernels.dense(x_MxI, kernel_IxC, jnp.zeros(sum(widths), dtype) if bias_C is None else bias_C)
-    y_MxC = checkpoint_name(y_MxC, _CPU_DENSE)
-  else:
-    y_MxC = x_MxI @ kernel_IxC
-    if has_bias:
-      y_MxC = y_MxC + bias_C
-  if not split:
-    return y_MxC.reshape(b, t, -1)
-  splits = jnp.split(y_MxC, list(itertools.accumulate(widths))[:-1], axis=1)
-  return [y.reshape(b, t, *k.shape[1:]) for y, (k, _) in zip(splits, projections)]
-
-
 class Norm(nn.Module):
   """LayerNorm or RMSNorm whose statistics are computed in float32."""
   cfg: ml_collections.ConfigDict
@@ -136,19 +82,7 @@ class Norm(nn.Module):
     if cfg.norm != "rmsnorm" and cfg.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(_zeros, ("norm",)),
                         (x.shape[-1],), DTYPES[cfg.param_dtype])
-    if _kernels_on(cfg) and cpu_kernels.usable(x, scale):
-      y = cpu_kernels.norm(x.reshape(-1, x.shape[-1]), scale, jnp.zeros_like(scale) if bias is None else bias,
-                           cfg.norm == "rmsnorm", cfg.norm_eps).reshape(x.shape)
-    elif cfg.norm == "rmsnorm":
-      x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + cfg.norm_eps)
-      y = x * scale.astype(jnp.float32)
-    else:
-      mean = jnp.mean(x, axis=-1, keepdims=True)
-      x = x - mean
-      x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + cfg.norm_eps)
-      y = x * scale.astype(jnp.float32)
-      if bias is not None:
-        y = y + bias.astype(jnp.float32)
+    y = ops.norm.norm(x, scale, bias, cfg)
     return y.astype(DTYPES[cfg.dtype])
 
 
@@ -191,13 +125,22 @@ def attention_mask(q_segment_BxT: Array, kv_segment_BxS: Array, causal: bool,
   return mask[:, None]
 
 
+def segment_mask(q_segment_BxT: Array, kv_segment_BxS: Array, causal: bool) -> ops.attention.Mask:
+  """`attention_mask` by row index, together with the segment ids it was built from (`ops.attention.Mask`),
+  so attention implementations that build their masks blockwise can use them."""
+  return ops.attention.Mask(attention_mask(q_segment_BxT, kv_segment_BxS, causal), q_segment_BxT, kv_segment_BxS)
+
+
 class Attention(nn.Module):
   """Multi-head, grouped-query or multi-query attention; self or cross.
 
   `kv_BxSxD` switches to cross-attention. With `decode=True` keys and values
   are appended to a static-shape cache in the 'cache' collection, so one
   compiled decode step serves every position. `causal=True` declares that the
-  mask hides later keys (see `dot_product_attention`).
+  mask hides later keys. `mask` is a boolean B x 1 x T x S array or an
+  `ops.attention.Mask`. The attention itself runs through `ops.attention`;
+  with `model.sow_attention_weights` it runs on XLA's code instead and sows
+  the B x N x T x S weights as 'attention_weights' into 'intermediates'.
   """
   cfg: ml_collections.ConfigDict
   decode: bool = False
@@ -205,9 +148,11 @@ class Attention(nn.Module):
   causal: bool = False
 
   @nn.compact
-  def __call__(self, x_BxTxD: Array, mask_Bx1xTxS: Array, positions_BxT: Array | None = None,
+  def __call__(self, x_BxTxD: Array, mask: Array | ops.attention.Mask, positions_BxT: Array | None = None,
                kv_BxSxD: Array | None = None) -> Array:
     cfg = self.cfg
+    if not isinstance(mask, ops.attention.Mask):
+      mask = ops.attention.Mask(mask)
     num_heads, num_kv, hd = cfg.num_heads, config_lib.num_kv_heads(cfg), config_lib.head_dim(cfg)
     is_cross = kv_BxSxD is not None
     kv_in = kv_BxSxD if is_cross else x_BxTxD
@@ -215,42 +160,39 @@ class Attention(nn.Module):
     query = DenseParams((d,), (num_heads, hd), ("embed", "heads", "head_dim"), cfg, name="query")()
     key = DenseParams((kv_in.shape[-1],), (num_kv, hd), ("embed", "kv_heads", "head_dim"), cfg, name="key")()
     value = DenseParams((kv_in.shape[-1],), (num_kv, hd), ("embed", "kv_heads", "head_dim"), cfg, name="value")()
-    b, t = x_BxTxD.shape[:2]
-    kernels = _kernels_on(cfg)
-    if (not is_cross and not self.decode and cfg.position != "rope" and cfg.attention_impl == "xla"
-        and kernels and cpu_kernels.usable(x_BxTxD)):
-      # The CPU kernel reads q, k and v in place from the fused projection (cpu_kernels.self_attention).
-      qkv_BxTxC = fused_projection(x_BxTxD, [query, key, value], dtype, split=False, cpu_kernel=kernels)
-      mask_BxTxT = jnp.broadcast_to(mask_Bx1xTxS, (b, 1, t, t))[:, 0].astype(bool)
-      out_BxTxNxH = cpu_kernels.self_attention(qkv_BxTxC.reshape(b, t, num_heads + 2 * num_kv, hd), mask_BxTxT,
-                                               self.causal, num_heads)
-      return self._output(out_BxTxNxH)
+    sow = cfg.get("sow_attention_weights", False)
+    packed = ops.attention.packed_self_attention(cfg, dtype)
+    if packed is not None and not is_cross and not self.decode and cfg.position != "rope" and not sow:
+      qkv_BxTxC = ops.projection(x_BxTxD, [query, key, value], dtype, cfg, split=False)
+      qkv_BxTxCxH = rearrange(qkv_BxTxC, "B T (C H) -> B T C H", H=hd)  # C = N query, K key, K value heads
+      return self._output(packed(qkv_BxTxCxH, mask.dense_Bx1xTxS, self.causal, num_heads))
     if is_cross:
-      (q_BxTxNxH,) = fused_projection(x_BxTxD, [query], dtype, cpu_kernel=kernels)
-      k_BxSxKxH, v_BxSxKxH = fused_projection(kv_in, [key, value], dtype, cpu_kernel=kernels)
+      (q_BxTxNxH,) = ops.projection(x_BxTxD, [query], dtype, cfg)
+      k_BxSxKxH, v_BxSxKxH = ops.projection(kv_in, [key, value], dtype, cfg)
     else:
-      q_BxTxNxH, k_BxSxKxH, v_BxSxKxH = fused_projection(x_BxTxD, [query, key, value], dtype, cpu_kernel=kernels)
+      q_BxTxNxH, k_BxSxKxH, v_BxSxKxH = ops.projection(x_BxTxD, [query, key, value], dtype, cfg)
     if cfg.position == "rope" and not is_cross:
       q_BxTxNxH = rope(q_BxTxNxH, positions_BxT, cfg.rope_theta)
       k_BxSxKxH = rope(k_BxSxKxH, positions_BxT, cfg.rope_theta)
     if self.decode and not is_cross:
       k_BxSxKxH, v_BxSxKxH = self._update_cache(k_BxSxKxH, v_BxSxKxH)
-    if cfg.attention_impl == "xla":
-      # While decoding, queries sit at cache slots, not at their row index: no block shortcut.
-      out_BxTxNxH = dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS,
-                                          causal=self.causal and not self.decode,
-                                          cpu_kernel=kernels)
-    else:
-      out_BxTxNxH = jax.nn.dot_product_attention(
-          q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS, implementation=cfg.attention_impl)
+      mask = ops.attention.Mask(mask.dense_Bx1xTxS)  # queries sit at cache slots: segment ids no longer say it all
+    if sow:
+      weights_BxNxTxS = ops.attention.attention_weights(q_BxTxNxH, k_BxSxKxH, mask.dense_Bx1xTxS)
+      self.sow("intermediates", "attention_weights", weights_BxNxTxS)
+      return self._output(ops.attention.attend_with_weights(weights_BxNxTxS, v_BxSxKxH))
+    # While decoding, queries sit at cache slots, not at their row index: not causal by row.
+    out_BxTxNxH = ops.attention.attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, cfg,
+                                          causal=self.causal and not self.decode)
     return self._output(out_BxTxNxH)
 
   def _output(self, out_BxTxNxH: Array) -> Array:
     cfg = self.cfg
-    (b, t, num_heads, hd), dtype = out_BxTxNxH.shape, DTYPES[cfg.dtype]
-    out = DenseParams((num_heads, hd), (cfg.d_model,), ("heads", "head_dim", "embed"), cfg, name="out")()
-    (out_BxTxD,) = fused_projection(out_BxTxNxH.reshape(b, t, num_heads * hd),
-                                    [(out[0].reshape(-1, cfg.d_model), out[1])], dtype, cpu_kernel=_kernels_on(cfg))
+    num_heads, hd = out_BxTxNxH.shape[2:]
+    kernel_NxHxD, bias_D = DenseParams((num_heads, hd), (cfg.d_model,), ("heads", "head_dim", "embed"), cfg,
+                                       name="out")()
+    (out_BxTxD,) = ops.projection(rearrange(out_BxTxNxH, "B T N H -> B T (N H)"),
+                                  [(rearrange(kernel_NxHxD, "N H D -> (N H) D"), bias_D)], DTYPES[cfg.dtype], cfg)
     return nn.Dropout(cfg.dropout_rate)(out_BxTxD, deterministic=self.deterministic)
 
   def _update_cache(self, k_BxTxKxH: Array, v_BxTxKxH: Array) -> tuple[Array, Array]:
@@ -273,81 +215,123 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
+  """The feed-forward sublayer: down(act(up x)), or down(silu(gate x) * up x) for `model.mlp='swiglu'`.
+
+  `model.mlp` names the activation in `ops.ACTIVATIONS` (gelu, gelu_exact,
+  relu, squared_relu); takes and returns B x T x D.
+  """
   cfg: ml_collections.ConfigDict
   deterministic: bool = True
 
   @nn.compact
   def __call__(self, x_BxTxD: Array) -> Array:
     cfg = self.cfg
-    dtype, d, kernels = DTYPES[cfg.dtype], x_BxTxD.shape[-1], _kernels_on(cfg)
+    dtype, d = DTYPES[cfg.dtype], x_BxTxD.shape[-1]
     up = DenseParams((d,), (cfg.mlp_dim,), ("embed", "mlp"), cfg, name="up")()
     if cfg.mlp == "swiglu":
       gate = DenseParams((d,), (cfg.mlp_dim,), ("embed", "mlp"), cfg, name="gate")()
-      gate_BxTxF, up_BxTxF = fused_projection(x_BxTxD, [gate, up], dtype, cpu_kernel=kernels)
-      h_BxTxF = nn.silu(gate_BxTxF) * up_BxTxF
-    elif cfg.mlp == "gelu" and kernels and cpu_kernels.usable(x_BxTxD, up[0]):
-      # The bias add goes into the kernel, which also sums its gradient.
-      (pre_BxTxF,) = fused_projection(x_BxTxD, [(up[0], None)], dtype, cpu_kernel=kernels)
-      bias_F = jnp.zeros(cfg.mlp_dim, jnp.float32) if up[1] is None else up[1]
-      h_BxTxF = cpu_kernels.bias_gelu(pre_BxTxF.reshape(-1, cfg.mlp_dim), bias_F).reshape(pre_BxTxF.shape)
+      gate_BxTxF, up_BxTxF = ops.projection(x_BxTxD, [gate, up], dtype, cfg)
+      h_BxTxF = ops.ACTIVATIONS["silu"](gate_BxTxF) * up_BxTxF
+    elif ops.activation.fuses_bias(cfg.mlp, cfg, dtype):
+      # The bias add goes into the activation's kernel, which also sums its gradient.
+      (pre_BxTxF,) = ops.projection(x_BxTxD, [(up[0], None)], dtype, cfg)
+      h_BxTxF = ops.bias_activation(pre_BxTxF, up[1], cfg.mlp, cfg)
     else:
-      (h_BxTxF,) = fused_projection(x_BxTxD, [up], dtype, cpu_kernel=kernels)
-      # GPT-2 uses the tanh approximation ("gelu_new"); BERT uses the exact erf form.
-      if cfg.mlp == "relu":
-        h_BxTxF = nn.relu(h_BxTxF)
-      else:
-        h_BxTxF = nn.gelu(h_BxTxF, approximate=cfg.mlp == "gelu")
+      (pre_BxTxF,) = ops.projection(x_BxTxD, [up], dtype, cfg)
+      h_BxTxF = ops.bias_activation(pre_BxTxF, None, cfg.mlp, cfg)
     h_BxTxF = nn.Dropout(cfg.dropout_rate)(h_BxTxF, deterministic=self.deterministic)
     down = DenseParams((cfg.mlp_dim,), (cfg.d_model,), ("mlp", "embed"), cfg, name="down")()
-    return fused_projection(h_BxTxF, [down], dtype, cpu_kernel=kernels)[0]
+    return ops.projection(h_BxTxF, [down], dtype, cfg)[0]
 
 
 class Block(nn.Module):
-  """One Transformer layer: self-attention, optional cross-attention, MLP.
+  """One Transformer layer: self-attention, optional cross-attention, MLP; B x T x D in and out.
 
   Pre-norm (GPT-2, LLaMA) normalizes each sublayer's input; post-norm
   (Vaswani et al., BERT) normalizes after each residual addition.
+
+  Extension point: `attention_cls` and `mlp_cls` build the sublayers (they
+  take the constructor arguments of `Attention` and `Mlp`). A new wiring is a
+  subclass that overrides `__call__` (see `ParallelBlock`); `Stack` gives it
+  scan, remat, the decode cache, dropout and the sharding constraint.
   """
   cfg: ml_collections.ConfigDict
   cross: bool = False
   decode: bool = False
   deterministic: bool = True
   causal: bool = False
+  attention_cls: Any = Attention
+  mlp_cls: Any = Mlp
+
+  def self_attention(self, name: str = "self_attention") -> nn.Module:
+    """The self-attention sublayer, built from `attention_cls`."""
+    return self.attention_cls(self.cfg, self.decode, self.deterministic, self.causal, name=name)
+
+  def mlp(self, name: str = "mlp") -> nn.Module:
+    """The MLP sublayer, built from `mlp_cls`."""
+    return self.mlp_cls(self.cfg, self.deterministic, name=name)
+
+  def dropout(self, x: Array) -> Array:
+    """Residual dropout at `model.dropout_rate`."""
+    return nn.Dropout(self.cfg.dropout_rate)(x, deterministic=self.deterministic)
 
   @nn.compact
   def __call__(self, x_BxTxD, mask_Bx1xTxS, positions_BxT, encoded_BxSxD=None, cross_mask_Bx1xTxS=None):
     cfg = self.cfg
-    dropout = functools.partial(nn.Dropout(cfg.dropout_rate), deterministic=self.deterministic)
-    sublayers = [("self_attention", lambda h: Attention(cfg, self.decode, self.deterministic, self.causal,
-                                                      name="self_attention")(
-        h, mask_Bx1xTxS, positions_BxT))]
+    sublayers = [("self_attention", lambda h: self.self_attention()(h, mask_Bx1xTxS, positions_BxT))]
     if self.cross:
-      sublayers.append(("cross_attention", lambda h: Attention(cfg, False, self.deterministic, name="cross_attention")(
-          h, cross_mask_Bx1xTxS, kv_BxSxD=encoded_BxSxD)))
-    sublayers.append(("mlp", lambda h: Mlp(cfg, self.deterministic, name="mlp")(h)))
+      cross_attention = self.attention_cls(cfg, False, self.deterministic, name="cross_attention")
+      sublayers.append(("cross_attention", lambda h: cross_attention(h, cross_mask_Bx1xTxS, kv_BxSxD=encoded_BxSxD)))
+    sublayers.append(("mlp", lambda h: self.mlp()(h)))
     for name, sublayer in sublayers:
       norm = Norm(cfg, name=f"{name}_norm")
       if cfg.norm_position == "pre":
-        x_BxTxD = x_BxTxD + dropout(sublayer(norm(x_BxTxD)))
+        x_BxTxD = x_BxTxD + self.dropout(sublayer(norm(x_BxTxD)))
       else:
-        x_BxTxD = norm(x_BxTxD + dropout(sublayer(x_BxTxD)))
+        x_BxTxD = norm(x_BxTxD + self.dropout(sublayer(x_BxTxD)))
     return nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
+
+
+class ParallelBlock(Block):
+  """GPT-J / PaLM's parallel residual: x + attention(norm(x)) + mlp(norm(x)), one norm for both.
+
+  `model.parallel_residual=True` selects it (pre-norm, no cross-attention).
+  """
+
+  @nn.compact
+  def __call__(self, x_BxTxD, mask_Bx1xTxS, positions_BxT, encoded_BxSxD=None, cross_mask_Bx1xTxS=None):
+    if self.cross or self.cfg.norm_position != "pre":
+      raise ValueError("model.parallel_residual needs model.norm_position='pre' and no cross-attention "
+                       "(model.family decoder or encoder)")
+    h_BxTxD = Norm(self.cfg, name="norm")(x_BxTxD)
+    attention_BxTxD = self.self_attention()(h_BxTxD, mask_Bx1xTxS, positions_BxT)
+    x_BxTxD = x_BxTxD + self.dropout(attention_BxTxD) + self.dropout(self.mlp()(h_BxTxD))
+    return nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
+
+
+def block_class(cfg: ml_collections.ConfigDict) -> type[Block]:
+  """The block the model config asks for: `ParallelBlock` with `model.parallel_residual`, else `Block`."""
+  return ParallelBlock if cfg.get("parallel_residual", False) else Block
 
 
 _REMAT_POLICIES: dict[str, Any] = {
     "full": None,  # save nothing: recompute the whole layer in the backward pass
     "dots": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.checkpoint_dots, jax.checkpoint_policies.save_only_these_names(_CPU_DENSE)),
+        jax.checkpoint_policies.checkpoint_dots, jax.checkpoint_policies.save_only_these_names(ops.dense.CPU_DENSE)),
     "dots_no_batch": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-        jax.checkpoint_policies.save_only_these_names(_CPU_DENSE)),
+        jax.checkpoint_policies.save_only_these_names(ops.dense.CPU_DENSE)),
 }
 
 
 class Stack(nn.Module):
-  """`num_layers` Blocks, either unrolled or as one `nn.scan` (compile time flat in depth).
+  """`num_layers` blocks, either unrolled or as one `nn.scan` (compile time flat in depth).
 
-  `causal=True` declares that `mask_Bx1xTxS` hides later positions (decoders).
+  `causal=True` declares that the mask hides later positions (decoders).
+  `block_cls` (default `block_class(cfg)`), `attention_cls` and `mlp_cls`
+  choose the classes; any `Block` subclass keeps scan, remat, the cache and
+  dropout. Returns x_BxTxD, or with `return_hidden_states` (x_BxTxD,
+  hidden_LxBxTxD): every block's output, stacked.
   """
   cfg: ml_collections.ConfigDict
   num_layers: int
@@ -355,41 +339,52 @@ class Stack(nn.Module):
   decode: bool = False
   deterministic: bool = True
   causal: bool = False
+  block_cls: Any = None
+  attention_cls: Any = Attention
+  mlp_cls: Any = Mlp
+  return_hidden_states: bool = False
 
   @nn.compact
   def __call__(self, x_BxTxD, mask_Bx1xTxS, positions_BxT, encoded_BxSxD=None, cross_mask_Bx1xTxS=None):
     cfg = self.cfg
-    block = Block
+    block = self.block_cls or block_class(cfg)
     if cfg.remat_policy != "none":
-      block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+      block = nn.remat(block, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+    fields = (cfg, self.cross, self.decode, self.deterministic, self.causal, self.attention_cls, self.mlp_cls)
     args = (mask_Bx1xTxS, positions_BxT, encoded_BxSxD, cross_mask_Bx1xTxS)
     if cfg.scan_layers:
       scanned = nn.scan(
-          _ScanAdapter, variable_axes={"params": 0, "cache": 0},
+          _ScanAdapter, variable_axes={"params": 0, "cache": 0, "intermediates": 0},
           split_rngs={"params": True, "dropout": True},
           in_axes=(nn.broadcast,) * 4, length=self.num_layers,
           metadata_params={nn.PARTITION_NAME: "layers"})
-      x_BxTxD, _ = scanned(block, cfg, self.cross, self.decode, self.deterministic, self.causal,
-                             name="layers")(x_BxTxD, *args)
-      return x_BxTxD
-    for i in range(self.num_layers):
-      x_BxTxD = block(cfg, self.cross, self.decode, self.deterministic, self.causal,
-                       name=f"layer_{i}")(x_BxTxD, *args)
-    return x_BxTxD
+      x_BxTxD, hidden_LxBxTxD = scanned(block, *fields, self.return_hidden_states, name="layers")(x_BxTxD, *args)
+    else:
+      hidden = []
+      for i in range(self.num_layers):
+        x_BxTxD = block(*fields, name=f"layer_{i}")(x_BxTxD, *args)
+        hidden.append(x_BxTxD)
+      hidden_LxBxTxD = jnp.stack(hidden) if self.return_hidden_states else None
+    return (x_BxTxD, hidden_LxBxTxD) if self.return_hidden_states else x_BxTxD
 
 
 class _ScanAdapter(nn.Module):
-  """Gives a Block the (carry, out) signature that `nn.scan` needs."""
+  """Gives a block the (carry, out) signature that `nn.scan` needs; out is the block's output when asked."""
   block: Any
   cfg: ml_collections.ConfigDict
   cross: bool
   decode: bool
   deterministic: bool
   causal: bool
+  attention_cls: Any
+  mlp_cls: Any
+  output: bool
 
   @nn.compact
   def __call__(self, x_BxTxD, *args):
-    return self.block(self.cfg, self.cross, self.decode, self.deterministic, self.causal, name="block")(x_BxTxD, *args), None
+    x_BxTxD = self.block(self.cfg, self.cross, self.decode, self.deterministic, self.causal, self.attention_cls,
+                         self.mlp_cls, name="block")(x_BxTxD, *args)
+    return x_BxTxD, (x_BxTxD if self.output else None)
 
 
 class Embedder(nn.Module):

@@ -6,7 +6,7 @@ convention across families: `segment_ids` (0 is padding, equal ids attend to
 each other) and `positions` (restarting at 0 in every packed segment).
 Shape letters are explained in `jaxlm.layers`.
 
-Batch keys per family (see `example_batch`):
+Batch keys per family (see `example_batch`; each family lives in `jaxlm.families`):
   decoder:          inputs, targets, segment_ids, positions, weights (all B x T).
   encoder (MLM):    the same; `inputs` holds the masked tokens, `targets` the
                     originals and `weights` is 1 only where a token was masked.
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxlm import layers
+from jaxlm import families, layers
 
 Array = jax.Array
 
@@ -60,7 +60,7 @@ class DecoderLM(nn.Module):
                                    q_index_BxT=cache_index_BxT,
                                    kv_index_BxS=jnp.arange(kv_segment_ids_BxS.shape[1])[None])
     else:
-      mask = layers.attention_mask(segment_ids_BxT, segment_ids_BxT, causal=True)
+      mask = layers.segment_mask(segment_ids_BxT, segment_ids_BxT, causal=True)
     embedder = layers.Embedder(cfg, self.deterministic, name="embedder")
     x_BxTxD = embedder.embed(tokens_BxT, positions_BxT)
     x_BxTxD = layers.Stack(cfg, cfg.num_layers, decode=self.decode, deterministic=self.deterministic,
@@ -102,7 +102,7 @@ class EncoderDecoder(nn.Module):
   def encode(self, tokens_BxS: Array, segment_ids_BxS: Array | None = None,
              positions_BxS: Array | None = None) -> Array:
     segment_ids_BxS, positions_BxS = default_segments(tokens_BxS, segment_ids_BxS, positions_BxS)
-    mask = layers.attention_mask(segment_ids_BxS, segment_ids_BxS, causal=False)
+    mask = layers.segment_mask(segment_ids_BxS, segment_ids_BxS, causal=False)
     x_BxSxD = self.embedder.embed(tokens_BxS, positions_BxS)
     return self.encoder_norm(self.encoder(x_BxSxD, mask, positions_BxS))
 
@@ -116,9 +116,9 @@ class EncoderDecoder(nn.Module):
       mask = layers.attention_mask(segment_ids_BxT, kv_segment_ids_BxS, causal=True, q_index_BxT=cache_index_BxT,
                                    kv_index_BxS=jnp.arange(kv_segment_ids_BxS.shape[1])[None])
     else:
-      mask = layers.attention_mask(segment_ids_BxT, segment_ids_BxT, causal=True)
+      mask = layers.segment_mask(segment_ids_BxT, segment_ids_BxT, causal=True)
     # Source padding (segment 0) never matches a target segment, so it is never read.
-    cross_mask = layers.attention_mask(segment_ids_BxT, input_segment_ids_BxS, causal=False)
+    cross_mask = layers.segment_mask(segment_ids_BxT, input_segment_ids_BxS, causal=False)
     x_BxTxD = self.embedder.embed(tokens_BxT, positions_BxT)
     x_BxTxD = self.decoder(x_BxTxD, mask, positions_BxT, encoded_BxSxD, cross_mask)
     return self.embedder.logits(self.decoder_norm(x_BxTxD))
@@ -160,7 +160,7 @@ class Encoder(nn.Module):
     segment_ids_BxT, positions_BxT = default_segments(tokens_BxT, segment_ids_BxT, positions_BxT)
     if cfg.num_token_types and token_types_BxT is None:
       token_types_BxT = jnp.zeros_like(tokens_BxT)  # BERT's single-sentence inputs are all type 0
-    mask = layers.attention_mask(segment_ids_BxT, segment_ids_BxT, causal=False)
+    mask = layers.segment_mask(segment_ids_BxT, segment_ids_BxT, causal=False)
     embedder = layers.Embedder(cfg, self.deterministic, name="embedder")
     x_BxTxD = embedder.embed(tokens_BxT, positions_BxT, token_types_BxT)
     x_BxTxD = layers.Stack(cfg, cfg.num_layers, deterministic=self.deterministic, name="encoder")(
@@ -169,39 +169,24 @@ class Encoder(nn.Module):
     return MlmHead(cfg, name="mlm_head")(x_BxTxD, embedder)
 
 
-def model_inputs(cfg: ml_collections.ConfigDict, batch: dict) -> dict:
-  """The keyword arguments of the family's `__call__`, taken from a data batch."""
-  if cfg.family == "encoder_decoder":
-    return {"inputs_BxS": batch["inputs"], "decoder_inputs_BxT": batch["decoder_inputs"],
-            "input_segment_ids_BxS": batch["input_segment_ids"], "input_positions_BxS": batch["input_positions"],
-            "segment_ids_BxT": batch["segment_ids"], "positions_BxT": batch["positions"]}
-  inputs = {"tokens_BxT": batch["inputs"], "segment_ids_BxT": batch["segment_ids"],
-            "positions_BxT": batch["positions"]}
-  if cfg.family == "encoder" and "token_types" in batch:
-    inputs["token_types_BxT"] = batch["token_types"]
-  return inputs
+def model_inputs(model_cfg: ml_collections.ConfigDict, batch: dict) -> dict:
+  """The keyword arguments of the `model_cfg.family` model's `__call__`, taken from a data batch."""
+  return families.get(model_cfg.family).model_inputs(model_cfg, batch)
 
 
-def example_batch(cfg: ml_collections.ConfigDict, shape: tuple[int, int]) -> dict:
-  """A batch of the family's structure and shape, for initialization and tracing.
+def example_batch(model_cfg: ml_collections.ConfigDict, shape: tuple[int, int]) -> dict:
+  """A batch of the family's structure and `shape` (B, T), for initialization and tracing.
 
   Parameter shapes do not depend on the lengths, so an encoder-decoder uses
   `shape` on both sides here even when its data has a separate target length.
   """
-  ones = jnp.ones(shape, jnp.int32)
-  positions = jnp.broadcast_to(jnp.arange(shape[1], dtype=jnp.int32), shape)
-  batch = {"inputs": ones, "targets": ones, "segment_ids": ones, "positions": positions,
-           "weights": jnp.ones(shape, jnp.float32)}
-  if cfg.family == "encoder_decoder":
-    batch.update(decoder_inputs=ones, input_segment_ids=ones, input_positions=positions)
-  return batch
+  return families.get(model_cfg.family).example_batch(model_cfg, shape)
 
 
-def build(cfg: ml_collections.ConfigDict, decode: bool = False, deterministic: bool = True) -> nn.Module:
-  """The model for `cfg.model.family`; `decode` builds it for cached generation."""
-  if cfg.family == "encoder_decoder":
-    return EncoderDecoder(cfg, decoding=decode, deterministic=deterministic)
-  families = {"decoder": DecoderLM, "encoder": Encoder}
-  if cfg.family not in families:
-    raise ValueError(f"model.family '{cfg.family}' is unknown; choose one of decoder, encoder, encoder_decoder")
-  return families[cfg.family](cfg, decode=decode, deterministic=deterministic)
+def build(model_cfg: ml_collections.ConfigDict, decode: bool = False, deterministic: bool = True) -> nn.Module:
+  """The model of `model_cfg.family`, from the model sub-config `model_cfg` (`config.model`).
+
+  `decode` builds it for cached generation; `deterministic=False` turns dropout on. Families are registered
+  in `jaxlm.families`.
+  """
+  return families.get(model_cfg.family).build(model_cfg, decode=decode, deterministic=deterministic)

@@ -1,18 +1,17 @@
-"""jaxlm.attention.dot_product_attention against jax.nn.dot_product_attention, on both of its paths.
+"""The attention op's CPU implementations against jax.nn.dot_product_attention.
 
-On CPU it runs the fused kernel of `cpu_kernels` ("kernel"); elsewhere, or
-with `cpu_kernel=False`, the XLA code with its causal block shortcut ("xla").
-Every test here runs on both.
+"kernel" is the fused kernel of `cpu_kernels` (the "cpu" entry of the
+attention registry, chosen on one CPU device), "xla" the XLA code with its
+causal block shortcut (`jaxlm.ops.xla_attention`). Every test here runs on both.
 """
-
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm import attention as attention_lib, cpu_kernels, layers
+from jaxlm import cpu_kernels, layers, ops
+from jaxlm.ops import xla_attention
 
 
 @pytest.fixture(params=["kernel", "xla"])
@@ -24,7 +23,9 @@ def path(request):
 
 @pytest.fixture
 def attention(path):
-  return functools.partial(attention_lib.dot_product_attention, cpu_kernel=path == "kernel")
+  fn = ops.REGISTRY["attention"]["cpu" if path == "kernel" else "xla"].fn
+  return lambda q, k, v, mask, causal=False: fn(q, k, v, mask_Bx1xTxS=mask, q_segment_ids_BxT=None,
+                                                 kv_segment_ids_BxS=None, causal=causal, model_cfg=None)
 
 
 def _inputs(seed, b, t, s, n, k, h):
@@ -99,7 +100,7 @@ def test_causal_path_skips_keys_after_each_block(attention):
   seg = jnp.ones((b, t), jnp.int32)
   mask = layers.attention_mask(seg, seg, causal=True)
   v = v.at[:, -1].set(jnp.nan)
-  block = t // attention_lib._CAUSAL_BLOCKS
+  block = t // xla_attention._CAUSAL_BLOCKS
   attend = jax.jit(attention, static_argnames="causal")
   assert bool(jnp.all(jnp.isfinite(attend(q, kk, v, mask, causal=True)[:, :t - block])))
   assert not bool(jnp.all(jnp.isfinite(attend(q, kk, v, mask, causal=False)[:, :t - block])))

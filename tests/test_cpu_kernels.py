@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxlm import cpu_kernels, layers, model as model_lib
+from jaxlm import cpu_kernels, layers, model as model_lib, ops
 
 from conftest import REPO, tiny_config
 
@@ -91,9 +91,10 @@ def test_dots_remat_policies_save_the_dense_kernels_outputs(policy, saved, capsy
     pytest.skip("no BLAS for the dense kernel")
   rng = np.random.default_rng(4)
   x, w = jnp.asarray(rng.standard_normal((2, 40, 16)), jnp.float32), jnp.asarray(rng.standard_normal((16, 24)))
-  project = lambda x, w: jnp.sum(jnp.tanh(layers.fused_projection(x, [(w, None)], jnp.float32, cpu_kernel=True)[0]))
+  cfg = tiny_config().model
+  project = lambda x, w: jnp.sum(jnp.tanh(ops.projection(x, [(w, None)], jnp.float32, cfg)[0]))
   jax.ad_checkpoint.print_saved_residuals(jax.checkpoint(project, policy=layers._REMAT_POLICIES[policy]), x, w)
-  assert (f"named '{layers._CPU_DENSE}'" in capsys.readouterr().out) == saved
+  assert (f"named '{ops.dense.CPU_DENSE}'" in capsys.readouterr().out) == saved
 
 
 def test_bias_gelu_mlp_matches_xla():
@@ -186,15 +187,15 @@ def test_build_goes_to_the_cache_once(tmp_path, monkeypatch):
 
 
 def test_without_a_compiler_falls_back_with_one_warning(tmp_path):
-  code = ("import jax.numpy as jnp; from jaxlm import attention, cpu_kernels, layers\n"
-          "seg = jnp.ones((1, 8), jnp.int32); x = jnp.ones((1, 8, 2, 4))\n"
-          "out = attention.dot_product_attention(x, x, x, layers.attention_mask(seg, seg, True), causal=True)\n"
-          "print(cpu_kernels.usable(x), bool(jnp.all(out == 1)))\n")
+  code = ("import jax.numpy as jnp; from jaxlm import config, layers, ops\n"
+          "seg = jnp.ones((1, 8), jnp.int32); x = jnp.ones((1, 8, 2, 4)); cfg = config.base_config().model\n"
+          "out = ops.attention.attention(x, x, x, layers.segment_mask(seg, seg, True), cfg, causal=True)\n"
+          "print(ops.choose('attention', cfg, jnp.float32), bool(jnp.all(out == 1)))\n")
   env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), JAXLM_CACHE_DIR=str(tmp_path / "cache"))
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO,
                           timeout=120)
   assert result.returncode == 0, result.stderr
-  assert result.stdout.split() == ["False", "True"]
+  assert result.stdout.split() == ["xla", "True"]
   assert result.stderr.count("jaxlm: CPU kernels unavailable, using slower XLA code") == 1, result.stderr
   assert not list((tmp_path / "cache").glob("*.so"))
 

@@ -1,14 +1,14 @@
 """Attention on XLA's own code: the block-causal core with a hand-written backward.
 
-`layers.Attention` calls `dot_product_attention`; on CPU in float32 it hands
-the work to the fused kernel of `cpu_kernels` instead. Shape letters as in
-`layers`; Q stands for a block's query rows with a GQA group folded in.
+The "xla" implementation of `jaxlm.ops.attention`, and the reference every
+other implementation is tested against. Shape letters as in `jaxlm.layers`;
+G is a GQA group (N // K query heads per key/value head), Q stands for a
+block's query rows with a group folded in.
 """
 
 import jax
 import jax.numpy as jnp
-
-from jaxlm import cpu_kernels
+from einops import rearrange, repeat
 
 Array = jax.Array
 
@@ -18,7 +18,7 @@ _CAUSAL_BLOCKS = 4  # query blocks of causal self-attention; 4 measured fastest 
 
 
 def dot_product_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_Bx1xTxS: Array,
-                          causal: bool = False, cpu_kernel: bool = True) -> Array:
+                          causal: bool = False) -> Array:
   """softmax(q k^T / sqrt(H), masked) v, equal to `jax.nn.dot_product_attention` up to float32 rounding.
 
   Written for CPU, where XLA does not fuse attention (BENCHMARKS.md has the
@@ -33,32 +33,26 @@ def dot_product_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, 
   The one visible difference: a query that sees no key at all (padding) gets
   the mean of the values up to its block's end instead of all values; losses
   give padding weight 0, so no gradient changes.
-
-  With `cpu_kernel`, on the CPU backend in float32, the fused kernel of
-  `cpu_kernels` runs instead (2.4x faster than this XLA code at the reference
-  config); it reads jaxlm's layouts directly and gives padding queries the
-  mean of all values, as jax.nn does.
   """
   b, t, n, h = q_BxTxNxH.shape
   s, k = k_BxSxKxH.shape[1], k_BxSxKxH.shape[2]
-  if cpu_kernel and cpu_kernels.usable(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH):
-    mask_BxTxS = jnp.broadcast_to(mask_Bx1xTxS, (b, 1, t, s))[:, 0].astype(bool)
-    return cpu_kernels.attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, causal and t == s)
   g = n // k
-  q_BxKxGxTxH = (q_BxTxNxH * jnp.asarray(h ** -0.5, q_BxTxNxH.dtype)).reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4)
-  k_BxKxSxH, v_BxKxSxH = k_BxSxKxH.transpose(0, 2, 1, 3), v_BxSxKxH.transpose(0, 2, 1, 3)
+  # Query head n reads key/value head n // G: the heads split into (K, G).
+  q_BxKxGxTxH = rearrange(q_BxTxNxH * jnp.asarray(h ** -0.5, q_BxTxNxH.dtype), "B T (K G) H -> B K G T H", K=k)
+  k_BxKxSxH = rearrange(k_BxSxKxH, "B S K H -> B K S H")
+  v_BxKxSxH = rearrange(v_BxSxKxH, "B S K H -> B K S H")
   blocks = _CAUSAL_BLOCKS if causal and t == s and t % _CAUSAL_BLOCKS == 0 else 1
   size = t // blocks
   outs = []
   for i in range(blocks):
     rows, end = slice(i * size, (i + 1) * size), (s if blocks == 1 else (i + 1) * size)
     # einsum letters in `_attention`: Q stands for the G x size query rows of this block.
-    q_BxKxQxH = q_BxKxGxTxH[:, :, :, rows].reshape(b, k, g * size, h)
-    mask_Bx1xQxS = jnp.broadcast_to(mask_Bx1xTxS[:, :, None, rows, :end], (b, 1, g, size, end)).reshape(b, 1, g * size, end)
+    q_BxKxQxH = rearrange(q_BxKxGxTxH[:, :, :, rows], "B K G Q H -> B K (G Q) H")
+    mask_Bx1xQxS = repeat(jnp.broadcast_to(mask_Bx1xTxS, (b, 1, t, s))[:, :, rows, :end], "B O T S -> B O (G T) S", G=g)
     out_BxKxQxH = _attention(q_BxKxQxH, k_BxKxSxH[:, :, :end], v_BxKxSxH[:, :, :end], mask_Bx1xQxS)
-    outs.append(out_BxKxQxH.reshape(b, k, g, size, h))
+    outs.append(rearrange(out_BxKxQxH, "B K (G Q) H -> B K G Q H", G=g))
   out_BxKxGxTxH = outs[0] if blocks == 1 else jnp.concatenate(outs, axis=3)
-  return out_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+  return rearrange(out_BxKxGxTxH, "B K G T H -> B T (K G) H")
 
 
 @jax.custom_vjp
