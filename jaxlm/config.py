@@ -63,7 +63,8 @@ def base_config() -> ConfigDict:
   c.model.norm_position = "pre"     # pre | post
   c.model.position = "learned"      # learned | rope | sinusoidal
   c.model.rope_theta = 10000.0
-  c.model.mlp = "gelu"              # gelu (tanh, GPT-2) | gelu_exact (erf, BERT) | swiglu | relu
+  c.model.mlp = "gelu"              # gelu (tanh, GPT-2) | gelu_exact (erf, BERT) | swiglu | relu | squared_relu (Primer)
+  c.model.parallel_residual = False  # GPT-J/PaLM block: x + attn(norm(x)) + mlp(norm(x)); pre-norm, no cross-attention
   c.model.use_bias = True
   c.model.tie_embeddings = True
   c.model.scale_embeddings = False  # multiply embeddings by sqrt(d_model), as Vaswani et al.
@@ -77,6 +78,7 @@ def base_config() -> ConfigDict:
   c.model.attention_impl = "xla"    # xla | cudnn (GPU) | splash (TPU Pallas) | triton (GPU Pallas); jaxlm/ops/
   c.model.attention_block_size = 0  # splash/triton query and key tile (multiple of 128 for splash); 0: 512 / 128
   c.model.cpu_kernels = True        # CPU backend, float32: fused attention and norm kernels (jaxlm/cpu_kernels.py)
+  c.model.sow_attention_weights = False  # attention on XLA's code, weights sown into 'intermediates' (README)
 
   c.data = ConfigDict()
   c.data.source = "stdlib"          # stdlib | files | tfds | codesum | prepared
@@ -213,6 +215,7 @@ RANGES = {
     "model.norm_eps": _POSITIVE_REAL, "model.rope_theta": _POSITIVE_REAL, "model.use_bias": _BOOL,
     "model.tie_embeddings": _BOOL, "model.scale_embeddings": _BOOL, "model.num_token_types": _COUNT,
     "model.embed_norm": _BOOL, "model.dropout_rate": _BETA, "model.scan_layers": _BOOL, "model.cpu_kernels": _BOOL,
+    "model.parallel_residual": _BOOL, "model.sow_attention_weights": _BOOL,
     "model.attention_block_size": _COUNT,
     "data.paths": Allowed(note="comma-separated paths or globs"),
     "data.validation_paths": Allowed(note="comma-separated paths or globs"), "data.include_tests": _BOOL,
@@ -395,7 +398,7 @@ _CHOICES = {
     "model.norm": ("layernorm", "rmsnorm"),
     "model.norm_position": ("pre", "post"),
     "model.position": ("learned", "rope", "sinusoidal"),
-    "model.mlp": ("gelu", "gelu_exact", "swiglu", "relu"),
+    "model.mlp": ("gelu", "gelu_exact", "swiglu", "relu", "squared_relu"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat_policy": ("none", "full", "dots", "dots_no_batch"),
@@ -429,6 +432,9 @@ def validate(config: ConfigDict, num_devices: int) -> None:
                       "choose num_kv_heads dividing num_heads")
   if m.position == "rope" and head_dim(m) % 2:
     raise ConfigError(f"RoPE needs an even head dimension, got {head_dim(m)}; change model.head_dim or model.num_heads")
+  if m.parallel_residual and (m.norm_position != "pre" or m.family == "encoder_decoder"):
+    raise ConfigError("model.parallel_residual=True needs model.norm_position='pre' and no cross-attention "
+                      f"(model.family decoder or encoder), got '{m.norm_position}' and '{m.family}'")
   if config.data.seq_len > m.max_len:
     raise ConfigError(f"data.seq_len={config.data.seq_len} exceeds model.max_len={m.max_len}; "
                       "lower data.seq_len or raise model.max_len")
