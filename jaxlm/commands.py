@@ -14,9 +14,9 @@ from jaxlm import checkpoint, config as config_lib
 
 def _expected_errors():
   from jaxlm import evaluate, trainer  # local: keeps `jaxlm --help` fast
-  from jaxlm import decode, hf
+  from jaxlm import decode, hf, plot
   return (config_lib.ConfigError, checkpoint.CheckpointError, evaluate.RunError, trainer.TrainingError,
-          FileNotFoundError, decode.DecodeError, hf.ConvertError)
+          FileNotFoundError, decode.DecodeError, hf.ConvertError, plot.PlotError)
 
 
 def run(args, overrides: list[str]) -> int:
@@ -118,5 +118,12 @@ def _quantize(args, overrides) -> int:
   return 0
 
 
-COMMANDS = {"train": _train, "eval": _eval, "generate": _generate, "serve": _serve, "convert": _convert,
+
+def _plot(args, overrides) -> int:
+  from jaxlm import plot
+  print(f"wrote {plot.write_plot(args.runs, args.out)} ({len(args.runs)} run{'s' * (len(args.runs) > 1)})")
+  return 0
+
+
+COMMANDS = {"train": _train, "plot": _plot, "eval": _eval, "generate": _generate, "serve": _serve, "convert": _convert,
             "export": _export, "quantize": _quantize}

@@ -8,6 +8,7 @@ Usage:
   jaxlm convert --from-hf HF_DIR --workdir runs/x  |  jaxlm convert --to-hf runs/x --out HF_DIR
   jaxlm export --workdir runs/x --out export/x
   jaxlm quantize --workdir runs/x
+  jaxlm plot runs/x [runs/y ...] --out loss.png
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ def parser() -> argparse.ArgumentParser:
   evaluate.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   evaluate.add_argument("--max-batches", type=int, default=None, help="limit the batches scored (default: config)")
   _deployment_parsers(sub)
+  plot = sub.add_parser("plot", help="loss, learning rate, gradient norm and tokens/s of runs, overlaid, as a PNG "
+                                      "(needs matplotlib: pip install 'jaxlm[plot]')")
+  plot.add_argument("runs", nargs="+", metavar="RUN", help="run directories (their metrics.jsonl)")
+  plot.add_argument("--out", default="loss.png", help="the image to write (default: loss.png)")
   return p
 
 
