@@ -13,10 +13,10 @@ from jaxlm import checkpoint, config as config_lib
 
 
 def _expected_errors():
-  from jaxlm import evaluate, trainer  # local: keeps `jaxlm --help` fast
-  from jaxlm import decode, hf, plot
-  return (config_lib.ConfigError, checkpoint.CheckpointError, evaluate.RunError, trainer.TrainingError,
-          FileNotFoundError, decode.DecodeError, hf.ConvertError, plot.PlotError)
+  from jaxlm import loader, trainer  # local: keeps `jaxlm --help` fast
+  from jaxlm import decode, hf, plot, quantize
+  return (config_lib.ConfigError, checkpoint.CheckpointError, loader.RunError, trainer.TrainingError,
+          FileNotFoundError, decode.DecodeError, hf.ConvertError, plot.PlotError, quantize.QuantizeError)
 
 
 def run(args, overrides: list[str]) -> int:
@@ -59,8 +59,7 @@ def _generate(args, overrides) -> int:
   run = _load(args)
   text = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
   tok, model = run.tokenizer, run.config.model
-  # Training ends every document with EOS, so a decoder-only model starts a new text after one.
-  ids = ([tok.eos_id] if model.family == "decoder" else []) + [int(i) for i in tok.encode(text)]
+  ids = decode.adapter_for(model, tok.bos_id).prompt_ids(tok, text)
   stop = [] if args.ignore_eos else [tok.eos_id]
   if args.beam_size:
     result = decode.beam_search(model, run.params, [ids], args.beam_size, args.max_tokens, tok.eos_id,
@@ -110,11 +109,53 @@ def _export(args, overrides) -> int:
 
 def _quantize(args, overrides) -> int:
   from jaxlm import quantize
-  result = quantize.compare(args.workdir, args.step, args.max_batches)
+  result = quantize.compare(args.workdir, args.step, args.max_batches, args.out)
   print(json.dumps(result, indent=2))
   print(f"int8 weights: {result['float_mb']:.2f} MB -> {result['int8_mb']:.2f} MB "
         f"({result['memory_reduction']:.2f}x smaller); validation perplexity {result['float_perplexity']:.4f} -> "
         f"{result['int8_perplexity']:.4f} ({100 * result['perplexity_change']:+.2f}%)")
+  print(f"wrote the int8 run {result['int8_run']}: generate, serve and export take --workdir {result['int8_run']}")
+  return 0
+
+
+def _compile(args, overrides) -> int:
+  """Exit status 0 when the step fits the slice's HBM, 1 when it does not."""
+  from pathlib import Path
+  from jaxlm import aot
+  config = config_lib.apply_overrides(config_lib.load_config_file(args.config), overrides)
+  report = aot.compile_train_step(config, args.topology)
+  print(aot.format_report(report), flush=True)
+  if args.json:
+    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+  return 0 if report["fits"] else 1
+
+
+def _verify(args, overrides) -> int:
+  """Exit status 0 when every checked step is intact, 1 when any is damaged."""
+  from jaxlm import verify
+  results = verify.verify_run(args.workdir, args.step)
+  print(verify.format_table(results), flush=True)
+  return 1 if any(r["status"] == "DAMAGED" for r in results) else 0
+
+
+def _config(args, overrides) -> int:
+  from jaxlm import config_show
+  config = config_lib.apply_overrides(config_lib.load_config_file(args.config), overrides)
+  print(config_show.format_table(config, args.config))
+  return 0
+
+
+def _prepare(args, overrides) -> int:
+  import time
+  from jaxlm import prepare
+  config = config_lib.apply_overrides(config_lib.load_config_file(args.config), overrides)
+  start = time.perf_counter()
+  splits = [args.split] if args.split else ["train", "validation"]
+  for split, index in prepare.prepare(config, args.out, splits, args.workers, args.shard_mb).items():
+    print(f"{args.out}/{split}: {index['num_documents']:,} documents, {index['num_tokens']:,} tokens, "
+          f"{index['num_bytes'] / 1e6:,.1f} MB of text in {len(index['shards'])} shards")
+  print(f"prepared in {time.perf_counter() - start:.1f} s; train with --config.data.source=prepared "
+        f"--config.data.prepared_dir={args.out}")
   return 0
 
 
@@ -124,6 +165,6 @@ def _plot(args, overrides) -> int:
   print(f"wrote {plot.write_plot(args.runs, args.out)} ({len(args.runs)} run{'s' * (len(args.runs) > 1)})")
   return 0
 
-
 COMMANDS = {"train": _train, "plot": _plot, "eval": _eval, "generate": _generate, "serve": _serve, "convert": _convert,
-            "export": _export, "quantize": _quantize}
+            "export": _export, "quantize": _quantize, "compile": _compile, "verify": _verify, "config": _config,
+            "prepare": _prepare}

@@ -9,11 +9,16 @@ Usage:
   jaxlm export --workdir runs/x --out export/x
   jaxlm quantize --workdir runs/x
   jaxlm plot runs/x [runs/y ...] --out loss.png
+  jaxlm verify --workdir runs/x [--step N]
+  jaxlm config show configs/default.py [--config.model.num_layers=4 ...]
+  jaxlm compile --config configs/llama_7b.py --topology v5p-32 [--config.mesh.fsdp=-1 ...] [--json out.json]
+  jaxlm prepare --config configs/default.py --out data/x [--config.data.source=files --config.data.paths='c/*.txt']
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from jaxlm import commands, cpu_kernels
@@ -22,7 +27,11 @@ from jaxlm import commands, cpu_kernels
 def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="jaxlm", description=__doc__.splitlines()[0])
   sub = p.add_subparsers(dest="command", required=True)
-  train = sub.add_parser("train", help="train a model; resumes from the latest checkpoint in --workdir")
+  train = sub.add_parser("train", help="train a model; resumes from the latest intact checkpoint in --workdir",
+                         epilog="Any config key can be overridden with --config.KEY=VALUE (with '='), e.g. "
+                                "--config.model.num_layers=6 --config.optim.learning_rate=3e-4. "
+                                "`jaxlm config show CONFIG` lists every key with its default, allowed values and "
+                                "comment.")
   train.add_argument("--config", required=True, help="a configs/*.py file with get_config()")
   train.add_argument("--workdir", required=True)
   evaluate = sub.add_parser("eval", help="evaluate a checkpoint on the validation split")
@@ -34,6 +43,25 @@ def parser() -> argparse.ArgumentParser:
                                       "(needs matplotlib: pip install 'jaxlm[plot]')")
   plot.add_argument("runs", nargs="+", metavar="RUN", help="run directories (their metrics.jsonl)")
   plot.add_argument("--out", default="loss.png", help="the image to write (default: loss.png)")
+  compile_ = sub.add_parser("compile", help="compile the train step for a TPU slice on any machine: memory per chip, "
+                                            "fits or not, estimated MFU (needs libtpu: pip install -e '.[tpu]')")
+  compile_.add_argument("--config", required=True, help="a configs/*.py file with get_config()")
+  compile_.add_argument("--topology", required=True, help="a TPU slice: v5e-16, v5p-32, v4-8, v6e-8, or v5e:4x4")
+  compile_.add_argument("--json", default="", help="also write the report to this JSON file")
+  verify = sub.add_parser("verify", help="check every checkpoint of a run against the checksums saved with it")
+  verify.add_argument("--workdir", required=True)
+  verify.add_argument("--step", type=int, default=None, help="check this step only (default: all)")
+  config_show = sub.add_parser("config", help="`jaxlm config show CONFIG [--config.KEY=VALUE ...]`: every key, "
+                                              "its value, type, allowed values and comment")
+  config_show.add_argument("action", choices=["show"])
+  config_show.add_argument("config", metavar="CONFIG", help="a configs/*.py file with get_config()")
+  prepare = sub.add_parser("prepare", help="tokenize the config's data source once into token shards that "
+                                           "--config.data.source=prepared reads (README \"Data\")")
+  prepare.add_argument("--config", required=True, help="a configs/*.py file with get_config(); its data.* keys")
+  prepare.add_argument("--out", required=True, help="output folder: OUT/train and OUT/validation")
+  prepare.add_argument("--split", choices=["train", "validation"], default=None, help="one split (default: both)")
+  prepare.add_argument("--workers", type=int, default=0, help="tokenizing processes (default: one per CPU)")
+  prepare.add_argument("--shard-mb", type=float, default=16.0, help="source megabytes per shard")
   return p
 
 
@@ -75,9 +103,11 @@ def _deployment_parsers(sub):
   export.add_argument("--out", required=True)
   export.add_argument("--batch-size", type=int, default=1)
   export.add_argument("--max-prompt-len", type=int, default=0, help="prompt tokens the artifact takes (default: half the context)")
-  quantize = sub.add_parser("quantize", help="int8 weight-only: memory and validation perplexity vs float")
+  quantize = sub.add_parser("quantize", help="int8 weight-only: writes an int8 run (for generate, serve, export) "
+                                              "and reports memory and validation perplexity vs float")
   _run_args(quantize, int8=False)
   quantize.add_argument("--max-batches", type=int, default=None)
+  quantize.add_argument("--out", default=None, help="the int8 run directory to write (default: WORKDIR/int8)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,12 +115,22 @@ def main(argv: list[str] | None = None) -> int:
   args, rest = parser().parse_known_args(argv)
   overrides = [a for a in rest if a.startswith("--config.")]
   unknown = [a for a in rest if not a.startswith("--config.")]
+  spaced = [(key, value) for key, value in zip(rest, rest[1:])
+            if key.startswith("--config.") and "=" not in key and value in unknown]
+  if spaced:
+    key, value = spaced[0]
+    print(f"jaxlm: error: write {key}={value} (with '='), not '{key} {value}'", file=sys.stderr)
+    return 2
   if unknown:
     print(f"jaxlm: error: unrecognized arguments {' '.join(unknown)}; see `jaxlm {args.command} --help`",
           file=sys.stderr)
     return 2
-  if overrides and args.command != "train":
-    print(f"jaxlm: error: {args.command} uses the run's saved config; --config.* overrides apply to train only",
+  if getattr(args, "prompt_file", None) and not os.path.isfile(args.prompt_file):
+    print(f"jaxlm: error: --prompt-file '{args.prompt_file}' not found; pass an existing text file, or --prompt TEXT",
+          file=sys.stderr)
+    return 2
+  if overrides and args.command not in ("train", "compile", "config", "prepare"):
+    print(f"jaxlm: error: {args.command} uses the run's saved config; --config.* overrides apply to train and compile only",
           file=sys.stderr)
     return 2
   return commands.run(args, overrides)
