@@ -154,7 +154,7 @@ def base_config() -> ConfigDict:
   c.distributed.process_id = -1           # or env JAX_PROCESS_ID
   c.distributed.initialization_timeout_s = 300  # how long each process waits for all the others to join
   c.distributed.initialization_attempts = 3     # tries of jax.distributed.initialize (busy hosts fail spuriously)
-  c.distributed.heartbeat_timeout_s = 20        # a peer silent this long counts as dead; the others then exit
+  c.distributed.heartbeat_timeout_s = 20        # a peer silent this long counts as lost; the others exit (jaxlm/watchdog.py)
   return c
 
 
@@ -240,7 +240,7 @@ RANGES = {
     "mesh.rules": Allowed(note="JSON list of [logical, mesh axes]"),
     "distributed.coordinator_address": Allowed(note="host:port"), "distributed.num_processes": _at_least(0, -1),
     "distributed.process_id": _at_least(0, -1), "distributed.initialization_timeout_s": _POSITIVE,
-    "distributed.initialization_attempts": _POSITIVE, "distributed.heartbeat_timeout_s": _POSITIVE,
+    "distributed.initialization_attempts": _POSITIVE, "distributed.heartbeat_timeout_s": _at_least(2),
 }
 
 
@@ -468,7 +468,7 @@ def validate(config: ConfigDict, num_devices: int) -> None:
     raise ConfigError(f"data.source='codesum' pairs code with summaries, which needs model.family='encoder_decoder', "
                       f"not '{m.family}'")
   if (config.data.tokenizer == "sentencepiece" and not config.data.spm_vocab_size
-      and not Path(config.data.tokenizer_path).is_file()):
+      and not _path(config.data.tokenizer_path).is_file()):
     raise ConfigError(f"data.tokenizer_path: '{config.data.tokenizer_path}' not found; pass an existing .model file")
 
   mesh_shape(config, num_devices)  # raises on a bad mesh
@@ -490,11 +490,17 @@ def validate(config: ConfigDict, num_devices: int) -> None:
       raise ConfigError(f"config key 'train.{key}' must be positive, got {t[key]}")
 
 
+def _path(location: str):
+  """`location` as an `epath.Path`: a local path or a gs:// URL (see jaxlm/fs.py)."""
+  from jaxlm import fs  # local: keeps config importable without etils
+  return fs.path(location)
+
+
 def _validate_tfds(config: ConfigDict) -> None:
   d = config.data
   if not d.tfds_name:
     raise ConfigError("data.tfds_name is empty but data.source='tfds'; pass e.g. --config.data.tfds_name=lm1b")
-  if d.tfds_data_dir and not Path(d.tfds_data_dir).is_dir():
+  if d.tfds_data_dir and not _path(d.tfds_data_dir).is_dir():
     raise ConfigError(f"data.tfds_data_dir '{d.tfds_data_dir}' does not exist; prepare the data with "
                       f"`tfds build {d.tfds_name} --file_format=array_record --data_dir=DIR` (docs/datasets.md)")
   if config.model.family == "encoder_decoder" and not (d.source_key and d.target_key):

@@ -8,7 +8,9 @@ of the initializer, so nothing is allocated before its placement is known.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 
 import flax.linen as nn
 import jax
@@ -17,8 +19,13 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlm import config as config_lib
+from jaxlm import watchdog
 
 AXES = ("data", "fsdp", "tensor")
+
+
+class DistributedError(RuntimeError):
+  """Processes that cannot start together; the message names the coordinator and the timeout."""
 
 
 def maybe_initialize_distributed(config) -> None:
@@ -27,11 +34,16 @@ def maybe_initialize_distributed(config) -> None:
   num_processes > 1 launches by hand: the coordinator and process id come
   from the config or from JAX_COORDINATOR_ADDRESS / JAX_PROCESS_ID.
   num_processes = -1 lets JAX detect the cluster itself (TPU VMs, SLURM).
+  The timeouts come from `config.distributed`. Initialization is retried
+  (busy hosts have failed it spuriously), and `jaxlm.watchdog` makes every
+  process exit with one line naming a peer that stops responding.
   """
   d = config.distributed
   num_processes = d.num_processes or int(os.environ.get("JAX_NUM_PROCESSES", "0"))
   if num_processes == -1:
-    jax.distributed.initialize()
+    jax.distributed.initialize(initialization_timeout=d.initialization_timeout_s,
+                               heartbeat_timeout_seconds=watchdog.runtime_heartbeat_timeout(d.heartbeat_timeout_s))
+    watchdog.start(d.heartbeat_timeout_s)
     return
   if num_processes <= 1:
     return
@@ -41,10 +53,27 @@ def maybe_initialize_distributed(config) -> None:
     raise config_lib.ConfigError(
         "distributed.num_processes > 1 needs distributed.coordinator_address and distributed.process_id "
         "(or JAX_COORDINATOR_ADDRESS and JAX_PROCESS_ID)")
-  jax.distributed.initialize(address, num_processes=num_processes, process_id=process_id)
+  for attempt in range(1, d.initialization_attempts + 1):
+    try:
+      jax.distributed.initialize(address, num_processes=num_processes, process_id=process_id,
+                                 initialization_timeout=d.initialization_timeout_s,
+                                 heartbeat_timeout_seconds=watchdog.runtime_heartbeat_timeout(d.heartbeat_timeout_s))
+      watchdog.start(d.heartbeat_timeout_s)
+      return
+    except Exception as e:  # noqa: BLE001 - the runtime reports timeouts as several exception types
+      with contextlib.suppress(Exception):  # a half-made client blocks the next attempt
+        jax.distributed.shutdown()
+      if attempt == d.initialization_attempts:
+        raise DistributedError(
+            f"process {process_id} of {num_processes} could not join the coordinator at {address} in "
+            f"{d.initialization_attempts} attempt(s) of {d.initialization_timeout_s} s "
+            f"({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__}); check that every "
+            "process was started, or raise distributed.initialization_timeout_s") from None
+      time.sleep(min(2 ** attempt, 10))
 
 
 def make_mesh(config) -> Mesh:
+  """The Mesh with axes ('data', 'fsdp', 'tensor') the whole `config` asks for (`config.mesh`), on all devices."""
   sizes = config_lib.mesh_shape(config, jax.device_count())
   # Devices sorted by process keep each process's devices contiguous along the
   # data axes, which is how `jaxlm.data.local_rows` lays out the batch.
