@@ -46,7 +46,7 @@ def compile_case(case: dict):
   """Builds and compiles the step of one case in this process: (compiled, state, batch, rng, result)."""
   import jax
   import numpy as np
-  from jaxlm import sharding, train
+  from jaxlm import sharding, train_step as train
   config = gpt2_small(case["batch"], case["scan_layers"], case["remat_policy"], case.get("cache_dir", ""))
   if config.train.compilation_cache_dir:
     # As jaxlm.trainer.train does; the thresholds are lowered so the test of the cache is not size-gated.

@@ -33,7 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from jaxlm import metrics, presets, sharding, train  # noqa: E402
+from jaxlm import metrics, presets, sharding, train_step as train  # noqa: E402
 
 
 def model_config(impl: str, remat: str, batch: int, smoke: bool):

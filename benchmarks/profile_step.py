@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import torch_peer, train_speed  # noqa: E402
-from jaxlm import cpu_kernels, train  # noqa: E402
+from jaxlm import cpu_kernels, train_step as train  # noqa: E402
 
 
 def op_names(hlo_text: str) -> dict[str, str]:
@@ -79,7 +79,7 @@ def main(argv=None):
   def loss_only(params, batch):
     sums = train.batch_sums(s.model, params, batch, config.train, runner.rng)
     return sums["loss_sum"]
-  forward = train._with_mesh(s, jax.jit(loss_only))
+  forward = train.under_mesh(s.mesh, s.rules, jax.jit(loss_only))
   forward(runner.state.params, batch).block_until_ready()
   runner.compile_seconds(batch)
 

@@ -2,7 +2,7 @@
 
     pip install -e '.[bench]' && python benchmarks/train_speed.py
 
-Runs jaxlm's real step (`jaxlm.train.setup / create_state / make_train_step`,
+Runs jaxlm's real step (`jaxlm.train_step.setup / create_state / make_train_step`,
 the function `jaxlm train` runs) and `benchmarks/torch_peer.py` on the model of
 `configs/bench_reference.py`, in alternating rounds within one process, so
 both see the same machine load. Each round also re-measures the float32 matmul
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import torch_peer  # noqa: E402
-from jaxlm import config as config_lib, cpu_kernels, metrics, sharding, train  # noqa: E402
+from jaxlm import config as config_lib, cpu_kernels, metrics, sharding, train_step as train  # noqa: E402
 
 
 def reference_config(overrides: list[str]):

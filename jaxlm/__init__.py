@@ -1,3 +1,70 @@
-"""jaxlm: Transformer language models in JAX/Flax, from data to deployment."""
+"""jaxlm: Transformer language models in JAX/Flax, from data to deployment.
+
+The public names, imported on first use (so `import jaxlm` loads no JAX, Flax or Orbax, and changes no
+process-wide state):
+
+  load(workdir, step=None, mesh=None) -> Run   a trained run: config, model, params, tokenizer, step
+  train(config, workdir, **kwargs) -> dict    the training loop (`Trainer(...).run()`)
+  Trainer, Callback                           the open loop: your model, data, loss and hooks
+  TrainState, LossFn, cross_entropy_loss      the train state and the objective's contract
+  LanguageModel                               the contract a Flax module meets to be trained
+  build_model(model_cfg, decode=False, deterministic=True)   a family's model from `config.model`
+  DecoderLM, EncoderDecoder, Encoder          the built-in families' models
+  Norm, Attention, Mlp, Block, Stack, Embedder the layers they are built from
+  base_config, load_config_file               configs (`config` = whole config, `model_cfg` = config.model)
+  make_mesh                                   the ('data', 'fsdp', 'tensor') mesh a config asks for
+  Family, register_family                     add a model family
+  Generator, Sampling, beam_search            cached decoding
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
+
+# public name -> (module, attribute)
+_EXPORTS = {
+    "load": ("jaxlm.loader", "load"),
+    "Run": ("jaxlm.loader", "Run"),
+    "train": ("jaxlm.trainer", "train"),
+    "Trainer": ("jaxlm.trainer", "Trainer"),
+    "Callback": ("jaxlm.trainer", "Callback"),
+    "TrainState": ("jaxlm.train_step", "TrainState"),
+    "LossFn": ("jaxlm.train_step", "LossFn"),
+    "cross_entropy_loss": ("jaxlm.train_step", "cross_entropy_loss"),
+    "LanguageModel": ("jaxlm.families", "LanguageModel"),
+    "Family": ("jaxlm.families", "Family"),
+    "register_family": ("jaxlm.families", "register"),
+    "build_model": ("jaxlm.model", "build"),
+    "DecoderLM": ("jaxlm.model", "DecoderLM"),
+    "EncoderDecoder": ("jaxlm.model", "EncoderDecoder"),
+    "Encoder": ("jaxlm.model", "Encoder"),
+    "Norm": ("jaxlm.layers", "Norm"),
+    "Attention": ("jaxlm.layers", "Attention"),
+    "Mlp": ("jaxlm.layers", "Mlp"),
+    "Block": ("jaxlm.layers", "Block"),
+    "Stack": ("jaxlm.layers", "Stack"),
+    "Embedder": ("jaxlm.layers", "Embedder"),
+    "base_config": ("jaxlm.config", "base_config"),
+    "load_config_file": ("jaxlm.config", "load_config_file"),
+    "make_mesh": ("jaxlm.sharding", "make_mesh"),
+    "Generator": ("jaxlm.decode", "Generator"),
+    "Sampling": ("jaxlm.decode", "Sampling"),
+    "beam_search": ("jaxlm.decode", "beam_search"),
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+  if name not in _EXPORTS:
+    raise AttributeError(f"module 'jaxlm' has no attribute {name!r}")
+  module, attribute = _EXPORTS[name]
+  value = getattr(importlib.import_module(module), attribute)
+  globals()[name] = value  # later lookups skip this function
+  return value
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(_EXPORTS))

@@ -14,9 +14,10 @@ from jaxlm import checkpoint, config as config_lib
 
 def _expected_errors():
   from jaxlm import loader, trainer  # local: keeps `jaxlm --help` fast
-  from jaxlm import decode, hf, plot, quantize
+  from jaxlm import decode, hf, plot, quantize, runlock, sharding
   return (config_lib.ConfigError, checkpoint.CheckpointError, loader.RunError, trainer.TrainingError,
-          FileNotFoundError, decode.DecodeError, hf.ConvertError, plot.PlotError, quantize.QuantizeError)
+          FileNotFoundError, decode.DecodeError, hf.ConvertError, plot.PlotError, quantize.QuantizeError,
+          runlock.LockError, sharding.DistributedError)
 
 
 def run(args, overrides: list[str]) -> int:

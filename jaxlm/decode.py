@@ -8,9 +8,9 @@ real tokens, so padding is never attended and a mixed-length batch decodes
 exactly as each prompt alone. Every shape is fixed by (batch, P, cache
 length), so one compiled step serves every token of a generation.
 
-The family-specific part is an adapter with `prefill` and `step`; sampling,
-streaming and beam search see only the adapter, so the decoder-only and the
-encoder-decoder families share them. Shape letters as in `jaxlm.layers`;
+The family-specific part is an `Adapter` with `prefill` and `step`, which
+each generating family of `jaxlm.families` provides; sampling, streaming and
+beam search see only the adapter, so every family shares them. Shape letters as in `jaxlm.layers`;
 W is the beam size, L the number of new tokens.
 """
 
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import quantize
+from jaxlm import families, quantize  # families imports no model code until a lookup
 
 Array = jax.Array
 PROMPT_BUCKET = 16   # prompt lengths round up to this, so few prefill shapes get compiled
@@ -46,18 +46,34 @@ def load_run(workdir, step: int | None = None):
 
 # --- Adapters: the family-specific prefill and step -------------------------------------------------
 
-class _Adapter:
-  """Prefill writes the prompt into a fresh cache; step feeds one token per row.
+class Adapter:
+  """A family's decoding: prefill writes the prompt into a fresh cache; step feeds one token per row.
 
+  Each generating family (`jaxlm.families`) subclasses this with `prefill`, `_apply`, `_cache_shapes` and
+  `prompt_ids`, and says whether the prompt occupies the generated sequence's positions and cache slots
+  (`prompt_in_cache`: a decoder continues its prompt; an encoder-decoder encodes it and starts from BOS).
   State is {'cache': the model's 'cache' collection, 'rows': per-row arrays
   (batch axis 0), 'slot': the next cache slot, shared by all rows}.
   """
 
-  def __init__(self, cfg):
-    # Imported here, not at the top: `jaxlm.export` loads artifacts with this module's loop and no model code.
-    from jaxlm import model as model_lib
-    self.cfg = cfg
-    self.module = model_lib.build(cfg, decode=True)
+  prompt_in_cache: bool = True
+
+  def __init__(self, model_cfg, module):
+    """`model_cfg`: the model sub-config; `module`: the family's model built with `decode=True`."""
+    self.cfg = model_cfg
+    self.module = module
+
+  def prompt_ids(self, tokenizer, text: str) -> list[int]:
+    """The token ids a text prompt decodes from."""
+    raise NotImplementedError
+
+  def prompt_slots(self, prompt_width: int) -> int:
+    """Cache slots the prompt takes: its width when it is in the cache, else one (the start token)."""
+    return prompt_width if self.prompt_in_cache else 1
+
+  def prefill(self, params, prompt, cache_len: int):
+    """`prompt`: {'tokens_BxP': right-padded ids, 'lengths_B'}; returns (logits B x P x V, next B x V, state)."""
+    raise NotImplementedError
 
   def _apply(self, params, cache, rows, tokens_BxT, segment_BxT, positions_BxT, slots_BxT, kv_segment_BxS):
     raise NotImplementedError
@@ -93,62 +109,13 @@ class _Adapter:
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
-class DecoderOnly(_Adapter):
-  """`DecoderLM`: the prompt is the start of the sequence to continue."""
-
-  def prefill(self, params, prompt, cache_len: int):
-    """`prompt`: {'tokens_BxP': right-padded ids, 'lengths_B'}; returns (logits B x P x V, next B x V, state)."""
-    tokens_BxP = prompt["tokens_BxP"]
-    cache = self._zero_cache(params, {}, tokens_BxP.shape[0], cache_len)
-    return self._decode_prompt(params, cache, {}, tokens_BxP, prompt["lengths_B"], cache_len)
-
-  def _cache_shapes(self, params, rows, batch, cache_len):
-    tokens = jnp.zeros((batch, cache_len), jnp.int32)
-    return jax.eval_shape(lambda: self.module.init(jax.random.key(0), tokens)["cache"])
-
-  def _apply(self, params, cache, rows, tokens_BxT, segment_BxT, positions_BxT, slots_BxT, kv_segment_BxS):
-    logits, variables = self.module.apply(
-        {"params": params, "cache": cache}, tokens_BxT, segment_BxT, positions_BxT,
-        cache_index_BxT=slots_BxT, kv_segment_ids_BxS=kv_segment_BxS, mutable=["cache"])
-    return logits, variables["cache"]
-
-
-class EncoderDecoder(_Adapter):
-  """`EncoderDecoder`: the prompt is the source; the encoder runs once and the decoder starts from BOS."""
-
-  def __init__(self, cfg, start_id: int = 1):
-    super().__init__(cfg)
-    self.start_id = start_id
-
-  def prefill(self, params, prompt, cache_len: int):
-    tokens_BxS, lengths_B = prompt["tokens_BxP"], prompt["lengths_B"]
-    source_segment_BxS = (jnp.arange(tokens_BxS.shape[1])[None] < lengths_B[:, None]).astype(jnp.int32)
-    encoded_BxSxD = self.module.apply({"params": params}, tokens_BxS, source_segment_BxS, method="encode")
-    rows = {"encoded_BxSxD": encoded_BxSxD, "source_segment_ids_BxS": source_segment_BxS}
-    batch = tokens_BxS.shape[0]
-    cache = self._zero_cache(params, rows, batch, cache_len)
-    start_Bx1 = jnp.full((batch, 1), self.start_id, jnp.int32)
-    return self._decode_prompt(params, cache, rows, start_Bx1, jnp.ones((batch,), jnp.int32), cache_len)
-
-  def _cache_shapes(self, params, rows, batch, cache_len):
-    tokens = jnp.zeros((batch, cache_len), jnp.int32)
-    return jax.eval_shape(lambda: self.module.init(
-        jax.random.key(0), rows["encoded_BxSxD"], rows["source_segment_ids_BxS"], tokens, method="decode")["cache"])
-
-  def _apply(self, params, cache, rows, tokens_BxT, segment_BxT, positions_BxT, slots_BxT, kv_segment_BxS):
-    logits, variables = self.module.apply(
-        {"params": params, "cache": cache}, rows["encoded_BxSxD"], rows["source_segment_ids_BxS"], tokens_BxT,
-        segment_BxT, positions_BxT, cache_index_BxT=slots_BxT, kv_segment_ids_BxS=kv_segment_BxS,
-        method="decode", mutable=["cache"])
-    return logits, variables["cache"]
-
-
-def adapter_for(cfg, start_id: int = 1) -> _Adapter:
-  if cfg.family == "decoder":
-    return DecoderOnly(cfg)
-  if cfg.family == "encoder_decoder":
-    return EncoderDecoder(cfg, start_id)
-  raise DecodeError(f"model.family '{cfg.family}' does not generate text; decoding needs decoder or encoder_decoder")
+def adapter_for(model_cfg, start_id: int = 1) -> Adapter:
+  """The decoding adapter of `model_cfg.family` (the model sub-config); DecodeError if it does not generate."""
+  family = families.get(model_cfg.family)
+  if family.adapter is None:
+    raise DecodeError(f"model.family '{model_cfg.family}' does not generate text; decoding needs one of "
+                      + ", ".join(name for name in families.names() if families.get(name).adapter))
+  return family.adapter(model_cfg, start_id)
 
 
 def map_rows(fn, state):
@@ -233,14 +200,16 @@ def pad_prompts(prompts: Sequence[Sequence[int]], batch: int, width: int | None 
   return tokens, np.asarray(lengths, np.int32)
 
 
-def check_request(cfg, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int]) -> None:
+def check_request(cfg, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int],
+                  prompt_in_cache: bool = True) -> None:
+  """DecodeError naming the field if a prompt is empty or prompt + new tokens exceed `cfg.max_len`."""
   for i, (p, n) in enumerate(zip(prompts, max_new_tokens)):
     if len(p) == 0:
       raise DecodeError(f"prompt {i} is empty; give at least one token")
     if n < 1:
       raise DecodeError(f"max_tokens must be at least 1, got {n}")
-    # Decoder-only positions run to prompt + new tokens; the encoder-decoder's target side to new tokens.
-    used = (len(p) if cfg.family == "decoder" else 0) + n
+    # Positions run to prompt + new tokens when the prompt is in the sequence, else to the new tokens.
+    used = (len(p) if prompt_in_cache else 0) + n
     if used > cfg.max_len or len(p) > cfg.max_len:
       raise DecodeError(f"prompt {i} ({len(p)} tokens) + max_tokens ({n}) exceeds the model's context of "
                         f"{cfg.max_len} (model.max_len); shorten the prompt or lower max_tokens")
@@ -254,6 +223,7 @@ class Generator:
   def __init__(self, cfg, params, cache_len: int | None = None, start_id: int = 1):
     self.cfg, self.params, self.cache_len = cfg, params, cache_len
     self.adapter = adapter_for(cfg, start_id)
+    self.prompt_in_cache = self.adapter.prompt_in_cache
     self.prefill = jax.jit(self._prefill, static_argnames=("cache_len", "do_sample"))
     self.step = jax.jit(self._step, static_argnames=("do_sample",), donate_argnums=(1,))
 
@@ -278,12 +248,10 @@ class Generator:
     if n > batch:
       raise DecodeError(f"{n} prompts do not fit a batch of {batch}")
     max_new = np.broadcast_to(np.asarray(max_new_tokens, np.int64), (n,))
-    check_request(self.cfg, prompts, max_new)
+    check_request(self.cfg, prompts, max_new, self.prompt_in_cache)
     tokens_BxP, lengths_B = pad_prompts(prompts, batch, self.prompt_len)
-    if self.cfg.family == "encoder_decoder":  # the decoder prompt is BOS alone, in slot 0
-      slots_needed = 1 + int(max_new.max())
-    else:
-      slots_needed = tokens_BxP.shape[1] + int(max_new.max())
+    prompt_slots = tokens_BxP.shape[1] if self.prompt_in_cache else 1  # else BOS alone, in slot 0
+    slots_needed = prompt_slots + int(max_new.max())
     cache_len = self.cache_len or round_up(slots_needed, CACHE_BUCKET)
     if slots_needed > cache_len:
       raise DecodeError(f"prompt + max_tokens needs {slots_needed} cache slots but the cache has {cache_len}; "
@@ -394,9 +362,9 @@ class BeamSearcher:
   def search(self, prompts: Sequence[Sequence[int]], beam_size: int = 4, max_new_tokens: int = 64,
              eos_id: int = 2, alpha: float = 0.6, cache_len: int | None = None) -> BeamResult:
     batch = len(prompts)
-    check_request(self.cfg, prompts, [max_new_tokens] * batch)
+    check_request(self.cfg, prompts, [max_new_tokens] * batch, self.adapter.prompt_in_cache)
     tokens_BxP, lengths_B = pad_prompts(prompts, batch)
-    start = 1 if self.cfg.family == "encoder_decoder" else tokens_BxP.shape[1]
+    start = self.adapter.prompt_slots(tokens_BxP.shape[1])
     cache_len = cache_len or round_up(start + max_new_tokens, CACHE_BUCKET)
     prompt = {"tokens_BxP": jnp.asarray(tokens_BxP), "lengths_B": jnp.asarray(lengths_B)}
     logits, state = self._prefill(self.params, prompt, cache_len=cache_len, beam_size=beam_size)

@@ -1,44 +1,29 @@
-"""Evaluation from a work directory: reload config, tokenizer and checkpoint, score the validation split.
+"""`jaxlm eval`: reload a run (`jaxlm.loader.load`) and score its validation split.
 
-Reports loss, perplexity and bits per byte, beside the bits per byte that
-`gzip -9` and `xz -9` reach on the same validation bytes: a language model is
-a compressor, and this shows where it stands against standard ones.
+The loss sums are the same for every family; what is reported beside them (bits
+per byte against gzip and xz, BLEU, MLM accuracy against the unigram baseline)
+is the family's `evaluate` in `jaxlm.families`.
 """
 
 from __future__ import annotations
 
-import gzip
+import dataclasses
 import json
-import lzma
-import math
 from pathlib import Path
+from typing import Any, Callable
 
 import jax
-from jax.experimental import multihost_utils
 import ml_collections
-import numpy as np
 
-from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import config as config_lib
 from jaxlm import data as data_lib
-from jaxlm import sharding, tokenizer as tokenizer_lib, train as train_lib, trainer
+from jaxlm import families, loader, sharding, train_step, trainer
 
 
-class RunError(RuntimeError):
-  pass
-
-
-def load_run_config(workdir: Path) -> ml_collections.ConfigDict:
-  path = Path(workdir) / "config.json"
-  if not path.is_file():
-    raise RunError(f"{path} not found; pass the --workdir of a run started with `jaxlm train`")
-  config = ml_collections.ConfigDict(json.loads(path.read_text()))
-  config_lib.check_schema(config)
-  return config
-
-
-def fit_mesh(config, num_devices: int):
-  """The run's mesh if it fits these devices, else all devices on the data axis."""
+def fitted_config(config: ml_collections.ConfigDict, num_devices: int) -> ml_collections.ConfigDict:
+  """A copy of the whole `config` whose mesh fits `num_devices` (the run's, else all devices on `data`)
+  and whose eval batch size divides over the data-parallel devices; `config` itself is not changed."""
+  config = config.copy_and_resolve_references()
   try:
     config_lib.mesh_shape(config, num_devices)
   except config_lib.ConfigError:
@@ -49,53 +34,66 @@ def fit_mesh(config, num_devices: int):
   return config
 
 
-def restore_params(workdir: Path, step: int | None, s: train_lib.Setup):
-  checkpointer = checkpoint_lib.Checkpointer(Path(workdir) / "checkpoints", read_only=True)
-  step = checkpointer.latest_step() if step is None else step
-  if step is None:
-    raise RunError(f"no complete checkpoint in {checkpointer.directory}; train first")
-  target = {"params": checkpoint_lib.abstract_with_shardings(s.abstract_state.params, s.state_shardings.params)}
-  params = checkpointer.restore(step, target, partial=True)["params"]
-  checkpointer.close()
-  return params, step
+@dataclasses.dataclass
+class Evaluation:
+  """What a family's `evaluate` gets: the loaded run, its validation rows and a way to sum the loss.
+
+  config: the whole config, fitted to these devices (`fitted_config`). run: the `loader.Run`.
+  rows: the family's validation rows. max_batches: the batches to score (0: all).
+  """
+  config: ml_collections.ConfigDict
+  run: loader.Run
+  rows: Any
+  max_batches: int
+  eval_step: Callable
+  batch_sharding: Any
+
+  @property
+  def params(self):
+    return self.run.params
+
+  @property
+  def tokenizer(self):
+    return self.run.tokenizer
+
+  @property
+  def step(self) -> int:
+    return self.run.step
+
+  def loss_sums(self, on_batch: Callable[[dict], None] | None = None) -> dict[str, float]:
+    """{'loss_sum', 'nll_sum', 'weight_sum', 'correct_sum'} over the scored batches; `on_batch(local)` sees
+    each process-local batch first (for sums the loss does not give, such as bytes)."""
+    batches = data_lib.eval_batches(self.rows, self.config.eval.batch_size, self.max_batches)
+    if on_batch is not None:
+      batches = _tap(batches, on_batch)
+    return trainer.evaluate_loss(self.eval_step, self.params, batches, self.batch_sharding)
 
 
-def compression_bits_per_byte(text: bytes) -> dict[str, float]:
-  bits = lambda compressed: 8 * len(compressed) / max(len(text), 1)
-  return {"gzip-9": bits(gzip.compress(text, compresslevel=9)),
-          "xz-9": bits(lzma.compress(text, preset=9 | lzma.PRESET_EXTREME))}
+def _tap(batches, on_batch):
+  for local in batches:
+    on_batch(local)
+    yield local
 
 
-def evaluate(workdir: str | Path, step: int | None = None, max_batches: int | None = None) -> dict[str, float]:
+def evaluate(workdir: str | Path, step: int | None = None, max_batches: int | None = None) -> dict:
+  """Scores checkpoint `step` (default: the latest) of the run in `workdir` on its validation split.
+
+  Returns the family's metrics (for the decoder: step, tokens, loss, perplexity, accuracy, bits_per_byte and
+  the gzip/xz baselines) and writes them to `workdir/eval_step_{step}.json`.
+  """
   workdir = Path(workdir)
-  config = fit_mesh(load_run_config(workdir), jax.device_count())
-  if config.model.family != "decoder":
-    from jaxlm import family_eval  # BLEU for encoder-decoders, MLM accuracy for encoders
-    return family_eval.evaluate(workdir, config, step, max_batches)
-  tokenizer = tokenizer_lib.load(workdir)
+  config = fitted_config(loader.load_config(workdir), jax.device_count())
   mesh = sharding.make_mesh(config)
-  s = train_lib.setup(config, mesh)
-  params, step = restore_params(workdir, step, s)
-
-  documents = data_lib.load_documents(config.data, "validation")
-  rows = data_lib.PackedRows(data_lib.TokenStream.from_documents(documents, tokenizer), config.data.seq_len)
-  eval_step = train_lib.make_eval_step(s, s.state_shardings.params)
-  byte_lengths = tokenizer.byte_lengths()
-  nll = weight = correct = num_bytes = 0.0
+  run = loader.load(workdir, step, mesh)
+  family = families.get(config.model.family)
+  rules = config_lib.mesh_rules(config)
+  shardings = jax.tree.map(lambda x: x.sharding, run.params)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  eval_step = train_step.eval_step_for(run.model, train_step.cross_entropy_loss(config.train), mesh, rules,
+                                       shardings, batch_sharding)
+  rows = family.rows(config, run.tokenizer, "validation")
   limit = config.eval.max_batches if max_batches is None else max_batches
-  for local in data_lib.eval_batches(rows, config.eval.batch_size, limit):
-    sums = eval_step(params, sharding.global_batch(local, s.batch_sharding))
-    nll += float(sums["nll_sum"])
-    weight += float(sums["weight_sum"])
-    correct += float(sums["correct_sum"])
-    # Each process sums bytes of its own rows; the global sum needs all of them.
-    num_bytes += float(np.sum(byte_lengths[local["targets"]] * local["weights"]))
-  num_bytes = float(np.sum(multihost_utils.process_allgather(np.float64(num_bytes))))
-  loss = nll / max(weight, 1.0)
-  result = {"step": step, "tokens": weight, "loss": loss, "perplexity": math.exp(min(loss, 700)),
-            "accuracy": correct / max(weight, 1.0), "bits_per_byte": nll / math.log(2) / max(num_bytes, 1.0)}
-  for name, bpb in compression_bits_per_byte(b"".join(documents)).items():
-    result[f"{name}_bits_per_byte"] = bpb
+  result = family.evaluate(Evaluation(config, run, rows, limit, eval_step, batch_sharding))
   if jax.process_index() == 0:
-    (workdir / f"eval_step_{step}.json").write_text(json.dumps(result, indent=2))
+    (workdir / f"eval_step_{result['step']}.json").write_text(json.dumps(result, indent=2))
   return result

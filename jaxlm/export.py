@@ -50,7 +50,8 @@ def export_run(run, out, batch_size: int = 1, max_prompt_len: int = 0) -> Path:
   cfg = run.config.model.copy_and_resolve_references()
   cfg.cpu_kernels = False
   prompt_len = decode.round_up(max_prompt_len or max(cfg.max_len // 2, 1), decode.PROMPT_BUCKET)
-  cache_len = (1 if cfg.family == "encoder_decoder" else prompt_len) + cfg.max_len
+  adapter = decode.adapter_for(cfg, run.tokenizer.bos_id)
+  cache_len = adapter.prompt_slots(prompt_len) + cfg.max_len
   generator = decode.Generator(cfg, run.params, cache_len, start_id=run.tokenizer.bos_id)
   prefill = jax.jit(functools.partial(generator._prefill, cache_len=cache_len, do_sample=True))
   step = jax.jit(functools.partial(generator._step, do_sample=True), donate_argnums=(1,))
@@ -68,8 +69,8 @@ def export_run(run, out, batch_size: int = 1, max_prompt_len: int = 0) -> Path:
   np.savez(out / "weights.npz", **flatten(jax.device_get(run.params)))
   tok = run.tokenizer
   meta = {"family": cfg.family, "max_len": cfg.max_len, "batch_size": batch_size, "prompt_len": prompt_len,
-          "cache_len": cache_len, "vocab_size": cfg.vocab_size, "eos_id": int(tok.eos_id),
-          "bos_id": int(tok.bos_id), "step": run.step}
+          "cache_len": cache_len, "prompt_in_cache": adapter.prompt_in_cache, "vocab_size": cfg.vocab_size,
+          "eos_id": int(tok.eos_id), "bos_id": int(tok.bos_id), "step": run.step}
   (out / "meta.json").write_text(json.dumps(meta, indent=2))
   return out
 
@@ -85,6 +86,8 @@ class ExportedGenerator(decode.Generator):
     self.meta = json.loads((directory / "meta.json").read_text())
     self.cfg = SimpleNamespace(family=self.meta["family"], max_len=self.meta["max_len"])
     self.cache_len, self.prompt_len = self.meta["cache_len"], self.meta["prompt_len"]
+    # Artifacts written before the key existed: only a prompt kept in the cache makes it longer than max_len + 1.
+    self.prompt_in_cache = self.meta.get("prompt_in_cache", self.cache_len > self.meta["max_len"] + 1)
     with np.load(directory / "weights.npz") as weights:
       self.params = jax.tree.map(jnp.asarray, unflatten({k: weights[k] for k in weights.files}))
     self._prefill_exported = jax.export.deserialize(bytearray((directory / "prefill.bin").read_bytes()))

@@ -20,27 +20,25 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import config as config_lib
+from jaxlm import families
 
 
-def matmul_params(model_config) -> int:
-  """Weights that take part in matrix multiplies, per the convention above."""
-  m = model_config
+def matmul_params(model_cfg) -> int:
+  """Weights that take part in matrix multiplies, per the convention above, for the model sub-config."""
+  m = model_cfg
   hd, kv = config_lib.head_dim(m), config_lib.num_kv_heads(m)
   attention = m.d_model * hd * (2 * m.num_heads + 2 * kv)
   mlp = m.d_model * m.mlp_dim * (3 if m.mlp == "swiglu" else 2)
-  cross = attention if m.family == "encoder_decoder" else 0
-  decoder_layers = (m.num_decoder_layers or m.num_layers) if m.family == "encoder_decoder" else 0
-  layers = m.num_layers * (attention + mlp) + decoder_layers * (attention + cross + mlp)
-  return layers + m.d_model * m.vocab_size
+  self_layers, cross_layers = families.get(m.family).attention_layers(m)
+  return self_layers * (attention + mlp) + cross_layers * attention + m.d_model * m.vocab_size
 
 
-def flops_per_token(model_config, seq_len: int) -> float:
-  """Training FLOPs per token: 6 * N_matmul + 12 * layers * seq_len * attention width."""
-  m = model_config
+def flops_per_token(model_cfg, seq_len: int) -> float:
+  """Training FLOPs per token of the model sub-config: 6 * N_matmul + 12 * layers * seq_len * attention width
+  (self- and cross-attention layers both count)."""
+  m = model_cfg
   attention_width = m.num_heads * config_lib.head_dim(m)
-  num_attention_layers = m.num_layers
-  if m.family == "encoder_decoder":
-    num_attention_layers += 2 * (m.num_decoder_layers or m.num_layers)  # self + cross
+  num_attention_layers = sum(families.get(m.family).attention_layers(m))
   return 6 * matmul_params(m) + 12 * num_attention_layers * seq_len * attention_width
 
 
@@ -65,6 +63,7 @@ class MetricWriter:
   """
 
   def __init__(self, workdir: Path):
+    """Opens (appends to) workdir/metrics.jsonl and workdir/tensorboard/."""
     self.enabled = jax.process_index() == 0
     if not self.enabled:
       return
@@ -73,6 +72,7 @@ class MetricWriter:
     self.tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"))
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
+    """Writes `scalars` (name -> float) at `step`, flushed at once."""
     if not self.enabled:
       return
     self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
@@ -82,6 +82,7 @@ class MetricWriter:
     self.tensorboard.flush()
 
   def close(self) -> None:
+    """Closes both files."""
     if self.enabled:
       self.jsonl.close()
       self.tensorboard.close()

@@ -87,14 +87,11 @@ def nbytes(params) -> int:
 def compare(workdir, step: int | None = None, max_batches: int | None = None) -> dict:
   """Weight bytes and validation perplexity of a run, float vs int8, side by side."""
   import math
-  from jaxlm import data as data_lib, decode, model as model_lib, train as train_lib, trainer
-  run = decode.load_run(workdir, step)
+  from jaxlm import data as data_lib, loader, train_step, trainer
+  run = loader.load(workdir, step)
   config = run.config
-  if config.model.family != "decoder":
-    raise decode.DecodeError(f"quantize compares perplexity of decoder runs; this run is '{config.model.family}'")
   int8 = quantize_params(run.params)
-  module = model_lib.build(config.model)
-  sums = jax.jit(lambda p, batch: train_lib.batch_sums(module, materialize(p), batch, config.train))
+  sums = jax.jit(lambda p, batch: train_step.batch_sums(run.model, materialize(p), batch, config.train))
   rows = trainer.prepare_data(config, run.tokenizer, "validation")
   limit = config.eval.max_batches if max_batches is None else max_batches
   totals = {"float": [0.0, 0.0], "int8": [0.0, 0.0]}

@@ -16,15 +16,17 @@ from typing import Iterable, Iterator
 
 import jax
 
+from jaxlm import families, fs
 from jaxlm.config import ConfigError
 
 
 def train(sentences: Iterable[str], model_path: str | Path, vocab_size: int, max_sentences: int = 1_000_000) -> Path:
   """Trains a unigram SentencePiece model on `sentences` and writes it to `model_path`."""
   import sentencepiece as spm  # local: only runs that use SentencePiece need it
-  model_path = Path(model_path)
-  model_path.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.TemporaryDirectory(dir=model_path.parent) as tmp:
+  model_path = fs.path(model_path)
+  fs.makedirs(model_path.parent)
+  # Locally the temporary folder sits beside the model, for an atomic rename; a bucket's objects appear whole.
+  with tempfile.TemporaryDirectory(dir=None if fs.is_url(model_path) else model_path.parent) as tmp:
     prefix = Path(tmp) / f"spm{jax.process_index()}"
     spm.SentencePieceTrainer.train(
         sentence_iterator=_limited(sentences, max_sentences), model_prefix=str(prefix), vocab_size=vocab_size,
@@ -32,7 +34,10 @@ def train(sentences: Iterable[str], model_path: str | Path, vocab_size: int, max
         # Code and long lines: keep whitespace runs and digits as text, do not drop long sentences.
         split_digits=True, max_sentence_length=1 << 16, remove_extra_whitespaces=False,
         minloglevel=2)
-    os.replace(f"{prefix}.model", model_path)  # atomic: another process never reads half a file
+    if fs.is_url(model_path):
+      model_path.write_bytes(Path(f"{prefix}.model").read_bytes())
+    else:
+      os.replace(f"{prefix}.model", model_path)  # atomic: another process never reads half a file
   return model_path
 
 
@@ -45,22 +50,15 @@ def _limited(sentences: Iterable[str], limit: int) -> Iterator[str]:
 
 
 def training_sentences(config) -> Iterator[str]:
-  """Lines of the training split: both sides of seq2seq pairs, or the documents' lines."""
-  if config.model.family == "encoder_decoder":
-    from jaxlm import seq2seq_data
-    for source, target in seq2seq_data.load_pairs(config, "train"):
-      yield source
-      yield target
-    return
-  from jaxlm import data as data_lib
-  for document in data_lib.load_documents(config.data, "train"):
-    yield from document.decode("utf-8", errors="replace").splitlines()
+  """The lines a vocabulary is trained on, per the family of the whole `config` (`Family.training_text`)."""
+  return families.get(config.model.family).training_text(config)
 
 
 def train_if_missing(config) -> None:
-  path = Path(config.data.tokenizer_path)
+  """Trains a vocabulary at `config.data.tokenizer_path` (whole config) unless a file is already there."""
+  path = fs.path(config.data.tokenizer_path)
   if path.is_file():
     return
-  if not path.parent.exists() and not path.parent.parent.exists():
+  if not fs.is_url(path) and not path.parent.exists() and not path.parent.parent.exists():
     raise ConfigError(f"data.tokenizer_path '{path}': its folder cannot be created; pass a path in an existing folder")
   train(training_sentences(config), path, config.data.spm_vocab_size)

@@ -1,4 +1,9 @@
-"""The training loop: data, steps, metrics, validation and checkpoints.
+"""The training loop: data, steps, metrics, validation, checkpoints, signals and the NaN stop.
+
+`Trainer` is open: it takes any Flax module meeting `jaxlm.families.LanguageModel`,
+the user's data (strings, rows or batches; see `jaxlm.sources`), any loss
+(`jaxlm.train_step.LossFn`) and `Callback`s. `jaxlm train` is one caller:
+`train(config, workdir)` with the config's family model, data and cross-entropy.
 
 Resumes from the latest complete checkpoint in the work directory, including
 the data position, so an interrupted run continues with exactly the batches
@@ -14,26 +19,56 @@ import sys
 import time
 import zlib
 from pathlib import Path
+from typing import Any, Iterable, Sequence
 
+import flax.linen as nn
 import jax
-import numpy as np
 import tqdm
 
 from jaxlm import checkpoint as checkpoint_lib
-from jaxlm import corpus
+from jaxlm import corpus, families, sources
 from jaxlm import config as config_lib
-from jaxlm import data as data_lib
 from jaxlm import metrics as metrics_lib
-from jaxlm import sharding, tokenizer as tokenizer_lib, train as train_lib
+from jaxlm import sharding, tokenizer as tokenizer_lib, train_step
 
 
 class TrainingError(RuntimeError):
-  pass
+  """Training cannot go on (a NaN loss, a checkpoint at the wrong data position); one line with the fix."""
 
 
 def log(message: str) -> None:
+  """Writes `message` to stderr above the progress bar, on process 0 only."""
   if jax.process_index() == 0:
     tqdm.tqdm.write(message, file=sys.stderr)
+
+
+class Callback:
+  """Hooks into `Trainer.run`; subclass and override any. Each gets the `Trainer` (`trainer.state`,
+  `trainer.config`, `trainer.workdir`, `trainer.checkpointer`, ...). They run on every process.
+
+  on_start(trainer, step): the state is ready (fresh, or restored at `step`).
+  on_step(trainer, step, metrics): after each logged step (every `train.log_every`, the first and each save);
+    `metrics` is the dict of floats written to metrics.jsonl.
+  on_eval(trainer, step, metrics): after each validation, with {'val_loss': ...}.
+  on_save(trainer, step): after a checkpoint save of `step` started (saves are asynchronous).
+  on_end(trainer, summary): after the loop, with the last metrics; `trainer.stop_reason` says why it ended:
+    'finished', 'signal' or 'stop_at_step'. Not called when training fails.
+  """
+
+  def on_start(self, trainer: "Trainer", step: int) -> None:
+    pass
+
+  def on_step(self, trainer: "Trainer", step: int, metrics: dict[str, float]) -> None:
+    pass
+
+  def on_eval(self, trainer: "Trainer", step: int, metrics: dict[str, float]) -> None:
+    pass
+
+  def on_save(self, trainer: "Trainer", step: int) -> None:
+    pass
+
+  def on_end(self, trainer: "Trainer", summary: dict[str, float]) -> None:
+    pass
 
 
 class _StopRequest:
@@ -58,6 +93,7 @@ class _StopRequest:
 
 
 def write_run_files(config, workdir: Path, tokenizer) -> None:
+  """Writes the whole `config` (config.json) and the tokenizer into `workdir`, on process 0."""
   if jax.process_index() != 0:
     return
   workdir.mkdir(parents=True, exist_ok=True)
@@ -76,132 +112,201 @@ def _with_absolute_data_paths(config):
 
 
 def prepare_data(config, tokenizer, split: str):
-  """The split's random-access rows for the model family."""
-  if config.model.family == "encoder_decoder":
-    from jaxlm import seq2seq_data
-    return seq2seq_data.prepare(config, tokenizer, split)
-  if config.model.family == "encoder":
-    from jaxlm import mlm
-    return mlm.prepare(config, tokenizer, split)
-  return data_lib.decoder_rows(config, tokenizer, split)
+  """The split's random-access rows, prepared by the family of the whole `config`."""
+  return families.get(config.model.family).rows(config, tokenizer, split)
 
 
-def load_tokenizer(config):
+def load_tokenizer(config) -> tokenizer_lib.Tokenizer:
+  """The tokenizer the whole `config` names (training a SentencePiece vocabulary first if asked)."""
   if config.data.tokenizer == "sentencepiece" and config.data.spm_vocab_size:
     from jaxlm import spm
     spm.train_if_missing(config)
   tokenizer = tokenizer_lib.from_config(config.data)
+  check_vocab_size(config, tokenizer)
+  return tokenizer
+
+
+def check_vocab_size(config, tokenizer) -> None:
+  """ConfigError when `config.model.vocab_size` cannot hold the tokenizer's ids."""
   if config.model.vocab_size < tokenizer.vocab_size:
     raise config_lib.ConfigError(
         f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}; "
         f"set --config.model.vocab_size={tokenizer.vocab_size}")
-  return tokenizer
 
 
-def evaluate_loss(eval_step, params, rows, s: train_lib.Setup, max_batches: int) -> dict[str, float]:
+def evaluate_loss(eval_step, params, batches: Iterable[dict], batch_sharding) -> dict[str, float]:
+  """Sums of `eval_step(params, global batch)` over this process's local `batches` (each key summed)."""
   totals = {}
-  for local in data_lib.eval_batches(rows, s.config.eval.batch_size, max_batches):
-    sums = eval_step(params, sharding.global_batch(local, s.batch_sharding))
+  for local in batches:
+    sums = eval_step(params, sharding.global_batch(local, batch_sharding))
     for key, value in sums.items():
       totals[key] = totals.get(key, 0.0) + float(value)
   return totals
 
 
-def train(config, workdir: str | Path) -> dict[str, float]:
-  """Trains per `config` in `workdir`; returns the last logged metrics."""
-  workdir = Path(workdir)
-  sharding.maybe_initialize_distributed(config)
-  config_lib.validate(config, jax.device_count())
-  config = _with_absolute_data_paths(config)
-  tokenizer = load_tokenizer(config)
-  if config.train.compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir", config.train.compilation_cache_dir)
-  write_run_files(config, workdir, tokenizer)
+class Trainer:
+  """The training loop over any model, data and loss; `run()` trains and returns the last metrics.
 
-  train_rows = prepare_data(config, tokenizer, "train")
-  val_rows = prepare_data(config, tokenizer, "validation")
-  mesh = sharding.make_mesh(config)
-  s = train_lib.setup(config, mesh)
-  checkpointer = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
-  for path in checkpointer.incomplete():
-    log(f"skipping incomplete checkpoint {path.name} (an interrupted save); resuming from the last complete one")
+  config: the whole config (optimizer, schedule, mesh, steps, checkpointing, logging; `config.model` is used
+    to build the default model and to count FLOPs).
+  workdir: where config.json, the tokenizer, checkpoints/, metrics.jsonl, tensorboard/ and
+    train_summary.json go; an existing run there is resumed.
+  model: a Flax module meeting `jaxlm.families.LanguageModel`; default the family model of `config.model`.
+  train_data, eval_data: strings, random-access rows or ready batches (`jaxlm.sources`); default the
+    config's data. With `train_data` given and no `eval_data`, there is no validation.
+  loss_fn: a `jaxlm.train_step.LossFn`; default cross-entropy (`train_step.cross_entropy_loss`).
+  tokenizer: a `jaxlm.tokenizer.Tokenizer`; default the one the config names. It is saved into `workdir`.
+  callbacks: `Callback`s called at the loop's events.
+  """
 
-  start = checkpointer.latest_step()
-  if start is None:
-    state = train_lib.create_state(s, config.seed)
-    start = 0
-  else:
-    target = checkpoint_lib.abstract_with_shardings(s.abstract_state.to_dict(), s.state_shardings.to_dict())
-    state = train_lib.TrainState(**checkpointer.restore(start, target))
-    data_position = checkpointer.read_meta(start)["data_position"]
-    if data_position != start:
-      raise TrainingError(f"checkpoint {start} has data position {data_position}; expected {start}")
-    log(f"resumed from step {start} in {checkpointer.directory}")
-  return _loop(config, workdir, s, state, start, train_rows, val_rows, checkpointer)
+  def __init__(self, config, workdir: str | Path, *, model: nn.Module | None = None, train_data: Any = None,
+               eval_data: Any = None, loss_fn: train_step.LossFn | None = None,
+               tokenizer: tokenizer_lib.Tokenizer | None = None, callbacks: Sequence[Callback] = ()):
+    self.config, self.workdir = config, Path(workdir)
+    self.model, self.loss_fn, self.tokenizer = model, loss_fn, tokenizer
+    self.train_data, self.eval_data = train_data, eval_data
+    self.callbacks = list(callbacks)
+    self.state: train_step.TrainState | None = None
+    self.setup: train_step.Setup | None = None
+    self.checkpointer: checkpoint_lib.Checkpointer | None = None
+    self.stop_reason: str | None = None
+
+  def _emit(self, event: str, *args) -> None:
+    for callback in self.callbacks:
+      getattr(callback, event)(self, *args)
+
+  def _sources(self, config, tokenizer) -> tuple[sources.Source, sources.Source | None]:
+    if self.train_data is None:
+      train = sources.Source(rows=prepare_data(config, tokenizer, "train"))
+    else:
+      train = sources.from_user(self.train_data, config, tokenizer, "train_data")
+    if self.eval_data is not None:
+      return train, sources.from_user(self.eval_data, config, tokenizer, "eval_data")
+    if self.train_data is not None:
+      return train, None
+    return train, sources.Source(rows=prepare_data(config, tokenizer, "validation"))
+
+  def run(self) -> dict[str, float]:
+    """Trains to `train.num_steps` (or a stop), resuming from `workdir`; returns the last logged metrics."""
+    sharding.maybe_initialize_distributed(self.config)
+    config_lib.validate(self.config, jax.device_count())
+    config = self.config = _with_absolute_data_paths(self.config)
+    if self.tokenizer is None:
+      self.tokenizer = load_tokenizer(config)
+    else:
+      check_vocab_size(config, self.tokenizer)
+    if config.train.compilation_cache_dir:
+      jax.config.update("jax_compilation_cache_dir", config.train.compilation_cache_dir)
+    write_run_files(config, self.workdir, self.tokenizer)
+
+    train_source, eval_source = self._sources(config, self.tokenizer)
+    mesh = sharding.make_mesh(config)
+    s = self.setup = train_step.setup(config, mesh, self.model, self.loss_fn)
+    checkpointer = self.checkpointer = checkpoint_lib.Checkpointer(self.workdir / "checkpoints",
+                                                                   keep=config.train.keep_checkpoints)
+    for path in checkpointer.incomplete():
+      log(f"skipping incomplete checkpoint {path.name} (an interrupted save); resuming from the last complete one")
+
+    start = checkpointer.latest_step()
+    if start is None:
+      self.state = train_step.create_state(s, config.seed)
+      start = 0
+    else:
+      target = checkpoint_lib.abstract_with_shardings(s.abstract_state.to_dict(), s.state_shardings.to_dict())
+      self.state = train_step.TrainState(**checkpointer.restore(start, target))
+      data_position = checkpointer.read_meta(start)["data_position"]
+      if data_position != start:
+        raise TrainingError(f"checkpoint {start} has data position {data_position}; expected {start}")
+      log(f"resumed from step {start} in {checkpointer.directory}")
+    self._emit("on_start", start)
+    return self._loop(start, train_source, eval_source)
+
+  def _validate(self, eval_step, eval_source: sources.Source) -> dict[str, float]:
+    t = self.config.train
+    totals = evaluate_loss(eval_step, self.state.params,
+                           eval_source.eval_batches(self.config.eval.batch_size, t.eval_batches),
+                           self.setup.batch_sharding)
+    return {"val_loss": totals.get("nll_sum", totals["loss_sum"]) / max(totals["weight_sum"], 1)}
+
+  def _loop(self, start: int, train_source: sources.Source, eval_source: sources.Source | None) -> dict[str, float]:
+    config, s, checkpointer = self.config, self.setup, self.checkpointer
+    t = config.train
+    step_fn = train_step.make_train_step(s)
+    eval_step = train_step.make_eval_step(s, s.state_shardings.params)
+    batches = train_source.train_batches(t.global_batch_size, config.data.shuffle_seed, start, t.num_steps,
+                                         config.data.prefetch_threads)
+    writer = metrics_lib.MetricWriter(self.workdir)
+    flops_per_step = (metrics_lib.flops_per_token(config.model, config.data.seq_len)
+                      * t.global_batch_size * config.data.seq_len)
+    peak = metrics_lib.measure_matmul_peak(dtype=train_step.compute_dtype(config)) * jax.device_count()
+    rng = jax.random.key(config.seed + 1)
+    meta = lambda step: {"config": config.to_dict(), "data_position": step}
+
+    last, window_start, window_steps = {}, time.perf_counter(), 0
+    self.stop_reason = "finished"
+    progress = tqdm.tqdm(total=t.num_steps, initial=start, disable=jax.process_index() != 0,
+                         dynamic_ncols=True, desc="train")
+    try:
+      with _StopRequest() as stop:
+        for step in range(start, t.num_steps):
+          local_batch = next(batches)
+          batch = sharding.global_batch(local_batch, s.batch_sharding)
+          self.state, step_metrics = step_fn(self.state, batch, rng)
+          window_steps += 1
+          done = step + 1
+          progress.update(1)
+          # Read the flag once: a signal landing later in this iteration is handled after the next step.
+          stopping = stop.requested or done == t.stop_at_step
+          is_save = done % t.checkpoint_every == 0 or done == t.num_steps or stopping
+          if done % t.log_every == 0 or is_save or done == start + 1:
+            values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+            if "inputs" in local_batch:
+              # Identifies the batch this process fed, so resumed runs can be checked against uninterrupted ones.
+              values["batch_crc32"] = float(zlib.crc32(local_batch["inputs"].tobytes()))
+            if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
+              raise TrainingError(
+                  f"loss is {values['loss']} (grad norm {values['grad_norm']}) at step {done}; stopped without "
+                  f"saving. The last good checkpoint is step {checkpointer.latest_step()}. Lower "
+                  "optim.learning_rate or raise optim.warmup_steps.")
+            elapsed = time.perf_counter() - window_start
+            if done > start + 1:  # the first step's time is compilation
+              values["step_time_s"] = elapsed / window_steps
+              values["tokens_per_s"] = t.global_batch_size * config.data.seq_len / values["step_time_s"]
+              values["mfu"] = flops_per_step / values["step_time_s"] / peak
+            writer.write(done, values)
+            progress.set_postfix(loss=f"{values['loss']:.3f}", refresh=False)
+            log(f"step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()
+                                             if k not in ("tokens", "batch_crc32")))
+            last = values
+            self._emit("on_step", done, values)
+            window_start, window_steps = time.perf_counter(), 0
+          if eval_source is not None and (done % t.eval_every == 0 or done == t.num_steps):
+            val = self._validate(eval_step, eval_source)
+            writer.write(done, val)
+            log(f"step {done}: validation loss {val['val_loss']:.4f}")
+            last.update(val)
+            self._emit("on_eval", done, val)
+            window_start, window_steps = time.perf_counter(), 0
+          if is_save:
+            checkpointer.save(done, self.state.to_dict(), meta(done))
+            self._emit("on_save", done)
+          if stopping:
+            self.stop_reason = "signal" if stop.requested else "stop_at_step"
+            log(f"stopped at step {done}; resume by running the same command")
+            break
+    finally:
+      progress.close()
+      checkpointer.close()
+      writer.close()
+    if jax.process_index() == 0:
+      (self.workdir / "train_summary.json").write_text(json.dumps(last, indent=2))
+    self._emit("on_end", last)
+    return last
 
 
-def _loop(config, workdir, s, state, start, train_rows, val_rows, checkpointer) -> dict[str, float]:
-  t = config.train
-  train_step = train_lib.make_train_step(s)
-  eval_step = train_lib.make_eval_step(s, s.state_shardings.params)
-  batches = data_lib.train_batches(train_rows, t.global_batch_size, config.data.shuffle_seed, start, t.num_steps,
-                                   config.data.prefetch_threads)
-  writer = metrics_lib.MetricWriter(workdir)
-  flops_per_step = metrics_lib.flops_per_token(config.model, config.data.seq_len) * t.global_batch_size * config.data.seq_len
-  peak = metrics_lib.measure_matmul_peak(dtype=train_lib.compute_dtype(config)) * jax.device_count()
-  rng = jax.random.key(config.seed + 1)
-  meta = lambda step: {"config": config.to_dict(), "data_position": step}
+def train(config, workdir: str | Path, **kwargs) -> dict[str, float]:
+  """Trains per the whole `config` in `workdir` (resuming a run there); returns the last logged metrics.
 
-  last, window_start, window_steps = {}, time.perf_counter(), 0
-  progress = tqdm.tqdm(total=t.num_steps, initial=start, disable=jax.process_index() != 0,
-                       dynamic_ncols=True, desc="train")
-  try:
-    with _StopRequest() as stop:
-      for step in range(start, t.num_steps):
-        local_batch = next(batches)
-        batch = sharding.global_batch(local_batch, s.batch_sharding)
-        state, step_metrics = train_step(state, batch, rng)
-        window_steps += 1
-        done = step + 1
-        progress.update(1)
-        # Read the flag once: a signal landing later in this iteration is handled after the next step.
-        stopping = stop.requested or done == t.stop_at_step
-        is_save = done % t.checkpoint_every == 0 or done == t.num_steps or stopping
-        if done % t.log_every == 0 or is_save or done == start + 1:
-          values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-          # Identifies the batch this process fed, so resumed runs can be checked against uninterrupted ones.
-          values["batch_crc32"] = float(zlib.crc32(local_batch["inputs"].tobytes()))
-          if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
-            raise TrainingError(
-                f"loss is {values['loss']} (grad norm {values['grad_norm']}) at step {done}; stopped without "
-                f"saving. The last good checkpoint is step {checkpointer.latest_step()}. Lower "
-                "optim.learning_rate or raise optim.warmup_steps.")
-          elapsed = time.perf_counter() - window_start
-          if done > start + 1:  # the first step's time is compilation
-            values["step_time_s"] = elapsed / window_steps
-            values["tokens_per_s"] = t.global_batch_size * config.data.seq_len / values["step_time_s"]
-            values["mfu"] = flops_per_step / values["step_time_s"] / peak
-          writer.write(done, values)
-          progress.set_postfix(loss=f"{values['loss']:.3f}", refresh=False)
-          log(f"step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items() if k not in ("tokens", "batch_crc32")))
-          last = values
-          window_start, window_steps = time.perf_counter(), 0
-        if done % t.eval_every == 0 or done == t.num_steps:
-          totals = evaluate_loss(eval_step, state.params, val_rows, s, t.eval_batches)
-          val = {"val_loss": totals["nll_sum"] / max(totals["weight_sum"], 1)}
-          writer.write(done, val)
-          log(f"step {done}: validation loss {val['val_loss']:.4f}")
-          last.update(val)
-          window_start, window_steps = time.perf_counter(), 0
-        if is_save:
-          checkpointer.save(done, state.to_dict(), meta(done))
-        if stopping:
-          log(f"stopped at step {done}; resume by running the same command")
-          break
-  finally:
-    progress.close()
-    checkpointer.close()
-    writer.close()
-  if jax.process_index() == 0:
-    (Path(workdir) / "train_summary.json").write_text(json.dumps(last, indent=2))
-  return last
+  Keyword arguments go to `Trainer`: model, train_data, eval_data, loss_fn, tokenizer, callbacks.
+  """
+  return Trainer(config, workdir, **kwargs).run()

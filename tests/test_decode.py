@@ -34,7 +34,7 @@ def test_cached_logits_equal_uncached_at_every_position(style):
   cfg, params = build(style)
   tokens_BxT = jax.random.randint(jax.random.key(1), (2, 24), 4, 260)
   full_BxTxV = jax.jit(model_lib.build(cfg).apply)({"params": params}, tokens_BxT)
-  prefill, step = jitted(decode.DecoderOnly(cfg))
+  prefill, step = jitted(decode.adapter_for(cfg))
   prompt_len = 10
   logits_BxPxV, _, state = prefill(
       params, {"tokens_BxP": tokens_BxT[:, :prompt_len], "lengths_B": jnp.array([prompt_len] * 2)}, 32)
@@ -49,7 +49,7 @@ def test_mixed_length_prefill_matches_each_prompt_alone():
   module = model_lib.build(cfg)
   tokens_BxP, lengths_B = decode.pad_prompts(PROMPTS, len(PROMPTS))
   tokens_BxP[tokens_BxP == 0] = 99  # padding content must not matter either
-  logits_BxPxV, next_BxV, _ = jitted(decode.DecoderOnly(cfg))[0](
+  logits_BxPxV, next_BxV, _ = jitted(decode.adapter_for(cfg))[0](
       params, {"tokens_BxP": jnp.asarray(tokens_BxP), "lengths_B": jnp.asarray(lengths_B)}, 64)
   for i, prompt in enumerate(PROMPTS):
     alone = jax.jit(module.apply)({"params": params}, jnp.asarray([prompt]))[0]
@@ -141,7 +141,7 @@ def test_encoder_decoder_cached_parity_and_beam():
   module = model_lib.build(cfg)
   params = module.init(jax.random.key(0), src_BxS, tgt_BxT)["params"]
   full_BxTxV = jax.jit(module.apply)({"params": params}, src_BxS, tgt_BxT)
-  prefill, step = jitted(decode.EncoderDecoder(cfg, start_id=1))
+  prefill, step = jitted(decode.adapter_for(cfg, start_id=1))
   logits_Bx1xV, _, state = prefill(params, {"tokens_BxP": src_BxS, "lengths_B": jnp.array([9, 9])}, 16)
   np.testing.assert_allclose(logits_Bx1xV[:, 0], full_BxTxV[:, 0], atol=1e-5)
   for t in range(1, 7):

@@ -3,7 +3,7 @@
 import jax
 import numpy as np
 
-from jaxlm import config as config_lib, metrics, sharding, train as train_lib
+from jaxlm import config as config_lib, metrics, sharding, train_step as train_lib
 
 from conftest import tiny_config
 

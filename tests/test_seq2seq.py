@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm import model as model_lib, seq2seq_data, train as train_lib
+from jaxlm import model as model_lib, seq2seq_data, train_step as train_lib
 from jaxlm.tokenizer import ByteTokenizer
 
 from conftest import tiny_config

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm import sharding, train as train_lib
+from jaxlm import sharding, train_step as train_lib
 
 from conftest import tiny_config
 

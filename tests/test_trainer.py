@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlm import checkpoint as checkpoint_lib, sharding, train as train_lib
+from jaxlm import checkpoint as checkpoint_lib, sharding, train_step as train_lib
 
 from conftest import REPO, files_config, run_cli
 

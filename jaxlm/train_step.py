@@ -5,6 +5,11 @@ donated and stays sharded by the logical rules; the batch is sharded along
 the data axes. Gradient accumulation runs inside the step as a `lax.scan`
 over micro-batches, summing token-weighted losses and gradients so the
 result equals the big batch's (no `optax.MultiSteps` buffer).
+
+What is open: `setup` takes any Flax module that meets `jaxlm.families.LanguageModel`
+(default: the family's model from `config.model`) and any `LossFn` (default:
+`cross_entropy_loss`, token-weighted cross-entropy with z-loss and label smoothing).
+`config` is always the whole config; `model_cfg` the model sub-config.
 """
 
 from __future__ import annotations
@@ -22,21 +27,37 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlm import config as config_lib
 from jaxlm import model as model_lib
-from jaxlm import layers, optim, sharding
+from jaxlm import families, layers, optim, sharding
+
+LossFn = Callable[[nn.Module, Any, dict, dict], dict]
+"""`loss_fn(model, params, batch, rngs) -> sums`: token-weighted SUMS over the batch (not means), so
+micro-batches and hosts add up exactly. `sums` must hold 'loss_sum' (what is minimized) and 'weight_sum'
+(the tokens it covers; the step divides by it); 'nll_sum' (reported as the loss, default 'loss_sum') and
+'correct_sum' (accuracy) are optional. `rngs` is {'dropout': key} in training and {} in evaluation."""
 
 
 class TrainState(struct.PyTreeNode):
+  """The training state as one pytree, sharded by `Setup.state_shardings`.
+
+  step: int32 scalar, the number of updates applied. params: the model's parameter tree.
+  opt_state: the optax state of `Setup.tx`. `to_dict()` is the checkpoint layout.
+  """
   step: jax.Array
   params: Any
   opt_state: Any
 
   def to_dict(self) -> dict:
+    """{'step', 'params', 'opt_state'}: what `jaxlm.checkpoint.Checkpointer.save` stores."""
     return {"step": self.step, "params": self.params, "opt_state": self.opt_state}
 
 
 @dataclasses.dataclass
 class Setup:
-  """Everything built from a config and a mesh, before any array exists."""
+  """Everything built from a whole config and a mesh, before any array exists.
+
+  `abstract_state` holds the TrainState's shapes and `state_shardings` its NamedShardings; `init_fn(rng)`
+  makes a fresh TrainState; `loss_fn` is the objective the steps use.
+  """
   config: Any
   mesh: Mesh
   rules: tuple
@@ -47,21 +68,30 @@ class Setup:
   state_shardings: TrainState
   batch_sharding: NamedSharding
   init_fn: Callable
+  loss_fn: LossFn
 
 
 def example_batch(config, batch_size: int) -> dict[str, jax.Array]:
+  """A batch of the family's structure, `batch_size` x `config.data.seq_len` (whole config)."""
   shape = (batch_size, config.data.seq_len)
   return model_lib.example_batch(config.model, shape)
 
 
-def setup(config, mesh: Mesh) -> Setup:
+def setup(config, mesh: Mesh, model: nn.Module | None = None, loss_fn: LossFn | None = None) -> Setup:
+  """Builds the model, optimizer, shapes and shardings of a run; allocates nothing.
+
+  config: the whole config. mesh: a Mesh with axes ('data', 'fsdp', 'tensor').
+  model: a Flax module meeting `jaxlm.families.LanguageModel`; default the family's model of `config.model`,
+    with dropout on. loss_fn: a `LossFn`; default `cross_entropy_loss(config.train)`.
+  """
   rules = config_lib.mesh_rules(config)
-  model = model_lib.build(config.model, deterministic=False)
+  model = model if model is not None else model_lib.build(config.model, deterministic=False)
+  loss_fn = loss_fn or cross_entropy_loss(config.train)
   tx, schedule = optim.build(config.optim, config.train.num_steps, config.model.d_model)
   batch = example_batch(config, 1)
 
   def init_boxed(rng):
-    return model.init({"params": rng, "dropout": rng}, **model_lib.model_inputs(config.model, batch))["params"]
+    return model.init({"params": rng, "dropout": rng}, **families.model_inputs(model, batch))["params"]
 
   def init_fn(rng):
     params = nn.meta.unbox(init_boxed(rng))
@@ -72,7 +102,7 @@ def setup(config, mesh: Mesh) -> Setup:
   abstract_state = jax.eval_shape(init_fn, rng)
   state_shardings = sharding.state_shardings(mesh, tx, abstract_state, param_shardings)
   return Setup(config, mesh, rules, model, tx, schedule, abstract_state, state_shardings,
-               sharding.batch_sharding(mesh, rules), init_fn)
+               sharding.batch_sharding(mesh, rules), init_fn, loss_fn)
 
 
 def create_state(s: Setup, seed: int) -> TrainState:
@@ -99,20 +129,36 @@ def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array, weights_BxT: 
           "weight_sum": jnp.sum(weights_BxT), "correct_sum": jnp.sum(correct_BxT * weights_BxT)}
 
 
+def cross_entropy_loss(train_config) -> LossFn:
+  """The default `LossFn`: `cross_entropy` of the model's logits against batch['targets'], weighted by
+  batch['weights'], with `train_config.z_loss` and `train_config.label_smoothing` (the `config.train` section)."""
+  def loss_fn(model: nn.Module, params, batch: dict, rngs: dict) -> dict[str, jax.Array]:
+    logits_BxTxV = model.apply({"params": params}, **families.model_inputs(model, batch), rngs=rngs)
+    return cross_entropy(logits_BxTxV, batch["targets"], batch["weights"], train_config.z_loss,
+                         train_config.label_smoothing)
+  return loss_fn
+
+
 def batch_sums(model: nn.Module, params, batch, train_config, dropout_rng=None) -> dict[str, jax.Array]:
+  """`cross_entropy_loss(train_config)` on one batch; dropout only when `dropout_rng` is given."""
   rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
-  logits = model.apply({"params": params}, **model_lib.model_inputs(model.cfg, batch), rngs=rngs)
-  return cross_entropy(logits, batch["targets"], batch["weights"], train_config.z_loss, train_config.label_smoothing)
+  return cross_entropy_loss(train_config)(model, params, batch, rngs)
 
 
 def make_train_step(s: Setup):
+  """The jitted step `(state, batch, rng) -> (state, metrics)`; the state is donated.
+
+  `batch` is a global batch (B x T arrays sharded by `s.batch_sharding`); with
+  `train.num_micro_batches` = M it is split into M micro-batches inside the step. metrics: loss (nll per
+  weighted token), objective, grad_norm, learning_rate, tokens.
+  """
   cfg = s.config
   num_micro = cfg.train.num_micro_batches
   row_sharding = NamedSharding(s.mesh, PartitionSpec(None, *s.batch_sharding.spec))
 
   def grads_and_sums(params, batch, rng):
     def loss_fn(p):
-      sums = batch_sums(s.model, p, batch, cfg.train, rng)
+      sums = s.loss_fn(s.model, p, batch, {"dropout": rng})
       return sums["loss_sum"], sums
     grads, sums = jax.grad(loss_fn, has_aux=True)(params)
     return grads, sums
@@ -140,36 +186,52 @@ def make_train_step(s: Setup):
     grads = jax.tree.map(lambda g: g / weight, grads)
     updates, opt_state = s.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": sums["nll_sum"] / weight, "objective": sums["loss_sum"] / weight,
+    metrics = {"loss": sums.get("nll_sum", sums["loss_sum"]) / weight, "objective": sums["loss_sum"] / weight,
                "grad_norm": optax.tree.norm(grads), "learning_rate": s.schedule(state.step),
                "tokens": sums["weight_sum"]}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   jitted = jax.jit(step_fn, in_shardings=(s.state_shardings, s.batch_sharding, None),
                    out_shardings=(s.state_shardings, None), donate_argnums=(0,))
-  return _with_mesh(s, jitted)
+  return under_mesh(s.mesh, s.rules, jitted)
+
+
+def evaluation_mode(model: nn.Module) -> nn.Module:
+  """`model` with dropout off: cloned with `deterministic=True` when it has that field."""
+  return model.clone(deterministic=True) if hasattr(model, "deterministic") else model
 
 
 def make_eval_step(s: Setup, params_shardings):
+  """The jitted `(params, batch) -> sums` of `s.loss_fn` with dropout off; see `eval_step_for`."""
+  return eval_step_for(s.model, s.loss_fn, s.mesh, s.rules, params_shardings, s.batch_sharding)
+
+
+def eval_step_for(model: nn.Module, loss_fn: LossFn, mesh: Mesh, rules, params_shardings,
+                  batch_sharding: NamedSharding):
+  """The jitted `(params, global batch) -> loss sums` of `model` in evaluation mode, under `mesh` and the
+  logical `rules`; it needs no optimizer, so `jaxlm.evaluate` builds it from a loaded run."""
+  model = evaluation_mode(model)
+
   def eval_fn(params, batch):
-    return batch_sums(s.model.clone(deterministic=True), params, batch, s.config.train)
-  return _with_mesh(s, jax.jit(eval_fn, in_shardings=(params_shardings, s.batch_sharding)))
+    return loss_fn(model, params, batch, {})
+  return under_mesh(mesh, rules, jax.jit(eval_fn, in_shardings=(params_shardings, batch_sharding)))
 
 
-def _with_mesh(s: Setup, fn):
-  """Runs `fn` under the mesh and the logical rules, which the model's constraints need."""
+def under_mesh(mesh: Mesh, rules, fn):
+  """`fn` run (and lowered, via `.lower`) under `mesh` and the logical `rules`, which the model's
+  sharding constraints need."""
   @functools.wraps(fn)
   def wrapped(*args):
-    with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       return fn(*args)
-  wrapped.lower = lambda *args: _lower_under_mesh(s, fn, *args)
+
+  def lower(*args):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      return fn.lower(*args)
+  wrapped.lower = lower
   return wrapped
 
 
-def _lower_under_mesh(s: Setup, fn, *args):
-  with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
-    return fn.lower(*args)
-
-
 def compute_dtype(config):
+  """The jnp dtype of `config.model.dtype` (whole config)."""
   return layers.DTYPES[config.model.dtype]

@@ -1,0 +1,108 @@
+"""The decoder-only family (GPT-2, GPT-3, LLaMA): next-token prediction on packed documents.
+
+Batches: inputs, targets, segment_ids, positions, weights (all B x T; see `jaxlm.data.pack_row`).
+Evaluation: loss, perplexity and bits per byte, beside the bits per byte `gzip -9` and `xz -9` reach on the
+same validation bytes: a language model is a compressor, and this shows where it stands against standard ones.
+"""
+
+from __future__ import annotations
+
+import gzip
+import lzma
+import math
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from jaxlm import data as data_lib, decode, families, model as model_lib
+
+
+def build(model_cfg, decode: bool = False, deterministic: bool = True) -> model_lib.DecoderLM:
+  """`DecoderLM` for the model sub-config `model_cfg`; `decode=True` builds it for cached generation."""
+  return model_lib.DecoderLM(model_cfg, decode=decode, deterministic=deterministic)
+
+
+def model_inputs(model_cfg, batch: dict) -> dict:
+  """{'tokens_BxT', 'segment_ids_BxT', 'positions_BxT'} from a batch's inputs, segment_ids and positions."""
+  return {"tokens_BxT": batch["inputs"], "segment_ids_BxT": batch["segment_ids"],
+          "positions_BxT": batch["positions"]}
+
+
+def example_batch(model_cfg, shape: tuple[int, int]) -> dict:
+  """A language-modelling batch of `shape` (B, T): inputs, targets, segment_ids, positions, weights."""
+  ones = jnp.ones(shape, jnp.int32)
+  positions = jnp.broadcast_to(jnp.arange(shape[1], dtype=jnp.int32), shape)
+  return {"inputs": ones, "targets": ones, "segment_ids": ones, "positions": positions,
+          "weights": jnp.ones(shape, jnp.float32)}
+
+
+def document_lines(config) -> Iterator[str]:
+  """The training documents' lines (whole config), for a SentencePiece vocabulary."""
+  for document in data_lib.load_documents(config.data, "train"):
+    yield from document.decode("utf-8", errors="replace").splitlines()
+
+
+def compression_bits_per_byte(text: bytes) -> dict[str, float]:
+  """{'gzip-9': bits per byte, 'xz-9': bits per byte} of `text` under the two standard compressors."""
+  bits = lambda compressed: 8 * len(compressed) / max(len(text), 1)
+  return {"gzip-9": bits(gzip.compress(text, compresslevel=9)),
+          "xz-9": bits(lzma.compress(text, preset=9 | lzma.PRESET_EXTREME))}
+
+
+def evaluate(evaluation) -> dict:
+  """Loss, perplexity, accuracy and bits per byte on the validation split, beside gzip -9 and xz -9."""
+  byte_lengths = evaluation.tokenizer.byte_lengths()
+  num_bytes = [0.0]
+
+  def count_bytes(local):  # each process sums the bytes of its own rows
+    num_bytes[0] += float(np.sum(byte_lengths[local["targets"]] * local["weights"]))
+
+  totals = evaluation.loss_sums(on_batch=count_bytes)
+  all_bytes = float(np.sum(multihost_utils.process_allgather(np.float64(num_bytes[0]))))
+  nll, weight = totals["nll_sum"], totals["weight_sum"]
+  loss = nll / max(weight, 1.0)
+  result = {"step": evaluation.step, "tokens": weight, "loss": loss, "perplexity": math.exp(min(loss, 700)),
+            "accuracy": totals["correct_sum"] / max(weight, 1.0),
+            "bits_per_byte": nll / math.log(2) / max(all_bytes, 1.0)}
+  documents = data_lib.load_documents(evaluation.config.data, "validation")
+  for name, bpb in compression_bits_per_byte(b"".join(documents)).items():
+    result[f"{name}_bits_per_byte"] = bpb
+  return result
+
+
+class DecoderAdapter(decode.Adapter):
+  """`DecoderLM` decoding: the prompt is the start of the sequence to continue, written into the cache."""
+
+  prompt_in_cache = True
+
+  def __init__(self, model_cfg, start_id: int = 1):
+    super().__init__(model_cfg, build(model_cfg, decode=True))
+
+  def prompt_ids(self, tokenizer, text: str) -> list[int]:
+    # Training ends every document with EOS, so a new text starts after one.
+    return [tokenizer.eos_id] + [int(i) for i in tokenizer.encode(text)]
+
+  def prefill(self, params, prompt, cache_len: int):
+    """`prompt`: {'tokens_BxP': right-padded ids, 'lengths_B'}; returns (logits B x P x V, next B x V, state)."""
+    tokens_BxP = prompt["tokens_BxP"]
+    cache = self._zero_cache(params, {}, tokens_BxP.shape[0], cache_len)
+    return self._decode_prompt(params, cache, {}, tokens_BxP, prompt["lengths_B"], cache_len)
+
+  def _cache_shapes(self, params, rows, batch, cache_len):
+    tokens = jnp.zeros((batch, cache_len), jnp.int32)
+    return jax.eval_shape(lambda: self.module.init(jax.random.key(0), tokens)["cache"])
+
+  def _apply(self, params, cache, rows, tokens_BxT, segment_BxT, positions_BxT, slots_BxT, kv_segment_BxS):
+    logits, variables = self.module.apply(
+        {"params": params, "cache": cache}, tokens_BxT, segment_BxT, positions_BxT,
+        cache_index_BxT=slots_BxT, kv_segment_ids_BxS=kv_segment_BxS, mutable=["cache"])
+    return logits, variables["cache"]
+
+
+FAMILY = families.register(families.Family(
+    name="decoder", build=build, model_inputs=model_inputs, example_batch=example_batch,
+    rows=data_lib.decoder_rows, evaluate=evaluate, training_text=document_lines,
+    attention_layers=lambda model_cfg: (model_cfg.num_layers, 0), adapter=DecoderAdapter))

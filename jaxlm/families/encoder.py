@@ -1,0 +1,49 @@
+"""The encoder-only family (BERT): masked-language modelling.
+
+Batches: the decoder's keys, where `inputs` holds the masked tokens, `targets` the originals and `weights` is
+1 only where a token was masked (`jaxlm.mlm`), plus optional `token_types`. Evaluation: masked-LM loss and
+accuracy on the masked tokens, beside the unigram baseline that always guesses the training split's most
+common token. An encoder does not generate text, so it has no decoding adapter.
+"""
+
+from __future__ import annotations
+
+import math
+
+from jaxlm import families, mlm, model as model_lib
+from jaxlm.families import decoder
+
+
+def build(model_cfg, decode: bool = False, deterministic: bool = True) -> model_lib.Encoder:
+  """`Encoder` (BERT with its MLM head) for the model sub-config `model_cfg`; it has no cache to decode with."""
+  return model_lib.Encoder(model_cfg, decode=decode, deterministic=deterministic)
+
+
+def model_inputs(model_cfg, batch: dict) -> dict:
+  """The decoder's inputs, plus `token_types_BxT` when the batch has token types."""
+  inputs = decoder.model_inputs(model_cfg, batch)
+  if "token_types" in batch:
+    inputs["token_types_BxT"] = batch["token_types"]
+  return inputs
+
+
+def evaluate(evaluation) -> dict:
+  """MLM loss, accuracy and perplexity, beside the unigram baseline, and a one-line summary."""
+  totals = evaluation.loss_sums()
+  weight = max(totals["weight_sum"], 1.0)
+  result = {"step": evaluation.step, "tokens": totals["weight_sum"], "loss": totals["nll_sum"] / weight,
+            "accuracy": totals["correct_sum"] / weight}
+  config, tokenizer = evaluation.config, evaluation.tokenizer
+  token = mlm.unigram_token(mlm.prepare(config, tokenizer, "train"))
+  scored_rows = evaluation.max_batches * config.eval.batch_size if evaluation.max_batches else 0
+  result["unigram_accuracy"] = mlm.unigram_accuracy(evaluation.rows, token, scored_rows)
+  result["perplexity"] = math.exp(min(result["loss"], 700))
+  result["summary"] = (f"step {result['step']}: MLM loss {result['loss']:.4f}, accuracy {result['accuracy']:.4f} "
+                       f"(unigram baseline, always {tokenizer.decode([token])!r}: {result['unigram_accuracy']:.4f})")
+  return result
+
+
+FAMILY = families.register(families.Family(
+    name="encoder", build=build, model_inputs=model_inputs, example_batch=decoder.example_batch,
+    rows=mlm.prepare, evaluate=evaluate, training_text=decoder.document_lines,
+    attention_layers=lambda model_cfg: (model_cfg.num_layers, 0)))

@@ -1,0 +1,141 @@
+"""The encoder-decoder family (Vaswani et al., 2017): source text -> target text.
+
+Batches: inputs, input_segment_ids, input_positions (source, B x S); decoder_inputs, targets, segment_ids,
+positions, weights (target, B x T), built by `jaxlm.seq2seq_data`. Evaluation: validation loss, and corpus
+BLEU (sacrebleu) of beam-search outputs, beside `codesum`'s baselines for code summarization or beside
+copying the source for translation.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+
+from jaxlm import codesum, decode, families, model as model_lib, seq2seq_data
+from jaxlm.families import decoder
+
+
+def build(model_cfg, decode: bool = False, deterministic: bool = True) -> model_lib.EncoderDecoder:
+  """`EncoderDecoder` for the model sub-config `model_cfg`; `decode=True` builds it for cached generation."""
+  return model_lib.EncoderDecoder(model_cfg, decoding=decode, deterministic=deterministic)
+
+
+def model_inputs(model_cfg, batch: dict) -> dict:
+  """The source (inputs_BxS, input_segment_ids_BxS, input_positions_BxS) and target side of a batch."""
+  return {"inputs_BxS": batch["inputs"], "decoder_inputs_BxT": batch["decoder_inputs"],
+          "input_segment_ids_BxS": batch["input_segment_ids"], "input_positions_BxS": batch["input_positions"],
+          "segment_ids_BxT": batch["segment_ids"], "positions_BxT": batch["positions"]}
+
+
+def example_batch(model_cfg, shape: tuple[int, int]) -> dict:
+  """A batch of `shape` on both sides: parameter shapes do not depend on the lengths."""
+  batch = decoder.example_batch(model_cfg, shape)
+  batch.update(decoder_inputs=batch["inputs"], input_segment_ids=batch["segment_ids"],
+               input_positions=batch["positions"])
+  return batch
+
+
+def pair_lines(config) -> Iterator[str]:
+  """Both sides of every training pair (whole config), for a SentencePiece vocabulary."""
+  for source, target in seq2seq_data.load_pairs(config, "train"):
+    yield source
+    yield target
+
+
+def generate_texts(config, params, rows, tokenizer, num_rows: int) -> list[str]:
+  """Beam-search outputs (jaxlm.decode's cached search) for the first `num_rows` pairs, decoded to text."""
+  e = config.eval
+  max_len = e.max_decode_len or config.data.target_len or config.data.seq_len
+  searcher = decode.BeamSearcher(config.model, params, start_id=tokenizer.bos_id)
+  texts = []
+  for first in range(0, num_rows, e.batch_size):
+    sources = [list(rows.examples[i][0]) for i in range(first, min(first + e.batch_size, num_rows))]
+    # A full batch every time, so the search compiles once; the repeated last source is dropped.
+    padded = sources + [sources[-1]] * (e.batch_size - len(sources))
+    result = searcher.search(padded, e.beam_size, max_len, tokenizer.eos_id, e.length_penalty)
+    for ids in result.tokens[:len(sources)]:
+      ids = list(ids)
+      texts.append(tokenizer.decode(ids[:ids.index(tokenizer.eos_id)] if tokenizer.eos_id in ids else ids))
+  return texts
+
+
+def bleu_scores(config, params, rows, tokenizer) -> dict:
+  """BLEU of the model's beam-search outputs and of the baselines, plus five examples."""
+  num_rows = min(len(rows), config.eval.bleu_examples or len(rows))
+  references = rows.references[:num_rows]
+  predictions = generate_texts(config, params, rows, tokenizer, num_rows)
+  scores = {"bleu": codesum.bleu(predictions, references), "bleu_examples": num_rows}
+  d = config.data
+  if d.source == "codesum":
+    train_pairs = codesum.load_pairs("train", d.val_fraction, d.include_tests)
+    eval_pairs = codesum.load_pairs("validation", d.val_fraction, d.include_tests)[:num_rows]
+    for name, baseline in codesum.baseline_predictions(train_pairs, eval_pairs).items():
+      scores[f"baseline_{name}_bleu"] = codesum.bleu(baseline, references)
+  else:
+    sources = [source for source, _ in seq2seq_data.load_pairs(config, "validation")[:num_rows]]
+    scores["baseline_copy_source_bleu"] = codesum.bleu(sources, references)
+  scores["examples"] = [{"reference": r, "prediction": p} for r, p in zip(references[:5], predictions[:5])]
+  return scores
+
+
+def evaluate(evaluation) -> dict:
+  """Validation loss and accuracy, BLEU beside trivial baselines, and a one-line summary."""
+  totals = evaluation.loss_sums()
+  weight = max(totals["weight_sum"], 1.0)
+  result = {"step": evaluation.step, "tokens": totals["weight_sum"], "loss": totals["nll_sum"] / weight,
+            "accuracy": totals["correct_sum"] / weight}
+  config = evaluation.config
+  result.update(bleu_scores(config, evaluation.params, evaluation.rows, evaluation.tokenizer))
+  result["summary"] = (f"step {result['step']}: validation loss {result['loss']:.4f}, BLEU {result['bleu']:.2f} "
+                       f"(beam {config.eval.beam_size}, alpha {config.eval.length_penalty}; baselines: "
+                       + ", ".join(f"{k[len('baseline_'):-len('_bleu')]} {v:.2f}" for k, v in result.items()
+                                   if k.startswith("baseline_")) + ")")
+  return result
+
+
+class EncoderDecoderAdapter(decode.Adapter):
+  """`EncoderDecoder` decoding: the prompt is the source; the encoder runs once and the decoder starts from BOS."""
+
+  prompt_in_cache = False
+
+  def __init__(self, model_cfg, start_id: int = 1):
+    super().__init__(model_cfg, build(model_cfg, decode=True))
+    self.start_id = start_id
+
+  def prompt_ids(self, tokenizer, text: str) -> list[int]:
+    return [int(i) for i in tokenizer.encode(text)]
+
+  def prefill(self, params, prompt, cache_len: int):
+    tokens_BxS, lengths_B = prompt["tokens_BxP"], prompt["lengths_B"]
+    source_segment_BxS = (jnp.arange(tokens_BxS.shape[1])[None] < lengths_B[:, None]).astype(jnp.int32)
+    encoded_BxSxD = self.module.apply({"params": params}, tokens_BxS, source_segment_BxS, method="encode")
+    rows = {"encoded_BxSxD": encoded_BxSxD, "source_segment_ids_BxS": source_segment_BxS}
+    batch = tokens_BxS.shape[0]
+    cache = self._zero_cache(params, rows, batch, cache_len)
+    start_Bx1 = jnp.full((batch, 1), self.start_id, jnp.int32)
+    return self._decode_prompt(params, cache, rows, start_Bx1, jnp.ones((batch,), jnp.int32), cache_len)
+
+  def _cache_shapes(self, params, rows, batch, cache_len):
+    tokens = jnp.zeros((batch, cache_len), jnp.int32)
+    return jax.eval_shape(lambda: self.module.init(
+        jax.random.key(0), rows["encoded_BxSxD"], rows["source_segment_ids_BxS"], tokens, method="decode")["cache"])
+
+  def _apply(self, params, cache, rows, tokens_BxT, segment_BxT, positions_BxT, slots_BxT, kv_segment_BxS):
+    logits, variables = self.module.apply(
+        {"params": params, "cache": cache}, rows["encoded_BxSxD"], rows["source_segment_ids_BxS"], tokens_BxT,
+        segment_BxT, positions_BxT, cache_index_BxT=slots_BxT, kv_segment_ids_BxS=kv_segment_BxS,
+        method="decode", mutable=["cache"])
+    return logits, variables["cache"]
+
+
+def _attention_layers(model_cfg) -> tuple[int, int]:
+  decoder_layers = model_cfg.num_decoder_layers or model_cfg.num_layers
+  return model_cfg.num_layers + decoder_layers, decoder_layers
+
+
+FAMILY = families.register(families.Family(
+    name="encoder_decoder", build=build, model_inputs=model_inputs, example_batch=example_batch,
+    rows=seq2seq_data.prepare, evaluate=evaluate, training_text=pair_lines, attention_layers=_attention_layers,
+    adapter=EncoderDecoderAdapter))
