@@ -240,6 +240,124 @@ def test_delete(script):
         tpus("queued-resources", "delete", "tpu1", "--force", "--quiet", *LOC_FLAGS)]
 
 
+# --- supervise.sh ---
+
+# A fake gcloud that logs every call and answers the supervisor's three questions from scripted queues:
+# the queued resource's state (describe), whether the job runs on worker 0 (ssh ... pgrep), and the
+# run's train_summary.json (storage cat; "" means it does not exist).
+FAKE_GCLOUD = """#!{python}
+import json, shlex, sys
+root = {root!r}
+args = sys.argv[1:]
+with open(root + "/calls", "a") as f:
+    f.write(shlex.join(["gcloud", *args]) + "\\n")
+command = " ".join(args)
+kind = ("describe" if "queued-resources describe" in command else
+        "running" if "pgrep" in command else "summary" if args[:2] == ["storage", "cat"] else None)
+if kind is None:
+    sys.exit(0)  # create, delete, ssh, scp: done
+with open(root + "/script") as f:
+    script = json.load(f)
+if not script[kind]:
+    sys.exit(f"fake gcloud: no scripted answer left for {{kind}}")
+answer = script[kind].pop(0)
+with open(root + "/script", "w") as f:
+    json.dump(script, f)
+if answer == "":
+    sys.exit(1)  # not found
+print(answer)
+"""
+
+SUPERVISE = ["--name", "tpu1", "--zone", "us-west4-a", "--project", "proj", "--accelerator-type", "v5litepod-16",
+             "--config", "configs/x.py", "--workdir", "gs://bucket/run", "--poll-seconds", "7"]
+FINISHED = json.dumps({"loss": 1.5, "stop_reason": "finished"})
+STOPPED = json.dumps({"loss": 2.5, "stop_reason": "signal"})
+
+
+def supervise(tmp_path, script, *args):
+    """Runs supervise.sh against the fake gcloud playing `script`; returns (result, gcloud calls)."""
+    (tmp_path / "script").write_text(json.dumps(script))
+    fake = tmp_path / "gcloud"
+    fake.write_text(FAKE_GCLOUD.format(python=sys.executable, root=str(tmp_path)))
+    (tmp_path / "sleep").write_text(f'#!/bin/sh\necho "sleep $*" >> {tmp_path}/calls\n')
+    for stub in ("gcloud", "sleep"):
+        (tmp_path / stub).chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(["bash", str(TPU / "supervise.sh"), *SUPERVISE, *args], capture_output=True,
+                            text=True, env=env, timeout=60)
+    calls = (tmp_path / "calls").read_text().splitlines() if (tmp_path / "calls").exists() else []
+    assert json.loads((tmp_path / "script").read_text()) == {"describe": [], "running": [], "summary": []}, \
+        "every scripted answer is used"
+    return result, calls
+
+
+DESCRIBE = tpus("queued-resources", "describe", "tpu1", "--format=value(state.state)", *LOC_FLAGS)
+PGREP = ssh("0", 'pgrep -f "[j]axlm train" > /dev/null && echo running || echo stopped')
+CAT = shlex.join(["gcloud", "storage", "cat", "gs://bucket/run/train_summary.json"])
+SLEEP = "sleep 7"
+CREATE = [tpus("queued-resources", "create", "tpu1", "--node-id", "tpu1", "--accelerator-type", "v5litepod-16",
+               "--runtime-version", "v2-alpha-tpuv5-lite", "--spot", *LOC_FLAGS), DESCRIBE]
+DELETE = [tpus("queued-resources", "delete", "tpu1", "--force", "--quiet", *LOC_FLAGS)]
+INSTALL = [ssh("all", "rm -rf ~/jaxlm"), tpus("tpu-vm", "scp", "--recurse", str(REPO), "tpu1:jaxlm", *LOC_FLAGS,
+                                                "--worker=all"), ssh("all", SETUP)]
+LAUNCH = [ssh("all", TRAIN.format("jaxlm train --config configs/x.py --workdir gs://bucket/run" + DETECT +
+                                  " --config.train.num_steps=100"))]
+# ACTIVE, PREEMPTED, ACTIVE, done: launched; running; preempted (training stopped by the signal);
+# re-created, reinstalled and relaunched; running; finished and no job left.
+PREEMPTION = {"describe": ["ACTIVE", "ACTIVE", "PREEMPTED", "ACTIVE", "ACTIVE", "ACTIVE"],
+              "running": ["stopped", "running", "stopped", "running", "stopped"],
+              "summary": ["", STOPPED, STOPPED, FINISHED]}
+
+
+def test_supervise_dry_run_through_a_preemption(tmp_path):
+    """--dry-run: gcloud only answers questions; every change is printed, in order."""
+    result, calls = supervise(tmp_path, PREEMPTION, "--dry-run", "--", "--config.train.num_steps=100")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == INSTALL + LAUNCH + DELETE + CREATE + INSTALL + LAUNCH
+    assert calls == [DESCRIBE, PGREP, CAT, SLEEP,  # ACTIVE, nothing running, no summary: install, launch
+                     DESCRIBE, PGREP, SLEEP,  # running
+                     DESCRIBE, CAT,  # PREEMPTED and not finished: delete, create
+                     DESCRIBE, PGREP, CAT, SLEEP,  # ACTIVE again: install, launch (attempt 2)
+                     DESCRIBE, PGREP, SLEEP,  # running
+                     DESCRIBE, PGREP, CAT]  # finished
+    assert "attempt 2: launching the job" in result.stderr
+    assert "finished (launched 2 time(s)" in result.stderr.splitlines()[-1]
+
+
+def test_supervise_runs_the_commands(tmp_path):
+    """Without --dry-run the same decisions run: create.sh itself waits for ACTIVE after re-creating."""
+    script = {**PREEMPTION, "describe": ["ACTIVE", "ACTIVE", "PREEMPTED", "PROVISIONING", "ACTIVE",
+                                         "ACTIVE", "ACTIVE", "ACTIVE"]}
+    result, calls = supervise(tmp_path, script, "--delete-when-done", "--", "--config.train.num_steps=100")
+    assert result.returncode == 0, result.stderr
+    changes = [c for c in calls if c not in (DESCRIBE, PGREP, CAT) and not c.startswith("sleep")]
+    assert changes == INSTALL + LAUNCH + DELETE + CREATE[:1] + INSTALL + LAUNCH + DELETE
+    assert calls[calls.index(CREATE[0]):][:5] == [CREATE[0], DESCRIBE, "sleep 30", DESCRIBE, DESCRIBE]
+
+
+def test_supervise_gives_up_after_max_attempts(tmp_path):
+    """A job that keeps stopping without finishing (on a VM that stays up) is launched N times, then left."""
+    script = {"describe": ["ACTIVE"] * 3, "running": ["stopped"] * 3, "summary": ["", STOPPED, STOPPED]}
+    result, calls = supervise(tmp_path, script, "--dry-run", "--max-attempts", "2")
+    assert result.returncode == 1
+    assert result.stdout.splitlines()[-1] == LAUNCH[0].replace(" --config.train.num_steps=100", "")
+    assert sum("nohup" in line for line in result.stdout.splitlines()) == 2
+    assert "giving up: the job was launched 2 time(s) without finishing" in result.stderr
+
+
+def test_supervise_creates_a_missing_resource_and_stops_if_already_finished(tmp_path):
+    script = {"describe": ["", "ACTIVE"], "running": ["stopped"], "summary": ["", FINISHED]}
+    result, calls = supervise(tmp_path, script, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == CREATE
+    assert "does not exist; creating it" in result.stderr
+
+
+def test_supervise_needs_a_bucket(script):
+    values = {**VALID_ARGS["supervise.sh"], "workdir": "runs/x"}
+    assert_usage_error(script("supervise.sh", *flags(values), "--dry-run"), "--workdir must be a gs:// URL")
+
+
 # --- argument errors, for every script ---
 
 VALID_ARGS = {
@@ -248,6 +366,8 @@ VALID_ARGS = {
     "launch.sh": {"name": "t", "zone": "z", "project": "p", "config": "c.py", "workdir": "gs://b"},
     "logs.sh": {"name": "t", "zone": "z", "project": "p"},
     "delete.sh": {"name": "t", "zone": "z", "project": "p"},
+    "supervise.sh": {"name": "t", "zone": "z", "project": "p", "accelerator-type": "v5litepod-16",
+                     "config": "c.py", "workdir": "gs://b/r"},
 }
 
 
@@ -289,8 +409,8 @@ def test_bad_arguments(script, name, bad, message):
     assert_usage_error(result, message)
 
 
-@pytest.mark.parametrize("name", [n for n in VALID_ARGS if n != "launch.sh"])
-def test_pass_through_args_only_for_launch(script, name):
+@pytest.mark.parametrize("name", [n for n in VALID_ARGS if n not in ("launch.sh", "supervise.sh")])
+def test_pass_through_args_only_for_launch_and_supervise(script, name):
     result = script(name, *flags(VALID_ARGS[name]), "--dry-run", "--", "x")
     assert_usage_error(result, "--")
 
