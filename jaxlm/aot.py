@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import config as config_lib
-from jaxlm import metrics
+from jaxlm import families, metrics
 
 GIB = 1024 ** 3
 
@@ -108,7 +108,7 @@ def tpu_devices(name: str) -> tuple[str, list]:
   kind, topology, chips = parse_topology(name)
   if importlib.util.find_spec("libtpu") is None:
     raise CompileError(f"compiling for TPU needs libtpu; install it with "
-                       f"pip install 'jax[tpu]=={jax.__version__}' (or pip install -e '.[tpu]')")
+                       f"pip install 'jax[tpu]=={jax.__version__}' (or pip install -e '.[aot]')")
   _compile_only_libtpu(name)
   from jax.experimental import topologies  # local: loads the TPU plugin
   dims = _TPU_TOPOLOGY[kind][1]
@@ -187,7 +187,7 @@ def estimate(config, chip: Chip, num_chips: int, mesh_sizes: dict, param_bytes: 
   # fsdp: per micro-batch, gather the weights for forward and backward and reduce-scatter their gradients.
   fsdp_bytes = micro * (f - 1) / f * params / t * (2 * compute_bytes + 4) if f > 1 else 0.0
   # tensor: two all-reduces of the layer's activations forward, two backward (Megatron), 2(t-1)/t each.
-  layers = m.num_layers + (m.num_decoder_layers or m.num_layers if m.family == "encoder_decoder" else 0)
+  layers = families.get(m.family).attention_layers(m)[0]  # every self-attention layer, encoder and decoder
   activation = tokens_per_chip * t * m.d_model * compute_bytes  # a tensor group shares its rows
   tensor_bytes = 4 * layers * 2 * (t - 1) / t * activation if t > 1 else 0.0
   # data: one all-reduce of the float32 gradients each step.

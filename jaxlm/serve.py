@@ -422,13 +422,15 @@ async def _stream(request: web.Request, head: dict, jobs: list[Job], info: dict)
 
 def app_for_run(workdir, step: int | None = None, int8: bool = False, max_batch: int = 8) -> web.Application:
   """The server app for a run directory (or an int8 one from `jaxlm quantize`), named after its folder."""
-  run = decode.load_run(workdir, step)
+  from jaxlm import loader  # local: `jaxlm.export` artifacts need no loader
+  run = loader.load(workdir, step)
   params = quantize.quantize_params(run.params) if int8 and not quantize.is_quantized(run.params) else run.params
   model = run.config.model
-  # Training data ends every document with EOS, so a new text starts after one (decoder-only models),
-  # and the prompt is then text the model scores; an encoder-decoder's prompt is its source.
-  continues_prompt = model.family == "decoder"
-  prefix = [run.tokenizer.eos_id] if continues_prompt else []
+  # A decoder continues its prompt (after the EOS that ends every training document), so the prompt is text
+  # the model scores; an encoder-decoder's prompt is its source. The family's decoding adapter knows which.
+  adapter = decode.adapter_for(model, run.tokenizer.bos_id)
+  continues_prompt = adapter.prompt_in_cache
+  prefix = adapter.prompt_ids(run.tokenizer, "")
   # All rows share the slot index, so the cache must hold the longest (bucketed) prompt of a batch plus its
   # largest max_tokens: twice the context covers any batch, with one cache shape for the server's life.
   cache_len = 2 * decode.round_up(model.max_len, decode.PROMPT_BUCKET)
