@@ -17,6 +17,8 @@ import os
 import sysconfig
 from pathlib import Path
 
+from jaxlm import fs
+
 
 def stdlib_root() -> Path:
   return Path(sysconfig.get_paths()["stdlib"])
@@ -66,29 +68,45 @@ def glob_files_with_keys(patterns: tuple[str, ...] | list[str]) -> dict[Path, st
   `data/x.txt`, `./data/x.txt` and `/abs/data/x.txt` hash into the same split
   whatever the current folder. Raises FileNotFoundError naming the pattern.
   """
-  files = {}
+  files, folders = {}, {}
   for pattern in patterns:
-    matched = [Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file()]
+    if fs.is_url(pattern):  # gs://...: names are already absolute; the key is the name past the fixed prefix
+      matched = fs.glob(pattern)
+      if not matched:
+        raise FileNotFoundError(pattern)
+      base = "/".join(_fixed_parts(pattern.split("/")))
+      for name in matched:
+        files.setdefault(fs.path(name), name[len(base):].lstrip("/"))
+      continue
+    matched = [Path(p) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)]
     if not matched:
       raise FileNotFoundError(pattern)
     base = _fixed_prefix(pattern)
     for path in matched:
-      files.setdefault(path.resolve(), path.resolve().relative_to(base).as_posix())
+      # Resolving each folder once, not each file, keeps listing 100,000 files to about a second.
+      if path.parent not in folders:
+        folders[path.parent] = path.parent.resolve()
+      resolved = folders[path.parent] / path.name
+      files.setdefault(resolved, resolved.relative_to(base).as_posix())
   return files
 
 
 def absolute_patterns(patterns: str) -> str:
   """Comma-separated globs made absolute, so a saved run reads the same files from any folder."""
-  return ",".join(os.path.abspath(pattern) for pattern in patterns.split(",")) if patterns else patterns
+  return ",".join(pattern if fs.is_url(pattern) else os.path.abspath(pattern)
+                  for pattern in patterns.split(",")) if patterns else patterns
 
 
 def _fixed_prefix(pattern: str) -> Path:
   """The folder before the first glob magic in `pattern` (a plain file's parent), resolved."""
-  parts = Path(pattern).parts
-  fixed = list(itertools.takewhile(lambda part: not glob.has_magic(part), parts))
-  if len(fixed) == len(parts):  # no magic: a file
-    fixed = fixed[:-1]
+  fixed = _fixed_parts(Path(pattern).parts)
   return Path(*fixed).resolve() if fixed else Path.cwd()
+
+
+def _fixed_parts(parts) -> list[str]:
+  """The parts of a pattern before the first glob magic, without the last one if none has magic (a file)."""
+  fixed = list(itertools.takewhile(lambda part: not glob.has_magic(part), parts))
+  return fixed[:-1] if len(fixed) == len(parts) else fixed
 
 
 def read_text_bytes(path: Path) -> bytes:
@@ -100,8 +118,8 @@ def read_text_bytes(path: Path) -> bytes:
 Range = tuple[Path, int, int]
 
 
-def split_ranges(data_config, split: str) -> list[Range]:
-  """The file ranges of `split` ('train' or 'validation') for data.source 'stdlib' or 'files', in reading order.
+def split_ranges(data_config) -> dict[str, list[Range]]:
+  """{'train': ranges, 'validation': ranges} for data.source 'stdlib' or 'files', each in reading order.
 
   Each range of a text file is one document; a `.jsonl` range holds one
   document per line (see `documents`). With `data.validation_paths`,
@@ -113,46 +131,47 @@ def split_ranges(data_config, split: str) -> list[Range]:
   Raises ConfigError when every file is empty.
   """
   if data_config.source == "stdlib":
-    return [_whole(p) for p in stdlib_split(split, data_config.val_fraction, data_config.include_tests)]
+    return {split: [_whole(p) for p in stdlib_split(split, data_config.val_fraction, data_config.include_tests)]
+            for split in ("train", "validation")}
   keyed = glob_files_with_keys(data_config.paths.split(","))
   if data_config.validation_paths:
     validation = glob_files(data_config.validation_paths.split(","))
-    paths = validation if split == "validation" else [p for p in sorted(keyed) if p not in set(validation)]
-    return [_whole(p) for p in paths]
+    held_out = set(validation)
+    return {"train": [_whole(p) for p in sorted(keyed) if p not in held_out],
+            "validation": [_whole(p) for p in validation]}
   by_split = {"train": [], "validation": []}
   for path in sorted(keyed):
     by_split[split_of(keyed[path], data_config.val_fraction)].append(path)
   if by_split["train"] and by_split["validation"]:
-    return [_whole(p) for p in by_split[split]]
-  return _cut(sorted(keyed), data_config.val_fraction, split, data_config.paths)
+    return {split: [_whole(p) for p in paths] for split, paths in by_split.items()}
+  return _cut(sorted(keyed), data_config.val_fraction, data_config.paths)
 
 
 def _whole(path: Path) -> Range:
-  return (path, 0, path.stat().st_size)
+  return (path, 0, fs.size(path))
 
 
-def _cut(paths: list[Path], val_fraction: float, split: str, patterns: str) -> list[Range]:
-  """The head (train) or tail (validation) of the files' bytes taken as one sequence."""
+def _cut(paths: list[Path], val_fraction: float, patterns: str) -> dict[str, list[Range]]:
+  """The head (train) and tail (validation) of the files' bytes taken as one sequence."""
   from jaxlm.config import ConfigError  # local: config imports this module lazily too
-  sizes = [p.stat().st_size for p in paths]
+  sizes = [fs.size(p) for p in paths]
   if not sum(sizes):
     raise ConfigError(f"data.paths: every file matching '{patterns}' is empty; add text to train on")
-  cut, offset, ranges = int(sum(sizes) * (1 - val_fraction)), 0, []
+  cut, offset, by_split = int(sum(sizes) * (1 - val_fraction)), 0, {"train": [], "validation": []}
   for path, size in zip(paths, sizes):
     local = min(max(cut - offset, 0), size)
     if path.suffix == ".jsonl":  # a JSON line is never cut in two
       local = next_line_start(path, local)
-    head, tail = (path, 0, local), (path, local, size)
-    chosen = head if split == "train" else tail
-    if chosen[2] > chosen[1]:
-      ranges.append(chosen)
+    for split, (start, end) in (("train", (0, local)), ("validation", (local, size))):
+      if end > start:
+        by_split[split].append((path, start, end))
     offset += size
-  return ranges
+  return by_split
 
 
 def next_line_start(path: Path, offset: int) -> int:
   """The first offset >= `offset` that starts a line of `path` (or its size)."""
-  with open(path, "rb") as f:
+  with fs.path(path).open("rb") as f:
     if offset == 0:
       return 0
     f.seek(offset - 1)
@@ -160,7 +179,7 @@ def next_line_start(path: Path, offset: int) -> int:
       newline = chunk.find(b"\n")
       if newline >= 0:
         return f.tell() - len(chunk) + newline + 1
-  return path.stat().st_size
+  return fs.size(path)
 
 
 def documents(path: Path, start: int, end: int, text_key: str = "text") -> list[bytes]:
@@ -169,7 +188,7 @@ def documents(path: Path, start: int, end: int, text_key: str = "text") -> list[
   A text file's range is one document. A `.jsonl` file holds one JSON object
   per line; each line's `text_key` string is a document (data.text_key).
   """
-  with open(path, "rb") as f:
+  with fs.path(path).open("rb") as f:  # local or gs://
     f.seek(start)
     data = f.read(end - start)
   if path.suffix != ".jsonl":

@@ -36,12 +36,18 @@ def load_documents(data_config, split: str) -> list[bytes]:
   that `data.source='prepared'` reads (jaxlm/prepare.py, jaxlm/prepared.py).
   """
   if data_config.source in ("stdlib", "files"):
-    return [document for path, start, end in corpus.split_ranges(data_config, split)
+    return [document for path, start, end in corpus.split_ranges(data_config)[split]
             for document in corpus.documents(path, start, end, data_config.text_key)]
   if data_config.source == "tfds":
     from jaxlm import tfds_data  # local: TFDS is imported only by runs that read it
     return tfds_data.load_documents(data_config, split)
-  raise ValueError(f"data.source '{data_config.source}' has no text documents")
+  if data_config.source == "prepared" and split == "validation":
+    # Decoded from the shards: what evaluation scores, for its compression baselines.
+    from jaxlm import mixture, tokenizer as tokenizer_lib  # local: only prepared runs need them
+    tokenizer = tokenizer_lib.from_config(data_config)
+    return mixture.decoder_rows(data_config, tokenizer, split).documents(tokenizer)
+  raise ConfigError(f"data.source '{data_config.source}' has no {split} text to read here (prepared data holds "
+                    "tokens: give `jaxlm prepare` an existing tokenizer)")
 
 
 def decoder_rows(config, tokenizer: Tokenizer, split: str):

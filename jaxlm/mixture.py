@@ -100,6 +100,10 @@ class Concatenated:
     part = int(np.searchsorted(self.starts, index, side="right")) - 1
     return self.parts[part][index - int(self.starts[part])]
 
+  def documents(self, tokenizer) -> list[bytes]:
+    """The parts' documents, decoded (see `prepared.PreparedRows.documents`)."""
+    return [document for part in self.parts for document in part.documents(tokenizer)]
+
 
 def realized_proportions(rows, seed: int, first_step: int, end_step: int, global_batch: int) -> dict[str, float]:
   """For the trainer's metrics: a mixture's realized shares over steps [first_step, end_step); {} for other rows."""

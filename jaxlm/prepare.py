@@ -38,7 +38,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from jaxlm import corpus, tokenizer as tokenizer_lib
+from jaxlm import corpus, fs, tokenizer as tokenizer_lib
 from jaxlm.config import ConfigError
 
 FORMAT = "jaxlm-prepared-1"
@@ -53,7 +53,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
                                       tokenizer.bos_id, tokenizer.eos_id]).encode())
   model_path = getattr(tokenizer, "model_path", None)
   if model_path is not None:
-    digest.update(Path(model_path).read_bytes())
+    digest.update(fs.read_bytes(model_path))  # local or gs://
   return digest.hexdigest()
 
 
@@ -74,30 +74,36 @@ def _file_pieces(path: Path, start: int, end: int, shard_bytes: int) -> list[dic
     start = cut
 
 
-def _segments(data_config, split: str, shard_bytes: int) -> tuple[list[dict], str]:
-  """(the split's segments in reading order, the source's fingerprint).
+def _segments(data_config, splits, shard_bytes: int) -> dict[str, tuple[list[dict], str]]:
+  """{split: (its segments in reading order, the source's fingerprint)} for each of `splits`.
 
   A file segment is {path, start, end, ends_document}; a TFDS segment is
   {tfds: [first, end]} example indices. The fingerprint hashes what the
   segments name (paths, sizes and modification times; the TFDS name, split
   and size), so a changed source restarts the prepare instead of resuming.
   """
+  out = {}
   if data_config.source in ("stdlib", "files"):
-    segments, described = [], []
-    for path, start, end in corpus.split_ranges(data_config, split):
-      stat = path.stat()
-      described.append([str(path), start, end, stat.st_size, stat.st_mtime_ns])
-      segments += _file_pieces(path, start, end, shard_bytes)
+    ranges = corpus.split_ranges(data_config)  # one listing for both splits
+    for split in splits:
+      segments, described = [], []
+      for path, start, end in ranges[split]:
+        stat = path.stat()
+        described.append([str(path), start, end, stat.st_size, stat.st_mtime_ns])
+        segments += _file_pieces(path, start, end, shard_bytes)
+      out[split] = segments, described
   elif data_config.source == "tfds":
     from jaxlm import tfds_data  # local: TFDS is imported only when it is the source
-    count = tfds_data.num_examples(data_config, split)
-    segments = [{"tfds": [first, min(first + TFDS_EXAMPLES_PER_SHARD, count)]}
-                for first in range(0, count, TFDS_EXAMPLES_PER_SHARD)]
-    described = [data_config.tfds_name, tfds_data.split_name(data_config, split), data_config.tfds_data_dir, count]
+    for split in splits:
+      count = tfds_data.num_examples(data_config, split)
+      out[split] = ([{"tfds": [first, min(first + TFDS_EXAMPLES_PER_SHARD, count)]}
+                     for first in range(0, count, TFDS_EXAMPLES_PER_SHARD)],
+                    [data_config.tfds_name, tfds_data.split_name(data_config, split), data_config.tfds_data_dir, count])
   else:
     raise ConfigError(f"data.source='{data_config.source}' cannot be prepared; use stdlib, files "
                       "(text or .jsonl) or tfds")
-  return segments, hashlib.sha256(json.dumps(described).encode()).hexdigest()
+  return {split: (segments, hashlib.sha256(json.dumps(described).encode()).hexdigest())
+          for split, (segments, described) in out.items()}
 
 
 def _group(segments: list[dict], shard_bytes: int) -> list[list[dict]]:
@@ -113,19 +119,21 @@ def _group(segments: list[dict], shard_bytes: int) -> list[list[dict]]:
   return shards
 
 
-def make_plan(config, split: str, tokenizer, shard_mb: float) -> dict:
-  """What `prepare` writes for `split` (JSON-ready); equal plans give identical output."""
+def make_plans(config, splits, tokenizer, shard_mb: float) -> dict[str, dict]:
+  """{split: what `prepare` writes for it (JSON-ready)}; equal plans give identical output."""
   shard_bytes = max(int(shard_mb * 2**20), 1)
-  segments, source_fingerprint = _segments(config.data, split, shard_bytes)
-  return {
-      "format": FORMAT, "split": split, "source": config.data.source, "source_fingerprint": source_fingerprint,
-      "tokenizer": {"kind": type(tokenizer).__name__, "vocab_size": tokenizer.vocab_size,
-                    "eos_id": tokenizer.eos_id, "fingerprint": tokenizer_fingerprint(tokenizer)},
-      "dtype": "uint16" if tokenizer.vocab_size <= 2**16 else "int32",
-      "data": {key: config.data[key] for key in ("source", "tokenizer", "tokenizer_path", "text_key", "tfds_name",
-                                                  "tfds_data_dir", "tfds_train_split", "tfds_eval_split")},
-      "shards": _group(segments, shard_bytes),
-  }
+  plans = {}
+  for split, (segments, source_fingerprint) in _segments(config.data, splits, shard_bytes).items():
+    plans[split] = {
+        "format": FORMAT, "split": split, "source": config.data.source, "source_fingerprint": source_fingerprint,
+        "tokenizer": {"kind": type(tokenizer).__name__, "vocab_size": tokenizer.vocab_size,
+                      "eos_id": tokenizer.eos_id, "fingerprint": tokenizer_fingerprint(tokenizer)},
+        "dtype": "uint16" if tokenizer.vocab_size <= 2**16 else "int32",
+        "data": {key: config.data[key] for key in ("source", "tokenizer", "tokenizer_path", "text_key", "tfds_name",
+                                                    "tfds_data_dir", "tfds_train_split", "tfds_eval_split")},
+        "shards": _group(segments, shard_bytes),
+    }
+  return json.loads(json.dumps(plans))  # as a rerun reads them back
 
 
 # --- the workers ---------------------------------------------------------------------------------
@@ -238,12 +246,10 @@ def _run(jobs: list[tuple], workers: int, bar: tqdm.tqdm) -> None:
     result.get()  # re-raises a worker's error here
 
 
-def prepare_split(config, out: Path, split: str, tokenizer, workers: int, shard_mb: float,
-                  show_progress: bool = True) -> dict:
-  """Prepares one split of the config's source into out/split (resuming); returns its index."""
-  directory = Path(out) / split
+def prepare_split(plan: dict, directory: Path, workers: int, show_progress: bool = True) -> dict:
+  """Writes the split that `plan` describes into `directory`, resuming a previous run; returns its index."""
   directory.mkdir(parents=True, exist_ok=True)
-  plan = json.loads(json.dumps(make_plan(config, split, tokenizer, shard_mb)))
+  split = plan["split"]
   plan_path = directory / PLAN
   previous = json.loads(plan_path.read_text()) if plan_path.is_file() else None
   if previous == plan and (directory / INDEX).is_file():
@@ -286,6 +292,6 @@ def prepare(config, out: str | Path, splits=("train", "validation"), workers: in
     from jaxlm import spm  # local: trains the vocabulary on the training split if it is missing
     spm.train_if_missing(config)
   tokenizer = tokenizer_lib.from_config(config.data)
-  workers = workers or os.cpu_count() or 1
-  return {split: prepare_split(config, Path(out), split, tokenizer, workers, shard_mb, show_progress)
+  plans = make_plans(config, splits, tokenizer, shard_mb)
+  return {split: prepare_split(plans[split], Path(out) / split, workers or os.cpu_count() or 1, show_progress)
           for split in splits}

@@ -80,6 +80,16 @@ class PreparedRows:
     document_ids = np.concatenate([[0], np.cumsum(tokens[:-1] == self.eos_id)])
     return data_lib.pack_row(tokens, document_ids)
 
+  def documents(self, tokenizer) -> list[bytes]:
+    """Every document of the split decoded back to UTF-8, all in memory (for validation's compression baselines).
+
+    Exact for the byte tokenizer; SentencePiece gives its normalized text.
+    """
+    tokens = self.tokens(0, int(self.offsets[-1]))
+    ends = np.flatnonzero(tokens == self.eos_id)
+    return [tokenizer.decode(tokens[start:end]).encode("utf-8")
+            for start, end in zip(np.concatenate([[0], ends[:-1] + 1]), ends)]
+
 
 def open_split(directory: str | Path, tokenizer, seq_len: int, key: str = "data.prepared_dir") -> PreparedRows:
   """The rows of a prepared split folder, after checking it was made with `tokenizer`; raises ConfigError."""
