@@ -2,8 +2,9 @@
 
 An artifact directory holds prefill.bin and step.bin (serialized
 `jax.export.Exported`), weights.npz (the params, float or int8, flattened
-by path) and meta.json (shapes and special ids). `load` runs it with jax and
-numpy alone: neither the model code (jaxlm.model, jaxlm.layers) nor Flax is
+by path), meta.json (shapes and special ids) and the run's tokenizer
+(tokenizer.json, and tokenizer.model for SentencePiece), so `load(DIR).generate`
+takes and returns text. `load` runs it with jax and numpy alone: neither the model code (jaxlm.model, jaxlm.layers) nor Flax is
 imported, so the artifact decodes wherever jax does. Shapes are fixed at
 export time: batch size, prompt width and cache length.
 """
@@ -11,15 +12,18 @@ export time: batch size, prompt width and cache length.
 from __future__ import annotations
 
 import functools
+import io
 import json
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import decode  # model code is imported lazily there, only when a model is built
+from jaxlm import fs, tokenizer as tokenizer_lib
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -60,26 +64,36 @@ def export_run(run, out, batch_size: int = 1, max_prompt_len: int = 0) -> Path:
   prompt = {"tokens_BxP": jax.ShapeDtypeStruct((batch_size, prompt_len), jnp.int32),
             "lengths_B": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
   sampling = spec(decode.Sampling().arrays(batch_size))
-  out = Path(out)
-  out.mkdir(parents=True, exist_ok=True)
+  out = fs.path(out)  # a local folder or gs://
+  fs.makedirs(out)
   tokens_B, state = jax.eval_shape(prefill, params, prompt, sampling)
   (out / "prefill.bin").write_bytes(jax.export.export(prefill)(params, prompt, sampling).serialize())
   (out / "step.bin").write_bytes(jax.export.export(step)(
       params, state, tokens_B, sampling, jax.ShapeDtypeStruct((), jnp.int32)).serialize())
-  np.savez(out / "weights.npz", **flatten(jax.device_get(run.params)))
+  weights = io.BytesIO()  # zip needs a seekable file, which an object being uploaded is not
+  np.savez(weights, **flatten(jax.device_get(run.params)))
+  (out / "weights.npz").write_bytes(weights.getvalue())
   tok = run.tokenizer
   meta = {"family": cfg.family, "max_len": cfg.max_len, "batch_size": batch_size, "prompt_len": prompt_len,
           "cache_len": cache_len, "prompt_in_cache": adapter.prompt_in_cache, "vocab_size": cfg.vocab_size,
-          "eos_id": int(tok.eos_id), "bos_id": int(tok.bos_id), "step": run.step}
+          "eos_id": int(tok.eos_id), "bos_id": int(tok.bos_id), "step": run.step,
+          # The ids every text prompt starts with (a decoder-only model continues after EOS); see `generate`.
+          "prompt_prefix": [int(i) for i in adapter.prompt_ids(tok, "")]}
+  tok.save(out)  # tokenizer.json (+ tokenizer.model): the artifact takes and returns text on its own
   (out / "meta.json").write_text(json.dumps(meta, indent=2))
   return out
 
 
 class ExportedGenerator(decode.Generator):
-  """`decode.Generator`'s streaming loop over the deserialized prefill and step; no model code."""
+  """`decode.Generator`'s streaming loop over the deserialized prefill and step; no model code.
+
+  `generate("text")` takes and returns text with the artifact's own tokenizer; `generate([[ids...]])` and
+  `stream` take token ids, as `decode.Generator` does. `tokenizer` is None for artifacts exported
+  before tokenizers were saved in them.
+  """
 
   def __init__(self, directory):
-    directory = Path(directory)
+    directory = fs.path(directory)  # a local folder or gs://
     for name in ("meta.json", "prefill.bin", "step.bin", "weights.npz"):
       if not (directory / name).is_file():
         raise FileNotFoundError(f"{directory / name} not found; pass a directory written by `jaxlm export`")
@@ -88,10 +102,11 @@ class ExportedGenerator(decode.Generator):
     self.cache_len, self.prompt_len = self.meta["cache_len"], self.meta["prompt_len"]
     # Artifacts written before the key existed: only a prompt kept in the cache makes it longer than max_len + 1.
     self.prompt_in_cache = self.meta.get("prompt_in_cache", self.cache_len > self.meta["max_len"] + 1)
-    with np.load(directory / "weights.npz") as weights:
+    with (directory / "weights.npz").open("rb") as file, np.load(file) as weights:
       self.params = jax.tree.map(jnp.asarray, unflatten({k: weights[k] for k in weights.files}))
     self._prefill_exported = jax.export.deserialize(bytearray((directory / "prefill.bin").read_bytes()))
     self._step_exported = jax.export.deserialize(bytearray((directory / "step.bin").read_bytes()))
+    self.tokenizer = tokenizer_lib.load(directory) if (directory / "tokenizer.json").is_file() else None
 
   def prefill(self, params, prompt, sampling, cache_len, do_sample):
     return self._prefill_exported.call(params, prompt, sampling)
@@ -105,5 +120,29 @@ class ExportedGenerator(decode.Generator):
                           self.meta["batch_size"])
 
 
+  def generate(self, prompts, max_new_tokens: int | Sequence[int] = 64, sampling: decode.Sampling = None,
+               stop_ids: Sequence[int] | None = None, batch_size: int | None = None):
+    """Text in, text out, or token ids in, token ids out.
+
+    prompts: a str (returns a str), a list of str (returns a list of str), or a list of token-id lists
+      (returns the new ids of each, stop tokens excluded; the ids go in as given).
+    Text prompts start with the model's prefix (`meta['prompt_prefix']`: EOS for a decoder-only model,
+    as its training texts do) and are encoded by the artifact's tokenizer; generation stops at EOS
+    unless `stop_ids` says otherwise. Ids stop only at `stop_ids` (default none).
+    """
+    if isinstance(prompts, str):
+      return self.generate([prompts], max_new_tokens, sampling, stop_ids, batch_size)[0]
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+      return super().generate(prompts, max_new_tokens, sampling, stop_ids or (), batch_size)
+    if self.tokenizer is None:
+      raise decode.DecodeError("this artifact holds no tokenizer (exported by an older jaxlm): pass token ids, "
+                               "or export it again with `jaxlm export`")
+    prefix = list(self.meta["prompt_prefix"])
+    ids = [prefix + [int(i) for i in self.tokenizer.encode(p)] for p in prompts]
+    stop = [self.meta["eos_id"]] if stop_ids is None else stop_ids
+    return [self.tokenizer.decode(new) for new in super().generate(ids, max_new_tokens, sampling, stop, batch_size)]
+
+
 def load(directory) -> ExportedGenerator:
+  """The artifact `jaxlm export` wrote in `directory` (local or gs://): `load(d).generate("def f")` -> text."""
   return ExportedGenerator(directory)

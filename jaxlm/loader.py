@@ -29,7 +29,7 @@ from jax.sharding import Mesh
 from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import config as config_lib
 from jaxlm import model as model_lib
-from jaxlm import sharding, tokenizer as tokenizer_lib
+from jaxlm import quantize, sharding, tokenizer as tokenizer_lib
 
 
 class RunError(RuntimeError):
@@ -99,6 +99,8 @@ def restore_params(workdir: str | Path, config: ml_collections.ConfigDict, shard
   """
   abstract = nn.meta.unbox(abstract_params(config.model))
   target = {"params": checkpoint_lib.abstract_with_shardings(abstract, shardings)}
+  if quantize.is_int8_run(workdir):  # written by `jaxlm quantize`: int8 params, no optimizer state
+    target = {"params": quantize.abstract_int8(target["params"])}
   with _quiet_restore():
     checkpointer = checkpoint_lib.Checkpointer(Path(workdir) / "checkpoints", read_only=True)
     try:

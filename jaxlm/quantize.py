@@ -19,13 +19,20 @@ int8 in memory between calls and are widened per call.
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlm import fs
+
 QUANTIZED_KEYS = frozenset({"int8", "scale"})
+INT8_MARKER = "int8.json"  # marks a run directory written by `jaxlm quantize`
+
+
+class QuantizeError(ValueError):
+  """A run that cannot be quantized as asked; one line naming the directory and the fix."""
 
 
 def _is_quantized(node) -> bool:
@@ -84,27 +91,97 @@ def nbytes(params) -> int:
   return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(params)))
 
 
-def compare(workdir, step: int | None = None, max_batches: int | None = None) -> dict:
-  """Weight bytes and validation perplexity of a run, float vs int8, side by side."""
+def _score(run, params, batches) -> tuple[float, float]:
+  """(summed negative log-likelihood, tokens) of `params` (float or int8) over `batches`."""
+  from jaxlm import train_step
+  sums = jax.jit(lambda p, batch: train_step.batch_sums(run.model, materialize(p), batch, run.config.train))
+  nll = tokens = 0.0
+  for batch in batches:
+    out = sums(params, batch)
+    nll, tokens = nll + float(out["nll_sum"]), tokens + float(out["weight_sum"])
+  return nll, tokens
+
+
+def compare(workdir, step: int | None = None, max_batches: int | None = None, out=None) -> dict:
+  """Quantizes a run to int8, writes the int8 run to `out` (default `workdir/int8`) and reports, side by
+  side, the weight memory and validation perplexity of float and int8 weights.
+
+  The float perplexity is taken from `workdir/eval_step_N.json` when `jaxlm eval` scored the same number
+  of tokens of the same step there (`float_source` says which); otherwise the float weights are scored too.
+  The report is also written to `workdir/quantize_step_N.json`.
+  """
   import math
-  from jaxlm import data as data_lib, loader, train_step, trainer
+  from jaxlm import data as data_lib, loader, trainer
+  if is_int8_run(workdir):
+    raise QuantizeError(f"{workdir} is already an int8 run (written by `jaxlm quantize`); pass the float run")
   run = loader.load(workdir, step)
-  config = run.config
   int8 = quantize_params(run.params)
-  sums = jax.jit(lambda p, batch: train_step.batch_sums(run.model, materialize(p), batch, config.train))
-  rows = trainer.prepare_data(config, run.tokenizer, "validation")
-  limit = config.eval.max_batches if max_batches is None else max_batches
-  totals = {"float": [0.0, 0.0], "int8": [0.0, 0.0]}
-  for batch in data_lib.eval_batches(rows, config.eval.batch_size, limit):
-    for name, params in (("float", run.params), ("int8", int8)):
-      out = sums(params, batch)
-      totals[name][0] += float(out["nll_sum"])
-      totals[name][1] += float(out["weight_sum"])
-  ppl = {name: math.exp(nll / max(weight, 1.0)) for name, (nll, weight) in totals.items()}
+  out = fs.join(workdir, "int8") if out is None else os.fspath(out)
+  write_int8_run(run, int8, out, workdir)
+  rows = trainer.prepare_data(run.config, run.tokenizer, "validation")
+  limit = run.config.eval.max_batches if max_batches is None else max_batches
+  batches = list(data_lib.eval_batches(rows, run.config.eval.batch_size, limit))
+  int8_nll, tokens = _score(run, int8, batches)
+  eval_path = fs.path(fs.join(workdir, f"eval_step_{run.step}.json"))
+  evaluated = json.loads(eval_path.read_text()) if eval_path.exists() else {}
+  if evaluated.get("step") == run.step and evaluated.get("tokens") == tokens:
+    float_loss, source = evaluated["loss"], eval_path.name
+  else:
+    float_loss, source = _score(run, run.params, batches)[0] / max(tokens, 1.0), "scored"
+  ppl = {"float": math.exp(min(float_loss, 700)), "int8": math.exp(min(int8_nll / max(tokens, 1.0), 700))}
   float_bytes, int8_bytes = nbytes(run.params), nbytes(int8)
-  result = {"step": run.step, "tokens": totals["float"][1], "float_mb": float_bytes / 2**20,
-            "int8_mb": int8_bytes / 2**20, "memory_reduction": float_bytes / int8_bytes,
-            "float_perplexity": ppl["float"], "int8_perplexity": ppl["int8"],
-            "perplexity_change": ppl["int8"] / ppl["float"] - 1}
-  (Path(workdir) / f"quantize_step_{run.step}.json").write_text(json.dumps(result, indent=2))
+  result = {"step": run.step, "tokens": tokens, "float_mb": float_bytes / 2**20, "int8_mb": int8_bytes / 2**20,
+            "memory_reduction": float_bytes / int8_bytes, "float_perplexity": ppl["float"],
+            "int8_perplexity": ppl["int8"], "perplexity_change": ppl["int8"] / ppl["float"] - 1,
+            "float_source": source, "int8_run": out}
+  fs.write_text(fs.join(workdir, f"quantize_step_{run.step}.json"), json.dumps(result, indent=2))
   return result
+
+
+# --- int8 runs: a run directory whose checkpoint holds int8 params -----------------------------------
+
+def is_int8_run(workdir) -> bool:
+  """True for a directory `jaxlm quantize` wrote (it holds INT8_MARKER)."""
+  return fs.path(fs.join(workdir, INT8_MARKER)).exists()
+
+
+def write_int8_run(run, int8_params, out, source) -> str:
+  """Writes the run directory `out`: the run's config.json and tokenizer, INT8_MARKER (naming `source`) and a
+  checkpoint at the run's step holding `int8_params` alone (no optimizer state), which `jaxlm.load` reads
+  (see `abstract_int8`), so generate, serve and export take `--workdir out`. Returns `out`."""
+  from jaxlm import checkpoint
+  checkpoints = fs.path(fs.join(out, "checkpoints"))
+  if checkpoints.exists() and any(checkpoints.iterdir()):
+    if not is_int8_run(out):  # never overwrite what `jaxlm quantize` did not write
+      raise QuantizeError(f"{checkpoints} already holds checkpoints of another run; pass another --out")
+    checkpoints.rmtree()  # an earlier `jaxlm quantize` of this run: replaced by this one
+  fs.makedirs(out)
+  fs.write_text(fs.join(out, "config.json"), run.config.to_json(indent=2))
+  run.tokenizer.save(fs.path(out))
+  fs.write_text(fs.join(out, INT8_MARKER), json.dumps({
+      "source": os.fspath(fs.absolute(source)), "step": run.step,
+      "scheme": "int8 weight-only, per-channel symmetric (jaxlm.quantize)"}, indent=2))
+  saver = checkpoint.Checkpointer(checkpoints, keep=1)
+  saver.save(run.step, {"params": int8_params}, {"config": run.config.to_dict(), "data_position": run.step})
+  saver.close()
+  return out
+
+
+def abstract_int8(target):
+  """The restore target of an int8 run from its float one: a params tree of `jax.ShapeDtypeStruct` (with
+  shardings) becomes the tree `quantize_params` makes, each int8 array sharded as its float weight and
+  each (small) scale replicated."""
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  def visit(node, names):
+    if isinstance(node, dict):
+      return {k: visit(v, names + [k]) for k, v in node.items()}
+    axes = _reduce_axes(names, len(node.shape))
+    if axes is None:
+      return node
+    scale_shape = tuple(1 if axis in axes else n for axis, n in enumerate(node.shape))
+    sharding = node.sharding
+    replicated = NamedSharding(sharding.mesh, PartitionSpec()) if isinstance(sharding, NamedSharding) else sharding
+    return {"int8": jax.ShapeDtypeStruct(node.shape, jnp.int8, sharding=sharding),
+            "scale": jax.ShapeDtypeStruct(scale_shape, node.dtype, sharding=replicated)}
+  return visit(dict(target), [])

@@ -1,4 +1,5 @@
-"""jax.export artifacts: reloaded in a fresh process without the model code, they generate the same tokens."""
+"""jax.export artifacts: reloaded in a fresh process without the model code, they generate the same tokens,
+and with the tokenizer they carry, the same text."""
 
 import json
 import os
@@ -14,6 +15,7 @@ from jaxlm import decode, hf, main, model as model_lib, quantize
 from conftest import REPO, tiny_config
 
 PROMPTS = [[2, 70, 71, 72], [2, 80]]
+TEXTS = ["def f(x):", "import é"]
 
 LOADER = """
 import json, sys
@@ -21,8 +23,10 @@ from jaxlm import export
 generator = export.load(sys.argv[1])
 greedy = generator.generate({prompts}, 12)
 sampled = generator.generate({prompts}, 12, export.decode.Sampling(temperature=0.9, top_p=0.9, seed=[1, 2]))
+texts = generator.generate({texts}, 12)
+one = generator.generate({texts}[0], 12)
 leaked = sorted(m for m in sys.modules if m in ("jaxlm.model", "jaxlm.layers", "flax", "flax.linen"))
-print(json.dumps({{"greedy": greedy, "sampled": sampled, "leaked": leaked}}))
+print(json.dumps({{"greedy": greedy, "sampled": sampled, "texts": texts, "one": one, "leaked": leaked}}))
 """
 
 
@@ -43,11 +47,18 @@ def test_exported_artifact_generates_the_same_tokens_without_model_code(run_dir,
   generator = decode.Generator(run.config.model, params)
   want_greedy = generator.generate(PROMPTS, 12)
   want_sampled = generator.generate(PROMPTS, 12, decode.Sampling(temperature=0.9, top_p=0.9, seed=[1, 2]))
+  # Text: the run's tokenizer, EOS first (a decoder-only model continues after EOS), stopping at EOS.
+  tok = run.tokenizer
+  new = generator.generate([[tok.eos_id] + [int(i) for i in tok.encode(t)] for t in TEXTS], 12, stop_ids=[tok.eos_id])
+  want_texts = [tok.decode(ids) for ids in new]
+  assert (out / "tokenizer.json").is_file()
   env = dict(os.environ, XLA_FLAGS="")
-  result = subprocess.run([sys.executable, "-c", LOADER.format(prompts=PROMPTS), str(out)], capture_output=True,
+  loader = LOADER.format(prompts=PROMPTS, texts=TEXTS)
+  result = subprocess.run([sys.executable, "-c", loader, str(out)], capture_output=True,
                           text=True, env=env, cwd=REPO, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
   got = json.loads(result.stdout.strip().splitlines()[-1])
   assert got["leaked"] == []
   assert got["greedy"] == want_greedy
   assert got["sampled"] == want_sampled
+  assert got["texts"] == want_texts and got["one"] == want_texts[0]

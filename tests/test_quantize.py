@@ -1,11 +1,15 @@
 """int8 weight-only quantization: per-channel error bounds, memory, perplexity, and quantized generation."""
 
+import json
+import math
+import urllib.request
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm import decode, hf, main, model as model_lib, quantize
+from jaxlm import decode, export, hf, main, model as model_lib, quantize, serve
 
 from conftest import files_config, tiny_config
 
@@ -37,10 +41,24 @@ def run_dir(tmp_path_factory, text_corpus):
 def test_compare_and_cli(run_dir, capsys):
   assert main.main(["quantize", "--workdir", str(run_dir), "--max-batches", "2"]) == 0
   out = capsys.readouterr().out
-  assert "smaller" in out and (run_dir / "quantize_step_0.json").is_file()
+  assert "smaller" in out and f"--workdir {run_dir / 'int8'}" in out and (run_dir / "quantize_step_0.json").is_file()
+  # Rerunning replaces the int8 run it wrote before.
   result = quantize.compare(run_dir, max_batches=2)
-  assert result["memory_reduction"] > 2.5
+  assert result["memory_reduction"] > 2.5 and result["float_source"] == "scored"
   assert abs(result["perplexity_change"]) < 0.02 and result["float_perplexity"] > 1
+  assert quantize.is_int8_run(run_dir / "int8") and not quantize.is_int8_run(run_dir)
+  # Another run's checkpoints are never overwritten.
+  with pytest.raises(quantize.QuantizeError, match="another run"):
+    quantize.compare(run_dir, max_batches=2, out=run_dir)
+
+
+def test_float_perplexity_is_reused_from_eval(run_dir, capsys):
+  """After `jaxlm eval` on the same step, quantize scores only the int8 weights."""
+  assert main.main(["eval", "--workdir", str(run_dir)]) == 0
+  evaluated = json.loads((run_dir / "eval_step_0.json").read_text())
+  result = quantize.compare(run_dir, out=run_dir / "int8_again")
+  assert result["tokens"] == evaluated["tokens"] and result["float_source"] == "eval_step_0.json"
+  assert result["float_perplexity"] == pytest.approx(math.exp(evaluated["loss"]), rel=1e-12)
 
 
 def test_quantized_model_generates_close_to_float(run_dir, capsys):
@@ -60,3 +78,44 @@ def test_quantized_model_generates_close_to_float(run_dir, capsys):
                     "--ignore-eos"]) == 0
   expected = run.tokenizer.decode(int8_gen.generate([[2] + list(run.tokenizer.encode("def f"))], 8)[0])
   assert capsys.readouterr().out == expected + "\n"
+
+
+@pytest.fixture(scope="module")
+def int8_run(run_dir):
+  out = run_dir.parent / "int8_run"
+  quantize.compare(run_dir, max_batches=1, out=out)
+  return out
+
+
+@pytest.mark.slow  # about 25 s: three compiles (generate, serve, export)
+def test_the_int8_run_loads_in_generate_serve_and_export(run_dir, int8_run, tmp_path, capsys):
+  loaded = decode.load_run(int8_run)
+  assert quantize.is_quantized(loaded.params)
+  kernels = [leaf for leaf in jax.tree.leaves(loaded.params) if leaf.dtype == jnp.int8]
+  assert len(kernels) >= 5  # every matmul kernel and the embedding
+  run = decode.load_run(run_dir)
+  tok = run.tokenizer
+  ids = [tok.eos_id] + [int(i) for i in tok.encode("def f")]
+  int8_gen = decode.Generator(run.config.model, quantize.quantize_params(run.params))
+  expected = tok.decode(int8_gen.generate([ids], 8)[0])
+
+  capsys.readouterr()
+  assert main.main(["generate", "--workdir", str(int8_run), "--prompt", "def f", "--max-tokens", "8",
+                    "--ignore-eos"]) == 0
+  assert capsys.readouterr().out == expected + "\n"
+
+  background = serve.BackgroundServer(serve.app_for_run(int8_run))
+  try:
+    body = json.dumps({"prompt": "def f", "max_tokens": 8}).encode()
+    request = urllib.request.Request(background.url + "/v1/completions", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+      served = json.loads(response.read())["choices"][0]["text"]
+  finally:
+    background.close()
+  # The server stops at EOS; up to there it decodes exactly what the int8 weights give.
+  assert expected.startswith(served) and served
+
+  assert main.main(["export", "--workdir", str(int8_run), "--out", str(tmp_path / "artifact")]) == 0
+  artifact = export.load(tmp_path / "artifact")
+  assert quantize.is_quantized(artifact.params)
+  assert artifact.generate("def f", 8, stop_ids=[]) == expected
