@@ -17,6 +17,7 @@ step and moves the damaged ones aside, so nothing is deleted.
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import shutil
 import sys
@@ -26,7 +27,7 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
-from jaxlm import integrity
+from jaxlm import fs, integrity
 
 # Written by Orbax 0.12 when a save commits (the step folder is renamed into place after them).
 COMMIT_MARKERS = ("_CHECKPOINT_METADATA", "commit_success.txt", "state/commit_success.txt",
@@ -85,7 +86,7 @@ def _ignore_reads_finishing_after_a_failure() -> None:
 
 
 def _abspath(directory) -> Path:
-  return Path(directory).absolute()
+  return fs.absolute(directory)  # a gs:// URL stays one (pathlib would fold it to gs:/)
 
 
 def last_good_sentence(step: int | None) -> str:
@@ -97,6 +98,8 @@ def last_good_sentence(step: int | None) -> str:
 
 def free_space(path: Path) -> str:
   """Free bytes on the file system holding `path` (or its nearest existing parent), as text like '1.2 MB'."""
+  if fs.is_url(path):
+    return "unlimited (a bucket)"
   existing = Path(path)
   while not existing.exists() and existing != existing.parent:
     existing = existing.parent
@@ -105,6 +108,13 @@ def free_space(path: Path) -> str:
     if free < 1000 or unit == "TB":
       return f"{free:.0f} {unit}" if unit == "B" else f"{free:.1f} {unit}"
     free /= 1000
+
+
+class _DropOrbaxErrors(logging.Filter):
+  """Drops Orbax's ERROR records (failed async writes); the Checkpointer raises them as one line instead."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
 
 
 class Checkpointer:
@@ -116,6 +126,9 @@ class Checkpointer:
         max_to_keep=keep, create=not read_only, enable_async_checkpointing=not read_only,
         read_only=read_only)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
+    # Orbax logs each failed background write with a traceback; `check` and `wait` report it in one line.
+    self._quiet = _DropOrbaxErrors()
+    logging.getLogger("absl").addFilter(self._quiet)
 
   def incomplete(self) -> list[Path]:
     """Step folders an interrupted save left behind; Orbax ignores them."""
@@ -167,9 +180,11 @@ class Checkpointer:
       raise self._save_error(None, e) from None
 
   def _save_error(self, step: int | None, error: BaseException) -> CheckpointError:
-    which = f"step {step}" if step is not None else "a checkpoint"
+    text = _read_error_text(error)
+    failed = re.search(r"/(\d+)\.orbax-checkpoint-tmp", text)  # the step whose background write failed
+    which = f"step {failed.group(1)}" if failed else f"step {step}" if step is not None else "a checkpoint"
     return CheckpointError(
-        f"saving {which} to {self.directory} failed ({_first_line(error)}); {free_space(self.directory)} free "
+        f"saving {which} to {self.directory} failed ({text}); {free_space(self.directory)} free "
         f"there. {last_good_sentence(self.newest_complete_step())} Free space or pick another --workdir.")
 
   def newest_complete_step(self) -> int | None:
@@ -282,8 +297,7 @@ class Checkpointer:
     """Moves step `step` out of the way (process 0 moves, all wait); returns its new path."""
     destination = self.directory.parent / f"{self.directory.name}-damaged" / f"{step}-{int(time.time())}"
     if jax.process_index() == 0:
-      destination.parent.mkdir(parents=True, exist_ok=True)
-      shutil.move(str(self.directory / str(step)), destination)
+      fs.move(self.directory / str(step), destination)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # local: single-process runs never need it
       multihost_utils.sync_global_devices(f"jaxlm_quarantine_{step}")
@@ -306,6 +320,8 @@ class Checkpointer:
       with contextlib.suppress(Exception):  # the failure is already being reported
         self.manager.close()
       raise
+    finally:
+      logging.getLogger("absl").removeFilter(self._quiet)
     self.manager.close()
 
 

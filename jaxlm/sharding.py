@@ -9,6 +9,7 @@ of the initializer, so nothing is allocated before its placement is known.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 
@@ -104,3 +105,36 @@ def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
 def global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
   """Assembles each process's rows into one global array sharded over the data axes."""
   return {key: jax.make_array_from_process_local_data(sharding, value) for key, value in local_batch.items()}
+
+
+def _available_bytes(device) -> tuple[int, str]:
+  """(bytes one device can hold, where that figure comes from): the accelerator's limit, or for CPU devices
+  the host's available memory shared by this process's devices."""
+  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+  if stats and stats.get("bytes_limit"):
+    return int(stats["bytes_limit"]), f"{device.platform} memory"
+  available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+  return available // max(jax.local_device_count(), 1), "available host memory per CPU device"
+
+
+def check_state_fits(abstract_state, shardings, params) -> None:
+  """Raises ConfigError, before anything compiles, when the train state cannot fit a device.
+
+  abstract_state / shardings: the TrainState's `jax.ShapeDtypeStruct` tree and its NamedShardings;
+  params: the params subtree of `abstract_state`, counted once more for the gradients. This is a lower
+  bound on what the step needs (activations come on top), so a config it refuses can never run.
+  """
+  def shard_bytes(tree, sharding_tree) -> int:
+    leaves = jax.tree.leaves(tree)
+    sharding_leaves = jax.tree.leaves(sharding_tree, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    return sum(math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize for a, s in zip(leaves, sharding_leaves))
+  state_bytes = shard_bytes(abstract_state, shardings)
+  gradient_bytes = shard_bytes(params, shardings.params)
+  needed = state_bytes + gradient_bytes
+  available, source = _available_bytes(jax.local_devices()[0])
+  if needed > available:
+    gib = 1024 ** 3
+    raise config_lib.ConfigError(
+        f"the train state alone needs {needed / gib:.1f} GiB per device (parameters, optimizer state and "
+        f"gradients) but the {source} is {available / gib:.1f} GiB; lower model.max_len, model.d_model, "
+        "model.num_layers or model.vocab_size, or shard it with --config.mesh.fsdp=N")
