@@ -88,8 +88,7 @@ def _segments(data_config, splits, shard_bytes: int) -> dict[str, tuple[list[dic
     for split in splits:
       segments, described = [], []
       for path, start, end in ranges[split]:
-        stat = path.stat()
-        described.append([str(path), start, end, stat.st_size, stat.st_mtime_ns])
+        described.append([str(path), start, end, *_size_and_mtime(path)])
         segments += _file_pieces(path, start, end, shard_bytes)
       out[split] = segments, described
   elif data_config.source == "tfds":
@@ -104,6 +103,15 @@ def _segments(data_config, splits, shard_bytes: int) -> dict[str, tuple[list[dic
                       "(text or .jsonl) or tfds")
   return {split: (segments, hashlib.sha256(json.dumps(described).encode()).hexdigest())
           for split, (segments, described) in out.items()}
+
+
+def _size_and_mtime(path) -> list:
+  """[size, modification time] of a local or gs:// file, for the source fingerprint."""
+  if fs.is_url(path):
+    stat = fs.path(path).stat()
+    return [stat.length, stat.mtime]
+  stat = os.stat(path)
+  return [stat.st_size, stat.st_mtime_ns]
 
 
 def _group(segments: list[dict], shard_bytes: int) -> list[list[dict]]:
@@ -133,7 +141,7 @@ def make_plans(config, splits, tokenizer, shard_mb: float) -> dict[str, dict]:
                                                     "tfds_data_dir", "tfds_train_split", "tfds_eval_split")},
         "shards": _group(segments, shard_bytes),
     }
-  return json.loads(json.dumps(plans))  # as a rerun reads them back
+  return plans  # JSON values only (dicts, lists, str, int, bool), so it compares equal to plan.json read back
 
 
 # --- the workers ---------------------------------------------------------------------------------
@@ -160,7 +168,7 @@ def _documents(segment: dict, data: dict, split: str) -> tuple[list[bytes], int]
     from jaxlm import tfds_data  # local: TFDS is imported only when it is the source
     first, end = segment["tfds"]
     return tfds_data.load_documents(ml_collections.ConfigDict(data), split, first, end), end - first
-  return corpus.documents(Path(segment["path"]), segment["start"], segment["end"], data["text_key"]), \
+  return corpus.documents(segment["path"], segment["start"], segment["end"], data["text_key"]), \
       segment["end"] - segment["start"]
 
 
@@ -259,7 +267,7 @@ def prepare_split(plan: dict, directory: Path, workers: int, show_progress: bool
       print(f"{directory}: the source, tokenizer or --shard-mb changed since the last prepare; starting over",
             file=sys.stderr)
     _clear(directory)
-    _write_atomic(plan_path, lambda f: f.write(json.dumps(plan, indent=1).encode()))
+    _write_atomic(plan_path, lambda f: f.write(json.dumps(plan).encode()))
   for tmp in directory.glob("*.tmp"):  # left by an interrupted run; never complete
     tmp.unlink()
   shards = plan["shards"]
