@@ -29,7 +29,7 @@ from jax.sharding import Mesh
 from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import config as config_lib
 from jaxlm import model as model_lib
-from jaxlm import quantize, sharding, tokenizer as tokenizer_lib
+from jaxlm import families, quantize, sharding, tokenizer as tokenizer_lib
 
 
 class RunError(RuntimeError):
@@ -71,7 +71,7 @@ def abstract_params(model_cfg: ml_collections.ConfigDict, module: nn.Module | No
   """The boxed (logically partitioned) parameter shapes of the model `model_cfg` describes; nothing is allocated."""
   module = module or model_lib.build(model_cfg)
   batch = model_lib.example_batch(model_cfg, (1, 8))  # parameter shapes do not depend on the length
-  return jax.eval_shape(lambda: module.init(jax.random.key(0), **model_lib.model_inputs(model_cfg, batch))["params"])
+  return jax.eval_shape(lambda: module.init(jax.random.key(0), **families.model_inputs(module, batch))["params"])
 
 
 def param_shardings(config: ml_collections.ConfigDict, mesh: Mesh, module: nn.Module | None = None):
@@ -91,13 +91,15 @@ def _quiet_restore():
     logger.setLevel(previous)
 
 
-def restore_params(workdir: str | Path, config: ml_collections.ConfigDict, shardings, step: int | None = None):
+def restore_params(workdir: str | Path, config: ml_collections.ConfigDict, shardings, step: int | None = None,
+                   module: nn.Module | None = None):
   """(params, step): the params of checkpoint `step` (default: the latest) in `workdir`, placed by `shardings`.
 
-  `config` is the whole config; `shardings` a tree of NamedShardings matching the params. Raises RunError when
-  the run has no complete checkpoint, `checkpoint.CheckpointError` when `step` is missing or does not match.
+  `config` is the whole config; `shardings` a tree of NamedShardings matching the params; `module` the model
+  (default: the family's). Raises RunError when the run has no complete checkpoint,
+  `checkpoint.CheckpointError` when `step` is missing or does not match.
   """
-  abstract = nn.meta.unbox(abstract_params(config.model))
+  abstract = nn.meta.unbox(abstract_params(config.model, module))
   target = {"params": checkpoint_lib.abstract_with_shardings(abstract, shardings)}
   if quantize.is_int8_run(workdir):  # written by `jaxlm quantize`: int8 params, no optimizer state
     target = {"params": quantize.abstract_int8(target["params"])}
@@ -113,7 +115,8 @@ def restore_params(workdir: str | Path, config: ml_collections.ConfigDict, shard
   return params, step
 
 
-def load(workdir: str | Path, step: int | None = None, mesh: Mesh | None = None) -> Run:
+def load(workdir: str | Path, step: int | None = None, mesh: Mesh | None = None,
+         model: nn.Module | None = None) -> Run:
   """Loads a run: `Run(config, model, params, tokenizer, step)`.
 
   workdir: a `jaxlm train` (or `jaxlm convert --from-hf`) work directory.
@@ -121,10 +124,12 @@ def load(workdir: str | Path, step: int | None = None, mesh: Mesh | None = None)
   mesh: a `jax.sharding.Mesh` with axes ('data', 'fsdp', 'tensor'); the params are sharded onto it by the
     run's logical rules (`config.mesh.rules`). None puts them whole on the first device, which suits
     decoding: it is latency-bound, and a mesh would repeat each step's work on every device.
+  model: the Flax module a run trained with `Trainer(model=...)` was built from (its parameter shapes are
+    read from it); None builds the family's model from `config.model`.
   """
   config = load_config(workdir)
   tokenizer = tokenizer_lib.load(workdir)
-  module = model_lib.build(config.model)
+  module = model if model is not None else model_lib.build(config.model)
   shardings = param_shardings(config, mesh or single_device_mesh(), module)
-  params, step = restore_params(workdir, config, shardings, step)
+  params, step = restore_params(workdir, config, shardings, step, module)
   return Run(config, module, params, tokenizer, step)

@@ -1,4 +1,4 @@
-"""Each family trains a few steps on its offline task with `jaxlm train` / `jaxlm eval` (trainer, family_eval)."""
+"""Each family trains a few steps on its offline task with `jaxlm train` / `jaxlm eval` (trainer, jaxlm.families)."""
 
 import json
 
