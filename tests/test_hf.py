@@ -154,6 +154,9 @@ def test_convert_cli_round_trip_and_generate(tmp_path, capsys):
   loaded = decode.load_run(run)
   assert loaded.step == 0
   assert main.main(["convert", "--to-hf", str(run), "--out", str(tmp_path / "back")]) == 0
+  # The usual file mode (the umask's, as config.json has), not the 0600 safetensors creates files with.
+  modes = {name: (tmp_path / "back" / name).stat().st_mode & 0o777 for name in ("model.safetensors", "config.json")}
+  assert modes["model.safetensors"] == modes["config.json"] and modes["config.json"] & 0o044, modes
   before, after = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
   for key in after:
     np.testing.assert_array_equal(before[key], after[key])
