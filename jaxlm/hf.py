@@ -1,4 +1,5 @@
-"""Hugging Face interop: GPT2LMHeadModel, LlamaForCausalLM and BertForMaskedLM as config.json + model.safetensors.
+"""Hugging Face interop: GPT2LMHeadModel, LlamaForCausalLM and BertForMaskedLM as config.json + model.safetensors
+both ways, and GPTJForCausalLM (jaxlm's parallel residual) for export.
 
 Weights are read and written with `safetensors.numpy`, so conversion needs
 no torch. Layout facts the mapping relies on:
@@ -11,6 +12,9 @@ no torch. Layout facts the mapping relies on:
          MLM head dense + GELU + LayerNorm, decoder tied to the word
          embeddings (save_pretrained writes only cls.predictions.bias).
          Our Encoder's segment id 0 is HF's attention_mask 0.
+  GPT-J: Linear weights stored (out, in); one ln_1 feeds attention and MLP
+         (parallel residual); no attention biases; interleaved RoPE over
+         rotary_dim = head_dim; untied lm_head with a bias.
 Every conversion checks the full key set and every shape against the model
 jaxlm would build, and fails with the list of differences: a missing or
 renamed key never leaves a weight at its random init. Real HF tokenizers are
@@ -26,6 +30,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from einops import rearrange
 
 from jaxlm import config as config_lib
 from jaxlm import model as model_lib
@@ -97,26 +102,66 @@ def config_from_hf(hf: dict) -> config_lib.ConfigDict:
   return c
 
 
+def _heads_cover_d_model(m) -> bool:
+  return config_lib.head_dim(m) * m.num_heads == m.d_model
+
+
+def _multi_head(m) -> bool:
+  return config_lib.num_kv_heads(m) == m.num_heads
+
+
+# Per export architecture, what each model key must be for HF to compute what jaxlm computes: a value, a
+# tuple of values, or a predicate of the whole model config. Keys in _FREE change no computation HF sees
+# (sizes the converter maps, numerics settings, kernels, introspection). Any other key must keep its
+# base_config() default, so an option added later is refused until its architecture says otherwise.
+_FREE = ("vocab_size", "num_layers", "d_model", "num_heads", "mlp_dim", "max_len", "norm_eps", "dropout_rate",
+         "dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl", "attention_block_size",
+         "cpu_kernels", "sow_attention_weights")
+_EXPORTS = {
+    "GPT2LMHeadModel": dict(family="decoder", norm="layernorm", norm_position="pre", position="learned",
+                            mlp="gelu", use_bias=True, tie_embeddings=True, num_kv_heads=_multi_head,
+                            head_dim=_heads_cover_d_model, rope_theta=None),
+    "LlamaForCausalLM": dict(family="decoder", norm="rmsnorm", norm_position="pre", position="rope", mlp="swiglu",
+                             use_bias=False, tie_embeddings=None, num_kv_heads=None, head_dim=None, rope_theta=None),
+    # GPT-J: one LayerNorm shared by attention and MLP (parallel residual), interleaved RoPE on the whole head
+    # (the exporter permutes q/k to it), no attention biases; its LayerNorm, MLP and lm_head biases are written
+    # as zeros, so jaxlm's use_bias=False is exactly it.
+    "GPTJForCausalLM": dict(family="decoder", norm="layernorm", norm_position="pre", position="rope", mlp="gelu",
+                            use_bias=False, tie_embeddings=False, num_kv_heads=_multi_head,
+                            head_dim=_heads_cover_d_model, rope_theta=(10000.0,), parallel_residual=True),
+    "BertForMaskedLM": dict(family="encoder", norm="layernorm", norm_position="post", position="learned",
+                            mlp="gelu_exact", use_bias=True, tie_embeddings=True, num_kv_heads=_multi_head,
+                            head_dim=_heads_cover_d_model, rope_theta=None, embed_norm=True,
+                            num_token_types=lambda m: m.num_token_types >= 1),  # HF BERT always has token types
+}
+
+
+def _mismatches(m, spec: dict) -> list[str]:
+  """The model keys whose values `spec` (one of _EXPORTS) cannot express, as 'model.KEY=VALUE'."""
+  defaults = config_lib.base_config().model
+  bad = []
+  for key in sorted(m.keys()):
+    if key in _FREE:
+      continue
+    wanted, value = spec.get(key, (defaults.get(key),)), m[key]
+    if wanted is None:
+      continue  # any value maps
+    ok = wanted(m) if callable(wanted) else value in (wanted if isinstance(wanted, tuple) else (wanted,))
+    if not ok:
+      bad.append(f"model.{key}={value!r}")
+  return bad
+
+
 def architecture_of(m) -> str:
-  """The HF architecture whose computation equals this jaxlm model config, or an error naming the mismatch."""
-  gpt2 = dict(family="decoder", norm="layernorm", norm_position="pre", position="learned", mlp="gelu",
-              use_bias=True, tie_embeddings=True, scale_embeddings=False, num_kv_heads=0)
-  llama = dict(family="decoder", norm="rmsnorm", norm_position="pre", position="rope", mlp="swiglu",
-               use_bias=False, scale_embeddings=False)
-  bert = dict(family="encoder", norm="layernorm", norm_position="post", position="learned", mlp="gelu_exact",
-              use_bias=True, tie_embeddings=True, scale_embeddings=False, num_kv_heads=0, embed_norm=True)
-  for arch, wanted in (("GPT2LMHeadModel", gpt2), ("LlamaForCausalLM", llama), ("BertForMaskedLM", bert)):
-    if all(m.get(k) in (v, None) or (k == "num_kv_heads" and m[k] == m.num_heads) for k, v in wanted.items()):
-      if arch != "LlamaForCausalLM" and config_lib.head_dim(m) * m.num_heads != m.d_model:
-        continue
-      if arch == "BertForMaskedLM" and not m.num_token_types:
-        continue  # HF BERT always has token-type embeddings
+  """The HF architecture whose computation equals the model sub-config `m`'s, or ConvertError naming the first
+  key the closest architecture cannot express."""
+  misses = {arch: _mismatches(m, spec) for arch, spec in _EXPORTS.items()}
+  for arch, bad in misses.items():
+    if not bad:
       return arch
-  raise ConvertError("this run matches none of GPT2LMHeadModel (decoder, layernorm, learned positions, gelu, "
-                     "biases, tied), LlamaForCausalLM (decoder, rmsnorm, rope, swiglu, no biases) or "
-                     "BertForMaskedLM (encoder, post-layernorm, learned positions, gelu_exact, biases, tied, "
-                     "embed_norm, num_token_types >= 1, head_dim * num_heads == d_model); "
-                     "it cannot be exported to HF")
+  closest = min(misses, key=lambda arch: (m.family != _EXPORTS[arch]["family"], len(misses[arch])))
+  raise ConvertError(f"{misses[closest][0]} cannot be expressed by {closest}, the closest Hugging Face "
+                     f"architecture jaxlm exports ({', '.join(_EXPORTS)}); this run cannot be exported to HF")
 
 
 def config_to_hf(m) -> dict:
@@ -126,6 +171,12 @@ def config_to_hf(m) -> dict:
             "n_embd": m.d_model, "n_layer": m.num_layers, "n_head": m.num_heads, "n_inner": m.mlp_dim,
             "activation_function": "gelu_new", "layer_norm_epsilon": m.norm_eps, "tie_word_embeddings": True,
             "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "torch_dtype": "float32"}
+  if arch == "GPTJForCausalLM":
+    return {"architectures": [arch], "model_type": "gptj", "vocab_size": m.vocab_size, "n_positions": m.max_len,
+            "n_embd": m.d_model, "n_layer": m.num_layers, "n_head": m.num_heads, "n_inner": m.mlp_dim,
+            "rotary_dim": config_lib.head_dim(m), "activation_function": "gelu_new",
+            "layer_norm_epsilon": m.norm_eps, "tie_word_embeddings": False, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0, "torch_dtype": "float32"}
   if arch == "BertForMaskedLM":
     return {"architectures": [arch], "model_type": "bert", "vocab_size": m.vocab_size,
             "max_position_embeddings": m.max_len, "hidden_size": m.d_model, "intermediate_size": m.mlp_dim,
@@ -231,8 +282,37 @@ def _bert_table(m):
   return rows
 
 
+def _gptj_table(m):
+  """Export only. Rows with no jaxlm path are biases jaxlm's use_bias=False leaves out: written as zeros."""
+  n, h, d, f, v = m.num_heads, config_lib.head_dim(m), m.d_model, m.mlp_dim, m.vocab_size
+  zeros = lambda *shape: (lambda _: np.zeros(shape, np.float32))
+  # Our RoPE rotates feature pairs (i, i + H/2), GPT-J's pairs (2i, 2i + 1) at the same frequency: interleaving
+  # the halves of every q and k head maps one onto the other (q.k is unchanged, as both move alike).
+  roped = lambda k: rearrange(k, "D N (two half) -> (N half two) D", two=2)
+  rows = [("transformer.wte.weight", "embedder/token/embedding", None, None),
+          ("transformer.ln_f.weight", "final_norm/scale", None, None),
+          ("transformer.ln_f.bias", None, None, zeros(d)),
+          ("lm_head.weight", "embedder/unembed/kernel", None, lambda k: k.T),
+          ("lm_head.bias", None, None, zeros(v))]
+  for i in range(m.num_layers):
+    hf, ours = f"transformer.h.{i}.", f"decoder/layer_{i}/"
+    rows += [(f"{hf}ln_1.weight", f"{ours}norm/scale", None, None),
+             (f"{hf}ln_1.bias", None, None, zeros(d)),
+             (f"{hf}attn.q_proj.weight", f"{ours}self_attention/query/kernel", None, roped),
+             (f"{hf}attn.k_proj.weight", f"{ours}self_attention/key/kernel", None, roped),
+             (f"{hf}attn.v_proj.weight", f"{ours}self_attention/value/kernel", None,
+              lambda k: rearrange(k, "D N H -> (N H) D")),
+             (f"{hf}attn.out_proj.weight", f"{ours}self_attention/out/kernel", None,
+              lambda k: rearrange(k, "N H D -> D (N H)")),
+             (f"{hf}mlp.fc_in.weight", f"{ours}mlp/up/kernel", None, lambda k: k.T),
+             (f"{hf}mlp.fc_in.bias", None, None, zeros(f)),
+             (f"{hf}mlp.fc_out.weight", f"{ours}mlp/down/kernel", None, lambda k: k.T),
+             (f"{hf}mlp.fc_out.bias", None, None, zeros(d))]
+  return rows
+
+
 def _table(m):
-  return {"GPT2LMHeadModel": _gpt2_table, "LlamaForCausalLM": _llama_table,
+  return {"GPT2LMHeadModel": _gpt2_table, "LlamaForCausalLM": _llama_table, "GPTJForCausalLM": _gptj_table,
           "BertForMaskedLM": _bert_table}[architecture_of(m)](m)
 
 
@@ -302,6 +382,8 @@ def params_from_hf(state: dict[str, np.ndarray], config) -> dict:
   """jaxlm params (nested dicts of float32 numpy) from a HF state dict; raises listing any difference."""
   m = config.model
   arch = architecture_of(m)
+  if arch not in ARCHITECTURES:
+    raise ConvertError(f"importing {arch} is not supported (export only); convert one of {list(ARCHITECTURES)}")
   table = _table(m)
   hf_keys = {k.split("#")[0] for k, *_ in table}
   absent = sorted(k for k in hf_keys if k not in state)
@@ -331,7 +413,8 @@ def params_to_hf(params, config) -> dict[str, np.ndarray]:
     flat = _unstack_layers(flat, m.num_layers, _stack_name(m))
   state, pieces = {}, {}
   for hf_key, path, _, to_hf in _table(m):
-    value = to_hf(flat[path]) if to_hf else flat[path]
+    value = flat[path] if path else None
+    value = to_hf(value) if to_hf else value
     key, _, index = hf_key.partition("#")
     if index:
       pieces.setdefault(key, {})[int(index)] = value
@@ -371,8 +454,8 @@ def write_hf(params, config, out, tokenizer=None) -> Path:
     hf_config.update(special)
     (out / "generation_config.json").write_text(json.dumps(special, indent=2))
   (out / "config.json").write_text(json.dumps(hf_config, indent=2))
-  # safetensors creates its file with mode 0600: give it config.json's (the umask's).
-  os.chmod(out / "model.safetensors", os.stat(out / "config.json").st_mode & 0o777)
+  if not fs.is_url(out):  # safetensors creates its file with mode 0600: give it config.json's (the umask's)
+    os.chmod(out / "model.safetensors", os.stat(out / "config.json").st_mode & 0o777)
   return out
 
 

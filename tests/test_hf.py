@@ -1,6 +1,7 @@
 """Hugging Face interop: logits parity both ways with random HF models built offline, and loud key errors."""
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -181,3 +182,56 @@ def test_convert_cli_round_trip_bert(tmp_path):
   assert sorted(before) == sorted(after)
   for key in after:
     np.testing.assert_array_equal(before[key], after[key])
+
+
+GPTJ = dict(parallel_residual=True, position="rope", use_bias=False, tie_embeddings=False)
+
+
+def test_parallel_residual_exports_to_gptj(tmp_path):
+  """jaxlm's parallel block with RoPE and no biases is GPT-J: logits equal in transformers (random init, offline)."""
+  config = tiny_config(**GPTJ)
+  params = model_lib.build(config.model).init(jax.random.key(5), jnp.asarray(TOKENS))["params"]
+  leaves, tree = jax.tree.flatten(hf._unbox(params))  # norms start at exactly 1: perturb every weight
+  keys = jax.random.split(jax.random.key(6), len(leaves))
+  params = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+  hf.write_hf(params, config, tmp_path)
+  model, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+  model.eval()
+  assert type(model).__name__ == "GPTJForCausalLM"
+  assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+  assert np.abs(jax_logits(config, params) - hf_logits(model)).max() <= 1e-4
+  with pytest.raises(hf.ConvertError, match="export only"):
+    hf.params_from_hf(load_file(tmp_path / "model.safetensors"), config)
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (dict(mlp="squared_relu"), "model.mlp='squared_relu'"),
+    (dict(parallel_residual=True), "model.parallel_residual=True"),
+    (GPTJ | dict(use_bias=True), "model.use_bias=True"),  # GPT-J has no attention biases
+    (GPTJ | dict(rope_theta=500000.0), "model.rope_theta=500000.0"),  # GPT-J's RoPE base is fixed
+    (dict(scale_embeddings=True), "model.scale_embeddings=True"),
+    (dict(embed_norm=True), "model.embed_norm=True"),
+    (dict(norm="rmsnorm", position="rope", mlp="swiglu", use_bias=False, num_token_types=2),
+     "model.num_token_types=2"),
+    (dict(family="encoder_decoder"), "model.family='encoder_decoder'"),
+])
+def test_export_refuses_every_option_hf_cannot_express(overrides, key):
+  """Each non-default option the closest architecture lacks is named, in one line, before anything is written."""
+  with pytest.raises(hf.ConvertError, match="^" + re.escape(key) + " cannot be expressed by "):
+    hf.config_to_hf(tiny_config(**overrides).model)
+
+
+def test_a_new_model_key_is_refused_unless_default(monkeypatch):
+  """A key the export tables do not know passes at its base default and is refused otherwise."""
+  base = hf.config_lib.base_config
+
+  def with_new_key():
+    c = base()
+    c.model.new_option = False
+    return c
+  monkeypatch.setattr(hf.config_lib, "base_config", with_new_key)
+  m = with_new_key().model
+  assert hf.architecture_of(m) == "GPT2LMHeadModel"
+  m.new_option = True
+  with pytest.raises(hf.ConvertError, match="^model.new_option=True cannot be expressed by GPT2LMHeadModel"):
+    hf.architecture_of(m)
