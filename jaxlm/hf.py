@@ -454,8 +454,8 @@ def write_hf(params, config, out, tokenizer=None) -> Path:
     hf_config.update(special)
     (out / "generation_config.json").write_text(json.dumps(special, indent=2))
   (out / "config.json").write_text(json.dumps(hf_config, indent=2))
-  if not fs.is_url(out):  # safetensors creates its file with mode 0600: give it config.json's (the umask's)
-    os.chmod(out / "model.safetensors", os.stat(out / "config.json").st_mode & 0o777)
+  # safetensors creates its file with mode 0600: give it config.json's (the umask's).
+  os.chmod(out / "model.safetensors", os.stat(out / "config.json").st_mode & 0o777)
   return out
 
 
