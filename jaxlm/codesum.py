@@ -47,6 +47,7 @@ MIN_SUMMARY_WORDS = 3
 
 @dataclasses.dataclass(frozen=True)
 class Pair:
+  """One summarization example: a standard-library function and the first line of its docstring."""
   source: str  # the function's source, dedented, without its own docstring
   summary: str  # first non-empty line of the docstring, stripped
   name: str  # qualified name, e.g. 'json.decoder.JSONDecoder.decode'

@@ -21,6 +21,7 @@ def _expected_errors():
 
 
 def run(args, overrides: list[str]) -> int:
+  """Runs subcommand `args.command` (parsed by `jaxlm.main`); returns the exit status (2: an expected error)."""
   try:
     return COMMANDS[args.command](args, overrides)
   except _expected_errors() as e:

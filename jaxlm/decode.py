@@ -35,6 +35,7 @@ class DecodeError(ValueError):
 
 
 def round_up(n: int, multiple: int) -> int:
+  """The smallest multiple of `multiple` that is >= n."""
   return -(-n // multiple) * multiple
 
 
@@ -163,6 +164,7 @@ class Sampling:
   seed: int | Sequence[int] = 0
 
   def arrays(self, batch: int) -> dict[str, Array]:
+    """{'seeds_B', 'temperature_B', 'top_k_B', 'top_p_B'}: the settings broadcast to `batch` rows."""
     full = lambda v, dtype: np.broadcast_to(np.asarray(v, dtype), (batch,)).copy()
     return {"seeds_B": jnp.asarray(full(self.seed, np.uint32)),
             "temperature_B": jnp.asarray(full(self.temperature, np.float32)),
@@ -171,6 +173,7 @@ class Sampling:
 
 
 def choose(logits_BxV, sampling: dict, t, do_sample: bool) -> Array:
+  """The next token of each row (B int32): argmax, or `sample` with the `Sampling.arrays` settings at step t."""
   if not do_sample:  # static: an all-greedy batch skips the sort
     return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
   # Raw uint32 seeds rather than key arrays: exported artifacts (`jax.export`) take plain integer arrays.
@@ -181,6 +184,7 @@ def choose(logits_BxV, sampling: dict, t, do_sample: bool) -> Array:
 # --- Streaming generation ---------------------------------------------------------------------------
 
 class StepOutput(NamedTuple):
+  """One decode step of `Generator.stream`: per-row arrays of length B."""
   tokens_B: np.ndarray    # the token each row produced at this step
   emit_B: np.ndarray      # row produced a regular token (not a stop token, not already finished)
   stopped_B: np.ndarray   # row produced a stop token at this step
@@ -297,6 +301,7 @@ def _pad_rows(value, n: int, batch: int):
 # --- Beam search ------------------------------------------------------------------------------------
 
 class BeamResult(NamedTuple):
+  """What `beam_search` returns for a batch of prompts."""
   tokens: list[list[int]]          # best hypothesis per prompt, stop token excluded
   scores: list[float]              # its length-normalized log-probability
   all_tokens: list[list[list[int]]]  # every finished beam per prompt, best first
@@ -361,6 +366,8 @@ class BeamSearcher:
 
   def search(self, prompts: Sequence[Sequence[int]], beam_size: int = 4, max_new_tokens: int = 64,
              eos_id: int = 2, alpha: float = 0.6, cache_len: int | None = None) -> BeamResult:
+    """Beam search of width `beam_size` for each prompt (token ids), up to `max_new_tokens`, stopping beams
+    at `eos_id`, ranked with GNMT's length penalty `alpha`."""
     batch = len(prompts)
     check_request(self.cfg, prompts, [max_new_tokens] * batch, self.adapter.prompt_in_cache)
     tokens_BxP, lengths_B = pad_prompts(prompts, batch)

@@ -50,14 +50,17 @@ class Evaluation:
 
   @property
   def params(self):
+    """The run's parameter tree, sharded on the evaluation mesh."""
     return self.run.params
 
   @property
   def tokenizer(self):
+    """The run's tokenizer."""
     return self.run.tokenizer
 
   @property
   def step(self) -> int:
+    """The checkpoint step evaluated."""
     return self.run.step
 
   def loss_sums(self, on_batch: Callable[[dict], None] | None = None) -> dict[str, float]:

@@ -25,6 +25,7 @@ from jaxlm import commands, cpu_kernels
 
 
 def parser() -> argparse.ArgumentParser:
+  """The `jaxlm` argument parser: one subparser per subcommand."""
   p = argparse.ArgumentParser(prog="jaxlm", description=__doc__.splitlines()[0])
   sub = p.add_subparsers(dest="command", required=True)
   train = sub.add_parser("train", help="train a model; resumes from the latest intact checkpoint in --workdir",
@@ -44,7 +45,7 @@ def parser() -> argparse.ArgumentParser:
   plot.add_argument("runs", nargs="+", metavar="RUN", help="run directories (their metrics.jsonl)")
   plot.add_argument("--out", default="loss.png", help="the image to write (default: loss.png)")
   compile_ = sub.add_parser("compile", help="compile the train step for a TPU slice on any machine: memory per chip, "
-                                            "fits or not, estimated MFU (needs libtpu: pip install -e '.[tpu]')")
+                                            "fits or not, estimated MFU (needs libtpu: pip install -e '.[aot]')")
   compile_.add_argument("--config", required=True, help="a configs/*.py file with get_config()")
   compile_.add_argument("--topology", required=True, help="a TPU slice: v5e-16, v5p-32, v4-8, v6e-8, or v5e:4x4")
   compile_.add_argument("--json", default="", help="also write the report to this JSON file")
@@ -111,6 +112,7 @@ def _deployment_parsers(sub):
 
 
 def main(argv: list[str] | None = None) -> int:
+  """The `jaxlm` command on `argv` (default sys.argv[1:]); returns the exit status."""
   cpu_kernels.retain_freed_memory()
   args, rest = parser().parse_known_args(argv)
   overrides = [a for a in rest if a.startswith("--config.")]

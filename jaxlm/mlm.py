@@ -60,10 +60,12 @@ class MlmRows:
     return row
 
   def padding_row(self) -> Batch:
+    """A row of weight 0, to fill the last evaluation batch."""
     return data_lib.padding_row(self.seq_len)
 
 
 def prepare(config, tokenizer: Tokenizer, split: str) -> MlmRows:
+  """The split's masked rows, per the whole `config` (data.seq_len, data.mlm_probability, data.mlm_seed)."""
   stream = data_lib.TokenStream.from_documents(data_lib.load_documents(config.data, split), tokenizer)
   return MlmRows(data_lib.PackedRows(stream, config.data.seq_len), tokenizer, config.data.mlm_probability,
                  config.data.mlm_seed)

@@ -22,6 +22,7 @@ Batch = dict[str, np.ndarray]
 
 
 def load_pairs(config, split: str) -> list[tuple[str, str]]:
+  """The split's (source, target) text pairs from `config.data.source` (codesum or tfds); whole config."""
   d = config.data
   if d.source == "codesum":
     pairs = [(p.source, p.summary) for p in codesum.load_pairs(split, d.val_fraction, d.include_tests)]
@@ -63,6 +64,7 @@ class Seq2SeqRows:
     return row
 
   def padding_row(self) -> Batch:
+    """A row of weight 0 (source and target all padding), to fill the last evaluation batch."""
     source = lambda: np.zeros(self.seq_len, np.int32)
     target = lambda: np.zeros(self.target_len, np.int32)
     return {"inputs": source(), "input_segment_ids": source(), "input_positions": source(),

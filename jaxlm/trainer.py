@@ -56,19 +56,19 @@ class Callback:
   """
 
   def on_start(self, trainer: "Trainer", step: int) -> None:
-    pass
+    """The state is ready at `step` (0, or the step resumed from)."""
 
   def on_step(self, trainer: "Trainer", step: int, metrics: dict[str, float]) -> None:
-    pass
+    """A logged step finished; `metrics` as written to metrics.jsonl."""
 
   def on_eval(self, trainer: "Trainer", step: int, metrics: dict[str, float]) -> None:
-    pass
+    """A validation at `step` finished: {'val_loss': ...}."""
 
   def on_save(self, trainer: "Trainer", step: int) -> None:
-    pass
+    """A checkpoint save of `step` started."""
 
   def on_end(self, trainer: "Trainer", summary: dict[str, float]) -> None:
-    pass
+    """The loop ended (`trainer.stop_reason`); `summary` is the last metrics, as in train_summary.json."""
 
 
 class _StopRequest:

@@ -82,6 +82,7 @@ class DecoderAdapter(decode.Adapter):
     super().__init__(model_cfg, build(model_cfg, decode=True))
 
   def prompt_ids(self, tokenizer, text: str) -> list[int]:
+    """EOS, then the text's ids."""
     # Training ends every document with EOS, so a new text starts after one.
     return [tokenizer.eos_id] + [int(i) for i in tokenizer.encode(text)]
 

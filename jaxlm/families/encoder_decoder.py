@@ -105,9 +105,11 @@ class EncoderDecoderAdapter(decode.Adapter):
     self.start_id = start_id
 
   def prompt_ids(self, tokenizer, text: str) -> list[int]:
+    """The source text's ids."""
     return [int(i) for i in tokenizer.encode(text)]
 
   def prefill(self, params, prompt, cache_len: int):
+    """Encodes the sources (`prompt['tokens_BxP']`) once and feeds BOS; returns (logits, next B x V, state)."""
     tokens_BxS, lengths_B = prompt["tokens_BxP"], prompt["lengths_B"]
     source_segment_BxS = (jnp.arange(tokens_BxS.shape[1])[None] < lengths_B[:, None]).astype(jnp.int32)
     encoded_BxSxD = self.module.apply({"params": params}, tokens_BxS, source_segment_BxS, method="encode")
