@@ -19,6 +19,10 @@ from pathlib import Path
 import ml_collections
 
 ConfigDict = ml_collections.ConfigDict
+# Type hints that say which a function takes: the whole config (parameter `config`), or its `model`
+# section (parameter `model_cfg`). Both are ConfigDicts; the names are for the reader.
+Config = ConfigDict
+ModelConfig = ConfigDict
 
 
 class ConfigError(ValueError):

@@ -17,13 +17,16 @@ W is the beam size, L the number of new tokens.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import families, quantize  # families imports no model code until a lookup
+
+if TYPE_CHECKING:
+  from jaxlm.config import ModelConfig
 
 Array = jax.Array
 PROMPT_BUCKET = 16   # prompt lengths round up to this, so few prefill shapes get compiled
@@ -59,7 +62,7 @@ class Adapter:
 
   prompt_in_cache: bool = True
 
-  def __init__(self, model_cfg, module):
+  def __init__(self, model_cfg: ModelConfig, module):
     """`model_cfg`: the model sub-config; `module`: the family's model built with `decode=True`."""
     self.cfg = model_cfg
     self.module = module
@@ -110,7 +113,7 @@ class Adapter:
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
-def adapter_for(model_cfg, start_id: int = 1) -> Adapter:
+def adapter_for(model_cfg: ModelConfig, start_id: int = 1) -> Adapter:
   """The decoding adapter of `model_cfg.family` (the model sub-config); DecodeError if it does not generate."""
   family = families.get(model_cfg.family)
   if family.adapter is None:
@@ -204,9 +207,9 @@ def pad_prompts(prompts: Sequence[Sequence[int]], batch: int, width: int | None 
   return tokens, np.asarray(lengths, np.int32)
 
 
-def check_request(cfg, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int],
+def check_request(model_cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int],
                   prompt_in_cache: bool = True) -> None:
-  """DecodeError naming the field if a prompt is empty or prompt + new tokens exceed `cfg.max_len`."""
+  """DecodeError naming the field if a prompt is empty or prompt + new tokens exceed `model_cfg.max_len`."""
   for i, (p, n) in enumerate(zip(prompts, max_new_tokens)):
     if len(p) == 0:
       raise DecodeError(f"prompt {i} is empty; give at least one token")
@@ -214,9 +217,9 @@ def check_request(cfg, prompts: Sequence[Sequence[int]], max_new_tokens: Sequenc
       raise DecodeError(f"max_tokens must be at least 1, got {n}")
     # Positions run to prompt + new tokens when the prompt is in the sequence, else to the new tokens.
     used = (len(p) if prompt_in_cache else 0) + n
-    if used > cfg.max_len or len(p) > cfg.max_len:
+    if used > model_cfg.max_len or len(p) > model_cfg.max_len:
       raise DecodeError(f"prompt {i} ({len(p)} tokens) + max_tokens ({n}) exceeds the model's context of "
-                        f"{cfg.max_len} (model.max_len); shorten the prompt or lower max_tokens")
+                        f"{model_cfg.max_len} (model.max_len); shorten the prompt or lower max_tokens")
 
 
 class Generator:
@@ -224,9 +227,11 @@ class Generator:
 
   prompt_len: int | None = None  # a fixed prompt width (exported artifacts); None buckets per batch
 
-  def __init__(self, cfg, params, cache_len: int | None = None, start_id: int = 1):
-    self.cfg, self.params, self.cache_len = cfg, params, cache_len
-    self.adapter = adapter_for(cfg, start_id)
+  def __init__(self, model_cfg: ModelConfig, params, cache_len: int | None = None, start_id: int = 1):
+    """`model_cfg`: the model sub-config; `params`: its parameters (float, or int8 from `jaxlm.quantize`);
+    `cache_len`: a fixed cache length (None: per call); `start_id`: BOS, an encoder-decoder's first token."""
+    self.cfg, self.params, self.cache_len = model_cfg, params, cache_len
+    self.adapter = adapter_for(model_cfg, start_id)
     self.prompt_in_cache = self.adapter.prompt_in_cache
     self.prefill = jax.jit(self._prefill, static_argnames=("cache_len", "do_sample"))
     self.step = jax.jit(self._step, static_argnames=("do_sample",), donate_argnums=(1,))
@@ -322,9 +327,10 @@ class BeamSearcher:
   its worst finished beam.
   """
 
-  def __init__(self, cfg, params, start_id: int = 1):
-    self.cfg, self.params = cfg, params
-    self.adapter = adapter_for(cfg, start_id)
+  def __init__(self, model_cfg: ModelConfig, params, start_id: int = 1):
+    """`model_cfg`: the model sub-config; `params`: its parameters; `start_id`: an encoder-decoder's BOS."""
+    self.cfg, self.params = model_cfg, params
+    self.adapter = adapter_for(model_cfg, start_id)
     self._prefill = jax.jit(self._prefill_fn, static_argnames=("cache_len", "beam_size"))
     self._step = jax.jit(self._step_fn, static_argnames=("max_new", "alpha", "eos_id"), donate_argnums=(1,))
 
@@ -398,9 +404,9 @@ def _until(seq: np.ndarray, eos_id: int) -> list[int]:
   return [int(x) for x in (seq[:ends[0]] if len(ends) else seq)]
 
 
-def beam_search(cfg, params, prompts: Sequence[Sequence[int]], beam_size: int = 4, max_new_tokens: int = 64,
+def beam_search(model_cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], beam_size: int = 4, max_new_tokens: int = 64,
                 eos_id: int = 2, alpha: float = 0.6, start_id: int = 1) -> BeamResult:
   """Beam search with GNMT length penalty. `prompts` are token ids: the text to continue for a decoder,
   the source for an encoder-decoder (whose target starts from `start_id`). For many batches, keep one
   `BeamSearcher` instead: it compiles once per shape."""
-  return BeamSearcher(cfg, params, start_id).search(prompts, beam_size, max_new_tokens, eos_id, alpha)
+  return BeamSearcher(model_cfg, params, start_id).search(prompts, beam_size, max_new_tokens, eos_id, alpha)

@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
-import ml_collections
 
 from jaxlm import config as config_lib
+from jaxlm.config import Config
 from jaxlm import data as data_lib
 from jaxlm import families, loader, sharding, train_step, trainer
 
 
-def fitted_config(config: ml_collections.ConfigDict, num_devices: int) -> ml_collections.ConfigDict:
+def fitted_config(config: Config, num_devices: int) -> Config:
   """A copy of the whole `config` whose mesh fits `num_devices` (the run's, else all devices on `data`)
   and whose eval batch size divides over the data-parallel devices; `config` itself is not changed."""
   config = config.copy_and_resolve_references()
@@ -41,7 +41,7 @@ class Evaluation:
   config: the whole config, fitted to these devices (`fitted_config`). run: the `loader.Run`.
   rows: the family's validation rows. max_batches: the batches to score (0: all).
   """
-  config: ml_collections.ConfigDict
+  config: Config
   run: loader.Run
   rows: Any
   max_batches: int

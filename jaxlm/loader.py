@@ -28,6 +28,7 @@ from jax.sharding import Mesh
 
 from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import config as config_lib
+from jaxlm.config import Config, ModelConfig
 from jaxlm import model as model_lib
 from jaxlm import families, quantize, sharding, tokenizer as tokenizer_lib
 
@@ -45,14 +46,14 @@ class Run(NamedTuple):
   tokenizer: the run's `jaxlm.tokenizer.Tokenizer`.
   step: the checkpoint step the params come from.
   """
-  config: ml_collections.ConfigDict
+  config: Config
   model: nn.Module
   params: Any
   tokenizer: tokenizer_lib.Tokenizer
   step: int
 
 
-def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
+def load_config(workdir: str | Path) -> Config:
   """The whole config a run saved in `workdir/config.json`, schema-checked; raises RunError if absent."""
   path = Path(workdir) / "config.json"
   if not path.is_file():
@@ -67,14 +68,14 @@ def single_device_mesh() -> Mesh:
   return Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.AXES)
 
 
-def abstract_params(model_cfg: ml_collections.ConfigDict, module: nn.Module | None = None):
+def abstract_params(model_cfg: ModelConfig, module: nn.Module | None = None):
   """The boxed (logically partitioned) parameter shapes of the model `model_cfg` describes; nothing is allocated."""
   module = module or model_lib.build(model_cfg)
   batch = model_lib.example_batch(model_cfg, (1, 8))  # parameter shapes do not depend on the length
   return jax.eval_shape(lambda: module.init(jax.random.key(0), **families.model_inputs(module, batch))["params"])
 
 
-def param_shardings(config: ml_collections.ConfigDict, mesh: Mesh, module: nn.Module | None = None):
+def param_shardings(config: Config, mesh: Mesh, module: nn.Module | None = None):
   """NamedShardings of the params on `mesh`, by the whole `config`'s logical rules (`mesh.rules`)."""
   return sharding.logical_shardings(mesh, config_lib.mesh_rules(config), abstract_params(config.model, module))
 
@@ -91,7 +92,7 @@ def _quiet_restore():
     logger.setLevel(previous)
 
 
-def restore_params(workdir: str | Path, config: ml_collections.ConfigDict, shardings, step: int | None = None,
+def restore_params(workdir: str | Path, config: Config, shardings, step: int | None = None,
                    module: nn.Module | None = None):
   """(params, step): the params of checkpoint `step` (default: the latest) in `workdir`, placed by `shardings`.
 

@@ -23,7 +23,7 @@ from jaxlm import config as config_lib
 from jaxlm import families
 
 
-def matmul_params(model_cfg) -> int:
+def matmul_params(model_cfg: config_lib.ModelConfig) -> int:
   """Weights that take part in matrix multiplies, per the convention above, for the model sub-config."""
   m = model_cfg
   hd, kv = config_lib.head_dim(m), config_lib.num_kv_heads(m)
@@ -33,7 +33,7 @@ def matmul_params(model_cfg) -> int:
   return self_layers * (attention + mlp) + cross_layers * attention + m.d_model * m.vocab_size
 
 
-def flops_per_token(model_cfg, seq_len: int) -> float:
+def flops_per_token(model_cfg: config_lib.ModelConfig, seq_len: int) -> float:
   """Training FLOPs per token of the model sub-config: 6 * N_matmul + 12 * layers * seq_len * attention width
   (self- and cross-attention layers both count)."""
   m = model_cfg

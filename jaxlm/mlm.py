@@ -15,6 +15,7 @@ import collections
 import numpy as np
 
 from jaxlm import data as data_lib
+from jaxlm.config import Config
 from jaxlm.tokenizer import Tokenizer
 
 Batch = dict[str, np.ndarray]
@@ -64,7 +65,7 @@ class MlmRows:
     return data_lib.padding_row(self.seq_len)
 
 
-def prepare(config, tokenizer: Tokenizer, split: str) -> MlmRows:
+def prepare(config: Config, tokenizer: Tokenizer, split: str) -> MlmRows:
   """The split's masked rows, per the whole `config` (data.seq_len, data.mlm_probability, data.mlm_seed)."""
   stream = data_lib.TokenStream.from_documents(data_lib.load_documents(config.data, split), tokenizer)
   return MlmRows(data_lib.PackedRows(stream, config.data.seq_len), tokenizer, config.data.mlm_probability,

@@ -16,12 +16,13 @@ from __future__ import annotations
 import numpy as np
 
 from jaxlm import codesum, tfds_data
+from jaxlm.config import Config
 from jaxlm.tokenizer import Tokenizer
 
 Batch = dict[str, np.ndarray]
 
 
-def load_pairs(config, split: str) -> list[tuple[str, str]]:
+def load_pairs(config: Config, split: str) -> list[tuple[str, str]]:
   """The split's (source, target) text pairs from `config.data.source` (codesum or tfds); whole config."""
   d = config.data
   if d.source == "codesum":
@@ -87,7 +88,7 @@ def _pack(examples, source_len: int, target_len: int) -> list[list[int]]:
   return rows
 
 
-def prepare(config, tokenizer: Tokenizer, split: str, pack: bool | None = None) -> Seq2SeqRows:
+def prepare(config: Config, tokenizer: Tokenizer, split: str, pack: bool | None = None) -> Seq2SeqRows:
   """Rows of a split; training rows are packed, validation rows hold one pair each unless `pack` says."""
   pack = split == "train" if pack is None else pack
   d = config.data

@@ -17,7 +17,7 @@ from typing import Iterable, Iterator
 import jax
 
 from jaxlm import families, fs
-from jaxlm.config import ConfigError
+from jaxlm.config import Config, ConfigError
 
 
 def train(sentences: Iterable[str], model_path: str | Path, vocab_size: int, max_sentences: int = 1_000_000) -> Path:
@@ -49,12 +49,12 @@ def _limited(sentences: Iterable[str], limit: int) -> Iterator[str]:
       yield sentence
 
 
-def training_sentences(config) -> Iterator[str]:
+def training_sentences(config: Config) -> Iterator[str]:
   """The lines a vocabulary is trained on, per the family of the whole `config` (`Family.training_text`)."""
   return families.get(config.model.family).training_text(config)
 
 
-def train_if_missing(config) -> None:
+def train_if_missing(config: Config) -> None:
   """Trains a vocabulary at `config.data.tokenizer_path` (whole config) unless a file is already there."""
   path = fs.path(config.data.tokenizer_path)
   if path.is_file():

@@ -26,6 +26,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlm import config as config_lib
+from jaxlm.config import Config
 from jaxlm import model as model_lib
 from jaxlm import families, layers, optim, sharding
 
@@ -71,13 +72,13 @@ class Setup:
   loss_fn: LossFn
 
 
-def example_batch(config, batch_size: int) -> dict[str, jax.Array]:
+def example_batch(config: Config, batch_size: int) -> dict[str, jax.Array]:
   """A batch of the family's structure, `batch_size` x `config.data.seq_len` (whole config)."""
   shape = (batch_size, config.data.seq_len)
   return model_lib.example_batch(config.model, shape)
 
 
-def setup(config, mesh: Mesh, model: nn.Module | None = None, loss_fn: LossFn | None = None) -> Setup:
+def setup(config: Config, mesh: Mesh, model: nn.Module | None = None, loss_fn: LossFn | None = None) -> Setup:
   """Builds the model, optimizer, shapes and shardings of a run; allocates nothing.
 
   config: the whole config. mesh: a Mesh with axes ('data', 'fsdp', 'tensor').
@@ -139,7 +140,7 @@ def cross_entropy_loss(train_config) -> LossFn:
   return loss_fn
 
 
-def batch_sums(model: nn.Module, params, batch, train_config, dropout_rng=None) -> dict[str, jax.Array]:
+def batch_sums(model: nn.Module, params, batch, train_config: config_lib.ConfigDict, dropout_rng=None) -> dict[str, jax.Array]:
   """`cross_entropy_loss(train_config)` on one batch; dropout only when `dropout_rng` is given."""
   rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
   return cross_entropy_loss(train_config)(model, params, batch, rngs)
@@ -232,6 +233,6 @@ def under_mesh(mesh: Mesh, rules, fn):
   return wrapped
 
 
-def compute_dtype(config):
+def compute_dtype(config: Config):
   """The jnp dtype of `config.model.dtype` (whole config)."""
   return layers.DTYPES[config.model.dtype]

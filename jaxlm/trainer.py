@@ -28,6 +28,7 @@ import tqdm
 from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import corpus, families, sources
 from jaxlm import config as config_lib
+from jaxlm.config import Config
 from jaxlm import metrics as metrics_lib
 from jaxlm import sharding, tokenizer as tokenizer_lib, train_step
 
@@ -92,7 +93,7 @@ class _StopRequest:
       signal.signal(sig, handler)
 
 
-def write_run_files(config, workdir: Path, tokenizer) -> None:
+def write_run_files(config: Config, workdir: Path, tokenizer) -> None:
   """Writes the whole `config` (config.json) and the tokenizer into `workdir`, on process 0."""
   if jax.process_index() != 0:
     return
@@ -101,7 +102,7 @@ def write_run_files(config, workdir: Path, tokenizer) -> None:
   tokenizer.save(workdir)
 
 
-def _with_absolute_data_paths(config):
+def _with_absolute_data_paths(config: Config) -> Config:
   """A copy of `config` whose file globs are absolute, so `jaxlm eval` works from any folder."""
   if config.data.source != "files":
     return config
@@ -111,12 +112,12 @@ def _with_absolute_data_paths(config):
   return config
 
 
-def prepare_data(config, tokenizer, split: str):
+def prepare_data(config: Config, tokenizer, split: str):
   """The split's random-access rows, prepared by the family of the whole `config`."""
   return families.get(config.model.family).rows(config, tokenizer, split)
 
 
-def load_tokenizer(config) -> tokenizer_lib.Tokenizer:
+def load_tokenizer(config: Config) -> tokenizer_lib.Tokenizer:
   """The tokenizer the whole `config` names (training a SentencePiece vocabulary first if asked)."""
   if config.data.tokenizer == "sentencepiece" and config.data.spm_vocab_size:
     from jaxlm import spm
@@ -126,7 +127,7 @@ def load_tokenizer(config) -> tokenizer_lib.Tokenizer:
   return tokenizer
 
 
-def check_vocab_size(config, tokenizer) -> None:
+def check_vocab_size(config: Config, tokenizer) -> None:
   """ConfigError when `config.model.vocab_size` cannot hold the tokenizer's ids."""
   if config.model.vocab_size < tokenizer.vocab_size:
     raise config_lib.ConfigError(
@@ -159,7 +160,7 @@ class Trainer:
   callbacks: `Callback`s called at the loop's events.
   """
 
-  def __init__(self, config, workdir: str | Path, *, model: nn.Module | None = None, train_data: Any = None,
+  def __init__(self, config: Config, workdir: str | Path, *, model: nn.Module | None = None, train_data: Any = None,
                eval_data: Any = None, loss_fn: train_step.LossFn | None = None,
                tokenizer: tokenizer_lib.Tokenizer | None = None, callbacks: Sequence[Callback] = ()):
     self.config, self.workdir = config, Path(workdir)
@@ -304,7 +305,7 @@ class Trainer:
     return last
 
 
-def train(config, workdir: str | Path, **kwargs) -> dict[str, float]:
+def train(config: Config, workdir: str | Path, **kwargs) -> dict[str, float]:
   """Trains per the whole `config` in `workdir` (resuming a run there); returns the last logged metrics.
 
   Keyword arguments go to `Trainer`: model, train_data, eval_data, loss_fn, tokenizer, callbacks.

@@ -18,20 +18,21 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jaxlm import data as data_lib, decode, families, model as model_lib
+from jaxlm.config import Config, ModelConfig
 
 
-def build(model_cfg, decode: bool = False, deterministic: bool = True) -> model_lib.DecoderLM:
+def build(model_cfg: ModelConfig, decode: bool = False, deterministic: bool = True) -> model_lib.DecoderLM:
   """`DecoderLM` for the model sub-config `model_cfg`; `decode=True` builds it for cached generation."""
   return model_lib.DecoderLM(model_cfg, decode=decode, deterministic=deterministic)
 
 
-def model_inputs(model_cfg, batch: dict) -> dict:
+def model_inputs(model_cfg: ModelConfig, batch: dict) -> dict:
   """{'tokens_BxT', 'segment_ids_BxT', 'positions_BxT'} from a batch's inputs, segment_ids and positions."""
   return {"tokens_BxT": batch["inputs"], "segment_ids_BxT": batch["segment_ids"],
           "positions_BxT": batch["positions"]}
 
 
-def example_batch(model_cfg, shape: tuple[int, int]) -> dict:
+def example_batch(model_cfg: ModelConfig, shape: tuple[int, int]) -> dict:
   """A language-modelling batch of `shape` (B, T): inputs, targets, segment_ids, positions, weights."""
   ones = jnp.ones(shape, jnp.int32)
   positions = jnp.broadcast_to(jnp.arange(shape[1], dtype=jnp.int32), shape)
@@ -39,7 +40,7 @@ def example_batch(model_cfg, shape: tuple[int, int]) -> dict:
           "weights": jnp.ones(shape, jnp.float32)}
 
 
-def document_lines(config) -> Iterator[str]:
+def document_lines(config: Config) -> Iterator[str]:
   """The training documents' lines (whole config), for a SentencePiece vocabulary."""
   for document in data_lib.load_documents(config.data, "train"):
     yield from document.decode("utf-8", errors="replace").splitlines()
@@ -78,7 +79,7 @@ class DecoderAdapter(decode.Adapter):
 
   prompt_in_cache = True
 
-  def __init__(self, model_cfg, start_id: int = 1):
+  def __init__(self, model_cfg: ModelConfig, start_id: int = 1):
     super().__init__(model_cfg, build(model_cfg, decode=True))
 
   def prompt_ids(self, tokenizer, text: str) -> list[int]:

@@ -11,15 +11,16 @@ from __future__ import annotations
 import math
 
 from jaxlm import families, mlm, model as model_lib
+from jaxlm.config import ModelConfig
 from jaxlm.families import decoder
 
 
-def build(model_cfg, decode: bool = False, deterministic: bool = True) -> model_lib.Encoder:
+def build(model_cfg: ModelConfig, decode: bool = False, deterministic: bool = True) -> model_lib.Encoder:
   """`Encoder` (BERT with its MLM head) for the model sub-config `model_cfg`; it has no cache to decode with."""
   return model_lib.Encoder(model_cfg, decode=decode, deterministic=deterministic)
 
 
-def model_inputs(model_cfg, batch: dict) -> dict:
+def model_inputs(model_cfg: ModelConfig, batch: dict) -> dict:
   """The decoder's inputs, plus `token_types_BxT` when the batch has token types."""
   inputs = decoder.model_inputs(model_cfg, batch)
   if "token_types" in batch:

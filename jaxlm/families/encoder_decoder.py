@@ -14,22 +14,23 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm import codesum, decode, families, model as model_lib, seq2seq_data
+from jaxlm.config import Config, ModelConfig
 from jaxlm.families import decoder
 
 
-def build(model_cfg, decode: bool = False, deterministic: bool = True) -> model_lib.EncoderDecoder:
+def build(model_cfg: ModelConfig, decode: bool = False, deterministic: bool = True) -> model_lib.EncoderDecoder:
   """`EncoderDecoder` for the model sub-config `model_cfg`; `decode=True` builds it for cached generation."""
   return model_lib.EncoderDecoder(model_cfg, decoding=decode, deterministic=deterministic)
 
 
-def model_inputs(model_cfg, batch: dict) -> dict:
+def model_inputs(model_cfg: ModelConfig, batch: dict) -> dict:
   """The source (inputs_BxS, input_segment_ids_BxS, input_positions_BxS) and target side of a batch."""
   return {"inputs_BxS": batch["inputs"], "decoder_inputs_BxT": batch["decoder_inputs"],
           "input_segment_ids_BxS": batch["input_segment_ids"], "input_positions_BxS": batch["input_positions"],
           "segment_ids_BxT": batch["segment_ids"], "positions_BxT": batch["positions"]}
 
 
-def example_batch(model_cfg, shape: tuple[int, int]) -> dict:
+def example_batch(model_cfg: ModelConfig, shape: tuple[int, int]) -> dict:
   """A batch of `shape` on both sides: parameter shapes do not depend on the lengths."""
   batch = decoder.example_batch(model_cfg, shape)
   batch.update(decoder_inputs=batch["inputs"], input_segment_ids=batch["segment_ids"],
@@ -37,14 +38,14 @@ def example_batch(model_cfg, shape: tuple[int, int]) -> dict:
   return batch
 
 
-def pair_lines(config) -> Iterator[str]:
+def pair_lines(config: Config) -> Iterator[str]:
   """Both sides of every training pair (whole config), for a SentencePiece vocabulary."""
   for source, target in seq2seq_data.load_pairs(config, "train"):
     yield source
     yield target
 
 
-def generate_texts(config, params, rows, tokenizer, num_rows: int) -> list[str]:
+def generate_texts(config: Config, params, rows, tokenizer, num_rows: int) -> list[str]:
   """Beam-search outputs (jaxlm.decode's cached search) for the first `num_rows` pairs, decoded to text."""
   e = config.eval
   max_len = e.max_decode_len or config.data.target_len or config.data.seq_len
@@ -61,7 +62,7 @@ def generate_texts(config, params, rows, tokenizer, num_rows: int) -> list[str]:
   return texts
 
 
-def bleu_scores(config, params, rows, tokenizer) -> dict:
+def bleu_scores(config: Config, params, rows, tokenizer) -> dict:
   """BLEU of the model's beam-search outputs and of the baselines, plus five examples."""
   num_rows = min(len(rows), config.eval.bleu_examples or len(rows))
   references = rows.references[:num_rows]
@@ -100,7 +101,7 @@ class EncoderDecoderAdapter(decode.Adapter):
 
   prompt_in_cache = False
 
-  def __init__(self, model_cfg, start_id: int = 1):
+  def __init__(self, model_cfg: ModelConfig, start_id: int = 1):
     super().__init__(model_cfg, build(model_cfg, decode=True))
     self.start_id = start_id
 
@@ -132,7 +133,7 @@ class EncoderDecoderAdapter(decode.Adapter):
     return logits, variables["cache"]
 
 
-def _attention_layers(model_cfg) -> tuple[int, int]:
+def _attention_layers(model_cfg: ModelConfig) -> tuple[int, int]:
   decoder_layers = model_cfg.num_decoder_layers or model_cfg.num_layers
   return model_cfg.num_layers + decoder_layers, decoder_layers
 
