@@ -9,6 +9,8 @@ the server still compiles one step for its life.
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 
@@ -84,8 +86,13 @@ def token_text(tokenizer, token: int) -> str:
 
 
 def char_offsets(tokenizer, ids: list[int], start: int, stop: int) -> list[int]:
-  """Character offset in decode(ids) where each of ids[start:stop] begins (a split character: its start)."""
-  return [len(tokenizer.decode(ids[:i]).rstrip("\ufffd")) for i in range(start, stop)]
+  """Character offset in decode(ids) where each of ids[start:stop] begins.
+
+  A token inside a character split across tokens gets the character's start: the text before token i is
+  the part of decode(ids[:i]) that decode(ids) keeps, so an unfinished character, decoded as U+FFFD at the
+  end of the shorter text, does not count, while an invalid byte (U+FFFD in both) does."""
+  text = tokenizer.decode(ids)
+  return [len(os.path.commonprefix([tokenizer.decode(ids[:i]), text])) for i in range(start, stop)]
 
 
 def logprobs_object(tokenizer, ids: list[int], scores: list[tuple], offsets: list[int], top: int) -> dict:

@@ -447,6 +447,7 @@ def serve(workdir, host: str = "127.0.0.1", port: int = 8000, step: int | None =
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     LOG.addHandler(handler)
     LOG.setLevel(logging.INFO)
+    LOG.propagate = False  # one line per request, whatever handlers the root logger has
   # access_log=None: the middleware's line replaces aiohttp's access log.
   web.run_app(app_for_run(workdir, step, int8, max_batch), host=host, port=port, access_log=None,
               print=lambda msg: print(msg, flush=True))

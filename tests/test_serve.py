@@ -297,3 +297,13 @@ async def _hang_up(url):
   async with aiohttp.ClientSession() as session:
     async with session.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 200, "stream": True}) as r:
       await r.content.readline()
+
+
+def test_token_offsets_and_texts_for_split_and_invalid_bytes():
+  tok = tokenizer_lib.ByteTokenizer()
+  ids = [int(i) for i in tok.encode("aé")] + [0xA7 + tok.offset] + [int(i) for i in tok.encode("b")]
+  assert tok.decode(ids) == "aé\ufffdb"
+  # é's two bytes both start at character 1; the invalid byte is a character of its own.
+  assert scoring.char_offsets(tok, ids, 0, len(ids)) == [0, 1, 1, 2, 3]
+  assert [scoring.token_text(tok, i) for i in ids] == ["a", "bytes:\\xc3", "bytes:\\xa9", "bytes:\\xa7", "b"]
+  assert scoring.token_text(tok, tok.eos_id) == "<eos>"
