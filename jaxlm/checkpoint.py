@@ -122,9 +122,11 @@ class Checkpointer:
 
   def __init__(self, directory, keep: int = 3, read_only: bool = False):
     self.directory = _abspath(directory)
+    self._saved: set[int] = set()  # steps this Checkpointer saved whose file manifest is still to write
+    async_options = None if read_only else ocp.AsyncOptions(post_finalization_callback=self._write_file_manifests)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=not read_only, enable_async_checkpointing=not read_only,
-        read_only=read_only)
+        read_only=read_only, async_options=async_options)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
     # Orbax logs each failed background write with a traceback; `check` and `wait` report it in one line.
     self._quiet = _DropOrbaxErrors()
@@ -166,11 +168,23 @@ class Checkpointer:
           f"it was not saved. {last_good_sentence(self.newest_complete_step())} Lower optim.learning_rate "
           "or raise optim.warmup_steps.")
     meta = {**meta, "integrity": {"algorithm": integrity.ALGORITHM, "arrays": arrays}}
+    self._saved.add(step)
     try:
       return self.manager.save(step, args=ocp.args.Composite(
           state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta)), force=force)
     except Exception as e:  # noqa: BLE001 - any failure to write becomes one line naming the path
       raise self._save_error(step, e) from None
+
+  def _write_file_manifests(self) -> None:
+    """Orbax's post-finalization callback: process 0 records the files of each step this Checkpointer saved
+    that is now complete (a step deleted by keep-last-K meanwhile is dropped)."""
+    for step in sorted(self._saved):
+      folder = self.directory / str(step)
+      if (self.directory / f"{step}.orbax-checkpoint-tmp").exists():
+        continue  # still being written
+      if folder.is_dir() and not self.missing_markers(step) and jax.process_index() == 0:
+        integrity.write_file_manifest(folder)
+      self._saved.discard(step)
 
   def check(self) -> None:
     """Raises CheckpointError if an async save has failed (e.g. the disk is full); cheap, call it every step."""
@@ -211,6 +225,9 @@ class Checkpointer:
     absent = [name for name in STRUCTURE_FILES if not (folder / name).is_file()]
     if absent:
       raise _Damaged(f"the file '{absent[0]}' is missing")
+    changed = integrity.file_problem(folder)
+    if changed:
+      raise _Damaged(changed)
     try:
       meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception as e:  # noqa: BLE001

@@ -18,9 +18,15 @@ gathers an array.
 
 from __future__ import annotations
 
+import json
+import os
+import zlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxlm import fs
 
 ALGORITHM = "jaxlm-fingerprint-v1"  # recorded with the checksums, so a future change is detected as such
 _MASK = 0xFFFFFFFF
@@ -125,4 +131,51 @@ def first_damaged(records: dict[str, dict], restored) -> str | None:
     if saved is not None and saved["dtype"] == record["dtype"] and saved["checksum"] != record["checksum"]:
       return (f"array '{name}' does not match the checksum recorded at save time "
               f"(saved {saved['checksum']}, read {record['checksum']})")
+  return None
+
+
+# File checksums: the arrays' checksums prove what a restore returns; these also cover bytes a restore does not
+# read (an optimizer state that `eval` skips, regions of an OCDBT file no array uses), and name the file.
+FILE_MANIFEST = "jaxlm_files.json"
+
+
+def _file_crc32(location: str) -> int:
+  crc = 0
+  with fs.path(location).open("rb") as file:
+    while chunk := file.read(1 << 22):
+      crc = zlib.crc32(chunk, crc)
+  return crc
+
+
+def _files(folder) -> dict[str, str]:
+  """{name relative to `folder`: location} of every file under `folder` (a local path or a URL)."""
+  prefix = os.fspath(folder).rstrip("/") + "/"
+  return {location[len(prefix):]: location for location in fs.glob(prefix + "**")
+          if not location.endswith("/" + FILE_MANIFEST)}
+
+
+def write_file_manifest(folder) -> None:
+  """Records the size and CRC-32 of every file under a finished checkpoint step `folder` in FILE_MANIFEST."""
+  files = {name: [fs.size(location), _file_crc32(location)] for name, location in sorted(_files(folder).items())}
+  fs.write_text(fs.join(folder, FILE_MANIFEST), json.dumps({"algorithm": "crc32", "files": files}))
+
+
+def file_problem(folder) -> str | None:
+  """What differs between the files under `folder` and its FILE_MANIFEST; None if they match or it has none."""
+  manifest = fs.path(fs.join(folder, FILE_MANIFEST))
+  if not manifest.exists():
+    return None
+  try:
+    files = json.loads(manifest.read_text())["files"]
+  except (json.JSONDecodeError, KeyError):
+    return f"its file list '{FILE_MANIFEST}' is unreadable"
+  present = _files(folder)
+  for name, (size, crc) in files.items():
+    if name not in present:
+      return f"the file '{name}' is missing"
+    if fs.size(present[name]) != size:
+      return f"the file '{name}' has {fs.size(present[name])} bytes, {size} were saved"
+    found = _file_crc32(present[name])
+    if found != crc:
+      return f"the file '{name}' changed since it was saved (CRC-32 {found:08x}, saved {crc:08x})"
   return None

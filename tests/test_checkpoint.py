@@ -71,6 +71,13 @@ def test_restore_verifies_and_names_damage_and_intact_steps(tmp_path):
                            r"intact steps: 1 \(pass --step 1\)"):
     reader.restore(2, target)
   assert reader.newest_intact_step(target) == 1
+  # A changed byte anywhere in a step's files is named, even one no restored array reads.
+  assert (tmp_path / "ckpt" / "1" / integrity.FILE_MANIFEST).is_file()
+  metadata = tmp_path / "ckpt" / "1" / "state" / "_sharding"
+  metadata.write_bytes(metadata.read_bytes() + b" ")
+  assert "the file 'state/_sharding' has" in reader.problem(1, target)
+  assert reader.newest_intact_step(target) is None
+  metadata.write_bytes(metadata.read_bytes()[:-1])
   wrong = _target({"params": {"w": jax.ShapeDtypeStruct((4, 4), jnp.float32)}},
                   NamedSharding(_mesh((1, 1)), PartitionSpec()))
   with pytest.raises(checkpoint_lib.CheckpointError, match=r"does not match this model: array 'params/w' was saved"):
