@@ -1,8 +1,14 @@
-"""GPT-2 124M (seq 1024) train-step MFU on one GPU, across attention implementations, remat policies and batch sizes.
+"""Train-step MFU on one GPU (H200) across models, attention implementations, remat policies and batch sizes.
 
-    python benchmarks/gpu_h200.py [--json gpu_h200.json] [--impls cudnn xla]
-        [--remat none dots_no_batch full] [--batches 16 32] [--steps 10] [--max-minutes 12]
+    python benchmarks/gpu_h200.py [--json gpu_h200.json] [--models gpt2 llama1b] [--impls cudnn triton xla]
+        [--remat none dots_no_batch full] [--steps 10] [--max-minutes 12]
     python benchmarks/gpu_h200.py --smoke     # tiny model on CPU: checks the script, measures nothing
+
+Models: GPT-2 124M at sequence length 1024 (batches 16, 32, 64) and a
+1.1B LLaMA-shaped model (TinyLlama's shape: 22 layers, d_model 2048, 32
+heads with 4 key/value heads, SwiGLU 5632, RoPE; sequence 2048, batches 4,
+8, 16). Attention: cuDNN's fused kernel, the Pallas/Triton flash kernel
+(jaxlm/ops/pallas_attention.py, with segment ids) and XLA's own code.
 
 Installs nothing: it needs the jax (with CUDA) that the machine has, and this
 repository on the path. bfloat16 compute with float32 master weights
@@ -36,8 +42,17 @@ sys.path.insert(0, str(ROOT))
 from jaxlm import metrics, presets, sharding, train_step as train  # noqa: E402
 
 
-def model_config(impl: str, remat: str, batch: int, smoke: bool):
-  c = presets.gpt(2, 64, 4, context=128) if smoke else presets.gpt(12, 768, 12)
+BATCHES = {"gpt2": (16, 32, 64), "llama1b": (4, 8, 16)}
+
+
+def model_config(model: str, impl: str, remat: str, batch: int, smoke: bool):
+  if smoke:
+    c = presets.gpt(2, 64, 4, context=128)
+  elif model == "gpt2":
+    c = presets.gpt(12, 768, 12)
+  else:
+    c = presets.llama(num_layers=22, d_model=2048, num_heads=32, mlp_dim=5632)
+    c.model.num_kv_heads = 4
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "float32"
   c.model.scan_layers = True
@@ -82,46 +97,51 @@ def measure(config, steps: int) -> dict:
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--impls", nargs="+", default=["cudnn", "xla"])
+  p.add_argument("--models", nargs="+", default=["gpt2", "llama1b"], choices=list(BATCHES))
+  p.add_argument("--impls", nargs="+", default=["cudnn", "triton", "xla"])
   p.add_argument("--remat", nargs="+", default=["none", "dots_no_batch", "full"])
-  p.add_argument("--batches", nargs="+", type=int, default=[16, 32])
+  p.add_argument("--batches", nargs="+", type=int, default=None, help="default: per model (BATCHES)")
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--max-minutes", type=float, default=12.0, help="start no new configuration after this")
   p.add_argument("--json", default="gpu_h200.json")
-  p.add_argument("--smoke", action="store_true", help="tiny model, xla attention only, runs on CPU")
+  p.add_argument("--smoke", action="store_true", help="tiny model on CPU; triton runs in Pallas interpret mode")
   args = p.parse_args(argv)
   if args.smoke:
-    args.impls, args.remat, args.batches, args.steps = ["xla"], ["none", "full"], [2], 2
+    args.models, args.impls, args.remat, args.batches, args.steps = ["gpt2"], ["xla", "triton"], ["none", "full"], [2], 2
   began = time.perf_counter()
   device = jax.devices()[0]
   peak = metrics.measure_matmul_peak(n=512 if args.smoke else 8192, dtype=jnp.bfloat16, repeats=10)
   report = {"date": time.strftime("%Y-%m-%d"), "device": device.device_kind, "platform": device.platform,
             "jax": jax.__version__, "smoke": args.smoke, "bf16_matmul_peak_tflops": peak / 1e12, "results": []}
   print(f"{device.device_kind} ({device.platform}); measured bf16 matmul peak {peak / 1e12:.1f} TFLOP/s")
-  print(f"{'attention':9s} {'remat':14s} {'batch':>5s} {'tok/s':>10s} {'ms/step':>8s} {'MFU':>6s} "
+  print(f"{'model':8s} {'attention':9s} {'remat':14s} {'batch':>5s} {'tok/s':>10s} {'ms/step':>8s} {'MFU':>6s} "
         f"{'temp GiB':>8s} {'compile s':>9s}")
-  for impl, remat, batch in itertools.product(args.impls, args.remat, args.batches):
+  cases = [(model, impl, remat, batch) for model in args.models
+           for impl, remat, batch in itertools.product(args.impls, args.remat, args.batches or BATCHES[model])]
+  for model, impl, remat, batch in cases:
     if time.perf_counter() - began > 60 * args.max_minutes:
       print(f"stopping: --max-minutes {args.max_minutes} reached")
       break
-    config = model_config(impl, remat, batch, args.smoke)
-    row = {"attention_impl": impl, "remat_policy": remat, "batch": batch, "seq_len": config.data.seq_len}
+    config = model_config(model, impl, remat, batch, args.smoke)
+    row = {"model": model, "attention_impl": impl, "remat_policy": remat, "batch": batch,
+           "seq_len": config.data.seq_len}
     try:
       row.update(measure(config, args.steps))
       row["mfu"] = row["tokens_per_s"] * metrics.flops_per_token(config.model, config.data.seq_len) / peak
-      print(f"{impl:9s} {remat:14s} {batch:5d} {row['tokens_per_s']:10,.0f} {row['step_ms']:8.1f} "
+      print(f"{model:8s} {impl:9s} {remat:14s} {batch:5d} {row['tokens_per_s']:10,.0f} {row['step_ms']:8.1f} "
             f"{row['mfu']:6.1%} {row['temp_gib'] or 0:8.2f} {row['compile_s']:9.1f}", flush=True)
     except Exception as e:  # one failing configuration (OOM, unsupported cuDNN case) must not end the sweep
       row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-      print(f"{impl:9s} {remat:14s} {batch:5d} failed: {row['error']}", flush=True)
+      print(f"{model:8s} {impl:9s} {remat:14s} {batch:5d} failed: {row['error']}", flush=True)
       traceback.print_exc(limit=2)
     report["results"].append(row)
     Path(args.json).write_text(json.dumps(report, indent=2))
-  ok = [r for r in report["results"] if "mfu" in r]
-  if ok:
-    best = max(ok, key=lambda r: r["mfu"])
-    print(f"best: {best['attention_impl']} attention, remat {best['remat_policy']}, batch {best['batch']}: "
-          f"MFU {best['mfu']:.1%} ({best['tokens_per_s']:,.0f} tok/s); results in {args.json}")
+  for model in args.models:
+    ok = [r for r in report["results"] if "mfu" in r and r["model"] == model]
+    if ok:
+      best = max(ok, key=lambda r: r["mfu"])
+      print(f"best {model}: {best['attention_impl']} attention, remat {best['remat_policy']}, batch {best['batch']}: "
+            f"MFU {best['mfu']:.1%} ({best['tokens_per_s']:,.0f} tok/s); results in {args.json}")
 
 
 if __name__ == "__main__":
