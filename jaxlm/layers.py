@@ -330,7 +330,7 @@ class Stack(nn.Module):
   `causal=True` declares that the mask hides later positions (decoders).
   `block_cls` (default `block_class(cfg)`), `attention_cls` and `mlp_cls`
   choose the classes; any `Block` subclass keeps scan, remat, the cache and
-  dropout. Returns x_BxTxD, or with `return_hidden_states` (x_BxTxD,
+  dropout. Returns x_BxTxD, or with `return_hidden_states=True` (x_BxTxD,
   hidden_LxBxTxD): every block's output, stacked.
   """
   cfg: ml_collections.ConfigDict
@@ -342,10 +342,10 @@ class Stack(nn.Module):
   block_cls: Any = None
   attention_cls: Any = Attention
   mlp_cls: Any = Mlp
-  return_hidden_states: bool = False
 
   @nn.compact
-  def __call__(self, x_BxTxD, mask_Bx1xTxS, positions_BxT, encoded_BxSxD=None, cross_mask_Bx1xTxS=None):
+  def __call__(self, x_BxTxD, mask_Bx1xTxS, positions_BxT, encoded_BxSxD=None, cross_mask_Bx1xTxS=None, *,
+               return_hidden_states: bool = False):
     cfg = self.cfg
     block = self.block_cls or block_class(cfg)
     if cfg.remat_policy != "none":
@@ -358,14 +358,14 @@ class Stack(nn.Module):
           split_rngs={"params": True, "dropout": True},
           in_axes=(nn.broadcast,) * 4, length=self.num_layers,
           metadata_params={nn.PARTITION_NAME: "layers"})
-      x_BxTxD, hidden_LxBxTxD = scanned(block, *fields, self.return_hidden_states, name="layers")(x_BxTxD, *args)
+      x_BxTxD, hidden_LxBxTxD = scanned(block, *fields, return_hidden_states, name="layers")(x_BxTxD, *args)
     else:
       hidden = []
       for i in range(self.num_layers):
         x_BxTxD = block(*fields, name=f"layer_{i}")(x_BxTxD, *args)
         hidden.append(x_BxTxD)
-      hidden_LxBxTxD = jnp.stack(hidden) if self.return_hidden_states else None
-    return (x_BxTxD, hidden_LxBxTxD) if self.return_hidden_states else x_BxTxD
+      hidden_LxBxTxD = jnp.stack(hidden) if return_hidden_states else None
+    return (x_BxTxD, hidden_LxBxTxD) if return_hidden_states else x_BxTxD
 
 
 class _ScanAdapter(nn.Module):
@@ -411,9 +411,12 @@ class Embedder(nn.Module):
     if cfg.get("embed_norm", False):
       self.embed_norm = Norm(cfg)  # BERT normalizes the summed embeddings
 
-  def embed(self, tokens_BxT: Array, positions_BxT: Array, token_types_BxT: Array | None = None) -> Array:
+  def embed(self, tokens_BxT: Array | None, positions_BxT: Array, token_types_BxT: Array | None = None,
+            inputs_embeds_BxTxD: Array | None = None) -> Array:
+    """The embedded input B x T x D: token lookup (or `inputs_embeds_BxTxD` in its place), scaling,
+    positions, token types, embedding norm and dropout."""
     cfg = self.cfg
-    x_BxTxD = self.token(tokens_BxT)
+    x_BxTxD = self.token(tokens_BxT) if inputs_embeds_BxTxD is None else inputs_embeds_BxTxD
     if cfg.scale_embeddings:
       x_BxTxD = x_BxTxD * jnp.sqrt(jnp.asarray(cfg.d_model, x_BxTxD.dtype))
     if cfg.position == "learned":

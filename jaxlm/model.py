@@ -19,6 +19,8 @@ Batch keys per family (see `example_batch`; each family lives in `jaxlm.families
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -39,35 +41,62 @@ def default_segments(tokens_BxT: Array, segment_ids_BxT: Array | None, positions
 
 
 class DecoderLM(nn.Module):
-  """Decoder-only language model: tokens -> next-token logits.
+  """Decoder-only language model: tokens (or their embeddings) -> next-token logits B x T x V.
 
   With `decode=True`, `cache_index_BxT` gives each query's cache slot so a
   prompt batch of mixed lengths decodes with per-row positions; the caller's
   `kv_segment_ids_BxS` marks which cache slots are filled.
+
+  `block_cls`, `attention_cls` and `mlp_cls` go to `layers.Stack` (a custom
+  block keeps scan, remat, the cache and dropout). Introspection:
+  `inputs_embeds_BxTxD` replaces the token lookup (`token_embeddings`), as in
+  Hugging Face (positions are still added); `return_hidden_states=True`
+  returns (logits, hidden_states), a tuple of num_layers + 1 arrays B x T x D:
+  the embedder's output, then every block's output (before the final norm).
+  With `model.sow_attention_weights` every attention layer sows its weights
+  into 'intermediates' (apply with `mutable='intermediates'`).
   """
   cfg: ml_collections.ConfigDict
   decode: bool = False
   deterministic: bool = True
+  block_cls: Any = None  # None: layers.block_class(cfg)
+  attention_cls: Any = layers.Attention
+  mlp_cls: Any = layers.Mlp
 
-  @nn.compact
-  def __call__(self, tokens_BxT: Array, segment_ids_BxT: Array | None = None,
-               positions_BxT: Array | None = None, cache_index_BxT: Array | None = None,
-               kv_segment_ids_BxS: Array | None = None) -> Array:
+  def setup(self):
     cfg = self.cfg
-    segment_ids_BxT, positions_BxT = default_segments(tokens_BxT, segment_ids_BxT, positions_BxT)
+    self.embedder = layers.Embedder(cfg, self.deterministic)
+    self.decoder = layers.Stack(cfg, cfg.num_layers, decode=self.decode, deterministic=self.deterministic,
+                                causal=True, block_cls=self.block_cls, attention_cls=self.attention_cls,
+                                mlp_cls=self.mlp_cls)
+    self.final_norm = _final_norm(cfg)
+
+  def token_embeddings(self, tokens_BxT: Array) -> Array:
+    """The token lookup alone, B x T x D: what `inputs_embeds_BxTxD` replaces."""
+    return self.embedder.token(tokens_BxT)
+
+  def __call__(self, tokens_BxT: Array | None = None, segment_ids_BxT: Array | None = None,
+               positions_BxT: Array | None = None, cache_index_BxT: Array | None = None,
+               kv_segment_ids_BxS: Array | None = None, *, inputs_embeds_BxTxD: Array | None = None,
+               return_hidden_states: bool = False) -> Array | tuple[Array, tuple[Array, ...]]:
+    if (tokens_BxT is None) == (inputs_embeds_BxTxD is None):
+      raise ValueError("DecoderLM takes tokens_BxT or inputs_embeds_BxTxD, exactly one of them")
+    shape_BxT = tokens_BxT if tokens_BxT is not None else jnp.zeros(inputs_embeds_BxTxD.shape[:2], jnp.int32)
+    segment_ids_BxT, positions_BxT = default_segments(shape_BxT, segment_ids_BxT, positions_BxT)
     if self.decode and kv_segment_ids_BxS is not None:
       mask = layers.attention_mask(segment_ids_BxT, kv_segment_ids_BxS, causal=True,
                                    q_index_BxT=cache_index_BxT,
                                    kv_index_BxS=jnp.arange(kv_segment_ids_BxS.shape[1])[None])
     else:
       mask = layers.segment_mask(segment_ids_BxT, segment_ids_BxT, causal=True)
-    embedder = layers.Embedder(cfg, self.deterministic, name="embedder")
-    x_BxTxD = embedder.embed(tokens_BxT, positions_BxT)
-    x_BxTxD = layers.Stack(cfg, cfg.num_layers, decode=self.decode, deterministic=self.deterministic,
-                           causal=True, name="decoder")(x_BxTxD, mask, positions_BxT)
-    if cfg.norm_position == "pre":
-      x_BxTxD = layers.Norm(cfg, name="final_norm")(x_BxTxD)
-    return embedder.logits(x_BxTxD)
+    x_BxTxD = self.embedder.embed(tokens_BxT, positions_BxT, inputs_embeds_BxTxD=inputs_embeds_BxTxD)
+    embedded_BxTxD = x_BxTxD
+    outputs = self.decoder(x_BxTxD, mask, positions_BxT, return_hidden_states=return_hidden_states)
+    x_BxTxD, hidden_LxBxTxD = outputs if return_hidden_states else (outputs, None)
+    logits_BxTxV = self.embedder.logits(self.final_norm(x_BxTxD))
+    if not return_hidden_states:
+      return logits_BxTxV
+    return logits_BxTxV, (embedded_BxTxD, *hidden_LxBxTxD)
 
 
 def _final_norm(cfg, name: str | None = None):

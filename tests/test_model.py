@@ -15,6 +15,8 @@ STYLES = {
     "llama": dict(norm="rmsnorm", position="rope", mlp="swiglu", use_bias=False, tie_embeddings=False,
                   num_kv_heads=2),
     "mqa": dict(num_kv_heads=1, position="rope"),
+    "parallel": dict(parallel_residual=True, position="rope", use_bias=False, tie_embeddings=False),  # GPT-J
+    "squared_relu": dict(mlp="squared_relu"),
 }
 
 
@@ -115,3 +117,58 @@ def test_bfloat16_compute_keeps_float32_params():
   module, variables = init(cfg, tokens)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))
   assert jax.jit(module.apply)(variables, tokens).dtype == jnp.bfloat16
+
+
+def test_parallel_block_is_one_norm_feeding_attention_and_mlp():
+  """x + attention(norm(x)) + mlp(norm(x)), recomputed from the block's own parameters."""
+  cfg = tiny_config(**STYLES["parallel"]).model
+  x = jax.random.normal(jax.random.key(0), (2, 8, cfg.d_model))
+  segments = jnp.ones((2, 8), jnp.int32)
+  mask = layers.attention_mask(segments, segments, causal=True)
+  positions = jnp.broadcast_to(jnp.arange(8), (2, 8))
+  block = layers.ParallelBlock(cfg, causal=True)
+  params = jax.jit(block.init)(jax.random.key(1), x, mask, positions)["params"]
+  assert sorted(params) == ["mlp", "norm", "self_attention"]
+  h = layers.Norm(cfg).apply({"params": params["norm"]}, x)
+  expected = (x + layers.Attention(cfg, causal=True).apply({"params": params["self_attention"]}, h, mask, positions)
+              + layers.Mlp(cfg).apply({"params": params["mlp"]}, h))
+  np.testing.assert_allclose(jax.jit(block.apply)({"params": params}, x, mask, positions), expected, atol=1e-5)
+
+
+def test_squared_relu_mlp():
+  cfg = tiny_config(mlp="squared_relu").model
+  x = jax.random.normal(jax.random.key(0), (2, 8, cfg.d_model))
+  params = nn.meta.unbox(layers.Mlp(cfg).init(jax.random.key(1), x)["params"])
+  params["up"]["bias"] = params["up"]["bias"] + 0.1  # so the bias's place (inside the square) matters
+  up = x @ params["up"]["kernel"] + params["up"]["bias"]
+  expected = np.maximum(up, 0) ** 2 @ params["down"]["kernel"] + params["down"]["bias"]
+  np.testing.assert_allclose(layers.Mlp(cfg).apply({"params": params}, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_block_class_passed_in_keeps_scan_remat_and_the_cache():
+  """DecoderLM(block_cls=...) with a block the config does not name: the scanned, rematerialized stack equals
+  the unrolled one, and cached decoding one token at a time gives the full forward pass's logits."""
+  cfg = tiny_config(position="rope").model
+  tokens = jnp.asarray(np.random.default_rng(3).integers(4, 260, (1, 10)))
+  model = model_lib.DecoderLM(cfg, block_cls=layers.ParallelBlock)
+  variables = jax.jit(model.init)(jax.random.key(0), tokens)
+  assert "norm" in variables["params"]["decoder"]["layer_0"]  # the parallel block's single norm
+  full = jax.jit(model.apply)(variables, tokens)
+
+  scanned = model_lib.DecoderLM(tiny_config(position="rope", scan_layers=True, remat_policy="full").model,
+                                block_cls=layers.ParallelBlock)
+  params = nn.meta.unbox(variables["params"])
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[params["decoder"][f"layer_{i}"] for i in range(2)])
+  np.testing.assert_allclose(
+      jax.jit(scanned.apply)({"params": {**params, "decoder": {"layers": {"block": stacked}}}}, tokens), full,
+      atol=1e-5)
+
+  decoder = model_lib.DecoderLM(cfg, decode=True, block_cls=layers.ParallelBlock)
+  cache = decoder.init(jax.random.key(0), tokens)["cache"]
+  step = jax.jit(lambda cache, token, t: decoder.apply(
+      {"params": params, "cache": cache}, token, jnp.ones((1, 1), jnp.int32), t[None, None], t[None, None],
+      (jnp.arange(10) <= t)[None].astype(jnp.int32), mutable=["cache"]))
+  for t in range(10):
+    logits, mutated = step(cache, tokens[:, t:t + 1], jnp.asarray(t))
+    cache = mutated["cache"]
+    np.testing.assert_allclose(logits[0, 0], full[0, t], atol=1e-4)
