@@ -22,7 +22,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jaxlm import attention, cpu_kernels, layers  # noqa: E402
+from jaxlm import cpu_kernels, layers  # noqa: E402
+from jaxlm.ops import xla_attention as attention  # noqa: E402
 
 B, T, N, H, D, F = 16, 256, 6, 64, 384, 1536
 
@@ -38,7 +39,7 @@ def cases(rng):
 
   def xla_attention(qkv):
     q, k, v = qkv[:, :, :N], qkv[:, :, N:2 * N], qkv[:, :, 2 * N:]
-    return jnp.sum(attention.dot_product_attention(q, k, v, mask, causal=True, cpu_kernel=False) * out_ct)
+    return jnp.sum(attention.dot_product_attention(q, k, v, mask, causal=True) * out_ct)
 
   def xla_norm(x, scale, bias):
     mean = jnp.mean(x, -1, keepdims=True)
