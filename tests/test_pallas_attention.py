@@ -112,6 +112,7 @@ def test_through_the_ops_layer_on_a_mesh(attention_impl, kernel, xla_metrics, mo
   assert got["grad_norm"] == pytest.approx(xla_metrics["grad_norm"], rel=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed: pip install -e '.[test]'")
 def test_splash_compiles_for_tpu_without_a_tpu(tmp_path):
   """Mosaic compiles the splash kernels for v5e on this CPU host: the train step carries TPU custom calls."""
