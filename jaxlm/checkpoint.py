@@ -176,8 +176,9 @@ class Checkpointer:
       raise self._save_error(step, e) from None
 
   def _write_file_manifests(self) -> None:
-    """Orbax's post-finalization callback: process 0 records the files of each step this Checkpointer saved
-    that is now complete (a step deleted by keep-last-K meanwhile is dropped)."""
+    """Process 0 records the files of each step this Checkpointer saved that is now complete (a step deleted
+    by keep-last-K meanwhile is dropped). Runs as Orbax's post-finalization callback, which comes before
+    the step's folder is renamed into place, so it covers the previous save; `wait` covers the last one."""
     for step in sorted(self._saved):
       folder = self.directory / str(step)
       if (self.directory / f"{step}.orbax-checkpoint-tmp").exists():
@@ -328,6 +329,7 @@ class Checkpointer:
     except Exception as e:  # noqa: BLE001
       raise self._save_error(None, e) from None
     self.check()
+    self._write_file_manifests()
 
   def close(self) -> None:
     """Waits for the last save (raising CheckpointError if it failed) and closes the manager."""

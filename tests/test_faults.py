@@ -57,13 +57,6 @@ def trained(text_corpus, tmp_path_factory) -> Path:
   return workdir
 
 
-@pytest.fixture(scope="session")
-def clean_eval(trained) -> dict:
-  result = run_cli(["eval", "--workdir", str(trained)])
-  assert result.returncode == 0, result.stderr[-3000:]
-  return json.loads(result.stdout[:result.stdout.rindex("}") + 1])
-
-
 def data_files(step_dir: Path) -> list[Path]:
   """The OCDBT data files of a step's state, smallest first."""
   return sorted((p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"),
@@ -102,7 +95,7 @@ CORRUPTIONS = ["flip_64_bytes", "flip_one_bit_per_file", "truncate_half", "delet
 
 
 @pytest.mark.parametrize("how", CORRUPTIONS)
-def test_damaged_checkpoint_is_named_and_never_loaded_silently(how, trained, clean_eval, tmp_path):
+def test_damaged_checkpoint_is_named_and_never_loaded_silently(how, trained, tmp_path):
   run = tmp_path / "run"
   shutil.copytree(trained, run)
   corrupt(run / "checkpoints" / "12", how)
@@ -114,16 +107,11 @@ def test_damaged_checkpoint_is_named_and_never_loaded_silently(how, trained, cle
   assert "DAMAGED" in rows[12] and "intact" in rows[8] and "intact" in rows[4], verify.stdout
   assert "intact steps: 4, 8" in verify.stdout
 
+  # eval reads the parameters only, but the step's file checksums cover the optimizer state too.
   evaluate = run_cli(["eval", "--workdir", str(run)])
-  if evaluate.returncode == 0:
-    # eval reads the parameters only; it may succeed only if the damage is confined to the optimizer state,
-    # and then its result must be exactly the undamaged run's.
-    result = json.loads(evaluate.stdout[:evaluate.stdout.rindex("}") + 1])
-    assert result["step"] == 12 and result["loss"] == clean_eval["loss"], (how, result, clean_eval)
-  else:
-    assert evaluate.returncode == 2
-    line = error_line(evaluate)
-    assert "checkpoint step 12" in line and "is damaged" in line and "intact steps: 8, 4" in line, line
+  assert evaluate.returncode == 2, evaluate.stdout
+  line = error_line(evaluate)
+  assert "checkpoint step 12" in line and "is damaged" in line and "intact steps: 8, 4" in line, line
 
 
 @pytest.mark.slow
