@@ -29,6 +29,8 @@ T5_BASE = ["--config.model.num_layers=12", "--config.model.d_model=768", "--conf
 CASES = {
     "gpt2_small": ("gpt2_small", "v5e-8", FSDP + ["--config.model.remat_policy=full", "--config.train.num_micro_batches=8"]),
     "t5_base": ("transformer_base", "v5e-8", T5_BASE),
+    "t5_base_full": ("transformer_base", "v5e-8", T5_BASE + ["--config.model.remat_policy=full",
+                                                             "--config.model.scan_layers=True"]),
     "gpt3_xl": ("gpt3_xl", "v5e-16", FSDP + ["--config.model.remat_policy=full", "--config.train.num_micro_batches=8"]),
     "llama_7b_v5p_fsdp_full": ("llama_7b", "v5p-32", FSDP + ["--config.model.remat_policy=full",
                                                              "--config.train.num_micro_batches=16"]),

@@ -30,6 +30,7 @@ an upper bound, not a measurement.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import math
 import os
@@ -254,6 +255,99 @@ def compile_train_step(config, topology: str) -> dict:
   report["fits"] = report["peak_bytes"] <= chip.hbm_bytes
   report.update(estimate(config, chip, len(devices), mesh_sizes, param_bytes, memory))
   return report
+
+
+def compile_decode(config, topology: str, batch_size: int, prompt_len: int = 0) -> dict:
+  """Compiles prefill and the one-token decode step of `config` (whole config) for `topology`.
+
+  Parameters keep the train shardings (the logical rules); the KV cache is
+  sharded along batch (data axes) and key/value heads (tensor), its other
+  per-row arrays along batch. The cache holds `model.max_len` slots; the
+  prompt is `prompt_len` tokens (0: half the context). Returns the report:
+  params_bytes, cache_bytes and, for 'prefill' and 'step', temp_bytes and
+  peak_bytes; fits; and the decode step's HBM-bound tokens per second
+  (parameters and cache read once per step).
+  """
+  from jax.sharding import NamedSharding, PartitionSpec
+  from jaxlm import decode, train_step
+  import flax.linen as nn
+  kind, devices = tpu_devices(topology)
+  chip = CHIPS[kind]
+  config_lib.validate(config, len(devices))
+  mesh = make_mesh(config, devices)
+  s = train_step.setup(config, mesh)
+  adapter = decode.adapter_for(config.model)
+  cache_len, prompt_len = config.model.max_len, prompt_len or config.model.max_len // 2
+  batch_axes = nn.logical_to_mesh_axes(("batch",), s.rules)[0]
+  kv_axis = nn.logical_to_mesh_axes(("kv_heads",), s.rules)[0]
+
+  def row_sharding(x, batch_axis):
+    is_cache = x.ndim - 4 == batch_axis and x.ndim >= 4
+    spec = [None] * x.ndim
+    spec[batch_axis] = batch_axes
+    if is_cache:
+      spec[batch_axis + 2] = kv_axis
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+  params = _abstract(s.abstract_state.params, s.state_shardings.params)
+  rows = NamedSharding(mesh, PartitionSpec(batch_axes))
+  prompt = {"tokens_BxP": jax.ShapeDtypeStruct((batch_size, prompt_len), jnp.int32, sharding=rows),
+            "lengths_B": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=rows)}
+  prefill = functools.partial(adapter.prefill, cache_len=cache_len)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(s.rules):
+    _, _, abstract_state = jax.eval_shape(prefill, params, prompt)
+  # map_rows passes through what is not per-row (the slot, cache indices): those are replicated.
+  state_shardings = jax.tree.map(
+      lambda x: x if isinstance(x, jax.sharding.Sharding) else NamedSharding(mesh, PartitionSpec()),
+      decode.map_rows(row_sharding, abstract_state), is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+  state = _abstract(abstract_state, state_shardings)
+  tokens = jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=rows)
+  report = {"topology": topology, "chip": kind, "chips": len(devices), "mesh": dict(zip(mesh.axis_names, mesh.devices.shape)),
+            "dtype": config.model.dtype, "param_dtype": config.model.param_dtype, "batch_size": batch_size,
+            "prompt_len": prompt_len, "cache_len": cache_len, "hbm_bytes": chip.hbm_bytes,
+            "params_bytes": _shard_bytes(s.abstract_state.params, s.state_shardings.params),
+            "cache_bytes": _shard_bytes(abstract_state["cache"], state_shardings["cache"])}
+  start = time.perf_counter()
+  programs = {
+      "prefill": train_step.under_mesh(mesh, s.rules, jax.jit(
+          prefill, out_shardings=(None, None, state_shardings))).lower(params, prompt),
+      "step": train_step.under_mesh(mesh, s.rules, jax.jit(
+          adapter.step, out_shardings=(None, state_shardings), donate_argnums=(1,))).lower(params, state, tokens),
+  }
+  report["fits"] = True
+  for name, lowered in programs.items():
+    try:
+      memory = lowered.compile().memory_analysis()
+    except jax.errors.JaxRuntimeError as e:
+      if "RESOURCE_EXHAUSTED" not in str(e):
+        raise
+      report.update(fits=False, error=f"{name}: {_first_line(str(e))}")
+      continue
+    peak = (memory.argument_size_in_bytes + memory.temp_size_in_bytes + memory.output_size_in_bytes
+            - memory.alias_size_in_bytes)
+    report[name] = {"temp_bytes": memory.temp_size_in_bytes, "peak_bytes": peak}
+    report["fits"] = report["fits"] and peak <= chip.hbm_bytes
+  report["compile_s"] = time.perf_counter() - start
+  step_s = (report["params_bytes"] + report["cache_bytes"]) / chip.hbm_bandwidth
+  report["tokens_per_s"] = batch_size / step_s
+  return report
+
+
+def format_decode_report(r: dict) -> str:
+  """The lines `jaxlm compile --decode` prints for a `compile_decode` report."""
+  mesh = " x ".join(f"{axis} {size}" for axis, size in r["mesh"].items())
+  lines = [f"{r['topology']}: {r['chips']} x {r['chip']} chips, mesh {mesh}; decode batch {r['batch_size']}, "
+           f"prompt {r['prompt_len']}, cache {r['cache_len']} slots; {r['param_dtype']} weights, {r['dtype']} compute; "
+           f"compiled in {r['compile_s']:.1f} s", "per chip:",
+           f"  {'parameters':30s}{_size(r['params_bytes']):>12s}", f"  {'KV cache':30s}{_size(r['cache_bytes']):>12s}"]
+  for name in ("prefill", "step"):
+    if name in r:
+      lines.append(f"  {name + ' temporaries':30s}{_size(r[name]['temp_bytes']):>12s}   peak {_size(r[name]['peak_bytes'])}")
+  verdict = "fits" if r["fits"] else "does not fit"
+  lines.append(f"  {verdict} in {r['hbm_bytes'] / GIB:.2f} GiB of HBM" + (f": {r['error']}" if "error" in r else ""))
+  lines.append(f"estimated decode: {r['tokens_per_s']:,.0f} tokens/s at most (weights and cache read once per step "
+               f"at the chip's HBM bandwidth)")
+  return "\n".join(lines)
 
 
 def _first_line(message: str) -> str:

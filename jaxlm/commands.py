@@ -30,10 +30,14 @@ def run(args, overrides: list[str]) -> int:
 
 
 def _train(args, overrides) -> int:
-  from jaxlm import trainer
+  """Exit status 0 when training reached train.num_steps; 130 (SIGINT), 143 (SIGTERM) or 75
+  (train.stop_at_step) when it stopped early after saving: see `run_report.EXIT_STATUS`."""
+  from jaxlm import run_report, trainer
   config = config_lib.apply_overrides(config_lib.load_config_file(args.config), overrides)
-  trainer.train(config, args.workdir)
-  return 0
+  changed = run_report.overrides_that_differ(args.config, overrides, config)
+  origin = args.config + (f" with {', '.join(changed)}" if changed else "")
+  summary = trainer.train(config, args.workdir, origin=origin)
+  return run_report.EXIT_STATUS[summary["stop_reason"]]
 
 
 def _eval(args, overrides) -> int:
@@ -93,7 +97,10 @@ def _convert(args, overrides) -> int:
   if args.from_hf:
     if not args.workdir:
       raise hf.ConvertError("convert --from-hf needs --workdir RUN: the run directory to write")
-    print(f"wrote run {hf.import_run(args.from_hf, args.workdir)} (checkpoint step 0, byte tokenizer)")
+    from jaxlm import tokenizer as tokenizer_lib
+    run = hf.import_run(args.from_hf, args.workdir)
+    kind = type(tokenizer_lib.load(run)).__name__
+    print(f"wrote run {run} (checkpoint step 0, {kind})")
   else:
     if not args.out:
       raise hf.ConvertError("convert --to-hf needs --out DIR: where to write config.json and model.safetensors")
@@ -125,8 +132,12 @@ def _compile(args, overrides) -> int:
   from pathlib import Path
   from jaxlm import aot
   config = config_lib.apply_overrides(config_lib.load_config_file(args.config), overrides)
-  report = aot.compile_train_step(config, args.topology)
-  print(aot.format_report(report), flush=True)
+  if args.decode:
+    report = aot.compile_decode(config, args.topology, args.batch_size, args.prompt_len)
+    print(aot.format_decode_report(report), flush=True)
+  else:
+    report = aot.compile_train_step(config, args.topology)
+    print(aot.format_report(report), flush=True)
   if args.json:
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
   return 0 if report["fits"] else 1

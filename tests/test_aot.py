@@ -117,3 +117,19 @@ def test_roofline_estimate():
   slow = aot.Chip(peak_flops=1e12, hbm_bytes=2 ** 34, hbm_bandwidth=1e15, ici_bandwidth=1.0)
   est = aot.estimate(config, slow, 4, mesh, 1000, memory)
   assert est["bound"] == "network" and math.isclose(est["network_s"], 2 * 3 / 4 * 1000)
+
+
+@needs_libtpu
+def test_decode_compile_shards_the_cache(tmp_path, capsys):
+  """--decode: the KV cache is split along batch (data 2) and key/value heads (tensor 2), as declared."""
+  out = tmp_path / "decode.json"
+  status = main.main(["compile", "--config", TINY, "--topology", "v5e:2x2", "--decode", "--batch-size", "8",
+                      "--config.mesh.tensor=2", "--json", str(out)])
+  assert status == 0, capsys.readouterr().out
+  report = json.loads(out.read_text())
+  # Whole cache: 2 layers x (key, value) x 8 rows x 64 slots x 4 heads x 8 dims x 4 bytes (float32 compute),
+  # a quarter per chip, plus each layer's int32 cache index (replicated).
+  whole = 2 * 2 * 8 * 64 * 4 * 8 * 4
+  assert report["cache_bytes"] == whole // 4 + 2 * 4
+  assert report["fits"] and report["step"]["peak_bytes"] < report["hbm_bytes"]
+  assert "KV cache" in capsys.readouterr().out
