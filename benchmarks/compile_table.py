@@ -46,6 +46,12 @@ CASES = {
     "llama_7b_v5p_fsdp_none": ("llama_7b", "v5p-32", FSDP + ["--config.model.remat_policy=none",
                                                              "--config.train.num_micro_batches=128"]),
 }
+# LLaMA-7B serving: bfloat16 weights, tensor parallelism over the slice (kv heads split), --decode.
+for chips in (4, 8):
+  for rows in (8, 32):
+    CASES[f"llama_7b_decode_v5e{chips}_b{rows}"] = ("llama_7b", f"v5e-{chips}", [
+        "--decode", f"--batch-size={rows}", "--config.mesh.data=1", "--config.mesh.tensor=-1",
+        "--config.model.param_dtype=bfloat16"])
 
 
 def run(name: str, extra: list[str]) -> dict:
@@ -61,7 +67,24 @@ def run(name: str, extra: list[str]) -> dict:
     return {"case": name, "config": config, "overrides": overrides, **json.loads(report)}
 
 
+def decode_table(rows: list[dict]) -> str:
+  gib = 1024 ** 3
+  lines = ["| case | slice | mesh (data x fsdp x tensor) | batch | per chip: weights | KV cache | decode-step peak / HBM | "
+           "fits | est. tokens/s |", "|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    mesh = " x ".join(str(v) for v in r["mesh"].values())
+    peak = f"{r['step']['peak_bytes'] / gib:.1f}" if "step" in r else "-"
+    lines.append(f"| {r['case']} | {r['topology']} | {mesh} | {r['batch_size']} | {r['params_bytes'] / gib:.2f} GiB | "
+                 f"{r['cache_bytes'] / gib:.2f} GiB | {peak} / {r['hbm_bytes'] / gib:.0f} GiB | "
+                 f"{'yes' if r['fits'] else 'no'} | {r['tokens_per_s']:,.0f} |")
+  return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
+  decoding = [r for r in rows if "cache_bytes" in r]
+  rows = [r for r in rows if "cache_bytes" not in r]
+  if decoding:
+    return "\n\n".join(filter(None, [table(rows) if rows else "", decode_table(decoding)]))
   gib = 1024 ** 3
   lines = ["| case | slice | mesh (data x fsdp x tensor) | remat | batch / micro | per chip: params + opt | "
            "temporaries | peak / HBM | fits | compile | est. MFU (bound) |",
