@@ -42,12 +42,6 @@ def round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
 
-def load_run(workdir, step: int | None = None):
-  """`jaxlm.loader.load(workdir, step)`: the run's params on one device, as decoding wants them."""
-  from jaxlm import loader  # local: `jaxlm.export` runs artifacts with this module and no model code
-  return loader.load(workdir, step)
-
-
 # --- Adapters: the family-specific prefill and step -------------------------------------------------
 
 class Adapter:

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jaxlm import decode, hf, main, model as model_lib, quantize
+from jaxlm import decode, hf, loader, main, model as model_lib, quantize
 
 from conftest import REPO, tiny_config
 
@@ -42,7 +42,7 @@ def test_exported_artifact_generates_the_same_tokens_without_model_code(run_dir,
   out = tmp_path / "artifact"
   assert main.main(["export", "--workdir", str(run_dir), "--out", str(out), "--batch-size", "2",
                     "--max-prompt-len", "16"] + (["--int8"] if int8 else [])) == 0
-  run = decode.load_run(run_dir)
+  run = loader.load(run_dir)
   params = quantize.quantize_params(run.params) if int8 else run.params
   generator = decode.Generator(run.config.model, params)
   want_greedy = generator.generate(PROMPTS, 12)

@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-from jaxlm import decode, hf, main, model as model_lib  # noqa: E402
+from jaxlm import hf, loader, main, model as model_lib  # noqa: E402
 
 from conftest import tiny_config  # noqa: E402
 
@@ -152,7 +152,7 @@ def test_convert_cli_round_trip_and_generate(tmp_path, capsys):
   run = tmp_path / "run"
   assert main.main(["convert", "--from-hf", str(tmp_path / "hf"), "--workdir", str(run)]) == 0
   assert (run / "config.json").is_file() and (run / "tokenizer.json").is_file()
-  loaded = decode.load_run(run)
+  loaded = loader.load(run)
   assert loaded.step == 0
   assert main.main(["convert", "--to-hf", str(run), "--out", str(tmp_path / "back")]) == 0
   # The usual file mode (the umask's, as config.json has), not the 0600 safetensors creates files with.
@@ -176,7 +176,7 @@ def test_convert_cli_round_trip_bert(tmp_path):
   save_hf("bert", tmp_path / "hf")
   run = tmp_path / "run"
   assert main.main(["convert", "--from-hf", str(tmp_path / "hf"), "--workdir", str(run)]) == 0
-  assert decode.load_run(run).config.model.family == "encoder"
+  assert loader.load(run).config.model.family == "encoder"
   assert main.main(["convert", "--to-hf", str(run), "--out", str(tmp_path / "back")]) == 0
   before, after = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
   assert sorted(before) == sorted(after)

@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from jaxlm import decode, hf_tokenizer, main, tokenizer as tokenizer_lib  # noqa: E402
+from jaxlm import decode, hf_tokenizer, loader, main, tokenizer as tokenizer_lib  # noqa: E402
 
 CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -92,7 +92,7 @@ def test_generation_matches_transformers(converted, capsys):
   style, _, tok, model, run = converted
   prompt = "def add(x"
   ours = tokenizer_lib.load(run)
-  loaded = decode.load_run(run)
+  loaded = loader.load(run)
   ids = decode.adapter_for(loaded.config.model, ours.bos_id).prompt_ids(ours, prompt)
   generator = decode.Generator(loaded.config.model, loaded.params, start_id=ours.bos_id)
   # An explicit attention mask: HF would otherwise mask the leading EOS wherever it equals the pad id.

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm import decode, export, hf, main, model as model_lib, quantize, serve
+from jaxlm import decode, export, hf, loader, main, model as model_lib, quantize, serve
 
 from conftest import files_config, tiny_config
 
@@ -62,7 +62,7 @@ def test_float_perplexity_is_reused_from_eval(run_dir, capsys):
 
 
 def test_quantized_model_generates_close_to_float(run_dir, capsys):
-  run = decode.load_run(run_dir)
+  run = loader.load(run_dir)
   float_gen = decode.Generator(run.config.model, run.params)
   int8_gen = decode.Generator(run.config.model, quantize.quantize_params(run.params))
   prompts = [[2, 70, 71, 72, 73, 74]]
@@ -89,11 +89,11 @@ def int8_run(run_dir):
 
 @pytest.mark.slow  # about 25 s: three compiles (generate, serve, export)
 def test_the_int8_run_loads_in_generate_serve_and_export(run_dir, int8_run, tmp_path, capsys):
-  loaded = decode.load_run(int8_run)
+  loaded = loader.load(int8_run)
   assert quantize.is_quantized(loaded.params)
   kernels = [leaf for leaf in jax.tree.leaves(loaded.params) if leaf.dtype == jnp.int8]
   assert len(kernels) >= 5  # every matmul kernel and the embedding
-  run = decode.load_run(run_dir)
+  run = loader.load(run_dir)
   tok = run.tokenizer
   ids = [tok.eos_id] + [int(i) for i in tok.encode("def f")]
   int8_gen = decode.Generator(run.config.model, quantize.quantize_params(run.params))

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm import decode, hf, model as model_lib, scoring, serve, tokenizer as tokenizer_lib
+from jaxlm import decode, hf, loader, model as model_lib, scoring, serve, tokenizer as tokenizer_lib
 
 from conftest import files_config
 
@@ -37,7 +37,7 @@ def server(run_dir):
 
 @pytest.fixture(scope="module")
 def loaded(run_dir):
-  return decode.load_run(run_dir)
+  return loader.load(run_dir)
 
 
 @pytest.fixture(scope="module")
