@@ -30,7 +30,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from einops import rearrange
+from einops import EinopsError, rearrange
 
 from jaxlm import config as config_lib
 from jaxlm import model as model_lib
@@ -197,8 +197,24 @@ def config_to_hf(m) -> dict:
 
 # --- weights: one table per architecture of (hf key, jaxlm path, to jaxlm, to hf) -------------------
 
+# HF keeps the heads of a projection side by side; ours keep them apart (q/k/v kernels D x heads x H, the output
+# kernel N x H x D, q/k/v biases heads x H). Each pair below is (to jaxlm, to hf) for a head dimension h.
+def _linear_heads(h):
+  """A Linear (out, in) = ((heads H), D) weight <-> our D x heads x H kernel."""
+  return (lambda w: rearrange(w, "(N H) D -> D N H", H=h), lambda k: rearrange(k, "D N H -> (N H) D"))
+
+
+def _linear_out(h):
+  """A Linear (out, in) = (D, (N H)) output weight <-> our N x H x D kernel."""
+  return (lambda w: rearrange(w, "D (N H) -> N H D", H=h), lambda k: rearrange(k, "N H D -> D (N H)"))
+
+
+def _bias_heads(h):
+  return (lambda b: rearrange(b, "(N H) -> N H", H=h), lambda b: rearrange(b, "N H -> (N H)"))
+
+
 def _gpt2_table(m):
-  n, h, d = m.num_heads, config_lib.head_dim(m), m.d_model
+  h, d = config_lib.head_dim(m), m.d_model
   rows = [("transformer.wte.weight", "embedder/token/embedding"),
           ("transformer.wpe.weight", "embedder/position/embedding"),
           ("transformer.ln_f.weight", "final_norm/scale"), ("transformer.ln_f.bias", "final_norm/bias")]
@@ -210,12 +226,14 @@ def _gpt2_table(m):
                (f"{hf}{hf_norm}.bias", f"{ours}{our_norm}/bias", None, None)]
     for j, name in enumerate(("query", "key", "value")):
       # One HF tensor feeds three of ours: the importer slices it, the exporter concatenates.
+      # Conv1D stores (in, out): the heads sit on the second axis of c_attn and the first of c_proj.
       rows.append((f"{hf}attn.c_attn.weight#{j}", f"{ours}self_attention/{name}/kernel",
-                   lambda w, j=j: w[:, j * d:(j + 1) * d].reshape(d, n, h), lambda k: k.reshape(d, n * h)))
+                   lambda w, j=j: rearrange(w[:, j * d:(j + 1) * d], "D (N H) -> D N H", H=h),
+                   lambda k: rearrange(k, "D N H -> D (N H)")))
       rows.append((f"{hf}attn.c_attn.bias#{j}", f"{ours}self_attention/{name}/bias",
-                   lambda b, j=j: b[j * d:(j + 1) * d].reshape(n, h), lambda b: b.reshape(n * h)))
+                   lambda b, j=j: _bias_heads(h)[0](b[j * d:(j + 1) * d]), _bias_heads(h)[1]))
     rows += [(f"{hf}attn.c_proj.weight", f"{ours}self_attention/out/kernel",
-              lambda w: w.reshape(n, h, d), lambda k: k.reshape(n * h, d)),
+              lambda w: rearrange(w, "(N H) D -> N H D", H=h), lambda k: rearrange(k, "N H D -> (N H) D")),
              (f"{hf}attn.c_proj.bias", f"{ours}self_attention/out/bias", None, None),
              (f"{hf}mlp.c_fc.weight", f"{ours}mlp/up/kernel", None, None),
              (f"{hf}mlp.c_fc.bias", f"{ours}mlp/up/bias", None, None),
@@ -225,10 +243,7 @@ def _gpt2_table(m):
 
 
 def _llama_table(m):
-  n, k, h, d = m.num_heads, config_lib.num_kv_heads(m), config_lib.head_dim(m), m.d_model
-  # HF Linear is (out, in). Ours: q/k/v kernels D x heads x H, the output kernel N x H x D.
-  into = lambda *shape: (lambda w: w.T.reshape(*shape), lambda x: x.reshape(d, -1).T)
-  out_of = (lambda w: w.T.reshape(n, h, d), lambda x: x.reshape(-1, d).T)
+  into, out_of = _linear_heads(config_lib.head_dim(m)), _linear_out(config_lib.head_dim(m))
   rows = [("model.embed_tokens.weight", "embedder/token/embedding", None, None),
           ("model.norm.weight", "final_norm/scale", None, None)]
   if not m.tie_embeddings:
@@ -237,9 +252,9 @@ def _llama_table(m):
     hf, ours = f"model.layers.{i}.", f"decoder/layer_{i}/"
     rows += [(f"{hf}input_layernorm.weight", f"{ours}self_attention_norm/scale", None, None),
              (f"{hf}post_attention_layernorm.weight", f"{ours}mlp_norm/scale", None, None),
-             (f"{hf}self_attn.q_proj.weight", f"{ours}self_attention/query/kernel", *into(d, n, h)),
-             (f"{hf}self_attn.k_proj.weight", f"{ours}self_attention/key/kernel", *into(d, k, h)),
-             (f"{hf}self_attn.v_proj.weight", f"{ours}self_attention/value/kernel", *into(d, k, h)),
+             (f"{hf}self_attn.q_proj.weight", f"{ours}self_attention/query/kernel", *into),
+             (f"{hf}self_attn.k_proj.weight", f"{ours}self_attention/key/kernel", *into),
+             (f"{hf}self_attn.v_proj.weight", f"{ours}self_attention/value/kernel", *into),
              (f"{hf}self_attn.o_proj.weight", f"{ours}self_attention/out/kernel", *out_of),
              (f"{hf}mlp.gate_proj.weight", f"{ours}mlp/gate/kernel", lambda w: w.T, lambda x: x.T),
              (f"{hf}mlp.up_proj.weight", f"{ours}mlp/up/kernel", lambda w: w.T, lambda x: x.T),
@@ -248,12 +263,9 @@ def _llama_table(m):
 
 
 def _bert_table(m):
-  n, h, d = m.num_heads, config_lib.head_dim(m), m.d_model
+  h = config_lib.head_dim(m)
   t = (lambda w: w.T, lambda x: x.T)
-  # HF Linear is (out, in) = (N*H, D) for q/k/v; ours D x N x H. The output dense is (D, N*H); ours N x H x D.
-  into = (lambda w: w.T.reshape(d, n, h), lambda x: x.reshape(d, n * h).T)
-  heads = (lambda b: b.reshape(n, h), lambda b: b.reshape(n * h))
-  out_of = (lambda w: w.T.reshape(n, h, d), lambda x: x.reshape(n * h, d).T)
+  into, heads, out_of = _linear_heads(h), _bias_heads(h), _linear_out(h)
   rows = [("bert.embeddings.word_embeddings.weight", "embedder/token/embedding", None, None),
           ("bert.embeddings.position_embeddings.weight", "embedder/position/embedding", None, None),
           ("bert.embeddings.token_type_embeddings.weight", "embedder/token_type/embedding", None, None),
@@ -284,7 +296,7 @@ def _bert_table(m):
 
 def _gptj_table(m):
   """Export only. Rows with no jaxlm path are biases jaxlm's use_bias=False leaves out: written as zeros."""
-  n, h, d, f, v = m.num_heads, config_lib.head_dim(m), m.d_model, m.mlp_dim, m.vocab_size
+  h, d, f, v = config_lib.head_dim(m), m.d_model, m.mlp_dim, m.vocab_size
   zeros = lambda *shape: (lambda _: np.zeros(shape, np.float32))
   # Our RoPE rotates feature pairs (i, i + H/2), GPT-J's pairs (2i, 2i + 1) at the same frequency: interleaving
   # the halves of every q and k head maps one onto the other (q.k is unchanged, as both move alike).
@@ -300,10 +312,8 @@ def _gptj_table(m):
              (f"{hf}ln_1.bias", None, None, zeros(d)),
              (f"{hf}attn.q_proj.weight", f"{ours}self_attention/query/kernel", None, roped),
              (f"{hf}attn.k_proj.weight", f"{ours}self_attention/key/kernel", None, roped),
-             (f"{hf}attn.v_proj.weight", f"{ours}self_attention/value/kernel", None,
-              lambda k: rearrange(k, "D N H -> (N H) D")),
-             (f"{hf}attn.out_proj.weight", f"{ours}self_attention/out/kernel", None,
-              lambda k: rearrange(k, "N H D -> D (N H)")),
+             (f"{hf}attn.v_proj.weight", f"{ours}self_attention/value/kernel", None, _linear_heads(h)[1]),
+             (f"{hf}attn.out_proj.weight", f"{ours}self_attention/out/kernel", None, _linear_out(h)[1]),
              (f"{hf}mlp.fc_in.weight", f"{ours}mlp/up/kernel", None, lambda k: k.T),
              (f"{hf}mlp.fc_in.bias", None, None, zeros(f)),
              (f"{hf}mlp.fc_out.weight", f"{ours}mlp/down/kernel", None, lambda k: k.T),
@@ -396,9 +406,9 @@ def params_from_hf(state: dict[str, np.ndarray], config) -> dict:
     tensor = np.asarray(state[hf_key.split("#")[0]], np.float32)
     try:
       flat[path] = to_ours(tensor) if to_ours else tensor
-    except ValueError as e:
+    except (ValueError, EinopsError) as e:
       raise ConvertError(f"model.safetensors: {hf_key.split('#')[0]} has shape {tensor.shape}, which does not "
-                         f"fit {path} ({e})") from None
+                         f"fit {path} ({' '.join(str(e).split())})") from None
   if m.scan_layers:
     flat = _stack_layers(flat, m.num_layers, _stack_name(m))
   _check(flat, expected_params(config), "model.safetensors")
