@@ -11,6 +11,7 @@ for the rule and `jaxlm/ops/attention.py` for the attention extension point
   norm.py           LayerNorm / RMSNorm
   dense.py          fused projections (several kernels, one matmul)
   activation.py     bias + activation, and the table of activations
+  pallas_attention.py  splash (TPU) and triton (GPU) Pallas attention, registered through `register_attention`
 """
 
 from jaxlm.ops import activation, attention, dense, dispatch, norm

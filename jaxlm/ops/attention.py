@@ -40,7 +40,7 @@ from typing import Callable, Protocol
 
 import jax
 import jax.numpy as jnp
-from einops import rearrange, repeat
+from einops import repeat
 from flax import struct
 
 from jaxlm import cpu_kernels
