@@ -43,7 +43,7 @@ CASES = {
     "llama_7b_v5p_fsdp_dots_no_batch": ("llama_7b", "v5p-32", FSDP + ["--config.model.remat_policy=dots_no_batch",
                                                                       "--config.train.num_micro_batches=64"]),
     "gpt3_13b": ("gpt3_13b", "v5p-64", FSDP + ["--config.model.remat_policy=full",
-                                               "--config.train.num_micro_batches=16"]),
+                                               "--config.train.num_micro_batches=16", "--config.eval.batch_size=32"]),
     "llama_7b_v5p_fsdp_none": ("llama_7b", "v5p-32", FSDP + ["--config.model.remat_policy=none",
                                                              "--config.train.num_micro_batches=128"]),
 }
