@@ -103,6 +103,20 @@ class ChatTemplate:
       return ""
     return text.split(_PROBE, 1)[1].strip() if _PROBE in text else ""
 
+  def stop_ids(self, tokenizer) -> list[int]:
+    """EOS, plus the end-of-turn marker when `tokenizer` spells it as one special token (e.g. <|im_end|>):
+    decoding drops special tokens, so no stop string could see it."""
+    ids = [int(tokenizer.eos_id)]
+    if self.turn_end:
+      marker = [int(i) for i in tokenizer.encode(self.turn_end)]
+      if len(marker) == 1 and tokenizer.decode(marker) == "" and marker[0] not in ids:
+        ids.append(marker[0])
+    return ids
+
+  def stop_strings(self, stop: list[str]) -> list[str]:
+    """`stop` plus the end-of-turn marker, which ends the answer's text when it is written as text."""
+    return stop + [self.turn_end] if self.turn_end and self.turn_end not in stop else list(stop)
+
   def segments(self, messages: Sequence[dict]) -> list[tuple[str, bool]]:
     """The rendered conversation as (text, is_assistant) pieces, in order; their concatenation is
     `render(messages)`. Raises ChatTemplateError when a template renders an earlier part of the

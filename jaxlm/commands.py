@@ -86,6 +86,14 @@ def _generate(args, overrides) -> int:
   return 0
 
 
+def _chat(args, overrides) -> int:
+  from jaxlm import chat, decode
+  session = chat.ChatSession(_load(args), args.max_tokens,
+                             decode.Sampling(args.temperature, args.top_k, args.top_p, args.seed), args.system)
+  chat.run_loop(session)
+  return 0
+
+
 def _serve(args, overrides) -> int:
   from jaxlm import serve
   serve.serve(args.workdir, args.host, args.port, args.step, args.int8, args.max_batch)
@@ -178,6 +186,6 @@ def _plot(args, overrides) -> int:
   print(f"wrote {plot.write_plot(args.runs, args.out)} ({len(args.runs)} run{'s' * (len(args.runs) > 1)})")
   return 0
 
-COMMANDS = {"train": _train, "plot": _plot, "eval": _eval, "generate": _generate, "serve": _serve, "convert": _convert,
-            "export": _export, "quantize": _quantize, "compile": _compile, "verify": _verify, "config": _config,
+COMMANDS = {"train": _train, "plot": _plot, "eval": _eval, "generate": _generate, "chat": _chat, "serve": _serve,
+            "convert": _convert, "export": _export, "quantize": _quantize, "compile": _compile, "verify": _verify, "config": _config,
             "prepare": _prepare}

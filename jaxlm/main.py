@@ -4,6 +4,7 @@ Usage:
   jaxlm train --config configs/default.py --workdir runs/x [--config.model.num_layers=4 ...]
   jaxlm eval --workdir runs/x [--step N]
   jaxlm generate --workdir runs/x --prompt "def " [--max-tokens 64 --temperature 0.8 --top-p 0.9 --seed 0]
+  jaxlm chat --workdir runs/x [--system "Be terse." --max-tokens 256]
   jaxlm serve --workdir runs/x --port 8000
   jaxlm convert --from-hf HF_DIR --workdir runs/x  |  jaxlm convert --to-hf runs/x --out HF_DIR
   jaxlm export --workdir runs/x --out export/x
@@ -90,7 +91,16 @@ def _deployment_parsers(sub):
   gen.add_argument("--beam-size", type=int, default=0, help="beam search with this width (no streaming)")
   gen.add_argument("--length-penalty", type=float, default=0.6, help="GNMT alpha for beam search")
   gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
-  serve = sub.add_parser("serve", help="HTTP completion server (POST /v1/completions, GET /health, /v1/models)")
+  chat = sub.add_parser("chat", help="talk to a run in the terminal with its chat template; keeps the conversation")
+  _run_args(chat)
+  chat.add_argument("--max-tokens", type=int, default=256, help="the most tokens per answer")
+  chat.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+  chat.add_argument("--top-k", type=int, default=0, help="0 disables")
+  chat.add_argument("--top-p", type=float, default=1.0, help="1 disables")
+  chat.add_argument("--seed", type=int, default=0)
+  chat.add_argument("--system", default="", help="a system message that opens the conversation")
+  serve = sub.add_parser("serve", help="HTTP completion server (POST /v1/completions, /v1/chat/completions, "
+                                       "GET /health, /v1/models)")
   _run_args(serve)
   serve.add_argument("--host", default="127.0.0.1")
   serve.add_argument("--port", type=int, default=8000)
