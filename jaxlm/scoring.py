@@ -29,16 +29,20 @@ class ScoringGenerator(decode.Generator):
 
   After every prefill or step call, `scores` holds (on device) the chosen
   tokens' log-probabilities `logprob_B`, the top TOP_LOGPROBS alternatives
-  `top_ids_BxK`/`top_logprobs_BxK` and, after prefill with `score_prompt`,
-  the same for every prompt token (`prompt_*`, position j scored from j-1).
-  `stream` yields each step's tokens right after the call that made them,
-  so `scores` always belongs to the StepOutput just received.
+  `top_ids_BxK`/`top_logprobs_BxK` and, after a prefill while
+  `score_prompt_now` is set (a batch that echoes a prompt with its
+  log-probabilities), the same for every prompt token (`prompt_*`, position j
+  scored from j-1). That is a B x P x V softmax, so it is a second compiled
+  prefill, used only when asked for. `stream` yields each step's tokens right
+  after the call that made them, so `scores` always belongs to the StepOutput
+  just received. `can_score_prompt`: the prompt is text the model continues
+  (not an encoder's source).
   """
 
-  def __init__(self, cfg, params, cache_len: int | None = None, start_id: int = 1, score_prompt: bool = True):
+  def __init__(self, cfg, params, cache_len: int | None = None, start_id: int = 1, can_score_prompt: bool = True):
     super().__init__(cfg, params, cache_len, start_id)
-    self.score_prompt, self.scores = score_prompt, {}
-    prefill = jax.jit(self._scored_prefill, static_argnames=("cache_len", "do_sample"))
+    self.can_score_prompt, self.score_prompt_now, self.scores = can_score_prompt, False, {}
+    prefill = jax.jit(self._scored_prefill, static_argnames=("cache_len", "do_sample", "score_prompt"))
     step = jax.jit(self._scored_step, static_argnames=("do_sample",), donate_argnums=(1,))
 
     def keep(function):
@@ -46,13 +50,15 @@ class ScoringGenerator(decode.Generator):
         tokens_B, state, self.scores = function(*args, **kwargs)
         return tokens_B, state
       return call
-    self.prefill, self.step = keep(prefill), keep(step)
+    self.prefill = keep(lambda *args, **kwargs: prefill(
+        *args, **kwargs, score_prompt=self.can_score_prompt and self.score_prompt_now))
+    self.step = keep(step)
 
-  def _scored_prefill(self, params, prompt, sampling, cache_len: int, do_sample: bool):
+  def _scored_prefill(self, params, prompt, sampling, cache_len: int, do_sample: bool, score_prompt: bool):
     logits_BxPxV, next_BxV, state = self.adapter.prefill(quantize.materialize(params), prompt, cache_len)
     tokens_B = decode.choose(next_BxV, sampling, 0, do_sample)
     scores = self._score(next_BxV, tokens_B)
-    if self.score_prompt:
+    if score_prompt:
       logp_BxPxV = jax.nn.log_softmax(logits_BxPxV[:, :-1].astype(jnp.float32))
       following_BxP = prompt["tokens_BxP"][:, 1:]
       scores["prompt_logprob_BxP"] = jnp.take_along_axis(logp_BxPxV, following_BxP[..., None], axis=-1)[..., 0]

@@ -11,6 +11,7 @@ batch. The batch is padded to `max_batch` rows and the cache is always
 API (the OpenAI completions API, legacy form):
   POST /v1/completions {prompt, max_tokens=16, temperature=0, top_p=1, top_k=0, stop=null|str|[str],
                         seed=0, stream=false, n=1, logprobs=null|0..5, echo=false, user, model}
+  POST /v1/chat/completions: the same for OpenAI-style messages (jaxlm/serve_chat.py)
   GET /health, GET /v1/models
 `n` decodes n rows (seeds seed, seed+1, ...); `logprobs` returns each token's
 log-probability under the model (before temperature and filtering) and the
@@ -198,6 +199,7 @@ class Engine:
     stream = self.generator.stream([job.ids for job in batch], [job.max_tokens for job in batch], sampling,
                                    self.stop_ids, batch_size=self.max_batch)
     scoring = any(job.logprobs is not None for job in batch)
+    self.generator.score_prompt_now = any(job.logprobs is not None and job.echo_text is not None for job in batch)
     for t, out in enumerate(stream):
       scores = jax.device_get(self.generator.scores) if scoring else {}
       for i, job in enumerate(batch):
@@ -294,7 +296,7 @@ def _http_error(e: web.HTTPException, request: web.Request) -> web.Response:
   """404, 405, 413... in the JSON error shape of the 400s."""
   if isinstance(e, web.HTTPNotFound):
     return _error_body(404, "path", f"no route {request.method} {request.path}; routes: POST /v1/completions, "
-                                    "GET /v1/models, GET /health")
+                                    "POST /v1/chat/completions, GET /v1/models, GET /health")
   if isinstance(e, web.HTTPMethodNotAllowed):
     return _error_body(405, "method", f"{request.path} does not take {request.method}; it takes "
                                       f"{', '.join(sorted(e.allowed_methods))}")
@@ -367,6 +369,8 @@ def make_app(generator: scoring.ScoringGenerator, tokenizer, model_name: str, ma
   app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_errors_and_log])
   app.add_routes([web.get("/health", health), web.get("/v1/models", models), web.post("/v1/completions", completions)])
   app[ENGINE] = engine
+  from jaxlm import serve_chat  # local: serve_chat builds on this module
+  serve_chat.add_route(app, tokenizer, model_name, max_len, list(prefix), vocab_size)
   return app
 
 
@@ -435,8 +439,11 @@ def app_for_run(workdir, step: int | None = None, int8: bool = False, max_batch:
   # largest max_tokens: twice the context covers any batch, with one cache shape for the server's life.
   cache_len = 2 * decode.round_up(model.max_len, decode.PROMPT_BUCKET)
   generator = scoring.ScoringGenerator(model, params, cache_len=cache_len, start_id=run.tokenizer.bos_id,
-                               score_prompt=continues_prompt)
-  return make_app(generator, run.tokenizer, Path(workdir).resolve().name, max_batch, prefix, [run.tokenizer.eos_id])
+                               can_score_prompt=continues_prompt)
+  from jaxlm import chat_template
+  # EOS, and a chat template's end-of-turn token (e.g. <|im_end|>), as HF generation configs of chat models list.
+  stop_ids = chat_template.for_tokenizer(run.tokenizer).stop_ids(run.tokenizer)
+  return make_app(generator, run.tokenizer, Path(workdir).resolve().name, max_batch, prefix, stop_ids)
 
 
 def serve(workdir, host: str = "127.0.0.1", port: int = 8000, step: int | None = None, int8: bool = False,
