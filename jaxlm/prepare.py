@@ -271,11 +271,11 @@ def prepare_split(plan: dict, directory: Path, workers: int, show_progress: bool
   for tmp in directory.glob("*.tmp"):  # left by an interrupted run; never complete
     tmp.unlink()
   shards = plan["shards"]
-  done = [i for i in range(len(shards)) if (directory / f"shard_{i:05d}.json").is_file()]
+  done = {i for i in range(len(shards)) if (directory / f"shard_{i:05d}.json").is_file()}
   if done:
     print(f"{directory}: resuming, {len(done)} of {len(shards)} shards already written", file=sys.stderr)
   jobs = [(str(directory), i, shard, plan["data"], split, plan["dtype"])
-          for i, shard in enumerate(shards) if i not in set(done)]
+          for i, shard in enumerate(shards) if i not in done]
   size = lambda shard: sum(s["end"] - s["start"] if "path" in s else s["tfds"][1] - s["tfds"][0] for s in shard)
   by_bytes = plan["source"] != "tfds"
   with tqdm.tqdm(total=sum(map(size, shards)), initial=sum(size(shards[i]) for i in done), unit="B" if by_bytes
