@@ -17,7 +17,7 @@ import jax
 from jaxlm import config as config_lib
 from jaxlm.config import Config
 from jaxlm import data as data_lib
-from jaxlm import families, loader, sharding, train_step, trainer
+from jaxlm import families, loader, quantize, sharding, train_step, trainer
 
 
 def fitted_config(config: Config, num_devices: int) -> Config:
@@ -88,6 +88,7 @@ def evaluate(workdir: str | Path, step: int | None = None, max_batches: int | No
   config = fitted_config(loader.load_config(workdir), jax.device_count())
   mesh = sharding.make_mesh(config)
   run = loader.load(workdir, step, mesh)
+  run = run._replace(params=quantize.materialize(run.params))  # an int8 run (`jaxlm quantize`) scores dequantized
   family = families.get(config.model.family)
   rules = config_lib.mesh_rules(config)
   shardings = jax.tree.map(lambda x: x.sharding, run.params)

@@ -82,13 +82,14 @@ def test_quantized_model_generates_close_to_float(run_dir, capsys):
 
 @pytest.fixture(scope="module")
 def int8_run(run_dir):
+  """(the int8 run's directory, quantize's report)."""
   out = run_dir.parent / "int8_run"
-  quantize.compare(run_dir, max_batches=1, out=out)
-  return out
+  return out, quantize.compare(run_dir, max_batches=1, out=out)
 
 
-@pytest.mark.slow  # about 25 s: three compiles (generate, serve, export)
-def test_the_int8_run_loads_in_generate_serve_and_export(run_dir, int8_run, tmp_path, capsys):
+@pytest.mark.slow  # about 35 s: four compiles (generate, serve, eval, export)
+def test_the_int8_run_loads_in_generate_serve_eval_and_export(run_dir, int8_run, tmp_path, capsys):
+  int8_run, reported = int8_run
   loaded = loader.load(int8_run)
   assert quantize.is_quantized(loaded.params)
   kernels = [leaf for leaf in jax.tree.leaves(loaded.params) if leaf.dtype == jnp.int8]
@@ -114,6 +115,11 @@ def test_the_int8_run_loads_in_generate_serve_and_export(run_dir, int8_run, tmp_
     background.close()
   # The server stops at EOS; up to there it decodes exactly what the int8 weights give.
   assert expected.startswith(served) and served
+
+  # eval scores the dequantized weights: the int8 perplexity quantize reported.
+  assert main.main(["eval", "--workdir", str(int8_run), "--max-batches", "1"]) == 0
+  evaluated = json.loads((int8_run / "eval_step_0.json").read_text())
+  assert math.exp(evaluated["loss"]) == pytest.approx(reported["int8_perplexity"], rel=1e-4)
 
   assert main.main(["export", "--workdir", str(int8_run), "--out", str(tmp_path / "artifact")]) == 0
   artifact = export.load(tmp_path / "artifact")
