@@ -18,10 +18,34 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+
+
+# gcp-storage-emulator, in memory, with one addition: object downloads carry the `x-goog-generation` header,
+# as Cloud Storage's do. TensorStore reads an object's generation from it (OCDBT's manifest updates are
+# conditional on it) and fails with "Malformed StorageGeneration" without it.
+_SERVER = """
+import logging, sys
+from gcp_storage_emulator.handlers import objects
+
+original_download = objects.download
+
+def download(request, response, storage, *args, **kwargs):
+    original_download(request, response, storage, *args, **kwargs)
+    if response.status.value < 300:
+        obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+        response["x-goog-generation"] = obj["generation"]
+        response["x-goog-metageneration"] = obj["metageneration"]
+
+objects.download = download  # before `server` builds its routing table from it
+from gcp_storage_emulator import server
+logging.basicConfig(level=logging.ERROR)
+server.create_server("127.0.0.1", int(sys.argv[1]), in_memory=True).run()
+"""
 
 
 def free_port() -> int:
@@ -39,14 +63,14 @@ class Emulator:
     self.process: subprocess.Popen | None = None
 
   def start(self, timeout_s: float = 30.0) -> "Emulator":
-    self.process = subprocess.Popen(
-        [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port", str(self.port),
-         "--in-memory", "--quiet"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # A file, not a pipe: nobody reads the emulator's log while it runs, and a full pipe would block it.
+    self.log = tempfile.TemporaryFile()
+    self.process = subprocess.Popen([sys.executable, "-c", _SERVER, str(self.port)], stdout=self.log,
+                                    stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
       if self.process.poll() is not None:
-        raise RuntimeError(f"the GCS emulator exited: {self.process.stderr.read().decode()[-2000:]}")
+        raise RuntimeError(f"the GCS emulator exited: {self.log_text()[-2000:]}")
       try:
         urllib.request.urlopen(f"{self.url}/storage/v1/b", timeout=1).read()
         return self
@@ -64,6 +88,12 @@ class Emulator:
         self.process.kill()
         self.process.wait()
     self.process = None
+    self.log.close()
+
+  def log_text(self) -> str:
+    """What the emulator has logged so far (errors only: it runs with --quiet)."""
+    self.log.seek(0)
+    return self.log.read().decode(errors="replace")
 
   def environment(self) -> dict[str, str]:
     """The variables that send gcsfs, google-cloud-storage and TensorStore to this emulator."""

@@ -316,7 +316,7 @@ def test_supervise_dry_run_through_a_preemption(tmp_path):
     assert result.stdout.splitlines() == INSTALL + LAUNCH + DELETE + CREATE + INSTALL + LAUNCH
     assert calls == [DESCRIBE, PGREP, CAT, SLEEP,  # ACTIVE, nothing running, no summary: install, launch
                      DESCRIBE, PGREP, SLEEP,  # running
-                     DESCRIBE, CAT,  # PREEMPTED and not finished: delete, create
+                     DESCRIBE, CAT, SLEEP,  # PREEMPTED and not finished: delete, create
                      DESCRIBE, PGREP, CAT, SLEEP,  # ACTIVE again: install, launch (attempt 2)
                      DESCRIBE, PGREP, SLEEP,  # running
                      DESCRIBE, PGREP, CAT]  # finished
@@ -433,3 +433,40 @@ def test_shellcheck():
     result = subprocess.run([shellcheck, *scripts], cwd=REPO, capture_output=True, text=True,
                             timeout=30)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- tpu/README.md's walkthrough is what the scripts print ---
+
+# The story README's supervise.sh transcript tells: the VM is up with nothing running, the job is launched;
+# a poll later it is preempted (training saved at the signal), re-created, and the job relaunched; the last
+# poll finds it finished.
+README_STORY = {"describe": ["ACTIVE", "PREEMPTED", "ACTIVE", "ACTIVE"], "running": ["stopped", "stopped", "stopped"],
+                "summary": ["", STOPPED, STOPPED, FINISHED]}
+
+
+def readme_transcripts():
+    """(command line, printed lines) for each ```console block of tpu/README.md that starts with `$ tpu/`."""
+    text = (TPU / "README.md").read_text()
+    blocks = [block.split("\n```", 1)[0] for block in text.split("```console\n")[1:]]
+    return [(block.splitlines()[0][2:], block.splitlines()[1:]) for block in blocks if block.startswith("$ tpu/")]
+
+
+def test_readme_walkthrough_matches_the_dry_runs(env, tmp_path):
+    transcripts = readme_transcripts()
+    assert {shlex.split(command)[0] for command, _ in transcripts} == {
+        f"tpu/{name}" for name in ("create.sh", "install.sh", "launch.sh", "supervise.sh", "delete.sh")}
+    for command, printed in transcripts:
+        words = shlex.split(command)
+        assert "--dry-run" in words, command
+        if words[0] == "tpu/supervise.sh":
+            (tmp_path / "script").write_text(json.dumps(README_STORY))
+            (tmp_path / "gcloud").write_text(FAKE_GCLOUD.format(python=sys.executable, root=str(tmp_path)))
+            (tmp_path / "sleep").write_text("#!/bin/sh\n")
+            for stub in ("gcloud", "sleep"):
+                (tmp_path / stub).chmod(0o755)
+            run_env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
+        else:
+            run_env = env
+        result = subprocess.run(["bash", str(REPO / words[0]), *words[1:]], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env=run_env, timeout=30, cwd=REPO)
+        assert result.stdout.splitlines() == printed, command

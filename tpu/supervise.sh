@@ -124,6 +124,9 @@ while true; do
       fi
       "$HERE/create.sh" "${create[@]}" "${dry[@]}"
       installed=0
+      if ((DRY_RUN)); then
+        sleep "${OPT[poll-seconds]}" # nothing was created: look again after a poll, not at once
+      fi
       ;;
     *) # ACCEPTED, WAITING_FOR_RESOURCES, PROVISIONING, CREATING, DELETING: not ours to change
       sleep "${OPT[poll-seconds]}"
