@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import gcs_emulator
+from conftest import REPO
 from jaxlm import fs
 
 BUCKET = "jaxlm-test"
@@ -53,6 +54,8 @@ def test_files_and_globs_in_a_bucket(emulator):
   assert fs.glob(f"{base}/*.txt") == [f"{base}/a.txt"]
   assert fs.glob(f"{base}/**/*.txt") == [f"{base}/a.txt", f"{base}/sub/b.txt"]
   assert emulator.list_objects(BUCKET, "files/") == ["files/a.txt", "files/c.json", "files/sub/b.txt"]
+  fs.move(f"{base}/sub", f"{base}-moved/deeper/sub")  # a folder, to a parent that holds nothing yet
+  assert emulator.list_objects(BUCKET, "files") == ["files-moved/deeper/sub/b.txt", "files/a.txt", "files/c.json"]
 
 
 def test_append_file_rewrites_the_object(emulator):
@@ -145,3 +148,160 @@ def test_check_access_unreachable():
          "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
   assert result.stdout.startswith("gs://bucket: no answer from Cloud Storage within 2 s"), result
+
+
+# --- data in a bucket --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def gs_corpus(emulator, text_corpus):
+  """The local test corpus copied to gs://BUCKET/corpus/; returns the glob."""
+  for path in sorted(text_corpus.glob("*.txt")):
+    fs.write_bytes(f"gs://{BUCKET}/corpus/{path.name}", path.read_bytes())
+  return f"gs://{BUCKET}/corpus/*.txt"
+
+
+def test_data_globs_split_a_bucket_like_a_folder(gs_corpus, text_corpus):
+  """Split keys are names past the glob's fixed prefix, so a bucket copy splits exactly like the folder."""
+  from jaxlm import corpus
+  local = corpus.glob_files_with_keys([str(text_corpus / "*.txt")])
+  remote = corpus.glob_files_with_keys([gs_corpus])
+  assert sorted(remote.values()) == sorted(local.values()) and len(remote) == 30
+  assert all(os.fspath(path).startswith(f"gs://{BUCKET}/corpus/") for path in remote)
+  assert corpus.absolute_patterns(gs_corpus) == gs_corpus  # os.path.abspath would make it <cwd>/gs:/...
+  first = min(remote)
+  assert corpus.documents(first, 0, fs.size(first)) == [(text_corpus / os.fspath(first).rsplit("/", 1)[1]).read_bytes()]
+
+
+def test_sentencepiece_model_in_a_bucket(emulator, text_corpus):
+  from jaxlm import spm, tokenizer as tokenizer_lib
+  lines = [line for path in sorted(text_corpus.glob("*.txt")) for line in path.read_text().splitlines()]
+  model = f"gs://{BUCKET}/spm/code.model"
+  spm.train(lines, model, vocab_size=300)
+  tokenizer = tokenizer_lib.SentencePieceTokenizer(model)
+  assert tokenizer.vocab_size == 301
+  assert tokenizer.decode(tokenizer.encode("def parse(text):")) == "def parse(text):"
+  tokenizer.save(f"gs://{BUCKET}/spm-run")
+  loaded = tokenizer_lib.load(f"gs://{BUCKET}/spm-run")
+  np.testing.assert_array_equal(loaded.encode("return x + 1"), tokenizer.encode("return x + 1"))
+
+
+# --- jaxlm commands with a gs:// work directory ------------------------------------------------------
+
+TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.py")
+STEPS = 24
+
+
+def train_args(workdir: str, corpus_glob: str, *extra: str) -> list[str]:
+  return ["train", "--config", TINY, "--workdir", workdir, "--config.data.source=files",
+          f"--config.data.paths={corpus_glob}", "--config.data.val_fraction=0.2", f"--config.train.num_steps={STEPS}",
+          "--config.train.log_every=1", "--config.train.checkpoint_every=4", "--config.train.eval_every=12",
+          "--config.train.eval_batches=2", "--config.train.keep_checkpoints=3", "--config.eval.max_batches=2", *extra]
+
+
+def jaxlm(args: list[str], cwd, devices: int = 8, env: dict | None = None, timeout: int = 600, **popen):
+  """`python -m jaxlm.main ARGS` run from `cwd` (not the repository), with the emulator's environment."""
+  environment = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **(env or {})}
+  command = [sys.executable, "-m", "jaxlm.main", *args]
+  if popen:
+    return subprocess.Popen(command, cwd=cwd, env=environment, text=True, **popen)
+  return subprocess.run(command, cwd=cwd, env=environment, text=True, capture_output=True, timeout=timeout)
+
+
+def read_metrics(workdir: str) -> dict[int, dict]:
+  rows = [json.loads(line) for line in fs.read_bytes(f"{workdir}/metrics.jsonl").decode().splitlines()]
+  return {row["step"]: row for row in rows if "loss" in row}
+
+
+@pytest.fixture(scope="module")
+def reference_run(emulator, gs_corpus, tmp_path_factory):
+  """An uninterrupted run into gs://BUCKET/ref, trained from a scratch folder; returns (workdir, cwd)."""
+  cwd = tmp_path_factory.mktemp("train_cwd")
+  workdir = f"gs://{BUCKET}/ref"
+  result = jaxlm(train_args(workdir, gs_corpus), cwd)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir, cwd
+
+
+@pytest.mark.slow
+def test_run_files_land_in_the_bucket_and_no_local_gs_folder(emulator, reference_run):
+  workdir, cwd = reference_run
+  names = emulator.list_objects(BUCKET, "ref/")
+  for name in ("config.json", "tokenizer.json", "metrics.jsonl", "train_summary.json"):
+    assert f"ref/{name}" in names
+  assert any(n.startswith("ref/tensorboard/events.out.tfevents") for n in names)
+  assert any(n.startswith(f"ref/checkpoints/{STEPS}/") for n in names)
+  assert json.loads(fs.read_bytes(f"{workdir}/train_summary.json"))["stop_reason"] == "finished"
+  assert sorted(read_metrics(workdir)) == list(range(1, STEPS + 1))
+  assert list(cwd.iterdir()) == []  # nothing local: no gs:/bucket/... folder, no stray files
+  assert not (REPO / "gs:").exists()
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_is_bitwise_identical(emulator, reference_run, gs_corpus, tmp_path):
+  """kill -9 mid-run, then the same command: the final params equal the uninterrupted run's bit for bit."""
+  from jaxlm import loader
+  workdir = f"gs://{BUCKET}/killed"
+  process = jaxlm(train_args(workdir, gs_corpus), tmp_path, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+  seen = []
+  for line in process.stderr:
+    seen.append(line)
+    if line.startswith("step 10:"):
+      process.kill()  # SIGKILL: no handler runs, an async save may be cut short
+      break
+  process.wait(timeout=60)
+  assert process.returncode == -9, "".join(seen)[-3000:]
+  assert not fs.path(f"{workdir}/train_summary.json").exists()
+  resumed = jaxlm(train_args(workdir, gs_corpus), tmp_path / "..")
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "resumed from step" in resumed.stderr
+  reference, again = loader.load(reference_run[0], STEPS), loader.load(workdir, STEPS)
+  for expected, actual in zip(jax.tree.leaves(reference.params), jax.tree.leaves(again.params)):
+    np.testing.assert_array_equal(np.asarray(actual), np.asarray(expected))
+  assert read_metrics(workdir)[STEPS]["loss"] == read_metrics(reference_run[0])[STEPS]["loss"]
+  assert not (tmp_path / "gs:").exists()
+
+
+@pytest.mark.slow
+def test_eval_and_generate_from_another_folder(emulator, reference_run, tmp_path):
+  workdir, _ = reference_run
+  evaluated = jaxlm(["eval", "--workdir", workdir], tmp_path)
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  result = json.loads(fs.read_bytes(f"{workdir}/eval_step_{STEPS}.json"))
+  assert np.isfinite(result["loss"]) and result["step"] == STEPS
+  generated = jaxlm(["generate", "--workdir", workdir, "--prompt", "def ", "--max-tokens", "8", "--temperature", "0"],
+                    tmp_path)
+  assert generated.returncode == 0, generated.stderr[-3000:]
+  assert generated.stdout.strip()
+  assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_two_processes_share_a_bucket_then_restore_on_one_device(emulator, reference_run, gs_corpus, tmp_path):
+  """2 processes x 4 CPU devices train into one gs:// work directory with the losses of 1 x 8; the
+  checkpoint then evaluates on one device (another mesh) from the bucket."""
+  workdir = f"gs://{BUCKET}/multi"
+  port = gcs_emulator.free_port()
+  env = {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2"}
+  processes = [jaxlm(train_args(workdir, gs_corpus), tmp_path, devices=4, env={**env, "JAX_PROCESS_ID": str(i)},
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+  outputs = [p.communicate(timeout=900) for p in processes]
+  for process, (_, err) in zip(processes, outputs):
+    assert process.returncode == 0, err[-3000:]
+  reference, multi = read_metrics(reference_run[0]), read_metrics(workdir)
+  for step in range(1, STEPS + 1):
+    np.testing.assert_allclose(multi[step]["loss"], reference[step]["loss"], rtol=2e-5)
+  evaluated = jaxlm(["eval", "--workdir", workdir], tmp_path, devices=1)
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  assert fs.path(f"{workdir}/eval_step_{STEPS}.json").exists()
+  assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", [["train", "--config", TINY], ["eval"]])
+def test_missing_bucket_is_one_line(emulator, command, tmp_path):
+  result = jaxlm([*command, "--workdir", "gs://no-such-bucket/run"], tmp_path, timeout=300)
+  assert result.returncode == 2
+  errors = [line for line in result.stderr.splitlines() if line.startswith("jaxlm: error:")]
+  assert errors == ["jaxlm: error: gs://no-such-bucket: bucket not found (from gs://no-such-bucket/run); create it "
+                    "with `gcloud storage buckets create gs://no-such-bucket --location=REGION` or fix the name"]
+  assert "Traceback" not in result.stderr
+  assert list(tmp_path.iterdir()) == []
