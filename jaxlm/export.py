@@ -3,8 +3,9 @@
 An artifact directory holds prefill.bin and step.bin (serialized
 `jax.export.Exported`), weights.npz (the params, float or int8, flattened
 by path), meta.json (shapes and special ids) and the run's tokenizer
-(tokenizer.json, and tokenizer.model for SentencePiece), so `load(DIR).generate`
-takes and returns text. `load` runs it with jax and numpy alone: neither the model code (jaxlm.model, jaxlm.layers) nor Flax is
+(tokenizer.json, and tokenizer.model for SentencePiece), so
+`load(DIR).generate` takes and returns text. `load` runs it with jax and
+numpy alone: neither the model code (jaxlm.model, jaxlm.layers) nor Flax is
 imported, so the artifact decodes wherever jax does. Shapes are fixed at
 export time: batch size, prompt width and cache length.
 """

@@ -19,8 +19,9 @@ def fake_run(directory, steps: int = 60, eval_every: int = 20, batch: int = 8, s
                                                      "data": {"seq_len": seq_len}}))
   rows = []
   for step in list(range(1, steps + 1)) + list(range((resumed_at or steps) + 1, steps + 1)):
-    rows.append({"step": step, "loss": 5.5 * math.exp(-step / 30) + 1 + offset, "learning_rate": 1e-3 * min(1, step / 10),
-                 "grad_norm": 2.0 / step ** 0.5, "tokens": batch * seq_len, "tokens_per_s": 900.0 + step})
+    rows.append({"step": step, "loss": 5.5 * math.exp(-step / 30) + 1 + offset,
+                 "learning_rate": 1e-3 * min(1, step / 10), "grad_norm": 2.0 / step ** 0.5,
+                 "tokens": batch * seq_len, "tokens_per_s": 900.0 + step})
     if step % eval_every == 0:
       rows.append({"step": step, "val_loss": 5.5 * math.exp(-step / 30) + 1.2 + offset})
   (directory / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
