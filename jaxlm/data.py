@@ -41,6 +41,9 @@ def load_documents(data_config, split: str) -> list[bytes]:
   if data_config.source == "tfds":
     from jaxlm import tfds_data  # local: TFDS is imported only by runs that read it
     return tfds_data.load_documents(data_config, split)
+  if data_config.source == "jsonl":  # the answers, which are what the loss is on (jaxlm/instruct_data.py)
+    from jaxlm import instruct_data
+    return instruct_data.answer_texts(data_config, split)
   if data_config.source == "prepared" and split == "validation":
     # Decoded from the shards: what evaluation scores, for its compression baselines.
     from jaxlm import mixture, tokenizer as tokenizer_lib  # local: only prepared runs need them
@@ -65,6 +68,10 @@ def decoder_rows(config, tokenizer: Tokenizer, split: str):
     from jaxlm import mixture  # local: the prepared readers are needed only by prepared runs
     rows = mixture.decoder_rows(d, tokenizer, split)
     where = "the prepared data (data.prepared_dir, data.mixture)"
+  elif d.source == "jsonl":  # prompt/completion and chat records, whole examples per row
+    from jaxlm import instruct_data
+    rows = instruct_data.rows(config, tokenizer, split)
+    where = f"data.source 'jsonl' (data.paths '{d.paths}')"
   else:
     rows = PackedRows(TokenStream.from_documents(load_documents(d, split), tokenizer), d.seq_len)
     where = f"data.source '{d.source}'" + (f" (data.paths '{d.paths}')" if d.source == "files" else "")
@@ -104,21 +111,24 @@ class PackedRows:
     start = int(index) * self.seq_len
     tokens = self.stream.tokens[start:start + self.seq_len + 1]
     docs = self.stream.document_ids[start:start + self.seq_len + 1]
-    return pack_row(tokens, docs)
+    return pack_row(tokens, np.diff(docs, prepend=docs[0] - 1) != 0)
 
 
-def pack_row(tokens: np.ndarray, document_ids: np.ndarray) -> Batch:
-  """One row from seq_len+1 tokens and their document ids."""
-  segments = (document_ids - document_ids[0] + 1).astype(np.int32)
-  starts = np.flatnonzero(np.diff(segments, prepend=-1))
-  positions = np.arange(len(tokens)) - np.repeat(starts, np.diff(np.append(starts, len(tokens))))
+def pack_row(tokens: np.ndarray, starts: np.ndarray) -> Batch:
+  """One row from seq_len+1 tokens; `starts` (bool, same length) is True where a token begins a document.
+
+  starts[0] must be True: the row's first token begins its first segment.
+  """
+  index = np.arange(len(tokens), dtype=np.int32)
+  segments = np.cumsum(starts, dtype=np.int32)
+  positions = index - np.maximum.accumulate(np.where(starts, index, 0))
   return {
       "inputs": tokens[:-1],
       "targets": tokens[1:],
       "segment_ids": segments[:-1],
-      "positions": positions[:-1].astype(np.int32),
+      "positions": positions[:-1],
       # The first token of the next document is not predictable from this one.
-      "weights": (segments[1:] == segments[:-1]).astype(np.float32),
+      "weights": (~starts[1:]).astype(np.float32),
   }
 
 

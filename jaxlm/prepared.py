@@ -48,7 +48,9 @@ class PreparedRows:
     self.index = index or read_index(directory)
     self.seq_len = seq_len
     self.eos_id = self.index["tokenizer"]["eos_id"]
-    self.shards = [np.load(self.directory / shard["tokens"], mmap_mode="r") for shard in self.index["shards"]]
+    # Plain ndarray views of the maps: slicing an np.memmap costs more than reading the row.
+    self.shards = [np.load(self.directory / shard["tokens"], mmap_mode="r").view(np.ndarray)
+                   for shard in self.index["shards"]]
     self.offsets = np.cumsum([0] + [len(tokens) for tokens in self.shards])  # first token of each shard
     self.num_rows = max(int(self.offsets[-1]) - 1, 0) // seq_len
 
@@ -69,7 +71,7 @@ class PreparedRows:
       pieces.append(piece)
       start += len(piece)
       shard += 1
-    return np.concatenate(pieces).astype(np.int32)
+    return np.concatenate(pieces, dtype=np.int32)
 
   def __getitem__(self, index: int) -> data_lib.Batch:
     if not 0 <= index < self.num_rows:
@@ -77,8 +79,7 @@ class PreparedRows:
     start = int(index) * self.seq_len
     tokens = self.tokens(start, start + self.seq_len + 1)
     # A document ends with its EOS, so the next token starts the next segment.
-    document_ids = np.concatenate([[0], np.cumsum(tokens[:-1] == self.eos_id)])
-    return data_lib.pack_row(tokens, document_ids)
+    return data_lib.pack_row(tokens, np.concatenate([[True], tokens[:-1] == self.eos_id]))
 
   def documents(self, tokenizer) -> list[bytes]:
     """Every document of the split decoded back to UTF-8, all in memory (for validation's compression baselines).
