@@ -85,14 +85,14 @@ def base_config() -> ConfigDict:
   c.model.sow_attention_weights = False  # attention on XLA's code, weights sown into 'intermediates' (README)
 
   c.data = ConfigDict()
-  c.data.source = "stdlib"          # stdlib | files | tfds | codesum | prepared
-  c.data.paths = ""                 # comma-separated files or globs for source=files
+  c.data.source = "stdlib"          # stdlib | files | tfds | codesum | prepared | jsonl
+  c.data.paths = ""                 # comma-separated files or globs for source=files or jsonl (README "Fine-tuning and chat")
   c.data.prepared_dir = ""          # source=prepared: a `jaxlm prepare --out` folder (train/, validation/) (README "Data")
   c.data.mixture = ""               # source=prepared: "[(DIR, WEIGHT), ...]" prepared folders mixed by weight for training
-  c.data.validation_paths = ""      # source=files: validation files or globs; empty: split data.paths (README "Data")
+  c.data.validation_paths = ""      # source=files or jsonl: validation files or globs; empty: split data.paths (README "Data")
   c.data.include_tests = False      # stdlib: include the test folders
   c.data.val_fraction = 0.03
-  c.data.tokenizer = "byte"         # byte | sentencepiece
+  c.data.tokenizer = "byte"         # byte | sentencepiece | huggingface (tokenizer_path: a folder with tokenizer.json)
   c.data.tokenizer_path = ""
   c.data.seq_len = 256
   c.data.shuffle_seed = 0
@@ -407,8 +407,8 @@ _CHOICES = {
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat_policy": ("none", "full", "dots", "dots_no_batch"),
     "model.attention_impl": ("xla", "cudnn", "splash", "triton"),
-    "data.source": ("stdlib", "files", "tfds", "codesum", "prepared"),
-    "data.tokenizer": ("byte", "sentencepiece"),
+    "data.source": ("stdlib", "files", "tfds", "codesum", "prepared", "jsonl"),
+    "data.tokenizer": ("byte", "sentencepiece", "huggingface"),
     "optim.name": ("adamw", "adafactor", "lion"),
     "optim.schedule": ("cosine", "linear", "rsqrt", "constant", "transformer"),
 }
@@ -442,9 +442,17 @@ def validate(config: ConfigDict, num_devices: int) -> None:
   if config.data.seq_len > m.max_len:
     raise ConfigError(f"data.seq_len={config.data.seq_len} exceeds model.max_len={m.max_len}; "
                       "lower data.seq_len or raise model.max_len")
-  if config.data.source == "files" and not config.data.paths:
-    raise ConfigError("data.paths is empty but data.source='files'; pass --config.data.paths=PATH_OR_GLOB")
-  if config.data.source == "files":
+  if config.data.source in ("files", "jsonl") and not config.data.paths:
+    raise ConfigError(f"data.paths is empty but data.source='{config.data.source}'; "
+                      "pass --config.data.paths=PATH_OR_GLOB")
+  if config.data.source == "jsonl" and m.family != "decoder":
+    raise ConfigError(f"data.source='jsonl' (prompt/completion and chat records) feeds the decoder family, not "
+                      f"model.family='{m.family}'")
+  if config.data.tokenizer == "huggingface" and not _path(config.data.tokenizer_path or ".").joinpath(
+      "tokenizer.json").is_file():
+    raise ConfigError(f"data.tokenizer_path: '{config.data.tokenizer_path}' holds no tokenizer.json; pass a Hugging "
+                      "Face tokenizer folder (save_pretrained) or a converted run's hf_tokenizer/ folder")
+  if config.data.source in ("files", "jsonl"):
     from jaxlm import corpus  # local: keeps config importable without the data stack
     try:
       corpus.glob_files(config.data.paths.split(","))

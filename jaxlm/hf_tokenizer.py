@@ -153,6 +153,6 @@ class HuggingFaceTokenizer:
 
   def save(self, directory: Path) -> None:
     """Writes the files into `directory/hf_tokenizer/` and jaxlm's record `directory/tokenizer.json`."""
-    if fs.path(self.folder) != fs.path(directory) / FOLDER:  # a run re-saving its own tokenizer keeps it
+    if fs.absolute(self.folder) != fs.absolute(directory) / FOLDER:  # a run re-saving its own keeps it
       self.write_hf_files(fs.path(directory) / FOLDER)
     (fs.path(directory) / "tokenizer.json").write_text(json.dumps({"kind": "huggingface", "folder": FOLDER}))

@@ -3,6 +3,7 @@ and generation through jaxlm compared with transformers' `generate` + `decode`."
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -143,3 +144,35 @@ def test_bad_tokenizer_folders_are_one_line(tmp_path, capsys):
   code = main.main(["train", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "run"),
                     "--config.data.tokenizer=huggingface", f"--config.data.tokenizer_path={tmp_path / 'tok2'}"])
   assert code == 2 and "holds no tokenizer.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_fine_tune_a_converted_model_on_chat_data(converted, tmp_path):
+  """The converted run trains on chat records with its own tokenizer and template (jaxlm.train on its workdir)."""
+  import shutil
+  from jaxlm import trainer
+  from test_instruct_data import CONVERSATIONS, write_jsonl
+  style, _, tok, _, run = converted
+  if style != "gpt2":
+    pytest.skip("one architecture is enough for the training path")
+  workdir = shutil.copytree(run, tmp_path / "run")
+  records = [{"messages": CONVERSATIONS[0]}, {"prompt": "def add(x", "completion": ", y):"}] * 8
+  config = loader.load_config(workdir)
+  assert config.data.tokenizer == "huggingface"  # convert recorded the run's own tokenizer folder
+  config.data.tokenizer_path = str(workdir / hf_tokenizer.FOLDER)
+  config.data.source = "jsonl"
+  config.data.paths = str(write_jsonl(tmp_path / "train.jsonl", records))
+  config.data.validation_paths = config.data.paths
+  config.data.seq_len = 64
+  for key, value in dict(num_steps=2, eval_every=2, checkpoint_every=2, eval_batches=1, global_batch_size=8,
+                         log_every=1).items():
+    config.train[key] = value
+  config.eval.batch_size = 8
+  before = loader.load(workdir).params
+  trainer.train(config, workdir)
+  after = loader.load(workdir)
+  assert after.step == 2 and isinstance(after.tokenizer, hf_tokenizer.HuggingFaceTokenizer)
+  assert after.tokenizer.chat_template == CHATML
+  moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in
+           zip(jax.tree.leaves(after.params), jax.tree.leaves(before))]
+  assert max(moved) > 0
