@@ -53,8 +53,8 @@ def test_exported_artifact_generates_the_same_tokens_without_model_code(run_dir,
   want_texts = [tok.decode(ids) for ids in new]
   assert (out / "tokenizer.json").is_file()
   env = dict(os.environ, XLA_FLAGS="")
-  loader = LOADER.format(prompts=PROMPTS, texts=TEXTS)
-  result = subprocess.run([sys.executable, "-c", loader, str(out)], capture_output=True,
+  script = LOADER.format(prompts=PROMPTS, texts=TEXTS)
+  result = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True,
                           text=True, env=env, cwd=REPO, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
   got = json.loads(result.stdout.strip().splitlines()[-1])
