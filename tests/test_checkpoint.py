@@ -131,3 +131,4 @@ def test_metrics_after_the_resumed_step_are_rolled_back(tmp_path):
   moved = [json.loads(line) for line in (tmp_path / "metrics.rolled_back.jsonl").read_text().splitlines()]
   assert moved[0] == {"rolled_back_to": 4, "step": 6, "loss": 1.0} and "unparsed" in moved[1]
   assert runlock.drop_metrics_after(tmp_path, 4) == 0
+
