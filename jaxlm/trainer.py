@@ -26,7 +26,7 @@ import jax
 import tqdm
 
 from jaxlm import checkpoint as checkpoint_lib
-from jaxlm import corpus, families, sources
+from jaxlm import corpus, families, run_report, sources
 from jaxlm import config as config_lib
 from jaxlm.config import Config
 from jaxlm import metrics as metrics_lib
@@ -52,8 +52,8 @@ class Callback:
     `metrics` is the dict of floats written to metrics.jsonl.
   on_eval(trainer, step, metrics): after each validation, with {'val_loss': ...}.
   on_save(trainer, step): after a checkpoint save of `step` started (saves are asynchronous).
-  on_end(trainer, summary): after the loop, with the last metrics; `trainer.stop_reason` says why it ended:
-    'finished', 'signal' or 'stop_at_step'. Not called when training fails.
+  on_end(trainer, summary): after the loop, with what train_summary.json holds; `trainer.stop_reason` says
+    why it ended: 'finished', 'sigint', 'sigterm' or 'stop_at_step'. Not called when training fails.
   """
 
   def on_start(self, trainer: "Trainer", step: int) -> None:
@@ -69,7 +69,7 @@ class Callback:
     """A checkpoint save of `step` started."""
 
   def on_end(self, trainer: "Trainer", summary: dict[str, float]) -> None:
-    """The loop ended (`trainer.stop_reason`); `summary` is the last metrics, as in train_summary.json."""
+    """The loop ended (`trainer.stop_reason`); `summary` is what train_summary.json holds."""
 
 
 class _StopRequest:
@@ -77,6 +77,7 @@ class _StopRequest:
 
   def __init__(self):
     self.requested = False
+    self.signal_name = ""
     self.previous = {}
 
   def __enter__(self):
@@ -86,6 +87,7 @@ class _StopRequest:
 
   def _handle(self, signum, frame):
     self.requested = True
+    self.signal_name = signal.Signals(signum).name.lower()
     log(f"received signal {signum}: saving a checkpoint, then exiting")
 
   def __exit__(self, *exc):
@@ -104,7 +106,7 @@ def write_run_files(config: Config, workdir: Path, tokenizer) -> None:
 
 def _with_absolute_data_paths(config: Config) -> Config:
   """A copy of `config` whose file globs are absolute, so `jaxlm eval` works from any folder."""
-  if config.data.source != "files":
+  if config.data.source not in ("files", "jsonl"):
     return config
   config = config.copy_and_resolve_references()
   config.data.paths = corpus.absolute_patterns(config.data.paths)
@@ -158,12 +160,14 @@ class Trainer:
   loss_fn: a `jaxlm.train_step.LossFn`; default cross-entropy (`train_step.cross_entropy_loss`).
   tokenizer: a `jaxlm.tokenizer.Tokenizer`; default the one the config names. It is saved into `workdir`.
   callbacks: `Callback`s called at the loop's events.
+  origin: where the config came from, for the banner (the CLI passes the file and the overrides).
   """
 
   def __init__(self, config: Config, workdir: str | Path, *, model: nn.Module | None = None, train_data: Any = None,
                eval_data: Any = None, loss_fn: train_step.LossFn | None = None,
-               tokenizer: tokenizer_lib.Tokenizer | None = None, callbacks: Sequence[Callback] = ()):
-    self.config, self.workdir = config, Path(workdir)
+               tokenizer: tokenizer_lib.Tokenizer | None = None, callbacks: Sequence[Callback] = (),
+               origin: str = ""):
+    self.config, self.workdir, self.origin = config, Path(workdir), origin
     self.model, self.loss_fn, self.tokenizer = model, loss_fn, tokenizer
     self.train_data, self.eval_data = train_data, eval_data
     self.callbacks = list(callbacks)
@@ -171,6 +175,7 @@ class Trainer:
     self.setup: train_step.Setup | None = None
     self.checkpointer: checkpoint_lib.Checkpointer | None = None
     self.stop_reason: str | None = None
+    self.timings = {"compile_time_s": 0.0, "eval_time_s": 0.0, "checkpoint_time_s": 0.0}
 
   def _emit(self, event: str, *args) -> None:
     for callback in self.callbacks:
@@ -188,7 +193,9 @@ class Trainer:
     return train, sources.Source(rows=prepare_data(config, tokenizer, "validation"))
 
   def run(self) -> dict[str, float]:
-    """Trains to `train.num_steps` (or a stop), resuming from `workdir`; returns the last logged metrics."""
+    """Trains to `train.num_steps` (or a stop), resuming from `workdir`; returns the summary that
+    train_summary.json holds (the last logged metrics, step, stop_reason, timings, validation losses)."""
+    self.started = time.perf_counter()
     sharding.maybe_initialize_distributed(self.config)
     config_lib.validate(self.config, jax.device_count())
     config = self.config = _with_absolute_data_paths(self.config)
@@ -219,6 +226,8 @@ class Trainer:
       if data_position != start:
         raise TrainingError(f"checkpoint {start} has data position {data_position}; expected {start}")
       log(f"resumed from step {start} in {checkpointer.directory}")
+    for line in run_report.banner(self, start, train_source.rows, self.origin):
+      log(line)
     self._emit("on_start", start)
     return self._loop(start, train_source, eval_source)
 
@@ -243,7 +252,7 @@ class Trainer:
     rng = jax.random.key(config.seed + 1)
     meta = lambda step: {"config": config.to_dict(), "data_position": step}
 
-    last, window_start, window_steps = {}, time.perf_counter(), 0
+    last, window_start, window_steps, done, validations = {}, time.perf_counter(), 0, start, {}
     self.stop_reason = "finished"
     progress = tqdm.tqdm(total=t.num_steps, initial=start, disable=jax.process_index() != 0,
                          dynamic_ncols=True, desc="train")
@@ -261,6 +270,8 @@ class Trainer:
           is_save = done % t.checkpoint_every == 0 or done == t.num_steps or stopping
           if done % t.log_every == 0 or is_save or done == start + 1:
             values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+            if done == start + 1:  # the first step waits for compilation
+              self.timings["compile_time_s"] = time.perf_counter() - window_start
             if "inputs" in local_batch:
               # Identifies the batch this process fed, so resumed runs can be checked against uninterrupted ones.
               values["batch_crc32"] = float(zlib.crc32(local_batch["inputs"].tobytes()))
@@ -282,27 +293,46 @@ class Trainer:
             self._emit("on_step", done, values)
             window_start, window_steps = time.perf_counter(), 0
           if eval_source is not None and (done % t.eval_every == 0 or done == t.num_steps):
+            eval_start = time.perf_counter()
             val = self._validate(eval_step, eval_source)
+            self.timings["eval_time_s"] += time.perf_counter() - eval_start
+            validations[done] = val["val_loss"]
             writer.write(done, val)
             log(f"step {done}: validation loss {val['val_loss']:.4f}")
             last.update(val)
             self._emit("on_eval", done, val)
             window_start, window_steps = time.perf_counter(), 0
           if is_save:
+            save_start = time.perf_counter()
             checkpointer.save(done, self.state.to_dict(), meta(done))
+            self.timings["checkpoint_time_s"] += time.perf_counter() - save_start
             self._emit("on_save", done)
           if stopping:
-            self.stop_reason = "signal" if stop.requested else "stop_at_step"
+            self.stop_reason = stop.signal_name or "stop_at_step"
             log(f"stopped at step {done}; resume by running the same command")
             break
     finally:
       progress.close()
-      checkpointer.close()
+      close_start = time.perf_counter()
+      checkpointer.close()  # waits for the last asynchronous save
+      self.timings["checkpoint_time_s"] += time.perf_counter() - close_start
       writer.close()
+    summary = self._summary(done, last, validations)
     if jax.process_index() == 0:
-      (self.workdir / "train_summary.json").write_text(json.dumps(last, indent=2))
-    self._emit("on_end", last)
-    return last
+      (self.workdir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    for line in run_report.summary_lines(summary):
+      log(line)
+    self._emit("on_end", summary)
+    return summary
+
+  def _summary(self, step: int, last: dict[str, float], validations: dict[int, float]) -> dict:
+    summary = {**last, "step": step, "stop_reason": self.stop_reason,
+               "wall_time_s": time.perf_counter() - self.started, **self.timings}
+    if validations:
+      best_step = min(validations, key=validations.get)
+      summary.update(final_val_loss=validations[max(validations)], best_val_loss=validations[best_step],
+                     best_val_step=best_step)
+    return summary
 
 
 def train(config: Config, workdir: str | Path, **kwargs) -> dict[str, float]:

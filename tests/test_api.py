@@ -102,6 +102,10 @@ def test_trainer_hooks_ready_batches_and_resume(tmp_path):
   eval_batches = [b for _, b in zip(range(2), batches(config, seed=1))]
   jaxlm.train(config, tmp_path, train_data=batches(config), eval_data=eval_batches, callbacks=[first])
   assert first.events == [("start", 0), ("step", 1), ("step", 2), ("eval", 2), ("save", 2), ("end", "stop_at_step")]
+  summary = json.loads((tmp_path / "train_summary.json").read_text())
+  assert summary["step"] == 2 and summary["stop_reason"] == "stop_at_step"
+  assert summary["best_val_loss"] == summary["final_val_loss"] == summary["val_loss"] and summary["best_val_step"] == 2
+  assert summary["wall_time_s"] > summary["compile_time_s"] > 0 and summary["eval_time_s"] > 0
   config.train.stop_at_step = 0
   second = Recorder()
   trainer = jaxlm.Trainer(config, tmp_path, train_data=batches(config), callbacks=[second])
@@ -113,6 +117,20 @@ def test_trainer_hooks_ready_batches_and_resume(tmp_path):
   rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   crc = {r["step"]: r["batch_crc32"] for r in rows if "batch_crc32" in r}
   assert crc[3] == zlib.crc32(third["inputs"].tobytes())
+
+
+def test_nan_loss_stops_naming_the_last_good_checkpoint(tmp_path):
+  config = tiny_config()
+  config.train.num_steps, config.train.checkpoint_every = 6, 2
+
+  def poisoned():  # batch 4 (step 4) carries a NaN weight, so its loss is NaN
+    for index, batch in enumerate(batches(config)):
+      if index == 3:
+        batch["weights"][0, 0] = np.nan
+      yield batch
+  with pytest.raises(jaxlm.trainer.TrainingError, match=r"loss is nan .* at step 4; .*last good checkpoint is step 2"):
+    jaxlm.train(config, tmp_path, train_data=poisoned())
+  assert jaxlm.load(tmp_path).step == 2
 
 
 def test_load_builds_no_optimizer_keeps_the_config_and_shards_onto_a_mesh(tmp_path):
