@@ -6,7 +6,8 @@ a flock when its process dies, however it dies, so a lock whose file names a
 process but can be taken is stale: it is taken over, and the takeover is
 reported. A lock that cannot be taken names the live run holding it. Only
 process 0 of a multi-process run takes it (the others share its work
-directory).
+directory). A `gs://` work directory is not locked: a bucket has no file
+locks, and a lock object left by a preempted VM would block the relaunch.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import os
 import socket
 import time
 from pathlib import Path
+
+from jaxlm import fs
 
 LOCK_NAME = ".jaxlm.lock"
 
@@ -38,12 +41,14 @@ class WorkdirLock:
 
   def __init__(self, workdir: str | Path, report=print):
     """`report(message)` receives the one line said when a stale lock is taken over."""
-    self.path = Path(workdir) / LOCK_NAME
+    self.path = fs.path(workdir) / LOCK_NAME  # a gs:// URL stays one (see jaxlm/fs.py)
     self.report = report
     self.fd: int | None = None
 
   def acquire(self) -> None:
     """Takes the lock, or raises LockError naming the pid and host of the run that holds it."""
+    if fs.is_url(self.path):  # see the module docstring
+      return
     self.path.parent.mkdir(parents=True, exist_ok=True)
     while True:
       fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -97,7 +102,7 @@ def drop_metrics_after(workdir: str | Path, step: int) -> int:
   Call it on process 0 before opening the metrics writer. Nothing is deleted: the moved rows are appended to
   the rolled-back file with the step they were rolled back to.
   """
-  path = Path(workdir) / "metrics.jsonl"
+  path = fs.path(workdir) / "metrics.jsonl"  # local or gs://
   if not path.is_file():
     return 0
   kept, dropped = [], []
@@ -110,9 +115,13 @@ def drop_metrics_after(workdir: str | Path, step: int) -> int:
     (dropped if row.get("step", 0) > step else kept).append(line)
   if not dropped:
     return 0
-  with open(Path(workdir) / "metrics.rolled_back.jsonl", "a") as rolled_back:
-    for line in dropped:
-      rolled_back.write(json.dumps({"rolled_back_to": step, **json.loads(line)}) + "\n")
+  rolled_back = fs.AppendFile(fs.join(workdir, "metrics.rolled_back.jsonl"))
+  for line in dropped:
+    rolled_back.write(json.dumps({"rolled_back_to": step, **json.loads(line)}) + "\n")
+  rolled_back.close()
+  if fs.is_url(path):  # a bucket replaces whole objects: no temporary needed
+    path.write_text("".join(line + "\n" for line in kept))
+    return len(dropped)
   temporary = path.with_suffix(".jsonl.tmp")
   temporary.write_text("".join(line + "\n" for line in kept))
   os.replace(temporary, path)
