@@ -29,6 +29,7 @@ an accelerator gets; accelerators never use these kernels.
 
 import ctypes
 import functools
+import glob
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -86,8 +87,16 @@ def _build(compiler: str) -> Path:
   return library
 
 
+def _has_accelerator() -> bool:
+  """An accelerator that an installed JAX plugin would drive: TPU chips with libtpu, GPUs with a jax_plugins
+  package. A plugin alone is not enough: CPU hosts install libtpu to compile for TPU slices ahead of time."""
+  tpu = importlib.util.find_spec("libtpu") and (glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
+  gpu = importlib.util.find_spec("jax_plugins") and (glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/kfd"))
+  return bool(tpu or gpu)
+
+
 def retain_freed_memory() -> bool:
-  """On a CPU-only JAX install with glibc, keeps freed heap memory in the process; True if it did.
+  """On a host without an accelerator, with glibc, keeps freed heap memory in the process; True if it did.
 
   XLA:CPU allocates every step's temporaries as one block (650 MB at the
   reference config) and frees it after the step. glibc maps such a block
@@ -97,10 +106,10 @@ def retain_freed_memory() -> bool:
   stay mapped. The price: the process keeps its peak heap until it exits.
   `jaxlm` commands call this before JAX starts its threads (an arena is
   chosen per thread, at its first allocation); in your own program, call it
-  first. Hosts with an accelerator plugin are left alone, since their host
-  memory is mostly data-loading buffers, read by many threads at once.
+  first. Hosts with an accelerator (`_has_accelerator`) are left alone, since
+  their host memory is mostly data-loading buffers, read by many threads at once.
   """
-  if importlib.util.find_spec("jax_plugins") or importlib.util.find_spec("libtpu"):
+  if _has_accelerator():
     return False
   try:
     mallopt = ctypes.CDLL("libc.so.6").mallopt

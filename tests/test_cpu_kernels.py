@@ -270,3 +270,12 @@ def test_narrower_vector_builds_match_xla(march, tmp_path):
                           env=env, cwd=REPO, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
   assert float(result.stdout.split()[-1]) < 1e-4
+
+
+def test_a_tpu_compiler_alone_is_no_accelerator(monkeypatch):
+  """libtpu installed to compile for TPU slices on a CPU host keeps the CPU's memory setting; TPU chips do not."""
+  monkeypatch.setattr(cpu_kernels.importlib.util, "find_spec", lambda name: name == "libtpu" or None)
+  monkeypatch.setattr(cpu_kernels.glob, "glob", lambda pattern: [])
+  assert not cpu_kernels._has_accelerator()
+  monkeypatch.setattr(cpu_kernels.glob, "glob", lambda pattern: ["/dev/accel0"] if "accel" in pattern else [])
+  assert cpu_kernels._has_accelerator()
