@@ -38,8 +38,10 @@ import warnings
 import numpy as np
 
 from jaxlm import chat_template as chat_template_lib
-from jaxlm import corpus, data as data_lib
+from jaxlm import corpus, families
 from jaxlm.config import ConfigError
+
+Batch = dict[str, np.ndarray]  # as jaxlm.data's rows (not imported: data.py dispatches to this module)
 
 
 class RecordError(ConfigError):
@@ -153,9 +155,8 @@ class PackedExamples:
   def __len__(self) -> int:
     return len(self.rows)
 
-  def __getitem__(self, index: int) -> data_lib.Batch:
-    # Fresh arrays per key (`data.padding_row` shares one zeros array between its int keys).
-    row = {key: np.array(value) for key, value in data_lib.padding_row(self.seq_len).items()}
+  def __getitem__(self, index: int) -> Batch:
+    row = self.padding_row()
     start = 0
     for segment, example_index in enumerate(self.rows[int(index)], start=1):
       example = self.examples[example_index]
@@ -169,9 +170,10 @@ class PackedExamples:
       start += n
     return row
 
-  def padding_row(self) -> data_lib.Batch:
+  def padding_row(self) -> Batch:
     """A row of zeros (segment 0, weight 0), which fills the last evaluation batch."""
-    return data_lib.padding_row(self.seq_len)
+    row = {key: np.zeros(self.seq_len, np.int32) for key in ("inputs", "targets", "segment_ids", "positions")}
+    return {**row, "weights": np.zeros(self.seq_len, np.float32)}
 
   def answer_tokens(self) -> int:
     """Targets with weight 1 across all rows (truncation included)."""
@@ -180,8 +182,8 @@ class PackedExamples:
 
 def prompt_prefix(config, tokenizer) -> list[int]:
   """The ids the decoder's adapter puts before every prompt (whole `config`), so training matches decoding."""
-  from jaxlm import decode  # local: decoding code is needed here only for this one call
-  return decode.adapter_for(config.model, tokenizer.bos_id).prompt_ids(tokenizer, "")
+  adapter = families.get(config.model.family).adapter(config.model, tokenizer.bos_id)
+  return adapter.prompt_ids(tokenizer, "")
 
 
 def rows(config, tokenizer, split: str) -> PackedExamples:

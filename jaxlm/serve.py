@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import queue
+import sys
 import threading
 import time
 import uuid
@@ -369,8 +370,8 @@ def make_app(generator: scoring.ScoringGenerator, tokenizer, model_name: str, ma
   app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_errors_and_log])
   app.add_routes([web.get("/health", health), web.get("/v1/models", models), web.post("/v1/completions", completions)])
   app[ENGINE] = engine
-  from jaxlm import serve_chat  # local: serve_chat builds on this module
-  serve_chat.add_route(app, tokenizer, model_name, max_len, list(prefix), vocab_size)
+  from jaxlm import serve_chat  # local: serve_chat builds on this module, which it is given (no import cycle)
+  serve_chat.add_route(sys.modules[__name__], app, tokenizer, model_name, max_len, list(prefix), vocab_size)
   return app
 
 

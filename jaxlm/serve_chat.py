@@ -23,17 +23,17 @@ import time
 from aiohttp import web
 
 from jaxlm import chat_template as chat_template_lib
-from jaxlm import serve
 
 NOT_FOR_CHAT = ("prompt", "echo", "logprobs")  # completion fields with no chat meaning here
-CHAT_FIELDS = tuple(sorted({"messages", *serve._FIELDS} - set(NOT_FOR_CHAT)))
 
 
-def parse_chat_request(body: bytes, tokenizer, template: chat_template_lib.ChatTemplate, max_len: int,
+def parse_chat_request(serve, body: bytes, tokenizer, template: chat_template_lib.ChatTemplate, max_len: int,
                        prefix: list[int], vocab_size: int, model_name: str = "") -> dict:
   """The validated chat request: `serve.parse_request`'s fields for the rendered conversation, plus 'messages'.
 
-  RequestError names the bad field; problems with the rendered prompt (too long, bad text) name 'messages'."""
+  `serve` is the `jaxlm.serve` module (see `add_route`). `serve.RequestError` names the bad field; problems with
+  the rendered prompt (too long, bad text) name 'messages'."""
+  chat_fields = sorted({"messages", *serve._FIELDS} - set(NOT_FOR_CHAT))
   try:
     request = json.loads(body, parse_constant=serve._reject_constant)
   except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
@@ -41,8 +41,8 @@ def parse_chat_request(body: bytes, tokenizer, template: chat_template_lib.ChatT
   if not isinstance(request, dict):
     raise serve.RequestError("body", "the request body must be a JSON object")
   for key in request:
-    if key not in CHAT_FIELDS:
-      raise serve.RequestError(key, f"unknown field '{key}'; allowed: {', '.join(CHAT_FIELDS)}")
+    if key not in chat_fields:
+      raise serve.RequestError(key, f"unknown field '{key}'; allowed: {', '.join(chat_fields)}")
   if "messages" not in request:
     raise serve.RequestError("messages", "field 'messages' is required: a list of {role, content} objects")
   try:
@@ -62,9 +62,12 @@ def parse_chat_request(body: bytes, tokenizer, template: chat_template_lib.ChatT
   return {**r, "messages": messages, "stop": template.stop_strings(r["stop"])}
 
 
-def add_route(app: web.Application, tokenizer, model_name: str, max_len: int, prefix: list[int],
+def add_route(serve, app: web.Application, tokenizer, model_name: str, max_len: int, prefix: list[int],
               vocab_size: int) -> None:
-  """Registers POST /v1/chat/completions on a `serve.make_app` application (its engine in `app[serve.ENGINE]`)."""
+  """Registers POST /v1/chat/completions on a `serve.make_app` application (its engine in `app[serve.ENGINE]`).
+
+  `serve` is the `jaxlm.serve` module, passed in by `make_app` rather than imported here, so that the two
+  modules do not import each other (jaxlm's imports form no cycle, tests/test_imports.py)."""
   template = chat_template_lib.for_tokenizer(tokenizer)
   engine = app[serve.ENGINE]
 
@@ -73,7 +76,7 @@ def add_route(app: web.Application, tokenizer, model_name: str, max_len: int, pr
     if request.content_type != "application/json":
       raise serve.RequestError("Content-Type", f"the body must be JSON sent with 'Content-Type: application/json' "
                                                f"(got '{request.content_type}')", status=415)
-    r = parse_chat_request(await request.read(), tokenizer, template, max_len, list(prefix), vocab_size,
+    r = parse_chat_request(serve, await request.read(), tokenizer, template, max_len, list(prefix), vocab_size,
                            model_name)
     info["prompt_tokens"] = len(r["ids"])
     events, loop = asyncio.Queue(), asyncio.get_running_loop()
@@ -84,7 +87,7 @@ def add_route(app: web.Application, tokenizer, model_name: str, max_len: int, pr
       engine.jobs.put(job)
     head = {"id": info["id"], "created": int(time.time()), "model": model_name}
     try:
-      return await (_stream(request, head, jobs, info) if r["stream"] else _collect(head, jobs, info))
+      return await (_stream(serve, request, head, jobs, info) if r["stream"] else _collect(serve, head, jobs, info))
     finally:
       for job in jobs:  # a client that left (or a failure) stops its rows at the next decode step
         job.cancelled = True
@@ -92,7 +95,7 @@ def add_route(app: web.Application, tokenizer, model_name: str, max_len: int, pr
   app.router.add_post("/v1/chat/completions", chat_completions)
 
 
-async def _collect(head: dict, jobs: list, info: dict) -> web.Response:
+async def _collect(serve, head: dict, jobs: list, info: dict) -> web.Response:
   """The non-streaming answer: each choice's message once all are finished."""
   texts, finish = [[] for _ in jobs], [None] * len(jobs)
   while None in finish:
@@ -110,7 +113,7 @@ async def _collect(head: dict, jobs: list, info: dict) -> web.Response:
   return web.json_response({**head, "object": "chat.completion", "choices": choices, "usage": usage})
 
 
-async def _stream(request: web.Request, head: dict, jobs: list, info: dict) -> web.StreamResponse:
+async def _stream(serve, request: web.Request, head: dict, jobs: list, info: dict) -> web.StreamResponse:
   """Server-sent `chat.completion.chunk` events: the role first, then content deltas, then the finish reason."""
   response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                          "X-Request-Id": info["id"]})

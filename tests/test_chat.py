@@ -119,6 +119,19 @@ def test_bad_chat_requests_name_the_field(server, body, param):
   assert answer["error"]["message"] and "\n" not in answer["error"]["message"]
 
 
+def test_run_loop_keeps_the_conversation_and_resets(session):
+  """The terminal loop in-process: answers only (piped input), history kept until /reset."""
+  import io
+  session.reset()
+  first, second = session.reply("Hello there"), session.reply("And then?")
+  session.reset()
+  out = io.StringIO()
+  chat.run_loop(session, io.StringIO("Hello there\nAnd then?\n/reset\n\nHello there\n"), out, interactive=False)
+  assert out.getvalue() == f"{first}\n{second}\n{first}\n"
+  assert [m["role"] for m in session.messages] == ["user", "assistant"]  # /reset dropped the first two turns
+
+
+@pytest.mark.slow
 def test_chat_cli_keeps_the_conversation(run_dir, session):
   """`jaxlm chat` with piped stdin: each answer equals the in-process one for the conversation so far."""
   session.reset()

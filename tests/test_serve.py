@@ -220,7 +220,7 @@ FUZZ = [  # (method, path, body, headers, status, param)
     ("POST", "/v1/completions", b'{"prompt": "' + b"x" * (2 << 20) + b'"}', JSON, 413, "body"),
     ("GET", "/v1/completions", None, {}, 405, "method"),
     ("GET", "/nowhere", None, {}, 404, "path"),
-    ("POST", "/v1/chat/completions", b"{}", JSON, 404, "path"),
+    ("POST", "/v1/chat/completions", b"{}", JSON, 400, "messages"),  # the route exists (tests/test_chat.py)
 ]
 
 
