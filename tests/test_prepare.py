@@ -262,3 +262,30 @@ def test_two_processes_read_disjoint_rows_whose_union_is_the_global_batch(prepar
   read = [set(r["read"].tolist()) for r in results]
   assert len(read[0]) == len(read[1]) == 16 and not read[0] & read[1]
   assert read[0] | read[1] == set(everything)
+
+
+def logged_steps(workdir):
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return {r["step"]: r for r in rows if "loss" in r}
+
+
+@pytest.mark.slow
+def test_training_on_a_mixture_resumes_exactly_and_evaluates(text_corpus, tmp_path):
+  cfg = two_sources(text_corpus, tmp_path)
+  args = lambda workdir, *extra: [
+      "train", "--config", str(REPO / "configs" / "tiny.py"), "--workdir", str(workdir),
+      "--config.data.source=prepared", f"--config.data.mixture={cfg.data.mixture}", "--config.train.num_steps=4",
+      "--config.train.log_every=1", "--config.train.checkpoint_every=2", "--config.train.eval_every=2",
+      "--config.train.eval_batches=1", *extra]
+  result = run_cli(args(tmp_path / "full"))
+  assert result.returncode == 0, result.stderr[-3000:]
+  result = run_cli(args(tmp_path / "resumed", "--config.train.stop_at_step=2"))
+  assert "stopped at step 2" in result.stderr, result.stderr[-3000:]
+  result = run_cli(args(tmp_path / "resumed"))
+  assert result.returncode == 0 and "resumed from step 2" in result.stderr, result.stderr[-3000:]
+  full, resumed = logged_steps(tmp_path / "full"), logged_steps(tmp_path / "resumed")
+  for step in range(1, 5):
+    assert resumed[step]["batch_crc32"] == full[step]["batch_crc32"], step
+    assert resumed[step]["loss"] == full[step]["loss"], step
+  result = run_cli(["eval", "--workdir", str(tmp_path / "full")])  # validation: both sources' own splits
+  assert result.returncode == 0 and "gzip -9" in result.stdout, result.stderr[-3000:]
