@@ -24,6 +24,9 @@ from jaxlm.prepare import FORMAT, INDEX, tokenizer_fingerprint
 
 def read_index(directory: str | Path, key: str = "data.prepared_dir") -> dict:
   """The index of a finished prepared split; raises ConfigError naming `key` if it is missing or unfinished."""
+  if str(directory).startswith("gs:/"):  # also gs:// as pathlib folds it (callers join with Path)
+    raise ConfigError(f"{key}: '{directory}' is a bucket, but prepared shards are memory-mapped from a local disk; "
+                      f"copy them first (`gcloud storage cp -r {directory} DIR`) and pass DIR")
   path = Path(directory) / INDEX
   if not path.is_file():
     raise ConfigError(f"{key}: '{directory}' holds no finished prepared split ({INDEX} is missing); run "
@@ -53,11 +56,6 @@ class PreparedRows:
                    for shard in self.index["shards"]]
     self.offsets = np.cumsum([0] + [len(tokens) for tokens in self.shards])  # first token of each shard
     self.num_rows = max(int(self.offsets[-1]) - 1, 0) // seq_len
-
-  @property
-  def num_bytes(self) -> int:
-    """UTF-8 bytes of the split's text, for bits per byte and compression baselines."""
-    return self.index["num_bytes"]
 
   def __len__(self) -> int:
     return self.num_rows
