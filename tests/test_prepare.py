@@ -148,19 +148,24 @@ def test_cli_prepare_then_train_with_another_tokenizer_is_one_line(text_corpus, 
   assert errors[0].startswith("jaxlm: error: data.prepared_dir")
 
 
+def prepared_documents(directory):
+  """The set of documents (text) in a prepared split folder."""
+  rows = prepared.PreparedRows(directory, SEQ)
+  tokens = rows.tokens(0, int(rows.offsets[-1]))
+  ends = np.flatnonzero(tokens == ByteTokenizer.eos_id)
+  return {ByteTokenizer().decode(piece) for piece in np.split(tokens, ends + 1) if len(piece)}
+
+
 def test_validation_holds_no_training_document(text_corpus, tmp_path):
-  cfg = prepare_files(text_corpus, tmp_path / "hashed")
-  train_tokens = prepared.PreparedRows(tmp_path / "hashed" / "train", SEQ)
-  validation_tokens = prepared.PreparedRows(tmp_path / "hashed" / "validation", SEQ)
-  split_documents = {}
-  for name, rows in (("train", train_tokens), ("validation", validation_tokens)):
-    tokens = rows.tokens(0, int(rows.offsets[-1]))
-    ends = np.flatnonzero(tokens == ByteTokenizer.eos_id)
-    split_documents[name] = {ByteTokenizer().decode(piece) for piece in np.split(tokens, ends + 1) if len(piece)}
   all_files = {corpus.read_text_bytes(p).decode() for p in text_corpus.glob("*.txt")}
-  assert split_documents["train"] and split_documents["validation"]
-  assert not split_documents["train"] & split_documents["validation"]
-  assert split_documents["train"] | split_documents["validation"] == all_files
+  prepare_files(text_corpus, tmp_path / "hashed")
+  train, validation = (prepared_documents(tmp_path / "hashed" / split) for split in ("train", "validation"))
+  assert train and validation and not train & validation and train | validation == all_files
+  # Explicit validation files are exactly the validation split.
+  prepare_files(text_corpus, tmp_path / "explicit", validation_paths=str(text_corpus / "doc0[0-2].txt"))
+  train, validation = (prepared_documents(tmp_path / "explicit" / split) for split in ("train", "validation"))
+  held_out = {(text_corpus / f"doc0{i}.txt").read_text() for i in range(3)}
+  assert validation == held_out and train == all_files - held_out
   # One file is cut: training gets the head, validation the tail, and no byte is in both.
   one = text_corpus / "doc07.txt"
   prepare_files(text_corpus, tmp_path / "one", paths=str(one), val_fraction=0.25)

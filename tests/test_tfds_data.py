@@ -62,7 +62,7 @@ def test_missing_data_is_a_one_line_config_error_without_download(tmp_path):
 
 
 def test_prepared_tfds_split_gives_the_in_memory_rows(tmp_path):
-  from jaxlm import data as data_lib, prepare, prepared
+  from jaxlm import prepare, prepared
   c = tfds_config("tiny_shakespeare", max_examples=30)
   with tfds.testing.mock_data(num_examples=40):
     prepare.prepare(c, tmp_path, splits=("train",), workers=1, show_progress=False)
