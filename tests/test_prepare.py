@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -294,3 +295,28 @@ def test_training_on_a_mixture_resumes_exactly_and_evaluates(text_corpus, tmp_pa
     assert resumed[step]["loss"] == full[step]["loss"], step
   result = run_cli(["eval", "--workdir", str(tmp_path / "full")])  # validation: both sources' own splits
   assert result.returncode == 0 and "gzip -9" in result.stdout, result.stderr[-3000:]
+
+
+def test_prepare_killed_mid_run_resumes_to_the_same_bytes(tmp_path):
+  """kill -9 of `jaxlm prepare` and its workers once some shards are written; a rerun completes them exactly."""
+  source = tmp_path / "src"
+  source.mkdir()
+  for i, path in enumerate(corpus.stdlib_files()[:80]):  # about 2 MB: hundreds of 4 kB shards
+    (source / f"doc{i:02d}.txt").write_bytes(corpus.read_text_bytes(path))
+  args = lambda out: ["prepare", "--config", str(REPO / "configs" / "tiny.py"), "--out", str(out), "--workers", "2",
+                      "--shard-mb", "0.004", "--split", "train", "--config.data.source=files",
+                      f"--config.data.paths={source}/*.txt"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  process = subprocess.Popen([sys.executable, "-m", "jaxlm.main", *args(tmp_path / "killed")], cwd=REPO, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+  train = tmp_path / "killed" / "train"
+  while process.poll() is None and len(list(train.glob("shard_*.json"))) < 20:
+    time.sleep(0.01)
+  os.killpg(process.pid, 9)
+  process.wait()
+  if (train / "index.json").exists():
+    pytest.skip("prepare finished before it could be killed")
+  resumed, clean = run_cli(args(tmp_path / "killed")), run_cli(args(tmp_path / "clean"))
+  assert resumed.returncode == 0 and clean.returncode == 0, resumed.stderr[-2000:] + clean.stderr[-2000:]
+  assert "resuming" in resumed.stderr
+  assert folder_bytes(tmp_path / "killed") == folder_bytes(tmp_path / "clean")
