@@ -84,7 +84,13 @@ def _segments(data_config, splits, shard_bytes: int) -> dict[str, tuple[list[dic
   """
   out = {}
   if data_config.source in ("stdlib", "files"):
-    ranges = corpus.split_ranges(data_config)  # one listing for both splits
+    if data_config.source == "files" and not data_config.paths:
+      raise ConfigError("data.paths is empty but data.source='files'; pass --config.data.paths=PATH_OR_GLOB")
+    try:
+      ranges = corpus.split_ranges(data_config)  # one listing for both splits
+    except FileNotFoundError as e:
+      raise ConfigError(f"data.paths or data.validation_paths: no file matches '{e.args[0]}'; fix the path or glob"
+                        ) from None
     for split in splits:
       segments, described = [], []
       for path, start, end in ranges[split]:
