@@ -176,3 +176,19 @@ def test_fine_tune_a_converted_model_on_chat_data(converted, tmp_path):
   moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in
            zip(jax.tree.leaves(after.params), jax.tree.leaves(before))]
   assert max(moved) > 0
+
+
+@pytest.mark.slow
+def test_export_takes_and_returns_text_with_the_hf_tokenizer(converted, tmp_path):
+  """`jaxlm export` carries the Hugging Face tokenizer: the artifact's text equals transformers' decode of the
+  same greedy ids."""
+  from jaxlm import export
+  style, _, tok, _, run = converted
+  if style != "gpt2":
+    pytest.skip("one architecture is enough for the export path")
+  loaded = loader.load(run)
+  artifact = export.load(export.export_run(loaded, tmp_path / "export", 1, 16))
+  assert isinstance(artifact.tokenizer, hf_tokenizer.HuggingFaceTokenizer)
+  ids = decode.adapter_for(loaded.config.model, loaded.tokenizer.bos_id).prompt_ids(loaded.tokenizer, "def add(x")
+  expected = decode.Generator(loaded.config.model, loaded.params).generate([ids], 10, stop_ids=[tok.eos_token_id])
+  assert artifact.generate("def add(x", 10) == tok.decode(expected[0], skip_special_tokens=True)

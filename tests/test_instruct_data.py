@@ -215,3 +215,14 @@ def test_cli_errors(tmp_path, capsys):
   assert "data.paths is empty but data.source='jsonl'" in capsys.readouterr().err
   assert main.main(base + [f"--config.data.paths={tmp_path / 'missing*.jsonl'}"]) == 2
   assert "no file matches" in capsys.readouterr().err
+
+
+def test_without_validation_paths_lines_split_by_hash(tmp_path):
+  """data.val_fraction of the lines (by their text) are validation, the rest train: disjoint, nothing lost."""
+  records = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(200)]
+  config = jsonl_config(tmp_path, records=records, validation_paths="", val_fraction=0.2)
+  splits = {split: [r.value["prompt"] for r in instruct_data.read_records(config.data, split)]
+            for split in ("train", "validation")}
+  assert not set(splits["train"]) & set(splits["validation"])
+  assert sorted(splits["train"] + splits["validation"]) == sorted(r["prompt"] for r in records)
+  assert 20 <= len(splits["validation"]) <= 60
