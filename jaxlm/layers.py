@@ -5,7 +5,12 @@ Shape letters, used in tensor names throughout jaxlm:
   K key/value heads, H head dimension, F MLP hidden size, V vocabulary.
 
 Every parameter carries logical axis names; `jaxlm.sharding` maps them onto
-the mesh through the rules table in the config.
+the mesh through the rules table in the config. The computation goes through
+`jaxlm.ops` (attention, norm, dense, activation), which chooses the kernels;
+nothing here depends on the backend.
+
+Extension points: `Stack` takes the block class (`Block`, `ParallelBlock` or
+your own subclass), and blocks take the attention and MLP classes.
 """
 
 from __future__ import annotations
