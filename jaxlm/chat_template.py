@@ -35,6 +35,8 @@ import datetime
 import json
 from typing import Sequence
 
+from jaxlm.config import ConfigError
+
 DEFAULT_TEMPLATE = (
     "{% for message in messages %}"
     "<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n"
@@ -44,8 +46,9 @@ ROLES = ("system", "user", "assistant")
 _PROBE = "\x00jaxlm-turn-end-probe\x00"
 
 
-class ChatTemplateError(ValueError):
-  """A template that cannot render these messages, or that is not usable for training; the message says why."""
+class ChatTemplateError(ConfigError):
+  """A template that cannot render these messages, or that is not usable for training; the message says why
+  (a ConfigError, so the CLI prints it as one line)."""
 
 
 def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
