@@ -1,8 +1,9 @@
 """What the trainer accepts as data: the family's own rows, or the user's strings, rows or batches.
 
 - None: the config's data, prepared by the family (`jaxlm.families`).
-- An iterable of strings (or bytes): documents, tokenized and packed like the config's own text
-  (`jaxlm.data.PackedRows`), so they shuffle and resume exactly.
+- An iterable of strings (or bytes): documents, tokenized and packed like the decoder family's text
+  (`jaxlm.data.PackedRows`: next-token rows), so they shuffle and resume exactly. Other objectives
+  (masking, pairs) take rows or batches of their own.
 - Random-access rows: any object with `len()` and `rows[i]` -> a dict of 1-D arrays with the family's keys
   (for the decoder: inputs, targets, segment_ids, positions, weights). Shuffled and resumed exactly.
 - An iterable of ready batches: dicts of B x T numpy arrays, each this process's rows of one global batch.
