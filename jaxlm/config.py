@@ -452,7 +452,7 @@ def validate(config: ConfigDict, num_devices: int) -> None:
       "tokenizer.json").is_file():
     raise ConfigError(f"data.tokenizer_path: '{config.data.tokenizer_path}' holds no tokenizer.json; pass a Hugging "
                       "Face tokenizer folder (save_pretrained) or a converted run's hf_tokenizer/ folder")
-  if config.data.source in ("files", "jsonl"):
+  if config.data.source == "files":  # jsonl paths are globbed when read (jaxlm/instruct_data.py), same message
     from jaxlm import corpus  # local: keeps config importable without the data stack
     try:
       corpus.glob_files(config.data.paths.split(","))
