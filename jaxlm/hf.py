@@ -463,6 +463,8 @@ def write_hf(params, config, out, tokenizer=None) -> Path:
                "pad_token_id": int(tokenizer.pad_id)}
     hf_config.update(special)
     (out / "generation_config.json").write_text(json.dumps(special, indent=2))
+    if hasattr(tokenizer, "write_hf_files"):  # a Hugging Face tokenizer goes back beside the weights
+      tokenizer.write_hf_files(out)
   (out / "config.json").write_text(json.dumps(hf_config, indent=2))
   # safetensors creates its file with mode 0600: give it config.json's (the umask's).
   os.chmod(out / "model.safetensors", os.stat(out / "config.json").st_mode & 0o777)
@@ -470,9 +472,18 @@ def write_hf(params, config, out, tokenizer=None) -> Path:
 
 
 def import_run(hf_dir, workdir) -> Path:
-  """Writes a jaxlm run from a HF directory; see `write_run`."""
-  from jaxlm import tokenizer as tokenizer_lib
+  """Writes a jaxlm run from a HF directory; see `write_run`. A tokenizer.json beside the weights becomes the
+  run's tokenizer (jaxlm/hf_tokenizer.py); without one the run gets the byte tokenizer."""
+  from jaxlm import hf_tokenizer, tokenizer as tokenizer_lib
   config, params = read_hf(hf_dir)
+  if (Path(hf_dir) / "tokenizer.json").is_file():
+    tokenizer = hf_tokenizer.HuggingFaceTokenizer(hf_dir)
+    if config.model.vocab_size < tokenizer.vocab_size:
+      raise ConvertError(f"{Path(hf_dir) / 'tokenizer.json'} has {tokenizer.vocab_size} tokens but the model's "
+                         f"vocab_size is {config.model.vocab_size}; they must come from the same checkpoint")
+    config.data.tokenizer = "huggingface"
+    config.data.tokenizer_path = os.path.join(os.path.abspath(workdir), hf_tokenizer.FOLDER)
+    return write_run(config, params, workdir, tokenizer)
   if config.model.vocab_size < tokenizer_lib.ByteTokenizer.vocab_size:
     raise ConvertError(f"the HF model's vocab_size {config.model.vocab_size} is below the byte tokenizer's "
                        f"{tokenizer_lib.ByteTokenizer.vocab_size}; HF tokenizers are not converted, so jaxlm "
@@ -480,15 +491,16 @@ def import_run(hf_dir, workdir) -> Path:
   return write_run(config, params, workdir)
 
 
-def write_run(config, params, workdir) -> Path:
-  """A run directory usable by train/eval/generate/serve: config.json, byte tokenizer, and an Orbax
-  checkpoint at step 0 holding `params` with a fresh optimizer state (the normal TrainState layout)."""
+def write_run(config, params, workdir, tokenizer=None) -> Path:
+  """A run directory usable by train/eval/generate/serve: config.json, `tokenizer` (default: the byte
+  tokenizer), and an Orbax checkpoint at step 0 holding `params` with a fresh optimizer state (the normal
+  TrainState layout)."""
   from jaxlm import checkpoint, sharding, tokenizer as tokenizer_lib, train_step as train_lib, trainer
   workdir = Path(workdir)
   checkpoints = workdir / "checkpoints"
   if checkpoints.is_dir() and any(checkpoints.iterdir()):
     raise ConvertError(f"{checkpoints} already holds checkpoints; pass an empty --workdir")
-  trainer.write_run_files(config, workdir, tokenizer_lib.ByteTokenizer())
+  trainer.write_run_files(config, workdir, tokenizer or tokenizer_lib.ByteTokenizer())
   s = train_lib.setup(config, sharding.make_mesh(config))
 
   def make_state(p):

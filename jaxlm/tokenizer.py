@@ -100,6 +100,9 @@ class SentencePieceTokenizer:
 def from_config(data_config) -> Tokenizer:
   if data_config.tokenizer == "byte":
     return ByteTokenizer()
+  if data_config.tokenizer == "huggingface":  # a folder with tokenizer.json (jaxlm/hf_tokenizer.py)
+    from jaxlm import hf_tokenizer  # local: only these runs need the `tokenizers` library
+    return hf_tokenizer.HuggingFaceTokenizer(data_config.tokenizer_path)
   return SentencePieceTokenizer(data_config.tokenizer_path)
 
 
@@ -111,4 +114,7 @@ def load(directory: Path) -> Tokenizer:
   meta = json.loads(meta_path.read_text())
   if meta["kind"] == "byte":
     return ByteTokenizer()
+  if meta["kind"] == "huggingface":
+    from jaxlm import hf_tokenizer  # local: only these runs need the `tokenizers` library
+    return hf_tokenizer.HuggingFaceTokenizer(Path(directory) / meta["folder"])
   return SentencePieceTokenizer(Path(directory) / meta["file"])
