@@ -80,6 +80,7 @@ def size(location: PathLike) -> int:
 
 
 def read_bytes(location: PathLike) -> bytes:
+  """The contents of the file `location` (local or gs://)."""
   return path(location).read_bytes()
 
 
@@ -92,6 +93,7 @@ def write_bytes(location: PathLike, data: bytes) -> None:
 
 
 def write_text(location: PathLike, text: str) -> None:
+  """Writes `text` as UTF-8 to the file `location`; see `write_bytes`."""
   write_bytes(location, text.encode("utf-8"))
 
 
@@ -141,6 +143,7 @@ class AppendFile:
       self.file = open(self.location, "ab")
 
   def write(self, data: bytes | str) -> None:
+    """Appends `data` (str is written as UTF-8)."""
     data = data.encode("utf-8") if isinstance(data, str) else data
     if self.remote:
       self.buffer += data
@@ -149,6 +152,7 @@ class AppendFile:
       self.file.write(data)
 
   def flush(self) -> None:
+    """Writes through locally; in a bucket uploads unless the last upload is under `upload_every_s` old."""
     if not self.remote:
       self.file.flush()
     elif self.pending and time.monotonic() - self.last_upload >= self.upload_every_s:
@@ -159,6 +163,7 @@ class AppendFile:
     self.last_upload, self.pending = time.monotonic(), False
 
   def close(self) -> None:
+    """Closes the file; in a bucket uploads what was not uploaded yet."""
     if not self.remote:
       self.file.close()
     elif self.pending:
@@ -221,11 +226,10 @@ def check_access(location: PathLike, write: bool = False, timeout_s: float = 20.
 def check_run_access(workdir: PathLike, data_config) -> None:
   """`check_access` for a training run: `workdir` for writing, and for reading each gs:// location that
   `data_config` (the config's `data` section) names: paths and validation_paths globs, tokenizer_path,
-  tfds_data_dir, prepared_dir. Each bucket is checked once."""
+  tfds_data_dir. Each bucket is checked once."""
   check_access(workdir, write=True)
   checked = {bucket_of(workdir)} if os.fspath(workdir).startswith("gs://") else set()
-  named = [data_config.get(key) or "" for key in ("paths", "validation_paths", "tokenizer_path",
-                                                   "tfds_data_dir", "prepared_dir")]
+  named = [data_config.get(key) or "" for key in ("paths", "validation_paths", "tokenizer_path", "tfds_data_dir")]
   for location in ",".join(named).split(","):
     if location.startswith("gs://") and bucket_of(location) not in checked:
       check_access(location)

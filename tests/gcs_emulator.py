@@ -7,6 +7,8 @@ variables that point every client library jaxlm uses at it:
 - gcsfs (and so `etils.epath`, which Orbax uses for its metadata files) and
   google-cloud-storage (Orbax's bucket lookups) read `STORAGE_EMULATOR_HOST`;
 - TensorStore (Orbax's array writer) reads `TENSORSTORE_GCS_HTTP_URL`;
+- array_record's reader (TFDS data sources) is google-cloud-cpp, which reads
+  `CLOUD_STORAGE_EMULATOR_ENDPOINT`;
 - gcsfs's zonal/hierarchical-bucket probe talks gRPC to the Storage Control
   API, which the emulator does not serve (each probe waits out a 60 s
   timeout), so `GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false` turns it off.
@@ -96,9 +98,9 @@ class Emulator:
     return self.log.read().decode(errors="replace")
 
   def environment(self) -> dict[str, str]:
-    """The variables that send gcsfs, google-cloud-storage and TensorStore to this emulator."""
+    """The variables that send gcsfs, google-cloud-storage, TensorStore and array_record to this emulator."""
     return {"STORAGE_EMULATOR_HOST": self.url, "TENSORSTORE_GCS_HTTP_URL": self.url,
-            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+            "CLOUD_STORAGE_EMULATOR_ENDPOINT": self.url, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
 
   def create_bucket(self, name: str) -> None:
     request = urllib.request.Request(f"{self.url}/storage/v1/b?project=test", method="POST",

@@ -125,6 +125,21 @@ def test_orbax_and_tensorstore_write_to_the_emulator(emulator):
   np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(16, dtype=np.float32))
 
 
+def test_metrics_rollback_and_the_workdir_lock_in_a_bucket(emulator, tmp_path, monkeypatch):
+  from jaxlm import runlock
+  monkeypatch.chdir(tmp_path)
+  workdir = f"gs://{BUCKET}/rollback"
+  fs.write_text(f"{workdir}/metrics.jsonl", "".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 6)))
+  assert runlock.drop_metrics_after(workdir, 3) == 2
+  kept = [json.loads(line)["step"] for line in fs.read_bytes(f"{workdir}/metrics.jsonl").decode().splitlines()]
+  moved = [json.loads(line) for line in fs.read_bytes(f"{workdir}/metrics.rolled_back.jsonl").decode().splitlines()]
+  assert kept == [1, 2, 3] and [(m["step"], m["rolled_back_to"]) for m in moved] == [(4, 3), (5, 3)]
+  with runlock.WorkdirLock(workdir):  # a bucket has no file locks: taking it does nothing, and no local folder
+    pass
+  assert emulator.list_objects(BUCKET, "rollback/") == ["rollback/metrics.jsonl", "rollback/metrics.rolled_back.jsonl"]
+  assert list(tmp_path.iterdir()) == []
+
+
 # --- access checks -----------------------------------------------------------------------------------
 
 def test_check_access(emulator):
@@ -137,6 +152,30 @@ def test_check_access(emulator):
   assert "\n" not in message
   assert "gs://no-such-bucket: bucket not found" in message
   assert "gcloud storage buckets create gs://no-such-bucket" in message
+
+
+class _RefusingFileSystem:
+  """Stands in for gcsfs where the emulator cannot: Cloud Storage answering 403 Forbidden."""
+
+  def __init__(self, method: str):
+    self.credentials = type("Credentials", (), {"method": method})()
+
+  def ls(self, path, **kwargs):
+    raise OSError(f"Forbidden: b/{path}/o\nCaller does not have storage.objects.list access")
+
+
+@pytest.mark.parametrize("method,expected", [
+    ("anon", "gs://private: access refused; no Google credentials were found: run `gcloud auth "
+             "application-default login` or set GOOGLE_APPLICATION_CREDENTIALS"),
+    ("cloud", "gs://private: cannot write to gs://private/run (Forbidden: b/private/o); grant roles/storage.objectUser "
+              "on the bucket to the account jaxlm runs as (on a TPU VM, its service account)"),
+])
+def test_check_access_names_credentials_or_the_role(monkeypatch, method, expected):
+  import fsspec
+  monkeypatch.setattr(fsspec.core, "url_to_fs", lambda url: (_RefusingFileSystem(method), url))
+  with pytest.raises(fs.StorageError) as error:
+    fs.check_access("gs://private/run", write=True)
+  assert str(error.value).startswith(expected)
 
 
 def test_check_access_unreachable():
@@ -185,16 +224,46 @@ def test_sentencepiece_model_in_a_bucket(emulator, text_corpus):
   np.testing.assert_array_equal(loaded.encode("return x + 1"), tokenizer.encode("return x + 1"))
 
 
+def test_tfds_data_dir_in_a_bucket(emulator, tmp_path):
+  """A dataset prepared as array_record, copied to a bucket, read by `data.tfds_data_dir=gs://...`."""
+  import tensorflow_datasets as tfds
+  from conftest import tiny_config
+  from jaxlm import tfds_data
+
+  class JaxlmGcsText(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples("train"), "validation": self._generate_examples("validation")}
+
+    def _generate_examples(self, split):
+      for i in range(12):
+        yield i, {"text": f"{split} document {i}"}
+
+  JaxlmGcsText(data_dir=str(tmp_path), file_format="array_record").download_and_prepare(
+      download_config=tfds.download.DownloadConfig())
+  for path in sorted(p for p in tmp_path.rglob("*") if p.is_file()):
+    fs.write_bytes(f"gs://{BUCKET}/tfds/{path.relative_to(tmp_path).as_posix()}", path.read_bytes())
+  config = tiny_config()
+  config.data.source, config.data.tfds_name = "tfds", "jaxlm_gcs_text"
+  config.data.tfds_data_dir = f"gs://{BUCKET}/tfds"
+  documents = tfds_data.load_documents(config.data, "validation")
+  assert sorted(documents) == sorted(f"validation document {i}".encode() for i in range(12))
+
+
 # --- jaxlm commands with a gs:// work directory ------------------------------------------------------
 
 TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.py")
-STEPS = 24
+STEPS = 12
 
 
 def train_args(workdir: str, corpus_glob: str, *extra: str) -> list[str]:
   return ["train", "--config", TINY, "--workdir", workdir, "--config.data.source=files",
           f"--config.data.paths={corpus_glob}", "--config.data.val_fraction=0.2", f"--config.train.num_steps={STEPS}",
-          "--config.train.log_every=1", "--config.train.checkpoint_every=4", "--config.train.eval_every=12",
+          "--config.train.log_every=1", "--config.train.checkpoint_every=3", "--config.train.eval_every=6",
           "--config.train.eval_batches=2", "--config.train.keep_checkpoints=3", "--config.eval.max_batches=2", *extra]
 
 
@@ -245,7 +314,7 @@ def test_kill_9_then_resume_is_bitwise_identical(emulator, reference_run, gs_cor
   seen = []
   for line in process.stderr:
     seen.append(line)
-    if line.startswith("step 10:"):
+    if "step 8:" in line:  # step 6 waited for step 3's save: one checkpoint is complete
       process.kill()  # SIGKILL: no handler runs, an async save may be cut short
       break
   process.wait(timeout=60)
@@ -268,10 +337,10 @@ def test_eval_and_generate_from_another_folder(emulator, reference_run, tmp_path
   assert evaluated.returncode == 0, evaluated.stderr[-3000:]
   result = json.loads(fs.read_bytes(f"{workdir}/eval_step_{STEPS}.json"))
   assert np.isfinite(result["loss"]) and result["step"] == STEPS
-  generated = jaxlm(["generate", "--workdir", workdir, "--prompt", "def ", "--max-tokens", "8", "--temperature", "0"],
-                    tmp_path)
+  generated = jaxlm(["generate", "--workdir", workdir, "--prompt", "def ", "--max-tokens", "8", "--temperature", "0",
+                     "--ignore-eos"], tmp_path)
   assert generated.returncode == 0, generated.stderr[-3000:]
-  assert generated.stdout.strip()
+  assert generated.stdout.endswith("\n") and "Traceback" not in generated.stderr  # the tiny model's text is noise
   assert list(tmp_path.iterdir()) == []
 
 
@@ -294,6 +363,25 @@ def test_two_processes_share_a_bucket_then_restore_on_one_device(emulator, refer
   assert evaluated.returncode == 0, evaluated.stderr[-3000:]
   assert fs.path(f"{workdir}/eval_step_{STEPS}.json").exists()
   assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_export_and_hugging_face_conversion_through_a_bucket(emulator, reference_run):
+  """`jaxlm export` and `convert --to-hf/--from-hf` artifacts written to and read from gs://."""
+  from jaxlm import export, hf, loader
+  run = loader.load(reference_run[0])
+  out = f"gs://{BUCKET}/exported"
+  export.export_run(run, out, max_prompt_len=8)
+  prompt = [int(i) for i in run.tokenizer.encode("def ")]
+  exported = export.load(out).generate([prompt], 4)
+  assert len(exported[0]) == 4
+  hf_dir = f"gs://{BUCKET}/hf"
+  hf.write_hf(run.params, run.config, hf_dir, run.tokenizer)
+  config, params = hf.read_hf(hf_dir)
+  assert config.model.num_layers == run.config.model.num_layers
+  for expected, actual in zip(jax.tree.leaves(hf.params_to_hf(run.params, run.config)),
+                              jax.tree.leaves(hf.params_to_hf(params, run.config))):
+    np.testing.assert_array_equal(actual, expected)
 
 
 @pytest.mark.parametrize("command", [["train", "--config", TINY], ["eval"]])

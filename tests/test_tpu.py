@@ -271,7 +271,7 @@ print(answer)
 SUPERVISE = ["--name", "tpu1", "--zone", "us-west4-a", "--project", "proj", "--accelerator-type", "v5litepod-16",
              "--config", "configs/x.py", "--workdir", "gs://bucket/run", "--poll-seconds", "7"]
 FINISHED = json.dumps({"loss": 1.5, "stop_reason": "finished"})
-STOPPED = json.dumps({"loss": 2.5, "stop_reason": "signal"})
+STOPPED = json.dumps({"loss": 2.5, "stop_reason": "sigterm"})
 
 
 def supervise(tmp_path, script, *args):
