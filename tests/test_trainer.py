@@ -67,7 +67,7 @@ def test_banner_before_step_1_and_summary_at_the_end(full_run):
   assert summary["step"] == 6 and summary["stop_reason"] == "finished"
   assert summary["best_val_loss"] == min(val_losses(full_run)) and summary["final_val_loss"] == val_losses(full_run)[-1]
   assert summary["wall_time_s"] > summary["compile_time_s"] + summary["eval_time_s"] + summary["checkpoint_time_s"]
-  assert f"finished at step 6 after " in rest and "validation loss: final " in rest and "tokens/s, MFU" in rest
+  assert "finished at step 6 after " in rest and "validation loss: final " in rest and "tokens/s, MFU" in rest
 
 
 @pytest.mark.slow
