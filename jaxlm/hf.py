@@ -17,8 +17,9 @@ no torch. Layout facts the mapping relies on:
          rotary_dim = head_dim; untied lm_head with a bias.
 Every conversion checks the full key set and every shape against the model
 jaxlm would build, and fails with the list of differences: a missing or
-renamed key never leaves a weight at its random init. Real HF tokenizers are
-out of scope: a converted run gets jaxlm's byte tokenizer.
+renamed key never leaves a weight at its random init. A tokenizer.json beside
+the weights travels both ways (jaxlm/hf_tokenizer.py); without one a converted
+run gets jaxlm's byte tokenizer.
 """
 
 from __future__ import annotations
