@@ -8,7 +8,8 @@ splash (`attention_impl=splash`): `jax.experimental.pallas.ops.tpu.
   query and key tiles (a multiple of 128 dividing the lengths; 0: 512).
 triton (`attention_impl=triton`): `jax.experimental.pallas.ops.gpu.
   attention.mha`, a Pallas flash kernel lowered through Triton, with one
-  segment-id array (self-attention) and causal masking. It has no GQA, so
+  segment-id array (self-attention: decoders' causal attention; other calls
+  run on XLA) and causal masking. It has no GQA, so
   key/value heads are repeated to the query heads first. Its tiles are
   `model.attention_block_size` too (0: 128).
 
@@ -137,7 +138,11 @@ def _splash(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *, mask_Bx1xTxS, q_segment_ids_BxT,
 
 def _triton(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *, mask_Bx1xTxS, q_segment_ids_BxT, kv_segment_ids_BxS, causal,
             model_cfg):
-  if q_BxTxNxH.shape[1] != k_BxSxKxH.shape[1]:  # cross-attention: the kernel takes one segment array
+  # The kernel takes one segment array for queries and keys, so it serves self-attention only: causal
+  # attention is (T == S, same ids), and so is a call given one array twice. Anything else, including
+  # cross-attention at equal lengths and encoder self-attention whose ids a scan has split into two
+  # tracers, runs on XLA.
+  if not (causal or q_segment_ids_BxT is kv_segment_ids_BxS):
     return dispatch.REGISTRY["attention"]["xla"].fn(
         q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS=mask_Bx1xTxS, q_segment_ids_BxT=q_segment_ids_BxT,
         kv_segment_ids_BxS=kv_segment_ids_BxS, causal=causal, model_cfg=model_cfg)
