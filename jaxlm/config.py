@@ -138,6 +138,14 @@ def base_config() -> ConfigDict:
   c.optim.decay_embeddings = False
   c.optim.clip_norm = 1.0           # 0 disables
 
+  c.lora = ConfigDict()             # low-rank adapters over a frozen base run (jaxlm/lora.py)
+  c.lora.rank = 0                   # 0: no adapters (full training); r > 0 trains only rank-r adapters
+  c.lora.alpha = 16.0               # the kernel becomes W + (alpha / rank) * A @ B
+  c.lora.dropout = 0.0              # drops input features of A, one mask per step (adapters are merged per step)
+  c.lora.targets = "query,value"    # comma-separated projections: query, key, value, out, up, gate, down
+  c.lora.base_workdir = ""          # the run whose weights stay frozen (train or convert --from-hf workdir)
+  c.lora.base_step = -1             # its checkpoint; -1: the latest (recorded in the LoRA run's config.json)
+
   c.eval = ConfigDict()
   c.eval.batch_size = 16
   c.eval.max_batches = 0            # 0 evaluates the whole validation split
@@ -238,6 +246,9 @@ RANGES = {
     "optim.learning_rate": _POSITIVE_REAL, "optim.warmup_steps": _COUNT, "optim.end_lr_fraction": _FRACTION,
     "optim.b1": _BETA, "optim.b2": _BETA, "optim.eps": _at_least(0), "optim.weight_decay": _at_least(0),
     "optim.decay_embeddings": _BOOL, "optim.clip_norm": _at_least(0),
+    "lora.rank": _COUNT, "lora.alpha": _POSITIVE_REAL, "lora.dropout": _BETA,
+    "lora.targets": Allowed(note="comma-separated projection names"),
+    "lora.base_workdir": Allowed(note="a run directory"), "lora.base_step": _at_least(0, -1),
     "eval.batch_size": _POSITIVE, "eval.max_batches": _COUNT, "eval.beam_size": _COUNT,
     "eval.length_penalty": _at_least(0), "eval.max_decode_len": _COUNT, "eval.bleu_examples": _COUNT,
     "mesh.data": _at_least(1, -1), "mesh.fsdp": _at_least(1, -1), "mesh.tensor": _at_least(1, -1),

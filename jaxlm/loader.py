@@ -30,7 +30,7 @@ from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import config as config_lib
 from jaxlm.config import Config, ModelConfig
 from jaxlm import model as model_lib
-from jaxlm import families, quantize, sharding, tokenizer as tokenizer_lib
+from jaxlm import families, lora, quantize, sharding, tokenizer as tokenizer_lib
 
 
 class RunError(RuntimeError):
@@ -129,6 +129,8 @@ def load(workdir: str | Path, step: int | None = None, mesh: Mesh | None = None,
     read from it); None builds the family's model from `config.model`.
   """
   config = load_config(workdir)
+  if model is None and lora.enabled(config):  # adapters merged into their base: a plain run to every command
+    return lora.load(workdir, step, mesh)
   tokenizer = tokenizer_lib.load(workdir)
   module = model if model is not None else model_lib.build(config.model)
   shardings = param_shardings(config, mesh or single_device_mesh(), module)

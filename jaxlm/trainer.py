@@ -26,7 +26,7 @@ import jax
 import tqdm
 
 from jaxlm import checkpoint as checkpoint_lib
-from jaxlm import corpus, families, run_report, sources
+from jaxlm import corpus, families, lora, run_report, sources
 from jaxlm import config as config_lib
 from jaxlm.config import Config
 from jaxlm import metrics as metrics_lib
@@ -199,6 +199,10 @@ class Trainer:
     sharding.maybe_initialize_distributed(self.config)
     config_lib.validate(self.config, jax.device_count())
     config = self.config = _with_absolute_data_paths(self.config)
+    if lora.enabled(config):  # adapters over a frozen base run: its model, step and tokenizer (jaxlm/lora.py)
+      config = self.config = lora.resolve_base(config, log)
+      if self.tokenizer is None:
+        self.tokenizer = tokenizer_lib.load(Path(config.lora.base_workdir))
     if self.tokenizer is None:
       self.tokenizer = load_tokenizer(config)
     else:
@@ -209,6 +213,8 @@ class Trainer:
 
     train_source, eval_source = self._sources(config, self.tokenizer)
     mesh = sharding.make_mesh(config)
+    if self.model is None and lora.enabled(config):
+      self.model = lora.adapted_model(config, lora.base_params(config, mesh))
     s = self.setup = train_step.setup(config, mesh, self.model, self.loss_fn)
     checkpointer = self.checkpointer = checkpoint_lib.Checkpointer(self.workdir / "checkpoints",
                                                                    keep=config.train.keep_checkpoints)

@@ -1,0 +1,175 @@
+"""LoRA (jaxlm/lora.py): adapters over a CLI run, merging, what trains, optimizer state, save and load."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxlm
+from jaxlm import config as config_lib, loader, lora, model as model_lib, families
+
+from conftest import REPO, files_config, run_cli
+
+TINY = str(REPO / "configs" / "tiny.py")
+TARGETS = "query,value,out,down"  # input axes first (query, value) and last (out, down), multi-axis and 2-D
+
+
+@pytest.fixture(scope="module")
+def base_run(text_corpus, tmp_path_factory):
+  """A 3-step `jaxlm train` run: the frozen base."""
+  workdir = tmp_path_factory.mktemp("base")
+  result = run_cli(["train", "--config", TINY, "--workdir", str(workdir), "--config.data.source=files",
+                    f"--config.data.paths={text_corpus}/*.txt", "--config.data.val_fraction=0.2",
+                    "--config.train.num_steps=3", "--config.train.checkpoint_every=3",
+                    "--config.train.eval_every=3", "--config.train.eval_batches=1"])
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def lora_config(text_corpus, base_run):
+  config = files_config(text_corpus)
+  config.lora.rank, config.lora.alpha, config.lora.targets = 4, 8.0, TARGETS
+  config.lora.base_workdir = str(base_run)
+  config.optim.learning_rate, config.optim.warmup_steps = 3e-2, 0
+  return config
+
+
+class KeepState(jaxlm.Callback):
+  def on_start(self, trainer, step):
+    self.initial = jax.device_get(trainer.state.params)
+
+  def on_end(self, trainer, summary):
+    self.state = jax.device_get(trainer.state)
+
+
+@pytest.fixture(scope="module")
+def lora_run(text_corpus, base_run, tmp_path_factory):
+  """(workdir, KeepState) of a 6-step LoRA run over `base_run`, trained in this process."""
+  workdir = tmp_path_factory.mktemp("lora")
+  keep = KeepState()
+  jaxlm.train(lora_config(text_corpus, base_run), workdir, callbacks=[keep])
+  return workdir, keep
+
+
+def random_adapters(module, seed=1):
+  """Adapters with both A and B random (a trained adapter, not the zero start)."""
+  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), **inputs(module))["params"])
+  keys = iter(jax.random.split(jax.random.key(seed), len(jax.tree.leaves(shapes))))
+  return jax.tree.map(lambda s: 0.3 * jax.random.normal(next(keys), s.shape), shapes)
+
+
+def inputs(module):
+  return families.model_inputs(module, model_lib.example_batch(module.cfg, (2, 16)))
+
+
+def test_zero_initialized_adapter_leaves_logits_unchanged(text_corpus, base_run):
+  run = jaxlm.load(base_run)
+  config = lora.resolve_base(lora_config(text_corpus, base_run))
+  module = lora.adapted_model(config, run.params, deterministic=True)
+  adapters = module.init(jax.random.key(3), **inputs(module))["params"]
+  assert any(np.abs(np.asarray(leaf)).max() > 0 for leaf in jax.tree.leaves(adapters))  # A is random
+  base_logits = run.model.apply({"params": run.params}, **inputs(module))
+  np.testing.assert_array_equal(module.apply({"params": adapters}, **inputs(module)), base_logits)
+
+
+def test_merged_kernel_is_base_plus_adapter_path_and_logits_agree(text_corpus, base_run):
+  run = jaxlm.load(base_run)
+  config = lora.resolve_base(lora_config(text_corpus, base_run))
+  module = lora.adapted_model(config, run.params, deterministic=True)
+  adapters = random_adapters(module)
+  scale = config.lora.alpha / config.lora.rank
+  merged = lora.merge(run.params, adapters, dict(module.targets), scale)
+  layer = merged["decoder"]["layer_0"]
+  base_layer = run.params["decoder"]["layer_0"]
+  x_BxD = jax.random.normal(jax.random.key(5), (3, 32))
+  # query: kernel D x N x H; the adapter path is x A B reshaped to N x H.
+  a, b = adapters["decoder.layer_0.self_attention.query.lora_a"], adapters["decoder.layer_0.self_attention.query.lora_b"]
+  expected = (jnp.einsum("bd,dnh->bnh", x_BxD, base_layer["self_attention"]["query"]["kernel"])
+              + scale * (x_BxD @ a @ b).reshape(3, 4, 8))
+  np.testing.assert_allclose(jnp.einsum("bd,dnh->bnh", x_BxD, layer["self_attention"]["query"]["kernel"]),
+                             expected, rtol=1e-5, atol=1e-5)
+  # out: kernel N x H x D, its inputs are the heads.
+  x_BxNxH = jax.random.normal(jax.random.key(6), (3, 4, 8))
+  a, b = adapters["decoder.layer_0.self_attention.out.lora_a"], adapters["decoder.layer_0.self_attention.out.lora_b"]
+  expected = (jnp.einsum("bnh,nhd->bd", x_BxNxH, base_layer["self_attention"]["out"]["kernel"])
+              + scale * x_BxNxH.reshape(3, 32) @ a @ b)
+  np.testing.assert_allclose(jnp.einsum("bnh,nhd->bd", x_BxNxH, layer["self_attention"]["out"]["kernel"]),
+                             expected, rtol=1e-5, atol=1e-5)
+  # Untargeted parameters are the base's own arrays.
+  np.testing.assert_array_equal(layer["mlp"]["up"]["kernel"], base_layer["mlp"]["up"]["kernel"])
+  adapted_logits = module.apply({"params": adapters}, **inputs(module))
+  merged_logits = run.model.apply({"params": merged}, **inputs(module))
+  np.testing.assert_allclose(adapted_logits, merged_logits, rtol=1e-5, atol=1e-5)
+  base_logits = run.model.apply({"params": run.params}, **inputs(module))
+  assert np.abs(np.asarray(adapted_logits - base_logits)).max() > 1e-2
+
+
+def test_only_adapters_train_and_optimizer_state_is_theirs(lora_run):
+  workdir, keep = lora_run
+  params, opt_state = keep.state.params, keep.state.opt_state
+  assert sorted(params) == sorted(f"decoder.layer_{i}.{module}.lora_{m}" for i in range(2)
+                                  for module in ("self_attention.query", "self_attention.value",
+                                                 "self_attention.out", "mlp.down") for m in "ab")
+  adapter_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(params))
+  # AdamW keeps two moments per adapter parameter, plus scalar counts: nothing of the base's size.
+  moment_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(opt_state) if leaf.ndim)
+  assert moment_bytes == 2 * adapter_bytes
+  base_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(jaxlm.load(json.loads(
+      (workdir / "config.json").read_text())["lora"]["base_workdir"]).params))
+  assert adapter_bytes < base_bytes / 4
+  # Every adapter moved (B from zero); the base stays the CLI run's checkpoint.
+  for key in params:
+    assert np.abs(params[key] - keep.initial[key]).max() > 0, key
+
+
+def test_adapters_save_and_load_on_their_own(lora_run, base_run):
+  workdir, keep = lora_run
+  saved = json.loads((workdir / "config.json").read_text())["lora"]
+  assert saved["base_workdir"] == str(base_run.absolute()) and saved["base_step"] == 3
+  config, adapters, base, step = lora.load_adapters(workdir)
+  assert step == 6
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(adapters), keep.state.params)
+  np.testing.assert_array_equal(base["embedder"]["token"]["embedding"],
+                                jaxlm.load(base_run).params["embedder"]["token"]["embedding"])
+
+
+def test_load_gives_every_command_the_merged_weights(text_corpus, lora_run, base_run):
+  workdir, keep = lora_run
+  run = jaxlm.load(workdir)
+  assert run.step == 6 and run.config.lora.rank == 0 and run.config.model == jaxlm.load(base_run).config.model
+  base = jaxlm.load(base_run).params
+  module = lora.adapted_model(lora.resolve_base(lora_config(text_corpus, base_run)), base, deterministic=True)
+  expected = lora.merge(base, keep.state.params, dict(module.targets), 8.0 / 4)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6), run.params, expected)
+  assert not np.allclose(run.params["decoder"]["layer_0"]["mlp"]["down"]["kernel"],
+                         base["decoder"]["layer_0"]["mlp"]["down"]["kernel"])
+
+
+def test_bad_lora_settings_are_one_line(text_corpus, base_run, tmp_path):
+  config = lora_config(text_corpus, base_run)
+  config.lora.base_workdir = ""
+  with pytest.raises(config_lib.ConfigError, match="--config.lora.base_workdir=RUN"):
+    jaxlm.train(config, tmp_path / "a")
+  config = lora_config(text_corpus, base_run)
+  config.lora.targets = "query,qkv"
+  with pytest.raises(config_lib.ConfigError, match="qkv names no projection.*choose from down, key, out"):
+    jaxlm.train(config, tmp_path / "b")
+  assert not (tmp_path / "b" / "checkpoints").exists()
+  config = lora_config(text_corpus, tmp_path)
+  with pytest.raises(loader.RunError, match="config.json not found"):
+    jaxlm.train(config, tmp_path / "c")
+
+
+@pytest.mark.slow
+def test_cli_lora_run_then_eval_and_generate(text_corpus, base_run, tmp_path):
+  workdir = tmp_path / "cli_lora"
+  result = run_cli(["train", "--config", TINY, "--workdir", str(workdir), "--config.data.source=files",
+                    f"--config.data.paths={text_corpus}/*.txt", "--config.data.val_fraction=0.2",
+                    "--config.train.num_steps=2", "--config.train.eval_every=2", "--config.train.eval_batches=1",
+                    "--config.lora.rank=2", f"--config.lora.base_workdir={base_run}"])
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "model: 1,024 parameters" in result.stderr  # rank 2 on query and value of 2 layers: 2*2*(32*2+2*32)
+  result = run_cli(["generate", "--workdir", str(workdir), "--prompt", "def ", "--max_new_tokens", "4"])
+  assert result.returncode == 0, result.stderr[-3000:]
