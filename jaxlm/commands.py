@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 from jaxlm import checkpoint, config as config_lib
 
@@ -65,17 +66,23 @@ def _generate(args, overrides) -> int:
   run = _load(args)
   text = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
   tok, model = run.tokenizer, run.config.model
-  ids = decode.adapter_for(model, tok.bos_id).prompt_ids(tok, text)
+  adapter = decode.adapter_for(model, tok.bos_id)
+  ids = adapter.prompt_ids(tok, text)
   stop = [] if args.ignore_eos else [tok.eos_id]
+  if args.echo and adapter.prompt_in_cache:  # the output continues the prompt (an encoder's is a source)
+    print(text, end="", flush=True)
+  start = time.perf_counter()
   if args.beam_size:
     result = decode.beam_search(model, run.params, [ids], args.beam_size, args.max_tokens, tok.eos_id,
                                 args.length_penalty, start_id=tok.bos_id)
     print(tok.decode(result.tokens[0]), flush=True)
+    _print_speed(len(result.tokens[0]), start, None)
     return 0
   generator = decode.Generator(model, run.params, start_id=tok.bos_id)
   sampling = decode.Sampling(args.temperature, args.top_k, args.top_p, args.seed)
-  new, printed = [], ""
+  new, printed, first = [], "", None
   for out in generator.stream([ids], args.max_tokens, sampling, stop):
+    first = first or time.perf_counter()
     if out.emit_B[0]:
       new.append(int(out.tokens_B[0]))
       decoded = tok.decode(new)
@@ -83,7 +90,18 @@ def _generate(args, overrides) -> int:
         print(decoded[len(printed):], end="", flush=True)
         printed = decoded
   print(tok.decode(new)[len(printed):], flush=True)
+  _print_speed(len(new), start, first)
   return 0
+
+
+def _print_speed(new_tokens: int, start: float, first: float | None) -> None:
+  """Tokens/s to stderr (stdout stays the text): after the first token, whose wait includes compilation."""
+  end = time.perf_counter()
+  if first is None or new_tokens < 2:
+    print(f"{new_tokens} tokens in {end - start:.2f} s, compilation included", file=sys.stderr)
+    return
+  print(f"{new_tokens} tokens: {(new_tokens - 1) / max(end - first, 1e-9):.1f} tokens/s after the first, which "
+        f"took {first - start:.2f} s (compilation included)", file=sys.stderr)
 
 
 def _chat(args, overrides) -> int:

@@ -91,6 +91,8 @@ def _deployment_parsers(sub):
   gen.add_argument("--beam-size", type=int, default=0, help="beam search with this width (no streaming)")
   gen.add_argument("--length-penalty", type=float, default=0.6, help="GNMT alpha for beam search")
   gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
+  gen.add_argument("--no-echo", dest="echo", action="store_false",
+                   help="print only the generated text, not the prompt before it")
   chat = sub.add_parser("chat", help="talk to a run in the terminal with its chat template; keeps the conversation")
   _run_args(chat)
   chat.add_argument("--max-tokens", type=int, default=256, help="the most tokens per answer")

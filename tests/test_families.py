@@ -24,7 +24,7 @@ def test_encoder_decoder_trains_on_codesum_and_reports_bleu_beside_baselines(tmp
   result = evaluate.evaluate(tmp_path)
   assert result["bleu_examples"] == 8 and 0.0 <= result["bleu"] <= 100.0
   assert {"baseline_most_common_bleu", "baseline_name_words_bleu"} <= set(result)
-  assert "BLEU" in result["summary"]
+  assert f"BLEU {result['bleu']:.2f} (sacrebleu, 0-100)" in result["summary"]  # the scale, said
 
 
 def test_encoder_trains_mlm_and_reports_accuracy_beside_unigram_baseline(tmp_path, text_corpus):

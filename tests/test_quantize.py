@@ -77,7 +77,9 @@ def test_quantized_model_generates_close_to_float(run_dir, capsys):
   assert main.main(["generate", "--workdir", str(run_dir), "--prompt", "def f", "--max-tokens", "8", "--int8",
                     "--ignore-eos"]) == 0
   expected = run.tokenizer.decode(int8_gen.generate([[2] + list(run.tokenizer.encode("def f"))], 8)[0])
-  assert capsys.readouterr().out == expected + "\n"
+  printed = capsys.readouterr()
+  assert printed.out == "def f" + expected + "\n"  # the prompt, then what continues it
+  assert "8 tokens: " in printed.err and "tokens/s after the first" in printed.err
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +104,7 @@ def test_the_int8_run_loads_in_generate_serve_eval_and_export(run_dir, int8_run,
 
   capsys.readouterr()
   assert main.main(["generate", "--workdir", str(int8_run), "--prompt", "def f", "--max-tokens", "8",
-                    "--ignore-eos"]) == 0
+                    "--ignore-eos", "--no-echo"]) == 0
   assert capsys.readouterr().out == expected + "\n"
 
   background = serve.BackgroundServer(serve.app_for_run(int8_run))

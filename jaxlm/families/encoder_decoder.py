@@ -89,7 +89,7 @@ def evaluate(evaluation) -> dict:
             "accuracy": totals["correct_sum"] / weight}
   config = evaluation.config
   result.update(bleu_scores(config, evaluation.params, evaluation.rows, evaluation.tokenizer))
-  result["summary"] = (f"step {result['step']}: validation loss {result['loss']:.4f}, BLEU {result['bleu']:.2f} "
+  result["summary"] = (f"step {result['step']}: validation loss {result['loss']:.4f}, BLEU {result['bleu']:.2f} (sacrebleu, 0-100) "
                        f"(beam {config.eval.beam_size}, alpha {config.eval.length_penalty}; baselines: "
                        + ", ".join(f"{k[len('baseline_'):-len('_bleu')]} {v:.2f}" for k, v in result.items()
                                    if k.startswith("baseline_")) + ")")
