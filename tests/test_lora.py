@@ -170,6 +170,7 @@ def test_cli_lora_run_then_eval_and_generate(text_corpus, base_run, tmp_path):
                     "--config.train.num_steps=2", "--config.train.eval_every=2", "--config.train.eval_batches=1",
                     "--config.lora.rank=2", f"--config.lora.base_workdir={base_run}"])
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "model: 1,024 parameters" in result.stderr  # rank 2 on query and value of 2 layers: 2*2*(32*2+2*32)
+  # The adapters alone: rank 2 on query and value (32 -> 4 x 8) of 2 layers, 2 * 2 * (32 * 2 + 2 * 32).
+  assert "model: 512 parameters" in result.stderr
   result = run_cli(["generate", "--workdir", str(workdir), "--prompt", "def ", "--max_new_tokens", "4"])
   assert result.returncode == 0, result.stderr[-3000:]
