@@ -60,25 +60,32 @@ def _read_error_text(error: BaseException) -> str:
   text = next((str(e) for e in chain if _STATUS.search(str(e))), str(chain[-1]))
   match = _STATUS.search(text)
   text = text[match.start():] if match else text
-  return text.split(" [tensorstore_spec=")[0].strip().splitlines()[0][:400]
+  text = re.sub(r" \[(tensorstore_spec|source locations)=.*", "", text.strip().splitlines()[0])
+  # The cause (e.g. 'No space left on device') comes last: keep both ends of a long message.
+  return text if len(text) <= 400 else f"{text[:220]} ... {text[-170:]}"
+
+
+# What TensorStore's callbacks report when they complete after Orbax gave up on the operation.
+_LATE_CALLBACK_ERRORS = ("Event loop is closed", "sys.meta_path is None, Python is likely shutting down")
 
 
 def _ignore_reads_finishing_after_a_failure() -> None:
-  """Drops the 'Event loop is closed' reports of reads still in flight when a restore failed.
+  """Drops the reports of reads and writes still in flight when a restore or save failed.
 
-  Orbax runs each restore in a fresh event loop and closes it when the first
-  read fails; TensorStore then completes the other reads and its callbacks hit
-  the closed loop, each printing a traceback through `sys.unraisablehook`. Only
-  that exact error is dropped; the hook is chained, and installed once, at the
-  first restore (never on import), since the reports can come before the
-  failure reaches this module.
+  Orbax runs each operation in a fresh event loop and closes it when the first
+  read or write fails; TensorStore then completes the others and their
+  callbacks hit the closed loop (or a shutting-down interpreter), each printing
+  a traceback through `sys.unraisablehook`. Only those exact errors are
+  dropped; the hook is chained, and installed once, by the first Checkpointer
+  (never on import), since the reports can come before the failure reaches
+  this module.
   """
   previous = sys.unraisablehook
   if getattr(previous, "jaxlm_closed_loop_filter", False):
     return
 
   def hook(unraisable):
-    if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+    if str(unraisable.exc_value) in _LATE_CALLBACK_ERRORS:
       return
     previous(unraisable)
   hook.jaxlm_closed_loop_filter = True
@@ -111,10 +118,15 @@ def free_space(path: Path) -> str:
 
 
 class _DropOrbaxErrors(logging.Filter):
-  """Drops Orbax's ERROR records (failed async writes); the Checkpointer raises them as one line instead."""
+  """Drops Orbax's ERROR records (failed async writes), and asyncio's reports of Orbax write tasks whose
+  failure nobody awaited after the first; the Checkpointer raises the failure as one line instead."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+    if record.levelno < logging.ERROR:
+      return True
+    if record.name == "asyncio":
+      return "orbax" not in record.getMessage()
+    return "orbax" not in record.pathname
 
 
 class Checkpointer:
@@ -131,6 +143,8 @@ class Checkpointer:
     # Orbax logs each failed background write with a traceback; `check` and `wait` report it in one line.
     self._quiet = _DropOrbaxErrors()
     logging.getLogger("absl").addFilter(self._quiet)
+    logging.getLogger("asyncio").addFilter(self._quiet)
+    _ignore_reads_finishing_after_a_failure()
 
   def incomplete(self) -> list[Path]:
     """Step folders an interrupted save left behind; Orbax ignores them."""
@@ -184,19 +198,29 @@ class Checkpointer:
       if (self.directory / f"{step}.orbax-checkpoint-tmp").exists():
         continue  # still being written
       if folder.is_dir() and not self.missing_markers(step) and jax.process_index() == 0:
-        integrity.write_file_manifest(folder)
+        # Best effort (a full disk): a step without its file list is still verified by its array checksums.
+        with contextlib.suppress(OSError):
+          integrity.write_file_manifest(folder)
       self._saved.discard(step)
 
   def check(self) -> None:
     """Raises CheckpointError if an async save has failed (e.g. the disk is full); cheap, call it every step."""
     try:
       self.manager.check_for_errors()
+      if not self.manager.is_saving_in_progress():
+        # A save whose finalization failed is over; this returns at once, or raises its error.
+        self.manager.wait_until_finished()
     except Exception as e:  # noqa: BLE001
       raise self._save_error(None, e) from None
 
   def _save_error(self, step: int | None, error: BaseException) -> CheckpointError:
     text = _read_error_text(error)
     failed = re.search(r"/(\d+)\.orbax-checkpoint-tmp", text)  # the step whose background write failed
+    chain, current = "", error
+    while current is not None and len(chain) < 1_000_000:
+      chain, current = chain + str(current), current.__cause__ or current.__context__
+    if "No space left on device" in chain or "os_error_code='28'" in chain:
+      text = "No space left on device"
     which = f"step {failed.group(1)}" if failed else f"step {step}" if step is not None else "a checkpoint"
     return CheckpointError(
         f"saving {which} to {self.directory} failed ({text}); {free_space(self.directory)} free "
@@ -239,7 +263,6 @@ class Checkpointer:
       if mismatch:
         raise CheckpointError(f"checkpoint step {step} in {self.directory} does not match this model: {mismatch}")
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-    _ignore_reads_finishing_after_a_failure()
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=partial)))["state"]

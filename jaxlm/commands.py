@@ -6,6 +6,7 @@ line naming the key or file and the fix, and exit 2, instead of a traceback.
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 import time
@@ -27,6 +28,13 @@ def run(args, overrides: list[str]) -> int:
     return COMMANDS[args.command](args, overrides)
   except _expected_errors() as e:
     print(f"jaxlm: error: {e}", file=sys.stderr)
+    return 2
+  except OSError as e:
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+      raise
+    # A full disk fails every later write too (logs closing after a failed save): report the first failure.
+    first = e.__context__ if isinstance(e.__context__, _expected_errors()) else f"writing {e.filename or 'a file'}: {e.strerror}"
+    print(f"jaxlm: error: {first}", file=sys.stderr)
     return 2
 
 
