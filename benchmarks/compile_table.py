@@ -42,8 +42,10 @@ CASES = {
                                                          "--config.train.num_micro_batches=16"]),
     "llama_7b_v5p_fsdp_dots_no_batch": ("llama_7b", "v5p-32", FSDP + ["--config.model.remat_policy=dots_no_batch",
                                                                       "--config.train.num_micro_batches=64"]),
-    "gpt3_13b": ("gpt3_13b", "v5p-64", FSDP + ["--config.model.remat_policy=full",
-                                               "--config.train.num_micro_batches=16", "--config.eval.batch_size=32"]),
+    # d_model 5140 = 4 x 1285 and the vocabulary 50257 = 29 x 1733: fsdp 4 (embed) and no tensor axis.
+    "gpt3_13b": ("gpt3_13b", "v5p-64", ["--config.mesh.data=8", "--config.mesh.fsdp=4",
+                                        "--config.model.remat_policy=full", "--config.train.num_micro_batches=16",
+                                        "--config.eval.batch_size=32"]),
     "llama_7b_v5p_fsdp_none": ("llama_7b", "v5p-32", FSDP + ["--config.model.remat_policy=none",
                                                              "--config.train.num_micro_batches=128"]),
 }

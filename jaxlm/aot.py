@@ -29,7 +29,6 @@ an upper bound, not a measurement.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib.util
 import math
@@ -43,33 +42,12 @@ import numpy as np
 
 from jaxlm import config as config_lib
 from jaxlm import families, metrics
-
-GIB = 1024 ** 3
+from jaxlm.chips import CHIPS, GIB, Chip  # the one table of published chip figures (the trainer's MFU reads it too)
 
 
 class CompileError(config_lib.ConfigError):
   """A bad --topology, or no libtpu; one line naming the fix (a ConfigError, so the CLI prints it and exits 2)."""
 
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-  """Published per-chip figures: dense bf16 FLOP/s, HBM bytes, HBM and interconnect bytes/s."""
-  peak_flops: float
-  hbm_bytes: float
-  hbm_bandwidth: float
-  ici_bandwidth: float  # bytes/s a chip can send over its links, all directions together
-
-
-# Google Cloud TPU system-architecture pages and NVIDIA data sheets (dense, no sparsity; SXM parts).
-CHIPS = {
-    "v4": Chip(275e12, 32 * GIB, 1.2e12, 300e9),
-    "v5e": Chip(197e12, 16 * GIB, 0.819e12, 200e9),
-    "v5p": Chip(459e12, 95 * GIB, 2.765e12, 600e9),
-    "v6e": Chip(918e12, 32 * GIB, 1.64e12, 448e9),
-    "a100": Chip(312e12, 80e9, 2.039e12, 600e9),
-    "h100": Chip(989e12, 80e9, 3.35e12, 900e9),
-    "h200": Chip(989e12, 141e9, 4.8e12, 900e9),
-}
 
 # libtpu's topology names: (chip prefix, two- or three-dimensional torus, TensorCores per chip).
 _TPU_TOPOLOGY = {"v4": ("v4", 3, 2), "v5p": ("v5", 3, 2), "v5e": ("v5e", 2, 1), "v6e": ("v6e", 2, 1)}
@@ -156,6 +134,19 @@ def _shard_bytes(abstract_tree, sharding_tree) -> int:
   return sum(math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize for a, s in zip(leaves, shardings))
 
 
+def check_divisible(abstract_tree, sharding_tree) -> None:
+  """CompileError naming the first array whose sharded dimension the mesh does not divide (else XLA's traceback)."""
+  def check(path, abstract, sharding):
+    for size, axes in zip(abstract.shape, sharding.spec):
+      names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+      ways = math.prod(sharding.mesh.shape[a] for a in names)
+      if size % ways:
+        raise CompileError(f"{jax.tree_util.keystr(path)} has a dimension of {size}, which mesh axes "
+                           f"{'x'.join(names)} ({ways} ways) do not divide; choose --config.mesh.* sizes that divide "
+                           "the model's dimensions (or map the axis to None in mesh.rules)")
+  jax.tree_util.tree_map_with_path(check, abstract_tree, sharding_tree)
+
+
 def _remat_factors(policy: str) -> tuple[float, float]:
   """(matmul, attention) FLOPs executed per model FLOP: what the backward pass recomputes.
 
@@ -224,6 +215,7 @@ def compile_train_step(config, topology: str) -> dict:
   step = train_step.make_train_step(s)
   batch = jax.eval_shape(lambda: train_step.example_batch(config, config.train.global_batch_size))
   abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s.batch_sharding) for k, v in batch.items()}
+  check_divisible(s.abstract_state, s.state_shardings)
   abstract_state = _abstract(s.abstract_state, s.state_shardings)
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
   report = {"topology": topology, "chip": kind, "chips": len(devices), "mesh": mesh_sizes,
@@ -289,6 +281,7 @@ def compile_decode(config, topology: str, batch_size: int, prompt_len: int = 0) 
       spec[batch_axis + 2] = kv_axis
     return NamedSharding(mesh, PartitionSpec(*spec))
 
+  check_divisible(s.abstract_state.params, s.state_shardings.params)
   params = _abstract(s.abstract_state.params, s.state_shardings.params)
   rows = NamedSharding(mesh, PartitionSpec(batch_axes))
   prompt = {"tokens_BxP": jax.ShapeDtypeStruct((batch_size, prompt_len), jnp.int32, sharding=rows),

@@ -133,3 +133,13 @@ def test_decode_compile_shards_the_cache(tmp_path, capsys):
   assert report["cache_bytes"] == whole // 4 + 2 * 4
   assert report["fits"] and report["step"]["peak_bytes"] < report["hbm_bytes"]
   assert "KV cache" in capsys.readouterr().out
+
+
+@needs_libtpu
+def test_mesh_that_does_not_divide_the_model_one_line(capsys):
+  """fsdp 8 cannot split d_model 36 (heads of 9): one line naming the size and the mesh axis, exit 2."""
+  status = main.main(["compile", "--config", TINY, "--topology", "v5e-8", "--config.mesh.data=1",
+                      "--config.mesh.fsdp=-1", "--config.model.d_model=36"])
+  err = capsys.readouterr().err.strip()
+  assert status == 2
+  assert len(err.splitlines()) == 1 and "36" in err and "fsdp" in err and "--config.mesh" in err, err
