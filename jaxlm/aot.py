@@ -36,9 +36,10 @@ import os
 import re
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxlm import config as config_lib
 from jaxlm import families, metrics
@@ -205,7 +206,7 @@ def compile_train_step(config, topology: str) -> dict:
   peak_bytes, hbm_bytes and the `estimate` keys. When XLA refused it for
   lack of memory: fits False and `error`, XLA's one-line reason.
   """
-  from jaxlm import train_step
+  from jaxlm import train_step  # local: the model stack loads only when compiling
   kind, devices = tpu_devices(topology)
   chip = CHIPS[kind]
   config_lib.validate(config, len(devices))
@@ -260,9 +261,7 @@ def compile_decode(config, topology: str, batch_size: int, prompt_len: int = 0) 
   peak_bytes; fits; and the decode step's HBM-bound tokens per second
   (parameters and cache read once per step).
   """
-  from jax.sharding import NamedSharding, PartitionSpec
-  from jaxlm import decode, train_step
-  import flax.linen as nn
+  from jaxlm import decode, train_step  # local, as in compile_train_step
   kind, devices = tpu_devices(topology)
   chip = CHIPS[kind]
   config_lib.validate(config, len(devices))
