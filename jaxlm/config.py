@@ -52,7 +52,7 @@ def base_config() -> ConfigDict:
   c.seed = 0
 
   c.model = ConfigDict()
-  c.model.family = "decoder"        # decoder | encoder_decoder | encoder
+  c.model.family = "decoder"        # decoder | encoder_decoder | encoder | encoder_qa | encoder_classifier | decoder_classifier
   c.model.vocab_size = 260          # byte tokenizer: 256 bytes + pad, bos, eos, mask
   c.model.num_layers = 4
   c.model.num_decoder_layers = 0    # encoder_decoder only; 0 means num_layers
@@ -73,6 +73,7 @@ def base_config() -> ConfigDict:
   c.model.tie_embeddings = True
   c.model.scale_embeddings = False  # multiply embeddings by sqrt(d_model), as Vaswani et al.
   c.model.num_token_types = 0       # BERT segment embeddings; 0 disables
+  c.model.num_classes = 0           # encoder_classifier / decoder_classifier: labels of the task (README "Question answering and classification")
   c.model.embed_norm = False        # BERT: LayerNorm over the summed embeddings
   c.model.dropout_rate = 0.0
   c.model.dtype = "float32"         # compute dtype
@@ -85,7 +86,7 @@ def base_config() -> ConfigDict:
   c.model.sow_attention_weights = False  # attention on XLA's code, weights sown into 'intermediates' (README)
 
   c.data = ConfigDict()
-  c.data.source = "stdlib"          # stdlib | files | tfds | codesum | prepared | jsonl
+  c.data.source = "stdlib"          # stdlib | files | tfds | codesum | prepared | jsonl | squad | stdlib_packages
   c.data.paths = ""                 # comma-separated files or globs for source=files or jsonl (README "Fine-tuning and chat")
   c.data.prepared_dir = ""          # source=prepared: a `jaxlm prepare --out` folder (train/, validation/) (README "Data")
   c.data.mixture = ""               # source=prepared: "[(DIR, WEIGHT), ...]" prepared folders mixed by weight for training
@@ -99,6 +100,7 @@ def base_config() -> ConfigDict:
   c.data.prefetch_threads = 0       # grain read threads; 0 reads in the main thread
   c.data.target_len = 0             # encoder_decoder: target tokens per row; 0 means seq_len
   c.data.max_examples = 0           # tfds/codesum: read at most this many examples per split; 0 reads all
+  c.data.doc_stride = 128           # squad: a long context is windowed, a new window every doc_stride tokens
   c.data.mlm_probability = 0.15     # encoder: share of tokens chosen for MLM (BERT: 80% [MASK], 10% random, 10% kept)
   c.data.mlm_seed = 0               # MLM masks are a function of (mlm_seed, row index)
   # data.source='tfds': datasets prepared as array_record (docs/datasets.md), read without TensorFlow.
@@ -225,7 +227,7 @@ RANGES = {
     "model.d_model": _POSITIVE, "model.num_heads": _POSITIVE, "model.num_kv_heads": _COUNT,
     "model.head_dim": _COUNT, "model.mlp_dim": _POSITIVE, "model.max_len": _at_least(1),
     "model.norm_eps": _POSITIVE_REAL, "model.rope_theta": _POSITIVE_REAL, "model.use_bias": _BOOL,
-    "model.tie_embeddings": _BOOL, "model.scale_embeddings": _BOOL, "model.num_token_types": _COUNT,
+    "model.tie_embeddings": _BOOL, "model.scale_embeddings": _BOOL, "model.num_token_types": _COUNT, "model.num_classes": _COUNT,
     "model.embed_norm": _BOOL, "model.dropout_rate": _BETA, "model.scan_layers": _BOOL, "model.cpu_kernels": _BOOL,
     "model.parallel_residual": _BOOL, "model.sow_attention_weights": _BOOL,
     "model.attention_block_size": _COUNT,
@@ -233,7 +235,7 @@ RANGES = {
     "data.validation_paths": Allowed(note="comma-separated paths or globs"), "data.include_tests": _BOOL,
     "data.val_fraction": _OPEN_FRACTION, "data.tokenizer_path": Allowed(note="a path"), "data.seq_len": _POSITIVE,
     "data.shuffle_seed": _COUNT, "data.prefetch_threads": _COUNT, "data.target_len": _COUNT,
-    "data.max_examples": _COUNT, "data.mlm_probability": Allowed(0, 1, low_open=True), "data.mlm_seed": _COUNT,
+    "data.max_examples": _COUNT, "data.doc_stride": _POSITIVE, "data.mlm_probability": Allowed(0, 1, low_open=True), "data.mlm_seed": _COUNT,
     "data.tfds_name": _TEXT, "data.tfds_data_dir": Allowed(note="a directory"), "data.tfds_train_split": _TEXT,
     "data.tfds_eval_split": _TEXT, "data.text_key": _TEXT, "data.source_key": _TEXT, "data.target_key": _TEXT,
     "data.spm_vocab_size": _COUNT, "data.prepared_dir": Allowed(note="a directory"),
@@ -409,7 +411,8 @@ def mesh_rules(config: ConfigDict) -> tuple:
 
 
 _CHOICES = {
-    "model.family": ("decoder", "encoder_decoder", "encoder"),
+    "model.family": ("decoder", "encoder_decoder", "encoder", "encoder_qa", "encoder_classifier",
+                     "decoder_classifier"),
     "model.norm": ("layernorm", "rmsnorm"),
     "model.norm_position": ("pre", "post"),
     "model.position": ("learned", "rope", "sinusoidal"),
@@ -418,7 +421,7 @@ _CHOICES = {
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat_policy": ("none", "full", "dots", "dots_no_batch"),
     "model.attention_impl": ("xla", "cudnn", "splash", "triton"),
-    "data.source": ("stdlib", "files", "tfds", "codesum", "prepared", "jsonl"),
+    "data.source": ("stdlib", "files", "tfds", "codesum", "prepared", "jsonl", "squad", "stdlib_packages"),
     "data.tokenizer": ("byte", "sentencepiece", "huggingface"),
     "optim.name": ("adamw", "adafactor", "lion"),
     "optim.schedule": ("cosine", "linear", "rsqrt", "constant", "transformer"),

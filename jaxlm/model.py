@@ -62,6 +62,7 @@ class DecoderLM(nn.Module):
   block_cls: Any = None  # None: layers.block_class(cfg)
   attention_cls: Any = layers.Attention
   mlp_cls: Any = layers.Mlp
+  head_cls: Any = None  # None: tied next-token logits; else `head_cls(cfg)(x_BxTxD, embedder, segment_ids_BxT)`
 
   def setup(self):
     cfg = self.cfg
@@ -70,6 +71,7 @@ class DecoderLM(nn.Module):
                                 causal=True, block_cls=self.block_cls, attention_cls=self.attention_cls,
                                 mlp_cls=self.mlp_cls)
     self.final_norm = _final_norm(cfg)
+    self.head = self.head_cls(cfg) if self.head_cls is not None else None
 
   def token_embeddings(self, tokens_BxT: Array) -> Array:
     """The token lookup alone, B x T x D: what `inputs_embeds_BxTxD` replaces."""
@@ -93,7 +95,9 @@ class DecoderLM(nn.Module):
     embedded_BxTxD = x_BxTxD
     outputs = self.decoder(x_BxTxD, mask, positions_BxT, return_hidden_states=return_hidden_states)
     x_BxTxD, hidden_LxBxTxD = outputs if return_hidden_states else (outputs, None)
-    logits_BxTxV = self.embedder.logits(self.final_norm(x_BxTxD))
+    x_BxTxD = self.final_norm(x_BxTxD)
+    logits_BxTxV = (self.embedder.logits(x_BxTxD) if self.head is None
+                    else self.head(x_BxTxD, self.embedder, segment_ids_BxT))
     if not return_hidden_states:
       return logits_BxTxV
     return logits_BxTxV, (embedded_BxTxD, *hidden_LxBxTxD)
@@ -166,7 +170,7 @@ class MlmHead(nn.Module):
   cfg: ml_collections.ConfigDict
 
   @nn.compact
-  def __call__(self, x_BxTxD: Array, embedder: layers.Embedder) -> Array:
+  def __call__(self, x_BxTxD: Array, embedder: layers.Embedder, segment_ids_BxT: Array | None = None) -> Array:
     cfg = self.cfg
     h_BxTxD = layers.dense(cfg.d_model, ("embed", "mlp"), cfg, "transform", use_bias=True)(x_BxTxD)
     # BERT's hidden_act "gelu" is the exact erf form, unlike GPT-2's tanh approximation.
@@ -177,10 +181,12 @@ class MlmHead(nn.Module):
 
 
 class Encoder(nn.Module):
-  """BERT: bidirectional encoder with token-type embeddings and a masked-LM head."""
+  """BERT: bidirectional encoder with token-type embeddings and a masked-LM head (or `head_cls`'s head, called
+  as `head_cls(cfg)(x_BxTxD, embedder, segment_ids_BxT)`, e.g. `jaxlm.heads`' span or classifier head)."""
   cfg: ml_collections.ConfigDict
   decode: bool = False  # accepted for a uniform `build`; an encoder has nothing to cache
   deterministic: bool = True
+  head_cls: Any = None  # None: MlmHead
 
   @nn.compact
   def __call__(self, tokens_BxT: Array, segment_ids_BxT: Array | None = None, positions_BxT: Array | None = None,
@@ -195,7 +201,8 @@ class Encoder(nn.Module):
     x_BxTxD = layers.Stack(cfg, cfg.num_layers, deterministic=self.deterministic, name="encoder")(
         x_BxTxD, mask, positions_BxT)
     x_BxTxD = _final_norm(cfg, "final_norm")(x_BxTxD)
-    return MlmHead(cfg, name="mlm_head")(x_BxTxD, embedder)
+    head = MlmHead(cfg, name="mlm_head") if self.head_cls is None else self.head_cls(cfg, name="head")
+    return head(x_BxTxD, embedder, segment_ids_BxT)
 
 
 def model_inputs(model_cfg: ml_collections.ConfigDict, batch: dict) -> dict:
