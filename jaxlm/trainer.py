@@ -30,6 +30,7 @@ from jaxlm import corpus, families, lora, run_report, sources
 from jaxlm import config as config_lib
 from jaxlm.config import Config
 from jaxlm import metrics as metrics_lib
+from jaxlm import runlock
 from jaxlm import sharding, tokenizer as tokenizer_lib, train_step
 
 
@@ -198,6 +199,16 @@ class Trainer:
     self.started = time.perf_counter()
     sharding.maybe_initialize_distributed(self.config)
     config_lib.validate(self.config, jax.device_count())
+    lock = runlock.WorkdirLock(self.workdir, report=log)
+    if jax.process_index() == 0:  # the other processes share process 0's work directory
+      lock.acquire()
+    try:
+      return self._run_locked()
+    finally:
+      lock.release()
+
+  def _run_locked(self) -> dict[str, float]:
+    """`run` once the work directory is locked: data, setup, resume, then the loop."""
     config = self.config = _with_absolute_data_paths(self.config)
     if lora.enabled(config):  # adapters over a frozen base run: its model, step and tokenizer (jaxlm/lora.py)
       config = self.config = lora.resolve_base(config, log)
@@ -216,22 +227,26 @@ class Trainer:
     if self.model is None and lora.enabled(config):
       self.model = lora.adapted_model(config, lora.base_params(config, mesh))
     s = self.setup = train_step.setup(config, mesh, self.model, self.loss_fn)
+    sharding.check_state_fits(s.abstract_state, s.state_shardings, s.abstract_state.params)
     checkpointer = self.checkpointer = checkpoint_lib.Checkpointer(self.workdir / "checkpoints",
                                                                    keep=config.train.keep_checkpoints)
     for path in checkpointer.incomplete():
       log(f"skipping incomplete checkpoint {path.name} (an interrupted save); resuming from the last complete one")
 
-    start = checkpointer.latest_step()
+    target = checkpoint_lib.abstract_with_shardings(s.abstract_state.to_dict(), s.state_shardings.to_dict())
+    # Damaged steps are reported and moved aside; a run whose every checkpoint is damaged starts over.
+    start, restored = checkpointer.restore_newest_intact(target, log)
     if start is None:
       self.state = train_step.create_state(s, config.seed)
       start = 0
     else:
-      target = checkpoint_lib.abstract_with_shardings(s.abstract_state.to_dict(), s.state_shardings.to_dict())
-      self.state = train_step.TrainState(**checkpointer.restore(start, target))
+      self.state = train_step.TrainState(**restored)
       data_position = checkpointer.read_meta(start)["data_position"]
       if data_position != start:
         raise TrainingError(f"checkpoint {start} has data position {data_position}; expected {start}")
-      log(f"resumed from step {start} in {checkpointer.directory}")
+      log(f"resumed from step {start}, the newest intact checkpoint in {checkpointer.directory}")
+    if jax.process_index() == 0 and (dropped := runlock.drop_metrics_after(self.workdir, start)):
+      log(f"moved {dropped} metrics.jsonl row(s) logged after step {start} to metrics.rolled_back.jsonl")
     for line in run_report.banner(self, start, train_source.rows, self.origin):
       log(line)
     self._emit("on_start", start)
@@ -271,6 +286,7 @@ class Trainer:
           window_steps += 1
           done = step + 1
           progress.update(1)
+          checkpointer.check()  # a failed asynchronous save (a full disk) stops the run at once
           # Read the flag once: a signal landing later in this iteration is handled after the next step.
           stopping = stop.requested or done == t.stop_at_step
           is_save = done % t.checkpoint_every == 0 or done == t.num_steps or stopping
@@ -284,7 +300,7 @@ class Trainer:
             if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
               raise TrainingError(
                   f"loss is {values['loss']} (grad norm {values['grad_norm']}) at step {done}; stopped without "
-                  f"saving. The last good checkpoint is step {checkpointer.latest_step()}. Lower "
+                  f"saving. {checkpoint_lib.last_good_sentence(checkpointer.newest_complete_step())} Lower "
                   "optim.learning_rate or raise optim.warmup_steps.")
             elapsed = time.perf_counter() - window_start
             if done > start + 1:  # the first step's time is compilation
