@@ -27,6 +27,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxlm import checkpoint as checkpoint_lib
+from jaxlm import fs
 from jaxlm import config as config_lib
 from jaxlm.config import Config, ModelConfig
 from jaxlm import model as model_lib
@@ -55,7 +56,8 @@ class Run(NamedTuple):
 
 def load_config(workdir: str | Path) -> Config:
   """The whole config a run saved in `workdir/config.json`, schema-checked; raises RunError if absent."""
-  path = Path(workdir) / "config.json"
+  fs.check_access(workdir)  # a gs:// bucket that is missing or refuses access: one line
+  path = fs.path(workdir) / "config.json"
   if not path.is_file():
     raise RunError(f"{path} not found; pass the --workdir of a run started with `jaxlm train`")
   config = ml_collections.ConfigDict(json.loads(path.read_text()))
@@ -105,7 +107,7 @@ def restore_params(workdir: str | Path, config: Config, shardings, step: int | N
   if quantize.is_int8_run(workdir):  # written by `jaxlm quantize`: int8 params, no optimizer state
     target = {"params": quantize.abstract_int8(target["params"])}
   with _quiet_restore():
-    checkpointer = checkpoint_lib.Checkpointer(Path(workdir) / "checkpoints", read_only=True)
+    checkpointer = checkpoint_lib.Checkpointer(fs.path(workdir) / "checkpoints", read_only=True)
     try:
       step = checkpointer.latest_step() if step is None else step
       if step is None:
@@ -130,7 +132,12 @@ def load(workdir: str | Path, step: int | None = None, mesh: Mesh | None = None,
   """
   config = load_config(workdir)
   if model is None and lora.enabled(config):  # adapters merged into their base: a plain run to every command
-    return lora.load(workdir, step, mesh)
+    base = load(config.lora.base_workdir, config.lora.base_step, mesh)
+    module = lora.adapted_model(config, base.params, deterministic=True)
+    adapters, step = restore_params(workdir, config, param_shardings(config, mesh or single_device_mesh(), module),
+                                    step, module)
+    return Run(lora.without_adapters(config), base.model, lora.merged_params(config, adapters, base.params),
+               tokenizer_lib.load(workdir), step)
   tokenizer = tokenizer_lib.load(workdir)
   module = model if model is not None else model_lib.build(config.model)
   shardings = param_shardings(config, mesh or single_device_mesh(), module)

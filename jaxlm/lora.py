@@ -11,8 +11,14 @@ module (closed over by the jitted step, which JAX passes as arguments, not
 constants). The `TrainState` therefore holds adapters alone, so the optimizer
 state exists only for them, and every checkpoint of a LoRA run is an adapter
 checkpoint. The run's config.json names the base (`lora.base_workdir`,
-`lora.base_step`); `load` merges the two, so eval, generate, serve, export,
-quantize and convert --to-hf see plain merged parameters.
+`lora.base_step`); `jaxlm.load` merges the two, so eval, generate, serve, export,
+quantize and convert --to-hf see plain merged parameters. The adapters alone:
+
+    config = jaxlm.loader.load_config(RUN)
+    mesh = jaxlm.loader.single_device_mesh()
+    module = lora.adapted_model(config, lora.base_params(config, mesh))
+    adapters, step = jaxlm.loader.restore_params(RUN, config, jaxlm.loader.param_shardings(config, mesh, module),
+                                                 None, module)
 
 Each step merges the adapters into the targeted kernels (one matmul per
 projection, as the base model's) instead of adding a second path per token.
@@ -22,6 +28,7 @@ drops input features of A (rows), one mask per step shared by the batch.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,7 +43,7 @@ from jax.sharding import Mesh
 from jaxlm import config as config_lib
 from jaxlm import checkpoint as checkpoint_lib
 from jaxlm.config import Config
-from jaxlm import families, model as model_lib
+from jaxlm import families, fs, model as model_lib, sharding
 
 SEPARATOR = "."  # adapter parameter names are the kernel's module path joined by this
 
@@ -148,13 +155,17 @@ class AdaptedModel(nn.Module):
     return base_model.apply({"params": merged}, *args, rngs=rngs, **kwargs)
 
 
+def _boxed_params(model_cfg):
+  """The model's parameter shapes with their logical names (`nn.Partitioned`); nothing is allocated."""
+  base_model = model_lib.build(model_cfg)
+  batch = model_lib.example_batch(model_cfg, (1, 8))
+  return jax.eval_shape(lambda: base_model.init(jax.random.key(0), **families.model_inputs(base_model, batch))
+                        ["params"])
+
+
 def targets_of(config: Config) -> dict[tuple[str, ...], tuple[int, int]]:
   """`target_kernels` of the model the whole `config` describes, for its `lora.targets` (shapes only)."""
-  base_model = model_lib.build(config.model)
-  batch = model_lib.example_batch(config.model, (1, 8))
-  boxed = jax.eval_shape(lambda: base_model.init(jax.random.key(0), **families.model_inputs(base_model, batch))
-                         ["params"])
-  return target_kernels(boxed, config.lora.targets)
+  return target_kernels(_boxed_params(config.model), config.lora.targets)
 
 
 def adapted_model(config: Config, base_params, deterministic: bool = False) -> AdaptedModel:
@@ -169,54 +180,56 @@ def _check_base(config: Config) -> None:
                                  "(a `jaxlm train` or `jaxlm convert --from-hf` work directory)")
 
 
+def _read_base(base_dir: Path) -> tuple[Config, checkpoint_lib.Checkpointer]:
+  """The base run's saved config and a read-only Checkpointer of it. `jaxlm.loader` cannot be used here: it
+  imports this module to merge LoRA runs, and quantize (which it imports) imports the trainer, which calls us."""
+  path = base_dir / "config.json"
+  if not path.is_file():
+    raise config_lib.ConfigError(f"lora.base_workdir: {path} not found; pass the --workdir of a `jaxlm train` or "
+                                 "`jaxlm convert --from-hf` run")
+  base_config = ml_collections.ConfigDict(json.loads(path.read_text()))
+  config_lib.check_schema(base_config)
+  if enabled(base_config):
+    raise config_lib.ConfigError(f"lora.base_workdir: {base_dir} is itself a LoRA run; adapt its base "
+                                 f"({base_config.lora.base_workdir}) instead")
+  return base_config, checkpoint_lib.Checkpointer(base_dir / "checkpoints", read_only=True)
+
+
 def resolve_base(config: Config, log=print) -> Config:
   """A copy of the whole `config` bound to its base run: `lora.base_workdir` absolute, `lora.base_step` the
   checkpoint read (the latest when -1), and `model` the base run's model section (adapters only fit the
-  base's shapes; `log` says so when the config's differed). Raises ConfigError or loader.RunError."""
-  from jaxlm import loader  # local: the loader imports this module to merge LoRA runs
+  base's shapes; `log` says so when the config's differed). Raises ConfigError."""
   _check_base(config)
-  base_dir = Path(config.lora.base_workdir).absolute()
-  base_config = loader.load_config(base_dir)
-  if enabled(base_config):
-    raise config_lib.ConfigError(f"lora.base_workdir: {base_dir} is itself a LoRA run; adapt its base "
-                                 f"({base_config.lora.base_workdir}) or export merged weights first")
+  base_dir = fs.absolute(config.lora.base_workdir)  # a gs:// URL stays one
+  base_config, checkpointer = _read_base(base_dir)
+  try:
+    step = checkpointer.latest_step() if config.lora.base_step < 0 else config.lora.base_step
+  finally:
+    checkpointer.close()
+  if step is None:
+    raise config_lib.ConfigError(f"lora.base_workdir: no complete checkpoint in {base_dir / 'checkpoints'}; "
+                                 "train the base run first")
   config = config.copy_and_resolve_references()
   if config.model.to_dict() != base_config.model.to_dict():
     changed = sorted(k for k, v in base_config.model.items() if config.model.get(k) != v)
     log(f"lora: the model is {base_dir}'s (this config differed in model.{', model.'.join(changed)})")
     config.model = base_config.model
-  if config.lora.base_step < 0:
-    checkpointer = checkpoint_lib.Checkpointer(base_dir / "checkpoints", read_only=True)
-    try:
-      step = checkpointer.latest_step()
-    finally:
-      checkpointer.close()
-    if step is None:
-      raise loader.RunError(f"no complete checkpoint in {base_dir / 'checkpoints'}; train the base run first")
-    config.lora.base_step = step
-  config.lora.base_workdir = str(base_dir)
+  config.lora.base_workdir, config.lora.base_step = str(base_dir), step
   targets_of(config)  # a bad lora.targets stops here, before the run writes anything
   return config
 
 
-def base_params(config: Config, mesh: Mesh | None = None):
-  """The base run's parameters that the whole (resolved) `config` names, sharded onto `mesh` (or one device)."""
-  from jaxlm import loader
-  _check_base(config)
-  return loader.load(config.lora.base_workdir, config.lora.base_step, mesh).params
-
-
-def load_adapters(workdir: str | Path, step: int | None = None, mesh: Mesh | None = None):
-  """(config, adapters, base params, step) of the LoRA run in `workdir`: the adapters of checkpoint `step`
-  (default: the latest) and the base parameters its config names."""
-  from jaxlm import loader
-  config = loader.load_config(workdir)
-  mesh = mesh or loader.single_device_mesh()
-  base = base_params(config, mesh)
-  module = adapted_model(config, base, deterministic=True)
-  shardings = loader.param_shardings(config, mesh, module)
-  adapters, step = loader.restore_params(workdir, config, shardings, step, module)
-  return config, adapters, base, step
+def base_params(config: Config, mesh: Mesh):
+  """The base run's parameters that the whole resolved `config` names (`resolve_base`), sharded onto `mesh`
+  by the config's logical rules."""
+  base_config, checkpointer = _read_base(fs.path(config.lora.base_workdir))
+  boxed = _boxed_params(base_config.model)
+  shardings = sharding.logical_shardings(mesh, config_lib.mesh_rules(config), boxed)
+  target = {"params": checkpoint_lib.abstract_with_shardings(nn.meta.unbox(boxed), shardings)}
+  try:
+    return checkpointer.restore(config.lora.base_step, target, partial=True)["params"]
+  finally:
+    checkpointer.close()
 
 
 def merged_params(config: Config, adapters, base) -> Any:
@@ -225,17 +238,8 @@ def merged_params(config: Config, adapters, base) -> Any:
   return jax.jit(lambda b, a: merge(b, a, targets, config.lora.alpha / config.lora.rank))(base, adapters)
 
 
-def load(workdir: str | Path, step: int | None = None, mesh: Mesh | None = None):
-  """A LoRA run as `loader.Run` with merged parameters and a plain config (`lora` back to its defaults), so
-  every command treats it as an ordinary run of the base's model and tokenizer."""
-  from jaxlm import loader, tokenizer as tokenizer_lib
-  config, adapters, base, step = load_adapters(workdir, step, mesh)
-  params = merged_params(config, adapters, base)
+def without_adapters(config: Config) -> Config:
+  """A copy of the whole `config` with the `lora` section at its defaults: the config of the merged model."""
   plain = config.copy_and_resolve_references()
   plain.lora = config_lib.base_config().lora
-  return loader.Run(plain, model_lib.build(plain.model), params, tokenizer_lib.load(Path(workdir)), step)
-
-
-def trainable_count(adapters) -> int:
-  """The number of adapter parameters in `adapters` (arrays or shapes)."""
-  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(adapters))
+  return plain

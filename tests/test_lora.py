@@ -106,6 +106,23 @@ def test_merged_kernel_is_base_plus_adapter_path_and_logits_agree(text_corpus, b
   assert np.abs(np.asarray(adapted_logits - base_logits)).max() > 1e-2
 
 
+def test_dropout_drops_adapter_inputs_only_in_training(text_corpus, base_run):
+  run = jaxlm.load(base_run)
+  config = lora.resolve_base(lora_config(text_corpus, base_run))
+  config.lora.dropout = 0.5
+  training = lora.adapted_model(config, run.params, deterministic=False)
+  adapters = random_adapters(training)
+  logits = [training.apply({"params": adapters}, **inputs(training), rngs={"dropout": jax.random.key(seed)})
+            for seed in (0, 1)]
+  assert np.abs(np.asarray(logits[0] - logits[1])).max() > 1e-3  # a different mask per rng
+  evaluation = lora.adapted_model(config, run.params, deterministic=True)
+  config = config.copy_and_resolve_references()  # the modules hold the section itself
+  config.lora.dropout = 0.0
+  no_dropout = lora.adapted_model(config, run.params, deterministic=True)
+  np.testing.assert_array_equal(evaluation.apply({"params": adapters}, **inputs(evaluation)),
+                                no_dropout.apply({"params": adapters}, **inputs(no_dropout)))
+
+
 def test_only_adapters_train_and_optimizer_state_is_theirs(lora_run):
   workdir, keep = lora_run
   params, opt_state = keep.state.params, keep.state.opt_state
@@ -128,7 +145,11 @@ def test_adapters_save_and_load_on_their_own(lora_run, base_run):
   workdir, keep = lora_run
   saved = json.loads((workdir / "config.json").read_text())["lora"]
   assert saved["base_workdir"] == str(base_run.absolute()) and saved["base_step"] == 3
-  config, adapters, base, step = lora.load_adapters(workdir)
+  config = loader.load_config(workdir)
+  mesh = loader.single_device_mesh()
+  base = lora.base_params(config, mesh)
+  module = lora.adapted_model(config, base)
+  adapters, step = loader.restore_params(workdir, config, loader.param_shardings(config, mesh, module), None, module)
   assert step == 6
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(adapters), keep.state.params)
   np.testing.assert_array_equal(base["embedder"]["token"]["embedding"],
@@ -158,12 +179,12 @@ def test_bad_lora_settings_are_one_line(text_corpus, base_run, tmp_path):
     jaxlm.train(config, tmp_path / "b")
   assert not (tmp_path / "b" / "checkpoints").exists()
   config = lora_config(text_corpus, tmp_path)
-  with pytest.raises(loader.RunError, match="config.json not found"):
+  with pytest.raises(config_lib.ConfigError, match="lora.base_workdir: .*config.json not found"):
     jaxlm.train(config, tmp_path / "c")
 
 
 @pytest.mark.slow
-def test_cli_lora_run_then_eval_and_generate(text_corpus, base_run, tmp_path):
+def test_cli_lora_run_then_generate_and_convert_to_hf(text_corpus, base_run, tmp_path):
   workdir = tmp_path / "cli_lora"
   result = run_cli(["train", "--config", TINY, "--workdir", str(workdir), "--config.data.source=files",
                     f"--config.data.paths={text_corpus}/*.txt", "--config.data.val_fraction=0.2",
@@ -172,5 +193,16 @@ def test_cli_lora_run_then_eval_and_generate(text_corpus, base_run, tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   # The adapters alone: rank 2 on query and value (32 -> 4 x 8) of 2 layers, 2 * 2 * (32 * 2 + 2 * 32).
   assert "model: 512 parameters" in result.stderr
-  result = run_cli(["generate", "--workdir", str(workdir), "--prompt", "def ", "--max_new_tokens", "4"])
+  result = run_cli(["generate", "--workdir", str(workdir), "--prompt", "def ", "--max-tokens", "4"])
   assert result.returncode == 0, result.stderr[-3000:]
+  # convert --to-hf writes the merged weights: query (in c_attn) moved, the MLP (c_fc) is the base's.
+  from safetensors.numpy import load_file
+  exported = {}
+  for name, run in (("base", base_run), ("lora", workdir)):
+    result = run_cli(["convert", "--to-hf", str(run), "--out", str(tmp_path / name)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    exported[name] = load_file(str(tmp_path / name / "model.safetensors"))
+  attention = next(k for k in exported["base"] if k.endswith("0.attn.c_attn.weight"))
+  mlp = next(k for k in exported["base"] if k.endswith("0.mlp.c_fc.weight"))
+  assert not np.allclose(exported["lora"][attention], exported["base"][attention])
+  np.testing.assert_array_equal(exported["lora"][mlp], exported["base"][mlp])
