@@ -26,7 +26,7 @@ import jax
 import tqdm
 
 from jaxlm import checkpoint as checkpoint_lib
-from jaxlm import corpus, families, lora, run_report, sources
+from jaxlm import corpus, families, lora, plot, run_report, sources
 from jaxlm import config as config_lib
 from jaxlm.config import Config
 from jaxlm import metrics as metrics_lib
@@ -323,6 +323,8 @@ class Trainer:
             log(f"step {done}: validation loss {val['val_loss']:.4f}")
             last.update(val)
             self._emit("on_eval", done, val)
+            if jax.process_index() == 0:
+              plot.write_run_plot(self.workdir)  # RUN/loss.png, when matplotlib is installed
             window_start, window_steps = time.perf_counter(), 0
           if is_save:
             save_start = time.perf_counter()

@@ -71,6 +71,14 @@ def test_banner_before_step_1_and_summary_at_the_end(full_run):
 
 
 @pytest.mark.slow
+def test_loss_png_is_drawn_at_each_eval(full_run):
+  plot = pytest.importorskip("jaxlm.plot")
+  pytest.importorskip("matplotlib")
+  assert (full_run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  # What it shows: training and validation loss (two lines), then learning rate, gradient norm, tokens/s.
+  assert [len(ax.get_lines()) for ax in plot.figure([full_run]).axes[:5]] == [2, 2, 1, 1, 1]
+
+
 def test_resume_twice_in_fresh_processes_is_exact(full_run, text_corpus, tmp_path):
   for stop in (2, 4):
     result = run_cli(train_args(text_corpus, tmp_path, f"--config.train.stop_at_step={stop}"))
