@@ -88,6 +88,7 @@ def test_num_classes_must_match_the_task():
     classifier.rows(c, ByteTokenizer(), "train")
 
 
+@pytest.mark.slow  # trains and evaluates: about a minute on a busy 2-core machine
 @pytest.mark.parametrize("family", ["encoder_classifier", "decoder_classifier"])
 def test_train_then_eval_reports_task_metrics(family, tmp_path, monkeypatch):
   monkeypatch.setitem(classifier.TASKS, "stdlib_packages", classifier.Task(LABELS, tiny_task))
