@@ -30,6 +30,7 @@ from jaxlm import corpus, families, lora, plot, run_report, sources
 from jaxlm import config as config_lib
 from jaxlm.config import Config
 from jaxlm import metrics as metrics_lib
+from jaxlm import mixture
 from jaxlm import runlock
 from jaxlm import sharding, tokenizer as tokenizer_lib, train_step
 
@@ -297,6 +298,9 @@ class Trainer:
             if "inputs" in local_batch:
               # Identifies the batch this process fed, so resumed runs can be checked against uninterrupted ones.
               values["batch_crc32"] = float(zlib.crc32(local_batch["inputs"].tobytes()))
+            # A mixture's realized shares of the rows of the steps since the last log (mixture/NAME).
+            values.update(mixture.realized_proportions(train_source.rows, config.data.shuffle_seed,
+                                                       done - window_steps, done, t.global_batch_size))
             if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
               raise TrainingError(
                   f"loss is {values['loss']} (grad norm {values['grad_norm']}) at step {done}; stopped without "
