@@ -293,6 +293,10 @@ def test_training_on_a_mixture_resumes_exactly_and_evaluates(text_corpus, tmp_pa
   for step in range(1, 5):
     assert resumed[step]["batch_crc32"] == full[step]["batch_crc32"], step
     assert resumed[step]["loss"] == full[step]["loss"], step
+    # The realized shares of the rows since the previous log, as the mixture drew them.
+    shares = {key: value for key, value in full[step].items() if key.startswith("mixture/")}
+    assert shares.keys() == {"mixture/first", "mixture/second"} and sum(shares.values()) == pytest.approx(1)
+    assert resumed[step]["mixture/first"] == full[step]["mixture/first"]
   result = run_cli(["eval", "--workdir", str(tmp_path / "full")])  # validation: both sources' own splits
   assert result.returncode == 0 and "gzip -9" in result.stdout, result.stderr[-3000:]
 
