@@ -77,6 +77,8 @@ def banner(trainer, start: int, rows, origin: str = "") -> list[str]:
   if rows is not None:
     lines.append(f"data: {config.data.source if trainer.train_data is None else 'given to Trainer'}: "
                  + data_coverage(rows, start, config.train.num_steps, config.train.global_batch_size))
+  if trainer.peak is not None:
+    lines.append(f"MFU is relative to {trainer.peak.label}")
   tokenizer = trainer.tokenizer
   lines.append(f"tokenizer: {type(tokenizer).__name__}, {tokenizer.vocab_size} ids")
   if origin:
@@ -96,5 +98,6 @@ def summary_lines(summary: dict) -> list[str]:
                  f"(step {summary['best_val_step']})")
   if "tokens_per_s" in summary:
     mfu = summary.get("mfu", math.nan)
-    lines.append(f"final speed: {summary['tokens_per_s']:,.0f} tokens/s, MFU {mfu:.1%}")
+    relative_to = f" of {summary['mfu_peak']}" if "mfu_peak" in summary else ""
+    lines.append(f"final speed: {summary['tokens_per_s']:,.0f} tokens/s, MFU {mfu:.1%}{relative_to}")
   return lines

@@ -30,6 +30,7 @@ from jaxlm import corpus, families, lora, plot, run_report, sources
 from jaxlm import config as config_lib
 from jaxlm.config import Config
 from jaxlm import metrics as metrics_lib
+from jaxlm import progress as progress_lib
 from jaxlm import mixture
 from jaxlm import runlock
 from jaxlm import sharding, tokenizer as tokenizer_lib, train_step
@@ -176,6 +177,7 @@ class Trainer:
     self.state: train_step.TrainState | None = None
     self.setup: train_step.Setup | None = None
     self.checkpointer: checkpoint_lib.Checkpointer | None = None
+    self.peak: metrics_lib.PeakFlops | None = None  # what MFU divides by
     self.stop_reason: str | None = None
     self.timings = {"compile_time_s": 0.0, "eval_time_s": 0.0, "checkpoint_time_s": 0.0}
 
@@ -231,6 +233,7 @@ class Trainer:
     sharding.check_state_fits(s.abstract_state, s.state_shardings, s.abstract_state.params)
     checkpointer = self.checkpointer = checkpoint_lib.Checkpointer(self.workdir / "checkpoints",
                                                                    keep=config.train.keep_checkpoints)
+    self.peak = metrics_lib.PeakFlops(config, mesh.size)
     for path in checkpointer.incomplete():
       log(f"skipping incomplete checkpoint {path.name} (an interrupted save); resuming from the last complete one")
 
@@ -270,14 +273,15 @@ class Trainer:
     writer = metrics_lib.MetricWriter(self.workdir)
     flops_per_step = (metrics_lib.flops_per_token(config.model, config.data.seq_len)
                       * t.global_batch_size * config.data.seq_len)
-    peak = metrics_lib.measure_matmul_peak(dtype=train_step.compute_dtype(config)) * jax.device_count()
     rng = jax.random.key(config.seed + 1)
     meta = lambda step: {"config": config.to_dict(), "data_position": step}
 
-    last, window_start, window_steps, done, validations = {}, time.perf_counter(), 0, start, {}
+    last, done, validations = {}, start, {}
+    # Step time: the seconds between a log line (or a validation, or a save) and the next, so what runs
+    # between steps counts in neither tokens/s nor MFU.
+    window_steps, window_seconds, resumed_at = 0, 0.0, time.perf_counter()
     self.stop_reason = "finished"
-    progress = tqdm.tqdm(total=t.num_steps, initial=start, disable=jax.process_index() != 0,
-                         dynamic_ncols=True, desc="train")
+    progress = progress_lib.Progress(start, t.num_steps, enabled=jax.process_index() == 0)
     try:
       with _StopRequest() as stop:
         for step in range(start, t.num_steps):
@@ -286,15 +290,17 @@ class Trainer:
           self.state, step_metrics = step_fn(self.state, batch, rng)
           window_steps += 1
           done = step + 1
-          progress.update(1)
+          progress.update(done)
           checkpointer.check()  # a failed asynchronous save (a full disk) stops the run at once
           # Read the flag once: a signal landing later in this iteration is handled after the next step.
           stopping = stop.requested or done == t.stop_at_step
           is_save = done % t.checkpoint_every == 0 or done == t.num_steps or stopping
           if done % t.log_every == 0 or is_save or done == start + 1:
             values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+            window_seconds += time.perf_counter() - resumed_at
             if done == start + 1:  # the first step waits for compilation
-              self.timings["compile_time_s"] = time.perf_counter() - window_start
+              self.timings["compile_time_s"] = window_seconds
+              progress.eta.start(done)
             if "inputs" in local_batch:
               # Identifies the batch this process fed, so resumed runs can be checked against uninterrupted ones.
               values["batch_crc32"] = float(zlib.crc32(local_batch["inputs"].tobytes()))
@@ -306,20 +312,24 @@ class Trainer:
                   f"loss is {values['loss']} (grad norm {values['grad_norm']}) at step {done}; stopped without "
                   f"saving. {checkpoint_lib.last_good_sentence(checkpointer.newest_complete_step())} Lower "
                   "optim.learning_rate or raise optim.warmup_steps.")
-            elapsed = time.perf_counter() - window_start
-            if done > start + 1:  # the first step's time is compilation
-              values["step_time_s"] = elapsed / window_steps
+            if done > start + 1 and window_steps:  # the first step's time is compilation
+              values["step_time_s"] = window_seconds / window_steps
               values["tokens_per_s"] = t.global_batch_size * config.data.seq_len / values["step_time_s"]
-              values["mfu"] = flops_per_step / values["step_time_s"] / peak
+              values["peak_flops"] = self.peak.refresh()  # measured now, after the window, on CPU
+              values["mfu"] = flops_per_step / values["step_time_s"] / values["peak_flops"]
+              progress.eta.observe(done, window_steps, window_seconds)
             writer.write(done, values)
-            progress.set_postfix(loss=f"{values['loss']:.3f}", refresh=False)
+            progress.update(done, values["loss"])
             log(f"step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()
-                                             if k not in ("tokens", "batch_crc32")))
+                                             if k not in ("tokens", "batch_crc32", "mfu", "peak_flops"))
+                + (f", {metrics_lib.format_mfu(values['mfu'], values['peak_flops'], self.peak)}"
+                   if "mfu" in values else "") + f" ({progress.line_suffix(done)})")
             last = values
             self._emit("on_step", done, values)
-            window_start, window_steps = time.perf_counter(), 0
+            window_steps, window_seconds, resumed_at = 0, 0.0, time.perf_counter()
           if eval_source is not None and (done % t.eval_every == 0 or done == t.num_steps):
             eval_start = time.perf_counter()
+            window_seconds += eval_start - resumed_at
             val = self._validate(eval_step, eval_source)
             self.timings["eval_time_s"] += time.perf_counter() - eval_start
             validations[done] = val["val_loss"]
@@ -329,12 +339,14 @@ class Trainer:
             self._emit("on_eval", done, val)
             if jax.process_index() == 0:
               plot.write_run_plot(self.workdir)  # RUN/loss.png, when matplotlib is installed
-            window_start, window_steps = time.perf_counter(), 0
+            resumed_at = time.perf_counter()
           if is_save:
             save_start = time.perf_counter()
+            window_seconds += save_start - resumed_at
             checkpointer.save(done, self.state.to_dict(), meta(done))
             self.timings["checkpoint_time_s"] += time.perf_counter() - save_start
             self._emit("on_save", done)
+            resumed_at = time.perf_counter()
           if stopping:
             self.stop_reason = stop.signal_name or "stop_at_step"
             log(f"stopped at step {done}; resume by running the same command")
@@ -354,7 +366,7 @@ class Trainer:
     return summary
 
   def _summary(self, step: int, last: dict[str, float], validations: dict[int, float]) -> dict:
-    summary = {**last, "step": step, "stop_reason": self.stop_reason,
+    summary = {**last, "step": step, "stop_reason": self.stop_reason, "mfu_peak": self.peak.label,
                "wall_time_s": time.perf_counter() - self.started, **self.timings}
     if validations:
       best_step = min(validations, key=validations.get)

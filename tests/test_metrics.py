@@ -50,3 +50,45 @@ def test_flops_formula_matches_xla_cost_analysis():
   xla_flops = compiled.cost_analysis()["flops"]
   ours = metrics.flops_per_token(cfg.model, cfg.data.seq_len) * cfg.train.global_batch_size * cfg.data.seq_len
   assert 0.9 < xla_flops / ours < 1.15, xla_flops / ours
+
+
+def test_chip_table_lookup_by_device_kind():
+  from jaxlm import aot, chips
+  kinds = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5": "v5p", "TPU v5p": "v5p",
+           "TPU v6 lite": "v6e", "NVIDIA A100-SXM4-80GB": "a100", "NVIDIA H100 80GB HBM3": "h100",
+           "NVIDIA H200": "h200", "cpu": None, "NVIDIA L4": None, "TPU v3": None}
+  assert {kind: chips.chip_for_device_kind(kind) for kind in kinds} == kinds
+  assert aot.CHIPS is chips.CHIPS  # one table, read by `jaxlm compile` and the trainer's MFU
+
+
+def test_peak_on_a_chip_is_the_published_one(monkeypatch):
+  class FakeTpu:
+    device_kind, platform = "TPU v5 lite", "tpu"
+  monkeypatch.setattr(jax, "devices", lambda *args: [FakeTpu()])
+  peak = metrics.PeakFlops(tiny_config(), num_devices=4)
+  assert not peak.measured and peak.flops == 4 * 197e12 and peak.refresh() == 4 * 197e12
+  assert "published bf16 peak of 4 x TPU v5 lite" in peak.label
+  assert metrics.format_mfu(0.4, peak.flops, peak) == "mfu 40.0% of 788 TFLOP/s published peak"
+
+
+def test_peak_on_cpu_is_measured_again_and_labelled():
+  peak = metrics.PeakFlops(tiny_config(), num_devices=8)
+  assert peak.measured and peak.flops > 1e8 and "measured again at log lines on 1 host" in peak.label
+  first = peak.measured_at
+  peak.measured_at -= 21 * peak.seconds_measuring  # as if 21x the measurement's time had passed
+  peak.refresh()
+  assert peak.measured_at > first  # measured again
+  now = peak.measured_at
+  peak.refresh()
+  assert peak.measured_at == now  # too soon: at most 5% of the time goes to measuring
+  # Above 100% is printed as it is, with what it is relative to and why it can happen.
+  text = metrics.format_mfu(1.25, 40e9, peak)
+  assert text.startswith("mfu 125.0% of 40 GFLOP/s measured") and "load changed" in text
+
+
+def test_cpu_peak_includes_the_blas_dense_kernel_when_the_step_uses_it():
+  from jaxlm.ops import dispatch
+  config = tiny_config()
+  one_device = dispatch.choose("dense", config.model, jax.numpy.float32, target=dispatch.Target("cpu", 1))
+  assert ("the cpu dense kernel" in metrics.PeakFlops(config, num_devices=1).matmuls) == (one_device == "cpu")
+  assert list(metrics.PeakFlops(config, num_devices=8).matmuls) == ["XLA dot"]  # a mesh: XLA's dots only
