@@ -16,10 +16,10 @@ from jaxlm import checkpoint, config as config_lib
 
 def _expected_errors():
   from jaxlm import loader, trainer  # local: keeps `jaxlm --help` fast
-  from jaxlm import decode, hf, plot, quantize, runlock, sharding
+  from jaxlm import decode, fs, hf, plot, quantize, runlock, sharding
   return (config_lib.ConfigError, checkpoint.CheckpointError, loader.RunError, trainer.TrainingError,
           FileNotFoundError, decode.DecodeError, hf.ConvertError, plot.PlotError, quantize.QuantizeError,
-          runlock.LockError, sharding.DistributedError)
+          runlock.LockError, sharding.DistributedError, fs.StorageError)
 
 
 def run(args, overrides: list[str]) -> int:
@@ -69,10 +69,9 @@ def _load(args):
 
 
 def _generate(args, overrides) -> int:
-  from pathlib import Path
-  from jaxlm import decode
+  from jaxlm import decode, fs
   run = _load(args)
-  text = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
+  text = fs.path(args.prompt_file).read_text() if args.prompt_file else args.prompt  # local or gs://
   tok, model = run.tokenizer, run.config.model
   adapter = decode.adapter_for(model, tok.bos_id)
   ids = adapter.prompt_ids(tok, text)

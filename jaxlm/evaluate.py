@@ -17,7 +17,7 @@ import jax
 from jaxlm import config as config_lib
 from jaxlm.config import Config
 from jaxlm import data as data_lib
-from jaxlm import families, loader, quantize, sharding, train_step, trainer
+from jaxlm import families, fs, loader, quantize, sharding, train_step, trainer
 
 
 def fitted_config(config: Config, num_devices: int) -> Config:
@@ -84,7 +84,7 @@ def evaluate(workdir: str | Path, step: int | None = None, max_batches: int | No
   Returns the family's metrics (for the decoder: step, tokens, loss, perplexity, accuracy, bits_per_byte and
   the gzip/xz baselines) and writes them to `workdir/eval_step_{step}.json`.
   """
-  workdir = Path(workdir)
+  workdir = fs.path(workdir)  # a local folder or gs://
   config = fitted_config(loader.load_config(workdir), jax.device_count())
   mesh = sharding.make_mesh(config)
   run = loader.load(workdir, step, mesh)

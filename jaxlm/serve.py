@@ -35,12 +35,11 @@ import sys
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import jax
 from aiohttp import web
 
-from jaxlm import decode, quantize, scoring
+from jaxlm import decode, fs, quantize, scoring
 
 LOG = logging.getLogger("jaxlm.serve")
 MAX_CHOICES = 16   # the most completions `n` may ask for
@@ -444,7 +443,7 @@ def app_for_run(workdir, step: int | None = None, int8: bool = False, max_batch:
   from jaxlm import chat_template
   # EOS, and a chat template's end-of-turn token (e.g. <|im_end|>), as HF generation configs of chat models list.
   stop_ids = chat_template.for_tokenizer(run.tokenizer).stop_ids(run.tokenizer)
-  return make_app(generator, run.tokenizer, Path(workdir).resolve().name, max_batch, prefix, stop_ids)
+  return make_app(generator, run.tokenizer, fs.absolute(workdir).name, max_batch, prefix, stop_ids)
 
 
 def serve(workdir, host: str = "127.0.0.1", port: int = 8000, step: int | None = None, int8: bool = False,

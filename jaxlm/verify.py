@@ -13,7 +13,7 @@ import jax
 
 from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import config as config_lib
-from jaxlm import loader, sharding, train_step as train_lib
+from jaxlm import fs, loader, sharding, train_step as train_lib
 
 
 def _setup_for_this_machine(config) -> train_lib.Setup:
@@ -34,7 +34,7 @@ def verify_run(workdir: str | Path, step: int | None = None) -> list[dict]:
   config = loader.load_config(workdir)
   s = _setup_for_this_machine(config)
   target = checkpoint_lib.abstract_with_shardings(s.abstract_state.to_dict(), s.state_shardings.to_dict())
-  checkpointer = checkpoint_lib.Checkpointer(Path(workdir) / "checkpoints", read_only=True)
+  checkpointer = checkpoint_lib.Checkpointer(fs.path(workdir) / "checkpoints", read_only=True)
   steps = checkpointer.all_steps()
   if not steps:
     raise checkpoint_lib.CheckpointError(f"no checkpoint in {checkpointer.directory}; nothing to verify")

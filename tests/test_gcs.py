@@ -1,9 +1,10 @@
 """gs:// work directories and data against a local GCS emulator (tests/gcs_emulator.py).
 
 The emulator runs on 127.0.0.1 for this module only. Its environment points
-gcsfs, google-cloud-storage and TensorStore at it, in this process and in the
-`jaxlm` processes the tests start, so every byte a run writes lands in the
-emulator's buckets and can be listed through the JSON API.
+gcsfs (and so etils.epath), google-cloud-storage, TensorStore and array_record
+at it, in this process and in the `jaxlm` processes the tests start, so every
+byte a run writes lands in the emulator's buckets and can be listed through
+the JSON API. The slow tests share one reference run (`reference_run`).
 """
 
 import json
@@ -256,7 +257,7 @@ def test_tfds_data_dir_in_a_bucket(emulator, tmp_path):
 
 # --- jaxlm commands with a gs:// work directory ------------------------------------------------------
 
-TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.py")
+TINY = str(REPO / "configs" / "tiny.py")
 STEPS = 12
 
 
