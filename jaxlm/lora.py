@@ -195,15 +195,22 @@ def _read_base(base_dir: Path) -> tuple[Config, checkpoint_lib.Checkpointer]:
   return base_config, checkpoint_lib.Checkpointer(base_dir / "checkpoints", read_only=True)
 
 
-def resolve_base(config: Config, log=print) -> Config:
+def resolve_base(config: Config, log=print, workdir=None) -> Config:
   """A copy of the whole `config` bound to its base run: `lora.base_workdir` absolute, `lora.base_step` the
-  checkpoint read (the latest when -1), and `model` the base run's model section (adapters only fit the
-  base's shapes; `log` says so when the config's differed). Raises ConfigError."""
+  checkpoint read (when -1: the one `workdir`'s config.json recorded, so a resumed run keeps its base; else the
+  latest), and `model` the base run's model section (adapters only fit the base's shapes; `log` says so when
+  the config's differed). Raises ConfigError."""
   _check_base(config)
   base_dir = fs.absolute(config.lora.base_workdir)  # a gs:// URL stays one
   base_config, checkpointer = _read_base(base_dir)
+  step = config.lora.base_step
+  saved = fs.path(workdir) / "config.json" if workdir is not None else None
+  if step < 0 and saved is not None and saved.exists():
+    recorded = json.loads(saved.read_text()).get("lora", {})
+    if recorded.get("base_workdir") == str(base_dir):
+      step = recorded.get("base_step", -1)
   try:
-    step = checkpointer.latest_step() if config.lora.base_step < 0 else config.lora.base_step
+    step = checkpointer.latest_step() if step < 0 else step
   finally:
     checkpointer.close()
   if step is None:

@@ -214,7 +214,7 @@ class Trainer:
     """`run` once the work directory is locked: data, setup, resume, then the loop."""
     config = self.config = _with_absolute_data_paths(self.config)
     if lora.enabled(config):  # adapters over a frozen base run: its model, step and tokenizer (jaxlm/lora.py)
-      config = self.config = lora.resolve_base(config, log)
+      config = self.config = lora.resolve_base(config, log, self.workdir)
       if self.tokenizer is None:
         self.tokenizer = tokenizer_lib.load(Path(config.lora.base_workdir))
     if self.tokenizer is None:

@@ -1,6 +1,7 @@
 """LoRA (jaxlm/lora.py): adapters over a CLI run, merging, what trains, optimizer state, save and load."""
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -154,6 +155,18 @@ def test_adapters_save_and_load_on_their_own(lora_run, base_run):
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(adapters), keep.state.params)
   np.testing.assert_array_equal(base["embedder"]["token"]["embedding"],
                                 jaxlm.load(base_run).params["embedder"]["token"]["embedding"])
+
+
+def test_a_lora_run_resumes_on_its_recorded_base(text_corpus, lora_run, base_run, tmp_path):
+  workdir = tmp_path / "resumed"
+  shutil.copytree(lora_run[0], workdir)
+  config = lora_config(text_corpus, base_run)
+  config.train.num_steps = 7
+  keep = KeepState()
+  jaxlm.train(config, workdir, callbacks=[keep])
+  jax.tree.map(np.testing.assert_array_equal, keep.initial, lora_run[1].state.params)  # restored at step 6
+  assert int(keep.state.step) == 7
+  assert json.loads((workdir / "config.json").read_text())["lora"]["base_step"] == 3
 
 
 def test_load_gives_every_command_the_merged_weights(text_corpus, lora_run, base_run):
