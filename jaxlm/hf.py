@@ -34,6 +34,7 @@ import numpy as np
 from einops import EinopsError, rearrange
 
 from jaxlm import config as config_lib
+from jaxlm import fs
 from jaxlm import model as model_lib
 from jaxlm.export import flatten, unflatten
 
@@ -440,25 +441,29 @@ def params_to_hf(params, config) -> dict[str, np.ndarray]:
 
 def read_hf(directory) -> tuple[config_lib.ConfigDict, dict]:
   """(jaxlm config, params) from a HF directory with config.json and model.safetensors."""
-  from safetensors.numpy import load_file  # local: only conversion needs safetensors
-  directory = Path(directory)
+  from safetensors.numpy import load, load_file  # local: only conversion needs safetensors
+  directory = fs.path(directory)  # a local folder or gs://
   for name in ("config.json", "model.safetensors"):
     if not (directory / name).is_file():
       raise ConvertError(f"{directory / name} not found; --from-hf takes a directory written by save_pretrained "
                          "(sharded or .bin checkpoints are not supported)")
   config = config_from_hf(json.loads((directory / "config.json").read_text()))
-  return config, params_from_hf(load_file(directory / "model.safetensors"), config)
+  weights = directory / "model.safetensors"
+  return config, params_from_hf(load(weights.read_bytes()) if fs.is_url(weights) else load_file(weights), config)
 
 
 def write_hf(params, config, out, tokenizer=None) -> Path:
   """config.json, model.safetensors and, given the run's `tokenizer`, its bos/eos/pad ids in config.json and a
   generation_config.json, so that HF `generate` stops at jaxlm's end-of-text token."""
-  from safetensors.numpy import save_file
-  out = Path(out)
-  out.mkdir(parents=True, exist_ok=True)
+  from safetensors.numpy import save, save_file
+  out = fs.path(out)  # a local folder or gs://
+  fs.makedirs(out)
   hf_config = config_to_hf(config.model)
   state = params_to_hf(params, config)
-  save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+  if fs.is_url(out):  # a bucket takes whole objects: serialize in memory
+    (out / "model.safetensors").write_bytes(save(state, metadata={"format": "pt"}))
+  else:
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
   if tokenizer is not None:
     special = {"bos_token_id": int(tokenizer.bos_id), "eos_token_id": int(tokenizer.eos_id),
                "pad_token_id": int(tokenizer.pad_id)}
@@ -467,8 +472,8 @@ def write_hf(params, config, out, tokenizer=None) -> Path:
     if hasattr(tokenizer, "write_hf_files"):  # a Hugging Face tokenizer goes back beside the weights
       tokenizer.write_hf_files(out)
   (out / "config.json").write_text(json.dumps(hf_config, indent=2))
-  # safetensors creates its file with mode 0600: give it config.json's (the umask's).
-  os.chmod(out / "model.safetensors", os.stat(out / "config.json").st_mode & 0o777)
+  if not fs.is_url(out):  # safetensors creates its file with mode 0600: give it config.json's (the umask's)
+    os.chmod(out / "model.safetensors", os.stat(out / "config.json").st_mode & 0o777)
   return out
 
 
@@ -477,13 +482,13 @@ def import_run(hf_dir, workdir) -> Path:
   run's tokenizer (jaxlm/hf_tokenizer.py); without one the run gets the byte tokenizer."""
   from jaxlm import hf_tokenizer, tokenizer as tokenizer_lib
   config, params = read_hf(hf_dir)
-  if (Path(hf_dir) / "tokenizer.json").is_file():
+  if (fs.path(hf_dir) / "tokenizer.json").is_file():
     tokenizer = hf_tokenizer.HuggingFaceTokenizer(hf_dir)
     if config.model.vocab_size < tokenizer.vocab_size:
-      raise ConvertError(f"{Path(hf_dir) / 'tokenizer.json'} has {tokenizer.vocab_size} tokens but the model's "
+      raise ConvertError(f"{fs.path(hf_dir) / 'tokenizer.json'} has {tokenizer.vocab_size} tokens but the model's "
                          f"vocab_size is {config.model.vocab_size}; they must come from the same checkpoint")
     config.data.tokenizer = "huggingface"
-    config.data.tokenizer_path = os.path.join(os.path.abspath(workdir), hf_tokenizer.FOLDER)
+    config.data.tokenizer_path = str(fs.absolute(workdir) / hf_tokenizer.FOLDER)
     return write_run(config, params, workdir, tokenizer)
   if config.model.vocab_size < tokenizer_lib.ByteTokenizer.vocab_size:
     raise ConvertError(f"the HF model's vocab_size {config.model.vocab_size} is below the byte tokenizer's "
@@ -497,7 +502,7 @@ def write_run(config, params, workdir, tokenizer=None) -> Path:
   tokenizer), and an Orbax checkpoint at step 0 holding `params` with a fresh optimizer state (the normal
   TrainState layout)."""
   from jaxlm import checkpoint, sharding, tokenizer as tokenizer_lib, train_step as train_lib, trainer
-  workdir = Path(workdir)
+  workdir = fs.path(workdir)
   checkpoints = workdir / "checkpoints"
   if checkpoints.is_dir() and any(checkpoints.iterdir()):
     raise ConvertError(f"{checkpoints} already holds checkpoints; pass an empty --workdir")

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import chips, families, train_step
+from jaxlm import chips, fs, families, train_step
 from jaxlm import config as config_lib
 from jaxlm.ops import dispatch
 
@@ -144,9 +144,9 @@ class MetricWriter:
     self.enabled = jax.process_index() == 0
     if not self.enabled:
       return
-    from tensorboardX import SummaryWriter  # local: TensorBoard files without TensorFlow
-    self.jsonl = open(Path(workdir) / "metrics.jsonl", "a")
-    self.tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"))
+    # Local or gs:// (see jaxlm/fs.py): a bucket's copy is rewritten at most every 30 s and on close.
+    self.jsonl = fs.AppendFile(fs.join(workdir, "metrics.jsonl"))
+    self.tensorboard = fs.tensorboard_writer(fs.join(workdir, "tensorboard"))
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     """Writes `scalars` (name -> float) at `step`, flushed at once."""

@@ -9,12 +9,13 @@ directory, so evaluation and generation need only `--workdir`.
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+
+from jaxlm import fs
 
 
 class Tokenizer(Protocol):
@@ -60,7 +61,7 @@ class ByteTokenizer:
     return lengths
 
   def save(self, directory: Path) -> None:
-    (Path(directory) / "tokenizer.json").write_text(json.dumps({"kind": "byte"}))
+    (fs.path(directory) / "tokenizer.json").write_text(json.dumps({"kind": "byte"}))
 
 
 class SentencePieceTokenizer:
@@ -68,8 +69,8 @@ class SentencePieceTokenizer:
 
   def __init__(self, model_path: str | Path):
     import sentencepiece as spm  # local: only runs that use SentencePiece need it
-    self.model_path = Path(model_path)
-    self.processor = spm.SentencePieceProcessor(model_file=str(self.model_path))
+    self.model_path = fs.path(model_path)  # local or gs://: the model is read as bytes
+    self.processor = spm.SentencePieceProcessor(model_proto=self.model_path.read_bytes())
     self.pad_id = max(self.processor.pad_id(), 0)
     self.bos_id = self.processor.bos_id()
     self.eos_id = self.processor.eos_id()
@@ -93,8 +94,8 @@ class SentencePieceTokenizer:
     return lengths
 
   def save(self, directory: Path) -> None:
-    shutil.copyfile(self.model_path, Path(directory) / "tokenizer.model")
-    (Path(directory) / "tokenizer.json").write_text(json.dumps({"kind": "sentencepiece", "file": "tokenizer.model"}))
+    (fs.path(directory) / "tokenizer.model").write_bytes(self.model_path.read_bytes())
+    (fs.path(directory) / "tokenizer.json").write_text(json.dumps({"kind": "sentencepiece", "file": "tokenizer.model"}))
 
 
 def from_config(data_config) -> Tokenizer:
@@ -108,7 +109,7 @@ def from_config(data_config) -> Tokenizer:
 
 def load(directory: Path) -> Tokenizer:
   """The tokenizer a run saved in `directory`."""
-  meta_path = Path(directory) / "tokenizer.json"
+  meta_path = fs.path(directory) / "tokenizer.json"
   if not meta_path.is_file():
     raise FileNotFoundError(f"{meta_path} is missing; this work directory was not written by `jaxlm train`")
   meta = json.loads(meta_path.read_text())
@@ -116,5 +117,5 @@ def load(directory: Path) -> Tokenizer:
     return ByteTokenizer()
   if meta["kind"] == "huggingface":
     from jaxlm import hf_tokenizer  # local: only these runs need the `tokenizers` library
-    return hf_tokenizer.HuggingFaceTokenizer(Path(directory) / meta["folder"])
-  return SentencePieceTokenizer(Path(directory) / meta["file"])
+    return hf_tokenizer.HuggingFaceTokenizer(fs.path(directory) / meta["folder"])
+  return SentencePieceTokenizer(fs.path(directory) / meta["file"])
