@@ -31,8 +31,15 @@ import urllib.request
 # as Cloud Storage's do. TensorStore reads an object's generation from it (OCDBT's manifest updates are
 # conditional on it) and fails with "Malformed StorageGeneration" without it.
 _SERVER = """
-import logging, sys
+import logging, os, sys, threading, time
 from gcp_storage_emulator.handlers import objects
+
+def exit_with_parent(parent):  # a test run killed before its fixture's teardown leaves no emulator behind
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(0)
+
+threading.Thread(target=exit_with_parent, args=(int(sys.argv[2]),), daemon=True).start()
 
 original_download = objects.download
 
@@ -67,7 +74,7 @@ class Emulator:
   def start(self, timeout_s: float = 30.0) -> "Emulator":
     # A file, not a pipe: nobody reads the emulator's log while it runs, and a full pipe would block it.
     self.log = tempfile.TemporaryFile()
-    self.process = subprocess.Popen([sys.executable, "-c", _SERVER, str(self.port)], stdout=self.log,
+    self.process = subprocess.Popen([sys.executable, "-c", _SERVER, str(self.port), str(os.getpid())], stdout=self.log,
                                     stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

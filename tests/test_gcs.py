@@ -130,7 +130,8 @@ def test_metrics_rollback_and_the_workdir_lock_in_a_bucket(emulator, tmp_path, m
   from jaxlm import runlock
   monkeypatch.chdir(tmp_path)
   workdir = f"gs://{BUCKET}/rollback"
-  fs.write_text(f"{workdir}/metrics.jsonl", "".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 6)))
+  fs.write_text(f"{workdir}/metrics.jsonl",
+                "".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 6)))
   assert runlock.drop_metrics_after(workdir, 3) == 2
   kept = [json.loads(line)["step"] for line in fs.read_bytes(f"{workdir}/metrics.jsonl").decode().splitlines()]
   moved = [json.loads(line) for line in fs.read_bytes(f"{workdir}/metrics.rolled_back.jsonl").decode().splitlines()]
