@@ -26,12 +26,13 @@ import jax
 import tqdm
 
 from jaxlm import checkpoint as checkpoint_lib
+from jaxlm import fs
 from jaxlm import corpus, families, lora, plot, run_report, sources
 from jaxlm import config as config_lib
 from jaxlm.config import Config
 from jaxlm import metrics as metrics_lib
-from jaxlm import progress as progress_lib
 from jaxlm import mixture
+from jaxlm import progress as progress_lib
 from jaxlm import runlock
 from jaxlm import sharding, tokenizer as tokenizer_lib, train_step
 
@@ -102,7 +103,7 @@ def write_run_files(config: Config, workdir: Path, tokenizer) -> None:
   """Writes the whole `config` (config.json) and the tokenizer into `workdir`, on process 0."""
   if jax.process_index() != 0:
     return
-  workdir.mkdir(parents=True, exist_ok=True)
+  fs.makedirs(workdir)
   (workdir / "config.json").write_text(config.to_json(indent=2))
   tokenizer.save(workdir)
 
@@ -170,7 +171,7 @@ class Trainer:
                eval_data: Any = None, loss_fn: train_step.LossFn | None = None,
                tokenizer: tokenizer_lib.Tokenizer | None = None, callbacks: Sequence[Callback] = (),
                origin: str = ""):
-    self.config, self.workdir, self.origin = config, Path(workdir), origin
+    self.config, self.workdir, self.origin = config, fs.path(workdir), origin  # a local folder or gs://
     self.model, self.loss_fn, self.tokenizer = model, loss_fn, tokenizer
     self.train_data, self.eval_data = train_data, eval_data
     self.callbacks = list(callbacks)
@@ -201,6 +202,7 @@ class Trainer:
     train_summary.json holds (the last logged metrics, step, stop_reason, timings, validation losses)."""
     self.started = time.perf_counter()
     sharding.maybe_initialize_distributed(self.config)
+    fs.check_run_access(self.workdir, self.config.data)  # a bucket problem: one line, before compiling
     config_lib.validate(self.config, jax.device_count())
     lock = runlock.WorkdirLock(self.workdir, report=log)
     if jax.process_index() == 0:  # the other processes share process 0's work directory
@@ -216,7 +218,7 @@ class Trainer:
     if lora.enabled(config):  # adapters over a frozen base run: its model, step and tokenizer (jaxlm/lora.py)
       config = self.config = lora.resolve_base(config, log, self.workdir)
       if self.tokenizer is None:
-        self.tokenizer = tokenizer_lib.load(Path(config.lora.base_workdir))
+        self.tokenizer = tokenizer_lib.load(fs.path(config.lora.base_workdir))
     if self.tokenizer is None:
       self.tokenizer = load_tokenizer(config)
     else:
