@@ -2,10 +2,17 @@
 
 Command:   jaxlm train --config configs/stdlib_classify.py --workdir runs/stdlib_classify
            jaxlm eval --workdir runs/stdlib_classify
-           (decoder, last token: --config.model.family=decoder_classifier --config.model.norm_position=pre)
+           experiments/classify.sh runs   (also the decoder, last token: model.family=decoder_classifier)
 Hardware:  2-core x86-64 CPU (CI-sized machine, shared with other jobs), float32.
-Time:      MEASURED_TIME
-Expected:  MEASURED_METRICS
+Time:      measured 266 s of training (300 steps, 4.4 min) and 56 s for `jaxlm eval` (839 functions, with both
+           baselines) on a 2-core CPU shared with other jobs (load 12-17).
+Expected:  measured 2026-11-29 (one run each, 839 validation functions):
+             this config (post-norm encoder, [CLS]), 300 steps: accuracy 0.285, macro P/R/F1 0.065/0.147/0.087
+             pre-norm encoder, 400 steps:                     accuracy 0.312, macro P/R/F1 0.132/0.215/0.162
+             majority class (asyncio):                        accuracy 0.217, macro F1 0.036
+             naive Bayes on identifier words:                 accuracy 0.863, macro P/R/F1 0.896/0.828/0.853
+           A few minutes of a byte-level model from scratch beat the majority class but stay far below the
+           bag-of-words baseline: the package is mostly in the identifiers, which naive Bayes sees whole.
 Task: `jaxlm.classify_data` (3506 train / 839 validation functions at val_fraction 0.2, split by qualified-name
 hash); metrics: accuracy and macro precision/recall/F1 (`jaxlm.task_metrics`) with a per-class table.
 """
