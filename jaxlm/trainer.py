@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -109,12 +110,15 @@ def write_run_files(config: Config, workdir: Path, tokenizer) -> None:
 
 
 def _with_absolute_data_paths(config: Config) -> Config:
-  """A copy of `config` whose file globs are absolute, so `jaxlm eval` works from any folder."""
-  if config.data.source not in ("files", "jsonl"):
-    return config
+  """A copy of `config` whose data files and folders are absolute, so `jaxlm eval` works from any folder."""
   config = config.copy_and_resolve_references()
-  config.data.paths = corpus.absolute_patterns(config.data.paths)
-  config.data.validation_paths = corpus.absolute_patterns(config.data.validation_paths)
+  data = config.data
+  data.paths = corpus.absolute_patterns(data.paths)
+  data.validation_paths = corpus.absolute_patterns(data.validation_paths)
+  if data.prepared_dir:
+    data.prepared_dir = os.fspath(fs.absolute(data.prepared_dir))
+  if data.mixture:
+    data.mixture = repr([(os.fspath(fs.absolute(folder)), weight) for folder, weight in mixture.parse(data.mixture)])
   return config
 
 

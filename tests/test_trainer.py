@@ -11,9 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlm import checkpoint as checkpoint_lib, sharding, train_step as train_lib
+from jaxlm import checkpoint as checkpoint_lib, mixture, sharding, train_step as train_lib, trainer
 
-from conftest import REPO, files_config, run_cli
+from conftest import REPO, files_config, run_cli, tiny_config
 
 TINY = str(REPO / "configs" / "tiny.py")
 
@@ -196,3 +196,16 @@ def test_two_processes_match_one(full_run, text_corpus, tmp_path):
   for step in range(1, 7):
     np.testing.assert_allclose(multi[step]["loss"], full[step]["loss"], rtol=2e-5)
   np.testing.assert_allclose(val_losses(tmp_path), val_losses(full_run), rtol=2e-5)
+
+
+def test_saved_data_locations_are_absolute_so_eval_works_from_any_folder(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  c = tiny_config()
+  c.data.paths = "corpus/*.txt"
+  c.data.prepared_dir = "shards/web"
+  c.data.mixture = "[('shards/web', 0.7), ('gs://bucket/code', 0.3)]"
+  saved = trainer._with_absolute_data_paths(c)
+  assert saved.data.paths == str(tmp_path / "corpus/*.txt")
+  assert saved.data.prepared_dir == str(tmp_path / "shards/web")
+  assert mixture.parse(saved.data.mixture) == [(str(tmp_path / "shards/web"), 0.7), ("gs://bucket/code", 0.3)]
+  assert c.data.prepared_dir == "shards/web"  # the caller's config is left as it was
