@@ -215,10 +215,10 @@ class Checkpointer:
 
   def _save_error(self, step: int | None, error: BaseException) -> CheckpointError:
     text = _read_error_text(error)
-    failed = re.search(r"/(\d+)\.orbax-checkpoint-tmp", text)  # the step whose background write failed
     chain, current = "", error
     while current is not None and len(chain) < 1_000_000:
       chain, current = chain + str(current), current.__cause__ or current.__context__
+    failed = re.search(r"/(\d+)\.orbax-checkpoint-tmp", chain)  # the step whose background write failed
     if "No space left on device" in chain or "os_error_code='28'" in chain:
       text = "No space left on device"
     which = f"step {failed.group(1)}" if failed else f"step {step}" if step is not None else "a checkpoint"

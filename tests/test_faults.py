@@ -211,10 +211,11 @@ def test_second_run_on_a_live_workdir_is_refused(text_corpus, tmp_path):
 
 @pytest.fixture
 def tiny_disk(tmp_path):
-  """A 1 MB tmpfs (root only; skips elsewhere): room for one tiny checkpoint (about 550 kB), not two."""
+  """A 1.4 MB tmpfs (root only; skips elsewhere): room for the run files and two tiny checkpoints
+  (about 550 kB each), not three."""
   mount = tmp_path / "disk"
   mount.mkdir()
-  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1400k", "tmpfs", str(mount)], capture_output=True).returncode:
     pytest.skip("cannot mount a tmpfs here (needs root); the disk-full case is not run")
   yield mount
   subprocess.run(["umount", "-l", str(mount)], check=False)
@@ -226,7 +227,9 @@ def test_disk_full_stops_at_once_with_one_line(tiny_disk, text_corpus):
   result = run_cli(train_args(text_corpus, run, "--config.train.num_steps=100", "--config.train.checkpoint_every=20"))
   assert result.returncode == 2
   line = error_line(result)
-  failed = int(re.search(r"saving step (\d+) to .* failed", line).group(1))
+  named = re.search(r"saving step (\d+) to .* failed", line)
+  assert named, line
+  failed = int(named.group(1))
   assert "No space left on device" in line and "free there" in line, line
   logged = [json.loads(row)["step"] for row in (run / "metrics.jsonl").read_text().splitlines()]
   assert max(logged) < failed + 20  # stopped before the next save (the old code went on to it)
