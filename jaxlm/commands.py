@@ -150,8 +150,8 @@ def _export(args, overrides) -> int:
 
 
 def _quantize(args, overrides) -> int:
-  from jaxlm import quantize
-  result = quantize.compare(args.workdir, args.step, args.max_batches, args.out)
+  from jaxlm import quantize_report
+  result = quantize_report.compare(args.workdir, args.step, args.max_batches, args.out)
   print(json.dumps(result, indent=2))
   print(f"int8 weights: {result['float_mb']:.2f} MB -> {result['int8_mb']:.2f} MB "
         f"({result['memory_reduction']:.2f}x smaller); validation perplexity {result['float_perplexity']:.4f} -> "

@@ -18,15 +18,13 @@ from pathlib import Path
 
 import ml_collections
 
+from jaxlm.errors import ConfigError  # noqa: F401 - public here as jaxlm.config.ConfigError
+
 ConfigDict = ml_collections.ConfigDict
 # Type hints that say which a function takes: the whole config (parameter `config`), or its `model`
 # section (parameter `model_cfg`). Both are ConfigDicts; the names are for the reader.
 Config = ConfigDict
 ModelConfig = ConfigDict
-
-
-class ConfigError(ValueError):
-  """A bad config value; the message is one line naming the key and the fix."""
 
 
 # Logical axis name -> mesh axes. One short table, as in Flax's lm1b example:

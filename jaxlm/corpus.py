@@ -18,6 +18,7 @@ import sysconfig
 from pathlib import Path
 
 from jaxlm import fs
+from jaxlm.errors import ConfigError
 
 
 def stdlib_root() -> Path:
@@ -153,7 +154,6 @@ def _whole(path: Path) -> Range:
 
 def _cut(paths: list[Path], val_fraction: float, patterns: str) -> dict[str, list[Range]]:
   """The head (train) and tail (validation) of the files' bytes taken as one sequence."""
-  from jaxlm.config import ConfigError  # local: config imports this module lazily too
   sizes = [fs.size(p) for p in paths]
   if not sum(sizes):
     raise ConfigError(f"data.paths: every file matching '{patterns}' is empty; add text to train on")
@@ -194,7 +194,6 @@ def documents(path: str | Path, start: int, end: int, text_key: str = "text") ->
     data = f.read(end - start)
   if not os.fspath(path).endswith(".jsonl"):
     return [data.decode("utf-8", errors="replace").encode("utf-8")]
-  from jaxlm.config import ConfigError  # local: config imports this module lazily too
   out = []
   for number, line in enumerate(data.splitlines()):
     if not line.strip():

@@ -24,9 +24,8 @@ import numpy as np
 
 from jaxlm import corpus
 from jaxlm.config import ConfigError
+from jaxlm.packing import Batch, collate, pack_row, padding_row  # the row primitives, shared with the prepared readers
 from jaxlm.tokenizer import Tokenizer
-
-Batch = dict[str, np.ndarray]
 
 
 def load_documents(data_config, split: str) -> list[bytes]:
@@ -112,34 +111,6 @@ class PackedRows:
     tokens = self.stream.tokens[start:start + self.seq_len + 1]
     docs = self.stream.document_ids[start:start + self.seq_len + 1]
     return pack_row(tokens, np.diff(docs, prepend=docs[0] - 1) != 0)
-
-
-def pack_row(tokens: np.ndarray, starts: np.ndarray) -> Batch:
-  """One row from seq_len+1 tokens; `starts` (bool, same length) is True where a token begins a document.
-
-  starts[0] must be True: the row's first token begins its first segment.
-  """
-  index = np.arange(len(tokens), dtype=np.int32)
-  segments = np.cumsum(starts, dtype=np.int32)
-  positions = index - np.maximum.accumulate(np.where(starts, index, 0))
-  return {
-      "inputs": tokens[:-1],
-      "targets": tokens[1:],
-      "segment_ids": segments[:-1],
-      "positions": positions[:-1],
-      # The first token of the next document is not predictable from this one.
-      "weights": (~starts[1:]).astype(np.float32),
-  }
-
-
-def collate(rows: list[Batch]) -> Batch:
-  return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
-
-
-def padding_row(seq_len: int) -> Batch:
-  zeros = np.zeros(seq_len, np.int32)
-  return {"inputs": zeros, "targets": zeros, "segment_ids": zeros, "positions": zeros,
-          "weights": np.zeros(seq_len, np.float32)}
 
 
 def local_rows(step: int, global_batch: int, process_index: int, process_count: int) -> range:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxlm import data as data_lib
+from jaxlm import packing
 from jaxlm.config import ConfigError
 from jaxlm.prepare import FORMAT, INDEX, tokenizer_fingerprint
 
@@ -71,13 +71,13 @@ class PreparedRows:
       shard += 1
     return np.concatenate(pieces, dtype=np.int32)
 
-  def __getitem__(self, index: int) -> data_lib.Batch:
+  def __getitem__(self, index: int) -> packing.Batch:
     if not 0 <= index < self.num_rows:
       raise IndexError(f"row {index} of {self.num_rows}")
     start = int(index) * self.seq_len
     tokens = self.tokens(start, start + self.seq_len + 1)
     # A document ends with its EOS, so the next token starts the next segment.
-    return data_lib.pack_row(tokens, np.concatenate([[True], tokens[:-1] == self.eos_id]))
+    return packing.pack_row(tokens, np.concatenate([[True], tokens[:-1] == self.eos_id]))
 
   def documents(self, tokenizer) -> list[bytes]:
     """Every document of the split decoded back to UTF-8, all in memory (for validation's compression baselines).

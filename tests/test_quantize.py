@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm import decode, export, hf, loader, main, model as model_lib, quantize, serve
+from jaxlm import decode, export, hf, loader, main, model as model_lib, quantize, quantize_report, serve
 
 from conftest import files_config, tiny_config
 
@@ -43,20 +43,20 @@ def test_compare_and_cli(run_dir, capsys):
   out = capsys.readouterr().out
   assert "smaller" in out and f"--workdir {run_dir / 'int8'}" in out and (run_dir / "quantize_step_0.json").is_file()
   # Rerunning replaces the int8 run it wrote before.
-  result = quantize.compare(run_dir, max_batches=2)
+  result = quantize_report.compare(run_dir, max_batches=2)
   assert result["memory_reduction"] > 2.5 and result["float_source"] == "scored"
   assert abs(result["perplexity_change"]) < 0.02 and result["float_perplexity"] > 1
   assert quantize.is_int8_run(run_dir / "int8") and not quantize.is_int8_run(run_dir)
   # Another run's checkpoints are never overwritten.
   with pytest.raises(quantize.QuantizeError, match="another run"):
-    quantize.compare(run_dir, max_batches=2, out=run_dir)
+    quantize_report.compare(run_dir, max_batches=2, out=run_dir)
 
 
 def test_float_perplexity_is_reused_from_eval(run_dir, capsys):
   """After `jaxlm eval` on the same step, quantize scores only the int8 weights."""
   assert main.main(["eval", "--workdir", str(run_dir)]) == 0
   evaluated = json.loads((run_dir / "eval_step_0.json").read_text())
-  result = quantize.compare(run_dir, out=run_dir / "int8_again")
+  result = quantize_report.compare(run_dir, out=run_dir / "int8_again")
   assert result["tokens"] == evaluated["tokens"] and result["float_source"] == "eval_step_0.json"
   assert result["float_perplexity"] == pytest.approx(math.exp(evaluated["loss"]), rel=1e-12)
 
@@ -86,7 +86,7 @@ def test_quantized_model_generates_close_to_float(run_dir, capsys):
 def int8_run(run_dir):
   """(the int8 run's directory, quantize's report)."""
   out = run_dir.parent / "int8_run"
-  return out, quantize.compare(run_dir, max_batches=1, out=out)
+  return out, quantize_report.compare(run_dir, max_batches=1, out=out)
 
 
 @pytest.mark.slow  # about 35 s: four compiles (generate, serve, eval, export)
