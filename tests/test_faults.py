@@ -224,7 +224,9 @@ def tiny_disk(tmp_path):
 @pytest.mark.slow
 def test_disk_full_stops_at_once_with_one_line(tiny_disk, text_corpus):
   run = tiny_disk / "run"
-  result = run_cli(train_args(text_corpus, run, "--config.train.num_steps=100", "--config.train.checkpoint_every=20"))
+  # No validation before the end: its loss.png would take the room of a checkpoint.
+  result = run_cli(train_args(text_corpus, run, "--config.train.num_steps=100", "--config.train.checkpoint_every=20",
+                              "--config.train.eval_every=100"), devices=1)  # one device: the sizes above
   assert result.returncode == 2
   line = error_line(result)
   named = re.search(r"saving step (\d+) to .* failed", line)
@@ -235,7 +237,7 @@ def test_disk_full_stops_at_once_with_one_line(tiny_disk, text_corpus):
   assert max(logged) < failed + 20  # stopped before the next save (the old code went on to it)
   intact = [int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()]
   assert intact and all(step < failed for step in intact)
-  verify = run_cli(["verify", "--workdir", str(run)])
+  verify = run_cli(["verify", "--workdir", str(run)], devices=1)
   assert verify.returncode == 0, verify.stdout  # earlier checkpoints stay loadable
 
 
