@@ -314,6 +314,7 @@ class Trainer:
             values.update(mixture.realized_proportions(train_source.rows, config.data.shuffle_seed,
                                                        done - window_steps, done, t.global_batch_size))
             if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
+              checkpointer.wait()  # a save still in flight is the last good checkpoint: finish it, then name it
               raise TrainingError(
                   f"loss is {values['loss']} (grad norm {values['grad_norm']}) at step {done}; stopped without "
                   f"saving. {checkpoint_lib.last_good_sentence(checkpointer.newest_complete_step())} Lower "
