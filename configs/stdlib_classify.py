@@ -9,6 +9,7 @@ Time:      measured 266 s of training (300 steps, 4.4 min) and 56 s for `jaxlm e
 Expected:  measured 2026-11-29 (one run each, 839 validation functions):
              this config (post-norm encoder, [CLS]), 300 steps: accuracy 0.285, macro P/R/F1 0.065/0.147/0.087
              pre-norm encoder, 400 steps:                     accuracy 0.312, macro P/R/F1 0.132/0.215/0.162
+             decoder_classifier (pre-norm, last token), 300:  accuracy 0.330, macro P/R/F1 0.181/0.218/0.180
              majority class (asyncio):                        accuracy 0.217, macro F1 0.036
              naive Bayes on identifier words:                 accuracy 0.863, macro P/R/F1 0.896/0.828/0.853
            A few minutes of a byte-level model from scratch beat the majority class but stay far below the
