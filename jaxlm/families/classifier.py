@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import classify_data, config as config_lib, data as data_lib, families, heads, model as model_lib, sharding, task_metrics
-from jaxlm import train_step
+from jaxlm import classify_data, config as config_lib, data as data_lib, families, heads, model as model_lib
+from jaxlm import sharding, task_metrics, train_step
 from jaxlm.families import decoder, encoder
 
 
