@@ -137,15 +137,11 @@ def _shard_bytes(abstract_tree, sharding_tree) -> int:
 
 def check_divisible(abstract_tree, sharding_tree) -> None:
   """CompileError naming the first array whose sharded dimension the mesh does not divide (else XLA's traceback)."""
-  def check(path, abstract, sharding):
-    for size, axes in zip(abstract.shape, sharding.spec):
-      names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-      ways = math.prod(sharding.mesh.shape[a] for a in names)
-      if size % ways:
-        raise CompileError(f"{jax.tree_util.keystr(path)} has a dimension of {size}, which mesh axes "
-                           f"{'x'.join(names)} ({ways} ways) do not divide; choose --config.mesh.* sizes that divide "
-                           "the model's dimensions (or map the axis to None in mesh.rules)")
-  jax.tree_util.tree_map_with_path(check, abstract_tree, sharding_tree)
+  from jaxlm import sharding
+  try:
+    sharding.check_divisible(abstract_tree, sharding_tree, "--config.mesh.*")
+  except config_lib.ConfigError as e:
+    raise CompileError(str(e)) from None
 
 
 def _remat_factors(policy: str) -> tuple[float, float]:
@@ -270,15 +266,6 @@ def compile_decode(config, topology: str, batch_size: int, prompt_len: int = 0) 
   adapter = decode.adapter_for(config.model)
   cache_len, prompt_len = config.model.max_len, prompt_len or config.model.max_len // 2
   batch_axes = nn.logical_to_mesh_axes(("batch",), s.rules)[0]
-  kv_axis = nn.logical_to_mesh_axes(("kv_heads",), s.rules)[0]
-
-  def row_sharding(x, batch_axis):
-    is_cache = x.ndim - 4 == batch_axis and x.ndim >= 4
-    spec = [None] * x.ndim
-    spec[batch_axis] = batch_axes
-    if is_cache:
-      spec[batch_axis + 2] = kv_axis
-    return NamedSharding(mesh, PartitionSpec(*spec))
 
   check_divisible(s.abstract_state.params, s.state_shardings.params)
   params = _abstract(s.abstract_state.params, s.state_shardings.params)
@@ -288,10 +275,7 @@ def compile_decode(config, topology: str, batch_size: int, prompt_len: int = 0) 
   prefill = functools.partial(adapter.prefill, cache_len=cache_len)
   with jax.set_mesh(mesh), nn.logical_axis_rules(s.rules):
     _, _, abstract_state = jax.eval_shape(prefill, params, prompt)
-  # map_rows passes through what is not per-row (the slot, cache indices): those are replicated.
-  state_shardings = jax.tree.map(
-      lambda x: x if isinstance(x, jax.sharding.Sharding) else NamedSharding(mesh, PartitionSpec()),
-      decode.map_rows(row_sharding, abstract_state), is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+  state_shardings = decode.state_shardings(mesh, s.rules, abstract_state)  # the cache as decode declares it
   state = _abstract(abstract_state, state_shardings)
   tokens = jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=rows)
   report = {"topology": topology, "chip": kind, "chips": len(devices), "mesh": dict(zip(mesh.axis_names, mesh.devices.shape)),

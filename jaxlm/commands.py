@@ -62,9 +62,15 @@ def _eval(args, overrides) -> int:
   return 0
 
 
+def _mesh(args):
+  """The mesh of the --mesh flag (None without it: one device)."""
+  from jaxlm import decode
+  return decode.make_mesh(args.mesh) if getattr(args, "mesh", None) else None
+
+
 def _load(args):
   from jaxlm import loader, quantize
-  run = loader.load(args.workdir, args.step)
+  run = loader.load(args.workdir, args.step, _mesh(args))
   return run._replace(params=quantize.quantize_params(run.params)) if getattr(args, "int8", False) else run
 
 
@@ -73,6 +79,7 @@ def _generate(args, overrides) -> int:
   run = _load(args)
   text = fs.path(args.prompt_file).read_text() if args.prompt_file else args.prompt  # local or gs://
   tok, model = run.tokenizer, run.config.model
+  mesh, rules = _mesh(args), config_lib.mesh_rules(run.config)
   adapter = decode.adapter_for(model, tok.bos_id)
   ids = adapter.prompt_ids(tok, text)
   stop = [] if args.ignore_eos else [tok.eos_id]
@@ -80,12 +87,13 @@ def _generate(args, overrides) -> int:
     print(text, end="", flush=True)
   start = time.perf_counter()
   if args.beam_size:
-    result = decode.beam_search(model, run.params, [ids], args.beam_size, args.max_tokens, tok.eos_id,
-                                args.length_penalty, start_id=tok.bos_id)
+    with decode.on_mesh(mesh, rules):  # the searcher's prefill and step trace under it
+      result = decode.beam_search(model, run.params, [ids], args.beam_size, args.max_tokens, tok.eos_id,
+                                  args.length_penalty, start_id=tok.bos_id)
     print(tok.decode(result.tokens[0]), flush=True)
     _print_speed(len(result.tokens[0]), start, None)
     return 0
-  generator = decode.Generator(model, run.params, start_id=tok.bos_id)
+  generator = decode.Generator(model, run.params, start_id=tok.bos_id, mesh=mesh, rules=rules)
   sampling = decode.Sampling(args.temperature, args.top_k, args.top_p, args.seed)
   new, printed, first = [], "", None
   for out in generator.stream([ids], args.max_tokens, sampling, stop):
@@ -121,7 +129,7 @@ def _chat(args, overrides) -> int:
 
 def _serve(args, overrides) -> int:
   from jaxlm import serve
-  serve.serve(args.workdir, args.host, args.port, args.step, args.int8, args.max_batch)
+  serve.serve(args.workdir, args.host, args.port, args.step, args.int8, args.max_batch, _mesh(args))
   return 0
 
 
@@ -144,7 +152,7 @@ def _convert(args, overrides) -> int:
 def _export(args, overrides) -> int:
   from jaxlm import export
   run = _load(args)
-  out = export.export_run(run, args.out, args.batch_size, args.max_prompt_len)
+  out = export.export_run(run, args.out, args.batch_size, args.max_prompt_len, _mesh(args))
   print(f"wrote {out} (step {run.step}); load it with jaxlm.export.load('{out}')")
   return 0
 

@@ -16,12 +16,14 @@ W is the beam size, L the number of new tokens.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import TYPE_CHECKING, Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from jaxlm import families, quantize  # families imports no model code until a lookup
 
@@ -90,7 +92,8 @@ class Adapter:
                                       kv_segment_BxS)
     next_BxV = jnp.take_along_axis(logits_BxPxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
     rows = dict(rows, kv_segment_ids_BxS=kv_segment_BxS, positions_B=lengths_B)
-    return logits_BxPxV, next_BxV, {"cache": cache, "rows": rows, "slot": jnp.int32(prompt_len)}
+    return logits_BxPxV, next_BxV, constrain(
+        {"cache": cache, "rows": rows, "slot": jnp.int32(prompt_len)})
 
   def step(self, params, state, tokens_B):
     """One token per row at slot `state['slot']`, position `rows['positions_B']`; returns logits B x V."""
@@ -100,7 +103,7 @@ class Adapter:
     logits_Bx1xV, cache = self._apply(params, state["cache"], rows, tokens_B[:, None], ones_Bx1,
                                       rows["positions_B"][:, None], ones_Bx1 * slot, kv_segment_BxS)
     rows = dict(rows, kv_segment_ids_BxS=kv_segment_BxS, positions_B=rows["positions_B"] + 1)
-    return logits_Bx1xV[:, 0], {"cache": cache, "rows": rows, "slot": slot + 1}
+    return logits_Bx1xV[:, 0], constrain({"cache": cache, "rows": rows, "slot": slot + 1})
 
   def _zero_cache(self, params, rows, batch: int, cache_len: int):
     shapes = self._cache_shapes(params, rows, batch, cache_len)
@@ -124,6 +127,64 @@ def map_rows(fn, state):
     return fn(x, x.ndim - 4) if name in ("cached_key", "cached_value") else x
   return {"cache": jax.tree_util.tree_map_with_path(cache_leaf, state["cache"]),
           "rows": jax.tree.map(lambda x: fn(x, 0), state["rows"]), "slot": state["slot"]}
+
+
+# The cache's sharding, declared once by logical name: cached_key/value are B x S x K x H (a leading layer
+# axis under scan_layers), split along batch and kv heads, which the mesh rules (`mesh.rules`) map onto the
+# data and tensor axes. Decoding is bound by reading the cache, so each device reads only its share.
+CACHE_AXES = ("batch", "length", "kv_heads", "head_dim")
+
+
+def state_logical_axes(state):
+  """PartitionSpecs of logical axis names for a decode state (arrays or their shapes): the cache by
+  CACHE_AXES, the other per-row arrays by 'batch' along axis 0, the rest (slot, cache indices) replicated."""
+  def axes(x, batch_axis):
+    if x.ndim >= 4 and batch_axis == x.ndim - 4:
+      return PartitionSpec(*(("layers",) * batch_axis + CACHE_AXES))
+    return PartitionSpec(*(["batch"] + [None] * (x.ndim - 1)))
+  is_spec = lambda x: isinstance(x, PartitionSpec)
+  return jax.tree.map(lambda x: x if is_spec(x) else PartitionSpec(), map_rows(axes, state), is_leaf=is_spec)
+
+
+def state_shardings(mesh: jax.sharding.Mesh, rules, state):
+  """NamedShardings of a decode state (arrays or their shapes) on `mesh` by the logical `rules`."""
+  import flax.linen as nn  # local: exported artifacts decode without Flax (see `jaxlm.export`)
+  return nn.logical_to_mesh_sharding(state_logical_axes(state), mesh, rules)
+
+
+def constrain(state):
+  """The decode state constrained to its declared sharding; a no-op unless called under
+  `nn.logical_axis_rules` (see `on_mesh`), so one-device decoding is unchanged."""
+  import flax.linen as nn
+  return nn.with_logical_constraint(state, state_logical_axes(state))
+
+
+MESH_AXES = ("data", "fsdp", "tensor")  # as jaxlm.sharding.AXES, which imports Flax
+
+
+def make_mesh(sizes: dict[str, int]) -> jax.sharding.Mesh:
+  """The Mesh of `sizes` ({'data': D, 'fsdp': F, 'tensor': T}, as the --mesh flag of generate, serve and
+  export gives them) on the first D*F*T devices; DecodeError naming --mesh when there are fewer."""
+  count = int(np.prod([sizes[a] for a in MESH_AXES]))
+  if count > jax.device_count():
+    raise DecodeError(f"--mesh {','.join(f'{a}={sizes[a]}' for a in MESH_AXES)} needs {count} devices but "
+                      f"{jax.device_count()} are visible; choose sizes whose product is at most that")
+  return jax.sharding.Mesh(np.array(jax.devices()[:count]).reshape([sizes[a] for a in MESH_AXES]), MESH_AXES)
+
+
+@contextlib.contextmanager
+def on_mesh(mesh: jax.sharding.Mesh | None, rules=()):
+  """Runs (and traces) decoding under `mesh` and the logical `rules` (the whole config's
+  `config.mesh_rules`), which `constrain` and the model's constraints read; nothing when `mesh` is None."""
+  if mesh is None:
+    yield
+    return
+  with contextlib.ExitStack() as stack:
+    stack.enter_context(jax.set_mesh(mesh))
+    if rules:
+      import flax.linen as nn
+      stack.enter_context(nn.logical_axis_rules(rules))
+    yield
 
 
 # --- Sampling ---------------------------------------------------------------------------------------
@@ -220,11 +281,17 @@ class Generator:
   """Jitted prefill and step for one model and its parameters (float or int8, see `jaxlm.quantize`)."""
 
   prompt_len: int | None = None  # a fixed prompt width (exported artifacts); None buckets per batch
+  mesh: jax.sharding.Mesh | None = None  # the mesh the params are on; None: one device
+  rules = ()
 
-  def __init__(self, model_cfg: ModelConfig, params, cache_len: int | None = None, start_id: int = 1):
+  def __init__(self, model_cfg: ModelConfig, params, cache_len: int | None = None, start_id: int = 1,
+               mesh: jax.sharding.Mesh | None = None, rules=()):
     """`model_cfg`: the model sub-config; `params`: its parameters (float, or int8 from `jaxlm.quantize`);
-    `cache_len`: a fixed cache length (None: per call); `start_id`: BOS, an encoder-decoder's first token."""
+    `cache_len`: a fixed cache length (None: per call); `start_id`: BOS, an encoder-decoder's first token;
+    `mesh`: the mesh `params` are sharded on (`jaxlm.load(..., mesh=)`), with the logical `rules` of the
+    whole config (`config.mesh_rules`): the cache is then sharded as `CACHE_AXES` declares."""
     self.cfg, self.params, self.cache_len = model_cfg, params, cache_len
+    self.mesh, self.rules = mesh, rules
     self.adapter = adapter_for(model_cfg, start_id)
     self.prompt_in_cache = self.adapter.prompt_in_cache
     self.prefill = jax.jit(self._prefill, static_argnames=("cache_len", "do_sample"))
@@ -264,7 +331,8 @@ class Generator:
     arrays = row_sampling.arrays(batch)
     do_sample = bool(np.any(np.asarray(row_sampling.temperature) > 0))
     prompt = {"tokens_BxP": jnp.asarray(tokens_BxP), "lengths_B": jnp.asarray(lengths_B)}
-    tokens, state = self.prefill(self.params, prompt, arrays, cache_len=cache_len, do_sample=do_sample)
+    with on_mesh(self.mesh, self.rules):
+      tokens, state = self.prefill(self.params, prompt, arrays, cache_len=cache_len, do_sample=do_sample)
     finished = np.zeros(batch, bool)
     finished[n:] = True
     counts = np.zeros(batch, np.int64)
@@ -280,7 +348,8 @@ class Generator:
       yield StepOutput(tokens_B, emit, stopped, finished.copy())
       if finished.all():
         return
-      tokens, state = self.step(self.params, state, tokens, arrays, jnp.int32(t + 1), do_sample=do_sample)
+      with on_mesh(self.mesh, self.rules):
+        tokens, state = self.step(self.params, state, tokens, arrays, jnp.int32(t + 1), do_sample=do_sample)
 
   def generate(self, prompts, max_new_tokens, sampling: Sampling = None, stop_ids=(), batch_size=None):
     """The new tokens of each prompt (stop tokens excluded), as lists of ints."""

@@ -49,8 +49,12 @@ def unflatten(flat: dict) -> dict:
   return tree
 
 
-def export_run(run, out, batch_size: int = 1, max_prompt_len: int = 0) -> Path:
-  """Exports `run` (a `decode.Run`, params float or int8) to the directory `out`."""
+def export_run(run, out, batch_size: int = 1, max_prompt_len: int = 0, mesh=None) -> Path:
+  """Exports `run` (a `loader.Run`, params float or int8) to the directory `out`.
+
+  `mesh`: the mesh `run.params` were loaded on (`jaxlm.load(..., mesh=)`), or None. On a mesh the programs
+  are traced there, parameters and KV cache sharded as in `decode.Generator`; the artifact records the mesh
+  sizes and `load` needs as many devices (the weights file holds the whole params either way)."""
   # jax.export accepts no custom calls, and the artifact must also run off CPU: XLA code only.
   cfg = run.config.model.copy_and_resolve_references()
   cfg.cpu_kernels = False
@@ -61,16 +65,20 @@ def export_run(run, out, batch_size: int = 1, max_prompt_len: int = 0) -> Path:
   prefill = jax.jit(functools.partial(generator._prefill, cache_len=cache_len, do_sample=True))
   step = jax.jit(functools.partial(generator._step, do_sample=True), donate_argnums=(1,))
   spec = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype), tree)
-  params = spec(run.params)
+  # On a mesh the params keep their shardings, which the exported programs then take.
+  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding if mesh else None),
+                        run.params)
   prompt = {"tokens_BxP": jax.ShapeDtypeStruct((batch_size, prompt_len), jnp.int32),
             "lengths_B": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
   sampling = spec(decode.Sampling().arrays(batch_size))
   out = fs.path(out)  # a local folder or gs://
   fs.makedirs(out)
-  tokens_B, state = jax.eval_shape(prefill, params, prompt, sampling)
-  (out / "prefill.bin").write_bytes(jax.export.export(prefill)(params, prompt, sampling).serialize())
-  (out / "step.bin").write_bytes(jax.export.export(step)(
-      params, state, tokens_B, sampling, jax.ShapeDtypeStruct((), jnp.int32)).serialize())
+  from jaxlm import config as config_lib  # local: loading an artifact needs no config code
+  with decode.on_mesh(mesh, config_lib.mesh_rules(run.config)):
+    tokens_B, state = jax.eval_shape(prefill, params, prompt, sampling)
+    (out / "prefill.bin").write_bytes(jax.export.export(prefill)(params, prompt, sampling).serialize())
+    (out / "step.bin").write_bytes(jax.export.export(step)(
+        params, state, tokens_B, sampling, jax.ShapeDtypeStruct((), jnp.int32)).serialize())
   weights = io.BytesIO()  # zip needs a seekable file, which an object being uploaded is not
   np.savez(weights, **flatten(jax.device_get(run.params)))
   (out / "weights.npz").write_bytes(weights.getvalue())
@@ -78,6 +86,7 @@ def export_run(run, out, batch_size: int = 1, max_prompt_len: int = 0) -> Path:
   meta = {"family": cfg.family, "max_len": cfg.max_len, "batch_size": batch_size, "prompt_len": prompt_len,
           "cache_len": cache_len, "prompt_in_cache": adapter.prompt_in_cache, "vocab_size": cfg.vocab_size,
           "eos_id": int(tok.eos_id), "bos_id": int(tok.bos_id), "step": run.step,
+          "mesh": dict(mesh.shape) if mesh else None,
           # The ids every text prompt starts with (a decoder-only model continues after EOS); see `generate`.
           "prompt_prefix": [int(i) for i in adapter.prompt_ids(tok, "")]}
   tok.save(out)  # tokenizer.json (+ tokenizer.model): the artifact takes and returns text on its own
@@ -103,9 +112,17 @@ class ExportedGenerator(decode.Generator):
     self.cache_len, self.prompt_len = self.meta["cache_len"], self.meta["prompt_len"]
     # Artifacts written before the key existed: only a prompt kept in the cache makes it longer than max_len + 1.
     self.prompt_in_cache = self.meta.get("prompt_in_cache", self.cache_len > self.meta["max_len"] + 1)
-    with (directory / "weights.npz").open("rb") as file, np.load(file) as weights:
-      self.params = jax.tree.map(jnp.asarray, unflatten({k: weights[k] for k in weights.files}))
     self._prefill_exported = jax.export.deserialize(bytearray((directory / "prefill.bin").read_bytes()))
+    # An artifact traced on a mesh runs on one of the same sizes, its params placed as the program takes them.
+    self.mesh = decode.make_mesh(self.meta["mesh"]) if self.meta.get("mesh") else None
+    with (directory / "weights.npz").open("rb") as file, np.load(file) as weights:
+      params = unflatten({k: weights[k] for k in weights.files})
+    if self.mesh is None:
+      self.params = jax.tree.map(jnp.asarray, params)
+    else:
+      (param_shardings, *_), _ = jax.tree.unflatten(self._prefill_exported.in_tree,
+                                                    self._prefill_exported.in_shardings_jax(self.mesh))
+      self.params = jax.device_put(params, param_shardings)
     self._step_exported = jax.export.deserialize(bytearray((directory / "step.bin").read_bytes()))
     self.tokenizer = tokenizer_lib.load(directory) if (directory / "tokenizer.json").is_file() else None
 

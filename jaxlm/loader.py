@@ -103,6 +103,7 @@ def restore_params(workdir: str | Path, config: Config, shardings, step: int | N
   `checkpoint.CheckpointError` when `step` is missing or does not match.
   """
   abstract = nn.meta.unbox(abstract_params(config.model, module))
+  sharding.check_divisible(abstract, shardings, "mesh")  # else Orbax calls the checkpoint damaged
   target = {"params": checkpoint_lib.abstract_with_shardings(abstract, shardings)}
   if quantize.is_int8_run(workdir):  # written by `jaxlm quantize`: int8 params, no optimizer state
     target = {"params": quantize.abstract_int8(target["params"])}
@@ -125,8 +126,8 @@ def load(workdir: str | Path, step: int | None = None, mesh: Mesh | None = None,
   workdir: a `jaxlm train` (or `jaxlm convert --from-hf`) work directory.
   step: the checkpoint to read; None takes the latest complete one.
   mesh: a `jax.sharding.Mesh` with axes ('data', 'fsdp', 'tensor'); the params are sharded onto it by the
-    run's logical rules (`config.mesh.rules`). None puts them whole on the first device, which suits
-    decoding: it is latency-bound, and a mesh would repeat each step's work on every device.
+    run's logical rules (`config.mesh.rules`); decode with `decode.Generator(..., mesh=mesh, rules=...)` to shard
+    the KV cache too. None puts them whole on the first device, which suits a model that fits one.
   model: the Flax module a run trained with `Trainer(model=...)` was built from (its parameter shapes are
     read from it); None builds the family's model from `config.model`.
   """

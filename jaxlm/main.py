@@ -70,16 +70,36 @@ def parser() -> argparse.ArgumentParser:
   return p
 
 
-def _run_args(p, int8: bool = True):
+MESH_AXES = ("data", "fsdp", "tensor")  # as jaxlm.sharding.AXES; not imported, so `jaxlm --help` stays fast
+
+
+def mesh_sizes(text: str) -> dict[str, int]:
+  """The --mesh flag's 'data=2,tensor=4' as {'data': 2, 'fsdp': 1, 'tensor': 4} (axes left out are 1)."""
+  sizes = dict.fromkeys(MESH_AXES, 1)
+  for item in text.split(","):
+    name, _, value = item.partition("=")
+    if name.strip() not in MESH_AXES or not value.strip().isdigit() or int(value) < 1:
+      raise argparse.ArgumentTypeError(
+          f"'{item}' is not AXIS=SIZE with AXIS one of {', '.join(MESH_AXES)} and SIZE >= 1; "
+          "write e.g. --mesh data=2,tensor=4")
+    sizes[name.strip()] = int(value)
+  return sizes
+
+
+def _run_args(p, int8: bool = True, mesh: bool = False):
   p.add_argument("--workdir", required=True)
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   if int8:
     p.add_argument("--int8", action="store_true", help="int8 weight-only quantized weights (see `jaxlm quantize`)")
+  if mesh:
+    p.add_argument("--mesh", type=mesh_sizes, default=None, metavar="data=D,fsdp=F,tensor=T",
+                   help="shard the params (by the run's mesh.rules) and the KV cache (batch x kv heads) over "
+                        "D*F*T devices; axes left out are 1 (default: one device)")
 
 
 def _deployment_parsers(sub):
   gen = sub.add_parser("generate", help="generate text from a run's checkpoint, streaming tokens as produced")
-  _run_args(gen)
+  _run_args(gen, mesh=True)
   source = gen.add_mutually_exclusive_group(required=True)
   source.add_argument("--prompt")
   source.add_argument("--prompt-file")
@@ -103,7 +123,7 @@ def _deployment_parsers(sub):
   chat.add_argument("--system", default="", help="a system message that opens the conversation")
   serve = sub.add_parser("serve", help="HTTP completion server (POST /v1/completions, /v1/chat/completions, "
                                        "GET /health, /v1/models)")
-  _run_args(serve)
+  _run_args(serve, mesh=True)
   serve.add_argument("--host", default="127.0.0.1")
   serve.add_argument("--port", type=int, default=8000)
   serve.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
@@ -115,7 +135,7 @@ def _deployment_parsers(sub):
   convert.add_argument("--out")
   convert.add_argument("--step", type=int, default=None)
   export = sub.add_parser("export", help="serialize prefill and decode step (StableHLO via jax.export) + weights")
-  _run_args(export)
+  _run_args(export, mesh=True)
   export.add_argument("--out", required=True)
   export.add_argument("--batch-size", type=int, default=1)
   export.add_argument("--max-prompt-len", type=int, default=0, help="prompt tokens the artifact takes (default: half the context)")

@@ -39,8 +39,9 @@ class ScoringGenerator(decode.Generator):
   (not an encoder's source).
   """
 
-  def __init__(self, cfg, params, cache_len: int | None = None, start_id: int = 1, can_score_prompt: bool = True):
-    super().__init__(cfg, params, cache_len, start_id)
+  def __init__(self, cfg, params, cache_len: int | None = None, start_id: int = 1, can_score_prompt: bool = True,
+               mesh=None, rules=()):
+    super().__init__(cfg, params, cache_len, start_id, mesh, rules)
     self.can_score_prompt, self.score_prompt_now, self.scores = can_score_prompt, False, {}
     prefill = jax.jit(self._scored_prefill, static_argnames=("cache_len", "do_sample", "score_prompt"))
     step = jax.jit(self._scored_step, static_argnames=("do_sample",), donate_argnums=(1,))

@@ -424,10 +424,12 @@ async def _stream(request: web.Request, head: dict, jobs: list[Job], info: dict)
   return response
 
 
-def app_for_run(workdir, step: int | None = None, int8: bool = False, max_batch: int = 8) -> web.Application:
-  """The server app for a run directory (or an int8 one from `jaxlm quantize`), named after its folder."""
-  from jaxlm import loader  # local: `jaxlm.export` artifacts need no loader
-  run = loader.load(workdir, step)
+def app_for_run(workdir, step: int | None = None, int8: bool = False, max_batch: int = 8,
+                mesh=None) -> web.Application:
+  """The server app for a run directory (or an int8 one from `jaxlm quantize`), named after its folder;
+  `mesh` (a `jax.sharding.Mesh`, None: one device) shards the params and the KV cache (see `jaxlm.decode`)."""
+  from jaxlm import config as config_lib, loader  # local: `jaxlm.export` artifacts need no loader
+  run = loader.load(workdir, step, mesh)
   params = quantize.quantize_params(run.params) if int8 and not quantize.is_quantized(run.params) else run.params
   model = run.config.model
   # A decoder continues its prompt (after the EOS that ends every training document), so the prompt is text
@@ -439,7 +441,8 @@ def app_for_run(workdir, step: int | None = None, int8: bool = False, max_batch:
   # largest max_tokens: twice the context covers any batch, with one cache shape for the server's life.
   cache_len = 2 * decode.round_up(model.max_len, decode.PROMPT_BUCKET)
   generator = scoring.ScoringGenerator(model, params, cache_len=cache_len, start_id=run.tokenizer.bos_id,
-                               can_score_prompt=continues_prompt)
+                               can_score_prompt=continues_prompt, mesh=mesh,
+                               rules=config_lib.mesh_rules(run.config))
   from jaxlm import chat_template
   # EOS, and a chat template's end-of-turn token (e.g. <|im_end|>), as HF generation configs of chat models list.
   stop_ids = chat_template.for_tokenizer(run.tokenizer).stop_ids(run.tokenizer)
@@ -447,8 +450,8 @@ def app_for_run(workdir, step: int | None = None, int8: bool = False, max_batch:
 
 
 def serve(workdir, host: str = "127.0.0.1", port: int = 8000, step: int | None = None, int8: bool = False,
-          max_batch: int = 8) -> None:
-  """Serves a run until interrupted; logs one line per request to stderr."""
+          max_batch: int = 8, mesh=None) -> None:
+  """Serves a run until interrupted (on `mesh`, as `app_for_run`); logs one line per request to stderr."""
   if not LOG.handlers:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
@@ -456,7 +459,7 @@ def serve(workdir, host: str = "127.0.0.1", port: int = 8000, step: int | None =
     LOG.setLevel(logging.INFO)
     LOG.propagate = False  # one line per request, whatever handlers the root logger has
   # access_log=None: the middleware's line replaces aiohttp's access log.
-  web.run_app(app_for_run(workdir, step, int8, max_batch), host=host, port=port, access_log=None,
+  web.run_app(app_for_run(workdir, step, int8, max_batch, mesh), host=host, port=port, access_log=None,
               print=lambda msg: print(msg, flush=True))
 
 

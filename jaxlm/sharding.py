@@ -82,6 +82,21 @@ def make_mesh(config) -> Mesh:
   return Mesh(np.array(devices).reshape([sizes[a] for a in AXES]), AXES)
 
 
+def check_divisible(abstract_tree, sharding_tree, flag: str) -> None:
+  """ConfigError naming the first array whose sharded dimension the mesh does not divide (else XLA's or
+  Orbax's traceback); `flag` names what sets the mesh sizes (e.g. '--mesh')."""
+  def check(path, abstract, sharding):
+    for size, axes in zip(abstract.shape, sharding.spec):
+      names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+      ways = math.prod(sharding.mesh.shape[a] for a in names)
+      if size % ways:
+        raise config_lib.ConfigError(
+            f"{jax.tree_util.keystr(path)} has a dimension of {size}, which mesh axes {'x'.join(names)} "
+            f"({ways} ways) do not divide; choose {flag} sizes that divide the model's dimensions "
+            "(or map the axis to None in mesh.rules)")
+  jax.tree_util.tree_map_with_path(check, abstract_tree, sharding_tree)
+
+
 def logical_shardings(mesh: Mesh, rules, abstract_boxed):
   """NamedShardings for a tree of (possibly LogicallyPartitioned) abstract values."""
   specs = nn.get_partition_spec(abstract_boxed)
