@@ -1,13 +1,16 @@
 """Decoding on a mesh: params sharded by the logical rules, the KV cache along batch (data) and kv heads
 (tensor); greedy tokens equal one device's, from the API, the CLI and an exported artifact."""
 
+import json
+import urllib.request
+
 import jax
 import jax.numpy as jnp
 import pytest
 
 from conftest import run_cli, tiny_config
 from jaxlm import config as config_lib
-from jaxlm import decode, export, hf, loader
+from jaxlm import decode, export, hf, loader, serve
 from jaxlm import model as model_lib
 
 PROMPTS = [[5, 6, 7, 8, 9], [40, 41]]  # two lengths: the padded row must decode as it would alone
@@ -92,3 +95,27 @@ def test_bad_mesh_flags_are_one_line(run_dir, mesh, message):
   assert result.returncode == 2
   assert message in result.stderr and "Traceback" not in result.stderr
   assert result.stderr.strip().splitlines()[-1].startswith("jaxlm")
+
+
+def test_beam_search_on_a_mesh_equals_one_device(run_dir, sharded):
+  run, mesh, generator = sharded
+  alone = loader.load(run_dir)
+  expected = decode.beam_search(alone.config.model, alone.params, PROMPTS, beam_size=2, max_new_tokens=6)
+  with decode.on_mesh(mesh, generator.rules):  # as `jaxlm generate --beam-size --mesh` runs it
+    result = decode.beam_search(run.config.model, run.params, PROMPTS, beam_size=2, max_new_tokens=6)
+  assert result.tokens == expected.tokens
+
+
+def test_a_server_on_a_mesh_completes_as_one_device(run_dir):
+  server = serve.BackgroundServer(serve.app_for_run(run_dir, max_batch=2, mesh=decode.make_mesh(MESH)))
+  try:
+    body = json.dumps({"prompt": "def f(x):", "max_tokens": 8, "temperature": 0}).encode()
+    request = urllib.request.Request(server.url + "/v1/completions", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=300) as response:
+      text = json.load(response)["choices"][0]["text"]
+  finally:
+    server.close()
+  run = loader.load(run_dir)
+  ids = decode.adapter_for(run.config.model, run.tokenizer.bos_id).prompt_ids(run.tokenizer, "def f(x):")
+  expected = decode.Generator(run.config.model, run.params).generate([ids], 8, stop_ids=[run.tokenizer.eos_id])
+  assert text == run.tokenizer.decode(expected[0])
