@@ -107,7 +107,8 @@ def test_generation_matches_transformers(converted, capsys):
   assert generator.generate([ids], 20, stop_ids=[ours.eos_id])[0] == stopped
   assert len(full) == 20 and generator.generate([ids], 20)[0] == full
   capsys.readouterr()
-  assert main.main(["generate", "--workdir", str(run), "--prompt", prompt, "--max-tokens", "20", "--ignore-eos"]) == 0
+  assert main.main(["generate", "--workdir", str(run), "--prompt", prompt, "--max-tokens", "20", "--ignore-eos",
+                    "--no-echo"]) == 0  # the generated text alone, as transformers decodes it
   text = capsys.readouterr().out
   assert text == tok.decode(full, skip_special_tokens=True) + "\n"
   assert len(text.strip()) > 5
