@@ -368,4 +368,5 @@ class Checkpointer:
 
 
 def abstract_with_shardings(abstract_tree, shardings):
+  """A restore target: each leaf of `abstract_tree` as a `jax.ShapeDtypeStruct` carrying the matching sharding."""
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings)

@@ -389,14 +389,17 @@ def apply_overrides(config: ConfigDict, overrides: list[str]) -> ConfigDict:
 
 
 def head_dim(model: ConfigDict) -> int:
+  """The per-head width of the model sub-config: `head_dim`, or d_model / num_heads when 0."""
   return model.head_dim or model.d_model // model.num_heads
 
 
 def num_kv_heads(model: ConfigDict) -> int:
+  """Key/value heads of the model sub-config: `num_kv_heads`, or num_heads (multi-head) when 0."""
   return model.num_kv_heads or model.num_heads
 
 
 def mesh_rules(config: ConfigDict) -> tuple:
+  """The whole config's `mesh.rules` (JSON) as ((logical name, mesh axes), ...); raises ConfigError."""
   try:
     rules = json.loads(config.mesh.rules)
   except json.JSONDecodeError as e:
@@ -550,5 +553,6 @@ def mesh_shape(config: ConfigDict, num_devices: int) -> dict[str, int]:
 
 
 def data_parallel_size(config: ConfigDict, num_devices: int) -> int:
+  """Ways the whole config's batch is split over `num_devices`: mesh data x fsdp."""
   sizes = mesh_shape(config, num_devices)
   return sizes["data"] * sizes["fsdp"]

@@ -22,6 +22,7 @@ from jaxlm.errors import ConfigError
 
 
 def stdlib_root() -> Path:
+  """The folder of this interpreter's standard library (the default corpus)."""
   return Path(sysconfig.get_paths()["stdlib"])
 
 
@@ -51,6 +52,7 @@ def split_of(rel_path: str, val_fraction: float) -> str:
 
 
 def stdlib_split(split: str, val_fraction: float, include_tests: bool = False) -> list[Path]:
+  """Sorted standard-library files of `split` ('train' or 'validation'), split by a hash of each relative path."""
   root = stdlib_root()
   return [p for p in stdlib_files(include_tests)
           if split_of(p.relative_to(root).as_posix(), val_fraction) == split]

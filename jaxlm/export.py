@@ -39,6 +39,7 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def unflatten(flat: dict) -> dict:
+  """{'a/b/c': array} -> nested {'a': {'b': {'c': array}}}: the params tree from flat weight names."""
   tree = {}
   for path, value in flat.items():
     *parents, leaf = path.split("/")

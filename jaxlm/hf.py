@@ -167,6 +167,7 @@ def architecture_of(m) -> str:
 
 
 def config_to_hf(m) -> dict:
+  """The Hugging Face config.json dict for the model sub-config `m`; raises ConvertError if no architecture fits."""
   arch = architecture_of(m)
   if arch == "GPT2LMHeadModel":
     return {"architectures": [arch], "model_type": "gpt2", "vocab_size": m.vocab_size, "n_positions": m.max_len,
@@ -418,6 +419,7 @@ def params_from_hf(state: dict[str, np.ndarray], config) -> dict:
 
 
 def params_to_hf(params, config) -> dict[str, np.ndarray]:
+  """The run's params (whole `config`) as Hugging Face weight names -> float32 arrays in HF layouts."""
   m = config.model
   flat = {p: np.asarray(v, np.float32) for p, v in flatten(jax.device_get(_unbox(params))).items()}
   _check(flat, expected_params(config), "the run's parameters")
@@ -520,6 +522,7 @@ def write_run(config, params, workdir, tokenizer=None) -> Path:
 
 
 def export_run(workdir, out, step: int | None = None) -> Path:
+  """`jaxlm convert --to-hf`: loads the run in `workdir` (latest or `step`) and writes a HF folder at `out`."""
   from jaxlm import loader  # local: keeps the converter's import light
   run = loader.load(workdir, step)
   return write_hf(run.params, run.config, out, run.tokenizer)

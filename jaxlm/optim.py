@@ -8,6 +8,7 @@ import optax
 
 
 def schedule(optim_config, num_steps: int, d_model: int) -> optax.Schedule:
+  """The learning-rate schedule of the `optim` sub-config: warmup, then the named decay over `num_steps`."""
   o = optim_config
   warmup = max(o.warmup_steps, 0)
   if o.schedule == "transformer":
@@ -55,6 +56,7 @@ def decay_mask(params, decay_embeddings: bool):
 
 
 def build(optim_config, num_steps: int, d_model: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """(optax optimizer, schedule) for the `optim` sub-config: clipping, the named optimizer, weight-decay mask."""
   o = optim_config
   lr = schedule(o, num_steps, d_model)
   mask = lambda params: decay_mask(params, o.decay_embeddings)

@@ -77,6 +77,7 @@ def materialize(params):
 
 
 def is_quantized(params) -> bool:
+  """True if any weight of `params` is an {'int8', 'scale'} pair."""
   return any(_is_quantized(n) for n in _nodes(params))
 
 
@@ -88,6 +89,7 @@ def _nodes(node):
 
 
 def nbytes(params) -> int:
+  """Bytes of all arrays in `params` (float or int8)."""
   return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(params)))
 
 

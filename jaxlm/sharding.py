@@ -113,6 +113,7 @@ def state_shardings(mesh: Mesh, tx: optax.GradientTransformation, abstract_state
 
 
 def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
+  """The sharding of a [batch, length] array: rows split by the logical rules for 'batch'."""
   spec = nn.logical_to_mesh_axes(("batch", "length"), rules)
   return NamedSharding(mesh, spec)
 

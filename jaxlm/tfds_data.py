@@ -18,6 +18,7 @@ def split_name(data_config, split: str) -> str:
 
 
 def data_source(data_config, split: str):
+  """The random-access `tfds.data_source` of the data sub-config's dataset and `split` (no TensorFlow)."""
   import tensorflow_datasets as tfds  # local: only tfds runs pay for the import
   name = data_config.tfds_name
   if "_translate" in name:
@@ -34,6 +35,7 @@ def data_source(data_config, split: str):
 
 
 def as_text(value) -> str:
+  """A feature value as str: prepared data holds bytes, mocked data str."""
   return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
 
 

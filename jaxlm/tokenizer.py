@@ -19,6 +19,7 @@ from jaxlm import fs
 
 
 class Tokenizer(Protocol):
+  """What every tokenizer provides: vocabulary size, special ids, encode (str/bytes -> ids), decode, save."""
   vocab_size: int
   pad_id: int
   bos_id: int
@@ -99,6 +100,7 @@ class SentencePieceTokenizer:
 
 
 def from_config(data_config) -> Tokenizer:
+  """A new tokenizer for the data sub-config (`data.tokenizer`: byte, sentencepiece or huggingface)."""
   if data_config.tokenizer == "byte":
     return ByteTokenizer()
   if data_config.tokenizer == "huggingface":  # a folder with tokenizer.json (jaxlm/hf_tokenizer.py)
