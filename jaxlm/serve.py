@@ -394,11 +394,15 @@ async def _collect(head: dict, jobs: list[Job], info: dict) -> web.Response:
   return web.json_response({**head, "choices": choices, "usage": usage})
 
 
+def sse_event(body: dict) -> bytes:
+  """One server-sent event carrying `body` as JSON (the `stream: true` wire format)."""
+  return f"data: {json.dumps(body)}\n\n".encode()
+
+
 async def _stream(request: web.Request, head: dict, jobs: list[Job], info: dict) -> web.StreamResponse:
   """Server-sent events: one per choice for whatever text is final when the client is ready for more."""
   response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                          "X-Request-Id": info["id"]})
-  sse = lambda body: f"data: {json.dumps(body)}\n\n".encode()
   try:
     await response.prepare(request)
     finished = 0
@@ -408,12 +412,12 @@ async def _stream(request: web.Request, head: dict, jobs: list[Job], info: dict)
         pending.append(jobs[0].events.get_nowait())
       for index, event in _coalesce(pending):
         if "error" in event:
-          await response.write(sse({"error": {"message": event["error"], "type": "server_error"}}))
+          await response.write(sse_event({"error": {"message": event["error"], "type": "server_error"}}))
           finished = len(jobs)
           break
         choice = {"index": index, "text": event["text"], "logprobs": event.get("logprobs"),
                   "finish_reason": event.get("finish_reason")}
-        await response.write(sse({**head, "choices": [choice]}))
+        await response.write(sse_event({**head, "choices": [choice]}))
         if "finish_reason" in event:
           finished += 1
           info["new_tokens"] += event["completion_tokens"]

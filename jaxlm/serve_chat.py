@@ -120,7 +120,7 @@ async def _stream(serve, request: web.Request, head: dict, jobs: list, info: dic
 
   def chunk(index: int, delta: dict, reason: str | None = None) -> bytes:
     choice = {"index": index, "delta": delta, "finish_reason": reason}
-    return f"data: {json.dumps({**head, 'object': 'chat.completion.chunk', 'choices': [choice]})}\n\n".encode()
+    return serve.sse_event({**head, "object": "chat.completion.chunk", "choices": [choice]})
 
   try:
     await response.prepare(request)
@@ -133,8 +133,7 @@ async def _stream(serve, request: web.Request, head: dict, jobs: list, info: dic
         pending.append(jobs[0].events.get_nowait())
       for index, event in serve._coalesce(pending):
         if "error" in event:
-          await response.write(f"data: {json.dumps({'error': {'message': event['error'], 'type': 'server_error'}})}"
-                               "\n\n".encode())
+          await response.write(serve.sse_event({"error": {"message": event["error"], "type": "server_error"}}))
           finished = len(jobs)
           break
         if event["text"]:
