@@ -20,6 +20,7 @@ anything compiles.
 
 from __future__ import annotations
 
+import contextlib
 import glob as glob_lib
 import os
 import shutil
@@ -85,11 +86,25 @@ def read_bytes(location: PathLike) -> bytes:
 
 
 def write_bytes(location: PathLike, data: bytes) -> None:
-  """Writes `data` to the file `location`, creating its local folder if needed (buckets have none)."""
-  target = path(location)
-  if not is_url(location):
-    target.parent.mkdir(parents=True, exist_ok=True)
-  target.write_bytes(data)
+  """Writes `data` to the file `location` whole or not at all, creating its local folder if needed.
+
+  A local file is written beside its target and renamed into place, so a full disk leaves the old file (or
+  none), never a truncated one; a bucket object is atomic already, and buckets have no folders.
+  """
+  if is_url(location):
+    path(location).write_bytes(data)
+    return
+  target = os.fspath(location)
+  os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+  partial = f"{target}.partial-{os.getpid()}"
+  try:
+    with open(partial, "wb") as file:
+      file.write(data)
+    os.replace(partial, target)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.remove(partial)
+    raise
 
 
 def write_text(location: PathLike, text: str) -> None:
