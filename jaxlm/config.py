@@ -124,6 +124,8 @@ def base_config() -> ConfigDict:
   c.train.z_loss = 0.0
   c.train.label_smoothing = 0.0
   c.train.compilation_cache_dir = ""  # persistent XLA compilation cache; empty disables
+  c.train.init_from = ""            # a new run from this run's parameters (train or convert --from-hf workdir; jaxlm/init_from.py)
+  c.train.init_from_step = -1       # its checkpoint; -1: the newest (recorded in this run's config.json)
 
   c.optim = ConfigDict()
   c.optim.name = "adamw"            # adamw | adafactor | lion
@@ -243,6 +245,7 @@ RANGES = {
     "train.eval_batches": _POSITIVE, "train.checkpoint_every": _POSITIVE, "train.keep_checkpoints": _POSITIVE,
     "train.z_loss": _at_least(0), "train.label_smoothing": _BETA,
     "train.compilation_cache_dir": Allowed(note="a directory"),
+    "train.init_from": Allowed(note="a run directory"), "train.init_from_step": _at_least(0, -1),
     "optim.learning_rate": _POSITIVE_REAL, "optim.warmup_steps": _COUNT, "optim.end_lr_fraction": _FRACTION,
     "optim.b1": _BETA, "optim.b2": _BETA, "optim.eps": _at_least(0), "optim.weight_decay": _at_least(0),
     "optim.decay_embeddings": _BOOL, "optim.clip_norm": _at_least(0),
@@ -361,8 +364,10 @@ _NON_FINITE = ("nan", "+nan", "-nan", "inf", "+inf", "-inf", "infinity", "-infin
 
 
 def apply_overrides(config: ConfigDict, overrides: list[str]) -> ConfigDict:
-  """Applies `--config.a.b=value` arguments; values parse as Python literals."""
+  """Applies `--config.a.b=value` arguments; values parse as Python literals. With `train.init_from` set, a
+  model override that differs from that run's model where its parameters fix it is refused (jaxlm/init_from.py)."""
   base = base_config()
+  model_keys = []
   for arg in overrides:
     if "=" not in arg:
       raise ConfigError(f"override '{arg}' has no value; write it as {arg}=VALUE (with '=', not a space)")
@@ -385,6 +390,11 @@ def apply_overrides(config: ConfigDict, overrides: list[str]) -> ConfigDict:
     node = _get(config, parent) if parent else config
     with node.ignore_type():
       node[leaf] = type(expected)(value)
+    if parent == "model":
+      model_keys.append(leaf)
+  if config.train.init_from and model_keys:
+    from jaxlm import init_from  # local: reads the base run's config (and imports JAX) only when asked
+    init_from.check_overrides(config, model_keys)
   return config
 
 
@@ -396,6 +406,21 @@ def head_dim(model: ConfigDict) -> int:
 def num_kv_heads(model: ConfigDict) -> int:
   """Key/value heads of the model sub-config: `num_kv_heads`, or num_heads (multi-head) when 0."""
   return model.num_kv_heads or model.num_heads
+
+
+def model_of_run(model_cfg: ConfigDict, run_model_cfg: ConfigDict, log, who: str, run_dir,
+                 keep: tuple[str, ...] = ()) -> ConfigDict:
+  """The model section of a run built on the weights of the saved run in `run_dir` (LoRA's base,
+  `train.init_from`): that run's `run_model_cfg`, except the keys in `keep`, which stay `model_cfg`'s. The saved
+  weights fix the other keys, so where `model_cfg` differs there it is ignored, and `log` gets one line that
+  names those keys, starting with `who` (e.g. 'lora')."""
+  model = run_model_cfg.copy_and_resolve_references()
+  for key in keep:
+    model[key] = model_cfg[key]
+  ignored = sorted(key for key, value in run_model_cfg.items() if key not in keep and model_cfg.get(key) != value)
+  if ignored:
+    log(f"{who}: the model is {run_dir}'s (this config differed in model.{', model.'.join(ignored)})")
+  return model
 
 
 def mesh_rules(config: ConfigDict) -> tuple:

@@ -77,9 +77,10 @@ def abstract_params(model_cfg: ModelConfig, module: nn.Module | None = None):
   return jax.eval_shape(lambda: module.init(jax.random.key(0), **families.model_inputs(module, batch))["params"])
 
 
-def param_shardings(config: Config, mesh: Mesh, module: nn.Module | None = None):
-  """NamedShardings of the params on `mesh`, by the whole `config`'s logical rules (`mesh.rules`)."""
-  return sharding.logical_shardings(mesh, config_lib.mesh_rules(config), abstract_params(config.model, module))
+def param_shardings(config: Config, mesh: Mesh, module: nn.Module | None = None, rules: tuple | None = None):
+  """NamedShardings of the params on `mesh`, by `rules` (default the whole `config`'s `mesh.rules`)."""
+  rules = rules if rules is not None else config_lib.mesh_rules(config)
+  return sharding.logical_shardings(mesh, rules, abstract_params(config.model, module))
 
 
 @contextlib.contextmanager
@@ -120,7 +121,7 @@ def restore_params(workdir: str | Path, config: Config, shardings, step: int | N
 
 
 def load(workdir: str | Path, step: int | None = None, mesh: Mesh | None = None,
-         model: nn.Module | None = None) -> Run:
+         model: nn.Module | None = None, rules: tuple | None = None) -> Run:
   """Loads a run: `Run(config, model, params, tokenizer, step)`.
 
   workdir: a `jaxlm train` (or `jaxlm convert --from-hf`) work directory.
@@ -130,17 +131,19 @@ def load(workdir: str | Path, step: int | None = None, mesh: Mesh | None = None,
     the KV cache too. None puts them whole on the first device, which suits a model that fits one.
   model: the Flax module a run trained with `Trainer(model=...)` was built from (its parameter shapes are
     read from it); None builds the family's model from `config.model`.
+  rules: logical axis rules ((name, mesh axes), ...) to shard by instead of the run's, e.g. those of a run
+    that starts from this one's parameters (`train.init_from`).
   """
   config = load_config(workdir)
   if model is None and lora.enabled(config):  # adapters merged into their base: a plain run to every command
-    base = load(config.lora.base_workdir, config.lora.base_step, mesh)
+    base = load(config.lora.base_workdir, config.lora.base_step, mesh, rules=rules)
     module = lora.adapted_model(config, base.params, deterministic=True)
-    adapters, step = restore_params(workdir, config, param_shardings(config, mesh or single_device_mesh(), module),
-                                    step, module)
+    adapters, step = restore_params(
+        workdir, config, param_shardings(config, mesh or single_device_mesh(), module, rules), step, module)
     return Run(lora.without_adapters(config), base.model, lora.merged_params(config, adapters, base.params),
                tokenizer_lib.load(workdir), step)
   tokenizer = tokenizer_lib.load(workdir)
   module = model if model is not None else model_lib.build(config.model)
-  shardings = param_shardings(config, mesh or single_device_mesh(), module)
+  shardings = param_shardings(config, mesh or single_device_mesh(), module, rules)
   params, step = restore_params(workdir, config, shardings, step, module)
   return Run(config, module, params, tokenizer, step)

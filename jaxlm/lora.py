@@ -217,10 +217,7 @@ def resolve_base(config: Config, log=print, workdir=None) -> Config:
     raise config_lib.ConfigError(f"lora.base_workdir: no complete checkpoint in {base_dir / 'checkpoints'}; "
                                  "train the base run first")
   config = config.copy_and_resolve_references()
-  if config.model.to_dict() != base_config.model.to_dict():
-    changed = sorted(k for k, v in base_config.model.items() if config.model.get(k) != v)
-    log(f"lora: the model is {base_dir}'s (this config differed in model.{', model.'.join(changed)})")
-    config.model = base_config.model
+  config.model = config_lib.model_of_run(config.model, base_config.model, log, "lora", base_dir)
   config.lora.base_workdir, config.lora.base_step = str(base_dir), step
   targets_of(config)  # a bad lora.targets stops here, before the run writes anything
   return config

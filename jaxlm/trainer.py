@@ -28,7 +28,7 @@ import tqdm
 
 from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import fs
-from jaxlm import corpus, families, lora, plot, run_report, sources
+from jaxlm import corpus, families, init_from, lora, plot, run_report, sources
 from jaxlm import config as config_lib
 from jaxlm.config import Config
 from jaxlm import metrics as metrics_lib
@@ -207,6 +207,8 @@ class Trainer:
     self.started = time.perf_counter()
     sharding.maybe_initialize_distributed(self.config)
     fs.check_run_access(self.workdir, self.config.data)  # a bucket problem: one line, before compiling
+    if init_from.enabled(self.config):  # another run's model and tokenizer (jaxlm/init_from.py), then validated
+      self.config = init_from.resolve(self.config, self.workdir, log, self.model)
     config_lib.validate(self.config, jax.device_count())
     lock = runlock.WorkdirLock(self.workdir, report=log)
     if jax.process_index() == 0:  # the other processes share process 0's work directory
@@ -248,6 +250,8 @@ class Trainer:
     start, restored = checkpointer.restore_newest_intact(target, log)
     if start is None:
       self.state = train_step.create_state(s, config.seed)
+      if init_from.enabled(config):  # a new run, not a restart: the base run's parameters
+        self.state = init_from.initial_state(self.state, s, config, log)
       start = 0
     else:
       self.state = train_step.TrainState(**restored)

@@ -40,6 +40,10 @@ class Family:
   attention_layers(model_cfg) -> (self-attention layers, cross-attention layers), for the FLOP count;
     every self-attention layer also has an MLP.
   adapter(model_cfg, start_id) -> `jaxlm.decode.Adapter`, or None if the family does not generate text.
+  head: the name of the top-level parameter subtree that is the family's task head (BERT's 'mlm_head', a
+    classifier's 'head'), or None; the rest is the body. A run may start from a run of another family whose
+    body has the same arrays (`train.init_from`, jaxlm/init_from.py): the body is copied, this head starts
+    from its initialization and the base's head is dropped.
   """
   name: str
   build: Callable[..., Any]
@@ -50,6 +54,7 @@ class Family:
   training_text: Callable[[Any], Iterator[str]]
   attention_layers: Callable[[Any], tuple[int, int]]
   adapter: Optional[Callable[[Any, int], Any]] = None
+  head: Optional[str] = None
 
 
 _REGISTRY: dict[str, Family] = {}

@@ -110,7 +110,7 @@ def _family(name: str, build, model_inputs) -> families.Family:
   return families.register(families.Family(
       name=name, build=build, model_inputs=model_inputs, example_batch=example_batch, rows=rows,
       evaluate=evaluate, training_text=_training_text,
-      attention_layers=lambda model_cfg: (model_cfg.num_layers, 0)))
+      attention_layers=lambda model_cfg: (model_cfg.num_layers, 0), head="head"))
 
 
 ENCODER = _family(

@@ -47,4 +47,4 @@ def evaluate(evaluation) -> dict:
 FAMILY = families.register(families.Family(
     name="encoder", build=build, model_inputs=model_inputs, example_batch=decoder.example_batch,
     rows=mlm.prepare, evaluate=evaluate, training_text=decoder.document_lines,
-    attention_layers=lambda model_cfg: (model_cfg.num_layers, 0)))
+    attention_layers=lambda model_cfg: (model_cfg.num_layers, 0), head="mlm_head"))

@@ -65,4 +65,4 @@ def _training_text(config):
 FAMILY = families.register(families.Family(
     name="encoder_qa", build=build, model_inputs=encoder.model_inputs, example_batch=example_batch,
     rows=squad.rows, evaluate=evaluate, training_text=_training_text,
-    attention_layers=lambda model_cfg: (model_cfg.num_layers, 0)))
+    attention_layers=lambda model_cfg: (model_cfg.num_layers, 0), head="head"))
