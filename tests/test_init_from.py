@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 import jaxlm
-from jaxlm import hf_tokenizer, loader, main
+from jaxlm import hf, hf_tokenizer, init_from, loader, main, model as model_lib
 from jaxlm.families import classifier
+from jaxlm.init_from import initial_state
 
-from conftest import REPO, files_config
+from conftest import REPO
 from test_classify import LABELS, classify_config, tiny_task
 from test_faults import corrupt
 
@@ -68,61 +69,53 @@ def base(text_corpus, tmp_path_factory):
   return workdir
 
 
-def test_cli_starts_a_new_run_from_the_base_and_leaves_it_untouched(base, text_corpus, tmp_path, capsys):
-  before = digest(base)
+def test_cli_starts_from_the_base_params_and_a_restart_reads_only_its_own(base, text_corpus, tmp_path, monkeypatch,
+                                                                           capsys):
+  copy = shutil.copytree(base, tmp_path / "base")  # deleted below, before the restart
+  before = digest(copy)
+  starts = []
+
+  def spy(*args, **kwargs):  # the state the loop starts from, as the trainer builds it
+    state = initial_state(*args, **kwargs)
+    starts.append(jax.device_get(state.params))
+    return state
+
+  monkeypatch.setattr(init_from, "initial_state", spy)
   workdir = tmp_path / "fine_tuned"
-  # configs/tiny.py's model is the base's: only a runtime key differs
-  assert main.main(["train", "--config", TINY, "--workdir", str(workdir), *files_args(text_corpus), *SHORT,
-                    f"--config.train.init_from={base}", "--config.model.remat_policy=full",
-                    "--config.optim.learning_rate=1e-4"]) == 0
-  err = capsys.readouterr().err
-  assert f"init_from {base} step 12: 36 arrays copied" in err
-  assert digest(base) == before
+  train = ["train", "--config", TINY, "--workdir", str(workdir), *files_args(text_corpus), *SHORT,
+           f"--config.train.init_from={copy}", "--config.model.remat_policy=full",
+           "--config.optim.learning_rate=1e-4"]  # configs/tiny.py has the base's model; a runtime key differs
+  assert main.main(train) == 0
+  assert f"init_from {copy} step 12: 36 arrays copied" in capsys.readouterr().err
+  assert digest(copy) == before
+  for (name, got), want in zip(named(starts[0]).items(), named(loader.load(copy).params).values()):
+    np.testing.assert_array_equal(got, want, err_msg=name)
   first = metrics(workdir)[0]
-  base_final = [row["val_loss"] for row in metrics(base) if "val_loss" in row][-1]
+  base_final = [row["val_loss"] for row in metrics(copy) if "val_loss" in row][-1]
   assert first["step"] == 1 and base_final < math.log(260) - 1.5
   # a fresh model scores about ln 260 on its first batch
   assert abs(first["loss"] - base_final) < 0.3 * (math.log(260) - base_final), (first["loss"], base_final)
   saved = loader.load_config(workdir)
-  assert (saved.train.init_from, saved.train.init_from_step) == (str(base), 12)
-  assert saved.model.remat_policy == "full" and loader.load(workdir).step == 2
+  assert (saved.train.init_from, saved.train.init_from_step, saved.model.remat_policy) == (str(copy), 12, "full")
 
-
-def test_python_api_copies_the_params_exactly_and_a_restart_does_not_read_the_base(base, text_corpus, tmp_path):
-  copy = shutil.copytree(base, tmp_path / "base")
-  config = files_config(text_corpus)
-  config.train.init_from, config.train.num_steps, config.train.checkpoint_every = str(copy), 2, 2
-  config.model.d_model, config.model.dropout_rate = 48, 0.1  # the base's d_model is taken, this dropout kept
-  start = KeepStart()
-  jaxlm.Trainer(config, tmp_path / "run", callbacks=[start]).run()
-  assert start.step == 0
-  for (name, got), want in zip(named(start.params).items(), named(loader.load(copy).params).values()):
-    np.testing.assert_array_equal(got, want, err_msg=name)
-  shutil.rmtree(copy)  # a restart reads the run's own record and checkpoints only
-  config.train.num_steps = 4
-  restart = KeepStart()
-  jaxlm.Trainer(config, tmp_path / "run", callbacks=[restart]).run()
-  own = loader.load(tmp_path / "run", step=2).params
-  assert restart.step == 2
-  for (name, got), want in zip(named(restart.params).items(), named(own).values()):
-    np.testing.assert_array_equal(got, want, err_msg=name)
-  saved = loader.load_config(tmp_path / "run")
-  assert (saved.train.init_from, saved.train.init_from_step) == (str(copy), 12)
-  assert (saved.model.d_model, saved.model.dropout_rate) == (32, 0.1)
+  shutil.rmtree(copy)  # a restart reads the run's own record and checkpoints, not the base
+  assert main.main([*train, "--config.train.num_steps=3"]) == 0
+  assert "resumed from step 2" in capsys.readouterr().err and len(starts) == 1
+  assert loader.load(workdir).step == 3 and loader.load_config(workdir).train.init_from == str(copy)
 
 
 @pytest.fixture(scope="module")
-def encoder_base(text_corpus, tmp_path_factory):
-  """A 2-step BERT-style MLM run with the classifier tests' encoder shape."""
-  config = files_config(text_corpus)
-  config.model.family, config.model.norm_position, config.model.num_token_types = "encoder", "post", 2
-  config.train.num_steps, config.train.checkpoint_every, config.train.eval_every = 2, 2, 2
-  workdir = tmp_path_factory.mktemp("encoder")
-  jaxlm.train(config, workdir)
-  return workdir
+def encoder_base(tmp_path_factory):
+  """A BERT-style MLM run with the classifier tests' encoder shape, at its random initialization (step 0)."""
+  config = classify_config("encoder_classifier")
+  config.model.family, config.model.num_classes = "encoder", 0
+  module = model_lib.build(config.model)
+  batch = model_lib.example_batch(config.model, (1, 8))
+  params = module.init(jax.random.key(1), **model_lib.model_inputs(config.model, batch))["params"]
+  return hf.write_run(config, params, tmp_path_factory.mktemp("encoder"))
 
 
-@pytest.mark.parametrize("family, base_fixture, dropped", [("encoder_classifier", "encoder_base", 6),
+@pytest.mark.parametrize("family, base_fixture, dropped", [("encoder_classifier", "encoder_base", 5),
                                                              ("decoder_classifier", "base", 0)])
 def test_a_classifier_takes_the_body_and_starts_its_head(family, base_fixture, dropped, request, tmp_path,
                                                          monkeypatch, capsys):
@@ -164,14 +157,14 @@ def test_bad_bases_are_one_line(base, text_corpus, tmp_path, capsys):
   one_error_line(capsys, train(f"--config.train.init_from={base}", "--config.lora.rank=4",
                                f"--config.lora.base_workdir={base}"), "train.init_from and lora.rank")
   one_error_line(capsys, train(f"--config.train.init_from={base}", "--config.model.family=encoder"),
-                 "does not fit model.family 'encoder'", "decoder/")
+                 "does not fit model.family 'encoder'", "'encoder/layer_0/")
   damaged = shutil.copytree(base, tmp_path / "damaged")
   corrupt(damaged / "checkpoints" / "12", "flip_one_bit_per_file")
   one_error_line(capsys, train(f"--config.train.init_from={damaged}"), "step 12", "damaged")
   assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
 
 
-def test_fine_tune_a_converted_hf_model_from_the_command_line(text_corpus, tmp_path, capsys):
+def test_fine_tune_a_converted_hf_model_from_the_command_line(tmp_path, capsys):
   pytest.importorskip("torch")
   pytest.importorskip("transformers")
   from test_hf_tokenizer import CHATML, hf_model, save_tokenizer
