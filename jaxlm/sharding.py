@@ -123,31 +123,48 @@ def global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding) ->
   return {key: jax.make_array_from_process_local_data(sharding, value) for key, value in local_batch.items()}
 
 
-def _available_bytes(device) -> tuple[int, str]:
-  """(bytes one device can hold, where that figure comes from): the accelerator's limit, or for CPU devices
-  the host's available memory shared by this process's devices."""
+def available_bytes(device) -> tuple[int, str]:
+  """(bytes one device can hold, where that figure comes from) for a `jax.Device`: the accelerator's
+  `memory_stats()['bytes_limit']`, or for CPU devices (no memory stats) the host's available memory shared
+  by this process's devices."""
   stats = device.memory_stats() if hasattr(device, "memory_stats") else None
   if stats and stats.get("bytes_limit"):
     return int(stats["bytes_limit"]), f"{device.platform} memory"
-  available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-  return available // max(jax.local_device_count(), 1), "available host memory per CPU device"
+  return _host_available_bytes() // max(jax.local_device_count(), 1), "available host memory per CPU device"
+
+
+def _host_available_bytes() -> int:
+  """The kernel's MemAvailable: free memory plus the page cache it can reclaim. Free pages alone (sysconf's
+  SC_AVPHYS_PAGES, the fallback where /proc is missing) leave out that cache, often most of a busy host's
+  memory, and would refuse steps that fit."""
+  try:
+    with open("/proc/meminfo") as meminfo:
+      for line in meminfo:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def shard_bytes(abstract_tree, sharding_tree) -> int:
+  """Bytes one device holds of a tree of abstract arrays (`jax.ShapeDtypeStruct`s) under the matching tree
+  of Shardings."""
+  leaves = jax.tree.leaves(abstract_tree)
+  sharding_leaves = jax.tree.leaves(sharding_tree, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+  return sum(math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize for a, s in zip(leaves, sharding_leaves))
 
 
 def check_state_fits(abstract_state, shardings, params) -> None:
-  """Raises ConfigError, before anything compiles, when the train state cannot fit a device.
+  """Raises ConfigError, before anything is traced or compiled, when the train state cannot fit a device.
 
   abstract_state / shardings: the TrainState's `jax.ShapeDtypeStruct` tree and its NamedShardings;
   params: the params subtree of `abstract_state`, counted once more for the gradients. This is a lower
-  bound on what the step needs (activations come on top), so a config it refuses can never run.
+  bound on what the step needs (activations come on top), so a config it refuses can never run. It is the
+  cheap first guard: `jaxlm.memory` then checks XLA's estimate of the whole compiled step.
   """
-  def shard_bytes(tree, sharding_tree) -> int:
-    leaves = jax.tree.leaves(tree)
-    sharding_leaves = jax.tree.leaves(sharding_tree, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
-    return sum(math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize for a, s in zip(leaves, sharding_leaves))
-  state_bytes = shard_bytes(abstract_state, shardings)
-  gradient_bytes = shard_bytes(params, shardings.params)
-  needed = state_bytes + gradient_bytes
-  available, source = _available_bytes(jax.local_devices()[0])
+  needed = shard_bytes(abstract_state, shardings) + shard_bytes(params, shardings.params)
+  available, source = available_bytes(jax.local_devices()[0])
   if needed > available:
     gib = 1024 ** 3
     raise config_lib.ConfigError(

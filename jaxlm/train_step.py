@@ -4,7 +4,9 @@ One step function, jit-compiled with explicit in/out shardings: the state is
 donated and stays sharded by the logical rules; the batch is sharded along
 the data axes. Gradient accumulation runs inside the step as a `lax.scan`
 over micro-batches, summing token-weighted losses and gradients so the
-result equals the big batch's (no `optax.MultiSteps` buffer).
+result equals the big batch's (no `optax.MultiSteps` buffer). The trainer
+compiles the step ahead of time (`compile_train_step`), checks XLA's memory
+estimate of it (`jaxlm.memory`) and runs that executable.
 
 What is open: `setup` takes any Flax module that meets `jaxlm.families.LanguageModel`
 (default: the family's model from `config.model`) and any `LossFn` (default:
@@ -195,6 +197,59 @@ def make_train_step(s: Setup):
   jitted = jax.jit(step_fn, in_shardings=(s.state_shardings, s.batch_sharding, None),
                    out_shardings=(s.state_shardings, None), donate_argnums=(0,))
   return under_mesh(s.mesh, s.rules, jitted)
+
+
+def abstract_step_arguments(s: Setup) -> tuple[TrainState, dict, jax.ShapeDtypeStruct]:
+  """The train step's arguments as `jax.ShapeDtypeStruct`s carrying the shardings the trainer passes.
+
+  Returns (state, batch, rng): the state in `s.state_shardings` (as `create_state` and a restore place it);
+  a global batch of the family's structure, `train.global_batch_size` x `data.seq_len`, in
+  `s.batch_sharding` (as `sharding.global_batch` places it); and an unplaced key, as `jax.random.key`
+  makes it (the step leaves its sharding unspecified).
+  """
+  state = jax.tree.map(lambda a, placement: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=placement),
+                       s.abstract_state, s.state_shardings)
+  batch = jax.eval_shape(lambda: example_batch(s.config, s.config.train.global_batch_size))
+  batch = {key: jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=s.batch_sharding)
+           for key, value in batch.items()}
+  return state, batch, jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+
+
+class CompiledStep:
+  """The train step compiled ahead of time; call it as `(state, batch, rng) -> (state, metrics)`.
+
+  `compiled` is the `jax.stages.Compiled` executable (its `memory_analysis()` is what `jaxlm.memory`
+  reads), `jitted` the `make_train_step` function it was lowered from. Batches of the structure, shapes
+  and dtypes it was compiled for (`compiled_for`) run the executable. Any other batch (user batches with
+  other keys, an encoder-decoder whose data.target_len differs from data.seq_len) runs the jitted function,
+  which compiles for it: the executable refuses other shapes rather than recompiling.
+  """
+
+  def __init__(self, jitted, compiled: jax.stages.Compiled, abstract_batch: dict):
+    self.jitted, self.compiled = jitted, compiled
+    self._batch_structure = jax.tree.structure(abstract_batch)
+    self._batch_types = [(leaf.shape, leaf.dtype) for leaf in jax.tree.leaves(abstract_batch)]
+
+  def compiled_for(self, batch: dict) -> bool:
+    """Whether `batch` (a dict of arrays) has the keys, shapes and dtypes the executable was compiled for."""
+    return (jax.tree.structure(batch) == self._batch_structure
+            and [(leaf.shape, leaf.dtype) for leaf in jax.tree.leaves(batch)] == self._batch_types)
+
+  def __call__(self, state: TrainState, batch: dict, rng: jax.Array) -> tuple[TrainState, dict]:
+    """One step: `(state, global batch, key) -> (new state, metrics)`; `state` is donated."""
+    return (self.compiled if self.compiled_for(batch) else self.jitted)(state, batch, rng)
+
+
+def compile_train_step(s: Setup) -> CompiledStep:
+  """`make_train_step(s)` lowered on `abstract_step_arguments(s)` and compiled ahead of time.
+
+  Compiling runs nothing and allocates no buffer, so this can precede the state. The executable keeps the
+  step's donation and shardings, so the trainer runs it and the step compiles once. Raises what XLA raises
+  (on TPU, RESOURCE_EXHAUSTED when the program cannot fit).
+  """
+  jitted = make_train_step(s)
+  state, batch, rng = abstract_step_arguments(s)
+  return CompiledStep(jitted, jitted.lower(state, batch, rng).compile(), batch)
 
 
 def evaluation_mode(model: nn.Module) -> nn.Module:
