@@ -41,8 +41,10 @@ def run(args, overrides: list[str]) -> int:
 def _train(args, overrides) -> int:
   """Exit status 0 when training reached train.num_steps; 130 (SIGINT), 143 (SIGTERM) or 75
   (train.stop_at_step) when it stopped early after saving: see `run_report.EXIT_STATUS`."""
-  from jaxlm import run_report, trainer
+  from jaxlm import init_from, run_report, trainer
   config = config_lib.apply_overrides(config_lib.load_config_file(args.config), overrides)
+  if config.train.init_from:
+    init_from.check_overrides(config, overrides)
   changed = run_report.overrides_that_differ(args.config, overrides, config)
   origin = args.config + (f" with {', '.join(changed)}" if changed else "")
   summary = trainer.train(config, args.workdir, origin=origin)

@@ -364,10 +364,9 @@ _NON_FINITE = ("nan", "+nan", "-nan", "inf", "+inf", "-inf", "infinity", "-infin
 
 
 def apply_overrides(config: ConfigDict, overrides: list[str]) -> ConfigDict:
-  """Applies `--config.a.b=value` arguments; values parse as Python literals. With `train.init_from` set, a
-  model override that differs from that run's model where its parameters fix it is refused (jaxlm/init_from.py)."""
+  """Applies `--config.a.b=value` arguments to `config` (the whole config) and returns it; values parse as
+  Python literals. (`jaxlm train` then checks model overrides against a `train.init_from` run: init_from.py.)"""
   base = base_config()
-  model_keys = []
   for arg in overrides:
     if "=" not in arg:
       raise ConfigError(f"override '{arg}' has no value; write it as {arg}=VALUE (with '=', not a space)")
@@ -390,11 +389,6 @@ def apply_overrides(config: ConfigDict, overrides: list[str]) -> ConfigDict:
     node = _get(config, parent) if parent else config
     with node.ignore_type():
       node[leaf] = type(expected)(value)
-    if parent == "model":
-      model_keys.append(leaf)
-  if config.train.init_from and model_keys:
-    from jaxlm import init_from  # local: reads the base run's config (and imports JAX) only when asked
-    init_from.check_overrides(config, model_keys)
   return config
 
 

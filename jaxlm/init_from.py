@@ -7,7 +7,7 @@ newest complete one). The base run is only read. From the base come:
 - the model section, except `OWN_KEYS`: how the run computes (dropout, compute dtype, remat, attention kernel)
   and its task (`family`, `num_classes`). The other keys fix the parameters, so a config's values for them are
   ignored (one line names them), and a `--config.model.KEY=VALUE` override that differs from the base's value
-  is refused (`check_overrides`, called by `jaxlm.config.apply_overrides`);
+  is refused (`check_overrides`, called by `jaxlm train`);
 - the tokenizer (a converted run's hf_tokenizer/ folder and chat template, a SentencePiece model):
   `data.tokenizer` and `data.tokenizer_path` name the copy the base saved, and the run saves its own.
 
@@ -163,10 +163,10 @@ def resolve(config: Config, workdir, log: Callable[[str], None] = print, model: 
   return config
 
 
-def check_overrides(config: Config, keys: list[str]) -> None:
-  """ConfigError for the first of the model `keys` (e.g. 'd_model', given as --config.model.KEY overrides) that
-  is not in `OWN_KEYS` and whose value in the whole `config` differs from that of the run `train.init_from`
-  names: that run's parameters fix it."""
+def check_overrides(config: Config, overrides: list[str]) -> None:
+  """ConfigError for the first `--config.model.KEY=VALUE` of `overrides` whose KEY is not in `OWN_KEYS` and whose
+  value in the whole `config` differs from that of the run `train.init_from` names: that run's parameters fix it."""
+  keys = [arg[len("--config.model."):].split("=", 1)[0] for arg in overrides if arg.startswith("--config.model.")]
   fixed = [key for key in keys if key not in OWN_KEYS]
   if not fixed:
     return
