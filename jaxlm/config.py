@@ -510,9 +510,12 @@ def validate(config: ConfigDict, num_devices: int) -> None:
                       "or --config.data.mixture='[(DIR, WEIGHT), ...]'")
   if config.data.source == "prepared" and m.family != "decoder":
     raise ConfigError(f"data.source='prepared' feeds the decoder family, not model.family='{m.family}'")
-  if config.data.source == "codesum" and m.family != "encoder_decoder":
-    raise ConfigError(f"data.source='codesum' pairs code with summaries, which needs model.family='encoder_decoder', "
-                      f"not '{m.family}'")
+  if config.data.source == "codesum" and m.family not in ("encoder_decoder", "decoder"):
+    raise ConfigError(f"data.source='codesum' pairs code with summaries, which needs model.family='encoder_decoder' "
+                      f"or 'decoder' (prompt -> completion), not '{m.family}'")
+  if config.data.source == "codesum" and m.family == "decoder" and config.data.target_len < 2:
+    raise ConfigError(f"data.target_len={config.data.target_len}: a decoder on data.source='codesum' keeps the last "
+                      "data.target_len tokens of each row for the summary; set it, e.g. --config.data.target_len=80")
   if (config.data.tokenizer == "sentencepiece" and not config.data.spm_vocab_size
       and not _path(config.data.tokenizer_path).is_file()):
     raise ConfigError(f"data.tokenizer_path: '{config.data.tokenizer_path}' not found; pass an existing .model file")

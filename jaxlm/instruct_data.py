@@ -126,12 +126,18 @@ def pieces(record: Record, template: chat_template_lib.ChatTemplate) -> list[tup
 def tokenize(record: Record, tokenizer, template, prefix: list[int]) -> Example:
   """`prefix` + the record's pieces, each encoded on its own, + EOS (an answer token when the record ends with
   the answer)."""
-  parts = pieces(record, template)
-  ids = [np.asarray(prefix, np.int32)] + [tokenizer.encode(text) for text, _ in parts]
-  masks = [np.zeros(len(prefix), bool)] + [np.full(len(i), is_answer) for i, (_, is_answer) in zip(ids[1:], parts)]
-  ends_with_answer = parts[-1][1]
-  ids.append(np.asarray([tokenizer.eos_id], np.int32))
-  masks.append(np.asarray([ends_with_answer]))
+  return join([(tokenizer.encode(text), is_answer) for text, is_answer in pieces(record, template)], prefix,
+              tokenizer.eos_id)
+
+
+def join(encoded: list[tuple[np.ndarray, bool]], prefix: list[int], eos_id: int) -> Example:
+  """One example from already encoded (ids, is_answer) pieces: `prefix`, the pieces in order, then `eos_id`,
+  which is an answer token when the last piece is. Other prompt/completion sources (`jaxlm.seq2seq_data`'s
+  code summaries) build their examples here, so every one is laid out as a JSON record would be."""
+  ids = [np.asarray(prefix, np.int32)] + [np.asarray(i, np.int32) for i, _ in encoded]
+  masks = [np.zeros(len(prefix), bool)] + [np.full(len(i), is_answer) for i, is_answer in encoded]
+  ids.append(np.asarray([eos_id], np.int32))
+  masks.append(np.asarray([encoded[-1][1]]))
   return Example(np.concatenate(ids).astype(np.int32), np.concatenate(masks))
 
 

@@ -2,7 +2,9 @@ import ast
 
 import pytest
 
-from jaxlm import codesum, corpus
+from jaxlm import codesum, config as config_lib, corpus, evaluate, seq2seq_data, tokenizer as tokenizer_lib, trainer
+
+from conftest import tiny_config
 
 SYNTHETIC = '''\
 import functools
@@ -176,3 +178,51 @@ def test_bleu():
   assert codesum.bleu(["Zebra quantum lettuce.", "Purple engine sings."], references) < 5
   with pytest.raises(ValueError):
     codesum.bleu(["one"], references)
+
+
+def test_decoder_rows_weight_the_summary_and_its_eos_only():
+  tokenizer = tokenizer_lib.ByteTokenizer()
+  long_source = "def long(x):\n" + "    x += 1\n" * 20
+  pairs = [("def f(x):\n    return x", "Return x unchanged."), (long_source, "Count up slowly.")]
+  rows = seq2seq_data.PromptCompletionRows(pairs, tokenizer, [tokenizer.eos_id], seq_len=64, target_len=24)
+  separator = list(tokenizer.encode(seq2seq_data.SEPARATOR))
+  for index, (source, summary) in enumerate(pairs):
+    example = rows.examples[index]
+    prompt = rows.prompt(index)
+    # The prompt: EOS, the start of the source (the long one cut to fit), then the separator.
+    assert prompt[0] == tokenizer.eos_id and prompt[-len(separator):] == separator
+    assert source.startswith(tokenizer.decode(prompt[1:-len(separator)]))
+    assert len(example.tokens) - 1 <= 64
+    # Loss weight 1 exactly on the summary and its EOS.
+    assert list(example.tokens[example.answer_mask]) == list(tokenizer.encode(summary)) + [tokenizer.eos_id]
+    assert not example.answer_mask[:len(prompt)].any() and example.answer_mask[len(prompt):].all()
+  assert len(rows.prompt(1)) == 64 - 24  # the long source fills the row but the target's share
+  assert rows.rows == [[0], [1]]  # the two do not fit one row together
+  row = rows[0]  # in a built row, the weighted targets are the summary and EOS
+  weighted = row["targets"][row["weights"] > 0]
+  assert tokenizer.decode(weighted[:-1]) == "Return x unchanged." and weighted[-1] == tokenizer.eos_id
+
+
+def test_decoder_on_codesum_needs_target_len():
+  c = tiny_config()
+  c.data.source = "codesum"
+  with pytest.raises(config_lib.ConfigError, match="data.target_len"):
+    config_lib.validate(c, 1)
+  tokenizer = tokenizer_lib.ByteTokenizer()
+  with pytest.raises(config_lib.ConfigError, match="lower data.target_len to at most 3"):  # 32 - 1 - 12 - 16
+    seq2seq_data.PromptCompletionRows([("def f(): pass", "Do nothing at all.")], tokenizer, [tokenizer.eos_id],
+                                      seq_len=32, target_len=8)
+
+
+def test_decoder_trains_on_codesum_and_reports_bleu_beside_baselines(tmp_path):
+  c = tiny_config()
+  c.data.source, c.data.max_examples = "codesum", 64
+  c.data.seq_len, c.data.target_len = 64, 24
+  c.train.num_steps, c.train.eval_every, c.train.checkpoint_every = 2, 2, 2
+  c.eval.beam_size, c.eval.bleu_examples, c.eval.max_decode_len = 1, 2, 4
+  trainer.train(c, tmp_path)
+  result = evaluate.evaluate(tmp_path)
+  assert result["loss"] > 0 and result["bleu_examples"] == 2 and 0.0 <= result["bleu"] <= 100.0
+  assert {"baseline_most_common_bleu", "baseline_name_words_bleu"} <= set(result)
+  assert "bits_per_byte" not in result  # the pairs' metrics, not the language model's
+  assert f"BLEU {result['bleu']:.2f} (sacrebleu, 0-100)" in result["summary"]

@@ -3,6 +3,9 @@
 Batches: inputs, targets, segment_ids, positions, weights (all B x T; see `jaxlm.data.pack_row`).
 Evaluation: loss, perplexity and bits per byte, beside the bits per byte `gzip -9` and `xz -9` reach on the
 same validation bytes: a language model is a compressor, and this shows where it stands against standard ones.
+On (source, target) pairs (`data.source='codesum'`) the decoder learns prompt -> completion
+(`jaxlm.seq2seq_data.PromptCompletionRows`) and is scored as the encoder-decoder is: loss, and BLEU of its
+completions beside the baselines (`seq2seq_data.evaluate`).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jaxlm import data as data_lib, decode, families, model as model_lib
+from jaxlm import data as data_lib, decode, families, model as model_lib, seq2seq_data
 from jaxlm.config import Config, ModelConfig
 
 
@@ -40,8 +43,19 @@ def example_batch(model_cfg: ModelConfig, shape: tuple[int, int]) -> dict:
           "weights": jnp.ones(shape, jnp.float32)}
 
 
+def rows(config: Config, tokenizer, split: str):
+  """The split's random-access rows (whole config): prompt -> completion pairs for `data.source='codesum'`,
+  else packed documents or records (`jaxlm.data.decoder_rows`)."""
+  if config.data.source == "codesum":
+    return seq2seq_data.prompt_completion_rows(config, tokenizer, split)
+  return data_lib.decoder_rows(config, tokenizer, split)
+
+
 def document_lines(config: Config) -> Iterator[str]:
   """The training documents' lines (whole config), for a SentencePiece vocabulary."""
+  if config.data.source == "codesum":
+    yield from seq2seq_data.pair_lines(config)
+    return
   for document in data_lib.load_documents(config.data, "train"):
     yield from document.decode("utf-8", errors="replace").splitlines()
 
@@ -54,7 +68,10 @@ def compression_bits_per_byte(text: bytes) -> dict[str, float]:
 
 
 def evaluate(evaluation) -> dict:
-  """Loss, perplexity, accuracy and bits per byte on the validation split, beside gzip -9 and xz -9."""
+  """Loss, perplexity, accuracy and bits per byte on the validation split, beside gzip -9 and xz -9; on
+  (source, target) pairs, loss and BLEU beside the baselines instead (`seq2seq_data.evaluate`)."""
+  if evaluation.config.data.source == "codesum":
+    return seq2seq_data.evaluate(evaluation)
   byte_lengths = evaluation.tokenizer.byte_lengths()
   num_bytes = [0.0]
 
@@ -106,5 +123,5 @@ class DecoderAdapter(decode.Adapter):
 
 FAMILY = families.register(families.Family(
     name="decoder", build=build, model_inputs=model_inputs, example_batch=example_batch,
-    rows=data_lib.decoder_rows, evaluate=evaluate, training_text=document_lines,
+    rows=rows, evaluate=evaluate, training_text=document_lines,
     attention_layers=lambda model_cfg: (model_cfg.num_layers, 0), adapter=DecoderAdapter))

@@ -1,20 +1,18 @@
 """The encoder-decoder family (Vaswani et al., 2017): source text -> target text.
 
 Batches: inputs, input_segment_ids, input_positions (source, B x S); decoder_inputs, targets, segment_ids,
-positions, weights (target, B x T), built by `jaxlm.seq2seq_data`. Evaluation: validation loss, and corpus
-BLEU (sacrebleu) of beam-search outputs, beside `codesum`'s baselines for code summarization or beside
-copying the source for translation.
+positions, weights (target, B x T), built by `jaxlm.seq2seq_data`. Evaluation (`seq2seq_data.evaluate`, shared
+with a decoder trained on the same pairs): validation loss, and corpus BLEU (sacrebleu) of beam-search outputs,
+beside `codesum`'s baselines for code summarization or beside copying the source for translation.
 """
 
 from __future__ import annotations
 
-from typing import Iterator
-
 import jax
 import jax.numpy as jnp
 
-from jaxlm import codesum, decode, families, model as model_lib, seq2seq_data
-from jaxlm.config import Config, ModelConfig
+from jaxlm import decode, families, model as model_lib, seq2seq_data
+from jaxlm.config import ModelConfig
 from jaxlm.families import decoder
 
 
@@ -36,64 +34,6 @@ def example_batch(model_cfg: ModelConfig, shape: tuple[int, int]) -> dict:
   batch.update(decoder_inputs=batch["inputs"], input_segment_ids=batch["segment_ids"],
                input_positions=batch["positions"])
   return batch
-
-
-def pair_lines(config: Config) -> Iterator[str]:
-  """Both sides of every training pair (whole config), for a SentencePiece vocabulary."""
-  for source, target in seq2seq_data.load_pairs(config, "train"):
-    yield source
-    yield target
-
-
-def generate_texts(config: Config, params, rows, tokenizer, num_rows: int) -> list[str]:
-  """Beam-search outputs (jaxlm.decode's cached search) for the first `num_rows` pairs, decoded to text."""
-  e = config.eval
-  max_len = e.max_decode_len or config.data.target_len or config.data.seq_len
-  searcher = decode.BeamSearcher(config.model, params, start_id=tokenizer.bos_id)
-  texts = []
-  for first in range(0, num_rows, e.batch_size):
-    sources = [list(rows.examples[i][0]) for i in range(first, min(first + e.batch_size, num_rows))]
-    # A full batch every time, so the search compiles once; the repeated last source is dropped.
-    padded = sources + [sources[-1]] * (e.batch_size - len(sources))
-    result = searcher.search(padded, e.beam_size, max_len, tokenizer.eos_id, e.length_penalty)
-    for ids in result.tokens[:len(sources)]:
-      ids = list(ids)
-      texts.append(tokenizer.decode(ids[:ids.index(tokenizer.eos_id)] if tokenizer.eos_id in ids else ids))
-  return texts
-
-
-def bleu_scores(config: Config, params, rows, tokenizer) -> dict:
-  """BLEU of the model's beam-search outputs and of the baselines, plus five examples."""
-  num_rows = min(len(rows), config.eval.bleu_examples or len(rows))
-  references = rows.references[:num_rows]
-  predictions = generate_texts(config, params, rows, tokenizer, num_rows)
-  scores = {"bleu": codesum.bleu(predictions, references), "bleu_examples": num_rows}
-  d = config.data
-  if d.source == "codesum":
-    train_pairs = codesum.load_pairs("train", d.val_fraction, d.include_tests)
-    eval_pairs = codesum.load_pairs("validation", d.val_fraction, d.include_tests)[:num_rows]
-    for name, baseline in codesum.baseline_predictions(train_pairs, eval_pairs).items():
-      scores[f"baseline_{name}_bleu"] = codesum.bleu(baseline, references)
-  else:
-    sources = [source for source, _ in seq2seq_data.load_pairs(config, "validation")[:num_rows]]
-    scores["baseline_copy_source_bleu"] = codesum.bleu(sources, references)
-  scores["examples"] = [{"reference": r, "prediction": p} for r, p in zip(references[:5], predictions[:5])]
-  return scores
-
-
-def evaluate(evaluation) -> dict:
-  """Validation loss and accuracy, BLEU beside trivial baselines, and a one-line summary."""
-  totals = evaluation.loss_sums()
-  weight = max(totals["weight_sum"], 1.0)
-  result = {"step": evaluation.step, "tokens": totals["weight_sum"], "loss": totals["nll_sum"] / weight,
-            "accuracy": totals["correct_sum"] / weight}
-  config = evaluation.config
-  result.update(bleu_scores(config, evaluation.params, evaluation.rows, evaluation.tokenizer))
-  result["summary"] = (f"step {result['step']}: validation loss {result['loss']:.4f}, BLEU {result['bleu']:.2f} (sacrebleu, 0-100) "
-                       f"(beam {config.eval.beam_size}, alpha {config.eval.length_penalty}; baselines: "
-                       + ", ".join(f"{k[len('baseline_'):-len('_bleu')]} {v:.2f}" for k, v in result.items()
-                                   if k.startswith("baseline_")) + ")")
-  return result
 
 
 class EncoderDecoderAdapter(decode.Adapter):
@@ -140,5 +80,5 @@ def _attention_layers(model_cfg: ModelConfig) -> tuple[int, int]:
 
 FAMILY = families.register(families.Family(
     name="encoder_decoder", build=build, model_inputs=model_inputs, example_batch=example_batch,
-    rows=seq2seq_data.prepare, evaluate=evaluate, training_text=pair_lines, attention_layers=_attention_layers,
+    rows=seq2seq_data.prepare, evaluate=seq2seq_data.evaluate, training_text=seq2seq_data.pair_lines, attention_layers=_attention_layers,
     adapter=EncoderDecoderAdapter))
