@@ -170,6 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"jaxlm: error: {args.command} uses the run's saved config; --config.* overrides apply to train and compile only",
           file=sys.stderr)
     return 2
+  if args.command == "train":  # a multi-process run trains in a child process (see jaxlm/supervisor.py)
+    from jaxlm import supervisor
+    launch = supervisor.launch_of(args.config, overrides, args.workdir)
+    if launch:
+      return supervisor.run([sys.executable, "-m", "jaxlm.main", *(sys.argv[1:] if argv is None else argv)], launch)
   return commands.run(args, overrides)
 
 

@@ -9,7 +9,9 @@ every `timeout / 5` seconds and reads the others'. A counter that stops
 moving for `timeout` seconds names its process; a key-value store that stops
 answering means the coordinator (process 0) is gone. The runtime's own
 heartbeat timeout is set well above ours (`runtime_heartbeat_timeout`), so
-this thread speaks first.
+this thread speaks first. The runtime's faster aborts (the coordinator gone,
+a peer lost inside a gloo collective) are turned into one line by
+`jaxlm.supervisor`, which runs `jaxlm train` in a child process.
 
 Counters, not clock times, are compared, so clocks of different hosts need
 not agree. A process that finishes cleanly marks itself done first
@@ -27,6 +29,8 @@ import time
 
 import jax
 
+from jaxlm import supervisor
+
 _PREFIX = "jaxlm/alive/"
 _DONE = "jaxlm/done/"
 
@@ -42,8 +46,7 @@ def _client():
 
 
 def _lost(message: str) -> None:
-  sys.stderr.write(f"jaxlm: error: {message}; process {jax.process_index()} of {jax.process_count()} stops. "
-                   "Restart all processes: training resumes from the last intact checkpoint.\n")
+  sys.stderr.write(supervisor.lost_line(message, jax.process_index(), jax.process_count()) + "\n")
   sys.stderr.flush()
   os._exit(1)  # other threads may be blocked in a collective that will never finish
 

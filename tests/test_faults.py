@@ -247,27 +247,113 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+C_PLUS_PLUS_ABORT = re.compile(r"^F\d{4} |Check failure stack trace|terminate called|^\s+@\s+0x", re.MULTILINE)
+
+
+LOST = [  # (the process killed, CPU devices per process, how the survivor learns of it)
+    pytest.param(1, 2, id="peer"),  # the watchdog: no sign of life for heartbeat_timeout_s
+    pytest.param(0, 2, id="coordinator"),  # the runtime aborts the other about 0.1 s later; the supervisor speaks
+]
+
+
 @pytest.mark.slow
-def test_killed_peer_is_named_and_the_survivor_exits(text_corpus, tmp_path):
+@pytest.mark.parametrize("victim,devices", LOST)
+def test_lost_process_is_named_and_the_survivor_exits(victim, devices, text_corpus, tmp_path):
   # 2 devices per process: with 4, gloo itself aborted the survivor within a second on this machine
-  # ("Received data size doesn't match expected size"), before any Python code could run (README, Mesh).
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+  # ("Received data size doesn't match expected size"), a case the supervisor tests below cover.
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}", JAX_NUM_PROCESSES="2")
+  run = tmp_path / "run"
   args = [sys.executable, "-m", "jaxlm.main",
-          *train_args(text_corpus, tmp_path / "run", "--config.train.num_steps=100000",
+          *train_args(text_corpus, run, "--config.train.num_steps=100000",
                       "--config.distributed.heartbeat_timeout_s=10")]
   processes = [subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
                                 env=dict(env, JAX_PROCESS_ID=str(i))) for i in range(2)]
+  survivor = processes[1 - victim]
   try:
-    for line in processes[0].stderr:
+    for line in processes[0].stderr:  # process 0 logs the steps
       if "step 2:" in line:
         break
-    processes[1].send_signal(signal.SIGKILL)
+    processes[victim].send_signal(signal.SIGKILL)  # its supervisor: the kernel then kills the training child
     killed_at = time.monotonic()
-    _, stderr = processes[0].communicate(timeout=120)
+    _, stderr = survivor.communicate(timeout=120)
     assert time.monotonic() - killed_at < 30
   finally:
     for process in processes:
       process.kill()
-  assert processes[0].returncode == 1
-  assert "lost process 1" in error_line(stderr)
+  assert survivor.returncode == 1, stderr[-3000:]
+  assert not C_PLUS_PLUS_ABORT.search(stderr), stderr[-3000:]
+  line = error_line(stderr)
+  assert ("lost the coordinator (process 0)" if victim == 0 else "lost process 1") in line, line
+  if victim == 0:  # the runtime's own report is kept, and named
+    crash_logs = list(run.glob("crash-*.log"))
+    assert len(crash_logs) == 1 and str(crash_logs[0]) in line, line
+    assert "Check failure stack trace" in crash_logs[0].read_text()
+
+
+def supervise(tmp_path: Path, child_code: str) -> subprocess.Popen:
+  """`jaxlm.supervisor.run` (as process 1 of 2, workdir tmp_path) in a subprocess, on a child running `child_code`."""
+  code = ("import sys; from jaxlm import supervisor; "
+          f"sys.exit(supervisor.run([sys.executable, '-c', {child_code!r}], "
+          f"supervisor.Launch(1, 2, {str(tmp_path)!r})))")
+  return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          cwd=REPO)
+
+
+GLOO_ABORT = """
+import os, sys
+print("step 3: loss 4.2", file=sys.stderr, flush=True)
+print("out", flush=True)
+sys.stderr.write("W1129 22:44:45.870880   23132 pair.cc:1] a warning just before the abort\\n"
+                 "terminate called after throwing an instance of 'gloo::EnforceNotMet'\\n"
+                 "  what():  [enforce fail at external/gloo/gloo/transport/tcp/pair.cc:446] op.preamble.length <= "
+                 "op.nbytes. Received data size doesn't match expected size\\n")
+sys.stderr.flush()
+os.abort()
+"""
+
+
+def test_supervisor_turns_a_runtime_abort_into_one_line(tmp_path):
+  supervisor = supervise(tmp_path, GLOO_ABORT)
+  stdout, stderr = supervisor.communicate(timeout=60)
+  assert supervisor.returncode == 1
+  assert stdout == "out\n"  # the child's stdout is its own
+  assert stderr.startswith("step 3: loss 4.2\n")  # the child's lines pass through
+  assert not C_PLUS_PLUS_ABORT.search(stderr) and "a warning just before" not in stderr, stderr
+  line = error_line(stderr)
+  assert "lost process 0 in the middle of a collective" in line and "Received data size" in line, line
+  assert "process 1 of 2 stops" in line
+  crash_log = next(tmp_path.glob("crash-*.log"))
+  assert str(crash_log) in line
+  assert "a warning just before" in crash_log.read_text() and "terminate called" in crash_log.read_text()
+
+
+def test_supervisor_passes_signals_and_exit_statuses_through(tmp_path):
+  child = """
+import signal, sys, time
+print("W1129 22:44:45.870880   23132 any.cc:1] a runtime warning, shown after a second", file=sys.stderr, flush=True)
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+print("ready", flush=True)
+time.sleep(60)
+"""
+  supervisor = supervise(tmp_path, child)
+  assert supervisor.stdout.readline() == "ready\n"
+  supervisor.send_signal(signal.SIGTERM)
+  _, stderr = supervisor.communicate(timeout=60)
+  assert supervisor.returncode == 143  # the child's own status (the trainer saves first, then exits 143)
+  assert "a runtime warning, shown after a second" in stderr and "jaxlm: error" not in stderr, stderr
+
+
+def test_killing_the_supervisor_kills_its_child(tmp_path):
+  pid_file = tmp_path / "child.pid"
+  supervisor = supervise(tmp_path, f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
+                                   "print('ready', flush=True); time.sleep(60)")
+  assert supervisor.stdout.readline() == "ready\n"
+  supervisor.kill()
+  supervisor.communicate(timeout=60)
+  child = int(pid_file.read_text())
+  deadline = time.monotonic() + 10
+  while time.monotonic() < deadline and Path(f"/proc/{child}").exists() and \
+      "zombie" not in Path(f"/proc/{child}/status").read_text():
+    time.sleep(0.1)
+  assert not Path(f"/proc/{child}").exists() or "zombie" in Path(f"/proc/{child}/status").read_text()
