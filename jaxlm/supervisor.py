@@ -123,18 +123,21 @@ def _crash_log_path(workdir: str) -> str:
 def run(command: list[str], launch: Launch) -> int:
   """Runs `command` (e.g. `python -m jaxlm.main train ...`) as a child, as the module docstring says; returns
   the exit status for this process: the child's own, or 1 after the one line of a runtime abort."""
-  child = subprocess.Popen(command, stderr=subprocess.PIPE,
-                           env=dict(os.environ, **{_CHILD_MARK: "1"}),
-                           preexec_fn=_die_with_parent if sys.platform == "linux" else None)
-  forwarded = []
+  forwarded, children = [], []
 
   def forward(signum, frame):
     forwarded.append(signum)
-    child.send_signal(signum)
+    for child in children:
+      child.send_signal(signum)
 
+  # Installed before the child starts: a signal that comes while it starts is then passed on, not lost.
   previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
   try:
-    return _supervise(child, launch, forwarded)
+    children.append(subprocess.Popen(command, stderr=subprocess.PIPE, env=dict(os.environ, **{_CHILD_MARK: "1"}),
+                                     preexec_fn=_die_with_parent if sys.platform == "linux" else None))
+    for signum in forwarded:
+      children[0].send_signal(signum)
+    return _supervise(children[0], launch, forwarded)
   finally:
     for signum, handler in previous.items():
       signal.signal(signum, handler)

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, run_cli
+from jaxlm import main
 
 TINY = str(REPO / "configs" / "tiny.py")
 
@@ -94,13 +95,22 @@ CORRUPTIONS = ["flip_64_bytes", "flip_one_bit_per_file", "truncate_half", "delet
                "delete_state_metadata", "delete_data_folder"]
 
 
+def run_in_process(args: list[str], capfd) -> subprocess.CompletedProcess:
+  """`jaxlm ARGS` in this process, as a CompletedProcess with its exit status and captured output. It saves an
+  interpreter start-up per command, and the cases share compiled functions; an exception fails the test."""
+  capfd.readouterr()
+  status = main.main(args)
+  stdout, stderr = capfd.readouterr()
+  return subprocess.CompletedProcess(args, status, stdout, stderr)
+
+
 @pytest.mark.parametrize("how", CORRUPTIONS)
-def test_damaged_checkpoint_is_named_and_never_loaded_silently(how, trained, tmp_path):
+def test_damaged_checkpoint_is_named_and_never_loaded_silently(how, trained, tmp_path, capfd):
   run = tmp_path / "run"
   shutil.copytree(trained, run)
   corrupt(run / "checkpoints" / "12", how)
 
-  verify = run_cli(["verify", "--workdir", str(run)])
+  verify = run_in_process(["verify", "--workdir", str(run)], capfd)
   assert verify.returncode == 1, verify.stderr[-3000:]
   assert "Traceback" not in verify.stderr
   rows = {int(line.split()[0]): line for line in verify.stdout.splitlines() if re.match(r"\s+\d+\s", line)}
@@ -108,7 +118,7 @@ def test_damaged_checkpoint_is_named_and_never_loaded_silently(how, trained, tmp
   assert "intact steps: 4, 8" in verify.stdout
 
   # eval reads the parameters only, but the step's file checksums cover the optimizer state too.
-  evaluate = run_cli(["eval", "--workdir", str(run)])
+  evaluate = run_in_process(["eval", "--workdir", str(run)], capfd)
   assert evaluate.returncode == 2, evaluate.stdout
   line = error_line(evaluate)
   assert "checkpoint step 12" in line and "is damaged" in line and "intact steps: 8, 4" in line, line
@@ -151,7 +161,7 @@ def test_kill_9_then_resume_is_bitwise_identical(kill_after, trained, text_corpu
 
 
 @pytest.mark.slow
-def test_nan_run_never_saves_or_names_a_bad_checkpoint(text_corpus, tmp_path):
+def test_nan_run_never_saves_or_names_a_bad_checkpoint(text_corpus, tmp_path, capfd):
   run = tmp_path / "run"
   result = run_cli(train_args(text_corpus, run, "--config.optim.learning_rate=1e38",
                               "--config.train.checkpoint_every=1", "--config.optim.warmup_steps=0"))
@@ -162,7 +172,7 @@ def test_nan_run_never_saves_or_names_a_bad_checkpoint(text_corpus, tmp_path):
   saved = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
   if named:
     assert int(named.group(1)) == saved[-1]
-    verify = run_cli(["verify", "--workdir", str(run)])
+    verify = run_in_process(["verify", "--workdir", str(run)], capfd)
     assert verify.returncode == 0, verify.stdout
   else:
     assert "No checkpoint has been saved yet" in line
@@ -334,7 +344,7 @@ import signal, sys, time
 print("W1129 22:44:45.870880   23132 any.cc:1] a runtime warning, shown after a second", file=sys.stderr, flush=True)
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 print("ready", flush=True)
-time.sleep(60)
+time.sleep(600)
 """
   supervisor = supervise(tmp_path, child)
   assert supervisor.stdout.readline() == "ready\n"
