@@ -20,9 +20,10 @@ and saved to WORKDIR/crash-<host>-<pid>.log, and the supervisor prints one
 `jaxlm: error:` line naming the lost process where the report names it, then
 exits 1. The runtime's glog lines (and the lines continuing them) are held
 back for a second, because such lines ("Polled an error from coordination
-service") come just before the fatal one. SIGINT and SIGTERM are forwarded, so the child's own exit
-statuses (130, 143, 75 after saving) come through unchanged, and the child
-is killed when the supervisor dies, so killing either one loses the process.
+service") come just before the fatal one. SIGINT and SIGTERM are forwarded,
+so the child's own exit statuses (130, 143, 75 after saving) come through
+unchanged, and the child is killed when the supervisor dies, so killing
+either one loses the process.
 The progress bar is not drawn under the supervisor (the child's stderr is a
 pipe); the plain per-step log lines are.
 
