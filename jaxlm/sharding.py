@@ -36,7 +36,9 @@ def maybe_initialize_distributed(config) -> None:
   from the config or from JAX_COORDINATOR_ADDRESS / JAX_PROCESS_ID.
   num_processes = -1 lets JAX detect the cluster itself (TPU VMs, SLURM).
   The timeouts come from `config.distributed`. Initialization is retried
-  (busy hosts have failed it spuriously), and `jaxlm.watchdog` makes every
+  (busy hosts have failed it spuriously): here when it raises, and by
+  `jaxlm.supervisor` (under `jaxlm train`) when joining times out, which
+  JAX's runtime turns into a C++ abort. `jaxlm.watchdog` makes every
   process exit with one line naming a peer that stops responding.
   """
   d = config.distributed

@@ -27,6 +27,12 @@ either one loses the process.
 The progress bar is not drawn under the supervisor (the child's stderr is a
 pipe); the plain per-step log lines are.
 
+Joining the coordinator ends the same way when it times out (the runtime's
+RegisterTask call aborts the process), so Python cannot retry it: the
+supervisor starts the child again instead, up to
+`distributed.initialization_attempts` times in all, since busy hosts have
+failed to join in time spuriously.
+
 Setting JAXLM_SUPERVISED=1 runs multi-process training without it.
 """
 
@@ -52,6 +58,7 @@ _HOLD_S = 1.0  # how long a glog line waits for the fatal line that may follow i
 _GLOG_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d+\.\d+\s+\d+ \S+:\d+\] ")
 _FATAL_START = re.compile(r"^F\d{4} \d\d:\d\d:\d\d|Check failure stack trace|^terminate called |"
                           r"^\*\*\* SIG[A-Z]+ received|^Fatal Python error: ")
+_JOIN_FAILED = re.compile(r"CoordinationService/RegisterTask")  # the runtime's client gave up joining
 _COORDINATOR_LOST = re.compile(r"leader task|Failed to send RPC to coordination service")
 _TASK = re.compile(r"/task:(\d+)|stopped sending heartbeats\):\s*(\d+)")
 _STATUS = re.compile(r"\b[A-Z][A-Z_]{4,}: [^.\n]+")
@@ -59,11 +66,14 @@ _GLOO = re.compile(r"gloo|Connection (closed|reset) by peer|Received data size d
 
 
 class Launch(NamedTuple):
-  """One process of a multi-process run: its id and the process count (-1 where JAX detects them), and the
-  run's workdir, where the runtime's crash report is saved."""
+  """One process of a multi-process run: its id and the process count (-1 where JAX detects them), the
+  run's workdir, where the runtime's crash report is saved, the coordinator's address ('' where JAX detects
+  it) and how many times the process tries to join it (`distributed.initialization_attempts`)."""
   process_id: int
   num_processes: int
   workdir: str
+  coordinator: str = ""
+  attempts: int = 1
 
 
 def lost_line(lost: str, process_id: int, num_processes: int) -> str:
@@ -82,11 +92,12 @@ def launch_of(config_path: str, overrides: list[str], workdir: str) -> Launch | 
     distributed = config_lib.apply_overrides(config_lib.load_config_file(config_path), overrides).distributed
     num_processes = distributed.num_processes or int(os.environ.get("JAX_NUM_PROCESSES", "0"))
     process_id = distributed.process_id if distributed.process_id >= 0 else int(os.environ.get("JAX_PROCESS_ID", "-1"))
+    coordinator = distributed.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
   except Exception:  # noqa: BLE001 - any config failure is reported by the run itself
     return None
   if num_processes in (0, 1):
     return None
-  return Launch(process_id, num_processes, workdir)
+  return Launch(process_id, num_processes, workdir, coordinator, distributed.initialization_attempts)
 
 
 def _die_with_parent() -> None:
@@ -95,12 +106,22 @@ def _die_with_parent() -> None:
   ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
 
 
-def _lost_peer(report: str, launch: Launch) -> str:
-  """What the runtime's fatal `report` says was lost, for `lost_line`."""
+def _detail(report: str) -> str:
+  """The status the runtime's fatal `report` ends with, e.g. 'UNAVAILABLE: Failed to send RPC to coordination
+  service' (else its first fatal line)."""
   lines = report.splitlines()
   fatal = lines[next((i for i, line in enumerate(lines) if _FATAL_START.search(line)), 0):]
-  status = _STATUS.search("\n".join(fatal))  # e.g. 'UNAVAILABLE: Failed to send RPC to coordination service'
-  detail = (status.group(0) if status else re.sub(r"^F\d{4} [^\]]*\] ", "", fatal[0].strip()))[:160]
+  status = _STATUS.search("\n".join(fatal))
+  return (status.group(0) if status else re.sub(r"^F\d{4} [^\]]*\] ", "", fatal[0].strip()))[:160]
+
+
+def _lost_peer(report: str, launch: Launch) -> str:
+  """What the runtime's fatal `report` says was lost, for `lost_line`."""
+  lines, detail = report.splitlines(), _detail(report)
+  if _JOIN_FAILED.search(report):
+    return (f"could not join the coordinator{f' at {launch.coordinator}' if launch.coordinator else ''} in "
+            f"{launch.attempts} attempt(s) ({detail}); check that every process was started, or raise "
+            "distributed.initialization_timeout_s")
   if launch.process_id != 0 and _COORDINATOR_LOST.search(report):
     return f"lost the coordinator (process 0): {detail}"
   others = {int(task or listed) for task, listed in _TASK.findall(report)} - {launch.process_id}
@@ -134,18 +155,24 @@ def run(command: list[str], launch: Launch) -> int:
   # Installed before the child starts: a signal that comes while it starts is then passed on, not lost.
   previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
   try:
-    children.append(subprocess.Popen(command, stderr=subprocess.PIPE, env=dict(os.environ, **{_CHILD_MARK: "1"}),
-                                     preexec_fn=_die_with_parent if sys.platform == "linux" else None))
-    for signum in forwarded:
-      children[0].send_signal(signum)
-    return _supervise(children[0], launch, forwarded)
+    attempt = 1
+    while True:
+      children[:] = [subprocess.Popen(command, stderr=subprocess.PIPE, env=dict(os.environ, **{_CHILD_MARK: "1"}),
+                                      preexec_fn=_die_with_parent if sys.platform == "linux" else None)]
+      for signum in forwarded:
+        children[0].send_signal(signum)
+      status = _supervise(children[0], launch, forwarded, may_retry=attempt < launch.attempts)
+      if status is not None:
+        return status
+      attempt += 1
   finally:
     for signum, handler in previous.items():
       signal.signal(signum, handler)
 
 
-def _supervise(child: subprocess.Popen, launch: Launch, forwarded: list[int]) -> int:
-  """Passes the child's stderr through until it exits, withholding a fatal report; returns the exit status."""
+def _supervise(child: subprocess.Popen, launch: Launch, forwarded: list[int], may_retry: bool) -> int | None:
+  """Passes the child's stderr through until it exits, withholding a fatal report; returns the exit status, or
+  None when the child could not join the coordinator and `may_retry` (busy hosts have failed it spuriously)."""
   shown = collections.deque(maxlen=200)  # the last lines passed through, as context in the crash log
   held: list[tuple[float, bytes]] = []  # glog lines waiting to see whether a fatal report follows
   report: list[bytes] | None = None  # the withheld fatal report, once it started
@@ -198,10 +225,14 @@ def _supervise(child: subprocess.Popen, launch: Launch, forwarded: list[int]) ->
   if report is None:
     lost = f"the training process was killed by {signal.Signals(-status).name}"
   else:
+    text = b"".join(report).decode(errors="replace")
+    if may_retry and not forwarded and _JOIN_FAILED.search(text):
+      sys.stderr.write(f"jaxlm: could not join the coordinator ({_detail(text)}); trying again\n")
+      return None
     log_path = _crash_log_path(launch.workdir)
     with open(log_path, "wb") as log:
       log.write(b"".join(shown) + b"".join(report))
-    lost = f"{_lost_peer(b''.join(report).decode(errors='replace'), launch)}; the runtime's report is in {log_path}"
+    lost = f"{_lost_peer(text, launch)}; the runtime's report is in {log_path}"
   if not reported:  # else the child's own line named the cause already
     sys.stderr.write(lost_line(lost, launch.process_id, launch.num_processes) + "\n")
   return 1

@@ -301,6 +301,20 @@ def test_lost_process_is_named_and_the_survivor_exits(victim, devices, text_corp
     assert "Check failure stack trace" in crash_logs[0].read_text()
 
 
+@pytest.mark.slow
+def test_a_process_that_cannot_join_retries_then_says_so(text_corpus, tmp_path):
+  # Joining is fatal inside JAX's runtime (a C++ abort), so the supervisor, not Python, retries it.
+  env = {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{free_port()}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}
+  result = run_cli(train_args(text_corpus, tmp_path / "run", "--config.distributed.initialization_timeout_s=2",
+                              "--config.distributed.initialization_attempts=2"), env_extra=env, devices=2)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert not C_PLUS_PLUS_ABORT.search(result.stderr), result.stderr[-3000:]
+  assert result.stderr.count("could not join the coordinator (DEADLINE_EXCEEDED") == 1  # then the second attempt
+  line = error_line(result)
+  assert f"could not join the coordinator at {env['JAX_COORDINATOR_ADDRESS']} in 2 attempt(s)" in line, line
+  assert "distributed.initialization_timeout_s" in line and "process 1 of 2 stops" in line
+
+
 def supervise(tmp_path: Path, child_code: str) -> subprocess.Popen:
   """`jaxlm.supervisor.run` (as process 1 of 2, workdir tmp_path) in a subprocess, on a child running `child_code`."""
   code = ("import sys; from jaxlm import supervisor; "
