@@ -96,7 +96,7 @@ def base_config() -> ConfigDict:
   c.data.seq_len = 256
   c.data.shuffle_seed = 0
   c.data.prefetch_threads = 0       # grain read threads; 0 reads in the main thread
-  c.data.target_len = 0             # encoder_decoder: target tokens per row; 0 means seq_len
+  c.data.target_len = 0             # target tokens per row (0: seq_len): encoder_decoder, or a decoder on codesum
   c.data.max_examples = 0           # tfds/codesum: read at most this many examples per split; 0 reads all
   c.data.doc_stride = 128           # squad: a long context is windowed, a new window every doc_stride tokens
   c.data.mlm_probability = 0.15     # encoder: share of tokens chosen for MLM (BERT: 80% [MASK], 10% random, 10% kept)
