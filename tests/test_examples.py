@@ -10,7 +10,7 @@ import pytest
 import jaxlm
 from jaxlm import checkpoint, layers, loader
 
-from conftest import REPO, run_cli
+from conftest import REPO
 
 EXAMPLES = sorted((REPO / "examples").glob("*.py"))
 
@@ -53,16 +53,6 @@ def test_examples_are_short_and_use_public_names_only():
     assert attributes <= set(jaxlm.__all__), (path.name, attributes - set(jaxlm.__all__))
 
 
-@pytest.fixture(scope="module")
-def cli_run(text_corpus, tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("cli_run")
-  result = run_cli(["train", "--config", str(REPO / "configs" / "tiny.py"), "--workdir", str(workdir),
-                    "--config.data.source=files", f"--config.data.paths={text_corpus}/*.txt",
-                    "--config.train.num_steps=2"])
-  assert result.returncode == 0, result.stderr[-3000:]
-  return workdir
-
-
 @pytest.mark.slow
 def test_custom_block_trains_then_resumes(tmp_path):
   result = run_example("custom_block.py", str(tmp_path))
@@ -77,10 +67,11 @@ def test_custom_block_trains_then_resumes(tmp_path):
 
 @pytest.mark.slow
 def test_score_run_and_attention_weights_on_a_cli_run(cli_run):
-  score = run_example("score_run.py", str(cli_run), "import os\n").stdout
-  assert score.startswith("step 2: ") and score.strip().endswith("bits per byte")
+  workdir, _ = cli_run
+  score = run_example("score_run.py", str(workdir), "import os\n").stdout
+  assert score.startswith("step 6: ") and score.strip().endswith("bits per byte")
   assert 0 < float(score.split()[2]) < 12
-  weights = run_example("attention_weights.py", str(cli_run)).stdout
+  weights = run_example("attention_weights.py", str(workdir)).stdout
   assert weights.startswith("(1, 4, 20, 20)")  # B x heads x T x S for the 20-byte prompt
 
 

@@ -387,11 +387,14 @@ def test_export_and_hugging_face_conversion_through_a_bucket(emulator, reference
 
 
 @pytest.mark.parametrize("command", [["train", "--config", TINY], ["eval"]])
-def test_missing_bucket_is_one_line(emulator, command, tmp_path):
-  result = jaxlm([*command, "--workdir", "gs://no-such-bucket/run"], tmp_path, timeout=300)
-  assert result.returncode == 2
-  errors = [line for line in result.stderr.splitlines() if line.startswith("jaxlm: error:")]
+def test_missing_bucket_is_one_line(emulator, command, tmp_path, monkeypatch, capfd):
+  """The commands in this process (main.main), from a scratch folder; the emulator's environment is this one's."""
+  from jaxlm import main
+  monkeypatch.chdir(tmp_path)
+  assert main.main([*command, "--workdir", "gs://no-such-bucket/run"]) == 2
+  stderr = capfd.readouterr().err
+  errors = [line for line in stderr.splitlines() if line.startswith("jaxlm: error:")]
   assert errors == ["jaxlm: error: gs://no-such-bucket: bucket not found (from gs://no-such-bucket/run); create it "
                     "with `gcloud storage buckets create gs://no-such-bucket --location=REGION` or fix the name"]
-  assert "Traceback" not in result.stderr
+  assert "Traceback" not in stderr
   assert list(tmp_path.iterdir()) == []

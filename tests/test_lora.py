@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import jaxlm
-from jaxlm import config as config_lib, loader, lora, model as model_lib, families
+from jaxlm import config as config_lib, loader, lora, main, model as model_lib, families
 
 from conftest import REPO, files_config, run_cli
 
@@ -18,15 +18,9 @@ TARGETS = "query,value,out,down"  # input axes first (query, value) and last (ou
 
 
 @pytest.fixture(scope="module")
-def base_run(text_corpus, tmp_path_factory):
-  """A 3-step `jaxlm train` run: the frozen base."""
-  workdir = tmp_path_factory.mktemp("base")
-  result = run_cli(["train", "--config", TINY, "--workdir", str(workdir), "--config.data.source=files",
-                    f"--config.data.paths={text_corpus}/*.txt", "--config.data.val_fraction=0.2",
-                    "--config.train.num_steps=3", "--config.train.checkpoint_every=3",
-                    "--config.train.eval_every=3", "--config.train.eval_batches=1"])
-  assert result.returncode == 0, result.stderr[-3000:]
-  return workdir
+def base_run(cli_run):
+  """The frozen base: the shared 6-step `jaxlm train` run (conftest.cli_run)."""
+  return cli_run[0]
 
 
 def lora_config(text_corpus, base_run):
@@ -145,7 +139,7 @@ def test_only_adapters_train_and_optimizer_state_is_theirs(lora_run):
 def test_adapters_save_and_load_on_their_own(lora_run, base_run):
   workdir, keep = lora_run
   saved = json.loads((workdir / "config.json").read_text())["lora"]
-  assert saved["base_workdir"] == str(base_run.absolute()) and saved["base_step"] == 3
+  assert saved["base_workdir"] == str(base_run.absolute()) and saved["base_step"] == 6
   config = loader.load_config(workdir)
   mesh = loader.single_device_mesh()
   base = lora.base_params(config, mesh)
@@ -166,7 +160,7 @@ def test_a_lora_run_resumes_on_its_recorded_base(text_corpus, lora_run, base_run
   jaxlm.train(config, workdir, callbacks=[keep])
   jax.tree.map(np.testing.assert_array_equal, keep.initial, lora_run[1].state.params)  # restored at step 6
   assert int(keep.state.step) == 7
-  assert json.loads((workdir / "config.json").read_text())["lora"]["base_step"] == 3
+  assert json.loads((workdir / "config.json").read_text())["lora"]["base_step"] == 6
 
 
 def test_load_gives_every_command_the_merged_weights(text_corpus, lora_run, base_run):
@@ -206,14 +200,13 @@ def test_cli_lora_run_then_generate_and_convert_to_hf(text_corpus, base_run, tmp
   assert result.returncode == 0, result.stderr[-3000:]
   # The adapters alone: rank 2 on query and value (32 -> 4 x 8) of 2 layers, 2 * 2 * (32 * 2 + 2 * 32).
   assert "model: 512 parameters" in result.stderr
-  result = run_cli(["generate", "--workdir", str(workdir), "--prompt", "def ", "--max-tokens", "4"])
-  assert result.returncode == 0, result.stderr[-3000:]
+  # The commands that read the LoRA run, in this process (the train above checked the CLI's own process).
+  assert main.main(["generate", "--workdir", str(workdir), "--prompt", "def ", "--max-tokens", "4"]) == 0
   # convert --to-hf writes the merged weights: query (in c_attn) moved, the MLP (c_fc) is the base's.
   from safetensors.numpy import load_file
   exported = {}
   for name, run in (("base", base_run), ("lora", workdir)):
-    result = run_cli(["convert", "--to-hf", str(run), "--out", str(tmp_path / name)])
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert main.main(["convert", "--to-hf", str(run), "--out", str(tmp_path / name)]) == 0
     exported[name] = load_file(str(tmp_path / name / "model.safetensors"))
   attention = next(k for k in exported["base"] if k.endswith("0.attn.c_attn.weight"))
   mlp = next(k for k in exported["base"] if k.endswith("0.mlp.c_fc.weight"))

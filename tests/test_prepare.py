@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from jaxlm import config as config_lib, corpus, data as data_lib, mixture, prepare, prepared, spm
+from jaxlm import config as config_lib, corpus, data as data_lib, main, mixture, prepare, prepared, spm
 from jaxlm.tokenizer import ByteTokenizer, SentencePieceTokenizer
 
 from conftest import REPO, files_config, run_cli
@@ -133,19 +133,21 @@ def test_tokenizer_mismatch_stops_with_one_line(prepared_corpus, tmp_path):
   assert "another tokenizer" in str(error.value) and "\n" not in str(error.value)
 
 
-def test_cli_prepare_then_train_with_another_tokenizer_is_one_line(text_corpus, tmp_path):
+def test_cli_prepare_then_train_with_another_tokenizer_is_one_line(text_corpus, tmp_path, capfd):
   data_args = ["--config.data.source=files", f"--config.data.paths={text_corpus}/*.txt", "--config.data.val_fraction=0.2"]
   result = run_cli(["prepare", "--config", str(REPO / "configs" / "tiny.py"), "--out", str(tmp_path / "out"),
                     "--workers", "2", "--shard-mb", "0.02", *data_args])
   assert result.returncode == 0, result.stderr[-2000:]
   assert "documents" in result.stdout and (tmp_path / "out" / "validation" / "index.json").is_file()
   model = spm.train(SENTENCES, tmp_path / "t.model", vocab_size=36)
-  result = run_cli(["train", "--config", str(REPO / "configs" / "tiny.py"), "--workdir", str(tmp_path / "run"),
+  capfd.readouterr()
+  # train refuses before it starts anything: run in this process (main.main), its output captured at the fds.
+  assert main.main(["train", "--config", str(REPO / "configs" / "tiny.py"), "--workdir", str(tmp_path / "run"),
                     "--config.data.source=prepared", f"--config.data.prepared_dir={tmp_path / 'out'}",
-                    "--config.data.tokenizer=sentencepiece", f"--config.data.tokenizer_path={model}"])
-  assert result.returncode == 2
-  errors = [line for line in result.stderr.splitlines() if line.startswith("jaxlm: error:")]
-  assert len(errors) == 1 and "Traceback" not in result.stderr  # (libtpu, when installed, logs its own lines)
+                    "--config.data.tokenizer=sentencepiece", f"--config.data.tokenizer_path={model}"]) == 2
+  stderr = capfd.readouterr().err
+  errors = [line for line in stderr.splitlines() if line.startswith("jaxlm: error:")]
+  assert len(errors) == 1 and "Traceback" not in stderr  # (libtpu, when installed, logs its own lines)
   assert errors[0].startswith("jaxlm: error: data.prepared_dir")
 
 

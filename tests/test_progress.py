@@ -8,7 +8,7 @@ import pytest
 
 from jaxlm import progress
 
-from conftest import REPO, run_cli
+from conftest import run_cli
 
 
 class FakeClock:
@@ -72,20 +72,8 @@ def test_bar_only_on_a_terminal():
   assert "\r" in terminal.getvalue() and "loss 2.500" in terminal.getvalue() and "3/10" in terminal.getvalue()
 
 
-@pytest.fixture(scope="module")
-def piped_run(text_corpus, tmp_path_factory):
-  """A 6-step CLI run (log every 2 steps), its stderr a pipe; returns (workdir, stderr)."""
-  workdir = tmp_path_factory.mktemp("piped_run")
-  result = run_cli(["train", "--config", str(REPO / "configs" / "tiny.py"), "--workdir", str(workdir),
-                    "--config.data.source=files", f"--config.data.paths={text_corpus}/*.txt",
-                    "--config.train.num_steps=6", "--config.train.log_every=2", "--config.train.eval_every=6",
-                    "--config.train.checkpoint_every=6", "--config.train.eval_batches=1"], devices=1)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return workdir, result.stderr
-
-
-def test_piped_training_prints_plain_lines(piped_run):
-  _, stderr = piped_run
+def test_piped_training_prints_plain_lines(cli_run):
+  _, stderr = cli_run  # 6 steps, logged every 2
   assert "\r" not in stderr  # no carriage-return bar updates in a pipe
   step_lines = [line for line in stderr.splitlines() if re.match(r"step \d+: grad_norm", line)]
   # One line per log interval (steps 2, 4, 6), plus the first step's (its time is compilation).
@@ -96,8 +84,8 @@ def test_piped_training_prints_plain_lines(piped_run):
   assert "MFU is relative to the fastest float32 matmul" in stderr  # the banner says which peak
 
 
-def test_eval_prints_no_absl_or_orbax_warnings(piped_run):
-  workdir, _ = piped_run
+def test_eval_prints_no_absl_or_orbax_warnings(cli_run):
+  workdir, _ = cli_run
   result = run_cli(["eval", "--workdir", str(workdir), "--max-batches", "1"], devices=1)
   assert result.returncode == 0, result.stderr[-3000:]
   warnings = [line for line in result.stderr.splitlines() if "WARNING" in line or re.match(r"W\d{4} ", line)]

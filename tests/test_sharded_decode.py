@@ -10,7 +10,7 @@ import pytest
 
 from conftest import run_cli, tiny_config
 from jaxlm import config as config_lib
-from jaxlm import decode, export, hf, loader, serve
+from jaxlm import decode, export, hf, loader, main, serve
 from jaxlm import model as model_lib
 
 PROMPTS = [[5, 6, 7, 8, 9], [40, 41]]  # two lengths: the padded row must decode as it would alone
@@ -75,13 +75,24 @@ def test_an_artifact_exported_on_a_mesh_generates_the_same_tokens(sharded, one_d
   assert artifact.generate(PROMPTS, 10) == one_device_tokens
 
 
-def test_generate_cli_on_a_mesh_prints_the_same_text(run_dir):
+def in_process(args, capfd):
+  """`jaxlm ARGS` run by main.main in this process: (exit status, stdout, stderr), C++ logs included."""
+  capfd.readouterr()
+  try:
+    status = main.main(args)
+  except SystemExit as stop:  # argparse reports a bad flag by exiting, as the command does
+    status = stop.code
+  out, err = capfd.readouterr()
+  return status, out, err
+
+
+def test_generate_cli_on_a_mesh_prints_the_same_text(run_dir, capfd):
   args = ["generate", "--workdir", str(run_dir), "--prompt", "def f(x):", "--max-tokens", "12", "--ignore-eos"]
-  alone = run_cli(args)
-  on_mesh = run_cli(args + ["--mesh", "data=2,tensor=4"])
-  assert alone.returncode == 0, alone.stderr
+  status, alone, _ = in_process(args, capfd)
+  on_mesh = run_cli(args + ["--mesh", "data=2,tensor=4"])  # the real command, in its own process
+  assert status == 0
   assert on_mesh.returncode == 0, on_mesh.stderr
-  assert len(alone.stdout) > len("def f(x):") and on_mesh.stdout == alone.stdout
+  assert len(alone) > len("def f(x):") and on_mesh.stdout == alone
 
 
 @pytest.mark.parametrize("mesh, message", [
@@ -90,11 +101,11 @@ def test_generate_cli_on_a_mesh_prints_the_same_text(run_dir):
     ("data=4,tensor=4", "needs 16 devices but 8 are visible"),
     ("tensor=8", "(8 ways) do not divide"),  # 4 kv heads
 ])
-def test_bad_mesh_flags_are_one_line(run_dir, mesh, message):
-  result = run_cli(["generate", "--workdir", str(run_dir), "--prompt", "a", "--mesh", mesh])
-  assert result.returncode == 2
-  assert message in result.stderr and "Traceback" not in result.stderr
-  assert result.stderr.strip().splitlines()[-1].startswith("jaxlm")
+def test_bad_mesh_flags_are_one_line(run_dir, mesh, message, capfd):
+  status, _, err = in_process(["generate", "--workdir", str(run_dir), "--prompt", "a", "--mesh", mesh], capfd)
+  assert status == 2
+  assert message in err and "Traceback" not in err
+  assert err.strip().splitlines()[-1].startswith("jaxlm")
 
 
 def test_beam_search_on_a_mesh_equals_one_device(run_dir, sharded):
