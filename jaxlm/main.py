@@ -146,10 +146,29 @@ def _deployment_parsers(sub):
   quantize.add_argument("--out", default=None, help="the int8 run directory to write (default: WORKDIR/int8)")
 
 
+def skip_tpu_metadata_query_without_tpu() -> None:
+  """Sets TPU_SKIP_MDS_QUERY=1 (process-wide, inherited by child processes) on a host without TPU chips.
+
+  libtpu, once installed (jaxlm's test and aot extras install it), is loaded at JAX's start on every host and
+  asks the cloud metadata server for the TPU's type; where there is none it prints four warning lines on every
+  command. Skipping the query changes nothing else there. Hosts with TPU chips, and `jaxlm compile`, which
+  configures libtpu itself (aot.py), are left alone.
+  """
+  try:
+    from jax._src import hardware_utils  # private, but the PCI scan JAX itself runs before choosing the TPU
+    chips, _ = hardware_utils.num_available_tpu_chips_and_device_id()
+  except (ImportError, AttributeError, OSError):
+    return
+  if chips == 0:
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
   """The `jaxlm` command on `argv` (default sys.argv[1:]); returns the exit status."""
   cpu_kernels.retain_freed_memory()
   args, rest = parser().parse_known_args(argv)
+  if args.command != "compile":
+    skip_tpu_metadata_query_without_tpu()
   overrides = [a for a in rest if a.startswith("--config.")]
   unknown = [a for a in rest if not a.startswith("--config.")]
   spaced = [(key, value) for key, value in zip(rest, rest[1:])
