@@ -135,6 +135,8 @@ class Checkpointer:
   def __init__(self, directory, keep: int = 3, read_only: bool = False):
     self.directory = _abspath(directory)
     self._saved: set[int] = set()  # steps this Checkpointer saved whose file manifest is still to write
+    self._last_started: int | None = None  # the newest save started; Orbax runs one at a time, so a failure
+                                           # that check() or wait() finds is this step's
     async_options = None if read_only else ocp.AsyncOptions(post_finalization_callback=self._write_file_manifests)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=not read_only, enable_async_checkpointing=not read_only,
@@ -182,7 +184,13 @@ class Checkpointer:
           f"it was not saved. {last_good_sentence(self.newest_complete_step())} Lower optim.learning_rate "
           "or raise optim.warmup_steps.")
     meta = {**meta, "integrity": {"algorithm": integrity.ALGORITHM, "arrays": arrays}}
+    try:
+      # Orbax's save waits for the previous one too; waiting here first names that step if it failed.
+      self.manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      raise self._save_error(self._last_started, e) from None
     self._saved.add(step)
+    self._last_started = step
     try:
       return self.manager.save(step, args=ocp.args.Composite(
           state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta)), force=force)
@@ -211,7 +219,7 @@ class Checkpointer:
         # A save whose finalization failed is over; this returns at once, or raises its error.
         self.manager.wait_until_finished()
     except Exception as e:  # noqa: BLE001
-      raise self._save_error(None, e) from None
+      raise self._save_error(self._last_started, e) from None
 
   def _save_error(self, step: int | None, error: BaseException) -> CheckpointError:
     text = _read_error_text(error)
@@ -350,7 +358,7 @@ class Checkpointer:
     try:
       self.manager.wait_until_finished()
     except Exception as e:  # noqa: BLE001
-      raise self._save_error(None, e) from None
+      raise self._save_error(self._last_started, e) from None
     self.check()
     self._write_file_manifests()
 

@@ -97,6 +97,28 @@ def test_non_finite_state_is_never_saved(tmp_path):
   assert saver.all_steps() == [1]
 
 
+def test_a_failed_background_save_is_named_by_its_step(tmp_path, monkeypatch):
+  saver = checkpoint_lib.Checkpointer(tmp_path / "ckpt")
+  saver.save(1, _state(), {"data_position": 1})
+  saver.wait()
+  saver.save(2, _state(2), {"data_position": 2})
+  saver.wait()
+
+  # Orbax's errors do not always carry the step's folder (the regex's clue): the step comes from the save started.
+  def full_disk():
+    raise OSError(28, "No space left on device")
+  monkeypatch.setattr(saver.manager, "check_for_errors", full_disk)
+  with pytest.raises(checkpoint_lib.CheckpointError, match=r"saving step 2 to .* failed \(No space left on device\)"):
+    saver.check()
+  monkeypatch.undo()
+  monkeypatch.setattr(saver.manager, "wait_until_finished", full_disk)
+  with pytest.raises(checkpoint_lib.CheckpointError, match=r"saving step 2 to .* failed"):
+    saver.save(3, _state(3), {"data_position": 3})  # the previous save's failure, found before starting step 3
+  monkeypatch.undo()
+  saver.close()
+  assert saver.all_steps() == [1, 2]
+
+
 def test_last_good_sentence():
   assert checkpoint_lib.last_good_sentence(None) == "No checkpoint has been saved yet, so a rerun starts from scratch."
   assert "step 7" in checkpoint_lib.last_good_sentence(7)
