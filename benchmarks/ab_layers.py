@@ -1,6 +1,6 @@
-"""A/B of two versions of jaxlm/layers.py: the train step of each, alternating in one process.
+"""A/B of two versions of jaxlm/models/layers.py: the train step of each, alternating in one process.
 
-    git show HEAD:jaxlm/layers.py > /tmp/old_layers.py
+    git show HEAD:jaxlm/models/layers.py > /tmp/old_layers.py
     python benchmarks/ab_layers.py /tmp/old_layers.py [--rounds 5] [--config.KEY=VALUE ...]
 
 On a shared machine, load moves absolute step times by 2x. Here both steps are
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import torch_peer, train_speed  # noqa: E402
-from jaxlm import layers, model as model_lib  # noqa: E402
+from jaxlm.models import layers, transformer as model_lib  # noqa: E402
 
 
 def load_module(path: str):

@@ -31,7 +31,7 @@ POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
 def gpt2_small(batch: int, scan_layers: bool, remat_policy: str, cache_dir: str = ""):
-  from jaxlm import presets
+  from jaxlm.config import presets
   c = presets.gpt(12, 768, 12)
   c.model.dtype = "float32"
   c.model.scan_layers = scan_layers
@@ -46,10 +46,11 @@ def compile_case(case: dict):
   """Builds and compiles the step of one case in this process: (compiled, state, batch, rng, result)."""
   import jax
   import numpy as np
-  from jaxlm import sharding, train_step as train
+  from jaxlm.parallel import sharding
+  from jaxlm.training import step as train
   config = gpt2_small(case["batch"], case["scan_layers"], case["remat_policy"], case.get("cache_dir", ""))
   if config.train.compilation_cache_dir:
-    # As jaxlm.trainer.train does; the thresholds are lowered so the test of the cache is not size-gated.
+    # As jaxlm.training.trainer.train does; the thresholds are lowered so the test of the cache is not size-gated.
     jax.config.update("jax_compilation_cache_dir", config.train.compilation_cache_dir)
   s = train.setup(config, sharding.make_mesh(config))
   state = train.create_state(s, config.seed)

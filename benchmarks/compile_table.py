@@ -6,7 +6,7 @@
 Every case runs `jaxlm compile` in a fresh process (libtpu, no TPU), one at a
 time, and appends its JSON report to --out as it finishes, so a long sweep
 keeps what it has. Compute is bfloat16 with float32 master weights (the
-presets' default). The estimate columns are jaxlm/aot.py's roofline.
+presets' default). The estimate columns are jaxlm/training/aot.py's roofline.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def run(name: str, extra: list[str]) -> dict:
   config, topology, overrides = CASES[name]
   with tempfile.NamedTemporaryFile(suffix=".json") as out:
     result = subprocess.run(
-        [sys.executable, "-m", "jaxlm.main", "compile", "--config", str(ROOT / "configs" / f"{config}.py"),
+        [sys.executable, "-m", "jaxlm", "compile", "--config", str(ROOT / "configs" / f"{config}.py"),
          "--topology", topology, "--json", out.name, *overrides, *extra],
         capture_output=True, text=True, cwd=ROOT)
     report = Path(out.name).read_text()

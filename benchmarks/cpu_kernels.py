@@ -1,4 +1,4 @@
-"""Each CPU kernel of `jaxlm.cpu_kernels` against the XLA code it replaces, forward + backward.
+"""Each CPU kernel of `jaxlm.ops.cpu_kernels` against the XLA code it replaces, forward + backward.
 
     python benchmarks/cpu_kernels.py [--rounds 7] [--repeats 5]
 
@@ -22,7 +22,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jaxlm import cpu_kernels, layers  # noqa: E402
+from jaxlm import runtime  # noqa: E402
+from jaxlm.ops import cpu_kernels  # noqa: E402
+from jaxlm.models import layers
 from jaxlm.ops import xla_attention as attention  # noqa: E402
 
 B, T, N, H, D, F = 16, 256, 6, 64, 384, 1536
@@ -64,7 +66,7 @@ def main(argv=None):
   p.add_argument("--rounds", type=int, default=7)
   p.add_argument("--repeats", type=int, default=5, help="calls per timing")
   args = p.parse_args(argv)
-  cpu_kernels.retain_freed_memory()
+  runtime.retain_freed_memory()
   if not (cpu_kernels.available() and cpu_kernels.blas()):
     raise SystemExit("the CPU kernels are not built here (see the warning above)")
   compiled = {}

@@ -34,7 +34,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from jaxlm import config as config_lib, corpus, tokenizer as tokenizer_lib  # noqa: E402
+from jaxlm import config as config_lib  # noqa: E402
+from jaxlm.data import corpus, tokenizer as tokenizer_lib
 
 
 def make_corpus(out: Path, megabytes: float) -> None:
@@ -57,7 +58,7 @@ def time_prepare(corpus_dir: Path, out: Path, workers: int, tokenizer_path: str)
     data_args += ["--config.data.tokenizer=sentencepiece", f"--config.data.tokenizer_path={tokenizer_path}"]
   shutil.rmtree(out, ignore_errors=True)
   start = time.perf_counter()
-  result = subprocess.run([sys.executable, "-m", "jaxlm.main", "prepare", "--config", str(ROOT / "configs" / "default.py"),
+  result = subprocess.run([sys.executable, "-m", "jaxlm", "prepare", "--config", str(ROOT / "configs" / "default.py"),
                            "--out", str(out), "--workers", str(workers), *data_args], check=True, cwd=ROOT,
                           stdout=subprocess.PIPE, text=True)
   command_s = time.perf_counter() - start
@@ -85,7 +86,7 @@ def time_prepare(corpus_dir: Path, out: Path, workers: int, tokenizer_path: str)
 def time_train(label: str, extra: list[str], steps: int) -> None:
   workdir = Path(f"/tmp/data_scale_run_{os.getpid()}")
   shutil.rmtree(workdir, ignore_errors=True)
-  args = [sys.executable, "-m", "jaxlm.main", "train", "--config", str(ROOT / "configs" / "default.py"),
+  args = [sys.executable, "-m", "jaxlm", "train", "--config", str(ROOT / "configs" / "default.py"),
           "--workdir", str(workdir), f"--config.train.num_steps={steps}", "--config.train.log_every=10",
           "--config.train.eval_batches=2", *extra]
   start = time.perf_counter()

@@ -4,7 +4,7 @@
         [--prepared-dir DIR] [--mixture "[('DIR1', 0.7), ('DIR2', 0.3)]"]
 
 Builds the training rows exactly as `jaxlm train` does (`trainer.prepare_data`)
-and times `jaxlm.data.train_batches`, the iterator the training loop reads,
+and times `jaxlm.data.pipeline.train_batches`, the iterator the training loop reads,
 for each grain thread count. The one-off cost of reading and tokenizing the
 corpus (or of opening the prepared shards) is reported separately.
 `--train-tokens-per-s` (the train step's rate, from benchmarks/train_speed.py)
@@ -21,7 +21,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from jaxlm import config as config_lib, data, trainer  # noqa: E402
+from jaxlm import config as config_lib  # noqa: E402
+from jaxlm.data import pipeline as data
+from jaxlm.training import trainer
 
 
 def main(argv=None):

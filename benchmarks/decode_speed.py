@@ -30,7 +30,8 @@ def main() -> None:
   import jax
   import torch
   import transformers
-  from jaxlm import decode, hf
+  from jaxlm.inference import decode
+  from jaxlm import hf
 
   if args.threads:
     torch.set_num_threads(args.threads)

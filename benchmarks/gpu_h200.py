@@ -14,8 +14,8 @@ Installs nothing: it needs the jax (with CUDA) that the machine has, and this
 repository on the path. bfloat16 compute with float32 master weights
 (model.dtype=bfloat16, param_dtype=float32), scanned layers, AdamW, through
 jaxlm's real train step. MFU counts 6 N_matmul + attention FLOPs per token
-(jaxlm.metrics.flops_per_token) against the bfloat16 dense matmul peak
-measured in the same run (jaxlm.metrics.measure_matmul_peak), not the spec
+(jaxlm.training.flops.flops_per_token) against the bfloat16 dense matmul peak
+measured in the same run (jaxlm.training.flops.measure_matmul_peak), not the spec
 sheet. Each configuration's result (or its error, e.g. out of memory) is
 printed and written to the JSON file as soon as it is done, so a run cut
 short still reports what it measured.
@@ -39,7 +39,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from jaxlm import metrics, presets, sharding, train_step as train  # noqa: E402
+from jaxlm.training import flops as metrics, step as train  # noqa: E402
+from jaxlm.config import presets
+from jaxlm.parallel import sharding
 
 
 BATCHES = {"gpt2": (16, 32, 64), "llama1b": (4, 8, 16)}

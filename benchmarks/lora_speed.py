@@ -23,7 +23,10 @@ sys.path.insert(0, str(ROOT))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxlm import lora, presets, sharding, train_step  # noqa: E402
+from jaxlm.models import lora  # noqa: E402
+from jaxlm.config import presets
+from jaxlm.parallel import sharding
+from jaxlm.training import step as train_step
 
 
 def config_for(args):

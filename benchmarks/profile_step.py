@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import torch_peer, train_speed  # noqa: E402
-from jaxlm import cpu_kernels, train_step as train  # noqa: E402
+from jaxlm import runtime  # noqa: E402
+from jaxlm.training import step as train
 
 
 def op_names(hlo_text: str) -> dict[str, str]:
@@ -68,7 +69,7 @@ def main(argv=None):
   p.add_argument("--top", type=int, default=25)
   p.add_argument("--trace-dir", default="/tmp/jaxlm-trace")
   args, overrides = p.parse_known_args(argv)
-  cpu_kernels.retain_freed_memory()  # as `jaxlm train` does
+  runtime.retain_freed_memory()  # as `jaxlm train` does
   config = train_speed.reference_config(overrides)
   runner = train_speed.JaxRunner(config)
   peer_c = train_speed.peer_config(config)

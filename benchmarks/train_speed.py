@@ -2,7 +2,7 @@
 
     pip install -e '.[bench]' && python benchmarks/train_speed.py
 
-Runs jaxlm's real step (`jaxlm.train_step.setup / create_state / make_train_step`,
+Runs jaxlm's real step (`jaxlm.training.step.setup / create_state / make_train_step`,
 the function `jaxlm train` runs) and `benchmarks/torch_peer.py` on the model of
 `configs/bench_reference.py`, in alternating rounds within one process, so
 both see the same machine load. Each round also re-measures the float32 matmul
@@ -33,7 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import torch_peer  # noqa: E402
-from jaxlm import config as config_lib, cpu_kernels, metrics, sharding, train_step as train  # noqa: E402
+from jaxlm import config as config_lib  # noqa: E402
+from jaxlm import runtime
+from jaxlm.training import flops as metrics, step as train
+from jaxlm.parallel import sharding
 
 
 def reference_config(overrides: list[str]):
@@ -93,9 +96,9 @@ def main(argv=None) -> dict:
   p.add_argument("--warmup", type=int, default=2, help="untimed steps per framework before round 1")
   p.add_argument("--json", default="", help="also write the results here")
   p.add_argument("--default-malloc", action="store_true",
-                 help="skip cpu_kernels.retain_freed_memory(), which `jaxlm train` calls (it applies to both sides)")
+                 help="skip runtime.retain_freed_memory(), which `jaxlm train` calls (it applies to both sides)")
   args, overrides = p.parse_known_args(argv)
-  retained = False if args.default_malloc else cpu_kernels.retain_freed_memory()
+  retained = False if args.default_malloc else runtime.retain_freed_memory()
   config = reference_config(overrides)
   peer_c = peer_config(config)
   tokens_per_step = config.train.global_batch_size * config.data.seq_len

@@ -8,7 +8,7 @@ Expected:  the paper reports downstream scores only (MNLI-m 86.7 after fine-tuni
 Data:      English Wikipedia via TFDS (docs/datasets.md); BooksCorpus is not available.
 """
 
-from jaxlm import presets
+from jaxlm.config import presets
 
 PAPER_PARAMS = 3.4e+08
 

@@ -13,7 +13,7 @@ Expected:  measured (one run): validation loss 2.05 nats/byte on the answers (2.
            of a 0.5M-parameter byte model is a plumbing check for chat data, not a useful assistant.
 Data: data.source='jsonl' with {"messages": [user, assistant]} records (4,445 train, 166 validation
 conversations, split by file as configs/codesum_transformer.py), rendered with the default chat template
-(jaxlm/chat_template.py); the loss is on the assistant's answer only (its docstring line, `<|end|>` and EOS).
+(jaxlm/data/chat_template.py); the loss is on the assistant's answer only (its docstring line, `<|end|>` and EOS).
 Whole conversations are packed per 512-byte row.
 """
 

@@ -24,7 +24,7 @@ Expected:  measured (one run): validation loss 1.546 nats/byte on the summaries 
 The default pretraining ended at validation loss 1.692 nats/byte (its docstring: 1.668).
 Data: the encoder-decoder's pairs (configs/codesum_transformer.py: stdlib function source -> first
 docstring line, split by file with the LM corpus's hash, so the pretrained decoder has not seen the
-validation files). Each pair is one example (jaxlm/seq2seq_data.py): EOS, the function's source cut
+validation files). Each pair is one example (jaxlm/tasks/seq2seq.py): EOS, the function's source cut
 to its first 163 bytes, the separator (a newline and "# Summary: "), then the summary and EOS, the
 loss on the summary and its EOS only; the last data.target_len = 80 bytes of each 256-byte row are
 the summary's.

@@ -10,7 +10,7 @@ Expected:  the paper's zero-shot WikiText-103 perplexity is 22.05; jaxlm reports
 Data:      C4 via TFDS (docs/datasets.md); GPT-2's WebText is not public.
 """
 
-from jaxlm import presets
+from jaxlm.config import presets
 
 PAPER_PARAMS = 7.74e+08
 

@@ -12,7 +12,7 @@ Expected:  the paper's validation loss curves (Figure 3.1) and zero-shot results
 Data:      C4 via TFDS (docs/datasets.md); GPT-3's training mix is not public.
 """
 
-from jaxlm import presets
+from jaxlm.config import presets
 
 PAPER_PARAMS = 1.3e+10
 

@@ -7,7 +7,7 @@ Expected:  the paper's zero-shot HellaSwag 76.1 (Table 3); jaxlm reports C4 vali
 Data:      C4 via TFDS (docs/datasets.md); a 32000-id SentencePiece vocabulary trained on first use.
 """
 
-from jaxlm import presets
+from jaxlm.config import presets
 
 PAPER_PARAMS = 6.74e9
 

@@ -14,8 +14,8 @@ Expected:  measured 2026-11-29 (one run each, 839 validation functions):
              naive Bayes on identifier words:                 accuracy 0.863, macro P/R/F1 0.896/0.828/0.853
            A few minutes of a byte-level model from scratch beat the majority class but stay far below the
            bag-of-words baseline: the package is mostly in the identifiers, which naive Bayes sees whole.
-Task: `jaxlm.classify_data` (3506 train / 839 validation functions at val_fraction 0.2, split by qualified-name
-hash); metrics: accuracy and macro precision/recall/F1 (`jaxlm.task_metrics`) with a per-class table.
+Task: `jaxlm.tasks.classify` (3506 train / 839 validation functions at val_fraction 0.2, split by qualified-name
+hash); metrics: accuracy and macro precision/recall/F1 (`jaxlm.tasks.metrics`) with a per-class table.
 """
 
 from jaxlm.config import base_config

@@ -11,7 +11,7 @@ Data:      wmt14_translate/de-en via TFDS (docs/datasets.md); the SentencePiece 
            its training text on first use.
 """
 
-from jaxlm import presets
+from jaxlm.config import presets
 
 PAPER_PARAMS = 2.13e+08
 

@@ -1,7 +1,7 @@
 """Writes an offline chat dataset from the standard library: OUT/train.jsonl and OUT/validation.jsonl.
 
 Each record is one conversation: the user shows a function (source without its
-docstring, from jaxlm/codesum.py's pairs, same split by file) and asks what it
+docstring, from jaxlm/tasks/codesum.py's pairs, same split by file) and asks what it
 does; the assistant answers with the first line of the docstring. Usage:
 
     python experiments/stdlib_chat.py data/stdlib_chat   # then configs/chat_tiny.py
@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from jaxlm import codesum
+from jaxlm.tasks import codesum
 
 MAX_SOURCE_CHARS = 400  # short functions: a conversation fits a 512-byte row whole
 

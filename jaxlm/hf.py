@@ -18,7 +18,7 @@ no torch. Layout facts the mapping relies on:
 Every conversion checks the full key set and every shape against the model
 jaxlm would build, and fails with the list of differences: a missing or
 renamed key never leaves a weight at its random init. A tokenizer.json beside
-the weights travels both ways (jaxlm/hf_tokenizer.py); without one a converted
+the weights travels both ways (jaxlm/data/hf_tokenizer.py); without one a converted
 run gets jaxlm's byte tokenizer.
 """
 
@@ -34,9 +34,9 @@ import numpy as np
 from einops import EinopsError, rearrange
 
 from jaxlm import config as config_lib
-from jaxlm import fs
-from jaxlm import model as model_lib
-from jaxlm.export import flatten, unflatten
+from jaxlm.storage import fs
+from jaxlm.models import transformer as model_lib
+from jaxlm.inference.export import flatten, unflatten
 
 
 class ConvertError(ValueError):
@@ -481,8 +481,8 @@ def write_hf(params, config, out, tokenizer=None) -> Path:
 
 def import_run(hf_dir, workdir) -> Path:
   """Writes a jaxlm run from a HF directory; see `write_run`. A tokenizer.json beside the weights becomes the
-  run's tokenizer (jaxlm/hf_tokenizer.py); without one the run gets the byte tokenizer."""
-  from jaxlm import hf_tokenizer, tokenizer as tokenizer_lib
+  run's tokenizer (jaxlm/data/hf_tokenizer.py); without one the run gets the byte tokenizer."""
+  from jaxlm.data import hf_tokenizer, tokenizer as tokenizer_lib
   config, params = read_hf(hf_dir)
   if (fs.path(hf_dir) / "tokenizer.json").is_file():
     tokenizer = hf_tokenizer.HuggingFaceTokenizer(hf_dir)
@@ -503,7 +503,10 @@ def write_run(config, params, workdir, tokenizer=None) -> Path:
   """A run directory usable by train/eval/generate/serve: config.json, `tokenizer` (default: the byte
   tokenizer), and an Orbax checkpoint at step 0 holding `params` with a fresh optimizer state (the normal
   TrainState layout)."""
-  from jaxlm import checkpoint, sharding, tokenizer as tokenizer_lib, train_step as train_lib, trainer
+  from jaxlm.storage import checkpoint
+  from jaxlm.parallel import sharding
+  from jaxlm.data import tokenizer as tokenizer_lib
+  from jaxlm.training import step as train_lib, trainer
   workdir = fs.path(workdir)
   checkpoints = workdir / "checkpoints"
   if checkpoints.is_dir() and any(checkpoints.iterdir()):

@@ -26,12 +26,16 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxlm import checkpoint as checkpoint_lib
-from jaxlm import fs
+from jaxlm.storage import checkpoint as checkpoint_lib
+from jaxlm.storage import fs
 from jaxlm import config as config_lib
 from jaxlm.config import Config, ModelConfig
-from jaxlm import model as model_lib
-from jaxlm import families, lora, quantize, sharding, tokenizer as tokenizer_lib
+from jaxlm.models import transformer as model_lib
+from jaxlm import families
+from jaxlm.models import lora
+from jaxlm.models import quantize
+from jaxlm.parallel import sharding
+from jaxlm.data import tokenizer as tokenizer_lib
 
 
 class RunError(RuntimeError):
@@ -44,7 +48,7 @@ class Run(NamedTuple):
   config: the whole saved config (`ml_collections.ConfigDict`; `config.model` is the model sub-config).
   model: the family's Flax module, built from `config.model` (deterministic, not for cached decoding).
   params: the parameter tree, on the mesh given to `load` or on one device.
-  tokenizer: the run's `jaxlm.tokenizer.Tokenizer`.
+  tokenizer: the run's `jaxlm.data.tokenizer.Tokenizer`.
   step: the checkpoint step the params come from.
   """
   config: Config

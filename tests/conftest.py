@@ -25,7 +25,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 import pytest  # noqa: E402
 
 from jaxlm import config as config_lib  # noqa: E402
-from jaxlm import corpus  # noqa: E402
+from jaxlm.data import corpus  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -78,9 +78,9 @@ def files_config(text_corpus: Path, **model_overrides):
 
 
 def run_cli(args: list[str], env_extra: dict | None = None, devices: int = 8, timeout: int = 600):
-  """Runs `python -m jaxlm.main ...` in a fresh process; returns the CompletedProcess."""
+  """Runs `python -m jaxlm ...` in a fresh process; returns the CompletedProcess."""
   env = dict(os.environ)
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   env.update(env_extra or {})
-  return subprocess.run([sys.executable, "-m", "jaxlm.main", *args], capture_output=True, text=True,
+  return subprocess.run([sys.executable, "-m", "jaxlm", *args], capture_output=True, text=True,
                         env=env, timeout=timeout, cwd=REPO)

@@ -11,7 +11,7 @@ checks, the decoding loop and the model can all look families up without an
 import cycle.
 
 The model contract (`LanguageModel`) is written here too: what any Flax module
-must have for `jaxlm.trainer.Trainer` to train it.
+must have for `jaxlm.training.trainer.Trainer` to train it.
 """
 
 from __future__ import annotations
@@ -35,14 +35,14 @@ class Family:
   example_batch(model_cfg, (B, T)) -> batch: arrays of the family's batch structure (init and tracing).
   rows(config, tokenizer, split) -> rows: random-access training or validation rows (`len`, `rows[i]` a dict
     of 1-D arrays, `padding_row()`), the family's data preparation.
-  evaluate(evaluation) -> dict: the family's metrics beside its baselines, given a `jaxlm.evaluate.Evaluation`.
+  evaluate(evaluation) -> dict: the family's metrics beside its baselines, given a `jaxlm.tasks.evaluate.Evaluation`.
   training_text(config) -> iterator of str: the text a SentencePiece vocabulary is trained on.
   attention_layers(model_cfg) -> (self-attention layers, cross-attention layers), for the FLOP count;
     every self-attention layer also has an MLP.
-  adapter(model_cfg, start_id) -> `jaxlm.decode.Adapter`, or None if the family does not generate text.
+  adapter(model_cfg, start_id) -> `jaxlm.inference.decode.Adapter`, or None if the family does not generate text.
   head: the name of the top-level parameter subtree that is the family's task head (BERT's 'mlm_head', a
     classifier's 'head'), or None; the rest is the body. A run may start from a run of another family whose
-    body has the same arrays (`train.init_from`, jaxlm/init_from.py): the body is copied, this head starts
+    body has the same arrays (`train.init_from`, jaxlm/training/init_from.py): the body is copied, this head starts
     from its initialization and the base's head is dropped.
   """
   name: str
@@ -94,7 +94,7 @@ def get(name: str) -> Family:
 
 @runtime_checkable
 class LanguageModel(Protocol):
-  """The contract a Flax module meets to be trained, evaluated and checkpointed by `jaxlm.trainer.Trainer`.
+  """The contract a Flax module meets to be trained, evaluated and checkpointed by `jaxlm.training.trainer.Trainer`.
 
   - `__call__(**inputs) -> logits_BxTxV`, where `inputs` are the keyword arguments `model_inputs` makes from a
     batch. For a module with a `cfg` attribute (the model sub-config, as jaxlm's own models have), they come

@@ -1,10 +1,10 @@
 """Sequence classification families: `encoder_classifier` (BERT, [CLS]) and `decoder_classifier` (the last token).
 
-A task is chosen by `data.source` from `TASKS` (today `stdlib_packages`, `jaxlm.classify_data`); a new one is
+A task is chosen by `data.source` from `TASKS` (today `stdlib_packages`, `jaxlm.tasks.classify`); a new one is
 one more `Task` entry. Batches: the decoder's inputs, segment_ids and positions (B x T), `targets` the label
-and `weights` 1 (B x 1); the head (`jaxlm.heads.ClassifierHead`) gives logits B x 1 x C, so the trainer's
+and `weights` 1 (B x 1); the head (`jaxlm.models.heads.ClassifierHead`) gives logits B x 1 x C, so the trainer's
 cross-entropy is the classification loss. Evaluation: accuracy and macro precision, recall and F1
-(`jaxlm.task_metrics`) beside a majority-class and a bag-of-words naive Bayes baseline, with a per-class table.
+(`jaxlm.tasks.metrics`) beside a majority-class and a bag-of-words naive Bayes baseline, with a per-class table.
 """
 
 from __future__ import annotations
@@ -16,8 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import classify_data, config as config_lib, data as data_lib, families, heads, model as model_lib
-from jaxlm import sharding, task_metrics, train_step
+from jaxlm.tasks import classify as classify_data
+from jaxlm import config as config_lib, families
+from jaxlm.data import pipeline as data_lib
+from jaxlm.models import heads, transformer as model_lib
+from jaxlm.parallel import sharding
+from jaxlm.tasks import metrics as task_metrics
+from jaxlm.training import step as train_step
 from jaxlm.families import decoder, encoder
 
 
@@ -58,7 +63,7 @@ def example_batch(model_cfg, shape: tuple[int, int]) -> dict:
 
 
 def predicted_logits(evaluation) -> Iterator[tuple[dict, np.ndarray]]:
-  """(local batch, logits as numpy) for each scored validation batch of a `jaxlm.evaluate.Evaluation`, with
+  """(local batch, logits as numpy) for each scored validation batch of a `jaxlm.tasks.evaluate.Evaluation`, with
   dropout off. The logits are gathered whole, so this serves single-process evaluation."""
   model = train_step.evaluation_mode(evaluation.run.model)
   apply = jax.jit(lambda params, batch: model.apply({"params": params}, **families.model_inputs(model, batch)))

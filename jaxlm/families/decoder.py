@@ -1,10 +1,10 @@
 """The decoder-only family (GPT-2, GPT-3, LLaMA): next-token prediction on packed documents.
 
-Batches: inputs, targets, segment_ids, positions, weights (all B x T; see `jaxlm.data.pack_row`).
+Batches: inputs, targets, segment_ids, positions, weights (all B x T; see `jaxlm.data.pipeline.pack_row`).
 Evaluation: loss, perplexity and bits per byte, beside the bits per byte `gzip -9` and `xz -9` reach on the
 same validation bytes: a language model is a compressor, and this shows where it stands against standard ones.
 On (source, target) pairs (`data.source='codesum'`) the decoder learns prompt -> completion
-(`jaxlm.seq2seq_data.PromptCompletionRows`) and is scored as the encoder-decoder is: loss, and BLEU of its
+(`jaxlm.tasks.seq2seq.PromptCompletionRows`) and is scored as the encoder-decoder is: loss, and BLEU of its
 completions beside the baselines (`seq2seq_data.evaluate`).
 """
 
@@ -20,7 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jaxlm import data as data_lib, decode, families, model as model_lib, seq2seq_data
+from jaxlm.data import pipeline as data_lib
+from jaxlm.inference import decode
+from jaxlm import families
+from jaxlm.models import transformer as model_lib
+from jaxlm.tasks import seq2seq as seq2seq_data
 from jaxlm.config import Config, ModelConfig
 
 
@@ -45,7 +49,7 @@ def example_batch(model_cfg: ModelConfig, shape: tuple[int, int]) -> dict:
 
 def rows(config: Config, tokenizer, split: str):
   """The split's random-access rows (whole config): prompt -> completion pairs for `data.source='codesum'`,
-  else packed documents or records (`jaxlm.data.decoder_rows`)."""
+  else packed documents or records (`jaxlm.data.pipeline.decoder_rows`)."""
   if config.data.source == "codesum":
     return seq2seq_data.prompt_completion_rows(config, tokenizer, split)
   return data_lib.decoder_rows(config, tokenizer, split)

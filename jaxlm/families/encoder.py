@@ -1,7 +1,7 @@
 """The encoder-only family (BERT): masked-language modelling.
 
 Batches: the decoder's keys, where `inputs` holds the masked tokens, `targets` the originals and `weights` is
-1 only where a token was masked (`jaxlm.mlm`), plus optional `token_types`. Evaluation: masked-LM loss and
+1 only where a token was masked (`jaxlm.tasks.mlm`), plus optional `token_types`. Evaluation: masked-LM loss and
 accuracy on the masked tokens, beside the unigram baseline that always guesses the training split's most
 common token. An encoder does not generate text, so it has no decoding adapter.
 """
@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import math
 
-from jaxlm import families, mlm, model as model_lib
+from jaxlm import families
+from jaxlm.tasks import mlm
+from jaxlm.models import transformer as model_lib
 from jaxlm.config import ModelConfig
 from jaxlm.families import decoder
 

@@ -1,7 +1,7 @@
 """The encoder-decoder family (Vaswani et al., 2017): source text -> target text.
 
 Batches: inputs, input_segment_ids, input_positions (source, B x S); decoder_inputs, targets, segment_ids,
-positions, weights (target, B x T), built by `jaxlm.seq2seq_data`. Evaluation (`seq2seq_data.evaluate`, shared
+positions, weights (target, B x T), built by `jaxlm.tasks.seq2seq`. Evaluation (`seq2seq_data.evaluate`, shared
 with a decoder trained on the same pairs): validation loss, and corpus BLEU (sacrebleu) of beam-search outputs,
 beside `codesum`'s baselines for code summarization or beside copying the source for translation.
 """
@@ -11,7 +11,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxlm import decode, families, model as model_lib, seq2seq_data
+from jaxlm.inference import decode
+from jaxlm import families
+from jaxlm.models import transformer as model_lib
+from jaxlm.tasks import seq2seq as seq2seq_data
 from jaxlm.config import ModelConfig
 from jaxlm.families import decoder
 

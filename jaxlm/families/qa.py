@@ -1,9 +1,9 @@
 """The extractive question-answering family `encoder_qa`: BERT with a span head, as on SQuAD.
 
-Rows (`jaxlm.squad`): `BOS question EOS context-window EOS` with token types, `targets` = the answer's (start,
-end) positions and `weights` (1, 1) (B x 2); the head (`jaxlm.heads.SpanHead`) gives B x 2 x T logits, so the
+Rows (`jaxlm.tasks.squad`): `BOS question EOS context-window EOS` with token types, `targets` = the answer's (start,
+end) positions and `weights` (1, 1) (B x 2); the head (`jaxlm.models.heads.SpanHead`) gives B x 2 x T logits, so the
 trainer's cross-entropy is BERT's mean of the start and end losses. Evaluation: exact match and F1 with SQuAD
-v1.1's normalization (`jaxlm.task_metrics`), best over each example's gold answers, beside the span loss and a
+v1.1's normalization (`jaxlm.tasks.metrics`), best over each example's gold answers, beside the span loss and a
 first-words baseline (the context's first as many words as the average training answer has).
 """
 
@@ -12,7 +12,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import families, heads, model as model_lib, squad, task_metrics
+from jaxlm import families
+from jaxlm.models import heads, transformer as model_lib
+from jaxlm.tasks import squad, metrics as task_metrics
 from jaxlm.families import classifier, decoder, encoder
 
 

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxlm import cpu_kernels
+from jaxlm.ops import cpu_kernels
 from jaxlm.ops import dispatch
 
 Array = jax.Array

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from einops import repeat
 from flax import struct
 
-from jaxlm import cpu_kernels
+from jaxlm.ops import cpu_kernels
 from jaxlm.ops import dispatch, xla_attention
 
 Array = jax.Array

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from einops import rearrange
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxlm import cpu_kernels
+from jaxlm.ops import cpu_kernels
 from jaxlm.ops import dispatch
 
 Array = jax.Array

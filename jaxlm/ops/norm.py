@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxlm import cpu_kernels
+from jaxlm.ops import cpu_kernels
 from jaxlm.ops import dispatch
 
 Array = jax.Array

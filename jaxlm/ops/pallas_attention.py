@@ -17,7 +17,7 @@ Both are Pallas calls, which XLA cannot partition: on a mesh they run under
 `jax.shard_map`, batch split over the data axes and heads over `tensor`, as
 the logical rules place them. On a CPU target they run in Pallas interpret
 mode: the same kernel code, executed op by op; that is how CI checks their
-values and gradients against the XLA path (tests/test_pallas_attention.py).
+values and gradients against the XLA path (tests/unit/test_pallas_attention.py).
 Interpret mode is slow: a check, not a way to train.
 
 Masks: the kernels see only segment ids, so padding (segment 0) queries may
@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from einops import rearrange, repeat
 from jax.sharding import PartitionSpec
 
-from jaxlm import config as config_lib
+from jaxlm.errors import ConfigError
 from jaxlm.ops import dispatch
 from jaxlm.ops.attention import register_attention
 
@@ -49,7 +49,7 @@ def _check_block(block: int, t: int, s: int) -> int:
   """The tile size splash uses for lengths t and s: `block`, or the length when shorter."""
   tile = min(block, t, s)
   if tile % _LANES or t % tile or s % tile:
-    raise config_lib.ConfigError(
+    raise ConfigError(
         f"model.attention_block_size={block} gives tiles of {tile} for sequence lengths {t} and {s}; splash needs a "
         f"multiple of {_LANES} dividing both: set data.seq_len to a multiple of {_LANES} or change the block size")
   return tile
@@ -94,7 +94,7 @@ def triton_attention(q_BxTxNxH: Array, k_BxTxKxH: Array, v_BxTxKxH: Array, segme
   v_BxTxNxH = repeat(v_BxTxKxH, "b t k h -> b t (k g) h", g=group)
   tile = min(block_size, t)
   if t % tile:
-    raise config_lib.ConfigError(f"model.attention_block_size={block_size} does not divide the sequence length {t}; "
+    raise ConfigError(f"model.attention_block_size={block_size} does not divide the sequence length {t}; "
                                  "choose a block size dividing data.seq_len")
   sizes = gpu_attention.BlockSizes(block_q=tile, block_k=tile, block_q_dkv=tile, block_kv_dkv=tile,
                                    block_q_dq=tile, block_kv_dq=tile)

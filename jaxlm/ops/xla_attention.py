@@ -1,7 +1,7 @@
 """Attention on XLA's own code: the block-causal core with a hand-written backward.
 
 The "xla" implementation of `jaxlm.ops.attention`, and the reference every
-other implementation is tested against. Shape letters as in `jaxlm.layers`;
+other implementation is tested against. Shape letters as in `jaxlm.models.layers`;
 G is a GQA group (N // K query heads per key/value head), Q stands for a
 block's query rows with a group folded in.
 """

@@ -1,0 +1,1 @@
+"""The `jaxlm` command: the argument parser (`main`) and the command bodies (`commands`)."""

@@ -1,0 +1,1 @@
+"""Data, from raw text to batches: corpora, tokenizers, packing, prepared shards, mixtures and instruction data."""

@@ -1,0 +1,1 @@
+"""Cached decoding, log-probabilities, the HTTP server and its OpenAI protocol, chat, export and int8."""

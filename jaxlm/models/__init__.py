@@ -1,0 +1,1 @@
+"""The Flax modules: layers, the three Transformer stacks, task heads and LoRA."""

@@ -1,0 +1,1 @@
+"""Task data, metrics and the evaluation driver for the families' applications."""

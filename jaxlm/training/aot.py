@@ -1,0 +1,365 @@
+"""Ahead-of-time compilation for a TPU slice from any machine: does a config fit, and how fast might it run.
+
+`jaxlm compile --config C --topology v5e-16` builds the real train step
+(`train_step.setup` + `train_step.make_train_step`) on a `Mesh` of compile-only TPU
+devices from `jax.experimental.topologies.get_topology_desc`, lowers it on
+`ShapeDtypeStruct`s carrying the step's `NamedSharding`s, and compiles it
+with libtpu. Nothing is allocated and no TPU is needed; MaxText's
+`train_compile.py` works the same way.
+
+The report, per chip: parameters and optimizer state (from the state's
+shardings), activations and temporaries (XLA's `memory_analysis()`), their
+sum against the chip's HBM, and a roofline estimate of the step time.
+
+Why a roofline of our own: XLA's `cost_analysis()` counts a while loop's
+body once, so with scanned layers and micro-batches its `flops` are far too
+low and its `optimal_seconds` came out negative (FIELD-NOTES). The estimate
+takes the largest of three times, each a lower bound, assuming perfect
+overlap:
+  compute: the FLOPs of `metrics.flops_per_token` (plus what the remat
+           policy recomputes) over the chip's published bf16 peak;
+  memory:  the HBM traffic implied by `memory_analysis()` (arguments and
+           outputs once, temporaries written and read once) over its bandwidth;
+  network: the collectives the mesh implies (fsdp gathers and scatters the
+           weights, tensor all-reduces activations, data all-reduces
+           gradients) over the chip's ICI bandwidth.
+MFU is the model FLOPs (without recomputation) over that time and the peak:
+an upper bound, not a measurement.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+import os
+import re
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxlm import config as config_lib
+from jaxlm import families
+from jaxlm.training import flops as metrics
+from jaxlm.training.chips import CHIPS, GIB, Chip  # the one table of published chip figures (the trainer's MFU reads it too)
+
+
+class CompileError(config_lib.ConfigError):
+  """A bad --topology, or no libtpu; one line naming the fix (a ConfigError, so the CLI prints it and exits 2)."""
+
+
+# libtpu's topology names: (chip prefix, two- or three-dimensional torus, TensorCores per chip).
+_TPU_TOPOLOGY = {"v4": ("v4", 3, 2), "v5p": ("v5", 3, 2), "v5e": ("v5e", 2, 1), "v6e": ("v6e", 2, 1)}
+_CHIP_SHAPES = {  # chips -> the slice shape Google Cloud builds for that many chips
+    2: {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)},
+    3: {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4), 128: (4, 4, 8),
+        256: (4, 8, 8), 512: (8, 8, 8)},
+}
+
+
+def parse_topology(name: str) -> tuple[str, str, int]:
+  """'v5e-16' (Cloud TPU accelerator type: chips for v5e/v6e, TensorCores for v4/v5p) or 'v5e:4x4'.
+
+  Returns (chip kind, libtpu topology name such as 'v5e:4x4', number of chips).
+  """
+  slice_match = re.fullmatch(r"(v4|v5e|v5p|v6e)-(\d+)", name)
+  shape_match = re.fullmatch(r"(v4|v5e|v5p|v5|v6e):(\d+(?:x\d+)+)", name)
+  if slice_match:
+    kind, count = slice_match.group(1), int(slice_match.group(2))
+    prefix, dims, cores = _TPU_TOPOLOGY[kind]
+    shape = _CHIP_SHAPES[dims].get(count // cores) if count % cores == 0 else None
+    if shape is None:
+      sizes = ", ".join(f"{kind}-{chips * cores}" for chips in _CHIP_SHAPES[dims])
+      raise CompileError(f"--topology {name}: no such slice; choose one of {sizes}")
+    return kind, f"{prefix}:{'x'.join(map(str, shape))}", count // cores
+  if shape_match:
+    kind = "v5p" if shape_match.group(1) == "v5" else shape_match.group(1)
+    shape = tuple(int(d) for d in shape_match.group(2).split("x"))
+    if len(shape) != _TPU_TOPOLOGY[kind][1]:
+      raise CompileError(f"--topology {name}: {kind} slices have {_TPU_TOPOLOGY[kind][1]} dimensions")
+    return kind, f"{_TPU_TOPOLOGY[kind][0]}:{shape_match.group(2)}", math.prod(shape)
+  raise CompileError(f"--topology '{name}' is not a TPU slice; write it as v5e-16, v5p-32, v4-8, v6e-8 or v5e:4x4")
+
+
+def tpu_devices(name: str) -> tuple[str, list]:
+  """Compile-only TPU devices of a slice: (chip kind, devices). Needs libtpu, not a TPU."""
+  kind, topology, chips = parse_topology(name)
+  if importlib.util.find_spec("libtpu") is None:
+    raise CompileError(f"compiling for TPU needs libtpu; install it with "
+                       f"pip install 'jax[tpu]=={jax.__version__}' (or pip install -e '.[aot]')")
+  _compile_only_libtpu(name)
+  from jax.experimental import topologies  # local: loads the TPU plugin
+  dims = _TPU_TOPOLOGY[kind][1]
+  shape = tuple(int(d) for d in topology.split(":")[1].split("x"))
+  # As MaxText's accelerator_to_spec_map: 2x2 chips per host; 16-chip dimensions wrap into a torus.
+  devices = topologies.get_topology_desc(
+      topology_name=topology, platform="tpu", num_slices=1,
+      chip_config_name="megacore" if _TPU_TOPOLOGY[kind][2] == 2 else "default",
+      chips_per_host_bounds=(2, 2, 1) if dims == 3 or chips >= 4 else (*shape, 1),
+      wrap=tuple(d >= 16 for d in shape) + (False,) * (3 - dims) if dims == 2 else (chips >= 64,) * 3,
+  ).devices
+  return kind, devices
+
+
+def _compile_only_libtpu(name: str) -> None:
+  """Settings for libtpu on a host without TPUs, where it only compiles.
+
+  Without a host description libtpu logs three warnings (harmless when only
+  compiling), and it takes a machine-wide lock (/tmp/libtpu_lockfile) that
+  would make a second compiling process fail. Set only when this machine has
+  no TPU (no /dev/accel*, no /dev/vfio/N), so a TPU VM's runtime keeps its own.
+  """
+  import glob
+  if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+    return
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", name if "-" in name else "v5litepod-4")
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
+def make_mesh(config, devices) -> jax.sharding.Mesh:
+  """The config's data x fsdp x tensor mesh over `devices`, laid out along the torus (mesh_utils)."""
+  from jax.experimental import mesh_utils
+  from jaxlm.parallel import sharding
+  sizes = config_lib.mesh_shape(config, len(devices))
+  return jax.sharding.Mesh(mesh_utils.create_device_mesh([sizes[a] for a in sharding.AXES], devices),
+                           sharding.AXES)
+
+
+def _shard_bytes(abstract_tree, sharding_tree) -> int:
+  """Bytes one device holds of a tree of abstract arrays under their NamedShardings."""
+  leaves = jax.tree.leaves(abstract_tree)
+  shardings = jax.tree.leaves(sharding_tree, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+  return sum(math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize for a, s in zip(leaves, shardings))
+
+
+def check_divisible(abstract_tree, sharding_tree) -> None:
+  """CompileError naming the first array whose sharded dimension the mesh does not divide (else XLA's traceback)."""
+  from jaxlm.parallel import sharding
+  try:
+    sharding.check_divisible(abstract_tree, sharding_tree, "--config.mesh.*")
+  except config_lib.ConfigError as e:
+    raise CompileError(str(e)) from None
+
+
+def _remat_factors(policy: str) -> tuple[float, float]:
+  """(matmul, attention) FLOPs executed per model FLOP: what the backward pass recomputes.
+
+  `full` reruns the whole forward (2 of the 6 FLOPs per weight, 4 of 12 for
+  attention); `dots_no_batch` saves weight matmuls but reruns the attention
+  products; `dots` and `none` rerun no matmul.
+  """
+  return {"full": (8 / 6, 16 / 12), "dots_no_batch": (1.0, 16 / 12)}.get(policy, (1.0, 1.0))
+
+
+def estimate(config, chip: Chip, num_chips: int, mesh_sizes: dict, param_bytes: int, memory) -> dict:
+  """The roofline of the module docstring, per chip: times in seconds, MFU and tokens per second."""
+  m = config.model
+  seq = config.data.seq_len
+  tokens_per_chip = config.train.global_batch_size * seq / num_chips
+  matmul_flops = 6 * metrics.matmul_params(m)
+  attention_flops = metrics.flops_per_token(m, seq) - matmul_flops
+  matmul_factor, attention_factor = _remat_factors(m.remat_policy)
+  model_flops = metrics.flops_per_token(m, seq) * tokens_per_chip
+  executed_flops = (matmul_flops * matmul_factor + attention_flops * attention_factor) * tokens_per_chip
+  compute_s = executed_flops / chip.peak_flops
+
+  hbm_bytes = memory.argument_size_in_bytes + memory.output_size_in_bytes + 2 * memory.temp_size_in_bytes
+  memory_s = hbm_bytes / chip.hbm_bandwidth
+
+  compute_bytes = jnp.dtype(m.dtype).itemsize
+  params = metrics.matmul_params(m)
+  micro = config.train.num_micro_batches
+  f, t, d = mesh_sizes["fsdp"], mesh_sizes["tensor"], mesh_sizes["data"]
+  # fsdp: per micro-batch, gather the weights for forward and backward and reduce-scatter their gradients.
+  fsdp_bytes = micro * (f - 1) / f * params / t * (2 * compute_bytes + 4) if f > 1 else 0.0
+  # tensor: two all-reduces of the layer's activations forward, two backward (Megatron), 2(t-1)/t each.
+  layers = families.get(m.family).attention_layers(m)[0]  # every self-attention layer, encoder and decoder
+  activation = tokens_per_chip * t * m.d_model * compute_bytes  # a tensor group shares its rows
+  tensor_bytes = 4 * layers * 2 * (t - 1) / t * activation if t > 1 else 0.0
+  # data: one all-reduce of the float32 gradients each step.
+  data_bytes = 2 * (d - 1) / d * param_bytes if d > 1 else 0.0
+  network_s = (fsdp_bytes + tensor_bytes + data_bytes) / chip.ici_bandwidth
+
+  step_s = max(compute_s, memory_s, network_s)
+  bound = {compute_s: "compute", memory_s: "memory", network_s: "network"}[step_s]
+  return {"compute_s": compute_s, "memory_s": memory_s, "network_s": network_s, "step_s": step_s,
+          "bound": bound, "mfu": model_flops / (step_s * chip.peak_flops),
+          "tokens_per_s": config.train.global_batch_size * seq / step_s}
+
+
+def _abstract(tree, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+
+def compile_train_step(config, topology: str) -> dict:
+  """Compiles the train step of `config` (whole config) for `topology`; returns the report as a dict.
+
+  Keys: topology, chip, chips, mesh, compile_s, fits, and when XLA accepted
+  the program: params_bytes, optimizer_bytes, batch_bytes, temp_bytes,
+  peak_bytes, hbm_bytes and the `estimate` keys. When XLA refused it for
+  lack of memory: fits False and `error`, XLA's one-line reason.
+  """
+  from jaxlm.training import step as train_step  # local: the model stack loads only when compiling
+  kind, devices = tpu_devices(topology)
+  chip = CHIPS[kind]
+  config_lib.validate(config, len(devices))
+  mesh = make_mesh(config, devices)
+  mesh_sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
+  s = train_step.setup(config, mesh)
+  step = train_step.make_train_step(s)
+  batch = jax.eval_shape(lambda: train_step.example_batch(config, config.train.global_batch_size))
+  abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s.batch_sharding) for k, v in batch.items()}
+  check_divisible(s.abstract_state, s.state_shardings)
+  abstract_state = _abstract(s.abstract_state, s.state_shardings)
+  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+  report = {"topology": topology, "chip": kind, "chips": len(devices), "mesh": mesh_sizes,
+            "remat_policy": config.model.remat_policy, "dtype": config.model.dtype,
+            "global_batch_size": config.train.global_batch_size, "num_micro_batches": config.train.num_micro_batches,
+            "hbm_bytes": chip.hbm_bytes}
+  start = time.perf_counter()
+  try:
+    compiled = step.lower(abstract_state, abstract_batch, rng).compile()
+  except jax.errors.JaxRuntimeError as e:
+    message = str(e)
+    if "RESOURCE_EXHAUSTED" not in message:
+      raise
+    report.update(compile_s=time.perf_counter() - start, fits=False, error=_first_line(message))
+    return report
+  report["compile_s"] = time.perf_counter() - start
+  memory = compiled.memory_analysis()
+  param_bytes = _shard_bytes(s.abstract_state.params, s.state_shardings.params)
+  report.update(
+      params_bytes=param_bytes,
+      optimizer_bytes=_shard_bytes(s.abstract_state.opt_state, s.state_shardings.opt_state),
+      batch_bytes=_shard_bytes(abstract_batch, jax.tree.map(lambda a: a.sharding, abstract_batch)),
+      temp_bytes=memory.temp_size_in_bytes,
+      # Pallas kernels lower to Mosaic custom calls (attention_impl=splash); XLA's own code has none.
+      tpu_custom_calls=compiled.as_text().count('custom_call_target="tpu_custom_call"'),
+      # Live at the peak: the inputs, the temporaries, and outputs that do not reuse a donated input.
+      peak_bytes=(memory.argument_size_in_bytes + memory.temp_size_in_bytes
+                  + memory.output_size_in_bytes - memory.alias_size_in_bytes))
+  report["fits"] = report["peak_bytes"] <= chip.hbm_bytes
+  report.update(estimate(config, chip, len(devices), mesh_sizes, param_bytes, memory))
+  return report
+
+
+def compile_decode(config, topology: str, batch_size: int, prompt_len: int = 0) -> dict:
+  """Compiles prefill and the one-token decode step of `config` (whole config) for `topology`.
+
+  Parameters keep the train shardings (the logical rules); the KV cache is
+  sharded along batch (data axes) and key/value heads (tensor), its other
+  per-row arrays along batch. The cache holds `model.max_len` slots; the
+  prompt is `prompt_len` tokens (0: half the context). Returns the report:
+  params_bytes, cache_bytes and, for 'prefill' and 'step', temp_bytes and
+  peak_bytes; fits; and the decode step's HBM-bound tokens per second
+  (parameters and cache read once per step).
+  """
+  from jaxlm.inference import decode  # local, as in compile_train_step
+  from jaxlm.training import step as train_step
+  kind, devices = tpu_devices(topology)
+  chip = CHIPS[kind]
+  config_lib.validate(config, len(devices))
+  mesh = make_mesh(config, devices)
+  s = train_step.setup(config, mesh)
+  adapter = decode.adapter_for(config.model)
+  cache_len, prompt_len = config.model.max_len, prompt_len or config.model.max_len // 2
+  batch_axes = nn.logical_to_mesh_axes(("batch",), s.rules)[0]
+
+  check_divisible(s.abstract_state.params, s.state_shardings.params)
+  params = _abstract(s.abstract_state.params, s.state_shardings.params)
+  rows = NamedSharding(mesh, PartitionSpec(batch_axes))
+  prompt = {"tokens_BxP": jax.ShapeDtypeStruct((batch_size, prompt_len), jnp.int32, sharding=rows),
+            "lengths_B": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=rows)}
+  prefill = functools.partial(adapter.prefill, cache_len=cache_len)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(s.rules):
+    _, _, abstract_state = jax.eval_shape(prefill, params, prompt)
+  state_shardings = decode.state_shardings(mesh, s.rules, abstract_state)  # the cache as decode declares it
+  state = _abstract(abstract_state, state_shardings)
+  tokens = jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=rows)
+  report = {"topology": topology, "chip": kind, "chips": len(devices), "mesh": dict(zip(mesh.axis_names, mesh.devices.shape)),
+            "dtype": config.model.dtype, "param_dtype": config.model.param_dtype, "batch_size": batch_size,
+            "prompt_len": prompt_len, "cache_len": cache_len, "hbm_bytes": chip.hbm_bytes,
+            "params_bytes": _shard_bytes(s.abstract_state.params, s.state_shardings.params),
+            "cache_bytes": _shard_bytes(abstract_state["cache"], state_shardings["cache"])}
+  start = time.perf_counter()
+  programs = {
+      "prefill": train_step.under_mesh(mesh, s.rules, jax.jit(
+          prefill, out_shardings=(None, None, state_shardings))).lower(params, prompt),
+      "step": train_step.under_mesh(mesh, s.rules, jax.jit(
+          adapter.step, out_shardings=(None, state_shardings), donate_argnums=(1,))).lower(params, state, tokens),
+  }
+  report["fits"] = True
+  for name, lowered in programs.items():
+    try:
+      memory = lowered.compile().memory_analysis()
+    except jax.errors.JaxRuntimeError as e:
+      if "RESOURCE_EXHAUSTED" not in str(e):
+        raise
+      report.update(fits=False, error=f"{name}: {_first_line(str(e))}")
+      continue
+    peak = (memory.argument_size_in_bytes + memory.temp_size_in_bytes + memory.output_size_in_bytes
+            - memory.alias_size_in_bytes)
+    report[name] = {"temp_bytes": memory.temp_size_in_bytes, "peak_bytes": peak}
+    report["fits"] = report["fits"] and peak <= chip.hbm_bytes
+  report["compile_s"] = time.perf_counter() - start
+  step_s = (report["params_bytes"] + report["cache_bytes"]) / chip.hbm_bandwidth
+  report["tokens_per_s"] = batch_size / step_s
+  return report
+
+
+def format_decode_report(r: dict) -> str:
+  """The lines `jaxlm compile --decode` prints for a `compile_decode` report."""
+  mesh = " x ".join(f"{axis} {size}" for axis, size in r["mesh"].items())
+  lines = [f"{r['topology']}: {r['chips']} x {r['chip']} chips, mesh {mesh}; decode batch {r['batch_size']}, "
+           f"prompt {r['prompt_len']}, cache {r['cache_len']} slots; {r['param_dtype']} weights, {r['dtype']} compute; "
+           f"compiled in {r['compile_s']:.1f} s", "per chip:",
+           f"  {'parameters':30s}{_size(r['params_bytes']):>12s}", f"  {'KV cache':30s}{_size(r['cache_bytes']):>12s}"]
+  for name in ("prefill", "step"):
+    if name in r:
+      lines.append(f"  {name + ' temporaries':30s}{_size(r[name]['temp_bytes']):>12s}   peak {_size(r[name]['peak_bytes'])}")
+  verdict = "fits" if r["fits"] else "does not fit"
+  lines.append(f"  {verdict} in {r['hbm_bytes'] / GIB:.2f} GiB of HBM" + (f": {r['error']}" if "error" in r else ""))
+  lines.append(f"estimated decode: {r['tokens_per_s']:,.0f} tokens/s at most (weights and cache read once per step "
+               f"at the chip's HBM bandwidth)")
+  return "\n".join(lines)
+
+
+def _first_line(message: str) -> str:
+  """XLA's RESOURCE_EXHAUSTED message, one line: 'XLA:TPU compile permanent error. Ran out of memory ...'."""
+  lines = [line.strip() for line in message.splitlines() if line.strip()]
+  for line in lines:
+    if "RESOURCE_EXHAUSTED" in line or "exceeds" in line or "Ran out of memory" in line:
+      return line
+  return lines[0] if lines else message
+
+
+def _size(num_bytes: float) -> str:
+  return f"{num_bytes / GIB:.2f} GiB" if num_bytes >= GIB / 10 else f"{num_bytes / 2 ** 20:.2f} MiB"
+
+
+def format_report(r: dict) -> str:
+  """The human-readable lines `jaxlm compile` prints for a `compile_train_step` report."""
+  mesh = " x ".join(f"{axis} {size}" for axis, size in r["mesh"].items())
+  head = (f"{r['topology']}: {r['chips']} x {r['chip']} chips, mesh {mesh}; {r['dtype']} compute, "
+          f"remat {r['remat_policy']}, global batch {r['global_batch_size']} in {r['num_micro_batches']} micro-batches; "
+          f"compiled in {r['compile_s']:.1f} s")
+  hbm = r["hbm_bytes"] / GIB
+  if not r["fits"] and "error" in r:
+    return f"{head}\ndoes not fit in {hbm:.2f} GiB of HBM per chip: {r['error']}"
+  lines = [head, "per chip:"]
+  for label, key in (("parameters", "params_bytes"), ("optimizer state", "optimizer_bytes"),
+                     ("batch", "batch_bytes"), ("activations and temporaries", "temp_bytes"),
+                     ("peak (all live at once)", "peak_bytes")):
+    lines.append(f"  {label:30s}{_size(r[key]):>12s}")
+  verdict = "fits" if r["fits"] else "does not fit"
+  lines.append(f"  {verdict} in {hbm:.2f} GiB of HBM ({100 * r['peak_bytes'] / r['hbm_bytes']:.1f}% used)")
+  lines.append(f"estimated step {r['step_s'] * 1e3:.1f} ms ({r['bound']}-bound: compute {r['compute_s'] * 1e3:.1f} ms, "
+               f"HBM {r['memory_s'] * 1e3:.1f} ms, network {r['network_s'] * 1e3:.1f} ms), "
+               f"MFU <= {100 * r['mfu']:.0f}%, {r['tokens_per_s']:,.0f} tokens/s "
+               f"(a roofline upper bound; see jaxlm/training/aot.py)")
+  return "\n".join(lines)
+

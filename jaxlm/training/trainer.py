@@ -1,0 +1,405 @@
+"""The training loop: data, steps, metrics, validation, checkpoints, signals and the NaN stop.
+
+`Trainer` is open: it takes any Flax module meeting `jaxlm.families.LanguageModel`,
+the user's data (strings, rows or batches; see `jaxlm.data.feed`), any loss
+(`jaxlm.training.step.LossFn`) and `Callback`s. `jaxlm train` is one caller:
+`train(config, workdir)` with the config's family model, data and cross-entropy.
+
+Resumes from the latest complete checkpoint in the work directory, including
+the data position, so an interrupted run continues with exactly the batches
+an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import flax.linen as nn
+import jax
+import tqdm
+
+from jaxlm.storage import checkpoint as checkpoint_lib
+from jaxlm.storage import fs
+from jaxlm.data import corpus, feed as sources
+from jaxlm import families
+from jaxlm.training import init_from, plot, report as run_report
+from jaxlm.models import lora
+from jaxlm import config as config_lib
+from jaxlm.config import Config
+from jaxlm.training import flops as metrics_lib
+from jaxlm.data import mixture
+from jaxlm.training import progress as progress_lib
+from jaxlm.storage import runlock
+from jaxlm.training import memory, step as train_step
+from jaxlm.parallel import sharding
+from jaxlm.data import tokenizer as tokenizer_lib
+
+
+class TrainingError(RuntimeError):
+  """Training cannot go on (a NaN loss, a checkpoint at the wrong data position); one line with the fix."""
+
+
+def log(message: str) -> None:
+  """Writes `message` to stderr above the progress bar, on process 0 only."""
+  if jax.process_index() == 0:
+    tqdm.tqdm.write(message, file=sys.stderr)
+
+
+class Callback:
+  """Hooks into `Trainer.run`; subclass and override any. Each gets the `Trainer` (`trainer.state`,
+  `trainer.config`, `trainer.workdir`, `trainer.checkpointer`, ...). They run on every process.
+
+  on_start(trainer, step): the state is ready (fresh, or restored at `step`).
+  on_step(trainer, step, metrics): after each logged step (every `train.log_every`, the first and each save);
+    `metrics` is the dict of floats written to metrics.jsonl.
+  on_eval(trainer, step, metrics): after each validation, with {'val_loss': ...}.
+  on_save(trainer, step): after a checkpoint save of `step` started (saves are asynchronous).
+  on_end(trainer, summary): after the loop, with what train_summary.json holds; `trainer.stop_reason` says
+    why it ended: 'finished', 'sigint', 'sigterm' or 'stop_at_step'. Not called when training fails.
+  """
+
+  def on_start(self, trainer: "Trainer", step: int) -> None:
+    """The state is ready at `step` (0, or the step resumed from)."""
+
+  def on_step(self, trainer: "Trainer", step: int, metrics: dict[str, float]) -> None:
+    """A logged step finished; `metrics` as written to metrics.jsonl."""
+
+  def on_eval(self, trainer: "Trainer", step: int, metrics: dict[str, float]) -> None:
+    """A validation at `step` finished: {'val_loss': ...}."""
+
+  def on_save(self, trainer: "Trainer", step: int) -> None:
+    """A checkpoint save of `step` started."""
+
+  def on_end(self, trainer: "Trainer", summary: dict[str, float]) -> None:
+    """The loop ended (`trainer.stop_reason`); `summary` is what train_summary.json holds."""
+
+
+class _StopRequest:
+  """Turns SIGTERM/SIGINT into a flag the loop checks, so it can save and exit cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self.signal_name = ""
+    self.previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self.previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    self.requested = True
+    self.signal_name = signal.Signals(signum).name.lower()
+    log(f"received signal {signum}: saving a checkpoint, then exiting")
+
+  def __exit__(self, *exc):
+    for sig, handler in self.previous.items():
+      signal.signal(sig, handler)
+
+
+def write_run_files(config: Config, workdir: Path, tokenizer) -> None:
+  """Writes the whole `config` (config.json) and the tokenizer into `workdir`, on process 0."""
+  if jax.process_index() != 0:
+    return
+  fs.makedirs(workdir)
+  (workdir / "config.json").write_text(config.to_json(indent=2))
+  tokenizer.save(workdir)
+
+
+def _with_absolute_data_paths(config: Config) -> Config:
+  """A copy of `config` whose data files and folders are absolute, so `jaxlm eval` works from any folder."""
+  config = config.copy_and_resolve_references()
+  data = config.data
+  data.paths = corpus.absolute_patterns(data.paths)
+  data.validation_paths = corpus.absolute_patterns(data.validation_paths)
+  if data.prepared_dir:
+    data.prepared_dir = os.fspath(fs.absolute(data.prepared_dir))
+  if data.mixture:
+    data.mixture = repr([(os.fspath(fs.absolute(folder)), weight) for folder, weight in mixture.parse(data.mixture)])
+  return config
+
+
+def prepare_data(config: Config, tokenizer, split: str):
+  """The split's random-access rows, prepared by the family of the whole `config`."""
+  return families.get(config.model.family).rows(config, tokenizer, split)
+
+
+def load_tokenizer(config: Config) -> tokenizer_lib.Tokenizer:
+  """The tokenizer the whole `config` names (training a SentencePiece vocabulary first if asked)."""
+  if config.data.tokenizer == "sentencepiece" and config.data.spm_vocab_size:
+    from jaxlm.data import spm
+    spm.train_if_missing(config)
+  tokenizer = tokenizer_lib.from_config(config.data)
+  check_vocab_size(config, tokenizer)
+  return tokenizer
+
+
+def check_vocab_size(config: Config, tokenizer) -> None:
+  """ConfigError when `config.model.vocab_size` cannot hold the tokenizer's ids."""
+  if config.model.vocab_size < tokenizer.vocab_size:
+    raise config_lib.ConfigError(
+        f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}; "
+        f"set --config.model.vocab_size={tokenizer.vocab_size}")
+
+
+def evaluate_loss(eval_step, params, batches: Iterable[dict], batch_sharding) -> dict[str, float]:
+  """Sums of `eval_step(params, global batch)` over this process's local `batches` (each key summed)."""
+  totals = {}
+  for local in batches:
+    sums = eval_step(params, sharding.global_batch(local, batch_sharding))
+    for key, value in sums.items():
+      totals[key] = totals.get(key, 0.0) + float(value)
+  return totals
+
+
+class Trainer:
+  """The training loop over any model, data and loss; `run()` trains and returns the last metrics.
+
+  config: the whole config (optimizer, schedule, mesh, steps, checkpointing, logging; `config.model` is used
+    to build the default model and to count FLOPs).
+  workdir: where config.json, the tokenizer, checkpoints/, metrics.jsonl, tensorboard/ and
+    train_summary.json go; an existing run there is resumed.
+  model: a Flax module meeting `jaxlm.families.LanguageModel`; default the family model of `config.model`.
+  train_data, eval_data: strings, random-access rows or ready batches (`jaxlm.data.feed`); default the
+    config's data. With `train_data` given and no `eval_data`, there is no validation.
+  loss_fn: a `jaxlm.training.step.LossFn`; default cross-entropy (`train_step.cross_entropy_loss`).
+  tokenizer: a `jaxlm.data.tokenizer.Tokenizer`; default the one the config names. It is saved into `workdir`.
+  callbacks: `Callback`s called at the loop's events.
+  origin: where the config came from, for the banner (the CLI passes the file and the overrides).
+  """
+
+  def __init__(self, config: Config, workdir: str | Path, *, model: nn.Module | None = None, train_data: Any = None,
+               eval_data: Any = None, loss_fn: train_step.LossFn | None = None,
+               tokenizer: tokenizer_lib.Tokenizer | None = None, callbacks: Sequence[Callback] = (),
+               origin: str = ""):
+    self.config, self.workdir, self.origin = config, fs.path(workdir), origin  # a local folder or gs://
+    self.model, self.loss_fn, self.tokenizer = model, loss_fn, tokenizer
+    self.train_data, self.eval_data = train_data, eval_data
+    self.callbacks = list(callbacks)
+    self.state: train_step.TrainState | None = None
+    self.setup: train_step.Setup | None = None
+    self.step_fn: train_step.CompiledStep | None = None  # compiled before the state exists, once it fits
+    self.checkpointer: checkpoint_lib.Checkpointer | None = None
+    self.peak: metrics_lib.PeakFlops | None = None  # what MFU divides by
+    self.stop_reason: str | None = None
+    self.timings = {"compile_time_s": 0.0, "eval_time_s": 0.0, "checkpoint_time_s": 0.0}
+
+  def _emit(self, event: str, *args) -> None:
+    for callback in self.callbacks:
+      getattr(callback, event)(self, *args)
+
+  def _sources(self, config, tokenizer) -> tuple[sources.Source, sources.Source | None]:
+    if self.train_data is None:
+      train = sources.Source(rows=prepare_data(config, tokenizer, "train"))
+    else:
+      train = sources.from_user(self.train_data, config, tokenizer, "train_data")
+    if self.eval_data is not None:
+      return train, sources.from_user(self.eval_data, config, tokenizer, "eval_data")
+    if self.train_data is not None:
+      return train, None
+    return train, sources.Source(rows=prepare_data(config, tokenizer, "validation"))
+
+  def run(self) -> dict[str, float]:
+    """Trains to `train.num_steps` (or a stop), resuming from `workdir`; returns the summary that
+    train_summary.json holds (the last logged metrics, step, stop_reason, timings, validation losses)."""
+    self.started = time.perf_counter()
+    sharding.maybe_initialize_distributed(self.config)
+    fs.check_run_access(self.workdir, self.config.data)  # a bucket problem: one line, before compiling
+    if init_from.enabled(self.config):  # another run's model and tokenizer (jaxlm/training/init_from.py), then validated
+      self.config = init_from.resolve(self.config, self.workdir, log, self.model)
+    config_lib.validate(self.config, jax.device_count())
+    lock = runlock.WorkdirLock(self.workdir, report=log)
+    if jax.process_index() == 0:  # the other processes share process 0's work directory
+      lock.acquire()
+    try:
+      return self._run_locked()
+    finally:
+      lock.release()
+
+  def _run_locked(self) -> dict[str, float]:
+    """`run` once the work directory is locked: data, setup, resume, then the loop."""
+    config = self.config = _with_absolute_data_paths(self.config)
+    if lora.enabled(config):  # adapters over a frozen base run: its model, step and tokenizer (jaxlm/models/lora.py)
+      config = self.config = lora.resolve_base(config, log, self.workdir)
+      if self.tokenizer is None:
+        self.tokenizer = tokenizer_lib.load(fs.path(config.lora.base_workdir))
+    if self.tokenizer is None:
+      self.tokenizer = load_tokenizer(config)
+    else:
+      check_vocab_size(config, self.tokenizer)
+    if config.train.compilation_cache_dir:
+      jax.config.update("jax_compilation_cache_dir", config.train.compilation_cache_dir)
+    write_run_files(config, self.workdir, self.tokenizer)
+
+    train_source, eval_source = self._sources(config, self.tokenizer)
+    mesh = sharding.make_mesh(config)
+    if self.model is None and lora.enabled(config):
+      self.model = lora.adapted_model(config, lora.base_params(config, mesh))
+    s = self.setup = train_step.setup(config, mesh, self.model, self.loss_fn)
+    # Both refuse a step too big for a device in one line, before any state exists: the state count first
+    # (no tracing), then XLA's analysis of the compiled step, activations included (jaxlm/training/memory.py).
+    sharding.check_state_fits(s.abstract_state, s.state_shardings, s.abstract_state.params)
+    compile_start = time.perf_counter()
+    self.step_fn = memory.compile_train_step_that_fits(s)
+    self.timings["compile_time_s"] = time.perf_counter() - compile_start
+    checkpointer = self.checkpointer = checkpoint_lib.Checkpointer(self.workdir / "checkpoints",
+                                                                   keep=config.train.keep_checkpoints)
+    self.peak = metrics_lib.PeakFlops(config, mesh.size)
+    for path in checkpointer.incomplete():
+      log(f"skipping incomplete checkpoint {path.name} (an interrupted save); resuming from the last complete one")
+
+    target = checkpoint_lib.abstract_with_shardings(s.abstract_state.to_dict(), s.state_shardings.to_dict())
+    # Damaged steps are reported and moved aside; a run whose every checkpoint is damaged starts over.
+    start, restored = checkpointer.restore_newest_intact(target, log)
+    if start is None:
+      self.state = train_step.create_state(s, config.seed)
+      if init_from.enabled(config):  # a new run, not a restart: the base run's parameters
+        self.state = init_from.initial_state(self.state, s, config, log)
+      start = 0
+    else:
+      self.state = train_step.TrainState(**restored)
+      data_position = checkpointer.read_meta(start)["data_position"]
+      if data_position != start:
+        raise TrainingError(f"checkpoint {start} has data position {data_position}; expected {start}")
+      log(f"resumed from step {start}, the newest intact checkpoint in {checkpointer.directory}")
+    if jax.process_index() == 0 and (dropped := runlock.drop_metrics_after(self.workdir, start)):
+      log(f"moved {dropped} metrics.jsonl row(s) logged after step {start} to metrics.rolled_back.jsonl")
+    for line in run_report.banner(self, start, train_source.rows, self.origin):
+      log(line)
+    self._emit("on_start", start)
+    return self._loop(start, train_source, eval_source)
+
+  def _validate(self, eval_step, eval_source: sources.Source) -> dict[str, float]:
+    t = self.config.train
+    totals = evaluate_loss(eval_step, self.state.params,
+                           eval_source.eval_batches(self.config.eval.batch_size, t.eval_batches),
+                           self.setup.batch_sharding)
+    return {"val_loss": totals.get("nll_sum", totals["loss_sum"]) / max(totals["weight_sum"], 1)}
+
+  def _loop(self, start: int, train_source: sources.Source, eval_source: sources.Source | None) -> dict[str, float]:
+    config, s, checkpointer = self.config, self.setup, self.checkpointer
+    t = config.train
+    step_fn = self.step_fn
+    eval_step = train_step.make_eval_step(s, s.state_shardings.params)
+    batches = train_source.train_batches(t.global_batch_size, config.data.shuffle_seed, start, t.num_steps,
+                                         config.data.prefetch_threads)
+    writer = metrics_lib.MetricWriter(self.workdir)
+    flops_per_step = (metrics_lib.flops_per_token(config.model, config.data.seq_len)
+                      * t.global_batch_size * config.data.seq_len)
+    rng = jax.random.key(config.seed + 1)
+    meta = lambda step: {"config": config.to_dict(), "data_position": step}
+
+    last, done, validations = {}, start, {}
+    # Step time: the seconds between a log line (or a validation, or a save) and the next, so what runs
+    # between steps counts in neither tokens/s nor MFU.
+    window_steps, window_seconds, resumed_at = 0, 0.0, time.perf_counter()
+    self.stop_reason = "finished"
+    progress = progress_lib.Progress(start, t.num_steps, enabled=jax.process_index() == 0)
+    try:
+      with _StopRequest() as stop:
+        for step in range(start, t.num_steps):
+          local_batch = next(batches)
+          batch = sharding.global_batch(local_batch, s.batch_sharding)
+          self.state, step_metrics = step_fn(self.state, batch, rng)
+          window_steps += 1
+          done = step + 1
+          progress.update(done)
+          checkpointer.check()  # a failed asynchronous save (a full disk) stops the run at once
+          # Read the flag once: a signal landing later in this iteration is handled after the next step.
+          stopping = stop.requested or done == t.stop_at_step
+          is_save = done % t.checkpoint_every == 0 or done == t.num_steps or stopping
+          if done % t.log_every == 0 or is_save or done == start + 1:
+            values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+            window_seconds += time.perf_counter() - resumed_at
+            if done == start + 1:  # the first step's time (warm-up) counts with the compilation
+              self.timings["compile_time_s"] += window_seconds
+              progress.eta.start(done)
+            if "inputs" in local_batch:
+              # Identifies the batch this process fed, so resumed runs can be checked against uninterrupted ones.
+              values["batch_crc32"] = float(zlib.crc32(local_batch["inputs"].tobytes()))
+            # A mixture's realized shares of the rows of the steps since the last log (mixture/NAME).
+            values.update(mixture.realized_proportions(train_source.rows, config.data.shuffle_seed,
+                                                       done - window_steps, done, t.global_batch_size))
+            if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
+              checkpointer.wait()  # a save still in flight is the last good checkpoint: finish it, then name it
+              raise TrainingError(
+                  f"loss is {values['loss']} (grad norm {values['grad_norm']}) at step {done}; stopped without "
+                  f"saving. {checkpoint_lib.last_good_sentence(checkpointer.newest_complete_step())} Lower "
+                  "optim.learning_rate or raise optim.warmup_steps.")
+            if done > start + 1 and window_steps:  # the first step's time is compilation
+              values["step_time_s"] = window_seconds / window_steps
+              values["tokens_per_s"] = t.global_batch_size * config.data.seq_len / values["step_time_s"]
+              values["peak_flops"] = self.peak.refresh()  # measured now, after the window, on CPU
+              values["mfu"] = flops_per_step / values["step_time_s"] / values["peak_flops"]
+              progress.eta.observe(done, window_steps, window_seconds)
+            writer.write(done, values)
+            progress.update(done, values["loss"])
+            log(f"step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()
+                                             if k not in ("tokens", "batch_crc32", "mfu", "peak_flops"))
+                + (f", {metrics_lib.format_mfu(values['mfu'], values['peak_flops'], self.peak)}"
+                   if "mfu" in values else "") + f" ({progress.line_suffix(done)})")
+            last = values
+            self._emit("on_step", done, values)
+            window_steps, window_seconds, resumed_at = 0, 0.0, time.perf_counter()
+          if eval_source is not None and (done % t.eval_every == 0 or done == t.num_steps):
+            eval_start = time.perf_counter()
+            window_seconds += eval_start - resumed_at
+            val = self._validate(eval_step, eval_source)
+            self.timings["eval_time_s"] += time.perf_counter() - eval_start
+            validations[done] = val["val_loss"]
+            writer.write(done, val)
+            log(f"step {done}: validation loss {val['val_loss']:.4f}")
+            last.update(val)
+            self._emit("on_eval", done, val)
+            if jax.process_index() == 0:
+              plot.write_run_plot(self.workdir)  # RUN/loss.png, when matplotlib is installed
+            resumed_at = time.perf_counter()
+          if is_save:
+            save_start = time.perf_counter()
+            window_seconds += save_start - resumed_at
+            checkpointer.save(done, self.state.to_dict(), meta(done))
+            self.timings["checkpoint_time_s"] += time.perf_counter() - save_start
+            self._emit("on_save", done)
+            resumed_at = time.perf_counter()
+          if stopping:
+            self.stop_reason = stop.signal_name or "stop_at_step"
+            log(f"stopped at step {done}; resume by running the same command")
+            break
+    finally:
+      progress.close()
+      close_start = time.perf_counter()
+      checkpointer.close()  # waits for the last asynchronous save
+      self.timings["checkpoint_time_s"] += time.perf_counter() - close_start
+      writer.close()
+    summary = self._summary(done, last, validations)
+    if jax.process_index() == 0:
+      (self.workdir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    for line in run_report.summary_lines(summary):
+      log(line)
+    self._emit("on_end", summary)
+    return summary
+
+  def _summary(self, step: int, last: dict[str, float], validations: dict[int, float]) -> dict:
+    summary = {**last, "step": step, "stop_reason": self.stop_reason, "mfu_peak": self.peak.label,
+               "wall_time_s": time.perf_counter() - self.started, **self.timings}
+    if validations:
+      best_step = min(validations, key=validations.get)
+      summary.update(final_val_loss=validations[max(validations)], best_val_loss=validations[best_step],
+                     best_val_step=best_step)
+    return summary
+
+
+def train(config: Config, workdir: str | Path, **kwargs) -> dict[str, float]:
+  """Trains per the whole `config` in `workdir` (resuming a run there); returns the last logged metrics.
+
+  Keyword arguments go to `Trainer`: model, train_data, eval_data, loss_fn, tokenizer, callbacks.
+  """
+  return Trainer(config, workdir, **kwargs).run()

@@ -1,0 +1,146 @@
+"""`jaxlm compile`: the real train step compiled for a TPU slice on this CPU machine (libtpu, no TPU).
+
+libtpu comes with the `test` extra; without it these tests skip (the
+no-libtpu message itself is tested by hiding the package).
+"""
+
+import importlib.util
+import json
+import math
+import types
+
+import pytest
+
+from jaxlm.training import aot
+from jaxlm.cli import main
+from jaxlm import config as config_lib
+
+from conftest import REPO
+
+TINY = str(REPO / "configs" / "tiny.py")
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="libtpu not installed: pip install -e '.[test]'")
+
+
+def tiny_param_count() -> int:
+  """configs/tiny.py's parameters, counted by hand: byte vocabulary 260, 64 positions, 2 layers of d 32, MLP 64."""
+  d, f, vocab, positions, layers = 32, 64, 260, 64, 2
+  block = 2 * (2 * d) + 4 * (d * d + d) + (d * f + f) + (f * d + d)  # 2 LayerNorms, q/k/v/out, MLP in/out
+  return vocab * d + positions * d + layers * block + 2 * d  # tied embedding, learned positions, final norm
+
+
+@needs_libtpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tiny_config_fits_v5e_2x2(dtype, tmp_path, capsys):
+  """float32 also checks that the CPU kernels (custom calls XLA:TPU lacks) are not chosen for a TPU mesh."""
+  out = tmp_path / "report.json"
+  status = main.main(["compile", "--config", TINY, "--topology", "v5e:2x2", f"--config.model.dtype={dtype}",
+                      "--json", str(out)])
+  printed = capsys.readouterr().out
+  assert status == 0, printed
+  report = json.loads(out.read_text())
+  assert report["chips"] == 4 and report["chip"] == "v5e"
+  assert report["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
+  # Float32 master weights whatever the compute dtype, replicated over the data axis: whole on every chip.
+  assert report["params_bytes"] == 4 * tiny_param_count()
+  # AdamW: two float32 moments per parameter, plus step counters.
+  assert 2 * report["params_bytes"] <= report["optimizer_bytes"] <= 2 * report["params_bytes"] + 64
+  assert report["fits"] and 0 < report["peak_bytes"] < report["hbm_bytes"] == 16 * 1024 ** 3
+  assert 0 < report["mfu"] <= 1 and report["step_s"] > 0
+  assert "fits in 16.00 GiB of HBM" in printed and "MFU <=" in printed
+
+
+@needs_libtpu
+def test_too_big_batch_does_not_fit_in_one_line(capsys):
+  # 2M rows of 32 tokens: the logits alone are far beyond a v5e chip's 16 GiB.
+  status = main.main(["compile", "--config", TINY, "--topology", "v5e:2x2", "--config.train.global_batch_size=2097152"])
+  captured = capsys.readouterr()
+  assert status == 1
+  verdict = [line for line in captured.out.splitlines() if "does not fit" in line]
+  assert len(verdict) == 1 and "HBM" in verdict[0], captured.out
+  assert "Traceback" not in captured.out + captured.err
+
+
+@needs_libtpu
+def test_fsdp_shards_the_state(tmp_path):
+  """fsdp over 4 chips holds a quarter of each weight sharded along 'embed' (d_model 32 splits evenly)."""
+  config = config_lib.apply_overrides(config_lib.load_config_file(TINY),
+                                      ["--config.mesh.data=1", "--config.mesh.fsdp=-1"])
+  sharded = aot.compile_train_step(config, "v5e:2x2")
+  assert sharded["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+  # Norm scales and biases carry no 'embed' axis and stay whole; every matrix is split four ways.
+  whole = 4 * tiny_param_count()
+  assert whole / 4 < sharded["params_bytes"] < whole / 2
+
+
+def test_without_libtpu_one_line(monkeypatch, capsys):
+  real_find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real_find_spec(name, *a))
+  assert main.main(["compile", "--config", TINY, "--topology", "v5e-4"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "libtpu" in err and "pip install" in err, err
+
+
+@pytest.mark.parametrize("name", ["v5e-3", "v7x-8", "v5p-7", "v5e:2x2x2"])
+def test_bad_topology_one_line(name, capsys):
+  assert main.main(["compile", "--config", TINY, "--topology", name]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "--topology" in err, err
+
+
+def test_slice_names():
+  # Cloud TPU names count chips for v5e/v6e and TensorCores (two per chip) for v4/v5p.
+  assert aot.parse_topology("v5e-16") == ("v5e", "v5e:4x4", 16)
+  assert aot.parse_topology("v5e-64") == ("v5e", "v5e:8x8", 64)
+  assert aot.parse_topology("v5p-32") == ("v5p", "v5:2x2x4", 16)
+  assert aot.parse_topology("v4-8") == ("v4", "v4:2x2x1", 4)
+  assert aot.parse_topology("v6e-8") == ("v6e", "v6e:2x4", 8)
+  assert aot.parse_topology("v5e:2x2") == ("v5e", "v5e:2x2", 4)
+
+
+def test_roofline_estimate():
+  """The estimate by hand: compute-bound without remat is MFU 1; full remat reruns the forward (MFU 3/4)."""
+  config = config_lib.load_config_file(TINY)
+  config.train.global_batch_size = 4096
+  chip = aot.Chip(peak_flops=1e12, hbm_bytes=2 ** 34, hbm_bandwidth=1e15, ici_bandwidth=1e15)
+  memory = types.SimpleNamespace(argument_size_in_bytes=10, output_size_in_bytes=10, temp_size_in_bytes=10)
+  mesh = {"data": 4, "fsdp": 1, "tensor": 1}
+  est = aot.estimate(config, chip, 4, mesh, 1000, memory)
+  from jaxlm.training import flops as metrics
+  tokens_per_chip = 4096 * config.data.seq_len / 4
+  assert est["bound"] == "compute"
+  assert math.isclose(est["compute_s"], metrics.flops_per_token(config.model, config.data.seq_len)
+                      * tokens_per_chip / 1e12)
+  assert math.isclose(est["mfu"], 1.0)
+  config.model.remat_policy = "full"
+  assert math.isclose(aot.estimate(config, chip, 4, mesh, 1000, memory)["mfu"], 0.75)
+  # A slow network makes the data-parallel gradient all-reduce (2 (d-1)/d x 1000 bytes) the bound.
+  slow = aot.Chip(peak_flops=1e12, hbm_bytes=2 ** 34, hbm_bandwidth=1e15, ici_bandwidth=1.0)
+  est = aot.estimate(config, slow, 4, mesh, 1000, memory)
+  assert est["bound"] == "network" and math.isclose(est["network_s"], 2 * 3 / 4 * 1000)
+
+
+@needs_libtpu
+def test_decode_compile_shards_the_cache(tmp_path, capsys):
+  """--decode: the KV cache is split along batch (data 2) and key/value heads (tensor 2), as declared."""
+  out = tmp_path / "decode.json"
+  status = main.main(["compile", "--config", TINY, "--topology", "v5e:2x2", "--decode", "--batch-size", "8",
+                      "--config.mesh.tensor=2", "--json", str(out)])
+  assert status == 0, capsys.readouterr().out
+  report = json.loads(out.read_text())
+  # Whole cache: 2 layers x (key, value) x 8 rows x 64 slots x 4 heads x 8 dims x 4 bytes (float32 compute),
+  # a quarter per chip, plus each layer's int32 cache index (replicated).
+  whole = 2 * 2 * 8 * 64 * 4 * 8 * 4
+  assert report["cache_bytes"] == whole // 4 + 2 * 4
+  assert report["fits"] and report["step"]["peak_bytes"] < report["hbm_bytes"]
+  assert "KV cache" in capsys.readouterr().out
+
+
+@needs_libtpu
+def test_mesh_that_does_not_divide_the_model_one_line(capsys):
+  """fsdp 8 cannot split d_model 36 (heads of 9): one line naming the size and the mesh axis, exit 2."""
+  status = main.main(["compile", "--config", TINY, "--topology", "v5e-8", "--config.mesh.data=1",
+                      "--config.mesh.fsdp=-1", "--config.model.d_model=36"])
+  err = capsys.readouterr().err.strip()
+  assert status == 2
+  assert len(err.splitlines()) == 1 and "36" in err and "fsdp" in err and "--config.mesh" in err, err

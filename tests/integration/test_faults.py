@@ -1,0 +1,386 @@
+"""The fault matrix of issue 11, through the real CLI in subprocesses on tiny configs.
+
+Every case ends in one of two ways: the command succeeds with correct results
+(a safe fallback), or it exits non-zero with exactly one `jaxlm: error:` line
+and no Python traceback. One trained run (12 steps, checkpoints 4, 8, 12) is
+shared by the session and copied per case. The README's fault table lists
+these cases and their measured outcomes.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_cli
+from jaxlm.cli import main
+
+TINY = str(REPO / "configs" / "tiny.py")
+
+
+def train_args(corpus: Path, workdir: Path, *extra: str) -> list[str]:
+  """`jaxlm train` on configs/tiny.py and `corpus`: 12 steps, a checkpoint every 4, validation at the end."""
+  return ["train", "--config", TINY, "--workdir", str(workdir), "--config.data.source=files",
+          f"--config.data.paths={corpus}/*.txt", "--config.data.val_fraction=0.2", "--config.train.num_steps=12",
+          "--config.train.log_every=1", "--config.train.checkpoint_every=4", "--config.train.eval_every=12",
+          "--config.train.eval_batches=2", "--config.eval.max_batches=2", "--config.optim.warmup_steps=2", *extra]
+
+
+def error_line(result_or_stderr) -> str:
+  """The one `jaxlm: error:` line of a failed command; fails the test on a traceback or several lines."""
+  stderr = getattr(result_or_stderr, "stderr", result_or_stderr)
+  assert "Traceback" not in stderr, stderr[-3000:]
+  lines = [line for line in stderr.splitlines() if "jaxlm: error:" in line]
+  assert len(lines) == 1, stderr[-3000:]
+  return lines[0]
+
+
+def arrays_of(workdir: Path, step: int) -> dict:
+  """The integrity records (shape, dtype, checksum, finite) saved with checkpoint `step`."""
+  meta = json.loads((workdir / "checkpoints" / str(step) / "meta" / "metadata").read_text())
+  return meta["integrity"]["arrays"]
+
+
+@pytest.fixture(scope="session")
+def trained(text_corpus, tmp_path_factory) -> Path:
+  """A finished 12-step run with checkpoints 4, 8 and 12."""
+  workdir = tmp_path_factory.mktemp("faults") / "run"
+  result = run_cli(train_args(text_corpus, workdir))
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def data_files(step_dir: Path) -> list[Path]:
+  """The OCDBT data files of a step's state, smallest first."""
+  return sorted((p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"),
+                key=lambda p: p.stat().st_size)
+
+
+def corrupt(step_dir: Path, how: str) -> None:
+  """Damages a checkpoint step in one of the six ways of issue 11 §1."""
+  if how == "flip_64_bytes":  # in the middle of the largest array file
+    path = data_files(step_dir)[-1]
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+    path.write_bytes(bytes(data))
+  elif how == "flip_one_bit_per_file":
+    for path in data_files(step_dir):
+      data = bytearray(path.read_bytes())
+      data[len(data) // 2] ^= 0x10
+      path.write_bytes(bytes(data))
+  elif how == "truncate_half":
+    path = data_files(step_dir)[-1]
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+  elif how == "delete_commit_markers":
+    (step_dir / "_CHECKPOINT_METADATA").unlink()
+    for path in step_dir.rglob("commit_success.txt"):
+      path.unlink()
+  elif how == "delete_state_metadata":
+    (step_dir / "state" / "_METADATA").unlink()
+  elif how == "delete_data_folder":
+    for folder in (step_dir / "state").glob("ocdbt.process_*/d"):
+      shutil.rmtree(folder)
+
+
+CORRUPTIONS = ["flip_64_bytes", "flip_one_bit_per_file", "truncate_half", "delete_commit_markers",
+               "delete_state_metadata", "delete_data_folder"]
+
+
+def run_in_process(args: list[str], capfd) -> subprocess.CompletedProcess:
+  """`jaxlm ARGS` in this process, as a CompletedProcess with its exit status and captured output. It saves an
+  interpreter start-up per command, and the cases share compiled functions; an exception fails the test."""
+  capfd.readouterr()
+  status = main.main(args)
+  stdout, stderr = capfd.readouterr()
+  return subprocess.CompletedProcess(args, status, stdout, stderr)
+
+
+@pytest.mark.parametrize("how", CORRUPTIONS)
+def test_damaged_checkpoint_is_named_and_never_loaded_silently(how, trained, tmp_path, capfd):
+  run = tmp_path / "run"
+  shutil.copytree(trained, run)
+  corrupt(run / "checkpoints" / "12", how)
+
+  verify = run_in_process(["verify", "--workdir", str(run)], capfd)
+  assert verify.returncode == 1, verify.stderr[-3000:]
+  assert "Traceback" not in verify.stderr
+  rows = {int(line.split()[0]): line for line in verify.stdout.splitlines() if re.match(r"\s+\d+\s", line)}
+  assert "DAMAGED" in rows[12] and "intact" in rows[8] and "intact" in rows[4], verify.stdout
+  assert "intact steps: 4, 8" in verify.stdout
+
+  # eval reads the parameters only, but the step's file checksums cover the optimizer state too.
+  evaluate = run_in_process(["eval", "--workdir", str(run)], capfd)
+  assert evaluate.returncode == 2, evaluate.stdout
+  line = error_line(evaluate)
+  assert "checkpoint step 12" in line and "is damaged" in line and "intact steps: 8, 4" in line, line
+
+
+@pytest.mark.slow
+def test_train_resumes_from_the_newest_intact_checkpoint(trained, text_corpus, tmp_path):
+  run = tmp_path / "run"
+  shutil.copytree(trained, run)
+  corrupt(run / "checkpoints" / "12", "flip_64_bytes")
+  result = run_cli(train_args(text_corpus, run))  # the same command again
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "checkpoint step 12 is damaged" in result.stderr and "resumed from step 8" in result.stderr
+  assert list((run / "checkpoints-damaged").iterdir())[0].name.startswith("12-")  # moved aside, not deleted
+  steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+  assert steps == sorted(steps) and steps[-1] == 12  # rows of steps 9-12 of the first run were rolled back
+  assert any(json.loads(line)["rolled_back_to"] == 8
+             for line in (run / "metrics.rolled_back.jsonl").read_text().splitlines())
+  # Steps 9-12 were trained again from the intact step 8, so step 12 equals the undamaged run's, bit for bit.
+  assert arrays_of(run, 12) == arrays_of(trained, 12)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_after", [1, 6])
+def test_kill_9_then_resume_is_bitwise_identical(kill_after, trained, text_corpus, tmp_path):
+  run = tmp_path / "run"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  process = subprocess.Popen([sys.executable, "-m", "jaxlm", *train_args(text_corpus, run)],
+                             stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+  for line in process.stderr:
+    if f"step {kill_after}:" in line:
+      process.send_signal(signal.SIGKILL)
+      break
+  process.communicate(timeout=120)
+  assert process.returncode == -signal.SIGKILL
+  result = run_cli(train_args(text_corpus, run))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "taking over the stale lock" in result.stderr  # the killed run could not release it
+  assert arrays_of(run, 12) == arrays_of(trained, 12)
+
+
+@pytest.mark.slow
+def test_nan_run_never_saves_or_names_a_bad_checkpoint(text_corpus, tmp_path, capfd):
+  run = tmp_path / "run"
+  result = run_cli(train_args(text_corpus, run, "--config.optim.learning_rate=1e38",
+                              "--config.train.checkpoint_every=1", "--config.optim.warmup_steps=0"))
+  assert result.returncode == 2
+  line = error_line(result)
+  assert "learning_rate" in line and "None" not in line, line
+  named = re.search(r"last good checkpoint is step (\d+)", line)
+  saved = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+  if named:
+    assert int(named.group(1)) == saved[-1]
+    verify = run_in_process(["verify", "--workdir", str(run)], capfd)
+    assert verify.returncode == 0, verify.stdout
+  else:
+    assert "No checkpoint has been saved yet" in line
+  for step in saved:
+    assert all(record["finite"] for record in arrays_of(run, step).values())
+
+
+BAD_CONFIGS = [
+    (["--config.data.seq_len=0"], "data.seq_len"),
+    (["--config.optim.learning_rate=nan"], "optim.learning_rate"),
+    (["--config.train.global_batch_size=100000000"], "train.global_batch_size"),
+    (["--config.model.max_len=1000000000"], "model.max_len"),
+    (['--config.mesh.rules=[["batch", "nope"]]'], "mesh.rules"),
+]
+
+
+@pytest.mark.parametrize("overrides,key", BAD_CONFIGS)
+def test_bad_config_is_one_line_before_compiling(overrides, key, text_corpus, tmp_path):
+  started = time.monotonic()
+  result = run_cli(train_args(text_corpus, tmp_path / "run", *overrides))
+  assert result.returncode == 2
+  assert key in error_line(result)
+  assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+  assert time.monotonic() - started < 120  # the 1e9-position model used to run 113 s into an out-of-memory crash
+
+
+@pytest.mark.slow
+def test_second_run_on_a_live_workdir_is_refused(text_corpus, tmp_path):
+  run = tmp_path / "run"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  first = subprocess.Popen([sys.executable, "-m", "jaxlm",
+                            *train_args(text_corpus, run, "--config.train.num_steps=100000")],
+                           stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+  try:
+    for line in first.stderr:
+      if "step 1:" in line:
+        break
+    second = run_cli(train_args(text_corpus, run))
+    assert second.returncode == 2
+    line = error_line(second)
+    assert f"pid {first.pid} on host {socket.gethostname()}" in line, line
+  finally:
+    first.kill()
+    first.communicate(timeout=60)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+  """A 1.4 MB tmpfs (root only; skips elsewhere): room for the run files and two tiny checkpoints
+  (about 550 kB each), not three."""
+  mount = tmp_path / "disk"
+  mount.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1400k", "tmpfs", str(mount)], capture_output=True).returncode:
+    pytest.skip("cannot mount a tmpfs here (needs root); the disk-full case is not run")
+  yield mount
+  subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.slow
+def test_disk_full_stops_at_once_with_one_line(tiny_disk, text_corpus):
+  run = tiny_disk / "run"
+  # No validation before the end: its loss.png would take the room of a checkpoint.
+  result = run_cli(train_args(text_corpus, run, "--config.train.num_steps=100", "--config.train.checkpoint_every=20",
+                              "--config.train.eval_every=100"), devices=1)  # one device: the sizes above
+  assert result.returncode == 2
+  line = error_line(result)
+  named = re.search(r"saving step (\d+) to .* failed", line)
+  assert named, line
+  failed = int(named.group(1))
+  assert "No space left on device" in line and "free there" in line, line
+  logged = [json.loads(row)["step"] for row in (run / "metrics.jsonl").read_text().splitlines()]
+  # A failed write is known when Orbax's background thread ends, which on a loaded machine can be some steps
+  # later; the run must stop by the next save without starting it (the old code went on and wrote into it).
+  assert max(logged) <= failed + 20
+  assert not [p.name for p in (run / "checkpoints").iterdir() if p.name.split(".")[0] == str(failed + 20)]
+  intact = [int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()]
+  assert intact and all(step < failed for step in intact)
+  verify = run_cli(["verify", "--workdir", str(run)], devices=1)
+  assert verify.returncode == 0, verify.stdout  # earlier checkpoints stay loadable
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+C_PLUS_PLUS_ABORT = re.compile(r"^F\d{4} |Check failure stack trace|terminate called|^\s+@\s+0x", re.MULTILINE)
+
+
+LOST = [  # (the process killed, CPU devices per process, how the survivor learns of it)
+    pytest.param(1, 2, id="peer"),  # the watchdog: no sign of life for heartbeat_timeout_s
+    pytest.param(0, 2, id="coordinator"),  # the runtime aborts the other about 0.1 s later; the supervisor speaks
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim,devices", LOST)
+def test_lost_process_is_named_and_the_survivor_exits(victim, devices, text_corpus, tmp_path):
+  # 2 devices per process: with 4, gloo itself aborted the survivor within a second on this machine
+  # ("Received data size doesn't match expected size"), a case the supervisor tests below cover.
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}", JAX_NUM_PROCESSES="2")
+  run = tmp_path / "run"
+  args = [sys.executable, "-m", "jaxlm",
+          *train_args(text_corpus, run, "--config.train.num_steps=100000",
+                      "--config.distributed.heartbeat_timeout_s=10")]
+  processes = [subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                                env=dict(env, JAX_PROCESS_ID=str(i))) for i in range(2)]
+  survivor = processes[1 - victim]
+  try:
+    for line in processes[0].stderr:  # process 0 logs the steps
+      if "step 2:" in line:
+        break
+    processes[victim].send_signal(signal.SIGKILL)  # its supervisor: the kernel then kills the training child
+    killed_at = time.monotonic()
+    _, stderr = survivor.communicate(timeout=120)
+    assert time.monotonic() - killed_at < 30
+  finally:
+    for process in processes:
+      process.kill()
+  assert survivor.returncode == 1, stderr[-3000:]
+  assert not C_PLUS_PLUS_ABORT.search(stderr), stderr[-3000:]
+  line = error_line(stderr)
+  assert ("lost the coordinator (process 0)" if victim == 0 else "lost process 1") in line, line
+  if victim == 0:  # the runtime's own report is kept, and named
+    crash_logs = list(run.glob("crash-*.log"))
+    assert len(crash_logs) == 1 and str(crash_logs[0]) in line, line
+    assert "Check failure stack trace" in crash_logs[0].read_text()
+
+
+@pytest.mark.slow
+def test_a_process_that_cannot_join_retries_then_says_so(text_corpus, tmp_path):
+  # Joining is fatal inside JAX's runtime (a C++ abort), so the supervisor, not Python, retries it.
+  env = {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{free_port()}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}
+  result = run_cli(train_args(text_corpus, tmp_path / "run", "--config.distributed.initialization_timeout_s=2",
+                              "--config.distributed.initialization_attempts=2"), env_extra=env, devices=2)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert not C_PLUS_PLUS_ABORT.search(result.stderr), result.stderr[-3000:]
+  assert result.stderr.count("could not join the coordinator (DEADLINE_EXCEEDED") == 1  # then the second attempt
+  line = error_line(result)
+  assert f"could not join the coordinator at {env['JAX_COORDINATOR_ADDRESS']} in 2 attempt(s)" in line, line
+  assert "distributed.initialization_timeout_s" in line and "process 1 of 2 stops" in line
+
+
+def supervise(tmp_path: Path, child_code: str) -> subprocess.Popen:
+  """`jaxlm.parallel.supervisor.run` (as process 1 of 2, workdir tmp_path) in a subprocess, on a child running `child_code`."""
+  code = ("import sys; from jaxlm.parallel import supervisor; "
+          f"sys.exit(supervisor.run([sys.executable, '-c', {child_code!r}], "
+          f"supervisor.Launch(1, 2, {str(tmp_path)!r})))")
+  return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          cwd=REPO)
+
+
+GLOO_ABORT = """
+import os, sys
+print("step 3: loss 4.2", file=sys.stderr, flush=True)
+print("out", flush=True)
+sys.stderr.write("W1129 22:44:45.870880   23132 pair.cc:1] a warning just before the abort\\n"
+                 "terminate called after throwing an instance of 'gloo::EnforceNotMet'\\n"
+                 "  what():  [enforce fail at external/gloo/gloo/transport/tcp/pair.cc:446] op.preamble.length <= "
+                 "op.nbytes. Received data size doesn't match expected size\\n")
+sys.stderr.flush()
+os.abort()
+"""
+
+
+def test_supervisor_turns_a_runtime_abort_into_one_line(tmp_path):
+  supervisor = supervise(tmp_path, GLOO_ABORT)
+  stdout, stderr = supervisor.communicate(timeout=60)
+  assert supervisor.returncode == 1
+  assert stdout == "out\n"  # the child's stdout is its own
+  assert stderr.startswith("step 3: loss 4.2\n")  # the child's lines pass through
+  assert not C_PLUS_PLUS_ABORT.search(stderr) and "a warning just before" not in stderr, stderr
+  line = error_line(stderr)
+  assert "lost process 0 in the middle of a collective" in line and "Received data size" in line, line
+  assert "process 1 of 2 stops" in line
+  crash_log = next(tmp_path.glob("crash-*.log"))
+  assert str(crash_log) in line
+  assert "a warning just before" in crash_log.read_text() and "terminate called" in crash_log.read_text()
+
+
+def test_supervisor_passes_signals_and_exit_statuses_through(tmp_path):
+  child = """
+import signal, sys, time
+print("W1129 22:44:45.870880   23132 any.cc:1] a runtime warning, shown after a second", file=sys.stderr, flush=True)
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+print("ready", flush=True)
+time.sleep(600)
+"""
+  supervisor = supervise(tmp_path, child)
+  assert supervisor.stdout.readline() == "ready\n"
+  supervisor.send_signal(signal.SIGTERM)
+  _, stderr = supervisor.communicate(timeout=60)
+  assert supervisor.returncode == 143  # the child's own status (the trainer saves first, then exits 143)
+  assert "a runtime warning, shown after a second" in stderr and "jaxlm: error" not in stderr, stderr
+
+
+def test_killing_the_supervisor_kills_its_child(tmp_path):
+  pid_file = tmp_path / "child.pid"
+  supervisor = supervise(tmp_path, f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
+                                   "print('ready', flush=True); time.sleep(60)")
+  assert supervisor.stdout.readline() == "ready\n"
+  supervisor.kill()
+  supervisor.communicate(timeout=60)
+  child = int(pid_file.read_text())
+  deadline = time.monotonic() + 10
+  while time.monotonic() < deadline and Path(f"/proc/{child}").exists() and \
+      "zombie" not in Path(f"/proc/{child}/status").read_text():
+    time.sleep(0.1)
+  assert not Path(f"/proc/{child}").exists() or "zombie" in Path(f"/proc/{child}/status").read_text()

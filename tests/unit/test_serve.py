@@ -1,0 +1,312 @@
+"""The HTTP server on 127.0.0.1 (ephemeral port) with a real HTTP client: answers, streaming, the OpenAI
+fields (n, logprobs, echo, user, model), request ids and logs, and every bad request a 4xx JSON error."""
+
+import asyncio
+import json
+import logging
+import time
+
+import aiohttp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlm.inference import decode, logprobs as scoring, server as serve
+from jaxlm import hf, loader
+from jaxlm.models import transformer as model_lib
+from jaxlm.data import tokenizer as tokenizer_lib
+
+from conftest import files_config
+
+JSON = {"Content-Type": "application/json"}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, text_corpus):
+  """A run with random weights (the server does not care whether they were trained)."""
+  config = files_config(text_corpus)
+  params = model_lib.build(config.model).init(jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"]
+  return hf.write_run(config, params, tmp_path_factory.mktemp("run"))
+
+
+@pytest.fixture(scope="module")
+def server(run_dir):
+  app = serve.app_for_run(run_dir, max_batch=8)
+  background = serve.BackgroundServer(app)
+  yield background, app
+  background.close()
+
+
+@pytest.fixture(scope="module")
+def loaded(run_dir):
+  return loader.load(run_dir)
+
+
+@pytest.fixture(scope="module")
+def expected_text(loaded):
+  """What each prompt generates alone, outside the server (same cache length, so the same compiled shapes)."""
+  generator = decode.Generator(loaded.config.model, loaded.params, cache_len=128)
+  return lambda *args, **kwargs: _alone(loaded.tokenizer, generator, *args, **kwargs)
+
+
+def _alone(tok, generator, prompt, max_tokens, temperature=0.0, seed=0, top_k=0, top_p=1.0):
+  ids = [tok.eos_id] + list(tok.encode(prompt))
+  out = generator.generate([ids], max_tokens, decode.Sampling(temperature, top_k, top_p, seed), [tok.eos_id])
+  return tok.decode(out[0])
+
+
+async def post(session, url, body, headers=JSON):
+  data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+  async with session.post(url + "/v1/completions", data=data, headers=headers) as response:
+    return response.status, await response.json()
+
+
+GOOD = [{"prompt": f"def f{i}(x):", "max_tokens": 4 + i % 5, "temperature": 0.8 * (i % 2), "seed": i,
+         "top_p": 0.9, "top_k": 40 * (i % 3)} for i in range(24)]
+BAD = [(b"{not json", "body"), ({"prompt": 3}, "prompt"), ({"prompt": ""}, "prompt"),
+       ({"prompt": "x" * 80}, "prompt"), ({"prompt": "hi", "max_tokens": 62}, "max_tokens"),
+       ({"prompt": "hi", "nonsense": 1}, "nonsense"), ({"prompt": "hi", "top_p": 0}, "top_p"),
+       ({"prompt": "hi", "stop": [1]}, "stop")]
+
+
+def test_concurrent_requests_with_bad_ones_mixed_in(server, expected_text):
+  background, app = server
+
+  async def main():
+    async with aiohttp.ClientSession() as session:
+      async with session.get(background.url + "/health") as r:
+        assert r.status == 200 and (await r.json())["status"] == "ok"
+      async with session.get(background.url + "/v1/models") as r:
+        assert (await r.json())["data"][0]["max_len"] == 64
+      requests = [post(session, background.url, body) for body in GOOD]
+      requests += [post(session, background.url, body) for body, _ in BAD]
+      return await asyncio.gather(*requests)
+
+  batches_before = app[serve.ENGINE].batches
+  results = asyncio.run(main())
+  for (status, body), request in zip(results[:len(GOOD)], GOOD):
+    assert status == 200, body
+    choice = body["choices"][0]
+    assert choice["text"] == expected_text(request["prompt"], request["max_tokens"], request["temperature"],
+                                           request["seed"], request["top_k"], request["top_p"])
+    assert body["usage"]["completion_tokens"] <= request["max_tokens"]
+  for (status, body), (_, field) in zip(results[len(GOOD):], BAD):
+    assert status == 400 and body["error"]["param"] == field, body
+  # 24 good requests took far fewer decode batches: waiting requests were grouped.
+  assert app[serve.ENGINE].batches - batches_before <= 12
+  # Ids are unique, not a counter.
+  ids = [body["id"] for _, body in results[:len(GOOD)]]
+  assert len(set(ids)) == len(ids) and "cmpl-0" not in ids
+
+
+async def _events(session, url, body):
+  async with session.post(url + "/v1/completions", json=body) as r:
+    assert r.headers["Content-Type"].startswith("text/event-stream")
+    return [line[len(b"data: "):].strip() async for line in r.content if line.startswith(b"data: ")]
+
+
+def test_streaming_and_stop_strings(server, expected_text):
+  background, _ = server
+  full = expected_text("import os", 20)
+
+  async def main():
+    async with aiohttp.ClientSession() as session:
+      events = await _events(session, background.url, {"prompt": "import os", "max_tokens": 20, "stream": True})
+      stop = full[3:5]
+      stopped = await post(session, background.url, {"prompt": "import os", "max_tokens": 20, "stop": stop})
+      return events, stop, stopped
+
+  events, stop, (status, stopped) = asyncio.run(main())
+  assert events[-1] == b"[DONE]"
+  chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
+  assert "".join(c["text"] for c in chunks) == full
+  assert chunks[-1]["finish_reason"] in ("stop", "length") and len(chunks) > 2
+  assert status == 200 and stopped["choices"][0]["text"] == full[:full.index(stop)]
+  assert stopped["choices"][0]["finish_reason"] == "stop"
+
+
+def _model_logprobs(loaded, ids):
+  """log p(ids[j] | ids[:j]) for j >= 1, and the top-5 ids at each position, from one forward pass."""
+  module = model_lib.build(loaded.config.model)
+  logits = module.apply({"params": loaded.params}, jnp.asarray([ids]))[0]
+  logp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32)))
+  chosen = [float(logp[j - 1, ids[j]]) for j in range(1, len(ids))]
+  return chosen, [list(np.argsort(-logp[j - 1])[:5]) for j in range(1, len(ids))]
+
+
+def test_n_logprobs_echo_user_and_model(server, run_dir, loaded, expected_text, caplog):
+  background, _ = server
+  tok = loaded.tokenizer
+  prompt = "def parse(text):"
+  sampled = {"prompt": prompt, "max_tokens": 6, "n": 3, "temperature": 0.9, "seed": 5, "user": "someone",
+             "model": run_dir.resolve().name}
+  scored = {"prompt": prompt, "max_tokens": 6, "logprobs": 3, "echo": True}
+
+  async def main():
+    async with aiohttp.ClientSession() as session:
+      return (await post(session, background.url, sampled), await post(session, background.url, scored),
+              await _events(session, background.url, {**scored, "stream": True, "n": 2}),
+              await post(session, background.url, {"prompt": prompt, "model": "other"}))
+
+  with caplog.at_level(logging.INFO, logger="jaxlm.inference.server"):
+    (status, many), (status2, body), events, (status3, wrong_model) = asyncio.run(main())
+  assert status == 200 and [c["index"] for c in many["choices"]] == [0, 1, 2]
+  for i, choice in enumerate(many["choices"]):  # choice i samples with seed + i
+    assert choice["text"] == expected_text(prompt, 6, 0.9, 5 + i)
+  assert 3 <= many["usage"]["completion_tokens"] <= 3 * 6
+
+  assert status2 == 200
+  choice = body["choices"][0]
+  completion = expected_text(prompt, 6)
+  assert choice["text"] == prompt + completion
+  logprobs = choice["logprobs"]
+  prompt_ids = [int(i) for i in tok.encode(prompt)]
+  completion_ids = [int(i) for i in tok.encode(completion)]
+  # Every token of prompt + completion, scored by the model itself (the first prompt token after EOS).
+  want, want_top = _model_logprobs(loaded, [tok.eos_id] + prompt_ids + completion_ids)
+  assert logprobs["tokens"] == [scoring.token_text(tok, i) for i in prompt_ids + completion_ids]
+  np.testing.assert_allclose(logprobs["token_logprobs"], want, atol=2e-4)
+  offsets = logprobs["text_offset"]
+  assert offsets[:len(prompt) + 1] == list(range(len(prompt) + 1))  # one ASCII byte per prompt token
+  assert offsets == sorted(offsets) and offsets[-1] < len(prompt + completion)
+  for top, ids, chosen in zip(logprobs["top_logprobs"], want_top, want):
+    assert list(top) == [scoring.token_text(tok, int(i)) for i in ids[:3]]
+    assert max(top.values()) >= chosen - 2e-4
+  # Greedy: each completion token is its step's most likely one.
+  for top, lp in zip(logprobs["top_logprobs"][len(prompt_ids):], logprobs["token_logprobs"][len(prompt_ids):]):
+    assert max(top.values()) == pytest.approx(lp, abs=1e-6)
+
+  # Streaming n=2 with echo and logprobs: each choice's chunks add up to the same text and log-probabilities.
+  assert events[-1] == b"[DONE]"
+  for index in (0, 1):
+    chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
+    chunks = [c for c in chunks if c["index"] == index]
+    assert "".join(c["text"] for c in chunks) == prompt + completion
+    streamed = [lp for c in chunks for lp in c["logprobs"]["token_logprobs"]]
+    np.testing.assert_allclose(streamed, want, atol=2e-4)
+
+  assert status3 == 404 and wrong_model["error"]["param"] == "model"
+  lines = [r.getMessage() for r in caplog.records if r.name == "jaxlm.inference.server"]
+  new_tokens = many["usage"]["completion_tokens"]
+  assert any(many["id"] in line and " 200 " in line and "prompt_tokens=17" in line
+             and f"new_tokens={new_tokens}" in line and "latency=" in line for line in lines), lines
+  assert sum(many["id"] in line for line in lines) == 1
+
+
+NESTED = b"[" * 100_000 + b"]" * 100_000
+FUZZ = [  # (method, path, body, headers, status, param)
+    ("POST", "/v1/completions", b'{"prompt": "\\ud800"}', JSON, 400, "prompt"),
+    ("POST", "/v1/completions", b'{"prompt": "hi", "stop": "\\udfff"}', JSON, 400, "stop"),
+    ("POST", "/v1/completions", NESTED, JSON, 400, "body"),
+    ("POST", "/v1/completions", b'{"prompt": "hi"}', {"Content-Type": "text/plain"}, 415, "Content-Type"),
+    ("POST", "/v1/completions", b'{"prompt": "hi"}', {}, 415, "Content-Type"),
+    ("POST", "/v1/completions", b'{"prompt": "hi", "temperature": NaN}', JSON, 400, "body"),
+    ("POST", "/v1/completions", b'{"prompt": "hi", "temperature": Infinity}', JSON, 400, "body"),
+    ("POST", "/v1/completions", b'{"prompt": "hi", "temperature": 1e999}', JSON, 400, "temperature"),
+    ("POST", "/v1/completions", b'{"prompt": "hi", "top_k": 1e9}', JSON, 400, "top_k"),
+    ("POST", "/v1/completions", b'{"prompt": "hi", "top_k": 1000000000}', JSON, 400, "top_k"),
+    ("POST", "/v1/completions", b'{"prompt": "hi", "top_k": 100000000000000000000}', JSON, 400, "top_k"),
+    ("POST", "/v1/completions", b'{"prompt": "hi", "seed": -1}', JSON, 400, "seed"),
+    ("POST", "/v1/completions", b'{"prompt": "hi", "n": 0}', JSON, 400, "n"),
+    ("POST", "/v1/completions", b'{"prompt": "hi", "n": 1000}', JSON, 400, "n"),
+    ("POST", "/v1/completions", b'{"prompt": "hi", "logprobs": 6}', JSON, 400, "logprobs"),
+    ("POST", "/v1/completions", b'{"prompt": "hi", "logprobs": true}', JSON, 400, "logprobs"),
+    ("POST", "/v1/completions", b'{"prompt": "hi", "echo": 1}', JSON, 400, "echo"),
+    ("POST", "/v1/completions", b'{"prompt": "hi", "stream": "yes"}', JSON, 400, "stream"),
+    ("POST", "/v1/completions", b'{"prompt": "hi", "user": 7}', JSON, 400, "user"),
+    ("POST", "/v1/completions", b'{"prompt": ["hi"]}', JSON, 400, "prompt"),
+    ("POST", "/v1/completions", b'{"prompt": "hi", "best_of": 2}', JSON, 400, "best_of"),
+    ("POST", "/v1/completions", b"[]", JSON, 400, "body"),
+    ("POST", "/v1/completions", b"\xff\xfe", JSON, 400, "body"),
+    ("POST", "/v1/completions", b"", JSON, 400, "body"),
+    ("POST", "/v1/completions", b'{"prompt": "' + b"x" * (2 << 20) + b'"}', JSON, 413, "body"),
+    ("GET", "/v1/completions", None, {}, 405, "method"),
+    ("GET", "/nowhere", None, {}, 404, "path"),
+    ("POST", "/v1/chat/completions", b"{}", JSON, 400, "messages"),  # the route exists (tests/integration/test_chat.py)
+]
+
+
+def test_every_bad_request_gets_a_4xx_json_error_naming_the_field(server, caplog):
+  background, _ = server
+
+  async def send(session, method, path, body, headers):
+    async with session.request(method, background.url + path, data=body, headers=headers) as r:
+      return r.status, r.headers.get("Content-Type", ""), await r.read()
+
+  async def main():
+    async with aiohttp.ClientSession() as session:
+      answers = [await send(session, *case[:4]) for case in FUZZ]
+      async with session.get(background.url + "/health") as r:
+        return answers, r.status
+
+  with caplog.at_level(logging.INFO):
+    answers, health = asyncio.run(main())
+  for (method, path, body, _, status, param), (got, content_type, raw) in zip(FUZZ, answers):
+    case = f"{method} {path} {(body or b'')[:60]!r}"
+    assert got == status and content_type.startswith("application/json"), (case, got, raw[:300])
+    error = json.loads(raw)["error"]
+    assert error["param"] == param and error["message"] and error["code"] == status, (case, error)
+  assert health == 200  # still serving
+  assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+
+
+class _SlowBytes:
+  """A stand-in generator that emits given UTF-8 bytes one token per step, `delay` seconds apart."""
+
+  def __init__(self, text: str, delay: float = 0.0):
+    self.tokens = [b + tokenizer_lib.ByteTokenizer.offset for b in text.encode()]
+    self.delay = delay
+    self.cfg = type("Cfg", (), {"max_len": 256, "vocab_size": 260})()
+    self.scores = {}
+
+  def stream(self, prompts, max_new_tokens, sampling, stop_ids, batch_size):
+    for t, token in enumerate(self.tokens[:max_new_tokens[0]]):
+      time.sleep(self.delay)
+      last = t + 1 == min(len(self.tokens), max_new_tokens[0])
+      yield decode.StepOutput(np.full(batch_size, token), np.ones(batch_size, bool), np.zeros(batch_size, bool),
+                              np.full(batch_size, last))
+
+
+def test_streams_whole_characters_and_a_disconnect_is_one_log_line(caplog):
+  text = "é€😀a" * 4
+
+  async def main(url):
+    async with aiohttp.ClientSession() as session:
+      return await _events(session, url, {"prompt": "x", "max_tokens": 200, "stream": True})
+
+  whole = serve.BackgroundServer(serve.make_app(_SlowBytes(text), tokenizer_lib.ByteTokenizer(), "bytes"))
+  slow = serve.BackgroundServer(serve.make_app(_SlowBytes(text * 4, 0.02), tokenizer_lib.ByteTokenizer(), "bytes"))
+  try:
+    with caplog.at_level(logging.DEBUG):
+      events = asyncio.run(main(whole.url))
+      asyncio.run(_hang_up(slow.url))
+      deadline = time.time() + 20
+      while time.time() < deadline and not any("client-disconnected" in r.getMessage() for r in caplog.records):
+        time.sleep(0.05)
+  finally:
+    whole.close()
+    slow.close()
+  pieces = [json.loads(e)["choices"][0]["text"] for e in events[:-1]]
+  assert "".join(pieces) == text and all("\ufffd" not in p for p in pieces)
+  assert len(pieces) <= len(text)  # at most one event per character, never one per byte
+  lines = [r for r in caplog.records if "client-disconnected" in r.getMessage()]
+  assert len(lines) == 1 and lines[0].name == "jaxlm.inference.server"
+  assert not [r for r in caplog.records if r.exc_info or "Error handling request" in r.getMessage()]
+
+
+async def _hang_up(url):
+  """Reads the first event of a long stream, then closes the connection."""
+  async with aiohttp.ClientSession() as session:
+    async with session.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 200, "stream": True}) as r:
+      await r.content.readline()
+
+
+def test_token_offsets_and_texts_for_split_and_invalid_bytes():
+  tok = tokenizer_lib.ByteTokenizer()
+  ids = [int(i) for i in tok.encode("aé")] + [0xA7 + tok.offset] + [int(i) for i in tok.encode("b")]
+  assert tok.decode(ids) == "aé\ufffdb"
+  # é's two bytes both start at character 1; the invalid byte is a character of its own.
+  assert scoring.char_offsets(tok, ids, 0, len(ids)) == [0, 1, 1, 2, 3]
+  assert [scoring.token_text(tok, i) for i in ids] == ["a", "bytes:\\xc3", "bytes:\\xa9", "bytes:\\xa7", "b"]
+  assert scoring.token_text(tok, tok.eos_id) == "<eos>"
