@@ -46,13 +46,13 @@ def compile_case(case: dict):
   """Builds and compiles the step of one case in this process: (compiled, state, batch, rng, result)."""
   import jax
   import numpy as np
-  from jaxlm.parallel import sharding
+  from jaxlm.parallel import mesh as mesh_lib, sharding
   from jaxlm.training import step as train
   config = gpt2_small(case["batch"], case["scan_layers"], case["remat_policy"], case.get("cache_dir", ""))
   if config.train.compilation_cache_dir:
     # As jaxlm.training.trainer.train does; the thresholds are lowered so the test of the cache is not size-gated.
     jax.config.update("jax_compilation_cache_dir", config.train.compilation_cache_dir)
-  s = train.setup(config, sharding.make_mesh(config))
+  s = train.setup(config, mesh_lib.make_mesh(config))
   state = train.create_state(s, config.seed)
   step = train.make_train_step(s)
   tokens = np.random.default_rng(0).integers(0, config.model.vocab_size, (case["batch"], config.data.seq_len + 1))

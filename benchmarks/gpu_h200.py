@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from jaxlm.training import flops as metrics, step as train  # noqa: E402
 from jaxlm.config import presets
-from jaxlm.parallel import sharding
+from jaxlm.parallel import mesh as mesh_lib, sharding
 
 
 BATCHES = {"gpt2": (16, 32, 64), "llama1b": (4, 8, 16)}
@@ -67,7 +67,7 @@ def model_config(model: str, impl: str, remat: str, batch: int, smoke: bool):
 
 
 def measure(config, steps: int) -> dict:
-  s = train.setup(config, sharding.make_mesh(config))
+  s = train.setup(config, mesh_lib.make_mesh(config))
   state = train.create_state(s, config.seed)
   step = train.make_train_step(s)
   b, t = config.train.global_batch_size, config.data.seq_len

@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 
 from jaxlm.models import lora  # noqa: E402
 from jaxlm.config import presets
-from jaxlm.parallel import sharding
+from jaxlm.parallel import mesh as mesh_lib, sharding
 from jaxlm.training import step as train_step
 
 
@@ -81,7 +81,7 @@ def main(argv=None):
   p.add_argument("--steps", type=int, default=20)
   args = p.parse_args(argv)
   config = config_for(args)
-  mesh = sharding.make_mesh(config)
+  mesh = mesh_lib.make_mesh(config)
   full = measure(config, mesh, None, args.steps)
   base = full.pop("state").params
   rows = [("full fine-tuning", full)]

@@ -36,7 +36,7 @@ from benchmarks import torch_peer  # noqa: E402
 from jaxlm import config as config_lib  # noqa: E402
 from jaxlm import runtime
 from jaxlm.training import flops as metrics, step as train
-from jaxlm.parallel import sharding
+from jaxlm.parallel import mesh as mesh_lib, sharding
 
 
 def reference_config(overrides: list[str]):
@@ -66,7 +66,7 @@ def jax_batch(tokens_BxT1: np.ndarray, batch_sharding) -> dict[str, jax.Array]:
 class JaxRunner:
   def __init__(self, config):
     config_lib.validate(config, jax.device_count())
-    self.setup = train.setup(config, sharding.make_mesh(config))
+    self.setup = train.setup(config, mesh_lib.make_mesh(config))
     self.state = train.create_state(self.setup, config.seed)
     self.step = train.make_train_step(self.setup)
     self.rng = jax.random.key(config.seed + 1)

@@ -5,7 +5,7 @@ Hardware:  TPU v4-64 class (the paper: 64 Cloud TPU chips for 4 days).
 Time:      1M steps of 256 x 512 tokens; about 4 days on the paper's hardware.
 Expected:  the paper reports downstream scores only (MNLI-m 86.7 after fine-tuning,
            which jaxlm does not do); jaxlm reports MLM accuracy beside the unigram baseline.
-Data:      English Wikipedia via TFDS (docs/datasets.md); BooksCorpus is not available.
+Data:      English Wikipedia via TFDS (docs/data.md); BooksCorpus is not available.
 """
 
 from jaxlm.config import presets

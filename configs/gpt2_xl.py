@@ -7,7 +7,7 @@ Time:      about 2 weeks (estimate, not measured) for 300B tokens at 0.5M tokens
            (GPT-3's recipe; GPT-2's own is unpublished).
 Expected:  the paper's zero-shot WikiText-103 perplexity is 17.48; jaxlm reports C4 validation
            loss/perplexity with its own SentencePiece vocabulary, which is not directly comparable.
-Data:      C4 via TFDS (docs/datasets.md); GPT-2's WebText is not public.
+Data:      C4 via TFDS (docs/data.md); GPT-2's WebText is not public.
 """
 
 from jaxlm.config import presets

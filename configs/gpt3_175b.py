@@ -8,7 +8,7 @@ Time:      about 1-2 months for the paper's 300B tokens (estimate, not measured)
 Expected:  the paper's validation loss curves (Figure 3.1) and zero-shot results (Table 3.2 onward; 175B:
            LAMBADA perplexity 3.00, accuracy 76.2%). jaxlm reports C4 validation loss/perplexity with its
            own SentencePiece vocabulary, so the numbers are not directly comparable.
-Data:      C4 via TFDS (docs/datasets.md); GPT-3's training mix is not public.
+Data:      C4 via TFDS (docs/data.md); GPT-3's training mix is not public.
 """
 
 from jaxlm.config import presets

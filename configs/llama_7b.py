@@ -4,7 +4,7 @@ Command:   experiments/gpt.sh llama_7b gs://BUCKET/llama_7b   (train on C4, then
 Hardware:  TPU v4-512 / v5p-256 class, with --config.mesh.fsdp=-1 --config.mesh.data=1.
 Time:      1T tokens; the paper's 7B took about 82k A100-hours.
 Expected:  the paper's zero-shot HellaSwag 76.1 (Table 3); jaxlm reports C4 validation loss/perplexity.
-Data:      C4 via TFDS (docs/datasets.md); a 32000-id SentencePiece vocabulary trained on first use.
+Data:      C4 via TFDS (docs/data.md); a 32000-id SentencePiece vocabulary trained on first use.
 """
 
 from jaxlm.config import presets

@@ -5,7 +5,7 @@ Command:   experiments/qa.sh runs/squad_bert_tiny      (jaxlm train, then jaxlm 
              --config.data.validation_paths=dev-v1.1.json
 Hardware:  2-core x86-64 CPU for a look; an accelerator for a real run (88k questions, several windows each).
 Time:      not measured: this machine has no SQuAD (nothing downloads here; prepare `squad` with TFDS first,
-           docs/datasets.md). The data path, windowing and metrics are exercised by tests/unit/test_squad.py on
+           docs/data.md). The data path, windowing and metrics are exercised by tests/unit/test_squad.py on
            TFDS mock data and hand-made JSON.
 Expected:  not measured (see Time). For scale: BERT-base reaches EM 80.8 / F1 88.5 on SQuAD v1.1 dev after
            pretraining; this 4-layer byte model trained from scratch will be far below. `jaxlm eval` reports

@@ -8,7 +8,7 @@ Time:      100k steps; 12 hours on 8 P100s in the paper.
 Params:    63.1M here: the paper's 65M is rounded and does not say what it counts.
 Expected:  BLEU 27.3 on newstest2014 (the paper's; it averages the last checkpoints and scores
            tokenized BLEU, so sacrebleu's detokenized score typically comes out lower).
-Data:      wmt14_translate/de-en via TFDS (docs/datasets.md); the SentencePiece vocabulary is trained on
+Data:      wmt14_translate/de-en via TFDS (docs/data.md); the SentencePiece vocabulary is trained on
            its training text on first use.
 """
 

@@ -7,7 +7,7 @@ Hardware:  8 GPUs (the paper: 8x P100) or a TPU v4-8.
 Time:      300k steps; 3.5 days on 8 P100s in the paper.
 Expected:  BLEU 28.4 on newstest2014 (the paper's; it averages the last checkpoints and scores
            tokenized BLEU, so sacrebleu's detokenized score typically comes out lower).
-Data:      wmt14_translate/de-en via TFDS (docs/datasets.md); the SentencePiece vocabulary is trained on
+Data:      wmt14_translate/de-en via TFDS (docs/data.md); the SentencePiece vocabulary is trained on
            its training text on first use.
 """
 

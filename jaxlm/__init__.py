@@ -48,7 +48,7 @@ _EXPORTS = {
     "Embedder": ("jaxlm.models.layers", "Embedder"),
     "base_config": ("jaxlm.config", "base_config"),
     "load_config_file": ("jaxlm.config", "load_config_file"),
-    "make_mesh": ("jaxlm.parallel.sharding", "make_mesh"),
+    "make_mesh": ("jaxlm.parallel.mesh", "make_mesh"),
     "Generator": ("jaxlm.inference.decode", "Generator"),
     "Sampling": ("jaxlm.inference.decode", "Sampling"),
     "beam_search": ("jaxlm.inference.decode", "beam_search"),

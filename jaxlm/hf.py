@@ -33,13 +33,14 @@ import jax.numpy as jnp
 import numpy as np
 from einops import EinopsError, rearrange
 
+from jaxlm.errors import JaxlmError
 from jaxlm import config as config_lib
 from jaxlm.storage import fs
 from jaxlm.models import transformer as model_lib
 from jaxlm.inference.export import flatten, unflatten
 
 
-class ConvertError(ValueError):
+class ConvertError(JaxlmError, ValueError):
   """An unsupported or inconsistent checkpoint; the message lists what differs."""
 
 
@@ -114,11 +115,10 @@ def _multi_head(m) -> bool:
 
 # Per export architecture, what each model key must be for HF to compute what jaxlm computes: a value, a
 # tuple of values, or a predicate of the whole model config. Keys in _FREE change no computation HF sees
-# (sizes the converter maps, numerics settings, kernels, introspection). Any other key must keep its
-# base_config() default, so an option added later is refused until its architecture says otherwise.
-_FREE = ("vocab_size", "num_layers", "d_model", "num_heads", "mlp_dim", "max_len", "norm_eps", "dropout_rate",
-         "dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl", "attention_block_size",
-         "cpu_kernels", "sow_attention_weights")
+# (sizes the converter maps, how the weights are stored, numerics settings, kernels, introspection: the schema's
+# `WEIGHTS_FREE` marks). Any other key must keep its base_config() default, so an option added later is refused
+# until its architecture says otherwise.
+_FREE = config_lib.model_keys("size", "storage", "runtime")
 _EXPORTS = {
     "GPT2LMHeadModel": dict(family="decoder", norm="layernorm", norm_position="pre", position="learned",
                             mlp="gelu", use_bias=True, tie_embeddings=True, num_kv_heads=_multi_head,
@@ -345,7 +345,8 @@ def _ignored(key: str, arch: str, m) -> bool:
 
 
 def _stack_name(m) -> str:
-  return "encoder" if m.family == "encoder" else "decoder"
+  """The parameter subtree of the layers: BERT's encoder, else the decoder."""
+  return "encoder" if architecture_of(m) == "BertForMaskedLM" else "decoder"
 
 
 def _stack_layers(flat: dict, num_layers: int, stack: str = "decoder") -> dict:
@@ -503,24 +504,21 @@ def write_run(config, params, workdir, tokenizer=None) -> Path:
   """A run directory usable by train/eval/generate/serve: config.json, `tokenizer` (default: the byte
   tokenizer), and an Orbax checkpoint at step 0 holding `params` with a fresh optimizer state (the normal
   TrainState layout)."""
-  from jaxlm.storage import checkpoint
-  from jaxlm.parallel import sharding
+  from jaxlm.storage import run_dir
+  from jaxlm.parallel import mesh as mesh_lib
   from jaxlm.data import tokenizer as tokenizer_lib
-  from jaxlm.training import step as train_lib, trainer
+  from jaxlm.training import step as train_lib
   workdir = fs.path(workdir)
-  checkpoints = workdir / "checkpoints"
-  if checkpoints.is_dir() and any(checkpoints.iterdir()):
-    raise ConvertError(f"{checkpoints} already holds checkpoints; pass an empty --workdir")
-  trainer.write_run_files(config, workdir, tokenizer or tokenizer_lib.ByteTokenizer())
-  s = train_lib.setup(config, sharding.make_mesh(config))
+  if run_dir.has_checkpoints(workdir):
+    raise ConvertError(f"{run_dir.checkpoints_path(workdir)} already holds checkpoints; pass an empty --workdir")
+  run_dir.write_run_files(workdir, config, tokenizer or tokenizer_lib.ByteTokenizer())
+  s = train_lib.setup(config, mesh_lib.make_mesh(config))
 
   def make_state(p):
     return train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=s.tx.init(p))
   params = jax.tree.map(jnp.asarray, _unbox(params))
   state = jax.jit(make_state, out_shardings=s.state_shardings)(params)
-  saver = checkpoint.Checkpointer(checkpoints, keep=config.train.keep_checkpoints)
-  saver.save(0, state.to_dict(), {"config": config.to_dict(), "data_position": 0})
-  saver.close()
+  run_dir.write_checkpoint(workdir, 0, state.to_dict(), config, keep=config.train.keep_checkpoints)
   return workdir
 
 

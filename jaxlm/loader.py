@@ -15,30 +15,28 @@ never read, so a run loads in the memory of its parameters alone.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
-import ml_collections
-import numpy as np
 from jax.sharding import Mesh
 
+from jaxlm.errors import JaxlmError
 from jaxlm.storage import checkpoint as checkpoint_lib
-from jaxlm.storage import fs
+from jaxlm.storage import fs, run_dir
 from jaxlm import config as config_lib
 from jaxlm.config import Config, ModelConfig
 from jaxlm.models import transformer as model_lib
 from jaxlm import families
 from jaxlm.models import lora
 from jaxlm.models import quantize
-from jaxlm.parallel import sharding
+from jaxlm.parallel import mesh as mesh_lib, sharding
 from jaxlm.data import tokenizer as tokenizer_lib
 
 
-class RunError(RuntimeError):
+class RunError(JaxlmError, RuntimeError):
   """A work directory that is not a finished `jaxlm train` run (no config, no checkpoint)."""
 
 
@@ -61,17 +59,16 @@ class Run(NamedTuple):
 def load_config(workdir: str | Path) -> Config:
   """The whole config a run saved in `workdir/config.json`, schema-checked; raises RunError if absent."""
   fs.check_access(workdir)  # a gs:// bucket that is missing or refuses access: one line
-  path = fs.path(workdir) / "config.json"
-  if not path.is_file():
-    raise RunError(f"{path} not found; pass the --workdir of a run started with `jaxlm train`")
-  config = ml_collections.ConfigDict(json.loads(path.read_text()))
+  config = run_dir.read_config(workdir)
+  if config is None:
+    raise RunError(f"{run_dir.config_path(workdir)} not found; pass the --workdir of a run started with `jaxlm train`")
   config_lib.check_schema(config)
   return config
 
 
 def single_device_mesh() -> Mesh:
   """A 1 x 1 x 1 mesh (axes data, fsdp, tensor) on the first device."""
-  return Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.AXES)
+  return mesh_lib.mesh_of_sizes(dict.fromkeys(mesh_lib.AXES, 1))
 
 
 def abstract_params(model_cfg: ModelConfig, module: nn.Module | None = None):
@@ -113,7 +110,7 @@ def restore_params(workdir: str | Path, config: Config, shardings, step: int | N
   if quantize.is_int8_run(workdir):  # written by `jaxlm quantize`: int8 params, no optimizer state
     target = {"params": quantize.abstract_int8(target["params"])}
   with _quiet_restore():
-    checkpointer = checkpoint_lib.Checkpointer(fs.path(workdir) / "checkpoints", read_only=True)
+    checkpointer = checkpoint_lib.Checkpointer(run_dir.checkpoints_path(workdir), read_only=True)
     try:
       step = checkpointer.latest_step() if step is None else step
       if step is None:

@@ -17,7 +17,6 @@ variables that point every client library jaxlm uses at it:
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+from support import free_port
 
 # gcp-storage-emulator, in memory, with one addition: object downloads carry the `x-goog-generation` header,
 # as Cloud Storage's do. TensorStore reads an object's generation from it (OCDBT's manifest updates are
@@ -57,12 +57,6 @@ server.create_server("127.0.0.1", int(sys.argv[1]), in_memory=True).run()
 """
 
 
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 class Emulator:
   """One emulator process; `url` is its endpoint, e.g. http://127.0.0.1:40123."""
 
@@ -74,8 +68,9 @@ class Emulator:
   def start(self, timeout_s: float = 30.0) -> "Emulator":
     # A file, not a pipe: nobody reads the emulator's log while it runs, and a full pipe would block it.
     self.log = tempfile.TemporaryFile()
-    self.process = subprocess.Popen([sys.executable, "-c", _SERVER, str(self.port), str(os.getpid())], stdout=self.log,
-                                    stderr=subprocess.STDOUT)
+    self.process = subprocess.Popen(
+      [sys.executable, "-c", _SERVER, str(self.port), str(os.getpid())], stdout=self.log, stderr=subprocess.STDOUT
+    )
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
       if self.process.poll() is not None:
@@ -106,18 +101,26 @@ class Emulator:
 
   def environment(self) -> dict[str, str]:
     """The variables that send gcsfs, google-cloud-storage, TensorStore and array_record to this emulator."""
-    return {"STORAGE_EMULATOR_HOST": self.url, "TENSORSTORE_GCS_HTTP_URL": self.url,
-            "CLOUD_STORAGE_EMULATOR_ENDPOINT": self.url, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+    return {
+      "STORAGE_EMULATOR_HOST": self.url,
+      "TENSORSTORE_GCS_HTTP_URL": self.url,
+      "CLOUD_STORAGE_EMULATOR_ENDPOINT": self.url,
+      "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+    }
 
   def create_bucket(self, name: str) -> None:
-    request = urllib.request.Request(f"{self.url}/storage/v1/b?project=test", method="POST",
-                                     data=('{"name": "%s"}' % name).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+      f"{self.url}/storage/v1/b?project=test",
+      method="POST",
+      data=('{"name": "%s"}' % name).encode(),
+      headers={"Content-Type": "application/json"},
+    )
     urllib.request.urlopen(request, timeout=10).read()
 
   def list_objects(self, bucket: str, prefix: str = "") -> list[str]:
     """Every object name in `bucket` under `prefix`, through the JSON API (no client library)."""
     import json
+
     names, token = [], ""
     while True:
       query = f"prefix={urllib.parse.quote(prefix)}" + (f"&pageToken={token}" if token else "")

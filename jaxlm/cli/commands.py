@@ -11,36 +11,27 @@ import json
 import sys
 import time
 
-from jaxlm.storage import checkpoint
 from jaxlm import config as config_lib
+from jaxlm.errors import JaxlmError
 
 
-def _expected_errors():
-  from jaxlm import loader  # local: keeps `jaxlm --help` fast
-  from jaxlm.training import trainer
-  from jaxlm.inference import decode
-  from jaxlm.models import quantize
-  from jaxlm.storage import fs, runlock
-  from jaxlm import hf
-  from jaxlm.training import plot
-  from jaxlm.parallel import sharding
-  return (config_lib.ConfigError, checkpoint.CheckpointError, loader.RunError, trainer.TrainingError,
-          FileNotFoundError, decode.DecodeError, hf.ConvertError, plot.PlotError, quantize.QuantizeError,
-          runlock.LockError, sharding.DistributedError, fs.StorageError)
+# What the command reports in one line (exit 2) instead of a traceback.
+EXPECTED_ERRORS = (JaxlmError, FileNotFoundError)
 
 
 def run(args, overrides: list[str]) -> int:
   """Runs subcommand `args.command` (parsed by `jaxlm.cli.main`); returns the exit status (2: an expected error)."""
   try:
     return COMMANDS[args.command](args, overrides)
-  except _expected_errors() as e:
+  except EXPECTED_ERRORS as e:
     print(f"jaxlm: error: {e}", file=sys.stderr)
     return 2
   except OSError as e:
     if e.errno not in (errno.ENOSPC, errno.EDQUOT):
       raise
     # A full disk fails every later write too (logs closing after a failed save): report the first failure.
-    first = e.__context__ if isinstance(e.__context__, _expected_errors()) else f"writing {e.filename or 'a file'}: {e.strerror}"
+    first = (e.__context__ if isinstance(e.__context__, EXPECTED_ERRORS) else
+             f"writing {e.filename or 'a file'}: {e.strerror}")
     print(f"jaxlm: error: {first}", file=sys.stderr)
     return 2
 
@@ -62,19 +53,14 @@ def _eval(args, overrides) -> int:
   from jaxlm.tasks import evaluate
   result = evaluate.evaluate(args.workdir, args.step, args.max_batches)
   print(json.dumps(result, indent=2))
-  if "summary" in result:  # the encoder and encoder-decoder families report against their own baselines
-    print(result["summary"])
-    return 0
-  print(f"step {result['step']}: validation loss {result['loss']:.4f}, perplexity {result['perplexity']:.3f}, "
-        f"{result['bits_per_byte']:.3f} bits/byte (gzip -9: {result['gzip-9_bits_per_byte']:.3f}, "
-        f"xz -9: {result['xz-9_bits_per_byte']:.3f})")
+  print(result["summary"])  # each family's line, against its own baselines
   return 0
 
 
 def _mesh(args):
   """The mesh of the --mesh flag (None without it: one device)."""
-  from jaxlm.inference import decode
-  return decode.make_mesh(args.mesh) if getattr(args, "mesh", None) else None
+  from jaxlm.parallel import mesh as mesh_lib
+  return mesh_lib.mesh_of_sizes(args.mesh) if getattr(args, "mesh", None) else None
 
 
 def _load(args):
@@ -85,7 +71,7 @@ def _load(args):
 
 
 def _generate(args, overrides) -> int:
-  from jaxlm.inference import decode
+  from jaxlm.inference import decode, text as text_lib
   from jaxlm.storage import fs
   run = _load(args)
   text = fs.path(args.prompt_file).read_text() if args.prompt_file else args.prompt  # local or gs://
@@ -106,17 +92,13 @@ def _generate(args, overrides) -> int:
     return 0
   generator = decode.Generator(model, run.params, start_id=tok.bos_id, mesh=mesh, rules=rules)
   sampling = decode.Sampling(args.temperature, args.top_k, args.top_p, args.seed)
-  new, printed, first = [], "", None
+  output, first = text_lib.TextStream(tok), None
   for out in generator.stream([ids], args.max_tokens, sampling, stop):
     first = first or time.perf_counter()
     if out.emit_B[0]:
-      new.append(int(out.tokens_B[0]))
-      decoded = tok.decode(new)
-      if not decoded.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-        print(decoded[len(printed):], end="", flush=True)
-        printed = decoded
-  print(tok.decode(new)[len(printed):], flush=True)
-  _print_speed(len(new), start, first)
+      print(output.push(int(out.tokens_B[0])), end="", flush=True)
+  print(output.push(last=True), flush=True)
+  _print_speed(len(output.tokens), start, first)
   return 0
 
 
@@ -169,8 +151,8 @@ def _export(args, overrides) -> int:
 
 
 def _quantize(args, overrides) -> int:
-  from jaxlm.tasks import int8_report as quantize_report
-  result = quantize_report.compare(args.workdir, args.step, args.max_batches, args.out)
+  from jaxlm.tasks import evaluate
+  result = evaluate.compare_int8(args.workdir, args.step, args.max_batches, args.out)
   print(json.dumps(result, indent=2))
   print(f"int8 weights: {result['float_mb']:.2f} MB -> {result['int8_mb']:.2f} MB "
         f"({result['memory_reduction']:.2f}x smaller); validation perplexity {result['float_perplexity']:.4f} -> "

@@ -62,7 +62,7 @@ def parser() -> argparse.ArgumentParser:
   config_show.add_argument("action", choices=["show"])
   config_show.add_argument("config", metavar="CONFIG", help="a configs/*.py file with get_config()")
   prepare = sub.add_parser("prepare", help="tokenize the config's data source once into token shards that "
-                                           "--config.data.source=prepared reads (README \"Data\")")
+                                           "--config.data.source=prepared reads (docs/data.md)")
   prepare.add_argument("--config", required=True, help="a configs/*.py file with get_config(); its data.* keys")
   prepare.add_argument("--out", required=True, help="output folder: OUT/train and OUT/validation")
   prepare.add_argument("--split", choices=["train", "validation"], default=None, help="one split (default: both)")
@@ -71,17 +71,15 @@ def parser() -> argparse.ArgumentParser:
   return p
 
 
-MESH_AXES = ("data", "fsdp", "tensor")  # as jaxlm.parallel.sharding.AXES; not imported, so `jaxlm --help` stays fast
-
-
 def mesh_sizes(text: str) -> dict[str, int]:
   """The --mesh flag's 'data=2,tensor=4' as {'data': 2, 'fsdp': 1, 'tensor': 4} (axes left out are 1)."""
-  sizes = dict.fromkeys(MESH_AXES, 1)
+  from jaxlm.parallel import mesh as mesh_lib  # local: it loads jax, which `jaxlm --help` does not need
+  sizes = dict.fromkeys(mesh_lib.AXES, 1)
   for item in text.split(","):
     name, _, value = item.partition("=")
-    if name.strip() not in MESH_AXES or not value.strip().isdigit() or int(value) < 1:
+    if name.strip() not in mesh_lib.AXES or not value.strip().isdigit() or int(value) < 1:
       raise argparse.ArgumentTypeError(
-          f"'{item}' is not AXIS=SIZE with AXIS one of {', '.join(MESH_AXES)} and SIZE >= 1; "
+          f"'{item}' is not AXIS=SIZE with AXIS one of {', '.join(mesh_lib.AXES)} and SIZE >= 1; "
           "write e.g. --mesh data=2,tensor=4")
     sizes[name.strip()] = int(value)
   return sizes

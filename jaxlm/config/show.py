@@ -46,14 +46,14 @@ def schema_comments() -> dict[str, str]:
 
 def rows(config) -> list[dict]:
   """One dict per schema key of `config` (a whole ConfigDict): key, value, type, allowed, comment, changed."""
-  defaults = dict(config_lib._leaves(config_lib.base_config()))
+  defaults = dict(config_lib.leaves(config_lib.base_config()))
   comments = schema_comments()
   return [{"key": key, "value": value, "type": type(defaults[key]).__name__,
            "allowed": config_lib.allowed(key).describe(),
            # A comment that only lists the choices says nothing the 'allowed' column does not.
            "comment": "" if comments.get(key, "") == config_lib.allowed(key).describe() else comments.get(key, ""),
            "changed": value != defaults[key]}
-          for key, value in config_lib._leaves(config)]
+          for key, value in config_lib.leaves(config)]
 
 
 def format_table(config, source: str) -> str:

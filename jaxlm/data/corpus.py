@@ -121,8 +121,14 @@ def read_text_bytes(path: Path) -> bytes:
 Range = tuple[Path, int, int]
 
 
+def stdlib_ranges(data_config) -> dict[str, list[Range]]:
+  """{'train': ranges, 'validation': ranges} for data.source 'stdlib': whole files, each in one split by its path."""
+  return {split: [_whole(p) for p in stdlib_split(split, data_config.val_fraction, data_config.include_tests)]
+          for split in ("train", "validation")}
+
+
 def split_ranges(data_config) -> dict[str, list[Range]]:
-  """{'train': ranges, 'validation': ranges} for data.source 'stdlib' or 'files', each in reading order.
+  """{'train': ranges, 'validation': ranges} for data.source 'files', each in reading order.
 
   Each range of a text file is one document; a `.jsonl` range holds one
   document per line (see `documents`). With `data.validation_paths`,
@@ -133,9 +139,6 @@ def split_ranges(data_config) -> dict[str, list[Range]]:
   the last `val_fraction` of their bytes, so no byte is in both.
   Raises ConfigError when every file is empty.
   """
-  if data_config.source == "stdlib":
-    return {split: [_whole(p) for p in stdlib_split(split, data_config.val_fraction, data_config.include_tests)]
-            for split in ("train", "validation")}
   keyed = glob_files_with_keys(data_config.paths.split(","))
   if data_config.validation_paths:
     validation = glob_files(data_config.validation_paths.split(","))

@@ -23,7 +23,7 @@ from jaxlm.data import pipeline as data_lib
 
 
 @dataclasses.dataclass
-class Source:
+class Feed:
   """One split's data: `rows` (random access) or `batches` (an iterable of ready batches), never both."""
   rows: Any = None
   batches: Iterable[dict] | None = None
@@ -50,8 +50,8 @@ def _is_batch(item) -> bool:
   return isinstance(item, dict) and all(np.ndim(value) == 2 for value in item.values())
 
 
-def from_user(data, config, tokenizer, name: str) -> Source:
-  """A `Source` from user data of any kind in the module docstring; `config` is the whole config.
+def from_user(data, config, tokenizer, name: str) -> Feed:
+  """A `Feed` from user data of any kind in the module docstring; `config` is the whole config.
 
   Raises TypeError naming `name` (the argument) when the data is none of them.
   """
@@ -61,16 +61,16 @@ def from_user(data, config, tokenizer, name: str) -> Source:
   if hasattr(data, "__getitem__") and hasattr(data, "__len__"):
     first = data[0] if len(data) else None
     if _is_text(first):
-      return Source(rows=pack_documents(data, config, tokenizer))
+      return Feed(rows=pack_documents(data, config, tokenizer))
     if _is_batch(first):
-      return Source(batches=data)
-    return Source(rows=data)
+      return Feed(batches=data)
+    return Feed(rows=data)
   iterator = iter(data)
   first = next(iterator, None)
   if _is_text(first):
-    return Source(rows=pack_documents(itertools.chain([first], iterator), config, tokenizer))
+    return Feed(rows=pack_documents(itertools.chain([first], iterator), config, tokenizer))
   if _is_batch(first):
-    return Source(batches=itertools.chain([first], iterator))
+    return Feed(batches=itertools.chain([first], iterator))
   raise TypeError(f"{name}: its items must be strings or dicts of B x T arrays; got {type(first).__name__}")
 
 

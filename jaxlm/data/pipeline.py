@@ -22,8 +22,8 @@ import grain
 import jax
 import numpy as np
 
-from jaxlm.data import corpus
 from jaxlm.config import ConfigError
+from jaxlm.data import corpus, prepare, sources
 from jaxlm.data.packing import Batch, collate, pack_row, padding_row  # the row primitives, shared with the prepared readers
 from jaxlm.data.tokenizer import Tokenizer
 
@@ -34,20 +34,13 @@ def load_documents(data_config, split: str) -> list[bytes]:
   For corpora that do not fit, `jaxlm prepare` tokenizes them once into shards
   that `data.source='prepared'` reads (jaxlm/data/prepare.py, jaxlm/data/shards.py).
   """
-  if data_config.source in ("stdlib", "files"):
-    return [document for path, start, end in corpus.split_ranges(data_config)[split]
-            for document in corpus.documents(path, start, end, data_config.text_key)]
-  if data_config.source == "tfds":
-    from jaxlm.data import tfds_data  # local: TFDS is imported only by runs that read it
-    return tfds_data.load_documents(data_config, split)
-  if data_config.source == "jsonl":  # the answers, which are what the loss is on (jaxlm/data/instruct.py)
-    from jaxlm.data import instruct as instruct_data
-    return instruct_data.answer_texts(data_config, split)
-  if data_config.source == "prepared" and split == "validation":
-    # Decoded from the shards: what evaluation scores, for its compression baselines.
-    from jaxlm.data import mixture, tokenizer as tokenizer_lib  # local: only prepared runs need them
-    tokenizer = tokenizer_lib.from_config(data_config)
-    return mixture.decoder_rows(data_config, tokenizer, split).documents(tokenizer)
+  source = sources.get(data_config.source)
+  if source.documents is None:
+    _no_text(data_config, split)
+  return source.documents(data_config, split)
+
+
+def _no_text(data_config, split: str):
   raise ConfigError(f"data.source '{data_config.source}' has no {split} text to read here (prepared data holds "
                     "tokens: give `jaxlm prepare` an existing tokenizer)")
 
@@ -55,29 +48,24 @@ def load_documents(data_config, split: str) -> list[bytes]:
 def decoder_rows(config, tokenizer: Tokenizer, split: str):
   """Random-access packed rows of `split` for the decoder family; takes the whole config.
 
-  The one entry point from the trainer to the language-modelling data: each
-  `data.source` decides here where the tokens come from. 'prepared' reads
-  memory-mapped shards (a `mixture.Mixture` when `data.mixture` is set, for
-  training); the others tokenize the split's text in memory (`PackedRows`).
-  Raises ConfigError, before anything compiles, when the split cannot fill
-  one batch.
+  The one entry point from the trainer to the language-modelling data: the
+  `data.source` entry (`jaxlm.data.sources`) decides here where the tokens come
+  from. A source with rows of its own gives them ('prepared' reads
+  memory-mapped shards, 'jsonl' whole records); the others' documents are
+  tokenized in memory and packed (`PackedRows`). Raises ConfigError, before
+  anything compiles, when the split cannot fill one batch.
   """
   d = config.data
-  if d.source == "prepared":
-    from jaxlm.data import mixture  # local: the prepared readers are needed only by prepared runs
-    rows = mixture.decoder_rows(d, tokenizer, split)
-    where = "the prepared data (data.prepared_dir, data.mixture)"
-  elif d.source == "jsonl":  # prompt/completion and chat records, whole examples per row
-    from jaxlm.data import instruct as instruct_data
-    rows = instruct_data.rows(config, tokenizer, split)
-    where = f"data.source 'jsonl' (data.paths '{d.paths}')"
+  source = sources.get(d.source)
+  if source.rows is not None:
+    rows = source.rows(config, tokenizer, split)
   else:
     rows = PackedRows(TokenStream.from_documents(load_documents(d, split), tokenizer), d.seq_len)
-    where = f"data.source '{d.source}'" + (f" (data.paths '{d.paths}')" if d.source == "files" else "")
   needed = config.train.global_batch_size if split == "train" else 1
   if len(rows) < needed:
-    raise ConfigError(f"the {split} split of {where} has {len(rows)} rows of data.seq_len={d.seq_len} tokens, "
-                      f"fewer than the {needed} needed; add text, or lower data.seq_len or train.global_batch_size")
+    raise ConfigError(f"the {split} split of {source.described(d)} has {len(rows)} rows of data.seq_len={d.seq_len} "
+                      f"tokens, fewer than the {needed} needed; add text, or lower data.seq_len or "
+                      "train.global_batch_size")
   return rows
 
 
@@ -150,3 +138,112 @@ def eval_batches(rows, global_batch: int, max_batches: int = 0) -> Iterator[Batc
     num_batches = min(num_batches, max_batches)
   for step in range(num_batches):
     yield collate([rows[i] if i < len(rows) else pad for i in local_rows(step, global_batch, p, n)])
+
+
+# --- the built-in text sources (`jaxlm.data.sources`) ----------------------------------------------
+
+def _documents_in(ranges):
+  """The `Source.documents` of a file source whose splits `ranges(data_config)` lists."""
+  return lambda data_config, split: [document for path, start, end in ranges(data_config)[split]
+                                     for document in corpus.documents(path, start, end, data_config.text_key)]
+
+
+def _tfds_documents(data_config, split: str) -> list[bytes]:
+  from jaxlm.data import tfds_data  # local: TFDS is imported only by runs that read it
+  return tfds_data.load_documents(data_config, split)
+
+
+def _tfds_pairs(config, split: str) -> list[tuple[str, str]]:
+  from jaxlm.data import tfds_data
+  return tfds_data.load_pairs(config.data, split)
+
+
+def _answer_texts(data_config, split: str) -> list[bytes]:
+  """The answers, which are what the loss is on (jaxlm/data/instruct.py)."""
+  from jaxlm.data import instruct as instruct_data  # local: only jsonl runs read records
+  return instruct_data.answer_texts(data_config, split)
+
+
+def _records(config, tokenizer: Tokenizer, split: str):
+  """Prompt/completion and chat records, whole examples per row."""
+  from jaxlm.data import instruct as instruct_data
+  return instruct_data.rows(config, tokenizer, split)
+
+
+def _prepared_documents(data_config, split: str) -> list[bytes]:
+  """The validation split decoded from the shards: what evaluation scores, for its compression baselines."""
+  if split != "validation":
+    _no_text(data_config, split)
+  from jaxlm.data import mixture, tokenizer as tokenizer_lib  # local: only prepared runs need them
+  tokenizer = tokenizer_lib.from_config(data_config)
+  return mixture.decoder_rows(data_config, tokenizer, split).documents(tokenizer)
+
+
+def _prepared_rows(config, tokenizer: Tokenizer, split: str):
+  """Memory-mapped shards: a `mixture.Mixture` when `data.mixture` is set, for training."""
+  from jaxlm.data import mixture  # local: the prepared readers are needed only by prepared runs
+  return mixture.decoder_rows(config.data, tokenizer, split)
+
+
+def _require_paths(data_config) -> None:
+  if not data_config.paths:
+    raise ConfigError(f"data.paths is empty but data.source='{data_config.source}'; "
+                      "pass --config.data.paths=PATH_OR_GLOB")
+
+
+def _check_files(config) -> None:
+  """The paths are given and every glob matches (jsonl paths are globbed when read, with the same message)."""
+  _require_paths(config.data)
+  for key in ("paths", "validation_paths"):
+    if config.data[key]:
+      try:
+        corpus.glob_files(config.data[key].split(","))
+      except FileNotFoundError as e:
+        raise ConfigError(f"data.{key}: no file matches '{e.args[0]}'; fix the path or glob") from None
+
+
+def _files_segments(data_config, splits, shard_bytes: int) -> dict:
+  _require_paths(data_config)
+  return prepare.file_segments(corpus.split_ranges)(data_config, splits, shard_bytes)
+
+
+def _check_tfds(config) -> None:
+  from jaxlm import families  # local: the families registry, low; only the key check below needs it
+  from jaxlm.storage import fs
+  d = config.data
+  if not d.tfds_name:
+    raise ConfigError("data.tfds_name is empty but data.source='tfds'; pass e.g. --config.data.tfds_name=lm1b")
+  if d.tfds_data_dir and not fs.path(d.tfds_data_dir).is_dir():
+    raise ConfigError(f"data.tfds_data_dir '{d.tfds_data_dir}' does not exist; prepare the data with "
+                      f"`tfds build {d.tfds_name} --file_format=array_record --data_dir=DIR` (docs/datasets.md)")
+  if families.get(config.model.family).reads_pairs and not (d.source_key and d.target_key):
+    raise ConfigError("data.source_key/data.target_key are empty; a translation dataset needs both, "
+                      "e.g. --config.data.source_key=en --config.data.target_key=de")
+
+
+def _check_prepared(config) -> None:
+  if not (config.data.prepared_dir or config.data.mixture):
+    raise ConfigError("data.source='prepared' needs --config.data.prepared_dir=DIR (from `jaxlm prepare --out DIR`) "
+                      "or --config.data.mixture='[(DIR, WEIGHT), ...]'")
+
+
+def _with_paths(name: str):
+  return lambda data_config: f"data.source '{name}' (data.paths '{data_config.paths}')"
+
+
+sources.register(sources.Source(
+    name="stdlib", documents=_documents_in(corpus.stdlib_ranges),
+    prepare=sources.Prepare(prepare.file_segments(corpus.stdlib_ranges), prepare.file_documents)))
+sources.register(sources.Source(
+    name="files", documents=_documents_in(corpus.split_ranges), check=_check_files, where=_with_paths("files"),
+    prepare=sources.Prepare(_files_segments, prepare.file_documents)))
+sources.register(sources.Source(
+    name="tfds", documents=_tfds_documents, pairs=_tfds_pairs, check=_check_tfds,
+    prepare=sources.Prepare(prepare.tfds_segments, prepare.tfds_documents, unit=" docs")))
+sources.register(sources.Source(
+    name="jsonl", documents=_answer_texts, rows=_records, families=("decoder",),
+    check=lambda config: _require_paths(config.data),
+    where=_with_paths("jsonl"), description="prompt/completion and chat records"))
+sources.register(sources.Source(
+    name="prepared", documents=_prepared_documents, rows=_prepared_rows, families=("decoder",),
+    check=_check_prepared, where=lambda data_config: "the prepared data (data.prepared_dir, data.mixture)"))

@@ -33,12 +33,13 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import ml_collections
 import numpy as np
 import tqdm
 
-from jaxlm.data import corpus, tokenizer as tokenizer_lib
+from jaxlm.data import corpus, sources, tokenizer as tokenizer_lib
 from jaxlm.storage import fs
 from jaxlm.config import ConfigError
 
@@ -78,38 +79,67 @@ def _file_pieces(path: Path, start: int, end: int, shard_bytes: int) -> list[dic
 def _segments(data_config, splits, shard_bytes: int) -> dict[str, tuple[list[dict], str]]:
   """{split: (its segments in reading order, the source's fingerprint)} for each of `splits`.
 
-  A file segment is {path, start, end, ends_document}; a TFDS segment is
-  {tfds: [first, end]} example indices. The fingerprint hashes what the
-  segments name (paths, sizes and modification times; the TFDS name, split
-  and size), so a changed source restarts the prepare instead of resuming.
+  The source's `Prepare.segments` names them (see `jaxlm.data.sources.Prepare`);
+  the fingerprint hashes what they name, so a changed source restarts the
+  prepare instead of resuming.
   """
-  out = {}
-  if data_config.source in ("stdlib", "files"):
-    if data_config.source == "files" and not data_config.paths:
-      raise ConfigError("data.paths is empty but data.source='files'; pass --config.data.paths=PATH_OR_GLOB")
+  source = sources.get(data_config.source)
+  if source.prepare is None:
+    choices = sources.offering("prepare")
+    raise ConfigError(f"data.source='{data_config.source}' cannot be prepared; use "
+                      f"{', '.join(choices[:-1])} or {choices[-1]}")
+  out = source.prepare.segments(data_config, splits, shard_bytes)
+  return {split: (segments, hashlib.sha256(json.dumps(described).encode()).hexdigest())
+          for split, (segments, described) in out.items()}
+
+
+def file_segments(ranges: Callable[[Any], dict[str, list[corpus.Range]]]) -> Callable[..., dict]:
+  """`Prepare.segments` of a file source whose splits `ranges(data_config)` lists (e.g. `corpus.split_ranges`).
+
+  Args:
+    ranges: the source's {split: file ranges} of a data sub-config.
+
+  Returns:
+    segments(data_config, splits, shard_bytes) -> {split: (segments {path, start, end, ends_document} of about
+    `shard_bytes`, [path, start, end, size, mtime] of each range)}; it raises ConfigError when a glob matches no
+    file.
+  """
+  def segments(data_config, splits, shard_bytes: int) -> dict[str, tuple[list[dict], list]]:
     try:
-      ranges = corpus.split_ranges(data_config)  # one listing for both splits
+      split_ranges = ranges(data_config)  # one listing for both splits
     except FileNotFoundError as e:
       raise ConfigError(f"data.paths or data.validation_paths: no file matches '{e.args[0]}'; fix the path or glob"
                         ) from None
+    out = {}
     for split in splits:
-      segments, described = [], []
-      for path, start, end in ranges[split]:
+      pieces, described = [], []
+      for path, start, end in split_ranges[split]:
         described.append([str(path), start, end, *_size_and_mtime(path)])
-        segments += _file_pieces(path, start, end, shard_bytes)
-      out[split] = segments, described
-  elif data_config.source == "tfds":
-    from jaxlm.data import tfds_data  # local: TFDS is imported only when it is the source
-    for split in splits:
-      count = tfds_data.num_examples(data_config, split)
-      out[split] = ([{"tfds": [first, min(first + TFDS_EXAMPLES_PER_SHARD, count)]}
-                     for first in range(0, count, TFDS_EXAMPLES_PER_SHARD)],
-                    [data_config.tfds_name, tfds_data.split_name(data_config, split), data_config.tfds_data_dir, count])
-  else:
-    raise ConfigError(f"data.source='{data_config.source}' cannot be prepared; use stdlib, files "
-                      "(text or .jsonl) or tfds")
-  return {split: (segments, hashlib.sha256(json.dumps(described).encode()).hexdigest())
-          for split, (segments, described) in out.items()}
+        pieces += _file_pieces(path, start, end, shard_bytes)
+      out[split] = pieces, described
+    return out
+  return segments
+
+
+def tfds_segments(data_config, splits, shard_bytes: int) -> dict[str, tuple[list[dict], list]]:
+  """`Prepare.segments` of the TFDS source: example ranges of `TFDS_EXAMPLES_PER_SHARD` (`shard_bytes` unused).
+
+  Args:
+    data_config: the data sub-config.
+    splits: the splits to name.
+    shard_bytes: unused; a TFDS segment is a shard.
+
+  Returns:
+    {split: (segments {tfds: [first, end]}, [name, split name, data dir, examples])}.
+  """
+  from jaxlm.data import tfds_data  # local: TFDS is imported only when it is the source
+  out = {}
+  for split in splits:
+    count = tfds_data.num_examples(data_config, split)
+    out[split] = ([{"tfds": [first, min(first + TFDS_EXAMPLES_PER_SHARD, count)]}
+                   for first in range(0, count, TFDS_EXAMPLES_PER_SHARD)],
+                  [data_config.tfds_name, tfds_data.split_name(data_config, split), data_config.tfds_data_dir, count])
+  return out
 
 
 def _size_and_mtime(path) -> list:
@@ -169,14 +199,17 @@ def _tokenizer(data: dict):
   return _tokenizers[key]
 
 
-def _documents(segment: dict, data: dict, split: str) -> tuple[list[bytes], int]:
-  """(the segment's documents, its size in progress units: bytes, or TFDS examples)."""
-  if "tfds" in segment:
-    from jaxlm.data import tfds_data  # local: TFDS is imported only when it is the source
-    first, end = segment["tfds"]
-    return tfds_data.load_documents(ml_collections.ConfigDict(data), split, first, end), end - first
-  return corpus.documents(segment["path"], segment["start"], segment["end"], data["text_key"]), \
+def file_documents(segment: dict, data_config, split: str) -> tuple[list[bytes], int]:
+  """`Prepare.documents` of the file sources: (the segment's documents, its size in bytes)."""
+  return corpus.documents(segment["path"], segment["start"], segment["end"], data_config.text_key), \
       segment["end"] - segment["start"]
+
+
+def tfds_documents(segment: dict, data_config, split: str) -> tuple[list[bytes], int]:
+  """`Prepare.documents` of the TFDS source: (the segment's documents, its number of examples)."""
+  from jaxlm.data import tfds_data  # local: TFDS is imported only when it is the source
+  first, end = segment["tfds"]
+  return tfds_data.load_documents(data_config, split, first, end), end - first
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -196,7 +229,7 @@ def write_shard(job: tuple) -> dict:
   tokenizer = _tokenizer({key: data[key] for key in ("tokenizer", "tokenizer_path")})
   pieces, ends, num_tokens, num_bytes = [], [], 0, 0
   for segment in segments:
-    documents, units = _documents(segment, data, split)
+    documents, units = sources.get(data["source"]).prepare.documents(segment, ml_collections.ConfigDict(data), split)
     start_tokens = num_tokens
     for i, document in enumerate(documents):
       tokens = tokenizer.encode(document)
@@ -284,10 +317,9 @@ def prepare_split(plan: dict, directory: Path, workers: int, show_progress: bool
   jobs = [(str(directory), i, shard, plan["data"], split, plan["dtype"])
           for i, shard in enumerate(shards) if i not in done]
   size = lambda shard: sum(s["end"] - s["start"] if "path" in s else s["tfds"][1] - s["tfds"][0] for s in shard)
-  by_bytes = plan["source"] != "tfds"
-  with tqdm.tqdm(total=sum(map(size, shards)), initial=sum(size(shards[i]) for i in done), unit="B" if by_bytes
-                 else " docs", unit_scale=True, desc=f"prepare {split}", disable=not show_progress,
-                 dynamic_ncols=True) as bar:
+  with tqdm.tqdm(total=sum(map(size, shards)), initial=sum(size(shards[i]) for i in done),
+                 unit=sources.get(plan["source"]).prepare.unit, unit_scale=True, desc=f"prepare {split}",
+                 disable=not show_progress, dynamic_ncols=True) as bar:
     _run(jobs, workers, bar)
   counts = [json.loads((directory / f"shard_{i:05d}.json").read_text()) for i in range(len(shards))]
   index = {key: plan[key] for key in ("format", "split", "source", "source_fingerprint", "tokenizer", "dtype")}

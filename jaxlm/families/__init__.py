@@ -44,6 +44,10 @@ class Family:
     classifier's 'head'), or None; the rest is the body. A run may start from a run of another family whose
     body has the same arrays (`train.init_from`, jaxlm/training/init_from.py): the body is copied, this head starts
     from its initialization and the base's head is dropped.
+  check(config): the family's own config checks, raising `jaxlm.config.ConfigError`; run by
+    `jaxlm.config.validate`, which also checks that `data.source` feeds the family (`jaxlm.data.sources`).
+  reads_pairs: True when the family trains on a data source's (source, target) pairs
+    (`jaxlm.data.sources.Source.pairs`) rather than on its documents or rows.
   """
   name: str
   build: Callable[..., Any]
@@ -55,6 +59,8 @@ class Family:
   attention_layers: Callable[[Any], tuple[int, int]]
   adapter: Optional[Callable[[Any, int], Any]] = None
   head: Optional[str] = None
+  check: Optional[Callable[[Any], None]] = None
+  reads_pairs: bool = False
 
 
 _REGISTRY: dict[str, Family] = {}

@@ -1,16 +1,16 @@
 """Sequence classification families: `encoder_classifier` (BERT, [CLS]) and `decoder_classifier` (the last token).
 
-A task is chosen by `data.source` from `TASKS` (today `stdlib_packages`, `jaxlm.tasks.classify`); a new one is
-one more `Task` entry. Batches: the decoder's inputs, segment_ids and positions (B x T), `targets` the label
-and `weights` 1 (B x 1); the head (`jaxlm.models.heads.ClassifierHead`) gives logits B x 1 x C, so the trainer's
-cross-entropy is the classification loss. Evaluation: accuracy and macro precision, recall and F1
+A task is the data source `data.source` names (`jaxlm.data.sources`), one with label names: today
+`stdlib_packages` (`jaxlm.tasks.classify`); a new one is one more registered source. Batches: the decoder's
+inputs, segment_ids and positions (B x T), `targets` the label and `weights` 1 (B x 1); the head
+(`jaxlm.models.heads.ClassifierHead`) gives logits B x 1 x C, so the trainer's cross-entropy is the
+classification loss. Evaluation: accuracy and macro precision, recall and F1
 (`jaxlm.tasks.metrics`) beside a majority-class and a bag-of-words naive Bayes baseline, with a per-class table.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Callable, Iterator
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxlm.tasks import classify as classify_data
 from jaxlm import config as config_lib, families
-from jaxlm.data import pipeline as data_lib
+from jaxlm.data import pipeline as data_lib, sources
 from jaxlm.models import heads, transformer as model_lib
 from jaxlm.parallel import sharding
 from jaxlm.tasks import metrics as task_metrics
@@ -26,27 +26,18 @@ from jaxlm.training import step as train_step
 from jaxlm.families import decoder, encoder
 
 
-@dataclasses.dataclass(frozen=True)
-class Task:
-  """A classification task: its label names and `rows(config, tokenizer, split) -> ClassificationRows`."""
-  label_names: tuple[str, ...]
-  rows: Callable
-
-
-TASKS = {"stdlib_packages": Task(classify_data.PACKAGES, classify_data.stdlib_rows)}
-
-
-def task_of(config) -> Task:
-  """The `Task` that the whole `config`'s data.source names; ConfigError naming the key if none does or if
-  model.num_classes does not match its labels."""
-  task = TASKS.get(config.data.source)
-  if task is None:
+def task_of(config) -> sources.Source:
+  """The classification source that the whole `config`'s data.source names (a `jaxlm.data.sources.Source` with
+  `labels` and `rows`); ConfigError naming the key if it is none or if model.num_classes does not match its
+  labels."""
+  task = sources.get(config.data.source)
+  if not task.labels:
     raise config_lib.ConfigError(f"data.source='{config.data.source}' is no classification task; model.family="
-                                 f"'{config.model.family}' takes one of {', '.join(TASKS)}")
-  if config.model.num_classes != len(task.label_names):
+                                 f"'{config.model.family}' takes one of {', '.join(sources.offering('labels'))}")
+  if config.model.num_classes != len(task.labels):
     raise config_lib.ConfigError(f"model.num_classes is {config.model.num_classes} but data.source="
-                                 f"'{config.data.source}' has {len(task.label_names)} labels; set "
-                                 f"--config.model.num_classes={len(task.label_names)}")
+                                 f"'{config.data.source}' has {len(task.labels)} labels; set "
+                                 f"--config.model.num_classes={len(task.labels)}")
   return task
 
 
@@ -82,7 +73,7 @@ def evaluate(evaluation) -> dict:
     real = local["weights"][:, 0] > 0
     predicted.extend(np.argmax(logits_Bx1xC[:, 0], axis=-1)[real])
     gold.extend(local["targets"][real, 0])
-  num_classes = len(task.label_names)
+  num_classes = len(task.labels)
   scores = task_metrics.classification_scores(predicted, gold, num_classes)
   result = {"step": evaluation.step, **{k: v for k, v in scores.items() if k != "per_class"}}
   scored = evaluation.rows
@@ -94,8 +85,8 @@ def evaluate(evaluation) -> dict:
     baseline = task_metrics.classification_scores(guesses, gold, num_classes)
     for key in ("accuracy", "macro_precision", "macro_recall", "macro_f1"):
       result[f"{name}_{key}"] = baseline[key]
-  result["per_class"] = dict(zip(task.label_names, scores["per_class"]))
-  result["per_class_table"] = task_metrics.per_class_table(scores, task.label_names)
+  result["per_class"] = dict(zip(task.labels, scores["per_class"]))
+  result["per_class_table"] = task_metrics.per_class_table(scores, task.labels)
   result["summary"] = (
       f"step {result['step']}: accuracy {result['accuracy']:.3f}, macro P/R/F1 {result['macro_precision']:.3f}/"
       f"{result['macro_recall']:.3f}/{result['macro_f1']:.3f} on {result['examples']} examples; majority "

@@ -20,12 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jaxlm.data import pipeline as data_lib
+from jaxlm.data import pipeline as data_lib, sources
 from jaxlm.inference import decode
 from jaxlm import families
 from jaxlm.models import transformer as model_lib
 from jaxlm.tasks import seq2seq as seq2seq_data
-from jaxlm.config import Config, ModelConfig
+from jaxlm.config import Config, ConfigError, ModelConfig
 
 
 def build(model_cfg: ModelConfig, decode: bool = False, deterministic: bool = True) -> model_lib.DecoderLM:
@@ -47,17 +47,32 @@ def example_batch(model_cfg: ModelConfig, shape: tuple[int, int]) -> dict:
           "weights": jnp.ones(shape, jnp.float32)}
 
 
+def _on_pairs(config: Config) -> bool:
+  """True when the whole `config`'s data source holds (source, target) pairs and no documents (codesum): the
+  decoder then learns prompt -> completion."""
+  source = sources.get(config.data.source)
+  return source.documents is None and source.pairs is not None
+
+
+def check(config: Config) -> None:
+  """On pairs, the last data.target_len tokens of a row are the target's: at least 2 of them."""
+  if _on_pairs(config) and config.data.target_len < 2:
+    raise ConfigError(f"data.target_len={config.data.target_len}: a decoder on data.source='{config.data.source}' "
+                      "keeps the last data.target_len tokens of each row for the target; set it, e.g. "
+                      "--config.data.target_len=80")
+
+
 def rows(config: Config, tokenizer, split: str):
-  """The split's random-access rows (whole config): prompt -> completion pairs for `data.source='codesum'`,
-  else packed documents or records (`jaxlm.data.pipeline.decoder_rows`)."""
-  if config.data.source == "codesum":
+  """The split's random-access rows (whole config): prompt -> completion pairs on a source of pairs
+  (`data.source='codesum'`), else packed documents or records (`jaxlm.data.pipeline.decoder_rows`)."""
+  if _on_pairs(config):
     return seq2seq_data.prompt_completion_rows(config, tokenizer, split)
   return data_lib.decoder_rows(config, tokenizer, split)
 
 
 def document_lines(config: Config) -> Iterator[str]:
   """The training documents' lines (whole config), for a SentencePiece vocabulary."""
-  if config.data.source == "codesum":
+  if _on_pairs(config):
     yield from seq2seq_data.pair_lines(config)
     return
   for document in data_lib.load_documents(config.data, "train"):
@@ -72,9 +87,10 @@ def compression_bits_per_byte(text: bytes) -> dict[str, float]:
 
 
 def evaluate(evaluation) -> dict:
-  """Loss, perplexity, accuracy and bits per byte on the validation split, beside gzip -9 and xz -9; on
-  (source, target) pairs, loss and BLEU beside the baselines instead (`seq2seq_data.evaluate`)."""
-  if evaluation.config.data.source == "codesum":
+  """Loss, perplexity, accuracy and bits per byte on the validation split, beside gzip -9 and xz -9, and a
+  one-line summary; on (source, target) pairs, loss and BLEU beside the baselines instead
+  (`seq2seq_data.evaluate`)."""
+  if _on_pairs(evaluation.config):
     return seq2seq_data.evaluate(evaluation)
   byte_lengths = evaluation.tokenizer.byte_lengths()
   num_bytes = [0.0]
@@ -84,14 +100,13 @@ def evaluate(evaluation) -> dict:
 
   totals = evaluation.loss_sums(on_batch=count_bytes)
   all_bytes = float(np.sum(multihost_utils.process_allgather(np.float64(num_bytes[0]))))
-  nll, weight = totals["nll_sum"], totals["weight_sum"]
-  loss = nll / max(weight, 1.0)
-  result = {"step": evaluation.step, "tokens": weight, "loss": loss, "perplexity": math.exp(min(loss, 700)),
-            "accuracy": totals["correct_sum"] / max(weight, 1.0),
-            "bits_per_byte": nll / math.log(2) / max(all_bytes, 1.0)}
+  result = {**evaluation.loss_metrics(totals), "bits_per_byte": totals["nll_sum"] / math.log(2) / max(all_bytes, 1.0)}
   documents = data_lib.load_documents(evaluation.config.data, "validation")
   for name, bpb in compression_bits_per_byte(b"".join(documents)).items():
     result[f"{name}_bits_per_byte"] = bpb
+  result["summary"] = (f"step {result['step']}: validation loss {result['loss']:.4f}, perplexity "
+                       f"{result['perplexity']:.3f}, {result['bits_per_byte']:.3f} bits/byte (gzip -9: "
+                       f"{result['gzip-9_bits_per_byte']:.3f}, xz -9: {result['xz-9_bits_per_byte']:.3f})")
   return result
 
 
@@ -128,4 +143,4 @@ class DecoderAdapter(decode.Adapter):
 FAMILY = families.register(families.Family(
     name="decoder", build=build, model_inputs=model_inputs, example_batch=example_batch,
     rows=rows, evaluate=evaluate, training_text=document_lines,
-    attention_layers=lambda model_cfg: (model_cfg.num_layers, 0), adapter=DecoderAdapter))
+    attention_layers=lambda model_cfg: (model_cfg.num_layers, 0), adapter=DecoderAdapter, check=check))

@@ -8,8 +8,6 @@ common token. An encoder does not generate text, so it has no decoding adapter.
 
 from __future__ import annotations
 
-import math
-
 from jaxlm import families
 from jaxlm.tasks import mlm
 from jaxlm.models import transformer as model_lib
@@ -32,15 +30,13 @@ def model_inputs(model_cfg: ModelConfig, batch: dict) -> dict:
 
 def evaluate(evaluation) -> dict:
   """MLM loss, accuracy and perplexity, beside the unigram baseline, and a one-line summary."""
-  totals = evaluation.loss_sums()
-  weight = max(totals["weight_sum"], 1.0)
-  result = {"step": evaluation.step, "tokens": totals["weight_sum"], "loss": totals["nll_sum"] / weight,
-            "accuracy": totals["correct_sum"] / weight}
+  metrics = evaluation.loss_metrics()
+  result = {key: metrics[key] for key in ("step", "tokens", "loss", "accuracy")}
   config, tokenizer = evaluation.config, evaluation.tokenizer
   token = mlm.unigram_token(mlm.prepare(config, tokenizer, "train"))
   scored_rows = evaluation.max_batches * config.eval.batch_size if evaluation.max_batches else 0
   result["unigram_accuracy"] = mlm.unigram_accuracy(evaluation.rows, token, scored_rows)
-  result["perplexity"] = math.exp(min(result["loss"], 700))
+  result["perplexity"] = metrics["perplexity"]
   result["summary"] = (f"step {result['step']}: MLM loss {result['loss']:.4f}, accuracy {result['accuracy']:.4f} "
                        f"(unigram baseline, always {tokenizer.decode([token])!r}: {result['unigram_accuracy']:.4f})")
   return result

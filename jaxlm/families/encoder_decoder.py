@@ -84,4 +84,4 @@ def _attention_layers(model_cfg: ModelConfig) -> tuple[int, int]:
 FAMILY = families.register(families.Family(
     name="encoder_decoder", build=build, model_inputs=model_inputs, example_batch=example_batch,
     rows=seq2seq_data.prepare, evaluate=seq2seq_data.evaluate, training_text=seq2seq_data.pair_lines, attention_layers=_attention_layers,
-    adapter=EncoderDecoderAdapter))
+    adapter=EncoderDecoderAdapter, reads_pairs=True))

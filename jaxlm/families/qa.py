@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import families
+from jaxlm.data import sources
 from jaxlm.models import heads, transformer as model_lib
 from jaxlm.tasks import squad, metrics as task_metrics
 from jaxlm.families import classifier, decoder, encoder
@@ -45,8 +46,8 @@ def evaluate(evaluation) -> dict:
   train = squad.load_examples(evaluation.config, "train")
   length = max(1, round(np.mean([len(e.answers[0].split()) for e in train if e.answers]))) if train else 1
   baseline = [" ".join(example.context.split()[:length]) for example in rows.examples[:len(predictions)]]
-  totals = evaluation.loss_sums()
-  result = {"step": evaluation.step, "span_loss": totals["nll_sum"] / max(totals["weight_sum"], 1.0)}
+  metrics = evaluation.loss_metrics()
+  result = {"step": metrics["step"], "span_loss": metrics["loss"]}
   for name, guesses in (("", predictions), ("first_words_", baseline)):
     scores = task_metrics.squad_scores(guesses, golds) if golds else {"exact_match": 0.0, "f1": 0.0, "examples": 0}
     result[f"{name}exact_match"], result[f"{name}f1"] = 100 * scores["exact_match"], 100 * scores["f1"]
@@ -55,6 +56,11 @@ def evaluate(evaluation) -> dict:
                        f"on {len(golds)} questions (first {length} context words: EM "
                        f"{result['first_words_exact_match']:.2f}, F1 {result['first_words_f1']:.2f})")
   return result
+
+
+def rows(config, tokenizer, split: str):
+  """The split's rows: the data source's own (`data.source='squad'`), else SQuAD's (`jaxlm.tasks.squad.rows`)."""
+  return (sources.get(config.data.source).rows or squad.rows)(config, tokenizer, split)
 
 
 def _training_text(config):
@@ -66,5 +72,5 @@ def _training_text(config):
 
 FAMILY = families.register(families.Family(
     name="encoder_qa", build=build, model_inputs=encoder.model_inputs, example_batch=example_batch,
-    rows=squad.rows, evaluate=evaluate, training_text=_training_text,
+    rows=rows, evaluate=evaluate, training_text=_training_text,
     attention_layers=lambda model_cfg: (model_cfg.num_layers, 0), head="head"))

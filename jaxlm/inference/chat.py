@@ -15,7 +15,7 @@ import sys
 from typing import Callable, TextIO
 
 from jaxlm.data import chat_template as chat_template_lib
-from jaxlm.inference import decode
+from jaxlm.inference import decode, text as text_lib
 
 
 class ChatSession:
@@ -57,25 +57,16 @@ class ChatSession:
     if room < 1:
       raise decode.DecodeError(f"the conversation has {len(ids)} tokens, the model's context is "
                                f"{self.model_cfg.max_len}; type /reset to start over")
-    tokens, sent, answer = [], 0, None
-    hold = max([len(s) - 1 for s in self.stop] + [0])  # what could be the start of a stop string
+    answer = text_lib.TextStream(self.tokenizer, self.stop)
     for out in self.generator.stream([ids], min(self.max_tokens, room), self.sampling, self.stop_ids):
-      if out.emit_B[0]:
-        tokens.append(int(out.tokens_B[0]))
-      decoded = self.tokenizer.decode(tokens)
-      cut = min([decoded.index(s) for s in self.stop if s in decoded], default=None)
-      if cut is not None or out.finished_B[0]:
-        answer = decoded[:cut]
+      finished = bool(out.finished_B[0])
+      piece = answer.push(int(out.tokens_B[0]) if out.emit_B[0] else None, last=finished)
+      if on_text and piece:
+        on_text(piece)
+      if answer.stopped or finished:
         break
-      ready = len(decoded.rstrip("\ufffd")) - hold  # whole characters, past any possible stop string
-      if on_text and ready > sent:
-        on_text(decoded[sent:ready])
-        sent = ready
-    answer = decoded if answer is None else answer
-    if on_text and len(answer) > sent:
-      on_text(answer[sent:])
-    self.messages = messages + [{"role": "assistant", "content": answer}]
-    return answer
+    self.messages = messages + [{"role": "assistant", "content": answer.text}]
+    return answer.text
 
 
 def run_loop(session: ChatSession, lines: TextIO = sys.stdin, out: TextIO = sys.stdout,

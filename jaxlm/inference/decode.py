@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
+from jaxlm.errors import JaxlmError
 from jaxlm import families  # families imports no model code until a lookup
 from jaxlm.models import quantize
 
@@ -36,7 +37,7 @@ PROMPT_BUCKET = 16   # prompt lengths round up to this, so few prefill shapes ge
 CACHE_BUCKET = 64
 
 
-class DecodeError(ValueError):
+class DecodeError(JaxlmError, ValueError):
   """A request the model cannot serve (empty prompt, too long...); one line naming the field."""
 
 
@@ -158,19 +159,6 @@ def constrain(state):
   `nn.logical_axis_rules` (see `on_mesh`), so one-device decoding is unchanged."""
   import flax.linen as nn
   return nn.with_logical_constraint(state, state_logical_axes(state))
-
-
-MESH_AXES = ("data", "fsdp", "tensor")  # as jaxlm.parallel.sharding.AXES, which imports Flax
-
-
-def make_mesh(sizes: dict[str, int]) -> jax.sharding.Mesh:
-  """The Mesh of `sizes` ({'data': D, 'fsdp': F, 'tensor': T}, as the --mesh flag of generate, serve and
-  export gives them) on the first D*F*T devices; DecodeError naming --mesh when there are fewer."""
-  count = int(np.prod([sizes[a] for a in MESH_AXES]))
-  if count > jax.device_count():
-    raise DecodeError(f"--mesh {','.join(f'{a}={sizes[a]}' for a in MESH_AXES)} needs {count} devices but "
-                      f"{jax.device_count()} are visible; choose sizes whose product is at most that")
-  return jax.sharding.Mesh(np.array(jax.devices()[:count]).reshape([sizes[a] for a in MESH_AXES]), MESH_AXES)
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.inference import decode  # model code is imported lazily there, only when a model is built
+from jaxlm.parallel import mesh as mesh_lib  # no Flax, no config code
 from jaxlm.storage import fs
 from jaxlm.data import tokenizer as tokenizer_lib
 
@@ -116,7 +117,7 @@ class ExportedGenerator(decode.Generator):
     self.prompt_in_cache = self.meta.get("prompt_in_cache", self.cache_len > self.meta["max_len"] + 1)
     self._prefill_exported = jax.export.deserialize(bytearray((directory / "prefill.bin").read_bytes()))
     # An artifact traced on a mesh runs on one of the same sizes, its params placed as the program takes them.
-    self.mesh = decode.make_mesh(self.meta["mesh"]) if self.meta.get("mesh") else None
+    self.mesh = mesh_lib.mesh_of_sizes(self.meta["mesh"]) if self.meta.get("mesh") else None
     with (directory / "weights.npz").open("rb") as file, np.load(file) as weights:
       params = unflatten({k: weights[k] for k in weights.files})
     if self.mesh is None:

@@ -8,11 +8,8 @@ wait in a queue, and the worker takes up to `max_batch` of them as its next
 batch. The batch is padded to `max_batch` rows and the cache is always
 `model.max_len` long, so the decode step compiles once for the server's life.
 
-API (the OpenAI completions API, legacy form):
-  POST /v1/completions {prompt, max_tokens=16, temperature=0, top_p=1, top_k=0, stop=null|str|[str],
-                        seed=0, stream=false, n=1, logprobs=null|0..5, echo=false, user, model}
-  POST /v1/chat/completions: the same for OpenAI-style messages (jaxlm/inference/openai.py)
-  GET /health, GET /v1/models
+API (the OpenAI completions API, legacy form, and its chat form; `jaxlm.inference.openai`):
+  POST /v1/completions, POST /v1/chat/completions, GET /health, GET /v1/models
 `n` decodes n rows (seeds seed, seed+1, ...); `logprobs` returns each token's
 log-probability under the model (before temperature and filtering) and the
 top-k alternatives; `echo` puts the prompt in front of the completion (with
@@ -27,11 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
-import math
 import queue
-import sys
 import threading
 import time
 import uuid
@@ -39,102 +33,16 @@ import uuid
 import jax
 from aiohttp import web
 
-from jaxlm.inference import decode, logprobs as scoring
+from jaxlm.data import chat_template
+from jaxlm.inference import decode, logprobs as scoring, openai, text as text_lib
 from jaxlm.models import quantize
 from jaxlm.storage import fs
 
 LOG = logging.getLogger("jaxlm.inference.server")
-MAX_CHOICES = 16   # the most completions `n` may ask for
 MAX_BODY_BYTES = 1 << 20
-
-_NUMBER = (int, float)
-_FIELDS = {"prompt": (str,), "max_tokens": (int,), "temperature": _NUMBER, "top_p": _NUMBER, "top_k": (int,),
-           "stop": (str, list, type(None)), "seed": (int,), "stream": (bool,), "n": (int,),
-           "logprobs": (int, type(None)), "echo": (bool,), "user": (str,), "model": (str,)}
-_BOOLEANS = {"stream", "echo"}
 
 ENGINE = web.AppKey("engine", object)
 REQUEST_INFO = web.RequestKey("info", dict)
-
-
-class RequestError(ValueError):
-  """A bad request: the HTTP status, the field (`param`) at fault and a message that says the fix."""
-
-  def __init__(self, param: str | None, message: str, status: int = 400):
-    super().__init__(message)
-    self.param, self.status = param, status
-
-
-# --- Requests ---------------------------------------------------------------------------------------
-
-def _reject_constant(name: str):
-  raise RequestError("body", f"the request body contains {name}, which is not valid JSON; send finite numbers")
-
-
-def _check_text(field: str, text: str) -> None:
-  try:
-    text.encode("utf-8")
-  except UnicodeEncodeError as e:
-    raise RequestError(field, f"field '{field}' contains an unpaired surrogate ({text[e.start]!r} at "
-                              f"character {e.start}); send valid Unicode text") from None
-
-
-def parse_request(body: bytes, tokenizer, max_len: int, prefix: list[int], vocab_size: int,
-                  model_name: str = "") -> dict:
-  """The validated request fields (with defaults) and the prompt's ids (`prefix` + encoded prompt).
-
-  `vocab_size` bounds top_k; `model_name`, when given, is the only `model` accepted. RequestError names
-  the bad field.
-  """
-  try:
-    request = json.loads(body, parse_constant=_reject_constant)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise RequestError("body", f"the request body is not valid JSON: {e}") from None
-  except RecursionError:
-    raise RequestError("body", "the request body nests too deeply; send a flat JSON object") from None
-  if not isinstance(request, dict):
-    raise RequestError("body", "the request body must be a JSON object")
-  for key, value in request.items():
-    if key not in _FIELDS:
-      raise RequestError(key, f"unknown field '{key}'; allowed: {', '.join(sorted(_FIELDS))}")
-    # bool is an int in Python; only the boolean fields may be one.
-    if not isinstance(value, _FIELDS[key]) or (isinstance(value, bool) != (key in _BOOLEANS) and value is not None):
-      raise RequestError(key, f"field '{key}' has the wrong type ({type(value).__name__})")
-  r = {"max_tokens": 16, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "stop": None, "seed": 0, "stream": False,
-       "n": 1, "logprobs": None, "echo": False, **request}
-  if model_name and "model" in request and request["model"] != model_name:
-    raise RequestError("model", f"model '{request['model']}' is not served here; this server serves "
-                                f"'{model_name}' (GET /v1/models)", status=404)
-  if "prompt" not in r or not r["prompt"]:
-    raise RequestError("prompt", "field 'prompt' is required and must be a non-empty string")
-  for key in ("temperature", "top_p"):
-    if not math.isfinite(r[key]):
-      raise RequestError(key, f"field '{key}' must be a finite number")
-  if r["temperature"] < 0:
-    raise RequestError("temperature", "field 'temperature' must be >= 0")
-  if not 0 < r["top_p"] <= 1:
-    raise RequestError("top_p", "field 'top_p' must be in (0, 1]")
-  if not 0 <= r["top_k"] <= vocab_size:
-    raise RequestError("top_k", f"field 'top_k' must be in [0, {vocab_size}] (the vocabulary; 0 turns it off)")
-  if not 0 <= r["seed"] < 2 ** 32:
-    raise RequestError("seed", "field 'seed' must be in [0, 2^32)")
-  if not 1 <= r["n"] <= MAX_CHOICES:
-    raise RequestError("n", f"field 'n' must be in [1, {MAX_CHOICES}]")
-  if r["logprobs"] is not None and not 0 <= r["logprobs"] <= scoring.TOP_LOGPROBS:
-    raise RequestError("logprobs", f"field 'logprobs' must be null or in [0, {scoring.TOP_LOGPROBS}]")
-  stop = [r["stop"]] if isinstance(r["stop"], str) else (r["stop"] or [])
-  if not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
-    raise RequestError("stop", "field 'stop' must be a non-empty string or a list of at most 4 of them")
-  _check_text("prompt", r["prompt"])
-  for s in stop:
-    _check_text("stop", s)
-  ids = prefix + [int(i) for i in tokenizer.encode(r["prompt"])]
-  if len(ids) >= max_len:
-    raise RequestError("prompt", f"the prompt has {len(ids)} tokens; the model's context is {max_len}")
-  if not 1 <= r["max_tokens"] <= max_len - len(ids):
-    raise RequestError("max_tokens", f"field 'max_tokens' must be in [1, {max_len - len(ids)}] for this prompt "
-                                     f"({len(ids)} tokens, context {max_len})")
-  return {**r, "stop": stop, "ids": ids}
 
 
 # --- The decode worker ------------------------------------------------------------------------------
@@ -146,16 +54,14 @@ class Job:
   ids: list[int]
   max_tokens: int
   sampling: dict
-  stop: list[str]
+  output: text_lib.TextStream  # the completion's tokens and the text already sent
   events: asyncio.Queue    # shared by the request's choices: (index, event) pairs
   loop: asyncio.AbstractEventLoop
   logprobs: int | None = None
   echo_text: str | None = None  # the prompt, when `echo`
   prompt_start: int = 0         # ids[prompt_start:] are the prompt's own tokens (after the prefix)
   text_base: int = 0            # characters before the completion: completion text offsets start here
-  tokens: list[int] = dataclasses.field(default_factory=list)
   scores: list[tuple] = dataclasses.field(default_factory=list)  # (logprob, top ids, top logprobs) per token
-  sent: int = 0            # characters of completion text already sent
   scored_sent: int = 0     # tokens whose log-probabilities were already sent
   done: bool = False
   cancelled: bool = False  # the client went away: decode no further
@@ -212,12 +118,10 @@ class Engine:
         if job.cancelled:
           job.done = True
           continue
-        if out.emit_B[i]:
-          job.tokens.append(int(out.tokens_B[i]))
-          if scoring:
-            job.scores.append((scores["logprob_B"][i], scores["top_ids_BxK"][i], scores["top_logprobs_BxK"][i]))
+        if out.emit_B[i] and scoring:
+          job.scores.append((scores["logprob_B"][i], scores["top_ids_BxK"][i], scores["top_logprobs_BxK"][i]))
         reason = "stop" if out.stopped_B[i] else ("length" if out.finished_B[i] else None)
-        self._emit(job, reason)
+        self._emit(job, int(out.tokens_B[i]) if out.emit_B[i] else None, reason)
       if all(job.done for job in batch):
         stream.close()
         return
@@ -240,71 +144,46 @@ class Engine:
       rows = [(None, None, None)] * len(ids)
     return self._logprobs(job, ids, rows, scoring.char_offsets(self.tokenizer, ids, 0, len(ids)))
 
-  def _emit(self, job: Job, reason: str | None) -> None:
-    """Sends the completion text that is final: whole characters, past any possible stop string."""
-    text = self.tokenizer.decode(job.tokens)
-    truncated = False
-    for s in job.stop:
-      if s in text:
-        text, reason, truncated = text[:text.index(s)], "stop", True
+  def _emit(self, job: Job, token: int | None, reason: str | None) -> None:
+    """Adds `token` (None: none) and sends the completion text that is final (`jaxlm.inference.text`)."""
+    output = job.output
+    piece = output.push(token, last=reason is not None)
+    if output.stopped:
+      reason = "stop"
     if reason is None:
-      # Hold back a possibly unfinished UTF-8 character and what could be the start of a stop string.
-      hold = max([len(s) - 1 for s in job.stop] + [0])
-      ready = len(text.rstrip("\ufffd")) - hold
-      if ready > job.sent:
-        job.put({"text": text[job.sent:ready], "logprobs": self._completion_logprobs(job, ready)})
-        job.sent = ready
+      if piece:
+        job.put({"text": piece, "logprobs": self._completion_logprobs(job, output.sent)})
       return
     job.done = True
-    logprobs = self._completion_logprobs(job, len(text) if truncated else None)
-    job.put({"text": text[job.sent:], "logprobs": logprobs, "finish_reason": reason,
-             "completion_tokens": len(job.tokens)})
+    logprobs = self._completion_logprobs(job, output.sent if output.stopped else None)
+    job.put({"text": piece, "logprobs": logprobs, "finish_reason": reason, "completion_tokens": len(output.tokens)})
 
   def _completion_logprobs(self, job: Job, ready: int | None) -> dict | None:
     """Log-probabilities of the tokens not yet sent that begin before character `ready` of the completion
     (None: all of them)."""
     if job.logprobs is None:
       return None
-    offsets = scoring.char_offsets(self.tokenizer, job.tokens, job.scored_sent, len(job.tokens))
+    tokens = job.output.tokens
+    offsets = scoring.char_offsets(self.tokenizer, tokens, job.scored_sent, len(tokens))
     count = len(offsets) if ready is None else sum(1 for o in offsets if o < ready)
     start, job.scored_sent = job.scored_sent, job.scored_sent + count
-    return self._logprobs(job, job.tokens[start:job.scored_sent], job.scores[start:job.scored_sent],
+    return self._logprobs(job, tokens[start:job.scored_sent], job.scores[start:job.scored_sent],
                           [job.text_base + o for o in offsets[:count]])
 
 
 # --- HTTP -------------------------------------------------------------------------------------------
 
-def _coalesce(events: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
-  """Events that queued up while the client was being written to, merged into one per choice."""
-  merged: dict[int, dict] = {}
-  for index, event in events:
-    if "error" in event:
-      return [(index, event)]
-    if index in merged:
-      previous = merged[index]
-      event = {**event, "text": previous["text"] + event["text"],
-               "logprobs": scoring.merge_logprobs([previous.get("logprobs"), event.get("logprobs")])}
-    merged[index] = event
-  return list(merged.items())
-
-
-def _error_body(status: int, param: str | None, message: str) -> web.Response:
-  kind = "invalid_request_error" if status < 500 else "server_error"
-  return web.json_response({"error": {"message": message, "type": kind, "param": param, "code": status}},
-                           status=status)
-
-
 def _http_error(e: web.HTTPException, request: web.Request) -> web.Response:
   """404, 405, 413... in the JSON error shape of the 400s."""
   if isinstance(e, web.HTTPNotFound):
-    return _error_body(404, "path", f"no route {request.method} {request.path}; routes: POST /v1/completions, "
-                                    "POST /v1/chat/completions, GET /v1/models, GET /health")
+    return openai.error_body(404, "path", f"no route {request.method} {request.path}; routes: POST /v1/completions, "
+                                           "POST /v1/chat/completions, GET /v1/models, GET /health")
   if isinstance(e, web.HTTPMethodNotAllowed):
-    return _error_body(405, "method", f"{request.path} does not take {request.method}; it takes "
-                                      f"{', '.join(sorted(e.allowed_methods))}")
+    return openai.error_body(405, "method", f"{request.path} does not take {request.method}; it takes "
+                                             f"{', '.join(sorted(e.allowed_methods))}")
   if isinstance(e, web.HTTPRequestEntityTooLarge):
-    return _error_body(413, "body", f"the request body is over {MAX_BODY_BYTES} bytes; send a shorter prompt")
-  return _error_body(e.status, None, e.reason)
+    return openai.error_body(413, "body", f"the request body is over {MAX_BODY_BYTES} bytes; send a shorter prompt")
+  return openai.error_body(e.status, None, e.reason)
 
 
 @web.middleware
@@ -314,14 +193,14 @@ async def _errors_and_log(request: web.Request, handler):
   info = request[REQUEST_INFO] = {"id": f"cmpl-{uuid.uuid4().hex}", "prompt_tokens": 0, "new_tokens": 0}
   try:
     response = await handler(request)
-  except RequestError as e:
-    response = _error_body(e.status, e.param, str(e))
+  except openai.RequestError as e:
+    response = openai.error_body(e.status, e.param, str(e))
     info["error"] = e.param
   except web.HTTPException as e:
     response = _http_error(e, request)
   except Exception as e:  # a bug: the client gets a JSON 500 and the log keeps the traceback
     LOG.exception("%s failed", info["id"])
-    response = _error_body(500, None, f"internal error: {type(e).__name__}")
+    response = openai.error_body(500, None, f"internal error: {type(e).__name__}")
   status = info.get("status", response.status)
   routine = request.path in ("/health", "/v1/models") and response.status < 400
   LOG.log(logging.DEBUG if routine else logging.INFO,
@@ -335,10 +214,23 @@ async def _errors_and_log(request: web.Request, handler):
 
 def make_app(generator: scoring.ScoringGenerator, tokenizer, model_name: str, max_batch: int = 8,
              prefix: list[int] = (), stop_ids=()) -> web.Application:
-  """The aiohttp application serving `generator` as `model_name`; `prefix` ids start every prompt."""
+  """The aiohttp application serving `generator` as `model_name`.
+
+  Args:
+    generator: decodes the batches and scores their tokens.
+    tokenizer: the run's tokenizer (its chat template renders chat requests).
+    model_name: the name the API serves.
+    max_batch: the most rows decoded together.
+    prefix: ids that start every prompt.
+    stop_ids: ids that end a completion.
+
+  Returns:
+    The application, its decode worker in `app[ENGINE]`.
+  """
   engine = Engine(generator, tokenizer, max_batch, stop_ids)
   max_len = generator.cfg.max_len
   vocab_size = generator.cfg.vocab_size
+  template = chat_template.for_tokenizer(tokenizer)
 
   async def health(_):
     return web.json_response({"status": "ok", "batches": engine.batches})
@@ -347,87 +239,41 @@ def make_app(generator: scoring.ScoringGenerator, tokenizer, model_name: str, ma
     return web.json_response({"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "jaxlm",
                                                            "max_len": max_len}]})
 
-  async def completions(request: web.Request):
-    info = request[REQUEST_INFO]
-    if request.content_type != "application/json":
-      raise RequestError("Content-Type", f"the body must be JSON sent with 'Content-Type: application/json' "
-                                         f"(got '{request.content_type}')", status=415)
-    r = parse_request(await request.read(), tokenizer, max_len, list(prefix), vocab_size, model_name)
-    info["prompt_tokens"] = len(r["ids"])
-    events, loop = asyncio.Queue(), asyncio.get_running_loop()
-    jobs = [Job(i, r["ids"], r["max_tokens"], {"temperature": r["temperature"], "top_k": r["top_k"],
-                                                "top_p": r["top_p"], "seed": (r["seed"] + i) % 2 ** 32},
-                r["stop"], events, loop, r["logprobs"], r["prompt"] if r["echo"] else None, len(prefix),
-                len(r["prompt"])) for i in range(r["n"])]
-    for job in jobs:
-      engine.jobs.put(job)
-    head = {"id": info["id"], "object": "text_completion", "created": int(time.time()), "model": model_name}
-    try:
-      return await (_stream(request, head, jobs, info) if r["stream"] else _collect(head, jobs, info))
-    finally:
-      for job in jobs:  # a client that left (or a failure) stops its rows at the next decode step
-        job.cancelled = True
+  def route(endpoint: openai.Endpoint, parse):
+    """The handler that answers requests `parse(body)` reads, in `endpoint`'s shapes."""
+    async def handle(request: web.Request):
+      info = request[REQUEST_INFO]
+      if request.content_type != "application/json":
+        raise openai.RequestError("Content-Type", f"the body must be JSON sent with 'Content-Type: application/json' "
+                                                  f"(got '{request.content_type}')", status=415)
+      r = parse(await request.read())
+      info["prompt_tokens"] = len(r["ids"])
+      events, loop = asyncio.Queue(), asyncio.get_running_loop()
+      jobs = [Job(i, r["ids"], r["max_tokens"], {"temperature": r["temperature"], "top_k": r["top_k"],
+                                                  "top_p": r["top_p"], "seed": (r["seed"] + i) % 2 ** 32},
+                  text_lib.TextStream(tokenizer, r["stop"]), events, loop, r["logprobs"],
+                  r["prompt"] if r["echo"] else None, len(prefix), len(r["prompt"])) for i in range(r["n"])]
+      for job in jobs:
+        engine.jobs.put(job)
+      head = {"id": info["id"], "created": int(time.time()), "model": model_name}
+      try:
+        if r["stream"]:
+          return await openai.stream(request, endpoint, head, events, len(jobs), info)
+        return await openai.collect(endpoint, head, events, len(jobs), info)
+      finally:
+        for job in jobs:  # a client that left (or a failure) stops its rows at the next decode step
+          job.cancelled = True
+    return handle
 
+  completions = route(openai.COMPLETIONS, lambda body: openai.parse_completion_request(
+      body, tokenizer, max_len, list(prefix), vocab_size, model_name))
+  chat_completions = route(openai.CHAT, lambda body: openai.parse_chat_request(
+      body, tokenizer, template, max_len, list(prefix), vocab_size, model_name))
   app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_errors_and_log])
-  app.add_routes([web.get("/health", health), web.get("/v1/models", models), web.post("/v1/completions", completions)])
+  app.add_routes([web.get("/health", health), web.get("/v1/models", models), web.post("/v1/completions", completions),
+                  web.post("/v1/chat/completions", chat_completions)])
   app[ENGINE] = engine
-  from jaxlm.inference import openai as serve_chat  # local: serve_chat builds on this module, which it is given (no import cycle)
-  serve_chat.add_route(sys.modules[__name__], app, tokenizer, model_name, max_len, list(prefix), vocab_size)
   return app
-
-
-async def _collect(head: dict, jobs: list[Job], info: dict) -> web.Response:
-  """The non-streaming answer: every choice's text once all are finished."""
-  texts, logprobs = [[] for _ in jobs], [[] for _ in jobs]
-  finish = [None] * len(jobs)
-  while None in finish:
-    index, event = await jobs[0].events.get()
-    if "error" in event:
-      return _error_body(500, None, event["error"])
-    texts[index].append(event["text"])
-    logprobs[index].append(event.get("logprobs"))
-    if "finish_reason" in event:
-      finish[index] = event["finish_reason"]
-      info["new_tokens"] += event["completion_tokens"]
-  choices = [{"index": i, "text": "".join(texts[i]), "logprobs": scoring.merge_logprobs(logprobs[i]),
-              "finish_reason": finish[i]} for i in range(len(jobs))]
-  usage = {"prompt_tokens": info["prompt_tokens"], "completion_tokens": info["new_tokens"],
-           "total_tokens": info["prompt_tokens"] + info["new_tokens"]}
-  return web.json_response({**head, "choices": choices, "usage": usage})
-
-
-def sse_event(body: dict) -> bytes:
-  """One server-sent event carrying `body` as JSON (the `stream: true` wire format)."""
-  return f"data: {json.dumps(body)}\n\n".encode()
-
-
-async def _stream(request: web.Request, head: dict, jobs: list[Job], info: dict) -> web.StreamResponse:
-  """Server-sent events: one per choice for whatever text is final when the client is ready for more."""
-  response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                         "X-Request-Id": info["id"]})
-  try:
-    await response.prepare(request)
-    finished = 0
-    while finished < len(jobs):
-      pending = [await jobs[0].events.get()]
-      while not jobs[0].events.empty():
-        pending.append(jobs[0].events.get_nowait())
-      for index, event in _coalesce(pending):
-        if "error" in event:
-          await response.write(sse_event({"error": {"message": event["error"], "type": "server_error"}}))
-          finished = len(jobs)
-          break
-        choice = {"index": index, "text": event["text"], "logprobs": event.get("logprobs"),
-                  "finish_reason": event.get("finish_reason")}
-        await response.write(sse_event({**head, "choices": [choice]}))
-        if "finish_reason" in event:
-          finished += 1
-          info["new_tokens"] += event["completion_tokens"]
-    await response.write(b"data: [DONE]\n\n")
-    await response.write_eof()
-  except ConnectionError:  # the client went away: one log line (the middleware's), no traceback
-    info["status"] = "client-disconnected"
-  return response
 
 
 def app_for_run(workdir, step: int | None = None, int8: bool = False, max_batch: int = 8,
@@ -449,7 +295,6 @@ def app_for_run(workdir, step: int | None = None, int8: bool = False, max_batch:
   generator = scoring.ScoringGenerator(model, params, cache_len=cache_len, start_id=run.tokenizer.bos_id,
                                can_score_prompt=continues_prompt, mesh=mesh,
                                rules=config_lib.mesh_rules(run.config))
-  from jaxlm.data import chat_template
   # EOS, and a chat template's end-of-turn token (e.g. <|im_end|>), as HF generation configs of chat models list.
   stop_ids = chat_template.for_tokenizer(run.tokenizer).stop_ids(run.tokenizer)
   return make_app(generator, run.tokenizer, fs.absolute(workdir).name, max_batch, prefix, stop_ids)

@@ -28,7 +28,6 @@ drops input features of A (rows), one mask per step shared by the batch.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -44,7 +43,7 @@ from jaxlm import config as config_lib
 from jaxlm.storage import checkpoint as checkpoint_lib
 from jaxlm.config import Config
 from jaxlm import families
-from jaxlm.storage import fs
+from jaxlm.storage import fs, run_dir
 from jaxlm.models import transformer as model_lib
 from jaxlm.parallel import sharding
 
@@ -184,18 +183,16 @@ def _check_base(config: Config) -> None:
 
 
 def _read_base(base_dir: Path) -> tuple[Config, checkpoint_lib.Checkpointer]:
-  """The base run's saved config and a read-only Checkpointer of it. `jaxlm.loader` cannot be used here: it
-  imports this module to merge LoRA runs, and quantize (which it imports) imports the trainer, which calls us."""
-  path = base_dir / "config.json"
-  if not path.is_file():
-    raise config_lib.ConfigError(f"lora.base_workdir: {path} not found; pass the --workdir of a `jaxlm train` or "
-                                 "`jaxlm convert --from-hf` run")
-  base_config = ml_collections.ConfigDict(json.loads(path.read_text()))
+  """The base run's saved config and a read-only Checkpointer of it."""
+  base_config = run_dir.read_config(base_dir)
+  if base_config is None:
+    raise config_lib.ConfigError(f"lora.base_workdir: {run_dir.config_path(base_dir)} not found; pass the --workdir "
+                                 "of a `jaxlm train` or `jaxlm convert --from-hf` run")
   config_lib.check_schema(base_config)
   if enabled(base_config):
     raise config_lib.ConfigError(f"lora.base_workdir: {base_dir} is itself a LoRA run; adapt its base "
                                  f"({base_config.lora.base_workdir}) instead")
-  return base_config, checkpoint_lib.Checkpointer(base_dir / "checkpoints", read_only=True)
+  return base_config, checkpoint_lib.Checkpointer(run_dir.checkpoints_path(base_dir), read_only=True)
 
 
 def resolve_base(config: Config, log=print, workdir=None) -> Config:
@@ -207,9 +204,9 @@ def resolve_base(config: Config, log=print, workdir=None) -> Config:
   base_dir = fs.absolute(config.lora.base_workdir)  # a gs:// URL stays one
   base_config, checkpointer = _read_base(base_dir)
   step = config.lora.base_step
-  saved = fs.path(workdir) / "config.json" if workdir is not None else None
-  if step < 0 and saved is not None and saved.exists():
-    recorded = json.loads(saved.read_text()).get("lora", {})
+  saved = run_dir.read_config(workdir) if step < 0 and workdir is not None else None
+  if saved is not None:
+    recorded = saved.get("lora", {})
     if recorded.get("base_workdir") == str(base_dir):
       step = recorded.get("base_step", -1)
   try:

@@ -25,13 +25,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.storage import fs
+from jaxlm.errors import JaxlmError
+from jaxlm.storage import fs, run_dir
 
 QUANTIZED_KEYS = frozenset({"int8", "scale"})
 INT8_MARKER = "int8.json"  # marks a run directory written by `jaxlm quantize`
 
 
-class QuantizeError(ValueError):
+class QuantizeError(JaxlmError, ValueError):
   """A run that cannot be quantized as asked; one line naming the directory and the fix."""
 
 
@@ -104,21 +105,16 @@ def write_int8_run(run, int8_params, out, source) -> str:
   """Writes the run directory `out`: the run's config.json and tokenizer, INT8_MARKER (naming `source`) and a
   checkpoint at the run's step holding `int8_params` alone (no optimizer state), which `jaxlm.load` reads
   (see `abstract_int8`), so generate, serve and export take `--workdir out`. Returns `out`."""
-  from jaxlm.storage import checkpoint
-  checkpoints = fs.path(fs.join(out, "checkpoints"))
-  if checkpoints.exists() and any(checkpoints.iterdir()):
+  if run_dir.has_checkpoints(out):
+    checkpoints = run_dir.checkpoints_path(out)
     if not is_int8_run(out):  # never overwrite what `jaxlm quantize` did not write
       raise QuantizeError(f"{checkpoints} already holds checkpoints of another run; pass another --out")
     checkpoints.rmtree()  # an earlier `jaxlm quantize` of this run: replaced by this one
-  fs.makedirs(out)
-  fs.write_text(fs.join(out, "config.json"), run.config.to_json(indent=2))
-  run.tokenizer.save(fs.path(out))
+  run_dir.write_run_files(out, run.config, run.tokenizer)
   fs.write_text(fs.join(out, INT8_MARKER), json.dumps({
       "source": os.fspath(fs.absolute(source)), "step": run.step,
       "scheme": "int8 weight-only, per-channel symmetric (jaxlm.models.quantize)"}, indent=2))
-  saver = checkpoint.Checkpointer(checkpoints, keep=1)
-  saver.save(run.step, {"params": int8_params}, {"config": run.config.to_dict(), "data_position": run.step})
-  saver.close()
+  run_dir.write_checkpoint(out, run.step, {"params": int8_params}, run.config, keep=1)
   return out
 
 

@@ -1,7 +1,7 @@
 """The activation op: bias add and a pointwise activation, by name.
 
 `ACTIVATIONS` maps `model.mlp`'s ungated names to functions; add one there
-(and to `model.mlp`'s choices in `jaxlm/config.py`) to get a new MLP. Gated
+(and to `model.mlp`'s choices in `jaxlm/config/schema.py`) to get a new MLP. Gated
 MLPs (swiglu) use `ACTIVATIONS['silu']` on the gate. Implementations of
 `bias_activation` take (x_MxF, bias_F or None, name) and return y_MxF: "xla",
 and "cpu" (the fused float32 bias+GELU kernel of `cpu_kernels`, for "gelu"

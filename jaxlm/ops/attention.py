@@ -22,8 +22,7 @@ Extension point. An attention implementation is a function
 
 Register it with `register_attention(name, fn, platforms=..., ...)` (see
 `dispatch.Implementation`); `--config.model.attention_impl=NAME` then picks it
-on those platforms (add NAME to `model.attention_impl`'s choices in
-`jaxlm/config.py`). With `needs_segment_ids=True` calls without segment ids
+on those platforms (the config's allowed names are this registry's). With `needs_segment_ids=True` calls without segment ids
 (decoding) use "xla" instead. An implementation may also carry
 `extras={'packed': fn}`: self-attention that reads q, k and v in place from
 the fused projection (see `packed_self_attention`).

@@ -27,6 +27,7 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+from jaxlm.errors import JaxlmError
 from jaxlm.storage import fs, integrity
 
 # Written by Orbax 0.12 when a save commits (the step folder is renamed into place after them).
@@ -37,7 +38,7 @@ STRUCTURE_FILES = ("state/_METADATA", "state/manifest.ocdbt", "meta/metadata")
 _STATUS = re.compile(r"\b[A-Z][A-Z_]{4,}: ")  # TensorStore's status prefix, e.g. 'OUT_OF_RANGE: '
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(JaxlmError, RuntimeError):
   """A checkpoint that cannot be used or written; the message is one line naming the step or path."""
 
 

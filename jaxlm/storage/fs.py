@@ -31,10 +31,12 @@ from typing import Union
 
 from etils import epath
 
+from jaxlm.errors import JaxlmError
+
 PathLike = Union[str, os.PathLike]
 
 
-class StorageError(RuntimeError):
+class StorageError(JaxlmError, RuntimeError):
   """A bucket that is missing, unreachable or not accessible; the message says which and the fix."""
 
 

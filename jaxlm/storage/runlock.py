@@ -19,12 +19,13 @@ import socket
 import time
 from pathlib import Path
 
+from jaxlm.errors import JaxlmError
 from jaxlm.storage import fs
 
 LOCK_NAME = ".jaxlm.lock"
 
 
-class LockError(RuntimeError):
+class LockError(JaxlmError, RuntimeError):
   """Another live run holds the work directory; the message names its pid and host."""
 
 

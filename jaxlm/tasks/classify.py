@@ -28,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-from jaxlm.data import corpus
+from jaxlm.data import corpus, sources
 
 PACKAGES = ("asyncio", "concurrent", "email", "http", "importlib", "json", "logging", "multiprocessing",
             "unittest", "xml")
@@ -151,3 +151,8 @@ def baseline_predictions(train: ClassificationRows, evaluated: ClassificationRow
   majority = int(np.argmax(np.bincount(train.labels, minlength=num_classes)))
   return {"majority": np.full(len(evaluated), majority),
           "naive_bayes": naive_bayes(train.texts, train.labels, evaluated.texts, num_classes)}
+
+
+sources.register(sources.Source(name="stdlib_packages", rows=stdlib_rows, labels=PACKAGES,
+                                families=("encoder_classifier", "decoder_classifier"),
+                                description="functions labelled by their standard-library package"))

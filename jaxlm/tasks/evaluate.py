@@ -1,14 +1,19 @@
-"""`jaxlm eval`: reload a run (`jaxlm.loader.load`) and score its validation split.
+"""`jaxlm eval` and `jaxlm quantize`'s report: reload a run (`jaxlm.loader.load`) and score its validation split.
 
-The loss sums are the same for every family; what is reported beside them (bits
-per byte against gzip and xz, BLEU, MLM accuracy against the unigram baseline)
-is the family's `evaluate` in `jaxlm.families`.
+The loss sums (`jaxlm.training.step.evaluate_loss`, which training validation
+uses too) and the metrics made from them (`Evaluation.loss_metrics`) are the
+same for every family; what is reported beside them (bits per byte against gzip
+and xz, BLEU, MLM accuracy against the unigram baseline) is the family's
+`evaluate` in `jaxlm.families`. `compare_int8` scores the same batches with the
+run's weights quantized to int8 (`jaxlm.models.quantize`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,29 +25,15 @@ from jaxlm.data import pipeline as data_lib
 from jaxlm import families, loader
 from jaxlm.storage import fs
 from jaxlm.models import quantize
-from jaxlm.parallel import sharding
+from jaxlm.parallel import mesh as mesh_lib, sharding
 from jaxlm.training import step as train_step, trainer
-
-
-def fitted_config(config: Config, num_devices: int) -> Config:
-  """A copy of the whole `config` whose mesh fits `num_devices` (the run's, else all devices on `data`)
-  and whose eval batch size divides over the data-parallel devices; `config` itself is not changed."""
-  config = config.copy_and_resolve_references()
-  try:
-    config_lib.mesh_shape(config, num_devices)
-  except config_lib.ConfigError:
-    trainer.log(f"the run's mesh does not fit {num_devices} devices; evaluating with mesh data={num_devices}")
-    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
-  dp = config_lib.data_parallel_size(config, num_devices)
-  config.eval.batch_size = -(-config.eval.batch_size // dp) * dp
-  return config
 
 
 @dataclasses.dataclass
 class Evaluation:
   """What a family's `evaluate` gets: the loaded run, its validation rows and a way to sum the loss.
 
-  config: the whole config, fitted to these devices (`fitted_config`). run: the `loader.Run`.
+  config: the whole config, fitted to these devices (`jaxlm.parallel.mesh.fit_mesh`). run: the `loader.Run`.
   rows: the family's validation rows. max_batches: the batches to score (0: all).
   """
   config: Config
@@ -73,7 +64,22 @@ class Evaluation:
     batches = data_lib.eval_batches(self.rows, self.config.eval.batch_size, self.max_batches)
     if on_batch is not None:
       batches = _tap(batches, on_batch)
-    return trainer.evaluate_loss(self.eval_step, self.params, batches, self.batch_sharding)
+    return train_step.evaluate_loss(self.eval_step, self.params, batches, self.batch_sharding)
+
+  def loss_metrics(self, totals: dict[str, float] | None = None) -> dict[str, float]:
+    """The metrics of the loss sums that every family reports (each picks those it shows).
+
+    Args:
+      totals: `loss_sums()`'s answer; default: a new `loss_sums()`.
+
+    Returns:
+      {'step', 'tokens' (the weight sum), 'loss' (NLL per weighted token), 'perplexity', 'accuracy'}.
+    """
+    totals = self.loss_sums() if totals is None else totals
+    weight = max(totals["weight_sum"], 1.0)
+    loss = totals["nll_sum"] / weight
+    return {"step": self.step, "tokens": totals["weight_sum"], "loss": loss, "perplexity": math.exp(min(loss, 700)),
+            "accuracy": totals["correct_sum"] / weight}
 
 
 def _tap(batches, on_batch):
@@ -82,15 +88,23 @@ def _tap(batches, on_batch):
     yield local
 
 
-def evaluate(workdir: str | Path, step: int | None = None, max_batches: int | None = None) -> dict:
-  """Scores checkpoint `step` (default: the latest) of the run in `workdir` on its validation split.
+def load(workdir: str | Path, step: int | None = None, max_batches: int | None = None) -> Evaluation:
+  """The `Evaluation` of checkpoint `step` (default: the latest) of the run in `workdir`, on all devices.
 
-  Returns the family's metrics (for the decoder: step, tokens, loss, perplexity, accuracy, bits_per_byte and
-  the gzip/xz baselines) and writes them to `workdir/eval_step_{step}.json`.
+  Args:
+    workdir: the run directory (a local folder or gs://).
+    step: the checkpoint step; None: the latest.
+    max_batches: the validation batches to score (0: all); None: the config's `eval.max_batches`.
+
+  Returns:
+    The run loaded on a mesh of all devices (an int8 run dequantized), its validation rows and eval step.
   """
   workdir = fs.path(workdir)  # a local folder or gs://
-  config = fitted_config(loader.load_config(workdir), jax.device_count())
-  mesh = sharding.make_mesh(config)
+  saved, devices = loader.load_config(workdir), jax.device_count()
+  config = mesh_lib.fit_mesh(saved, devices)
+  if config.mesh.to_dict() != saved.mesh.to_dict():
+    trainer.log(f"the run's mesh does not fit {devices} devices; evaluating with mesh data={devices}")
+  mesh = mesh_lib.make_mesh(config)
   run = loader.load(workdir, step, mesh)
   run = run._replace(params=quantize.materialize(run.params))  # an int8 run (`jaxlm quantize`) scores dequantized
   family = families.get(config.model.family)
@@ -101,7 +115,67 @@ def evaluate(workdir: str | Path, step: int | None = None, max_batches: int | No
                                        shardings, batch_sharding)
   rows = family.rows(config, run.tokenizer, "validation")
   limit = config.eval.max_batches if max_batches is None else max_batches
-  result = family.evaluate(Evaluation(config, run, rows, limit, eval_step, batch_sharding))
+  return Evaluation(config, run, rows, limit, eval_step, batch_sharding)
+
+
+def evaluate(workdir: str | Path, step: int | None = None, max_batches: int | None = None) -> dict:
+  """Scores checkpoint `step` (default: the latest) of the run in `workdir` on its validation split.
+
+  Args:
+    workdir, step, max_batches: as `load`.
+
+  Returns:
+    The family's metrics (for the decoder: step, tokens, loss, perplexity, accuracy, bits_per_byte, the
+    gzip/xz baselines and the summary line), also written to `workdir/eval_step_{step}.json`.
+  """
+  workdir = fs.path(workdir)  # a local folder or gs://
+  evaluation = load(workdir, step, max_batches)
+  result = families.get(evaluation.config.model.family).evaluate(evaluation)
   if jax.process_index() == 0:
     (workdir / f"eval_step_{result['step']}.json").write_text(json.dumps(result, indent=2))
+  return result
+
+
+def compare_int8(workdir, step: int | None = None, max_batches: int | None = None, out=None) -> dict:
+  """Quantizes a run to int8, writes the int8 run and reports, side by side, the weight memory and
+  validation perplexity of float and int8 weights (`jaxlm quantize`).
+
+  The float perplexity is taken from `workdir/eval_step_N.json` when `jaxlm eval` scored the same number
+  of tokens of the same step there (`float_source` says which); otherwise the float weights are scored too.
+
+  Args:
+    workdir: the float run's directory.
+    step, max_batches: as `load`.
+    out: where to write the int8 run; default `workdir/int8`.
+
+  Returns:
+    The report, also written to `workdir/quantize_step_N.json`.
+
+  Raises:
+    QuantizeError: `workdir` is an int8 run already, or `out` holds another run's checkpoints.
+  """
+  if quantize.is_int8_run(workdir):
+    raise quantize.QuantizeError(f"{workdir} is already an int8 run (written by `jaxlm quantize`); pass the float run")
+  evaluation = load(workdir, step, max_batches)
+  run = evaluation.run
+  int8 = quantize.quantize_params(run.params)
+  out = fs.join(workdir, "int8") if out is None else os.fspath(out)
+  quantize.write_int8_run(run, int8, out, workdir)
+  # Scored dequantized, placed as the float weights the eval step was compiled for.
+  int8_params = jax.device_put(quantize.materialize(int8), jax.tree.map(lambda x: x.sharding, run.params))
+  int8_metrics = dataclasses.replace(evaluation, run=run._replace(params=int8_params)).loss_metrics()
+  tokens = int8_metrics["tokens"]
+  eval_path = fs.path(fs.join(workdir, f"eval_step_{run.step}.json"))
+  evaluated = json.loads(eval_path.read_text()) if eval_path.exists() else {}
+  if evaluated.get("step") == run.step and evaluated.get("tokens") == tokens:
+    float_loss, source = evaluated["loss"], eval_path.name
+  else:
+    float_loss, source = evaluation.loss_metrics()["loss"], "scored"
+  ppl = {"float": math.exp(min(float_loss, 700)), "int8": int8_metrics["perplexity"]}
+  float_bytes, int8_bytes = quantize.nbytes(run.params), quantize.nbytes(int8)
+  result = {"step": run.step, "tokens": tokens, "float_mb": float_bytes / 2**20, "int8_mb": int8_bytes / 2**20,
+            "memory_reduction": float_bytes / int8_bytes, "float_perplexity": ppl["float"],
+            "int8_perplexity": ppl["int8"], "perplexity_change": ppl["int8"] / ppl["float"] - 1,
+            "float_source": source, "int8_run": out}
+  fs.write_text(fs.join(workdir, f"quantize_step_{run.step}.json"), json.dumps(result, indent=2))
   return result

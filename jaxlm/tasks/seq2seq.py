@@ -32,7 +32,7 @@ import numpy as np
 
 from jaxlm.tasks import codesum
 from jaxlm.inference import decode
-from jaxlm.data import instruct as instruct_data, tfds_data
+from jaxlm.data import instruct as instruct_data, sources
 from jaxlm.config import Config, ConfigError
 from jaxlm.data.tokenizer import Tokenizer
 
@@ -42,14 +42,12 @@ MIN_SOURCE_TOKENS = 16  # a decoder prompt with less source than this says littl
 
 
 def load_pairs(config: Config, split: str) -> list[tuple[str, str]]:
-  """The split's (source, target) text pairs from `config.data.source` (codesum or tfds); whole config."""
-  d = config.data
-  if d.source == "codesum":
-    pairs = [(p.source, p.summary) for p in codesum.load_pairs(split, d.val_fraction, d.include_tests)]
-    return pairs[:d.max_examples] if d.max_examples else pairs
-  if d.source == "tfds":
-    return tfds_data.load_pairs(d, split)
-  raise ValueError(f"data.source '{d.source}' has no (source, target) pairs; use codesum or tfds")
+  """The split's (source, target) text pairs from the `config.data.source` entry (`Source.pairs`); whole config."""
+  source = sources.get(config.data.source)
+  if source.pairs is None:
+    raise ValueError(f"data.source '{config.data.source}' has no (source, target) pairs; use "
+                     f"{' or '.join(sources.offering('pairs'))}")
+  return source.pairs(config, split)
 
 
 def pair_lines(config: Config) -> Iterator[str]:
@@ -183,15 +181,13 @@ def bleu_scores(config: Config, params, rows, tokenizer) -> dict:
   references = rows.references[:num_examples]
   predictions = generate_texts(config, params, rows, tokenizer, num_examples)
   scores = {"bleu": codesum.bleu(predictions, references), "bleu_examples": num_examples}
-  d = config.data
-  if d.source == "codesum":
-    train_pairs = codesum.load_pairs("train", d.val_fraction, d.include_tests)
-    eval_pairs = codesum.load_pairs("validation", d.val_fraction, d.include_tests)[:num_examples]
-    for name, baseline in codesum.baseline_predictions(train_pairs, eval_pairs).items():
+  baselines = sources.get(config.data.source).baselines
+  if baselines is not None:
+    for name, baseline in baselines(config, num_examples).items():
       scores[f"baseline_{name}_bleu"] = codesum.bleu(baseline, references)
   else:
-    sources = [source for source, _ in load_pairs(config, "validation")[:num_examples]]
-    scores["baseline_copy_source_bleu"] = codesum.bleu(sources, references)
+    source_texts = [source for source, _ in load_pairs(config, "validation")[:num_examples]]
+    scores["baseline_copy_source_bleu"] = codesum.bleu(source_texts, references)
   scores["examples"] = [{"reference": r, "prediction": p} for r, p in zip(references[:5], predictions[:5])]
   return scores
 
@@ -199,10 +195,8 @@ def bleu_scores(config: Config, params, rows, tokenizer) -> dict:
 def evaluate(evaluation) -> dict:
   """Validation loss and accuracy, BLEU beside trivial baselines, and a one-line summary, for a
   `jaxlm.tasks.evaluate.Evaluation` whose rows are this module's (either family's)."""
-  totals = evaluation.loss_sums()
-  weight = max(totals["weight_sum"], 1.0)
-  result = {"step": evaluation.step, "tokens": totals["weight_sum"], "loss": totals["nll_sum"] / weight,
-            "accuracy": totals["correct_sum"] / weight}
+  metrics = evaluation.loss_metrics()
+  result = {key: metrics[key] for key in ("step", "tokens", "loss", "accuracy")}
   config = evaluation.config
   result.update(bleu_scores(config, evaluation.params, evaluation.rows, evaluation.tokenizer))
   result["summary"] = (f"step {result['step']}: validation loss {result['loss']:.4f}, BLEU {result['bleu']:.2f} (sacrebleu, 0-100) "
@@ -210,3 +204,21 @@ def evaluate(evaluation) -> dict:
                        + ", ".join(f"{k[len('baseline_'):-len('_bleu')]} {v:.2f}" for k, v in result.items()
                                    if k.startswith("baseline_")) + ")")
   return result
+
+
+def _codesum_pairs(config: Config, split: str) -> list[tuple[str, str]]:
+  d = config.data
+  pairs = [(p.source, p.summary) for p in codesum.load_pairs(split, d.val_fraction, d.include_tests)]
+  return pairs[:d.max_examples] if d.max_examples else pairs
+
+
+def _codesum_baselines(config: Config, count: int) -> dict[str, list[str]]:
+  d = config.data
+  train_pairs = codesum.load_pairs("train", d.val_fraction, d.include_tests)
+  eval_pairs = codesum.load_pairs("validation", d.val_fraction, d.include_tests)[:count]
+  return codesum.baseline_predictions(train_pairs, eval_pairs)
+
+
+sources.register(sources.Source(
+    name="codesum", pairs=_codesum_pairs, families=("encoder_decoder", "decoder"), baselines=_codesum_baselines,
+    description="code with summaries"))

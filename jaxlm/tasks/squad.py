@@ -24,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-from jaxlm.data import corpus
+from jaxlm.data import corpus, sources
 from jaxlm.config import ConfigError
 
 MAX_ANSWER_TOKENS = 64  # byte-level tokens: a few words
@@ -212,3 +212,7 @@ def best_spans(rows: SquadRows, logits_Nx2xT: np.ndarray) -> list[str]:
     _, first, last = best[index]
     predictions.append(example.context[starts[first]:starts[last] + len(words[last])])
   return predictions
+
+
+sources.register(sources.Source(name="squad", rows=rows, families=("encoder_qa",),
+                                description="questions on contexts, answered by spans"))

@@ -43,7 +43,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxlm import config as config_lib
 from jaxlm import families
-from jaxlm.training import flops as metrics
+from jaxlm.parallel import mesh as mesh_lib, sharding
+from jaxlm.training import flops as metrics, memory as memory_lib
 from jaxlm.training.chips import CHIPS, GIB, Chip  # the one table of published chip figures (the trainer's MFU reads it too)
 
 
@@ -120,25 +121,8 @@ def _compile_only_libtpu(name: str) -> None:
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
-def make_mesh(config, devices) -> jax.sharding.Mesh:
-  """The config's data x fsdp x tensor mesh over `devices`, laid out along the torus (mesh_utils)."""
-  from jax.experimental import mesh_utils
-  from jaxlm.parallel import sharding
-  sizes = config_lib.mesh_shape(config, len(devices))
-  return jax.sharding.Mesh(mesh_utils.create_device_mesh([sizes[a] for a in sharding.AXES], devices),
-                           sharding.AXES)
-
-
-def _shard_bytes(abstract_tree, sharding_tree) -> int:
-  """Bytes one device holds of a tree of abstract arrays under their NamedShardings."""
-  leaves = jax.tree.leaves(abstract_tree)
-  shardings = jax.tree.leaves(sharding_tree, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
-  return sum(math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize for a, s in zip(leaves, shardings))
-
-
 def check_divisible(abstract_tree, sharding_tree) -> None:
   """CompileError naming the first array whose sharded dimension the mesh does not divide (else XLA's traceback)."""
-  from jaxlm.parallel import sharding
   try:
     sharding.check_divisible(abstract_tree, sharding_tree, "--config.mesh.*")
   except config_lib.ConfigError as e:
@@ -155,7 +139,8 @@ def _remat_factors(policy: str) -> tuple[float, float]:
   return {"full": (8 / 6, 16 / 12), "dots_no_batch": (1.0, 16 / 12)}.get(policy, (1.0, 1.0))
 
 
-def estimate(config, chip: Chip, num_chips: int, mesh_sizes: dict, param_bytes: int, memory) -> dict:
+def estimate(config, chip: Chip, num_chips: int, mesh_sizes: dict, param_bytes: int,
+             memory: memory_lib.StepMemory) -> dict:
   """The roofline of the module docstring, per chip: times in seconds, MFU and tokens per second."""
   m = config.model
   seq = config.data.seq_len
@@ -167,7 +152,7 @@ def estimate(config, chip: Chip, num_chips: int, mesh_sizes: dict, param_bytes: 
   executed_flops = (matmul_flops * matmul_factor + attention_flops * attention_factor) * tokens_per_chip
   compute_s = executed_flops / chip.peak_flops
 
-  hbm_bytes = memory.argument_size_in_bytes + memory.output_size_in_bytes + 2 * memory.temp_size_in_bytes
+  hbm_bytes = memory.arguments + memory.outputs + 2 * memory.temporaries
   memory_s = hbm_bytes / chip.hbm_bandwidth
 
   compute_bytes = jnp.dtype(m.dtype).itemsize
@@ -207,41 +192,36 @@ def compile_train_step(config, topology: str) -> dict:
   kind, devices = tpu_devices(topology)
   chip = CHIPS[kind]
   config_lib.validate(config, len(devices))
-  mesh = make_mesh(config, devices)
+  mesh = mesh_lib.make_mesh(config, devices, torus=True)
   mesh_sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
   s = train_step.setup(config, mesh)
-  step = train_step.make_train_step(s)
-  batch = jax.eval_shape(lambda: train_step.example_batch(config, config.train.global_batch_size))
-  abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s.batch_sharding) for k, v in batch.items()}
   check_divisible(s.abstract_state, s.state_shardings)
-  abstract_state = _abstract(s.abstract_state, s.state_shardings)
-  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+  _, batch, _ = train_step.abstract_step_arguments(s)
   report = {"topology": topology, "chip": kind, "chips": len(devices), "mesh": mesh_sizes,
             "remat_policy": config.model.remat_policy, "dtype": config.model.dtype,
             "global_batch_size": config.train.global_batch_size, "num_micro_batches": config.train.num_micro_batches,
             "hbm_bytes": chip.hbm_bytes}
   start = time.perf_counter()
   try:
-    compiled = step.lower(abstract_state, abstract_batch, rng).compile()
+    compiled = train_step.compile_train_step(s).compiled
   except jax.errors.JaxRuntimeError as e:
     message = str(e)
     if "RESOURCE_EXHAUSTED" not in message:
       raise
-    report.update(compile_s=time.perf_counter() - start, fits=False, error=_first_line(message))
+    report.update(compile_s=time.perf_counter() - start, fits=False, error=memory_lib.xla_oom_line(message))
     return report
   report["compile_s"] = time.perf_counter() - start
-  memory = compiled.memory_analysis()
-  param_bytes = _shard_bytes(s.abstract_state.params, s.state_shardings.params)
+  memory = memory_lib.step_memory(compiled)
+  param_bytes = sharding.shard_bytes(s.abstract_state.params, s.state_shardings.params)
   report.update(
       params_bytes=param_bytes,
-      optimizer_bytes=_shard_bytes(s.abstract_state.opt_state, s.state_shardings.opt_state),
-      batch_bytes=_shard_bytes(abstract_batch, jax.tree.map(lambda a: a.sharding, abstract_batch)),
-      temp_bytes=memory.temp_size_in_bytes,
+      optimizer_bytes=sharding.shard_bytes(s.abstract_state.opt_state, s.state_shardings.opt_state),
+      batch_bytes=sharding.shard_bytes(batch, jax.tree.map(lambda a: a.sharding, batch)),
+      temp_bytes=memory.temporaries,
       # Pallas kernels lower to Mosaic custom calls (attention_impl=splash); XLA's own code has none.
       tpu_custom_calls=compiled.as_text().count('custom_call_target="tpu_custom_call"'),
-      # Live at the peak: the inputs, the temporaries, and outputs that do not reuse a donated input.
-      peak_bytes=(memory.argument_size_in_bytes + memory.temp_size_in_bytes
-                  + memory.output_size_in_bytes - memory.alias_size_in_bytes))
+      # The same sum `jaxlm train` checks a step by: all live at once, generated code included.
+      peak_bytes=memory.peak)
   report["fits"] = report["peak_bytes"] <= chip.hbm_bytes
   report.update(estimate(config, chip, len(devices), mesh_sizes, param_bytes, memory))
   return report
@@ -263,7 +243,7 @@ def compile_decode(config, topology: str, batch_size: int, prompt_len: int = 0) 
   kind, devices = tpu_devices(topology)
   chip = CHIPS[kind]
   config_lib.validate(config, len(devices))
-  mesh = make_mesh(config, devices)
+  mesh = mesh_lib.make_mesh(config, devices, torus=True)
   s = train_step.setup(config, mesh)
   adapter = decode.adapter_for(config.model)
   cache_len, prompt_len = config.model.max_len, prompt_len or config.model.max_len // 2
@@ -283,8 +263,8 @@ def compile_decode(config, topology: str, batch_size: int, prompt_len: int = 0) 
   report = {"topology": topology, "chip": kind, "chips": len(devices), "mesh": dict(zip(mesh.axis_names, mesh.devices.shape)),
             "dtype": config.model.dtype, "param_dtype": config.model.param_dtype, "batch_size": batch_size,
             "prompt_len": prompt_len, "cache_len": cache_len, "hbm_bytes": chip.hbm_bytes,
-            "params_bytes": _shard_bytes(s.abstract_state.params, s.state_shardings.params),
-            "cache_bytes": _shard_bytes(abstract_state["cache"], state_shardings["cache"])}
+            "params_bytes": sharding.shard_bytes(s.abstract_state.params, s.state_shardings.params),
+            "cache_bytes": sharding.shard_bytes(abstract_state["cache"], state_shardings["cache"])}
   start = time.perf_counter()
   programs = {
       "prefill": train_step.under_mesh(mesh, s.rules, jax.jit(
@@ -295,16 +275,14 @@ def compile_decode(config, topology: str, batch_size: int, prompt_len: int = 0) 
   report["fits"] = True
   for name, lowered in programs.items():
     try:
-      memory = lowered.compile().memory_analysis()
+      memory = memory_lib.step_memory(lowered.compile())
     except jax.errors.JaxRuntimeError as e:
       if "RESOURCE_EXHAUSTED" not in str(e):
         raise
-      report.update(fits=False, error=f"{name}: {_first_line(str(e))}")
+      report.update(fits=False, error=f"{name}: {memory_lib.xla_oom_line(str(e))}")
       continue
-    peak = (memory.argument_size_in_bytes + memory.temp_size_in_bytes + memory.output_size_in_bytes
-            - memory.alias_size_in_bytes)
-    report[name] = {"temp_bytes": memory.temp_size_in_bytes, "peak_bytes": peak}
-    report["fits"] = report["fits"] and peak <= chip.hbm_bytes
+    report[name] = {"temp_bytes": memory.temporaries, "peak_bytes": memory.peak}
+    report["fits"] = report["fits"] and memory.peak <= chip.hbm_bytes
   report["compile_s"] = time.perf_counter() - start
   step_s = (report["params_bytes"] + report["cache_bytes"]) / chip.hbm_bandwidth
   report["tokens_per_s"] = batch_size / step_s
@@ -313,32 +291,20 @@ def compile_decode(config, topology: str, batch_size: int, prompt_len: int = 0) 
 
 def format_decode_report(r: dict) -> str:
   """The lines `jaxlm compile --decode` prints for a `compile_decode` report."""
+  size = functools.partial(memory_lib.format_bytes, decimals=2)
   mesh = " x ".join(f"{axis} {size}" for axis, size in r["mesh"].items())
   lines = [f"{r['topology']}: {r['chips']} x {r['chip']} chips, mesh {mesh}; decode batch {r['batch_size']}, "
            f"prompt {r['prompt_len']}, cache {r['cache_len']} slots; {r['param_dtype']} weights, {r['dtype']} compute; "
            f"compiled in {r['compile_s']:.1f} s", "per chip:",
-           f"  {'parameters':30s}{_size(r['params_bytes']):>12s}", f"  {'KV cache':30s}{_size(r['cache_bytes']):>12s}"]
+           f"  {'parameters':30s}{size(r['params_bytes']):>12s}", f"  {'KV cache':30s}{size(r['cache_bytes']):>12s}"]
   for name in ("prefill", "step"):
     if name in r:
-      lines.append(f"  {name + ' temporaries':30s}{_size(r[name]['temp_bytes']):>12s}   peak {_size(r[name]['peak_bytes'])}")
+      lines.append(f"  {name + ' temporaries':30s}{size(r[name]['temp_bytes']):>12s}   peak {size(r[name]['peak_bytes'])}")
   verdict = "fits" if r["fits"] else "does not fit"
   lines.append(f"  {verdict} in {r['hbm_bytes'] / GIB:.2f} GiB of HBM" + (f": {r['error']}" if "error" in r else ""))
   lines.append(f"estimated decode: {r['tokens_per_s']:,.0f} tokens/s at most (weights and cache read once per step "
                f"at the chip's HBM bandwidth)")
   return "\n".join(lines)
-
-
-def _first_line(message: str) -> str:
-  """XLA's RESOURCE_EXHAUSTED message, one line: 'XLA:TPU compile permanent error. Ran out of memory ...'."""
-  lines = [line.strip() for line in message.splitlines() if line.strip()]
-  for line in lines:
-    if "RESOURCE_EXHAUSTED" in line or "exceeds" in line or "Ran out of memory" in line:
-      return line
-  return lines[0] if lines else message
-
-
-def _size(num_bytes: float) -> str:
-  return f"{num_bytes / GIB:.2f} GiB" if num_bytes >= GIB / 10 else f"{num_bytes / 2 ** 20:.2f} MiB"
 
 
 def format_report(r: dict) -> str:
@@ -354,7 +320,7 @@ def format_report(r: dict) -> str:
   for label, key in (("parameters", "params_bytes"), ("optimizer state", "optimizer_bytes"),
                      ("batch", "batch_bytes"), ("activations and temporaries", "temp_bytes"),
                      ("peak (all live at once)", "peak_bytes")):
-    lines.append(f"  {label:30s}{_size(r[key]):>12s}")
+    lines.append(f"  {label:30s}{memory_lib.format_bytes(r[key], decimals=2):>12s}")
   verdict = "fits" if r["fits"] else "does not fit"
   lines.append(f"  {verdict} in {hbm:.2f} GiB of HBM ({100 * r['peak_bytes'] / r['hbm_bytes']:.1f}% used)")
   lines.append(f"estimated step {r['step_s'] * 1e3:.1f} ms ({r['bound']}-bound: compute {r['compute_s'] * 1e3:.1f} ms, "

@@ -31,15 +31,15 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 
-from jaxlm.storage import checkpoint as checkpoint_lib, fs
+from jaxlm.storage import checkpoint as checkpoint_lib, fs, run_dir
 from jaxlm import config as config_lib, families, loader
 from jaxlm.models import lora
 from jaxlm.config import Config, ConfigError
 
-# Model keys a run started from another takes from its own config: how it computes, and its task head. The
-# others (sizes, layout, parameter dtype, normalization, positions) describe the base's parameters.
-OWN_KEYS = ("family", "num_classes", "dropout_rate", "dtype", "remat_policy", "attention_impl",
-            "attention_block_size", "cpu_kernels", "sow_attention_weights")
+# Model keys a run started from another takes from its own config: how it computes, and its task head (the
+# schema's `WEIGHTS_FREE` marks). The others (sizes, layout, parameter dtype, normalization, positions) describe
+# the base's parameters.
+OWN_KEYS = config_lib.model_keys("task", "runtime")
 
 
 def enabled(config: Config) -> bool:
@@ -52,7 +52,7 @@ def _read_config(base_dir) -> Config:
   try:
     return loader.load_config(base_dir)
   except loader.RunError:
-    raise ConfigError(f"train.init_from: {fs.path(base_dir) / 'config.json'} not found; pass the work directory "
+    raise ConfigError(f"train.init_from: {run_dir.config_path(base_dir)} not found; pass the work directory "
                       "of a `jaxlm train` or `jaxlm convert --from-hf` run") from None
 
 
@@ -146,7 +146,7 @@ def resolve(config: Config, workdir, log: Callable[[str], None] = print, model: 
     raise ConfigError("train.init_from names this run's own --workdir, which resumes by itself; pass another "
                       "run's work directory, or drop train.init_from")
   config = config.copy_and_resolve_references()
-  record = loader.load_config(workdir) if (fs.path(workdir) / "config.json").is_file() else None
+  record = loader.load_config(workdir) if run_dir.config_path(workdir).is_file() else None
   restarted = record is not None and record.train.get("init_from") == str(base_dir)
   step = config.train.init_from_step
   if restarted:  # what the run recorded at its start: the base may have moved on (or be gone) since

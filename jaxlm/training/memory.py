@@ -9,18 +9,24 @@ The trainer runs two checks before any state exists, cheapest first:
    compares the peak of one device's program, activations and other temporaries included, with the
    device's memory. Training runs that executable, so the step still compiles once.
 
-Where a backend has no memory analysis, the first check is all there is.
+Where a backend has no memory analysis, the first check is all there is. `jaxlm compile`
+(`jaxlm.training.aot`) reports the same `StepMemory.peak` against a TPU chip's memory, so the two agree on
+whether a step fits.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import jax
 
 from jaxlm import config as config_lib
 from jaxlm.parallel import sharding
-from jaxlm.training import step as train_step
+from jaxlm.training.chips import GIB
+
+if TYPE_CHECKING:
+  from jaxlm.training import step as train_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,13 +74,13 @@ def check_step_fits(memory: StepMemory, state: int, config, device: jax.Device |
            "batch": max(memory.arguments - state, 0), "outputs not written in place": memory.outputs - memory.aliased,
            "code": memory.code}
   # Largest first; parts too small to show (the metrics among the outputs) are left out.
-  listed = ", ".join(f"{name} {_size(size)}" for name, size in sorted(parts.items(), key=lambda p: -p[1])
-                     if _size(size) != _size(0))
+  listed = ", ".join(f"{name} {format_bytes(size)}" for name, size in sorted(parts.items(), key=lambda p: -p[1])
+                     if format_bytes(size) != format_bytes(0))
   fix = (_activation_fix(config) if memory.temporaries >= state else
          "shard the state with --config.mesh.fsdp=N, or lower model.d_model, model.num_layers or model.vocab_size")
   raise config_lib.ConfigError(
-      f"the train step needs about {_size(memory.peak)} per device by XLA's memory analysis ({listed}) but the "
-      f"{source} is {_size(available)}, {memory.peak / available:.1f}x less; {fix}")
+      f"the train step needs about {format_bytes(memory.peak)} per device by XLA's memory analysis ({listed}) but the "
+      f"{source} is {format_bytes(available)}, {memory.peak / available:.1f}x less; {fix}")
 
 
 def compile_train_step_that_fits(s: train_step.Setup) -> train_step.CompiledStep:
@@ -83,13 +89,14 @@ def compile_train_step_that_fits(s: train_step.Setup) -> train_step.CompiledStep
   Returns the compiled step for the trainer to run. Raises ConfigError when it cannot fit, and when XLA
   itself refuses to compile it for lack of memory (TPU compilers do).
   """
+  from jaxlm.training import step as train_step  # local: `jaxlm compile` reads this module before the model stack
   try:
     step = train_step.compile_train_step(s)
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
     raise config_lib.ConfigError(
-        f"XLA could not fit the train step on a device ({_first_line(str(e))}); {_activation_fix(s.config)}; "
+        f"XLA could not fit the train step on a device ({xla_oom_line(str(e))}); {_activation_fix(s.config)}; "
         "for a large state, shard it with --config.mesh.fsdp=N") from None
   memory = step_memory(step.compiled)
   if memory is not None:
@@ -104,12 +111,29 @@ def _activation_fix(config) -> str:
           + ", or spread the batch over more devices (mesh.data, mesh.fsdp)")
 
 
-def _first_line(message: str) -> str:
-  """The line of an XLA error that says what ran out (RESOURCE_EXHAUSTED messages run to many lines)."""
+def xla_oom_line(message: str) -> str:
+  """The line of an XLA error that says what ran out.
+
+  Args:
+    message: the text of XLA's RESOURCE_EXHAUSTED error, which runs to many lines.
+
+  Returns:
+    Its first line naming RESOURCE_EXHAUSTED, else its first line.
+  """
   lines = [line.strip() for line in message.splitlines() if line.strip()]
   return next((line for line in lines if "RESOURCE_EXHAUSTED" in line), lines[0] if lines else message)
 
 
-def _size(num_bytes: float) -> str:
-  gib = 1024 ** 3
-  return f"{num_bytes / gib:.1f} GiB" if num_bytes >= gib / 10 else f"{num_bytes / 2 ** 20:.1f} MiB"
+def format_bytes(num_bytes: float, decimals: int = 1) -> str:
+  """A size in GiB, or in MiB below a tenth of a GiB.
+
+  Args:
+    num_bytes: the size.
+    decimals: digits after the point (`jaxlm compile`'s report shows 2, the trainer's refusal 1).
+
+  Returns:
+    e.g. '31.0 GiB' or '12.5 MiB'.
+  """
+  if num_bytes >= GIB / 10:
+    return f"{num_bytes / GIB:.{decimals}f} GiB"
+  return f"{num_bytes / 2 ** 20:.{decimals}f} MiB"

@@ -22,7 +22,8 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from jaxlm.storage import fs
+from jaxlm.errors import JaxlmError
+from jaxlm.storage import fs, run_dir
 
 PANELS = (  # (title, metrics key, x axis, y label, y scale)
     ("loss against steps", "loss", "step", "loss (nats/token)", "linear"),
@@ -35,7 +36,7 @@ TRAIN_STYLE = {"linestyle": "-", "linewidth": 1.4}
 VALIDATION_STYLE = {"linestyle": "--", "marker": "o", "markersize": 3, "linewidth": 1.4}
 
 
-class PlotError(ValueError):
+class PlotError(JaxlmError, ValueError):
   """A run that cannot be plotted (no metrics yet) or matplotlib missing; one line naming the file or fix."""
 
 
@@ -66,7 +67,7 @@ def read_metrics(workdir) -> dict[str, dict[int, float]]:
 
 def tokens_per_step(workdir) -> int:
   """Tokens one step consumes: `train.global_batch_size` x `data.seq_len` from the run's config.json."""
-  config = json.loads(fs.read_bytes(fs.join(workdir, "config.json")))
+  config = json.loads(fs.read_bytes(run_dir.config_path(workdir)))
   return int(config["train"]["global_batch_size"]) * int(config["data"]["seq_len"])
 
 

@@ -68,10 +68,16 @@ class EtaEstimator:
 class Progress:
   """A tqdm bar with the `EtaEstimator`'s time left when `stream` is a terminal (and `enabled`); else nothing.
 
-  start, total: the first step of this run (resumed runs start later) and the last.
+  Args:
+    start: the first step of this run (resumed runs start later).
+    total: the last step.
+    enabled: False draws no bar even on a terminal.
+    stream: where the bar goes; None: `sys.stderr` as it is when the bar is made (not when this module was
+      imported, which may have been under another stream, e.g. a test's captured one).
   """
 
-  def __init__(self, start: int, total: int, enabled: bool = True, stream: TextIO = sys.stderr):
+  def __init__(self, start: int, total: int, enabled: bool = True, stream: TextIO | None = None):
+    stream = sys.stderr if stream is None else stream
     self.eta = EtaEstimator(total)
     self.total = total
     on_terminal = enabled and hasattr(stream, "isatty") and stream.isatty()

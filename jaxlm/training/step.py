@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import flax.linen as nn
 import jax
@@ -274,6 +274,26 @@ def eval_step_for(model: nn.Module, loss_fn: LossFn, mesh: Mesh, rules, params_s
   def eval_fn(params, batch):
     return loss_fn(model, params, batch, {})
   return under_mesh(mesh, rules, jax.jit(eval_fn, in_shardings=(params_shardings, batch_sharding)))
+
+
+def evaluate_loss(eval_step, params, batches: Iterable[dict], batch_sharding: NamedSharding) -> dict[str, float]:
+  """The loss sums of `params` over this process's local `batches`: training validation and `jaxlm eval`.
+
+  Args:
+    eval_step: `(params, global batch) -> sums`, as `eval_step_for` makes.
+    params: the parameter tree.
+    batches: process-local batches.
+    batch_sharding: places each local batch into a global one (`sharding.global_batch`).
+
+  Returns:
+    Each key of the sums, summed over the batches, as a float.
+  """
+  totals = {}
+  for local in batches:
+    sums = eval_step(params, sharding.global_batch(local, batch_sharding))
+    for key, value in sums.items():
+      totals[key] = totals.get(key, 0.0) + float(value)
+  return totals
 
 
 def under_mesh(mesh: Mesh, rules, fn):

@@ -20,15 +20,16 @@ import sys
 import time
 import zlib
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import tqdm
 
+from jaxlm.errors import JaxlmError
 from jaxlm.storage import checkpoint as checkpoint_lib
 from jaxlm.storage import fs
-from jaxlm.data import corpus, feed as sources
+from jaxlm.data import corpus, feed
 from jaxlm import families
 from jaxlm.training import init_from, plot, report as run_report
 from jaxlm.models import lora
@@ -37,13 +38,13 @@ from jaxlm.config import Config
 from jaxlm.training import flops as metrics_lib
 from jaxlm.data import mixture
 from jaxlm.training import progress as progress_lib
-from jaxlm.storage import runlock
+from jaxlm.storage import run_dir, runlock
 from jaxlm.training import memory, step as train_step
-from jaxlm.parallel import sharding
+from jaxlm.parallel import distributed, mesh as mesh_lib, sharding
 from jaxlm.data import tokenizer as tokenizer_lib
 
 
-class TrainingError(RuntimeError):
+class TrainingError(JaxlmError, RuntimeError):
   """Training cannot go on (a NaN loss, a checkpoint at the wrong data position); one line with the fix."""
 
 
@@ -105,15 +106,6 @@ class _StopRequest:
       signal.signal(sig, handler)
 
 
-def write_run_files(config: Config, workdir: Path, tokenizer) -> None:
-  """Writes the whole `config` (config.json) and the tokenizer into `workdir`, on process 0."""
-  if jax.process_index() != 0:
-    return
-  fs.makedirs(workdir)
-  (workdir / "config.json").write_text(config.to_json(indent=2))
-  tokenizer.save(workdir)
-
-
 def _with_absolute_data_paths(config: Config) -> Config:
   """A copy of `config` whose data files and folders are absolute, so `jaxlm eval` works from any folder."""
   config = config.copy_and_resolve_references()
@@ -148,16 +140,6 @@ def check_vocab_size(config: Config, tokenizer) -> None:
     raise config_lib.ConfigError(
         f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}; "
         f"set --config.model.vocab_size={tokenizer.vocab_size}")
-
-
-def evaluate_loss(eval_step, params, batches: Iterable[dict], batch_sharding) -> dict[str, float]:
-  """Sums of `eval_step(params, global batch)` over this process's local `batches` (each key summed)."""
-  totals = {}
-  for local in batches:
-    sums = eval_step(params, sharding.global_batch(local, batch_sharding))
-    for key, value in sums.items():
-      totals[key] = totals.get(key, 0.0) + float(value)
-  return totals
 
 
 class Trainer:
@@ -196,22 +178,22 @@ class Trainer:
     for callback in self.callbacks:
       getattr(callback, event)(self, *args)
 
-  def _sources(self, config, tokenizer) -> tuple[sources.Source, sources.Source | None]:
+  def _feeds(self, config, tokenizer) -> tuple[feed.Feed, feed.Feed | None]:
     if self.train_data is None:
-      train = sources.Source(rows=prepare_data(config, tokenizer, "train"))
+      train = feed.Feed(rows=prepare_data(config, tokenizer, "train"))
     else:
-      train = sources.from_user(self.train_data, config, tokenizer, "train_data")
+      train = feed.from_user(self.train_data, config, tokenizer, "train_data")
     if self.eval_data is not None:
-      return train, sources.from_user(self.eval_data, config, tokenizer, "eval_data")
+      return train, feed.from_user(self.eval_data, config, tokenizer, "eval_data")
     if self.train_data is not None:
       return train, None
-    return train, sources.Source(rows=prepare_data(config, tokenizer, "validation"))
+    return train, feed.Feed(rows=prepare_data(config, tokenizer, "validation"))
 
   def run(self) -> dict[str, float]:
     """Trains to `train.num_steps` (or a stop), resuming from `workdir`; returns the summary that
     train_summary.json holds (the last logged metrics, step, stop_reason, timings, validation losses)."""
     self.started = time.perf_counter()
-    sharding.maybe_initialize_distributed(self.config)
+    distributed.maybe_initialize_distributed(self.config)
     fs.check_run_access(self.workdir, self.config.data)  # a bucket problem: one line, before compiling
     if init_from.enabled(self.config):  # another run's model and tokenizer (jaxlm/training/init_from.py), then validated
       self.config = init_from.resolve(self.config, self.workdir, log, self.model)
@@ -237,10 +219,10 @@ class Trainer:
       check_vocab_size(config, self.tokenizer)
     if config.train.compilation_cache_dir:
       jax.config.update("jax_compilation_cache_dir", config.train.compilation_cache_dir)
-    write_run_files(config, self.workdir, self.tokenizer)
+    run_dir.write_run_files(self.workdir, config, self.tokenizer)
 
-    train_source, eval_source = self._sources(config, self.tokenizer)
-    mesh = sharding.make_mesh(config)
+    train_source, eval_source = self._feeds(config, self.tokenizer)
+    mesh = mesh_lib.make_mesh(config)
     if self.model is None and lora.enabled(config):
       self.model = lora.adapted_model(config, lora.base_params(config, mesh))
     s = self.setup = train_step.setup(config, mesh, self.model, self.loss_fn)
@@ -277,14 +259,14 @@ class Trainer:
     self._emit("on_start", start)
     return self._loop(start, train_source, eval_source)
 
-  def _validate(self, eval_step, eval_source: sources.Source) -> dict[str, float]:
+  def _validate(self, eval_step, eval_source: feed.Feed) -> dict[str, float]:
     t = self.config.train
-    totals = evaluate_loss(eval_step, self.state.params,
-                           eval_source.eval_batches(self.config.eval.batch_size, t.eval_batches),
-                           self.setup.batch_sharding)
+    totals = train_step.evaluate_loss(eval_step, self.state.params,
+                                      eval_source.eval_batches(self.config.eval.batch_size, t.eval_batches),
+                                      self.setup.batch_sharding)
     return {"val_loss": totals.get("nll_sum", totals["loss_sum"]) / max(totals["weight_sum"], 1)}
 
-  def _loop(self, start: int, train_source: sources.Source, eval_source: sources.Source | None) -> dict[str, float]:
+  def _loop(self, start: int, train_source: feed.Feed, eval_source: feed.Feed | None) -> dict[str, float]:
     config, s, checkpointer = self.config, self.setup, self.checkpointer
     t = config.train
     step_fn = self.step_fn

@@ -12,20 +12,10 @@ from pathlib import Path
 import jax
 
 from jaxlm.storage import checkpoint as checkpoint_lib
-from jaxlm import config as config_lib
 from jaxlm.storage import fs
 from jaxlm import loader
-from jaxlm.parallel import sharding
+from jaxlm.parallel import mesh as mesh_lib
 from jaxlm.training import step as train_lib
-
-
-def _setup_for_this_machine(config) -> train_lib.Setup:
-  """train.setup of the run's `config` (whole config) on a mesh that fits the local devices."""
-  try:
-    config_lib.mesh_shape(config, jax.device_count())
-  except config_lib.ConfigError:
-    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
-  return train_lib.setup(config, sharding.make_mesh(config))
 
 
 def verify_run(workdir: str | Path, step: int | None = None) -> list[dict]:
@@ -34,8 +24,8 @@ def verify_run(workdir: str | Path, step: int | None = None) -> list[dict]:
   status is 'intact', 'no checksums' (restores, but was saved before jaxlm recorded checksums) or 'DAMAGED'.
   Raises CheckpointError when the run has no checkpoint or no step `step`.
   """
-  config = loader.load_config(workdir)
-  s = _setup_for_this_machine(config)
+  config = mesh_lib.fit_mesh(loader.load_config(workdir), jax.device_count())  # else all devices on data
+  s = train_lib.setup(config, mesh_lib.make_mesh(config))
   target = checkpoint_lib.abstract_with_shardings(s.abstract_state.to_dict(), s.state_shardings.to_dict())
   checkpointer = checkpoint_lib.Checkpointer(fs.path(workdir) / "checkpoints", read_only=True)
   steps = checkpointer.all_steps()

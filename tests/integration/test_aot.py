@@ -7,15 +7,15 @@ no-libtpu message itself is tested by hiding the package).
 import importlib.util
 import json
 import math
-import types
 
 import pytest
 
 from jaxlm.training import aot
+from jaxlm.training.memory import StepMemory
 from jaxlm.cli import main
 from jaxlm import config as config_lib
 
-from conftest import REPO
+from support import REPO
 
 TINY = str(REPO / "configs" / "tiny.py")
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
@@ -103,7 +103,7 @@ def test_roofline_estimate():
   config = config_lib.load_config_file(TINY)
   config.train.global_batch_size = 4096
   chip = aot.Chip(peak_flops=1e12, hbm_bytes=2 ** 34, hbm_bandwidth=1e15, ici_bandwidth=1e15)
-  memory = types.SimpleNamespace(argument_size_in_bytes=10, output_size_in_bytes=10, temp_size_in_bytes=10)
+  memory = StepMemory(arguments=10, outputs=10, aliased=0, temporaries=10, code=0)
   mesh = {"data": 4, "fsdp": 1, "tensor": 1}
   est = aot.estimate(config, chip, 4, mesh, 1000, memory)
   from jaxlm.training import flops as metrics

@@ -1,9 +1,8 @@
-"""The public API: cheap lazy import, the README's Python examples, the loader, the open trainer's hooks."""
+"""The public API: cheap lazy import, the loader, the open trainer's hooks (the docs' Python examples: test_docs.py)."""
 
 import dataclasses
 import json
 import os
-import re
 import subprocess
 import sys
 import zlib
@@ -16,13 +15,7 @@ import pytest
 import jaxlm
 from jaxlm import families
 
-from conftest import REPO, tiny_config
-
-
-def readme_examples() -> list[str]:
-  text = (REPO / "README.md").read_text()
-  section = text.split("\n## Use jaxlm from Python\n", 1)[1].split("\n## ", 1)[0]
-  return re.findall(r"```python\n(.*?)```", section, re.S)
+from support import REPO, tiny_config
 
 
 def test_import_is_lazy_and_changes_no_process_state():
@@ -42,25 +35,6 @@ def test_public_names_resolve_and_are_documented():
   assert jaxlm.train is jaxlm.training.trainer.train and jaxlm.build_model is jaxlm.models.transformer.build
   with pytest.raises(AttributeError, match="no attribute"):
     jaxlm.no_such_name
-
-
-@pytest.mark.slow
-def test_readme_examples_run_in_order(tmp_path, monkeypatch, capsys):
-  examples = readme_examples()
-  assert len(examples) == 3
-  monkeypatch.chdir(tmp_path)
-  for name in ("configs", "jaxlm"):
-    (tmp_path / name).symlink_to(REPO / name)
-  namespace = {}
-  for code in examples:
-    exec(compile(code, "README.md", "exec"), namespace)
-  printed = capsys.readouterr().out
-  assert "step 3: validation loss" in printed and "step 6: validation loss" in printed
-  assert namespace["run"].step == 6 and namespace["logits_BxTxV"].shape == (1, 11, 260)
-  assert (tmp_path / "runs" / "bigram" / "checkpoints" / "6").is_dir()
-  bigram = [json.loads(line) for line in (tmp_path / "runs" / "bigram" / "metrics.jsonl").read_text().splitlines()]
-  losses = [row["loss"] for row in bigram if "loss" in row]
-  assert losses[-1] < losses[0]  # the custom objective went down
 
 
 class Recorder(jaxlm.Callback):

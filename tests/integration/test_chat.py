@@ -17,8 +17,7 @@ from jaxlm import hf, loader
 from jaxlm.cli import main
 from jaxlm.models import transformer as model_lib
 
-from conftest import REPO, tiny_config
-from test_instruct_data import CONVERSATIONS, RECORDS, write_jsonl
+from support import CONVERSATIONS, RECORDS, REPO, tiny_config, write_jsonl
 
 JSON = {"Content-Type": "application/json"}
 HELLO = [{"role": "user", "content": "Hello there"}]

@@ -20,7 +20,7 @@ from jaxlm.ops import cpu_kernels
 from jaxlm.models import layers, transformer as model_lib
 from jaxlm import ops, runtime
 
-from conftest import REPO, tiny_config
+from support import REPO, tiny_config
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler: the CPU kernels are not built")
 

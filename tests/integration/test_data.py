@@ -9,7 +9,7 @@ from jaxlm.data import corpus, pipeline as data_lib
 from jaxlm.config import ConfigError
 from jaxlm.data.tokenizer import ByteTokenizer
 
-from conftest import REPO, files_config, run_cli
+from support import REPO, files_config, run_in_process
 
 
 def stream(docs):
@@ -128,11 +128,11 @@ def test_explicit_validation_paths_are_left_out_of_training(text_corpus):
   assert not set(train) & set(held_out)
 
 
-def test_a_lone_empty_training_file_is_one_line(tmp_path):
+def test_a_lone_empty_training_file_is_one_line(tmp_path, capfd):
   empty = tmp_path / "empty.txt"
   empty.write_bytes(b"")
-  result = run_cli(["train", "--config", str(REPO / "configs" / "tiny.py"), "--workdir", str(tmp_path / "run"),
-                    "--config.data.source=files", f"--config.data.paths={empty}"])
+  result = run_in_process(["train", "--config", str(REPO / "configs" / "tiny.py"), "--workdir", str(tmp_path / "run"),
+                           "--config.data.source=files", f"--config.data.paths={empty}"], capfd)
   assert result.returncode == 2
   errors = [line for line in result.stderr.splitlines() if line.startswith("jaxlm: error:")]
   assert len(errors) == 1 and "Traceback" not in result.stderr  # (libtpu, when installed, logs its own lines)

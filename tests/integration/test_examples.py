@@ -12,7 +12,7 @@ from jaxlm.storage import checkpoint
 from jaxlm.models import layers
 from jaxlm import loader
 
-from conftest import REPO
+from support import REPO
 
 EXAMPLES = sorted((REPO / "examples").glob("*.py"))
 

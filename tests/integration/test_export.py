@@ -16,7 +16,7 @@ from jaxlm import hf, loader
 from jaxlm.cli import main
 from jaxlm.models import transformer as model_lib
 
-from conftest import REPO, tiny_config
+from support import REPO, tiny_config
 
 PROMPTS = [[2, 70, 71, 72], [2, 80]]
 TEXTS = ["def f(x):", "import é"]

@@ -20,27 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_cli
-from jaxlm.cli import main
-
-TINY = str(REPO / "configs" / "tiny.py")
-
-
-def train_args(corpus: Path, workdir: Path, *extra: str) -> list[str]:
-  """`jaxlm train` on configs/tiny.py and `corpus`: 12 steps, a checkpoint every 4, validation at the end."""
-  return ["train", "--config", TINY, "--workdir", str(workdir), "--config.data.source=files",
-          f"--config.data.paths={corpus}/*.txt", "--config.data.val_fraction=0.2", "--config.train.num_steps=12",
-          "--config.train.log_every=1", "--config.train.checkpoint_every=4", "--config.train.eval_every=12",
-          "--config.train.eval_batches=2", "--config.eval.max_batches=2", "--config.optim.warmup_steps=2", *extra]
-
-
-def error_line(result_or_stderr) -> str:
-  """The one `jaxlm: error:` line of a failed command; fails the test on a traceback or several lines."""
-  stderr = getattr(result_or_stderr, "stderr", result_or_stderr)
-  assert "Traceback" not in stderr, stderr[-3000:]
-  lines = [line for line in stderr.splitlines() if "jaxlm: error:" in line]
-  assert len(lines) == 1, stderr[-3000:]
-  return lines[0]
+from support import (CORRUPTIONS, REPO, built_once, corrupt, error_line, free_port, run_cli, run_in_process,
+                     train_args)
 
 
 def arrays_of(workdir: Path, step: int) -> dict:
@@ -51,57 +32,12 @@ def arrays_of(workdir: Path, step: int) -> dict:
 
 @pytest.fixture(scope="session")
 def trained(text_corpus, tmp_path_factory) -> Path:
-  """A finished 12-step run with checkpoints 4, 8 and 12."""
-  workdir = tmp_path_factory.mktemp("faults") / "run"
-  result = run_cli(train_args(text_corpus, workdir))
-  assert result.returncode == 0, result.stderr[-3000:]
-  return workdir
-
-
-def data_files(step_dir: Path) -> list[Path]:
-  """The OCDBT data files of a step's state, smallest first."""
-  return sorted((p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"),
-                key=lambda p: p.stat().st_size)
-
-
-def corrupt(step_dir: Path, how: str) -> None:
-  """Damages a checkpoint step in one of the six ways of issue 11 §1."""
-  if how == "flip_64_bytes":  # in the middle of the largest array file
-    path = data_files(step_dir)[-1]
-    data = bytearray(path.read_bytes())
-    middle = len(data) // 2
-    data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
-    path.write_bytes(bytes(data))
-  elif how == "flip_one_bit_per_file":
-    for path in data_files(step_dir):
-      data = bytearray(path.read_bytes())
-      data[len(data) // 2] ^= 0x10
-      path.write_bytes(bytes(data))
-  elif how == "truncate_half":
-    path = data_files(step_dir)[-1]
-    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
-  elif how == "delete_commit_markers":
-    (step_dir / "_CHECKPOINT_METADATA").unlink()
-    for path in step_dir.rglob("commit_success.txt"):
-      path.unlink()
-  elif how == "delete_state_metadata":
-    (step_dir / "state" / "_METADATA").unlink()
-  elif how == "delete_data_folder":
-    for folder in (step_dir / "state").glob("ocdbt.process_*/d"):
-      shutil.rmtree(folder)
-
-
-CORRUPTIONS = ["flip_64_bytes", "flip_one_bit_per_file", "truncate_half", "delete_commit_markers",
-               "delete_state_metadata", "delete_data_folder"]
-
-
-def run_in_process(args: list[str], capfd) -> subprocess.CompletedProcess:
-  """`jaxlm ARGS` in this process, as a CompletedProcess with its exit status and captured output. It saves an
-  interpreter start-up per command, and the cases share compiled functions; an exception fails the test."""
-  capfd.readouterr()
-  status = main.main(args)
-  stdout, stderr = capfd.readouterr()
-  return subprocess.CompletedProcess(args, status, stdout, stderr)
+  """A finished 12-step run with checkpoints 4, 8 and 12 (tests copy it)."""
+  with built_once(tmp_path_factory, "faults") as (folder, build):
+    if build:
+      result = run_cli(train_args(text_corpus, folder / "run"))
+      assert result.returncode == 0, result.stderr[-3000:]
+  return folder / "run"
 
 
 @pytest.mark.parametrize("how", CORRUPTIONS)
@@ -190,9 +126,9 @@ BAD_CONFIGS = [
 
 
 @pytest.mark.parametrize("overrides,key", BAD_CONFIGS)
-def test_bad_config_is_one_line_before_compiling(overrides, key, text_corpus, tmp_path):
+def test_bad_config_is_one_line_before_compiling(overrides, key, text_corpus, tmp_path, capfd):
   started = time.monotonic()
-  result = run_cli(train_args(text_corpus, tmp_path / "run", *overrides))
+  result = run_in_process(train_args(text_corpus, tmp_path / "run", *overrides), capfd)
   assert result.returncode == 2
   assert key in error_line(result)
   assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
@@ -252,12 +188,6 @@ def test_disk_full_stops_at_once_with_one_line(tiny_disk, text_corpus):
   assert intact and all(step < failed for step in intact)
   verify = run_cli(["verify", "--workdir", str(run)], devices=1)
   assert verify.returncode == 0, verify.stdout  # earlier checkpoints stay loadable
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 C_PLUS_PLUS_ABORT = re.compile(r"^F\d{4} |Check failure stack trace|terminate called|^\s+@\s+0x", re.MULTILINE)

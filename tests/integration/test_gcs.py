@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import gcs_emulator
-from conftest import REPO
+from support import REPO, free_port, tiny_config
 from jaxlm.storage import fs
 
 BUCKET = "jaxlm-test"
@@ -185,7 +185,7 @@ def test_check_access_unreachable():
   code = ("from jaxlm.storage import fs\n"
           "try:\n  fs.check_access('gs://bucket/run', timeout_s=2)\n"
           "except fs.StorageError as e:\n  print(e)\n")
-  env = {**os.environ, "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{gcs_emulator.free_port()}",
+  env = {**os.environ, "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{free_port()}",
          "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
   assert result.stdout.startswith("gs://bucket: no answer from Cloud Storage within 2 s"), result
@@ -229,7 +229,6 @@ def test_sentencepiece_model_in_a_bucket(emulator, text_corpus):
 def test_tfds_data_dir_in_a_bucket(emulator, tmp_path):
   """A dataset prepared as array_record, copied to a bucket, read by `data.tfds_data_dir=gs://...`."""
   import tensorflow_datasets as tfds
-  from conftest import tiny_config
   from jaxlm.data import tfds_data
 
   class JaxlmGcsText(tfds.core.GeneratorBasedBuilder):
@@ -351,7 +350,7 @@ def test_two_processes_share_a_bucket_then_restore_on_one_device(emulator, refer
   """2 processes x 4 CPU devices train into one gs:// work directory with the losses of 1 x 8; the
   checkpoint then evaluates on one device (another mesh) from the bucket."""
   workdir = f"gs://{BUCKET}/multi"
-  port = gcs_emulator.free_port()
+  port = free_port()
   env = {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2"}
   processes = [jaxlm(train_args(workdir, gs_corpus), tmp_path, devices=4, env={**env, "JAX_PROCESS_ID": str(i)},
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]

@@ -13,7 +13,7 @@ from jaxlm import config as config_lib, loader, families
 from jaxlm.models import lora, transformer as model_lib
 from jaxlm.cli import main
 
-from conftest import REPO, files_config, run_cli
+from support import REPO, files_config, run_cli
 
 TINY = str(REPO / "configs" / "tiny.py")
 TARGETS = "query,value,out,down"  # input axes first (query, value) and last (out, down), multi-axis and 2-D

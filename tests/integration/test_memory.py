@@ -6,12 +6,11 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import files_config, run_cli, tiny_config
+from support import error_line, files_config, run_cli, tiny_config, train_args
 from jaxlm import config as config_lib
 from jaxlm.training import memory, step as train_step, trainer
-from jaxlm.parallel import sharding
-from jaxlm.data import feed as sources
-from test_faults import error_line, train_args
+from jaxlm.parallel import mesh as mesh_lib, sharding
+from jaxlm.data import feed
 
 
 class FakeAccelerator:
@@ -27,7 +26,7 @@ class FakeAccelerator:
 
 def test_the_tiny_step_fits_by_xla_and_runs_the_pipelines_batches_donating_the_state(text_corpus):
   config = files_config(text_corpus)
-  s = train_step.setup(config, sharding.make_mesh(config))
+  s = train_step.setup(config, mesh_lib.make_mesh(config))
   step = memory.compile_train_step_that_fits(s)
   estimate = memory.step_memory(step.compiled)
   assert estimate.temporaries > 0 and estimate.arguments >= sharding.shard_bytes(s.abstract_state, s.state_shardings)
@@ -35,7 +34,7 @@ def test_the_tiny_step_fits_by_xla_and_runs_the_pipelines_batches_donating_the_s
   assert 0 < estimate.peak < sharding.available_bytes(jax.local_devices()[0])[0]
 
   rows = trainer.prepare_data(config, trainer.load_tokenizer(config), "train")
-  local = next(sources.Source(rows=rows).train_batches(config.train.global_batch_size, 0, 0, 1))
+  local = next(feed.Feed(rows=rows).train_batches(config.train.global_batch_size, 0, 0, 1))
   batch = sharding.global_batch(local, s.batch_sharding)
   assert step.compiled_for(batch)  # so the trainer runs the executable whose memory was checked
   assert not step.compiled_for({**batch, "inputs": batch["inputs"][:, :16]})

@@ -16,7 +16,7 @@ from jaxlm.data import corpus, pipeline as data_lib, mixture, prepare, shards as
 from jaxlm.cli import main
 from jaxlm.data.tokenizer import ByteTokenizer, SentencePieceTokenizer
 
-from conftest import REPO, files_config, run_cli
+from support import REPO, files_config, run_cli
 
 SEQ = 32
 SENTENCES = [f"Return the {w} of the {v} in line {i}." for i in range(200)

@@ -8,7 +8,7 @@ import pytest
 
 from jaxlm.training import progress
 
-from conftest import run_cli
+from support import run_cli
 
 
 class FakeClock:

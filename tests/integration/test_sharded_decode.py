@@ -8,9 +8,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from conftest import run_cli, tiny_config
+from support import run_cli, tiny_config
 from jaxlm import config as config_lib
 from jaxlm.inference import decode, export, server as serve
+from jaxlm.parallel import mesh as mesh_lib
 from jaxlm import hf, loader
 from jaxlm.cli import main
 from jaxlm.models import transformer as model_lib
@@ -35,7 +36,7 @@ def one_device_tokens(run_dir):
 
 @pytest.fixture(scope="module")
 def sharded(run_dir):
-  mesh = decode.make_mesh(MESH)
+  mesh = mesh_lib.mesh_of_sizes(MESH)
   run = loader.load(run_dir, mesh=mesh)
   return run, mesh, decode.Generator(run.config.model, run.params, mesh=mesh, rules=config_lib.mesh_rules(run.config))
 
@@ -120,7 +121,7 @@ def test_beam_search_on_a_mesh_equals_one_device(run_dir, sharded):
 
 
 def test_a_server_on_a_mesh_completes_as_one_device(run_dir):
-  server = serve.BackgroundServer(serve.app_for_run(run_dir, max_batch=2, mesh=decode.make_mesh(MESH)))
+  server = serve.BackgroundServer(serve.app_for_run(run_dir, max_batch=2, mesh=mesh_lib.mesh_of_sizes(MESH)))
   try:
     body = json.dumps({"prompt": "def f(x):", "max_tokens": 8, "temperature": 0}).encode()
     request = urllib.request.Request(server.url + "/v1/completions", body, {"Content-Type": "application/json"})

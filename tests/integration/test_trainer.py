@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 
@@ -13,10 +12,10 @@ import pytest
 
 from jaxlm.storage import checkpoint as checkpoint_lib
 from jaxlm.data import mixture
-from jaxlm.parallel import sharding
+from jaxlm.parallel import mesh as mesh_lib
 from jaxlm.training import step as train_lib, trainer
 
-from conftest import REPO, files_config, run_cli, tiny_config
+from support import REPO, files_config, free_port, run_cli, tiny_config
 
 TINY = str(REPO / "configs" / "tiny.py")
 
@@ -42,7 +41,7 @@ def val_losses(workdir):
 def restore_state(workdir, step, text_corpus):
   cfg = files_config(text_corpus)
   cfg.mesh.data, cfg.mesh.fsdp = 2, 4
-  s = train_lib.setup(cfg, sharding.make_mesh(cfg))
+  s = train_lib.setup(cfg, mesh_lib.make_mesh(cfg))
   target = checkpoint_lib.abstract_with_shardings(s.abstract_state.to_dict(), s.state_shardings.to_dict())
   return jax.device_get(checkpoint_lib.Checkpointer(workdir / "checkpoints", read_only=True).restore(step, target))
 
@@ -116,7 +115,7 @@ def test_restore_onto_a_different_mesh_is_exact(full_run, text_corpus):
   original = restore_state(full_run, 6, text_corpus)
   cfg = files_config(text_corpus)
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 4, 1, 2
-  s = train_lib.setup(cfg, sharding.make_mesh(cfg))
+  s = train_lib.setup(cfg, mesh_lib.make_mesh(cfg))
   target = checkpoint_lib.abstract_with_shardings(s.abstract_state.to_dict(), s.state_shardings.to_dict())
   restored = checkpoint_lib.Checkpointer(full_run / "checkpoints", read_only=True).restore(6, target)
   kernel = restored["params"]["decoder"]["layer_0"]["mlp"]["up"]["kernel"]
@@ -154,7 +153,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(text_corpus, tmp_path
   good = int(last_line.split("last good checkpoint is step ")[1].split(";")[0].split(".")[0])
   assert steps[-1] == good
   cfg = files_config(text_corpus)
-  s = train_lib.setup(cfg, sharding.make_mesh(cfg))
+  s = train_lib.setup(cfg, mesh_lib.make_mesh(cfg))
   target = {"params": checkpoint_lib.abstract_with_shardings(s.abstract_state.params, s.state_shardings.params)}
   params = checkpoint_lib.Checkpointer(tmp_path / "checkpoints", read_only=True).restore(good, target, partial=True)
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(params)))
@@ -175,12 +174,6 @@ def test_sigterm_saves_then_exits(text_corpus, tmp_path):
   assert "received signal" in rest
   steps = checkpoint_lib.Checkpointer(tmp_path / "checkpoints", read_only=True).all_steps()
   assert len(steps) == 1 and 2 <= steps[0] < 100000
-
-
-def free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -5,34 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from support import LABELS, classify_config, use_tiny_task
 from jaxlm.tasks import classify as classify_data, evaluate
 from jaxlm import config as config_lib, families
 from jaxlm.models import transformer as model_lib
 from jaxlm.training import trainer
 from jaxlm.families import classifier
 from jaxlm.data.tokenizer import ByteTokenizer
-
-LABELS = ("alpha", "beta", "gamma")
-# each class has its own vocabulary, so a few steps can separate them
-WORDS = ("apple apricot avocado", "banana blueberry", "cherry coconut cranberry")
-
-
-def tiny_task(config, tokenizer, split):
-  """Three classes; train is balanced, validation has labels [0, 0, 1, 2] (majority of train: 0)."""
-  labels = [0, 1, 2] * 8 if split == "train" else [0, 0, 1, 2]
-  texts = [f"{WORDS[label]} {i}" for i, label in enumerate(labels)]
-  return classify_data.ClassificationRows(texts, labels, tokenizer or ByteTokenizer(), config.data.seq_len)
-
-
-def classify_config(family):
-  c = tiny_config()
-  c.model.family, c.model.num_classes, c.data.source = family, len(LABELS), "stdlib_packages"
-  if family == "encoder_classifier":
-    c.model.norm_position, c.model.num_token_types = "post", 2
-  c.eval.max_batches = 0
-  return c
-
 
 def test_rows_hold_bos_text_eos_and_one_label():
   rows = classify_data.ClassificationRows(["ab", "x" * 50], [2, 1], ByteTokenizer(), 8)
@@ -94,7 +73,7 @@ def test_num_classes_must_match_the_task():
 @pytest.mark.slow  # trains and evaluates: about a minute on a busy 2-core machine
 @pytest.mark.parametrize("family", ["encoder_classifier", "decoder_classifier"])
 def test_train_then_eval_reports_task_metrics(family, tmp_path, monkeypatch):
-  monkeypatch.setitem(classifier.TASKS, "stdlib_packages", classifier.Task(LABELS, tiny_task))
+  use_tiny_task(monkeypatch)
   c = classify_config(family)
   trainer.train(c, tmp_path)
   result = evaluate.evaluate(tmp_path)

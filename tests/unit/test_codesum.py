@@ -7,7 +7,7 @@ from jaxlm import config as config_lib
 from jaxlm.data import corpus, tokenizer as tokenizer_lib
 from jaxlm.training import trainer
 
-from conftest import tiny_config
+from support import tiny_config
 
 SYNTHETIC = '''\
 import functools

@@ -8,7 +8,7 @@ import pytest
 from jaxlm.inference import decode
 from jaxlm.models import transformer as model_lib
 
-from conftest import tiny_config
+from support import tiny_config
 
 STYLES = {
     "gpt2": {},

@@ -5,7 +5,7 @@ import json
 from jaxlm.tasks import evaluate
 from jaxlm.training import trainer
 
-from conftest import files_config, tiny_config
+from support import files_config, tiny_config
 
 
 def _losses(workdir):

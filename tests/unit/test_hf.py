@@ -16,7 +16,7 @@ from jaxlm import hf, loader  # noqa: E402
 from jaxlm.cli import main
 from jaxlm.models import transformer as model_lib
 
-from conftest import tiny_config  # noqa: E402
+from support import tiny_config  # noqa: E402
 
 HF_MODELS = {
     "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(

@@ -9,52 +9,14 @@ import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
+pytest.importorskip("tokenizers")  # support.save_tokenizer trains one
 
 from jaxlm.inference import decode  # noqa: E402
 from jaxlm.data import hf_tokenizer, tokenizer as tokenizer_lib
 from jaxlm import loader
 from jaxlm.cli import main
 
-CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-SPECIALS = ["<|endoftext|>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
-TEXTS = ["def add(x, y):\n    return x + y\n", "hello world, this is the tokenizer's test.", "the quick brown fox",
-         "import os\nprint(os.getcwd())", "caf\u00e9 na\u00efve \u2014 \u00fcber", "<|im_start|>user\nhi<|im_end|>"]
-VOCAB = 320  # trained tokens + specials stay below it; models get this padded vocabulary
-
-
-def save_tokenizer(folder, style: str = "gpt2"):
-  """A byte-level BPE tokenizer trained on TEXTS, saved by transformers with a ChatML chat template.
-
-  style 'gpt2': one '<|endoftext|>' for bos/eos; 'llama': '<s>' / '</s>' and an '<unk>'-free pad.
-  Returns the transformers tokenizer."""
-  backend = tokenizers.Tokenizer(tokenizers.models.BPE())
-  backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-  backend.decoder = tokenizers.decoders.ByteLevel()
-  trainer = tokenizers.trainers.BpeTrainer(vocab_size=VOCAB - 8, special_tokens=SPECIALS,
-                                           initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-  backend.train_from_iterator(TEXTS * 20, trainer)
-  special = ({"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"} if style == "gpt2"
-             else {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<|endoftext|>"})
-  wrapped = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, **special)
-  wrapped.chat_template = CHATML
-  wrapped.save_pretrained(folder)
-  return wrapped
-
-
-def hf_model(style: str):
-  """A random HF model (GPT-2 or LLaMA) of VOCAB ids; a wide init makes greedy choices clear-cut. Its config names
-  no EOS, so `generate` stops at one only when asked to."""
-  torch.manual_seed(0)
-  if style == "gpt2":
-    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4, n_inner=64,
-                                     initializer_range=0.3, bos_token_id=None, eos_token_id=None)
-    return transformers.GPT2LMHeadModel(config).eval()
-  config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                    initializer_range=0.3, bos_token_id=None, eos_token_id=None)
-  return transformers.LlamaForCausalLM(config).eval()
+from support import CHATML, CONVERSATIONS, SPECIALS, TEXTS, VOCAB, hf_model, save_tokenizer, write_jsonl  # noqa: E402
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
@@ -155,7 +117,6 @@ def test_fine_tune_a_converted_model_on_chat_data(converted, tmp_path):
   """The converted run trains on chat records with its own tokenizer and template (jaxlm.train on its workdir)."""
   import shutil
   from jaxlm.training import trainer
-  from test_instruct_data import CONVERSATIONS, write_jsonl
   style, _, tok, _, run = converted
   if style != "gpt2":
     pytest.skip("one architecture is enough for the training path")

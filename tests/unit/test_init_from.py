@@ -15,12 +15,10 @@ from jaxlm.data import hf_tokenizer
 from jaxlm.training import init_from
 from jaxlm.cli import main
 from jaxlm.models import transformer as model_lib
-from jaxlm.families import classifier
 from jaxlm.training.init_from import initial_state
 
-from conftest import REPO
-from test_classify import LABELS, classify_config, tiny_task
-from test_faults import corrupt
+from support import (CHATML, CONVERSATIONS, REPO, classify_config, corrupt, hf_model, save_tokenizer, use_tiny_task,
+                     write_jsonl)
 
 TINY = str(REPO / "configs" / "tiny.py")
 SHORT = ["--config.train.num_steps=2", "--config.train.checkpoint_every=2", "--config.train.eval_every=2",
@@ -123,7 +121,7 @@ def encoder_base(tmp_path_factory):
                                                              ("decoder_classifier", "base", 0)])
 def test_a_classifier_takes_the_body_and_starts_its_head(family, base_fixture, dropped, request, tmp_path,
                                                          monkeypatch, capsys):
-  monkeypatch.setitem(classifier.TASKS, "stdlib_packages", classifier.Task(LABELS, tiny_task))
+  use_tiny_task(monkeypatch)
   base_dir = request.getfixturevalue(base_fixture)
   capsys.readouterr()
   config = classify_config(family)
@@ -171,8 +169,6 @@ def test_bad_bases_are_one_line(base, text_corpus, tmp_path, capsys):
 def test_fine_tune_a_converted_hf_model_from_the_command_line(tmp_path, capsys):
   pytest.importorskip("torch")
   pytest.importorskip("transformers")
-  from test_hf_tokenizer import CHATML, hf_model, save_tokenizer
-  from test_instruct_data import CONVERSATIONS, write_jsonl
   folder, converted = tmp_path / "hf", tmp_path / "gpt2"
   save_tokenizer(folder)
   hf_model("gpt2").save_pretrained(folder)

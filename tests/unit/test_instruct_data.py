@@ -9,15 +9,8 @@ import pytest
 from jaxlm.data import chat_template, pipeline as data_lib, instruct as instruct_data, tokenizer as tokenizer_lib
 from jaxlm.cli import main
 
-from conftest import tiny_config
+from support import CHATML, CONVERSATIONS, RECORDS, save_tokenizer, tiny_config, write_jsonl
 
-CONVERSATIONS = [
-    [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4."}],
-    [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"},
-     {"role": "assistant", "content": "Hello.\nHow can I help?"}, {"role": "user", "content": "Sort [3, 1]"},
-     {"role": "assistant", "content": "[1, 3]"}],
-    [{"role": "user", "content": "Unicode: caf\u00e9 \u2014 \U0001f600 \"quotes\" <b>html</b>"}],
-]
 # A LLaMA-2 style template: bos_token, raise_exception, loop variables and whitespace control.
 LLAMA2 = ("{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
           "{% set messages = messages[1:] %}{% else %}{% set system = '' %}{% endif %}"
@@ -34,9 +27,8 @@ TOJSON = ("{% for message in messages %}{{ message | tojson }}\n{% endfor %}"
 
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
-  """A saved byte-level BPE tokenizer with the ChatML template (see test_hf_tokenizer.save_tokenizer)."""
+  """A saved byte-level BPE tokenizer with the ChatML template (see support.save_tokenizer)."""
   pytest.importorskip("transformers")
-  from test_hf_tokenizer import save_tokenizer
   folder = tmp_path_factory.mktemp("hf_tok")
   return folder, save_tokenizer(folder, "llama")
 
@@ -44,7 +36,6 @@ def hf_folder(tmp_path_factory):
 @pytest.mark.parametrize("name", ["chatml", "llama2", "tojson", "default"])
 def test_rendering_equals_transformers_apply_chat_template(hf_folder, name):
   from jaxlm.data import hf_tokenizer
-  from test_hf_tokenizer import CHATML
   source = {"chatml": CHATML, "llama2": LLAMA2, "tojson": TOJSON, "default": chat_template.DEFAULT_TEMPLATE}[name]
   folder, hf_tok = hf_folder
   hf_tok.chat_template = source
@@ -70,7 +61,6 @@ def test_templates_are_sandboxed():
 
 
 def test_segments_mark_exactly_the_assistant_turns(hf_folder):
-  from test_hf_tokenizer import CHATML
   for source, turn_end in ((CHATML, "<|im_end|>"), (chat_template.DEFAULT_TEMPLATE, "<|end|>"), (LLAMA2, "</s>")):
     template = chat_template.ChatTemplate(source, {"bos_token": "<s>", "eos_token": "</s>"})
     assert template.turn_end == turn_end
@@ -82,15 +72,6 @@ def test_segments_mark_exactly_the_assistant_turns(hf_folder):
     assert len(answers) == len(contents)
     for answer, content in zip(answers, contents):
       assert content in answer and turn_end in answer and "user" not in answer
-
-
-def write_jsonl(path, records):
-  path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
-  return path
-
-
-RECORDS = ([{"prompt": f"Q{i}: add {i} and {i}\n", "completion": f"A: {2 * i}"} for i in range(12)]
-           + [{"messages": c, "id": i} for i, c in enumerate(CONVERSATIONS[:2] * 6)])
 
 
 def jsonl_config(tmp_path, records=RECORDS, **data):

@@ -8,7 +8,7 @@ import pytest
 
 from jaxlm.models import transformer as model_lib
 
-from conftest import tiny_config
+from support import tiny_config
 
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(4, 260, (2, 12)))
 

@@ -5,9 +5,9 @@ import numpy as np
 
 from jaxlm import config as config_lib
 from jaxlm.training import flops as metrics, step as train_lib
-from jaxlm.parallel import sharding
+from jaxlm.parallel import mesh as mesh_lib
 
-from conftest import tiny_config
+from support import tiny_config
 
 
 def reference_model():
@@ -43,7 +43,7 @@ def test_flops_formula_matches_xla_cost_analysis():
   cfg.mesh.data = 1
   with jax.default_device(jax.devices()[0]):
     devices = jax.devices()[:1]
-    mesh = jax.sharding.Mesh(np.array(devices).reshape(1, 1, 1), sharding.AXES)
+    mesh = jax.sharding.Mesh(np.array(devices).reshape(1, 1, 1), mesh_lib.AXES)
     s = train_lib.setup(cfg, mesh)
     state = jax.eval_shape(s.init_fn, jax.random.key(0))
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in

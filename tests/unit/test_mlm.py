@@ -9,7 +9,7 @@ from jaxlm.tasks import mlm
 from jaxlm.models import transformer as model_lib
 from jaxlm.data.tokenizer import ByteTokenizer
 
-from conftest import tiny_config
+from support import tiny_config
 
 
 def _rows(seed=0, probability=0.15):

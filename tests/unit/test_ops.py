@@ -12,7 +12,7 @@ from jaxlm.ops import cpu_kernels
 from jaxlm.models import layers, transformer as model_lib
 from jaxlm.ops import dispatch
 
-from conftest import tiny_config
+from support import tiny_config
 
 needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler: the CPU kernels are not built")
 OPS = ("attention", "norm", "dense", "activation")

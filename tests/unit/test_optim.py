@@ -8,7 +8,7 @@ import pytest
 from jaxlm.models import transformer as model_lib
 from jaxlm.training import optim
 
-from conftest import tiny_config
+from support import tiny_config
 
 
 def param_paths(cfg):

@@ -15,11 +15,11 @@ import pytest
 
 from jaxlm import config as config_lib
 from jaxlm.models import layers
-from jaxlm.parallel import sharding
+from jaxlm.parallel import mesh as mesh_lib, sharding
 from jaxlm.training import step as train_step
 from jaxlm.ops import pallas_attention, xla_attention
 
-from conftest import tiny_config
+from support import tiny_config
 
 B, T, N, K, H = 2, 256, 4, 2, 32  # GQA: two query heads per key/value head
 
@@ -83,7 +83,7 @@ def train_step_metrics(attention_impl: str) -> dict:
   config = tiny_config(num_kv_heads=2, attention_impl=attention_impl, position="rope")
   config.data.seq_len = config.model.max_len = 128
   config.mesh.tensor = 2
-  s = train_step.setup(config, sharding.make_mesh(config))
+  s = train_step.setup(config, mesh_lib.make_mesh(config))
   state = train_step.create_state(s, seed=0)
   tokens = np.random.default_rng(0).integers(0, 256, (8, 129)).astype(np.int32)
   segments = np.where(np.arange(128) < 50, 1, 2)[None].repeat(8, 0).astype(np.int32)

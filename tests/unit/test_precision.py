@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from jaxlm.data import corpus
-from jaxlm.parallel import sharding
+from jaxlm.parallel import mesh as mesh_lib, sharding
 from jaxlm.training import step as train_step
 
-from conftest import tiny_config
+from support import tiny_config
 
 STEPS = 50
 # Over the 50 steps the loss falls from 5.52 to 3.35 nats; the largest gap between the bfloat16 and the
@@ -39,7 +39,7 @@ def train(dtype: str):
   config = tiny_config(dtype=dtype, param_dtype="float32")
   config.train.num_steps = STEPS
   config.optim.warmup_steps = 5
-  s = train_step.setup(config, sharding.make_mesh(config))
+  s = train_step.setup(config, mesh_lib.make_mesh(config))
   state = train_step.create_state(s, seed=0)
   step = train_step.make_train_step(s)
   b, t = config.train.global_batch_size, config.data.seq_len

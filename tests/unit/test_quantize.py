@@ -14,9 +14,9 @@ from jaxlm.models import quantize
 from jaxlm import hf, loader
 from jaxlm.cli import main
 from jaxlm.models import transformer as model_lib
-from jaxlm.tasks import int8_report as quantize_report
+from jaxlm.tasks import evaluate
 
-from conftest import files_config, tiny_config
+from support import files_config, tiny_config
 
 
 def test_per_channel_int8_round_trip():
@@ -48,20 +48,20 @@ def test_compare_and_cli(run_dir, capsys):
   out = capsys.readouterr().out
   assert "smaller" in out and f"--workdir {run_dir / 'int8'}" in out and (run_dir / "quantize_step_0.json").is_file()
   # Rerunning replaces the int8 run it wrote before.
-  result = quantize_report.compare(run_dir, max_batches=2)
+  result = evaluate.compare_int8(run_dir, max_batches=2)
   assert result["memory_reduction"] > 2.5 and result["float_source"] == "scored"
   assert abs(result["perplexity_change"]) < 0.02 and result["float_perplexity"] > 1
   assert quantize.is_int8_run(run_dir / "int8") and not quantize.is_int8_run(run_dir)
   # Another run's checkpoints are never overwritten.
   with pytest.raises(quantize.QuantizeError, match="another run"):
-    quantize_report.compare(run_dir, max_batches=2, out=run_dir)
+    evaluate.compare_int8(run_dir, max_batches=2, out=run_dir)
 
 
 def test_float_perplexity_is_reused_from_eval(run_dir, capsys):
   """After `jaxlm eval` on the same step, quantize scores only the int8 weights."""
   assert main.main(["eval", "--workdir", str(run_dir)]) == 0
   evaluated = json.loads((run_dir / "eval_step_0.json").read_text())
-  result = quantize_report.compare(run_dir, out=run_dir / "int8_again")
+  result = evaluate.compare_int8(run_dir, out=run_dir / "int8_again")
   assert result["tokens"] == evaluated["tokens"] and result["float_source"] == "eval_step_0.json"
   assert result["float_perplexity"] == pytest.approx(math.exp(evaluated["loss"]), rel=1e-12)
 
@@ -91,7 +91,7 @@ def test_quantized_model_generates_close_to_float(run_dir, capsys):
 def int8_run(run_dir):
   """(the int8 run's directory, quantize's report)."""
   out = run_dir.parent / "int8_run"
-  return out, quantize_report.compare(run_dir, max_batches=1, out=out)
+  return out, evaluate.compare_int8(run_dir, max_batches=1, out=out)
 
 
 @pytest.mark.slow  # about 35 s: four compiles (generate, serve, eval, export)

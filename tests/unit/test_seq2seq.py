@@ -11,7 +11,7 @@ from jaxlm.tasks import seq2seq as seq2seq_data
 from jaxlm.training import step as train_lib
 from jaxlm.data.tokenizer import ByteTokenizer
 
-from conftest import tiny_config
+from support import tiny_config
 
 PAIRS = [("def add(a, b): return a + b", "Add two numbers."),
          ("def f(): pass", "Do nothing at all."),

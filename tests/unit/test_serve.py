@@ -17,7 +17,7 @@ from jaxlm import hf, loader
 from jaxlm.models import transformer as model_lib
 from jaxlm.data import tokenizer as tokenizer_lib
 
-from conftest import files_config
+from support import files_config
 
 JSON = {"Content-Type": "application/json"}
 

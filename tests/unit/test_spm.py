@@ -2,7 +2,7 @@
 
 from jaxlm.data import spm, tokenizer as tokenizer_lib
 
-from conftest import tiny_config
+from support import tiny_config
 
 SENTENCES = [f"Return the {w} of the {v} in line {i}." for i in range(200)
              for w, v in [("length", "list"), ("sum", "values"), ("name", "module")]]

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from support import tiny_config
 from jaxlm import config as config_lib, families
 from jaxlm.tasks import evaluate, squad, metrics as task_metrics
 from jaxlm.training import trainer

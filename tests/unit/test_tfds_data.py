@@ -10,7 +10,7 @@ from jaxlm.data import tfds_data
 from jaxlm.training import trainer
 from jaxlm.data.tokenizer import ByteTokenizer
 
-from conftest import tiny_config
+from support import tiny_config
 
 
 def tfds_config(name, family="decoder", **data):

@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm.parallel import sharding
+from jaxlm.parallel import mesh as mesh_lib, sharding
 from jaxlm.training import step as train_lib
 
-from conftest import tiny_config
+from support import tiny_config
 
 
 def make_batch(cfg, seed=0):
@@ -26,7 +26,7 @@ def make_batch(cfg, seed=0):
 
 
 def one_step(cfg, batch, seed=0):
-  mesh = sharding.make_mesh(cfg)
+  mesh = mesh_lib.make_mesh(cfg)
   s = train_lib.setup(cfg, mesh)
   state = train_lib.create_state(s, seed)
   step = train_lib.make_train_step(s)
@@ -67,7 +67,7 @@ GOLDEN_GRAD_NORM = 0.752058207988739
 def test_state_is_sharded_by_the_rules():
   cfg = tiny_config()
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
-  s = train_lib.setup(cfg, sharding.make_mesh(cfg))
+  s = train_lib.setup(cfg, mesh_lib.make_mesh(cfg))
   state = train_lib.create_state(s, 0)
   kernel = state.params["decoder"]["layer_0"]["mlp"]["up"]["kernel"]  # ('embed', 'mlp')
   assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
