@@ -25,8 +25,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import torch_peer, train_speed  # noqa: E402
-from jaxlm.models import layers, transformer as model_lib  # noqa: E402
+from benchmarks import torch_peer, train_speed
+from jaxlm.models import layers
+from jaxlm.models import transformer as model_lib
 
 
 def load_module(path: str):
@@ -64,15 +65,20 @@ def main(argv=None):
     run(name)
   times, speedups = {name: [] for name in steps}, []
   for r in range(args.rounds):
-    for name in (("old", "new") if r % 2 == 0 else ("new", "old")):
+    for name in ("old", "new") if r % 2 == 0 else ("new", "old"):
       start = time.perf_counter()
       run(name), run(name)
       times[name].append((time.perf_counter() - start) / 2)
     speedups.append(times["old"][-1] / times["new"][-1])
-    print(f"round {r + 1}: old {times['old'][-1] * 1e3:.0f} ms, new {times['new'][-1] * 1e3:.0f} ms, "
-          f"speed-up {speedups[-1]:.3f}", flush=True)
-  print(f"median: old {statistics.median(times['old']) * 1e3:.0f} ms, new {statistics.median(times['new']) * 1e3:.0f} ms, "
-        f"speed-up {statistics.median(speedups):.3f}; last losses old {run('old'):.7f}, new {run('new'):.7f}")
+    print(
+      f"round {r + 1}: old {times['old'][-1] * 1e3:.0f} ms, new {times['new'][-1] * 1e3:.0f} ms, "
+      f"speed-up {speedups[-1]:.3f}",
+      flush=True,
+    )
+  print(
+    f"median: old {statistics.median(times['old']) * 1e3:.0f} ms, new {statistics.median(times['new']) * 1e3:.0f} ms, "
+    f"speed-up {statistics.median(speedups):.3f}; last losses old {run('old'):.7f}, new {run('new'):.7f}"
+  )
 
 
 if __name__ == "__main__":

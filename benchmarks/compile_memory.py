@@ -32,6 +32,7 @@ POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 def gpt2_small(batch: int, scan_layers: bool, remat_policy: str, cache_dir: str = ""):
   from jaxlm.config import presets
+
   c = presets.gpt(12, 768, 12)
   c.model.dtype = "float32"
   c.model.scan_layers = scan_layers
@@ -46,8 +47,11 @@ def compile_case(case: dict):
   """Builds and compiles the step of one case in this process: (compiled, state, batch, rng, result)."""
   import jax
   import numpy as np
-  from jaxlm.parallel import mesh as mesh_lib, sharding
+
+  from jaxlm.parallel import mesh as mesh_lib
+  from jaxlm.parallel import sharding
   from jaxlm.training import step as train
+
   config = gpt2_small(case["batch"], case["scan_layers"], case["remat_policy"], case.get("cache_dir", ""))
   if config.train.compilation_cache_dir:
     # As jaxlm.training.trainer.train does; the thresholds are lowered so the test of the cache is not size-gated.
@@ -56,11 +60,16 @@ def compile_case(case: dict):
   state = train.create_state(s, config.seed)
   step = train.make_train_step(s)
   tokens = np.random.default_rng(0).integers(0, config.model.vocab_size, (case["batch"], config.data.seq_len + 1))
-  batch = sharding.global_batch({
-      "inputs": tokens[:, :-1].astype(np.int32), "targets": tokens[:, 1:].astype(np.int32),
+  batch = sharding.global_batch(
+    {
+      "inputs": tokens[:, :-1].astype(np.int32),
+      "targets": tokens[:, 1:].astype(np.int32),
       "segment_ids": np.ones((case["batch"], config.data.seq_len), np.int32),
       "positions": np.tile(np.arange(config.data.seq_len, dtype=np.int32), (case["batch"], 1)),
-      "weights": np.ones((case["batch"], config.data.seq_len), np.float32)}, s.batch_sharding)
+      "weights": np.ones((case["batch"], config.data.seq_len), np.float32),
+    },
+    s.batch_sharding,
+  )
   rng = jax.random.key(1)
   start = time.perf_counter()
   lowered = step.lower(state, batch, rng)
@@ -68,13 +77,20 @@ def compile_case(case: dict):
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start - lower_s
   memory = compiled.memory_analysis()
-  result = {**case, "lower_s": lower_s, "compile_s": compile_s,
-            "argument_bytes": memory.argument_size_in_bytes, "temp_bytes": memory.temp_size_in_bytes,
-            "output_bytes": memory.output_size_in_bytes, "alias_bytes": memory.alias_size_in_bytes,
-            "code_bytes": memory.generated_code_size_in_bytes}
+  result = {
+    **case,
+    "lower_s": lower_s,
+    "compile_s": compile_s,
+    "argument_bytes": memory.argument_size_in_bytes,
+    "temp_bytes": memory.temp_size_in_bytes,
+    "output_bytes": memory.output_size_in_bytes,
+    "alias_bytes": memory.alias_size_in_bytes,
+    "code_bytes": memory.generated_code_size_in_bytes,
+  }
   # Peak live bytes: inputs + scratch + outputs that do not reuse a donated input.
-  result["peak_bytes"] = (memory.argument_size_in_bytes + memory.temp_size_in_bytes
-                          + memory.output_size_in_bytes - memory.alias_size_in_bytes)
+  result["peak_bytes"] = (
+    memory.argument_size_in_bytes + memory.temp_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+  )
   return compiled, state, batch, rng, result
 
 
@@ -97,11 +113,12 @@ def remat_speed(batch: int, rounds: int) -> dict:
   Separate processes run minutes apart, so load from other jobs shifts them
   by more than the policies differ; alternating isolates the policy's cost.
   """
-  steps = {policy: list(compile_case({"batch": batch, "scan_layers": True, "remat_policy": policy})[:4])
-           for policy in POLICIES}
+  steps = {
+    policy: list(compile_case({"batch": batch, "scan_layers": True, "remat_policy": policy})[:4]) for policy in POLICIES
+  }
   times = {policy: [] for policy in POLICIES}
   for r in range(rounds + 1):  # round 0 warms up and is not counted
-    for policy in (POLICIES if r % 2 else POLICIES[::-1]):
+    for policy in POLICIES if r % 2 else POLICIES[::-1]:
       compiled, state, batch_arrays, rng = steps[policy]
       start = time.perf_counter()
       state, metrics = compiled(state, batch_arrays, rng)
@@ -138,8 +155,11 @@ def main(argv=None):
     for scan in (False, True):
       r = spawn({**base, "scan_layers": scan})
       results[f"compile_scan_{scan}"] = r
-      print(f"  scan_layers={scan!s:5}  lower {r['lower_s']:5.1f} s  compile {r['compile_s']:5.1f} s  "
-            f"total {r['lower_s'] + r['compile_s']:5.1f} s", flush=True)
+      print(
+        f"  scan_layers={scan!s:5}  lower {r['lower_s']:5.1f} s  compile {r['compile_s']:5.1f} s  "
+        f"total {r['lower_s'] + r['compile_s']:5.1f} s",
+        flush=True,
+      )
   if args.what in ("cache", "all"):
     print("persistent compilation cache (train.compilation_cache_dir), scan_layers=True:")
     with tempfile.TemporaryDirectory() as cache_dir:
@@ -147,16 +167,20 @@ def main(argv=None):
         r = spawn({**base, "scan_layers": True, "cache_dir": cache_dir})
         results[f"cache_{label}"] = r
         files = sum(1 for _ in Path(cache_dir).rglob("*") if _.is_file())
-        print(f"  {label}: lower {r['lower_s']:5.1f} s  compile {r['compile_s']:5.1f} s  ({files} cache files)",
-              flush=True)
+        print(
+          f"  {label}: lower {r['lower_s']:5.1f} s  compile {r['compile_s']:5.1f} s  ({files} cache files)", flush=True
+        )
   if args.what in ("memory", "all"):
     print(f"memory per remat policy, scan_layers=True, batch {args.batch} x 1024 tokens, float32:")
     print(f"  {'policy':14s} {'peak MiB':>9s} {'temp MiB':>9s} {'args MiB':>9s} {'step s':>7s}")
     for policy in POLICIES:
       r = spawn({**base, "steps": args.steps, "scan_layers": True, "remat_policy": policy})
       results[f"memory_{policy}"] = r
-      print(f"  {policy:14s} {r['peak_bytes'] / 2**20:9.0f} {r['temp_bytes'] / 2**20:9.0f} "
-            f"{r['argument_bytes'] / 2**20:9.0f} {r['step_s']:7.2f}", flush=True)
+      print(
+        f"  {policy:14s} {r['peak_bytes'] / 2**20:9.0f} {r['temp_bytes'] / 2**20:9.0f} "
+        f"{r['argument_bytes'] / 2**20:9.0f} {r['step_s']:7.2f}",
+        flush=True,
+      )
   if args.what in ("speed", "all"):
     print(f"step time per remat policy, one process, {args.rounds} alternating rounds (median), batch {args.batch}:")
     results["speed"] = remat_speed(args.batch, args.rounds)

@@ -22,10 +22,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jaxlm import runtime  # noqa: E402
-from jaxlm.ops import cpu_kernels  # noqa: E402
+from jaxlm import runtime
 from jaxlm.models import layers
-from jaxlm.ops import xla_attention as attention  # noqa: E402
+from jaxlm.ops import cpu_kernels
+from jaxlm.ops import xla_attention as attention
 
 B, T, N, H, D, F = 16, 256, 6, 64, 384, 1536
 
@@ -40,7 +40,7 @@ def cases(rng):
   scale, bias_d, ct_d = normal(D), normal(D), normal(B * T, D)
 
   def xla_attention(qkv):
-    q, k, v = qkv[:, :, :N], qkv[:, :, N:2 * N], qkv[:, :, 2 * N:]
+    q, k, v = qkv[:, :, :N], qkv[:, :, N : 2 * N], qkv[:, :, 2 * N :]
     return jnp.sum(attention.dot_product_attention(q, k, v, mask, causal=True) * out_ct)
 
   def xla_norm(x, scale, bias):
@@ -50,14 +50,26 @@ def cases(rng):
     return jnp.sum(y * ct_d)
 
   return {
-      "attention (causal, fused qkv)": (
-          lambda qkv: jnp.sum(cpu_kernels.self_attention(qkv, mask[:, 0], True, N) * out_ct), xla_attention, (qkv,)),
-      "LayerNorm": (lambda x, s, b: jnp.sum(cpu_kernels.norm(x, s, b, False, 1e-5) * ct_d), xla_norm,
-                    (x_d, scale, bias_d)),
-      "bias + GELU (tanh)": (lambda x, b: jnp.sum(cpu_kernels.bias_gelu(x, b) * ct_f),
-                             lambda x, b: jnp.sum(jax.nn.gelu(x + b, approximate=True) * ct_f), (x_f, bias_f)),
-      "dense 4096x384 @ 384x1536": (lambda x, w, b: jnp.sum(cpu_kernels.dense(x, w, b) * ct_f),
-                                    lambda x, w, b: jnp.sum((x @ w + b) * ct_f), (x_d, w, bias_f)),
+    "attention (causal, fused qkv)": (
+      lambda qkv: jnp.sum(cpu_kernels.self_attention(qkv, mask[:, 0], True, N) * out_ct),
+      xla_attention,
+      (qkv,),
+    ),
+    "LayerNorm": (
+      lambda x, s, b: jnp.sum(cpu_kernels.norm(x, s, b, False, 1e-5) * ct_d),
+      xla_norm,
+      (x_d, scale, bias_d),
+    ),
+    "bias + GELU (tanh)": (
+      lambda x, b: jnp.sum(cpu_kernels.bias_gelu(x, b) * ct_f),
+      lambda x, b: jnp.sum(jax.nn.gelu(x + b, approximate=True) * ct_f),
+      (x_f, bias_f),
+    ),
+    "dense 4096x384 @ 384x1536": (
+      lambda x, w, b: jnp.sum(cpu_kernels.dense(x, w, b) * ct_f),
+      lambda x, w, b: jnp.sum((x @ w + b) * ct_f),
+      (x_d, w, bias_f),
+    ),
   }
 
 
@@ -78,14 +90,16 @@ def main(argv=None):
       compiled[name, side] = (step, inputs)
   times = {key: [] for key in compiled}
   for r in range(args.rounds):
-    for key in (list(compiled) if r % 2 == 0 else list(compiled)[::-1]):
+    for key in list(compiled) if r % 2 == 0 else list(compiled)[::-1]:
       step, inputs = compiled[key]
       start = time.perf_counter()
       for _ in range(args.repeats):
         jax.block_until_ready(step(*inputs))
       times[key].append((time.perf_counter() - start) / args.repeats * 1e3)
-  print(f"one reference layer, forward + backward, {jax.device_count()} CPU device(s), "
-        f"medians of {args.rounds} rounds x {args.repeats} calls")
+  print(
+    f"one reference layer, forward + backward, {jax.device_count()} CPU device(s), "
+    f"medians of {args.rounds} rounds x {args.repeats} calls"
+  )
   print(f"  {'':32s} {'kernel ms':>10s} {'XLA ms':>8s} {'speed-up':>9s}")
   for name in dict.fromkeys(name for name, _ in compiled):
     k, x = statistics.median(times[name, "kernel"]), statistics.median(times[name, "xla"])

@@ -34,12 +34,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from jaxlm import config as config_lib  # noqa: E402
-from jaxlm.data import corpus, tokenizer as tokenizer_lib
+from jaxlm import config as config_lib
+from jaxlm.data import corpus
+from jaxlm.data import tokenizer as tokenizer_lib
 
 
 def make_corpus(out: Path, megabytes: float) -> None:
-  files = [(path, path.relative_to(corpus.stdlib_root()), corpus.read_text_bytes(path)) for path in corpus.stdlib_files()]
+  files = [
+    (path, path.relative_to(corpus.stdlib_root()), corpus.read_text_bytes(path)) for path in corpus.stdlib_files()
+  ]
   written, copy = 0, 0
   while written < megabytes * 1e6:
     for _, relative, text in files:
@@ -58,13 +61,31 @@ def time_prepare(corpus_dir: Path, out: Path, workers: int, tokenizer_path: str)
     data_args += ["--config.data.tokenizer=sentencepiece", f"--config.data.tokenizer_path={tokenizer_path}"]
   shutil.rmtree(out, ignore_errors=True)
   start = time.perf_counter()
-  result = subprocess.run([sys.executable, "-m", "jaxlm", "prepare", "--config", str(ROOT / "configs" / "default.py"),
-                           "--out", str(out), "--workers", str(workers), *data_args], check=True, cwd=ROOT,
-                          stdout=subprocess.PIPE, text=True)
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "jaxlm",
+      "prepare",
+      "--config",
+      str(ROOT / "configs" / "default.py"),
+      "--out",
+      str(out),
+      "--workers",
+      str(workers),
+      *data_args,
+    ],
+    check=True,
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    text=True,
+  )
   command_s = time.perf_counter() - start
   # The command's own figure ("prepared in S s"): listing, tokenizing and writing, without Python's start-up.
   prepare_s = float(result.stdout.split("prepared in ")[1].split(" s")[0])
-  num_bytes = sum(json.loads((out / split / "index.json").read_text())["num_bytes"] for split in ("train", "validation"))
+  num_bytes = sum(
+    json.loads((out / split / "index.json").read_text())["num_bytes"] for split in ("train", "validation")
+  )
 
   config = config_lib.apply_overrides(config_lib.load_config_file(str(ROOT / "configs" / "default.py")), data_args)
   tokenizer = tokenizer_lib.from_config(config.data)
@@ -75,20 +96,41 @@ def time_prepare(corpus_dir: Path, out: Path, workers: int, tokenizer_path: str)
   start = time.perf_counter()
   tokens = sum(len(tokenizer.encode(text)) + 1 for text in texts)
   tokenize_s = time.perf_counter() - start
-  print(json.dumps({"tokenizer": type(tokenizer).__name__, "mb": num_bytes / 1e6, "workers": workers,
-                    "command_s": round(command_s, 1), "prepare_s": round(prepare_s, 1),
-                    "prepare_mb_per_s": round(num_bytes / 1e6 / prepare_s, 1),
-                    "tokenizer_alone_s": round(tokenize_s, 1),
-                    "tokenizer_alone_mb_per_s": round(num_bytes / 1e6 / tokenize_s, 1),
-                    "read_files_s": round(read_s, 1), "tokens": tokens}))
+  print(
+    json.dumps(
+      {
+        "tokenizer": type(tokenizer).__name__,
+        "mb": num_bytes / 1e6,
+        "workers": workers,
+        "command_s": round(command_s, 1),
+        "prepare_s": round(prepare_s, 1),
+        "prepare_mb_per_s": round(num_bytes / 1e6 / prepare_s, 1),
+        "tokenizer_alone_s": round(tokenize_s, 1),
+        "tokenizer_alone_mb_per_s": round(num_bytes / 1e6 / tokenize_s, 1),
+        "read_files_s": round(read_s, 1),
+        "tokens": tokens,
+      }
+    )
+  )
 
 
 def time_train(label: str, extra: list[str], steps: int) -> None:
   workdir = Path(f"/tmp/data_scale_run_{os.getpid()}")
   shutil.rmtree(workdir, ignore_errors=True)
-  args = [sys.executable, "-m", "jaxlm", "train", "--config", str(ROOT / "configs" / "default.py"),
-          "--workdir", str(workdir), f"--config.train.num_steps={steps}", "--config.train.log_every=10",
-          "--config.train.eval_batches=2", *extra]
+  args = [
+    sys.executable,
+    "-m",
+    "jaxlm",
+    "train",
+    "--config",
+    str(ROOT / "configs" / "default.py"),
+    "--workdir",
+    str(workdir),
+    f"--config.train.num_steps={steps}",
+    "--config.train.log_every=10",
+    "--config.train.eval_batches=2",
+    *extra,
+  ]
   start = time.perf_counter()
   process = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
   first_step_s, tail = None, []
@@ -100,8 +142,17 @@ def time_train(label: str, extra: list[str], steps: int) -> None:
   shutil.rmtree(workdir, ignore_errors=True)
   if status:
     sys.exit("".join(tail))
-  print(json.dumps({"label": label, "steps": steps, "peak_rss_mb": round(usage.ru_maxrss / 1024),
-                    "first_step_s": round(first_step_s, 1), "total_s": round(time.perf_counter() - start, 1)}))
+  print(
+    json.dumps(
+      {
+        "label": label,
+        "steps": steps,
+        "peak_rss_mb": round(usage.ru_maxrss / 1024),
+        "first_step_s": round(first_step_s, 1),
+        "total_s": round(time.perf_counter() - start, 1),
+      }
+    )
+  )
 
 
 def main(argv=None):

@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from jaxlm import config as config_lib  # noqa: E402
+from jaxlm import config as config_lib
 from jaxlm.data import pipeline as data
 from jaxlm.training import trainer
 
@@ -41,19 +41,24 @@ def main(argv=None):
 
   start = time.perf_counter()
   rows = trainer.prepare_data(config, trainer.load_tokenizer(config), "train")
-  print(f"{'open the prepared shards' if args.prepared_dir or args.mixture else 'read + tokenize + pack'} of the "
-        f"train split: {time.perf_counter() - start:.2f} s, {len(rows):,} rows")
+  print(
+    f"{'open the prepared shards' if args.prepared_dir or args.mixture else 'read + tokenize + pack'} of the "
+    f"train split: {time.perf_counter() - start:.2f} s, {len(rows):,} rows"
+  )
   tokens_per_batch = config.train.global_batch_size * config.data.seq_len
   for threads in args.threads:
-    batches = data.train_batches(rows, config.train.global_batch_size, config.data.shuffle_seed, 0,
-                                 args.batches, threads)
+    batches = data.train_batches(
+      rows, config.train.global_batch_size, config.data.shuffle_seed, 0, args.batches, threads
+    )
     next(batches)  # thread start-up and the first shuffle block are not steady state
     start = time.perf_counter()
     count = sum(1 for _ in batches)
     rate = count * tokens_per_batch / (time.perf_counter() - start)
     headroom = f", {rate / args.train_tokens_per_s:,.0f}x the train step" if args.train_tokens_per_s else ""
-    print(f"train_batches, {threads} threads: {rate:,.0f} tokens/s ({rate / tokens_per_batch:,.0f} batches/s)"
-          f"{headroom}", flush=True)
+    print(
+      f"train_batches, {threads} threads: {rate:,.0f} tokens/s ({rate / tokens_per_batch:,.0f} batches/s){headroom}",
+      flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -30,8 +30,9 @@ def main() -> None:
   import jax
   import torch
   import transformers
-  from jaxlm.inference import decode
+
   from jaxlm import hf
+  from jaxlm.inference import decode
 
   if args.threads:
     torch.set_num_threads(args.threads)
@@ -43,11 +44,15 @@ def main() -> None:
   params = jax.device_put(params)
   generator = decode.Generator(config.model, params)
   rng = np.random.default_rng(0)
-  print(f"# {time.strftime('%Y-%m-%d %H:%M')} {platform.machine()} {platform.processor() or ''} "
-        f"cpus={__import__('os').cpu_count()} torch_threads={torch.get_num_threads()} jax={jax.__version__} "
-        f"torch={torch.__version__} transformers={transformers.__version__}")
-  print(f"GPT-2 shape: {args.layers} layers, d_model 768, vocab 50257; prompt {args.prompt_len}, "
-        f"{args.new_tokens} new tokens, greedy, float32")
+  print(
+    f"# {time.strftime('%Y-%m-%d %H:%M')} {platform.machine()} {platform.processor() or ''} "
+    f"cpus={__import__('os').cpu_count()} torch_threads={torch.get_num_threads()} jax={jax.__version__} "
+    f"torch={torch.__version__} transformers={transformers.__version__}"
+  )
+  print(
+    f"GPT-2 shape: {args.layers} layers, d_model 768, vocab 50257; prompt {args.prompt_len}, "
+    f"{args.new_tokens} new tokens, greedy, float32"
+  )
   print(f"{'batch':>5} {'jaxlm tok/s':>12} {'HF tok/s':>10} {'ratio':>7} {'same tokens':>12}")
   for batch in [int(b) for b in args.batch_sizes.split(",")]:
     prompts_BxP = rng.integers(0, 50257, (batch, args.prompt_len))
@@ -58,9 +63,15 @@ def main() -> None:
     def run_hf():
       with torch.no_grad():
         ids = torch.tensor(prompts_BxP)
-        out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
-                                min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
-      return out[:, args.prompt_len:].tolist()
+        out = hf_model.generate(
+          ids,
+          attention_mask=torch.ones_like(ids),
+          max_new_tokens=args.new_tokens,
+          min_new_tokens=args.new_tokens,
+          do_sample=False,
+          pad_token_id=0,
+        )
+      return out[:, args.prompt_len :].tolist()
 
     results = {}
     for name, fn in (("jaxlm", run_jaxlm), ("hf", run_hf)):
@@ -69,8 +80,11 @@ def main() -> None:
       tokens = fn()
       results[name] = (batch * args.new_tokens / (time.perf_counter() - start), tokens)
     same = np.mean(np.asarray(results["jaxlm"][1]) == np.asarray(results["hf"][1]))
-    print(f"{batch:>5} {results['jaxlm'][0]:>12.1f} {results['hf'][0]:>10.1f} "
-          f"{results['jaxlm'][0] / results['hf'][0]:>6.2f}x {100 * same:>11.1f}%", flush=True)
+    print(
+      f"{batch:>5} {results['jaxlm'][0]:>12.1f} {results['hf'][0]:>10.1f} "
+      f"{results['jaxlm'][0] / results['hf'][0]:>6.2f}x {100 * same:>11.1f}%",
+      flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -39,10 +39,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from jaxlm.training import flops as metrics, step as train  # noqa: E402
 from jaxlm.config import presets
-from jaxlm.parallel import mesh as mesh_lib, sharding
-
+from jaxlm.parallel import mesh as mesh_lib
+from jaxlm.parallel import sharding
+from jaxlm.training import flops as metrics
+from jaxlm.training import step as train
 
 BATCHES = {"gpt2": (16, 32, 64), "llama1b": (4, 8, 16)}
 
@@ -72,10 +73,16 @@ def measure(config, steps: int) -> dict:
   step = train.make_train_step(s)
   b, t = config.train.global_batch_size, config.data.seq_len
   tokens = np.random.default_rng(0).integers(0, config.model.vocab_size, (b, t + 1))
-  batch = sharding.global_batch({
-      "inputs": tokens[:, :-1].astype(np.int32), "targets": tokens[:, 1:].astype(np.int32),
-      "segment_ids": np.ones((b, t), np.int32), "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
-      "weights": np.ones((b, t), np.float32)}, s.batch_sharding)
+  batch = sharding.global_batch(
+    {
+      "inputs": tokens[:, :-1].astype(np.int32),
+      "targets": tokens[:, 1:].astype(np.int32),
+      "segment_ids": np.ones((b, t), np.int32),
+      "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
+      "weights": np.ones((b, t), np.float32),
+    },
+    s.batch_sharding,
+  )
   rng = jax.random.key(1)
   start = time.perf_counter()
   compiled = step.lower(state, batch, rng).compile()
@@ -92,9 +99,14 @@ def measure(config, steps: int) -> dict:
     loss = float(out["loss"])
     times.append((time.perf_counter() - start) / steps)
   step_s = statistics.median(times)
-  return {"compile_s": compile_s, "step_ms": 1e3 * step_s, "tokens_per_s": b * t / step_s, "loss": loss,
-          "temp_gib": memory.temp_size_in_bytes / 2**30 if memory else None,
-          "argument_gib": memory.argument_size_in_bytes / 2**30 if memory else None}
+  return {
+    "compile_s": compile_s,
+    "step_ms": 1e3 * step_s,
+    "tokens_per_s": b * t / step_s,
+    "loss": loss,
+    "temp_gib": memory.temp_size_in_bytes / 2**30 if memory else None,
+    "argument_gib": memory.argument_size_in_bytes / 2**30 if memory else None,
+  }
 
 
 def main(argv=None):
@@ -109,29 +121,55 @@ def main(argv=None):
   p.add_argument("--smoke", action="store_true", help="tiny model on CPU; triton runs in Pallas interpret mode")
   args = p.parse_args(argv)
   if args.smoke:
-    args.models, args.impls, args.remat, args.batches, args.steps = ["gpt2"], ["xla", "triton"], ["none", "full"], [2], 2
+    args.models, args.impls, args.remat, args.batches, args.steps = (
+      ["gpt2"],
+      ["xla", "triton"],
+      ["none", "full"],
+      [2],
+      2,
+    )
   began = time.perf_counter()
   device = jax.devices()[0]
   peak = metrics.measure_matmul_peak(n=512 if args.smoke else 8192, dtype=jnp.bfloat16, repeats=10)
-  report = {"date": time.strftime("%Y-%m-%d"), "device": device.device_kind, "platform": device.platform,
-            "jax": jax.__version__, "smoke": args.smoke, "bf16_matmul_peak_tflops": peak / 1e12, "results": []}
+  report = {
+    "date": time.strftime("%Y-%m-%d"),
+    "device": device.device_kind,
+    "platform": device.platform,
+    "jax": jax.__version__,
+    "smoke": args.smoke,
+    "bf16_matmul_peak_tflops": peak / 1e12,
+    "results": [],
+  }
   print(f"{device.device_kind} ({device.platform}); measured bf16 matmul peak {peak / 1e12:.1f} TFLOP/s")
-  print(f"{'model':8s} {'attention':9s} {'remat':14s} {'batch':>5s} {'tok/s':>10s} {'ms/step':>8s} {'MFU':>6s} "
-        f"{'temp GiB':>8s} {'compile s':>9s}")
-  cases = [(model, impl, remat, batch) for model in args.models
-           for impl, remat, batch in itertools.product(args.impls, args.remat, args.batches or BATCHES[model])]
+  print(
+    f"{'model':8s} {'attention':9s} {'remat':14s} {'batch':>5s} {'tok/s':>10s} {'ms/step':>8s} {'MFU':>6s} "
+    f"{'temp GiB':>8s} {'compile s':>9s}"
+  )
+  cases = [
+    (model, impl, remat, batch)
+    for model in args.models
+    for impl, remat, batch in itertools.product(args.impls, args.remat, args.batches or BATCHES[model])
+  ]
   for model, impl, remat, batch in cases:
     if time.perf_counter() - began > 60 * args.max_minutes:
       print(f"stopping: --max-minutes {args.max_minutes} reached")
       break
     config = model_config(model, impl, remat, batch, args.smoke)
-    row = {"model": model, "attention_impl": impl, "remat_policy": remat, "batch": batch,
-           "seq_len": config.data.seq_len}
+    row = {
+      "model": model,
+      "attention_impl": impl,
+      "remat_policy": remat,
+      "batch": batch,
+      "seq_len": config.data.seq_len,
+    }
     try:
       row.update(measure(config, args.steps))
       row["mfu"] = row["tokens_per_s"] * metrics.flops_per_token(config.model, config.data.seq_len) / peak
-      print(f"{model:8s} {impl:9s} {remat:14s} {batch:5d} {row['tokens_per_s']:10,.0f} {row['step_ms']:8.1f} "
-            f"{row['mfu']:6.1%} {row['temp_gib'] or 0:8.2f} {row['compile_s']:9.1f}", flush=True)
+      print(
+        f"{model:8s} {impl:9s} {remat:14s} {batch:5d} {row['tokens_per_s']:10,.0f} {row['step_ms']:8.1f} "
+        f"{row['mfu']:6.1%} {row['temp_gib'] or 0:8.2f} {row['compile_s']:9.1f}",
+        flush=True,
+      )
     except Exception as e:  # one failing configuration (OOM, unsupported cuDNN case) must not end the sweep
       row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
       print(f"{model:8s} {impl:9s} {remat:14s} {batch:5d} failed: {row['error']}", flush=True)
@@ -142,8 +180,10 @@ def main(argv=None):
     ok = [r for r in report["results"] if "mfu" in r and r["model"] == model]
     if ok:
       best = max(ok, key=lambda r: r["mfu"])
-      print(f"best {model}: {best['attention_impl']} attention, remat {best['remat_policy']}, batch {best['batch']}: "
-            f"MFU {best['mfu']:.1%} ({best['tokens_per_s']:,.0f} tok/s); results in {args.json}")
+      print(
+        f"best {model}: {best['attention_impl']} attention, remat {best['remat_policy']}, batch {best['batch']}: "
+        f"MFU {best['mfu']:.1%} ({best['tokens_per_s']:,.0f} tok/s); results in {args.json}"
+      )
 
 
 if __name__ == "__main__":

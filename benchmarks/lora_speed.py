@@ -20,19 +20,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import numpy as np
 
-from jaxlm.models import lora  # noqa: E402
 from jaxlm.config import presets
-from jaxlm.parallel import mesh as mesh_lib, sharding
+from jaxlm.models import lora
+from jaxlm.parallel import mesh as mesh_lib
+from jaxlm.parallel import sharding
 from jaxlm.training import step as train_step
 
 
 def config_for(args):
   """The whole config of the benchmark's LLaMA-shaped model."""
-  c = presets.llama(num_layers=args.layers, d_model=args.d_model, num_heads=args.d_model // 64,
-                    mlp_dim=args.d_model * 8 // 3 // 8 * 8)
+  c = presets.llama(
+    num_layers=args.layers, d_model=args.d_model, num_heads=args.d_model // 64, mlp_dim=args.d_model * 8 // 3 // 8 * 8
+  )
   c.data.source, c.data.tokenizer, c.data.tokenizer_path = "stdlib", "byte", ""
   c.model.vocab_size, c.model.max_len, c.data.seq_len = 260, args.seq_len, args.seq_len
   c.train.global_batch_size, c.train.num_steps = args.batch, 1000
@@ -53,9 +55,13 @@ def measure(config, mesh, model, steps: int) -> dict:
   step_fn = train_step.make_train_step(s)
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, 256, (config.train.global_batch_size, config.data.seq_len + 1), dtype=np.int32)
-  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones(tokens[:, 1:].shape, np.float32),
-           "segment_ids": np.ones(tokens[:, 1:].shape, np.int32),
-           "positions": np.broadcast_to(np.arange(config.data.seq_len, dtype=np.int32), tokens[:, 1:].shape)}
+  batch = {
+    "inputs": tokens[:, :-1],
+    "targets": tokens[:, 1:],
+    "weights": np.ones(tokens[:, 1:].shape, np.float32),
+    "segment_ids": np.ones(tokens[:, 1:].shape, np.int32),
+    "positions": np.broadcast_to(np.arange(config.data.seq_len, dtype=np.int32), tokens[:, 1:].shape),
+  }
   batch = sharding.global_batch(batch, s.batch_sharding)
   key = jax.random.key(1)
   state, metrics = step_fn(state, batch, key)  # compile
@@ -66,9 +72,12 @@ def measure(config, mesh, model, steps: int) -> dict:
     state, metrics = step_fn(state, batch, key)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
-  return {"trainable": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(s.abstract_state.params)),
-          "opt_bytes": nbytes(s.abstract_state.opt_state), "step_s": statistics.median(times),
-          "state": state}
+  return {
+    "trainable": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(s.abstract_state.params)),
+    "opt_bytes": nbytes(s.abstract_state.opt_state),
+    "step_s": statistics.median(times),
+    "state": state,
+  }
 
 
 def main(argv=None):
@@ -90,13 +99,17 @@ def main(argv=None):
     result = measure(config, mesh, lora.adapted_model(config, base), args.steps)
     result.pop("state")
     rows.append((f"LoRA r={args.rank} on {targets}", result))
-  print(f"LLaMA-shaped: {args.layers} layers, d_model {args.d_model}, mlp {config.model.mlp_dim}, "
-        f"batch {args.batch} x {args.seq_len}, {full['trainable']:,} parameters, float32, AdamW")
+  print(
+    f"LLaMA-shaped: {args.layers} layers, d_model {args.d_model}, mlp {config.model.mlp_dim}, "
+    f"batch {args.batch} x {args.seq_len}, {full['trainable']:,} parameters, float32, AdamW"
+  )
   print("| run | trainable parameters | optimizer state | step time (median) |")
   print("|---|---|---|---|")
   for name, r in rows:
-    print(f"| {name} | {r['trainable']:,} ({100 * r['trainable'] / full['trainable']:.2f}%) | "
-          f"{r['opt_bytes'] / 2**20:.2f} MiB | {1000 * r['step_s']:.0f} ms |")
+    print(
+      f"| {name} | {r['trainable']:,} ({100 * r['trainable'] / full['trainable']:.2f}%) | "
+      f"{r['opt_bytes'] / 2**20:.2f} MiB | {1000 * r['step_s']:.0f} ms |"
+    )
 
 
 if __name__ == "__main__":

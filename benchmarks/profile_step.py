@@ -27,8 +27,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import torch_peer, train_speed  # noqa: E402
-from jaxlm import runtime  # noqa: E402
+from benchmarks import torch_peer, train_speed
+from jaxlm import runtime
 from jaxlm.training import step as train
 
 
@@ -80,6 +80,7 @@ def main(argv=None):
   def loss_only(params, batch):
     sums = train.batch_sums(s.model, params, batch, config.train, runner.rng)
     return sums["loss_sum"]
+
   forward = train.under_mesh(s.mesh, s.rules, jax.jit(loss_only))
   forward(runner.state.params, batch).block_until_ready()
   runner.compile_seconds(batch)
@@ -93,8 +94,10 @@ def main(argv=None):
     runner.run(batch)
     step_s.append(time.perf_counter() - start)
   step, fwd = statistics.median(step_s), statistics.median(forward_s)
-  print(f"train step {step * 1e3:.0f} ms, forward only {fwd * 1e3:.0f} ms, "
-        f"so backward + optimizer is {(step - fwd) / fwd:.2f}x the forward (medians of {args.steps})")
+  print(
+    f"train step {step * 1e3:.0f} ms, forward only {fwd * 1e3:.0f} ms, "
+    f"so backward + optimizer is {(step - fwd) / fwd:.2f}x the forward (medians of {args.steps})"
+  )
 
   names = op_names(runner.step.lower(runner.state, batch, runner.rng).compile().as_text())
   with jax.profiler.trace(args.trace_dir):
@@ -111,6 +114,7 @@ def main(argv=None):
   print(f"by jax op (all layers together), top {args.top}:")
   for (kind, op), seconds in totals.most_common(args.top):
     print(f"  {seconds / args.steps * 1e3:8.1f} ms  {seconds / total:6.1%}  {kind:24s} {op}")
+
 
 if __name__ == "__main__":
   main()

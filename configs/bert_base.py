@@ -10,7 +10,7 @@ Data:      English Wikipedia via TFDS (docs/data.md); BooksCorpus is not availab
 
 from jaxlm.config import presets
 
-PAPER_PARAMS = 1.1e+08
+PAPER_PARAMS = 1.1e08
 
 
 def get_config():

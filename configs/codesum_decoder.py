@@ -41,16 +41,16 @@ def get_config():
   c.train.init_from = "runs/default"  # experiments/codesum_decoder.sh passes its own
   c.data.source = "codesum"
   c.data.val_fraction = 0.05  # codesum's default split, as the encoder-decoder's
-  c.data.seq_len = 256        # the default model's context
-  c.data.target_len = 80      # summaries are 49 bytes at the median, 73 at the 99th percentile
+  c.data.seq_len = 256  # the default model's context
+  c.data.target_len = 80  # summaries are 49 bytes at the median, 73 at the 99th percentile
   c.train.global_batch_size = 16
-  c.train.num_steps = 300     # about one epoch: 6,117 pairs in about 5,000 packed rows
+  c.train.num_steps = 300  # about one epoch: 6,117 pairs in about 5,000 packed rows
   c.train.log_every = 25
   c.train.eval_every = 150
   c.train.checkpoint_every = 150
   c.optim.learning_rate = 1e-3  # half the pretraining peak: the weights start trained
   c.optim.warmup_steps = 30
   c.eval.batch_size = 32
-  c.eval.beam_size = 4          # as the encoder-decoder's evaluation: beam 4, alpha 0.6
+  c.eval.beam_size = 4  # as the encoder-decoder's evaluation: beam 4, alpha 0.6
   c.eval.length_penalty = 0.6
   return c

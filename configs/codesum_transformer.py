@@ -37,8 +37,8 @@ def get_config():
   m.dropout_rate = 0.0  # the paper's 0.1 only slows a run this short, which underfits
   c.data.source = "codesum"
   c.data.val_fraction = 0.05  # codesum's default split
-  c.data.seq_len = 192        # source bytes: the signature and the first lines of the body
-  c.data.target_len = 80      # summaries are 49 bytes at the median, 73 at the 99th percentile
+  c.data.seq_len = 192  # source bytes: the signature and the first lines of the body
+  c.data.target_len = 80  # summaries are 49 bytes at the median, 73 at the 99th percentile
   c.train.global_batch_size = 32
   c.train.num_steps = 250
   c.train.log_every = 25

@@ -12,7 +12,7 @@ Data:      C4 via TFDS (docs/data.md); GPT-2's WebText is not public.
 
 from jaxlm.config import presets
 
-PAPER_PARAMS = 3.55e+08
+PAPER_PARAMS = 3.55e08
 
 
 def get_config():

@@ -12,7 +12,7 @@ Data:      C4 via TFDS (docs/data.md); GPT-2's WebText is not public.
 
 from jaxlm.config import presets
 
-PAPER_PARAMS = 1.558e+09
+PAPER_PARAMS = 1.558e09
 
 
 def get_config():

@@ -14,7 +14,7 @@ Data:      C4 via TFDS (docs/data.md); GPT-3's training mix is not public.
 
 from jaxlm.config import presets
 
-PAPER_PARAMS = 1.3e+10
+PAPER_PARAMS = 1.3e10
 
 
 def get_config():

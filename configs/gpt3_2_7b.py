@@ -13,7 +13,7 @@ Data:      C4 via TFDS (docs/data.md); GPT-3's training mix is not public.
 
 from jaxlm.config import presets
 
-PAPER_PARAMS = 2.7e+09
+PAPER_PARAMS = 2.7e09
 
 
 def get_config():

@@ -14,7 +14,7 @@ Data:      wmt14_translate/de-en via TFDS (docs/data.md); the SentencePiece voca
 
 from jaxlm.config import presets
 
-PAPER_PARAMS = 6.5e+07
+PAPER_PARAMS = 6.5e07
 
 
 def get_config():

@@ -13,7 +13,7 @@ Data:      wmt14_translate/de-en via TFDS (docs/data.md); the SentencePiece voca
 
 from jaxlm.config import presets
 
-PAPER_PARAMS = 2.13e+08
+PAPER_PARAMS = 2.13e08
 
 
 def get_config():

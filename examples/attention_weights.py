@@ -1,7 +1,9 @@
 """The attention weights of a run's layer 1 (B x heads x T x S), sown on XLA's attention path."""
+
 import sys
 
 import jax.numpy as jnp
+
 import jaxlm
 
 run = jaxlm.load(sys.argv[1])

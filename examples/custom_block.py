@@ -1,8 +1,10 @@
 """A GPT-J-style parallel block built from jaxlm's Norm, Attention and Mlp; trained, then resumed."""
+
 import glob
 import sys
 
 import flax.linen as nn
+
 import jaxlm
 
 

@@ -1,10 +1,11 @@
 """Train on an 8-device mesh, fsdp 4 x tensor 2 (on a CPU, XLA fakes the 8 devices)."""
+
 import glob
 import os
 import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")  # before JAX starts
-import jaxlm  # noqa: E402
+import jaxlm
 
 config = jaxlm.load_config_file("configs/tiny.py")
 config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 4, 2

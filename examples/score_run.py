@@ -1,10 +1,12 @@
 """Reload a `jaxlm train` run and score a string: bits per byte under the model."""
+
 import math
 import sys
 
 import jax.numpy as jnp
-import jaxlm
 import optax
+
+import jaxlm
 
 run = jaxlm.load(sys.argv[1])  # config, model, params (one device), tokenizer, step
 text = sys.argv[2] if len(sys.argv) > 2 else "def main():\n    return 0\n"

@@ -33,11 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 from einops import EinopsError, rearrange
 
-from jaxlm.errors import JaxlmError
 from jaxlm import config as config_lib
-from jaxlm.storage import fs
-from jaxlm.models import transformer as model_lib
+from jaxlm.errors import JaxlmError
 from jaxlm.inference.export import flatten, unflatten
+from jaxlm.models import transformer as model_lib
+from jaxlm.storage import fs
 
 
 class ConvertError(JaxlmError, ValueError):
@@ -48,6 +48,7 @@ ARCHITECTURES = ("GPT2LMHeadModel", "LlamaForCausalLM", "BertForMaskedLM")
 
 
 # --- configs ----------------------------------------------------------------------------------------
+
 
 def _require(hf: dict, key: str, allowed, default=None):
   value = hf.get(key, default)
@@ -91,8 +92,10 @@ def config_from_hf(hf: dict) -> config_lib.ConfigDict:
     _require(hf, "add_cross_attention", (False,), False)
     _require(hf, "tie_word_embeddings", (True,), True)
     if hf["hidden_size"] % hf["num_attention_heads"]:
-      raise ConvertError(f"config.json: hidden_size={hf['hidden_size']} is not a multiple of "
-                         f"num_attention_heads={hf['num_attention_heads']}")
+      raise ConvertError(
+        f"config.json: hidden_size={hf['hidden_size']} is not a multiple of "
+        f"num_attention_heads={hf['num_attention_heads']}"
+      )
     m.family, m.norm_position, m.embed_norm = "encoder", "post", True
     m.vocab_size, m.max_len, m.d_model = hf["vocab_size"], hf["max_position_embeddings"], hf["hidden_size"]
     m.num_layers, m.num_heads, m.mlp_dim = hf["num_hidden_layers"], hf["num_attention_heads"], hf["intermediate_size"]
@@ -120,21 +123,60 @@ def _multi_head(m) -> bool:
 # until its architecture says otherwise.
 _FREE = config_lib.model_keys("size", "storage", "runtime")
 _EXPORTS = {
-    "GPT2LMHeadModel": dict(family="decoder", norm="layernorm", norm_position="pre", position="learned",
-                            mlp="gelu", use_bias=True, tie_embeddings=True, num_kv_heads=_multi_head,
-                            head_dim=_heads_cover_d_model, rope_theta=None),
-    "LlamaForCausalLM": dict(family="decoder", norm="rmsnorm", norm_position="pre", position="rope", mlp="swiglu",
-                             use_bias=False, tie_embeddings=None, num_kv_heads=None, head_dim=None, rope_theta=None),
-    # GPT-J: one LayerNorm shared by attention and MLP (parallel residual), interleaved RoPE on the whole head
-    # (the exporter permutes q/k to it), no attention biases; its LayerNorm, MLP and lm_head biases are written
-    # as zeros, so jaxlm's use_bias=False is exactly it.
-    "GPTJForCausalLM": dict(family="decoder", norm="layernorm", norm_position="pre", position="rope", mlp="gelu",
-                            use_bias=False, tie_embeddings=False, num_kv_heads=_multi_head,
-                            head_dim=_heads_cover_d_model, rope_theta=(10000.0,), parallel_residual=True),
-    "BertForMaskedLM": dict(family="encoder", norm="layernorm", norm_position="post", position="learned",
-                            mlp="gelu_exact", use_bias=True, tie_embeddings=True, num_kv_heads=_multi_head,
-                            head_dim=_heads_cover_d_model, rope_theta=None, embed_norm=True,
-                            num_token_types=lambda m: m.num_token_types >= 1),  # HF BERT always has token types
+  "GPT2LMHeadModel": dict(
+    family="decoder",
+    norm="layernorm",
+    norm_position="pre",
+    position="learned",
+    mlp="gelu",
+    use_bias=True,
+    tie_embeddings=True,
+    num_kv_heads=_multi_head,
+    head_dim=_heads_cover_d_model,
+    rope_theta=None,
+  ),
+  "LlamaForCausalLM": dict(
+    family="decoder",
+    norm="rmsnorm",
+    norm_position="pre",
+    position="rope",
+    mlp="swiglu",
+    use_bias=False,
+    tie_embeddings=None,
+    num_kv_heads=None,
+    head_dim=None,
+    rope_theta=None,
+  ),
+  # GPT-J: one LayerNorm shared by attention and MLP (parallel residual), interleaved RoPE on the whole head
+  # (the exporter permutes q/k to it), no attention biases; its LayerNorm, MLP and lm_head biases are written
+  # as zeros, so jaxlm's use_bias=False is exactly it.
+  "GPTJForCausalLM": dict(
+    family="decoder",
+    norm="layernorm",
+    norm_position="pre",
+    position="rope",
+    mlp="gelu",
+    use_bias=False,
+    tie_embeddings=False,
+    num_kv_heads=_multi_head,
+    head_dim=_heads_cover_d_model,
+    rope_theta=(10000.0,),
+    parallel_residual=True,
+  ),
+  "BertForMaskedLM": dict(
+    family="encoder",
+    norm="layernorm",
+    norm_position="post",
+    position="learned",
+    mlp="gelu_exact",
+    use_bias=True,
+    tie_embeddings=True,
+    num_kv_heads=_multi_head,
+    head_dim=_heads_cover_d_model,
+    rope_theta=None,
+    embed_norm=True,
+    num_token_types=lambda m: m.num_token_types >= 1,
+  ),  # HF BERT always has token types
 }
 
 
@@ -162,43 +204,97 @@ def architecture_of(m) -> str:
     if not bad:
       return arch
   closest = min(misses, key=lambda arch: (m.family != _EXPORTS[arch]["family"], len(misses[arch])))
-  raise ConvertError(f"{misses[closest][0]} cannot be expressed by {closest}, the closest Hugging Face "
-                     f"architecture jaxlm exports ({', '.join(_EXPORTS)}); this run cannot be exported to HF")
+  raise ConvertError(
+    f"{misses[closest][0]} cannot be expressed by {closest}, the closest Hugging Face "
+    f"architecture jaxlm exports ({', '.join(_EXPORTS)}); this run cannot be exported to HF"
+  )
 
 
 def config_to_hf(m) -> dict:
   """The Hugging Face config.json dict for the model sub-config `m`; raises ConvertError if no architecture fits."""
   arch = architecture_of(m)
   if arch == "GPT2LMHeadModel":
-    return {"architectures": [arch], "model_type": "gpt2", "vocab_size": m.vocab_size, "n_positions": m.max_len,
-            "n_embd": m.d_model, "n_layer": m.num_layers, "n_head": m.num_heads, "n_inner": m.mlp_dim,
-            "activation_function": "gelu_new", "layer_norm_epsilon": m.norm_eps, "tie_word_embeddings": True,
-            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "torch_dtype": "float32"}
+    return {
+      "architectures": [arch],
+      "model_type": "gpt2",
+      "vocab_size": m.vocab_size,
+      "n_positions": m.max_len,
+      "n_embd": m.d_model,
+      "n_layer": m.num_layers,
+      "n_head": m.num_heads,
+      "n_inner": m.mlp_dim,
+      "activation_function": "gelu_new",
+      "layer_norm_epsilon": m.norm_eps,
+      "tie_word_embeddings": True,
+      "resid_pdrop": 0.0,
+      "embd_pdrop": 0.0,
+      "attn_pdrop": 0.0,
+      "torch_dtype": "float32",
+    }
   if arch == "GPTJForCausalLM":
-    return {"architectures": [arch], "model_type": "gptj", "vocab_size": m.vocab_size, "n_positions": m.max_len,
-            "n_embd": m.d_model, "n_layer": m.num_layers, "n_head": m.num_heads, "n_inner": m.mlp_dim,
-            "rotary_dim": config_lib.head_dim(m), "activation_function": "gelu_new",
-            "layer_norm_epsilon": m.norm_eps, "tie_word_embeddings": False, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
-            "attn_pdrop": 0.0, "torch_dtype": "float32"}
+    return {
+      "architectures": [arch],
+      "model_type": "gptj",
+      "vocab_size": m.vocab_size,
+      "n_positions": m.max_len,
+      "n_embd": m.d_model,
+      "n_layer": m.num_layers,
+      "n_head": m.num_heads,
+      "n_inner": m.mlp_dim,
+      "rotary_dim": config_lib.head_dim(m),
+      "activation_function": "gelu_new",
+      "layer_norm_epsilon": m.norm_eps,
+      "tie_word_embeddings": False,
+      "resid_pdrop": 0.0,
+      "embd_pdrop": 0.0,
+      "attn_pdrop": 0.0,
+      "torch_dtype": "float32",
+    }
   if arch == "BertForMaskedLM":
-    return {"architectures": [arch], "model_type": "bert", "vocab_size": m.vocab_size,
-            "max_position_embeddings": m.max_len, "hidden_size": m.d_model, "intermediate_size": m.mlp_dim,
-            "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_heads,
-            "type_vocab_size": m.num_token_types, "hidden_act": "gelu", "layer_norm_eps": m.norm_eps,
-            "position_embedding_type": "absolute", "tie_word_embeddings": True, "is_decoder": False,
-            "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "pad_token_id": 0,
-            "torch_dtype": "float32"}
-  return {"architectures": [arch], "model_type": "llama", "vocab_size": m.vocab_size,
-          "max_position_embeddings": m.max_len, "hidden_size": m.d_model, "intermediate_size": m.mlp_dim,
-          "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_heads,
-          "num_key_value_heads": config_lib.num_kv_heads(m), "head_dim": config_lib.head_dim(m),
-          "hidden_act": "silu", "rms_norm_eps": m.norm_eps, "rope_theta": m.rope_theta,
-          "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
-          "tie_word_embeddings": bool(m.tie_embeddings), "attention_bias": False, "mlp_bias": False,
-          "torch_dtype": "float32"}
+    return {
+      "architectures": [arch],
+      "model_type": "bert",
+      "vocab_size": m.vocab_size,
+      "max_position_embeddings": m.max_len,
+      "hidden_size": m.d_model,
+      "intermediate_size": m.mlp_dim,
+      "num_hidden_layers": m.num_layers,
+      "num_attention_heads": m.num_heads,
+      "type_vocab_size": m.num_token_types,
+      "hidden_act": "gelu",
+      "layer_norm_eps": m.norm_eps,
+      "position_embedding_type": "absolute",
+      "tie_word_embeddings": True,
+      "is_decoder": False,
+      "hidden_dropout_prob": 0.0,
+      "attention_probs_dropout_prob": 0.0,
+      "pad_token_id": 0,
+      "torch_dtype": "float32",
+    }
+  return {
+    "architectures": [arch],
+    "model_type": "llama",
+    "vocab_size": m.vocab_size,
+    "max_position_embeddings": m.max_len,
+    "hidden_size": m.d_model,
+    "intermediate_size": m.mlp_dim,
+    "num_hidden_layers": m.num_layers,
+    "num_attention_heads": m.num_heads,
+    "num_key_value_heads": config_lib.num_kv_heads(m),
+    "head_dim": config_lib.head_dim(m),
+    "hidden_act": "silu",
+    "rms_norm_eps": m.norm_eps,
+    "rope_theta": m.rope_theta,
+    "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
+    "tie_word_embeddings": bool(m.tie_embeddings),
+    "attention_bias": False,
+    "mlp_bias": False,
+    "torch_dtype": "float32",
+  }
 
 
 # --- weights: one table per architecture of (hf key, jaxlm path, to jaxlm, to hf) -------------------
+
 
 # HF keeps the heads of a projection side by side; ours keep them apart (q/k/v kernels D x heads x H, the output
 # kernel N x H x D, q/k/v biases heads x H). Each pair below is (to jaxlm, to hf) for a head dimension h.
@@ -218,50 +314,76 @@ def _bias_heads(h):
 
 def _gpt2_table(m):
   h, d = config_lib.head_dim(m), m.d_model
-  rows = [("transformer.wte.weight", "embedder/token/embedding"),
-          ("transformer.wpe.weight", "embedder/position/embedding"),
-          ("transformer.ln_f.weight", "final_norm/scale"), ("transformer.ln_f.bias", "final_norm/bias")]
+  rows = [
+    ("transformer.wte.weight", "embedder/token/embedding"),
+    ("transformer.wpe.weight", "embedder/position/embedding"),
+    ("transformer.ln_f.weight", "final_norm/scale"),
+    ("transformer.ln_f.bias", "final_norm/bias"),
+  ]
   rows = [(k, p, None, None) for k, p in rows]
   for i in range(m.num_layers):
     hf, ours = f"transformer.h.{i}.", f"decoder/layer_{i}/"
     for hf_norm, our_norm in (("ln_1", "self_attention_norm"), ("ln_2", "mlp_norm")):
-      rows += [(f"{hf}{hf_norm}.weight", f"{ours}{our_norm}/scale", None, None),
-               (f"{hf}{hf_norm}.bias", f"{ours}{our_norm}/bias", None, None)]
+      rows += [
+        (f"{hf}{hf_norm}.weight", f"{ours}{our_norm}/scale", None, None),
+        (f"{hf}{hf_norm}.bias", f"{ours}{our_norm}/bias", None, None),
+      ]
     for j, name in enumerate(("query", "key", "value")):
       # One HF tensor feeds three of ours: the importer slices it, the exporter concatenates.
       # Conv1D stores (in, out): the heads sit on the second axis of c_attn and the first of c_proj.
-      rows.append((f"{hf}attn.c_attn.weight#{j}", f"{ours}self_attention/{name}/kernel",
-                   lambda w, j=j: rearrange(w[:, j * d:(j + 1) * d], "D (N H) -> D N H", H=h),
-                   lambda k: rearrange(k, "D N H -> D (N H)")))
-      rows.append((f"{hf}attn.c_attn.bias#{j}", f"{ours}self_attention/{name}/bias",
-                   lambda b, j=j: _bias_heads(h)[0](b[j * d:(j + 1) * d]), _bias_heads(h)[1]))
-    rows += [(f"{hf}attn.c_proj.weight", f"{ours}self_attention/out/kernel",
-              lambda w: rearrange(w, "(N H) D -> N H D", H=h), lambda k: rearrange(k, "N H D -> (N H) D")),
-             (f"{hf}attn.c_proj.bias", f"{ours}self_attention/out/bias", None, None),
-             (f"{hf}mlp.c_fc.weight", f"{ours}mlp/up/kernel", None, None),
-             (f"{hf}mlp.c_fc.bias", f"{ours}mlp/up/bias", None, None),
-             (f"{hf}mlp.c_proj.weight", f"{ours}mlp/down/kernel", None, None),
-             (f"{hf}mlp.c_proj.bias", f"{ours}mlp/down/bias", None, None)]
+      rows.append(
+        (
+          f"{hf}attn.c_attn.weight#{j}",
+          f"{ours}self_attention/{name}/kernel",
+          lambda w, j=j: rearrange(w[:, j * d : (j + 1) * d], "D (N H) -> D N H", H=h),
+          lambda k: rearrange(k, "D N H -> D (N H)"),
+        )
+      )
+      rows.append(
+        (
+          f"{hf}attn.c_attn.bias#{j}",
+          f"{ours}self_attention/{name}/bias",
+          lambda b, j=j: _bias_heads(h)[0](b[j * d : (j + 1) * d]),
+          _bias_heads(h)[1],
+        )
+      )
+    rows += [
+      (
+        f"{hf}attn.c_proj.weight",
+        f"{ours}self_attention/out/kernel",
+        lambda w: rearrange(w, "(N H) D -> N H D", H=h),
+        lambda k: rearrange(k, "N H D -> (N H) D"),
+      ),
+      (f"{hf}attn.c_proj.bias", f"{ours}self_attention/out/bias", None, None),
+      (f"{hf}mlp.c_fc.weight", f"{ours}mlp/up/kernel", None, None),
+      (f"{hf}mlp.c_fc.bias", f"{ours}mlp/up/bias", None, None),
+      (f"{hf}mlp.c_proj.weight", f"{ours}mlp/down/kernel", None, None),
+      (f"{hf}mlp.c_proj.bias", f"{ours}mlp/down/bias", None, None),
+    ]
   return rows
 
 
 def _llama_table(m):
   into, out_of = _linear_heads(config_lib.head_dim(m)), _linear_out(config_lib.head_dim(m))
-  rows = [("model.embed_tokens.weight", "embedder/token/embedding", None, None),
-          ("model.norm.weight", "final_norm/scale", None, None)]
+  rows = [
+    ("model.embed_tokens.weight", "embedder/token/embedding", None, None),
+    ("model.norm.weight", "final_norm/scale", None, None),
+  ]
   if not m.tie_embeddings:
     rows.append(("lm_head.weight", "embedder/unembed/kernel", lambda w: w.T, lambda x: x.T))
   for i in range(m.num_layers):
     hf, ours = f"model.layers.{i}.", f"decoder/layer_{i}/"
-    rows += [(f"{hf}input_layernorm.weight", f"{ours}self_attention_norm/scale", None, None),
-             (f"{hf}post_attention_layernorm.weight", f"{ours}mlp_norm/scale", None, None),
-             (f"{hf}self_attn.q_proj.weight", f"{ours}self_attention/query/kernel", *into),
-             (f"{hf}self_attn.k_proj.weight", f"{ours}self_attention/key/kernel", *into),
-             (f"{hf}self_attn.v_proj.weight", f"{ours}self_attention/value/kernel", *into),
-             (f"{hf}self_attn.o_proj.weight", f"{ours}self_attention/out/kernel", *out_of),
-             (f"{hf}mlp.gate_proj.weight", f"{ours}mlp/gate/kernel", lambda w: w.T, lambda x: x.T),
-             (f"{hf}mlp.up_proj.weight", f"{ours}mlp/up/kernel", lambda w: w.T, lambda x: x.T),
-             (f"{hf}mlp.down_proj.weight", f"{ours}mlp/down/kernel", lambda w: w.T, lambda x: x.T)]
+    rows += [
+      (f"{hf}input_layernorm.weight", f"{ours}self_attention_norm/scale", None, None),
+      (f"{hf}post_attention_layernorm.weight", f"{ours}mlp_norm/scale", None, None),
+      (f"{hf}self_attn.q_proj.weight", f"{ours}self_attention/query/kernel", *into),
+      (f"{hf}self_attn.k_proj.weight", f"{ours}self_attention/key/kernel", *into),
+      (f"{hf}self_attn.v_proj.weight", f"{ours}self_attention/value/kernel", *into),
+      (f"{hf}self_attn.o_proj.weight", f"{ours}self_attention/out/kernel", *out_of),
+      (f"{hf}mlp.gate_proj.weight", f"{ours}mlp/gate/kernel", lambda w: w.T, lambda x: x.T),
+      (f"{hf}mlp.up_proj.weight", f"{ours}mlp/up/kernel", lambda w: w.T, lambda x: x.T),
+      (f"{hf}mlp.down_proj.weight", f"{ours}mlp/down/kernel", lambda w: w.T, lambda x: x.T),
+    ]
   return rows
 
 
@@ -269,64 +391,78 @@ def _bert_table(m):
   h = config_lib.head_dim(m)
   t = (lambda w: w.T, lambda x: x.T)
   into, heads, out_of = _linear_heads(h), _bias_heads(h), _linear_out(h)
-  rows = [("bert.embeddings.word_embeddings.weight", "embedder/token/embedding", None, None),
-          ("bert.embeddings.position_embeddings.weight", "embedder/position/embedding", None, None),
-          ("bert.embeddings.token_type_embeddings.weight", "embedder/token_type/embedding", None, None),
-          ("bert.embeddings.LayerNorm.weight", "embedder/embed_norm/scale", None, None),
-          ("bert.embeddings.LayerNorm.bias", "embedder/embed_norm/bias", None, None),
-          ("cls.predictions.transform.dense.weight", "mlm_head/transform/kernel", *t),
-          ("cls.predictions.transform.dense.bias", "mlm_head/transform/bias", None, None),
-          ("cls.predictions.transform.LayerNorm.weight", "mlm_head/transform_norm/scale", None, None),
-          ("cls.predictions.transform.LayerNorm.bias", "mlm_head/transform_norm/bias", None, None),
-          ("cls.predictions.bias", "mlm_head/bias", None, None)]
+  rows = [
+    ("bert.embeddings.word_embeddings.weight", "embedder/token/embedding", None, None),
+    ("bert.embeddings.position_embeddings.weight", "embedder/position/embedding", None, None),
+    ("bert.embeddings.token_type_embeddings.weight", "embedder/token_type/embedding", None, None),
+    ("bert.embeddings.LayerNorm.weight", "embedder/embed_norm/scale", None, None),
+    ("bert.embeddings.LayerNorm.bias", "embedder/embed_norm/bias", None, None),
+    ("cls.predictions.transform.dense.weight", "mlm_head/transform/kernel", *t),
+    ("cls.predictions.transform.dense.bias", "mlm_head/transform/bias", None, None),
+    ("cls.predictions.transform.LayerNorm.weight", "mlm_head/transform_norm/scale", None, None),
+    ("cls.predictions.transform.LayerNorm.bias", "mlm_head/transform_norm/bias", None, None),
+    ("cls.predictions.bias", "mlm_head/bias", None, None),
+  ]
   for i in range(m.num_layers):
     hf, ours = f"bert.encoder.layer.{i}.", f"encoder/layer_{i}/"
     for name in ("query", "key", "value"):
-      rows += [(f"{hf}attention.self.{name}.weight", f"{ours}self_attention/{name}/kernel", *into),
-               (f"{hf}attention.self.{name}.bias", f"{ours}self_attention/{name}/bias", *heads)]
-    rows += [(f"{hf}attention.output.dense.weight", f"{ours}self_attention/out/kernel", *out_of),
-             (f"{hf}attention.output.dense.bias", f"{ours}self_attention/out/bias", None, None),
-             (f"{hf}attention.output.LayerNorm.weight", f"{ours}self_attention_norm/scale", None, None),
-             (f"{hf}attention.output.LayerNorm.bias", f"{ours}self_attention_norm/bias", None, None),
-             (f"{hf}intermediate.dense.weight", f"{ours}mlp/up/kernel", *t),
-             (f"{hf}intermediate.dense.bias", f"{ours}mlp/up/bias", None, None),
-             (f"{hf}output.dense.weight", f"{ours}mlp/down/kernel", *t),
-             (f"{hf}output.dense.bias", f"{ours}mlp/down/bias", None, None),
-             (f"{hf}output.LayerNorm.weight", f"{ours}mlp_norm/scale", None, None),
-             (f"{hf}output.LayerNorm.bias", f"{ours}mlp_norm/bias", None, None)]
+      rows += [
+        (f"{hf}attention.self.{name}.weight", f"{ours}self_attention/{name}/kernel", *into),
+        (f"{hf}attention.self.{name}.bias", f"{ours}self_attention/{name}/bias", *heads),
+      ]
+    rows += [
+      (f"{hf}attention.output.dense.weight", f"{ours}self_attention/out/kernel", *out_of),
+      (f"{hf}attention.output.dense.bias", f"{ours}self_attention/out/bias", None, None),
+      (f"{hf}attention.output.LayerNorm.weight", f"{ours}self_attention_norm/scale", None, None),
+      (f"{hf}attention.output.LayerNorm.bias", f"{ours}self_attention_norm/bias", None, None),
+      (f"{hf}intermediate.dense.weight", f"{ours}mlp/up/kernel", *t),
+      (f"{hf}intermediate.dense.bias", f"{ours}mlp/up/bias", None, None),
+      (f"{hf}output.dense.weight", f"{ours}mlp/down/kernel", *t),
+      (f"{hf}output.dense.bias", f"{ours}mlp/down/bias", None, None),
+      (f"{hf}output.LayerNorm.weight", f"{ours}mlp_norm/scale", None, None),
+      (f"{hf}output.LayerNorm.bias", f"{ours}mlp_norm/bias", None, None),
+    ]
   return rows
 
 
 def _gptj_table(m):
   """Export only. Rows with no jaxlm path are biases jaxlm's use_bias=False leaves out: written as zeros."""
   h, d, f, v = config_lib.head_dim(m), m.d_model, m.mlp_dim, m.vocab_size
-  zeros = lambda *shape: (lambda _: np.zeros(shape, np.float32))
+  zeros = lambda *shape: lambda _: np.zeros(shape, np.float32)
   # Our RoPE rotates feature pairs (i, i + H/2), GPT-J's pairs (2i, 2i + 1) at the same frequency: interleaving
   # the halves of every q and k head maps one onto the other (q.k is unchanged, as both move alike).
   roped = lambda k: rearrange(k, "D N (two half) -> (N half two) D", two=2)
-  rows = [("transformer.wte.weight", "embedder/token/embedding", None, None),
-          ("transformer.ln_f.weight", "final_norm/scale", None, None),
-          ("transformer.ln_f.bias", None, None, zeros(d)),
-          ("lm_head.weight", "embedder/unembed/kernel", None, lambda k: k.T),
-          ("lm_head.bias", None, None, zeros(v))]
+  rows = [
+    ("transformer.wte.weight", "embedder/token/embedding", None, None),
+    ("transformer.ln_f.weight", "final_norm/scale", None, None),
+    ("transformer.ln_f.bias", None, None, zeros(d)),
+    ("lm_head.weight", "embedder/unembed/kernel", None, lambda k: k.T),
+    ("lm_head.bias", None, None, zeros(v)),
+  ]
   for i in range(m.num_layers):
     hf, ours = f"transformer.h.{i}.", f"decoder/layer_{i}/"
-    rows += [(f"{hf}ln_1.weight", f"{ours}norm/scale", None, None),
-             (f"{hf}ln_1.bias", None, None, zeros(d)),
-             (f"{hf}attn.q_proj.weight", f"{ours}self_attention/query/kernel", None, roped),
-             (f"{hf}attn.k_proj.weight", f"{ours}self_attention/key/kernel", None, roped),
-             (f"{hf}attn.v_proj.weight", f"{ours}self_attention/value/kernel", None, _linear_heads(h)[1]),
-             (f"{hf}attn.out_proj.weight", f"{ours}self_attention/out/kernel", None, _linear_out(h)[1]),
-             (f"{hf}mlp.fc_in.weight", f"{ours}mlp/up/kernel", None, lambda k: k.T),
-             (f"{hf}mlp.fc_in.bias", None, None, zeros(f)),
-             (f"{hf}mlp.fc_out.weight", f"{ours}mlp/down/kernel", None, lambda k: k.T),
-             (f"{hf}mlp.fc_out.bias", None, None, zeros(d))]
+    rows += [
+      (f"{hf}ln_1.weight", f"{ours}norm/scale", None, None),
+      (f"{hf}ln_1.bias", None, None, zeros(d)),
+      (f"{hf}attn.q_proj.weight", f"{ours}self_attention/query/kernel", None, roped),
+      (f"{hf}attn.k_proj.weight", f"{ours}self_attention/key/kernel", None, roped),
+      (f"{hf}attn.v_proj.weight", f"{ours}self_attention/value/kernel", None, _linear_heads(h)[1]),
+      (f"{hf}attn.out_proj.weight", f"{ours}self_attention/out/kernel", None, _linear_out(h)[1]),
+      (f"{hf}mlp.fc_in.weight", f"{ours}mlp/up/kernel", None, lambda k: k.T),
+      (f"{hf}mlp.fc_in.bias", None, None, zeros(f)),
+      (f"{hf}mlp.fc_out.weight", f"{ours}mlp/down/kernel", None, lambda k: k.T),
+      (f"{hf}mlp.fc_out.bias", None, None, zeros(d)),
+    ]
   return rows
 
 
 def _table(m):
-  return {"GPT2LMHeadModel": _gpt2_table, "LlamaForCausalLM": _llama_table, "GPTJForCausalLM": _gptj_table,
-          "BertForMaskedLM": _bert_table}[architecture_of(m)](m)
+  return {
+    "GPT2LMHeadModel": _gpt2_table,
+    "LlamaForCausalLM": _llama_table,
+    "GPTJForCausalLM": _gptj_table,
+    "BertForMaskedLM": _bert_table,
+  }[architecture_of(m)](m)
 
 
 # Keys HF may save that carry no weights of their own: tied heads and GPT-2's causal-mask buffers.
@@ -353,7 +489,7 @@ def _stack_layers(flat: dict, num_layers: int, stack: str = "decoder") -> dict:
   """The scan_layers tree: {stack}/layer_i/x for every i -> {stack}/layers/block/x stacked on axis 0."""
   out = {p: v for p, v in flat.items() if not p.startswith(f"{stack}/layer_")}
   for path in [p for p in flat if p.startswith(f"{stack}/layer_0/")]:
-    rest = path[len(f"{stack}/layer_0/"):]
+    rest = path[len(f"{stack}/layer_0/") :]
     out[f"{stack}/layers/block/{rest}"] = np.stack([flat[f"{stack}/layer_{i}/{rest}"] for i in range(num_layers)])
   return out
 
@@ -364,13 +500,14 @@ def _unstack_layers(flat: dict, num_layers: int, stack: str = "decoder") -> dict
   for path, value in flat.items():
     if path.startswith(prefix):
       for i in range(num_layers):
-        out[f"{stack}/layer_{i}/{path[len(prefix):]}"] = value[i]
+        out[f"{stack}/layer_{i}/{path[len(prefix) :]}"] = value[i]
   return out
 
 
 def _unbox(params):
   """Plain arrays from params that may still carry Flax's logical-partitioning boxes (fresh `init` output)."""
   import flax.linen as nn  # local: only unboxing needs Flax
+
   return nn.meta.unbox(params)
 
 
@@ -385,11 +522,16 @@ def expected_params(config) -> dict:
 def _check(found: dict, expected: dict, what: str) -> None:
   missing = sorted(set(expected) - set(found))
   unexpected = sorted(set(found) - set(expected))
-  shapes = [f"{p}: {tuple(found[p].shape)} vs expected {tuple(expected[p].shape)}"
-            for p in sorted(set(found) & set(expected)) if tuple(found[p].shape) != tuple(expected[p].shape)]
+  shapes = [
+    f"{p}: {tuple(found[p].shape)} vs expected {tuple(expected[p].shape)}"
+    for p in sorted(set(found) & set(expected))
+    if tuple(found[p].shape) != tuple(expected[p].shape)
+  ]
   if missing or unexpected or shapes:
-    raise ConvertError(f"{what} does not match the model: missing {missing or 'none'}; "
-                       f"unexpected {unexpected or 'none'}; shape mismatches {shapes or 'none'}")
+    raise ConvertError(
+      f"{what} does not match the model: missing {missing or 'none'}; "
+      f"unexpected {unexpected or 'none'}; shape mismatches {shapes or 'none'}"
+    )
 
 
 def params_from_hf(state: dict[str, np.ndarray], config) -> dict:
@@ -403,16 +545,19 @@ def params_from_hf(state: dict[str, np.ndarray], config) -> dict:
   absent = sorted(k for k in hf_keys if k not in state)
   extra = sorted(k for k in state if k not in hf_keys and not _ignored(k, arch, m))
   if absent or extra:
-    raise ConvertError(f"model.safetensors does not match {arch}: missing keys {absent or 'none'}; "
-                       f"unexpected keys {extra or 'none'}")
+    raise ConvertError(
+      f"model.safetensors does not match {arch}: missing keys {absent or 'none'}; unexpected keys {extra or 'none'}"
+    )
   flat = {}
   for hf_key, path, to_ours, _ in table:
     tensor = np.asarray(state[hf_key.split("#")[0]], np.float32)
     try:
       flat[path] = to_ours(tensor) if to_ours else tensor
     except (ValueError, EinopsError) as e:
-      raise ConvertError(f"model.safetensors: {hf_key.split('#')[0]} has shape {tensor.shape}, which does not "
-                         f"fit {path} ({' '.join(str(e).split())})") from None
+      raise ConvertError(
+        f"model.safetensors: {hf_key.split('#')[0]} has shape {tensor.shape}, which does not "
+        f"fit {path} ({' '.join(str(e).split())})"
+      ) from None
   if m.scan_layers:
     flat = _stack_layers(flat, m.num_layers, _stack_name(m))
   _check(flat, expected_params(config), "model.safetensors")
@@ -442,14 +587,18 @@ def params_to_hf(params, config) -> dict[str, np.ndarray]:
 
 # --- directories ------------------------------------------------------------------------------------
 
+
 def read_hf(directory) -> tuple[config_lib.ConfigDict, dict]:
   """(jaxlm config, params) from a HF directory with config.json and model.safetensors."""
   from safetensors.numpy import load, load_file  # local: only conversion needs safetensors
+
   directory = fs.path(directory)  # a local folder or gs://
   for name in ("config.json", "model.safetensors"):
     if not (directory / name).is_file():
-      raise ConvertError(f"{directory / name} not found; --from-hf takes a directory written by save_pretrained "
-                         "(sharded or .bin checkpoints are not supported)")
+      raise ConvertError(
+        f"{directory / name} not found; --from-hf takes a directory written by save_pretrained "
+        "(sharded or .bin checkpoints are not supported)"
+      )
   config = config_from_hf(json.loads((directory / "config.json").read_text()))
   weights = directory / "model.safetensors"
   return config, params_from_hf(load(weights.read_bytes()) if fs.is_url(weights) else load_file(weights), config)
@@ -459,6 +608,7 @@ def write_hf(params, config, out, tokenizer=None) -> Path:
   """config.json, model.safetensors and, given the run's `tokenizer`, its bos/eos/pad ids in config.json and a
   generation_config.json, so that HF `generate` stops at jaxlm's end-of-text token."""
   from safetensors.numpy import save, save_file
+
   out = fs.path(out)  # a local folder or gs://
   fs.makedirs(out)
   hf_config = config_to_hf(config.model)
@@ -468,8 +618,11 @@ def write_hf(params, config, out, tokenizer=None) -> Path:
   else:
     save_file(state, out / "model.safetensors", metadata={"format": "pt"})
   if tokenizer is not None:
-    special = {"bos_token_id": int(tokenizer.bos_id), "eos_token_id": int(tokenizer.eos_id),
-               "pad_token_id": int(tokenizer.pad_id)}
+    special = {
+      "bos_token_id": int(tokenizer.bos_id),
+      "eos_token_id": int(tokenizer.eos_id),
+      "pad_token_id": int(tokenizer.pad_id),
+    }
     hf_config.update(special)
     (out / "generation_config.json").write_text(json.dumps(special, indent=2))
     if hasattr(tokenizer, "write_hf_files"):  # a Hugging Face tokenizer goes back beside the weights
@@ -483,20 +636,26 @@ def write_hf(params, config, out, tokenizer=None) -> Path:
 def import_run(hf_dir, workdir) -> Path:
   """Writes a jaxlm run from a HF directory; see `write_run`. A tokenizer.json beside the weights becomes the
   run's tokenizer (jaxlm/data/hf_tokenizer.py); without one the run gets the byte tokenizer."""
-  from jaxlm.data import hf_tokenizer, tokenizer as tokenizer_lib
+  from jaxlm.data import hf_tokenizer
+  from jaxlm.data import tokenizer as tokenizer_lib
+
   config, params = read_hf(hf_dir)
   if (fs.path(hf_dir) / "tokenizer.json").is_file():
     tokenizer = hf_tokenizer.HuggingFaceTokenizer(hf_dir)
     if config.model.vocab_size < tokenizer.vocab_size:
-      raise ConvertError(f"{fs.path(hf_dir) / 'tokenizer.json'} has {tokenizer.vocab_size} tokens but the model's "
-                         f"vocab_size is {config.model.vocab_size}; they must come from the same checkpoint")
+      raise ConvertError(
+        f"{fs.path(hf_dir) / 'tokenizer.json'} has {tokenizer.vocab_size} tokens but the model's "
+        f"vocab_size is {config.model.vocab_size}; they must come from the same checkpoint"
+      )
     config.data.tokenizer = "huggingface"
     config.data.tokenizer_path = str(fs.absolute(workdir) / hf_tokenizer.FOLDER)
     return write_run(config, params, workdir, tokenizer)
   if config.model.vocab_size < tokenizer_lib.ByteTokenizer.vocab_size:
-    raise ConvertError(f"the HF model's vocab_size {config.model.vocab_size} is below the byte tokenizer's "
-                       f"{tokenizer_lib.ByteTokenizer.vocab_size}; HF tokenizers are not converted, so jaxlm "
-                       "needs a vocabulary of at least 260 ids")
+    raise ConvertError(
+      f"the HF model's vocab_size {config.model.vocab_size} is below the byte tokenizer's "
+      f"{tokenizer_lib.ByteTokenizer.vocab_size}; HF tokenizers are not converted, so jaxlm "
+      "needs a vocabulary of at least 260 ids"
+    )
   return write_run(config, params, workdir)
 
 
@@ -504,10 +663,11 @@ def write_run(config, params, workdir, tokenizer=None) -> Path:
   """A run directory usable by train/eval/generate/serve: config.json, `tokenizer` (default: the byte
   tokenizer), and an Orbax checkpoint at step 0 holding `params` with a fresh optimizer state (the normal
   TrainState layout)."""
-  from jaxlm.storage import run_dir
-  from jaxlm.parallel import mesh as mesh_lib
   from jaxlm.data import tokenizer as tokenizer_lib
+  from jaxlm.parallel import mesh as mesh_lib
+  from jaxlm.storage import run_dir
   from jaxlm.training import step as train_lib
+
   workdir = fs.path(workdir)
   if run_dir.has_checkpoints(workdir):
     raise ConvertError(f"{run_dir.checkpoints_path(workdir)} already holds checkpoints; pass an empty --workdir")
@@ -516,6 +676,7 @@ def write_run(config, params, workdir, tokenizer=None) -> Path:
 
   def make_state(p):
     return train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=s.tx.init(p))
+
   params = jax.tree.map(jnp.asarray, _unbox(params))
   state = jax.jit(make_state, out_shardings=s.state_shardings)(params)
   run_dir.write_checkpoint(workdir, 0, state.to_dict(), config, keep=config.train.keep_checkpoints)
@@ -525,5 +686,6 @@ def write_run(config, params, workdir, tokenizer=None) -> Path:
 def export_run(workdir, out, step: int | None = None) -> Path:
   """`jaxlm convert --to-hf`: loads the run in `workdir` (latest or `step`) and writes a HF folder at `out`."""
   from jaxlm import loader  # local: keeps the converter's import light
+
   run = loader.load(workdir, step)
   return write_hf(run.params, run.config, out, run.tokenizer)

@@ -23,17 +23,17 @@ import flax.linen as nn
 import jax
 from jax.sharding import Mesh
 
+from jaxlm import config as config_lib
+from jaxlm import families
+from jaxlm.config import Config, ModelConfig
+from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.errors import JaxlmError
+from jaxlm.models import lora, quantize
+from jaxlm.models import transformer as model_lib
+from jaxlm.parallel import mesh as mesh_lib
+from jaxlm.parallel import sharding
 from jaxlm.storage import checkpoint as checkpoint_lib
 from jaxlm.storage import fs, run_dir
-from jaxlm import config as config_lib
-from jaxlm.config import Config, ModelConfig
-from jaxlm.models import transformer as model_lib
-from jaxlm import families
-from jaxlm.models import lora
-from jaxlm.models import quantize
-from jaxlm.parallel import mesh as mesh_lib, sharding
-from jaxlm.data import tokenizer as tokenizer_lib
 
 
 class RunError(JaxlmError, RuntimeError):
@@ -49,6 +49,7 @@ class Run(NamedTuple):
   tokenizer: the run's `jaxlm.data.tokenizer.Tokenizer`.
   step: the checkpoint step the params come from.
   """
+
   config: Config
   model: nn.Module
   params: Any
@@ -96,8 +97,9 @@ def _quiet_restore():
     logger.setLevel(previous)
 
 
-def restore_params(workdir: str | Path, config: Config, shardings, step: int | None = None,
-                   module: nn.Module | None = None):
+def restore_params(
+  workdir: str | Path, config: Config, shardings, step: int | None = None, module: nn.Module | None = None
+):
   """(params, step): the params of checkpoint `step` (default: the latest) in `workdir`, placed by `shardings`.
 
   `config` is the whole config; `shardings` a tree of NamedShardings matching the params; `module` the model
@@ -121,8 +123,13 @@ def restore_params(workdir: str | Path, config: Config, shardings, step: int | N
   return params, step
 
 
-def load(workdir: str | Path, step: int | None = None, mesh: Mesh | None = None,
-         model: nn.Module | None = None, rules: tuple | None = None) -> Run:
+def load(
+  workdir: str | Path,
+  step: int | None = None,
+  mesh: Mesh | None = None,
+  model: nn.Module | None = None,
+  rules: tuple | None = None,
+) -> Run:
   """Loads a run: `Run(config, model, params, tokenizer, step)`.
 
   workdir: a `jaxlm train` (or `jaxlm convert --from-hf`) work directory.
@@ -140,9 +147,15 @@ def load(workdir: str | Path, step: int | None = None, mesh: Mesh | None = None,
     base = load(config.lora.base_workdir, config.lora.base_step, mesh, rules=rules)
     module = lora.adapted_model(config, base.params, deterministic=True)
     adapters, step = restore_params(
-        workdir, config, param_shardings(config, mesh or single_device_mesh(), module, rules), step, module)
-    return Run(lora.without_adapters(config), base.model, lora.merged_params(config, adapters, base.params),
-               tokenizer_lib.load(workdir), step)
+      workdir, config, param_shardings(config, mesh or single_device_mesh(), module, rules), step, module
+    )
+    return Run(
+      lora.without_adapters(config),
+      base.model,
+      lora.merged_params(config, adapters, base.params),
+      tokenizer_lib.load(workdir),
+      step,
+    )
   tokenizer = tokenizer_lib.load(workdir)
   module = model if model is not None else model_lib.build(config.model)
   shardings = param_shardings(config, mesh or single_device_mesh(), module, rules)

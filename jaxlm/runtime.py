@@ -55,6 +55,7 @@ def skip_tpu_metadata_query_without_tpu() -> None:
   """
   try:
     from jax._src import hardware_utils  # private, but the PCI scan JAX itself runs before choosing the TPU
+
     chips, _ = hardware_utils.num_available_tpu_chips_and_device_id()
   except (ImportError, AttributeError, OSError):
     return

@@ -24,10 +24,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
-import pytest  # noqa: E402
-from support import REPO, built_once, run_cli  # noqa: E402
+import pytest
+from support import REPO, built_once, run_cli
 
-from jaxlm.data import corpus  # noqa: E402
+from jaxlm.data import corpus
 
 
 @pytest.fixture(scope="session")

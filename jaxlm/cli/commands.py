@@ -14,7 +14,6 @@ import time
 from jaxlm import config as config_lib
 from jaxlm.errors import JaxlmError
 
-
 # What the command reports in one line (exit 2) instead of a traceback.
 EXPECTED_ERRORS = (JaxlmError, FileNotFoundError)
 
@@ -30,8 +29,9 @@ def run(args, overrides: list[str]) -> int:
     if e.errno not in (errno.ENOSPC, errno.EDQUOT):
       raise
     # A full disk fails every later write too (logs closing after a failed save): report the first failure.
-    first = (e.__context__ if isinstance(e.__context__, EXPECTED_ERRORS) else
-             f"writing {e.filename or 'a file'}: {e.strerror}")
+    first = (
+      e.__context__ if isinstance(e.__context__, EXPECTED_ERRORS) else f"writing {e.filename or 'a file'}: {e.strerror}"
+    )
     print(f"jaxlm: error: {first}", file=sys.stderr)
     return 2
 
@@ -39,7 +39,9 @@ def run(args, overrides: list[str]) -> int:
 def _train(args, overrides) -> int:
   """Exit status 0 when training reached train.num_steps; 130 (SIGINT), 143 (SIGTERM) or 75
   (train.stop_at_step) when it stopped early after saving: see `run_report.EXIT_STATUS`."""
-  from jaxlm.training import init_from, report as run_report, trainer
+  from jaxlm.training import init_from, trainer
+  from jaxlm.training import report as run_report
+
   config = config_lib.apply_overrides(config_lib.load_config_file(args.config), overrides)
   if config.train.init_from:
     init_from.check_overrides(config, overrides)
@@ -51,6 +53,7 @@ def _train(args, overrides) -> int:
 
 def _eval(args, overrides) -> int:
   from jaxlm.tasks import evaluate
+
   result = evaluate.evaluate(args.workdir, args.step, args.max_batches)
   print(json.dumps(result, indent=2))
   print(result["summary"])  # each family's line, against its own baselines
@@ -60,19 +63,23 @@ def _eval(args, overrides) -> int:
 def _mesh(args):
   """The mesh of the --mesh flag (None without it: one device)."""
   from jaxlm.parallel import mesh as mesh_lib
+
   return mesh_lib.mesh_of_sizes(args.mesh) if getattr(args, "mesh", None) else None
 
 
 def _load(args):
   from jaxlm import loader
   from jaxlm.models import quantize
+
   run = loader.load(args.workdir, args.step, _mesh(args))
   return run._replace(params=quantize.quantize_params(run.params)) if getattr(args, "int8", False) else run
 
 
 def _generate(args, overrides) -> int:
-  from jaxlm.inference import decode, text as text_lib
+  from jaxlm.inference import decode
+  from jaxlm.inference import text as text_lib
   from jaxlm.storage import fs
+
   run = _load(args)
   text = fs.path(args.prompt_file).read_text() if args.prompt_file else args.prompt  # local or gs://
   tok, model = run.tokenizer, run.config.model
@@ -85,8 +92,9 @@ def _generate(args, overrides) -> int:
   start = time.perf_counter()
   if args.beam_size:
     with decode.on_mesh(mesh, rules):  # the searcher's prefill and step trace under it
-      result = decode.beam_search(model, run.params, [ids], args.beam_size, args.max_tokens, tok.eos_id,
-                                  args.length_penalty, start_id=tok.bos_id)
+      result = decode.beam_search(
+        model, run.params, [ids], args.beam_size, args.max_tokens, tok.eos_id, args.length_penalty, start_id=tok.bos_id
+      )
     print(tok.decode(result.tokens[0]), flush=True)
     _print_speed(len(result.tokens[0]), start, None)
     return 0
@@ -108,30 +116,38 @@ def _print_speed(new_tokens: int, start: float, first: float | None) -> None:
   if first is None or new_tokens < 2:
     print(f"{new_tokens} tokens in {end - start:.2f} s, compilation included", file=sys.stderr)
     return
-  print(f"{new_tokens} tokens: {(new_tokens - 1) / max(end - first, 1e-9):.1f} tokens/s after the first, which "
-        f"took {first - start:.2f} s (compilation included)", file=sys.stderr)
+  print(
+    f"{new_tokens} tokens: {(new_tokens - 1) / max(end - first, 1e-9):.1f} tokens/s after the first, which "
+    f"took {first - start:.2f} s (compilation included)",
+    file=sys.stderr,
+  )
 
 
 def _chat(args, overrides) -> int:
   from jaxlm.inference import chat, decode
-  session = chat.ChatSession(_load(args), args.max_tokens,
-                             decode.Sampling(args.temperature, args.top_k, args.top_p, args.seed), args.system)
+
+  session = chat.ChatSession(
+    _load(args), args.max_tokens, decode.Sampling(args.temperature, args.top_k, args.top_p, args.seed), args.system
+  )
   chat.run_loop(session)
   return 0
 
 
 def _serve(args, overrides) -> int:
   from jaxlm.inference import server as serve
+
   serve.serve(args.workdir, args.host, args.port, args.step, args.int8, args.max_batch, _mesh(args))
   return 0
 
 
 def _convert(args, overrides) -> int:
   from jaxlm import hf
+
   if args.from_hf:
     if not args.workdir:
       raise hf.ConvertError("convert --from-hf needs --workdir RUN: the run directory to write")
     from jaxlm.data import tokenizer as tokenizer_lib
+
     run = hf.import_run(args.from_hf, args.workdir)
     kind = type(tokenizer_lib.load(run)).__name__
     print(f"wrote run {run} (checkpoint step 0, {kind})")
@@ -144,6 +160,7 @@ def _convert(args, overrides) -> int:
 
 def _export(args, overrides) -> int:
   from jaxlm.inference import export
+
   run = _load(args)
   out = export.export_run(run, args.out, args.batch_size, args.max_prompt_len, _mesh(args))
   print(f"wrote {out} (step {run.step}); load it with jaxlm.inference.export.load('{out}')")
@@ -152,11 +169,14 @@ def _export(args, overrides) -> int:
 
 def _quantize(args, overrides) -> int:
   from jaxlm.tasks import evaluate
+
   result = evaluate.compare_int8(args.workdir, args.step, args.max_batches, args.out)
   print(json.dumps(result, indent=2))
-  print(f"int8 weights: {result['float_mb']:.2f} MB -> {result['int8_mb']:.2f} MB "
-        f"({result['memory_reduction']:.2f}x smaller); validation perplexity {result['float_perplexity']:.4f} -> "
-        f"{result['int8_perplexity']:.4f} ({100 * result['perplexity_change']:+.2f}%)")
+  print(
+    f"int8 weights: {result['float_mb']:.2f} MB -> {result['int8_mb']:.2f} MB "
+    f"({result['memory_reduction']:.2f}x smaller); validation perplexity {result['float_perplexity']:.4f} -> "
+    f"{result['int8_perplexity']:.4f} ({100 * result['perplexity_change']:+.2f}%)"
+  )
   print(f"wrote the int8 run {result['int8_run']}: generate, serve and export take --workdir {result['int8_run']}")
   return 0
 
@@ -164,7 +184,9 @@ def _quantize(args, overrides) -> int:
 def _compile(args, overrides) -> int:
   """Exit status 0 when the step fits the slice's HBM, 1 when it does not."""
   from pathlib import Path
+
   from jaxlm.training import aot
+
   config = config_lib.apply_overrides(config_lib.load_config_file(args.config), overrides)
   if args.decode:
     report = aot.compile_decode(config, args.topology, args.batch_size, args.prompt_len)
@@ -180,6 +202,7 @@ def _compile(args, overrides) -> int:
 def _verify(args, overrides) -> int:
   """Exit status 0 when every checked step is intact, 1 when any is damaged."""
   from jaxlm.training import verify
+
   results = verify.verify_run(args.workdir, args.step)
   print(verify.format_table(results), flush=True)
   return 1 if any(r["status"] == "DAMAGED" for r in results) else 0
@@ -187,6 +210,7 @@ def _verify(args, overrides) -> int:
 
 def _config(args, overrides) -> int:
   from jaxlm.config import show as config_show
+
   config = config_lib.apply_overrides(config_lib.load_config_file(args.config), overrides)
   print(config_show.format_table(config, args.config))
   return 0
@@ -194,24 +218,43 @@ def _config(args, overrides) -> int:
 
 def _prepare(args, overrides) -> int:
   import time
+
   from jaxlm.data import prepare
+
   config = config_lib.apply_overrides(config_lib.load_config_file(args.config), overrides)
   start = time.perf_counter()
   splits = [args.split] if args.split else ["train", "validation"]
   for split, index in prepare.prepare(config, args.out, splits, args.workers, args.shard_mb).items():
-    print(f"{args.out}/{split}: {index['num_documents']:,} documents, {index['num_tokens']:,} tokens, "
-          f"{index['num_bytes'] / 1e6:,.1f} MB of text in {len(index['shards'])} shards")
-  print(f"prepared in {time.perf_counter() - start:.1f} s; train with --config.data.source=prepared "
-        f"--config.data.prepared_dir={args.out}")
+    print(
+      f"{args.out}/{split}: {index['num_documents']:,} documents, {index['num_tokens']:,} tokens, "
+      f"{index['num_bytes'] / 1e6:,.1f} MB of text in {len(index['shards'])} shards"
+    )
+  print(
+    f"prepared in {time.perf_counter() - start:.1f} s; train with --config.data.source=prepared "
+    f"--config.data.prepared_dir={args.out}"
+  )
   return 0
-
 
 
 def _plot(args, overrides) -> int:
   from jaxlm.training import plot
+
   print(f"wrote {plot.write_plot(args.runs, args.out)} ({len(args.runs)} run{'s' * (len(args.runs) > 1)})")
   return 0
 
-COMMANDS = {"train": _train, "plot": _plot, "eval": _eval, "generate": _generate, "chat": _chat, "serve": _serve,
-            "convert": _convert, "export": _export, "quantize": _quantize, "compile": _compile, "verify": _verify, "config": _config,
-            "prepare": _prepare}
+
+COMMANDS = {
+  "train": _train,
+  "plot": _plot,
+  "eval": _eval,
+  "generate": _generate,
+  "chat": _chat,
+  "serve": _serve,
+  "convert": _convert,
+  "export": _export,
+  "quantize": _quantize,
+  "compile": _compile,
+  "verify": _verify,
+  "config": _config,
+  "prepare": _prepare,
+}

@@ -22,19 +22,22 @@ import argparse
 import os
 import sys
 
-from jaxlm.cli import commands
 from jaxlm import runtime
+from jaxlm.cli import commands
 
 
 def parser() -> argparse.ArgumentParser:
   """The `jaxlm` argument parser: one subparser per subcommand."""
   p = argparse.ArgumentParser(prog="jaxlm", description=__doc__.splitlines()[0])
   sub = p.add_subparsers(dest="command", required=True)
-  train = sub.add_parser("train", help="train a model; resumes from the latest intact checkpoint in --workdir",
-                         epilog="Any config key can be overridden with --config.KEY=VALUE (with '='), e.g. "
-                                "--config.model.num_layers=6 --config.optim.learning_rate=3e-4. "
-                                "`jaxlm config show CONFIG` lists every key with its default, allowed values and "
-                                "comment.")
+  train = sub.add_parser(
+    "train",
+    help="train a model; resumes from the latest intact checkpoint in --workdir",
+    epilog="Any config key can be overridden with --config.KEY=VALUE (with '='), e.g. "
+    "--config.model.num_layers=6 --config.optim.learning_rate=3e-4. "
+    "`jaxlm config show CONFIG` lists every key with its default, allowed values and "
+    "comment.",
+  )
   train.add_argument("--config", required=True, help="a configs/*.py file with get_config()")
   train.add_argument("--workdir", required=True)
   evaluate = sub.add_parser("eval", help="evaluate a checkpoint on the validation split")
@@ -42,12 +45,18 @@ def parser() -> argparse.ArgumentParser:
   evaluate.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   evaluate.add_argument("--max-batches", type=int, default=None, help="limit the batches scored (default: config)")
   _deployment_parsers(sub)
-  plot = sub.add_parser("plot", help="loss, learning rate, gradient norm and tokens/s of runs, overlaid, as a PNG "
-                                      "(needs matplotlib: pip install 'jaxlm[plot]')")
+  plot = sub.add_parser(
+    "plot",
+    help="loss, learning rate, gradient norm and tokens/s of runs, overlaid, as a PNG "
+    "(needs matplotlib: pip install 'jaxlm[plot]')",
+  )
   plot.add_argument("runs", nargs="+", metavar="RUN", help="run directories (their metrics.jsonl)")
   plot.add_argument("--out", default="loss.png", help="the image to write (default: loss.png)")
-  compile_ = sub.add_parser("compile", help="compile the train step for a TPU slice on any machine: memory per chip, "
-                                            "fits or not, estimated MFU (needs libtpu: pip install -e '.[aot]')")
+  compile_ = sub.add_parser(
+    "compile",
+    help="compile the train step for a TPU slice on any machine: memory per chip, "
+    "fits or not, estimated MFU (needs libtpu: pip install -e '.[aot]')",
+  )
   compile_.add_argument("--config", required=True, help="a configs/*.py file with get_config()")
   compile_.add_argument("--topology", required=True, help="a TPU slice: v5e-16, v5p-32, v4-8, v6e-8, or v5e:4x4")
   compile_.add_argument("--json", default="", help="also write the report to this JSON file")
@@ -57,12 +66,17 @@ def parser() -> argparse.ArgumentParser:
   verify = sub.add_parser("verify", help="check every checkpoint of a run against the checksums saved with it")
   verify.add_argument("--workdir", required=True)
   verify.add_argument("--step", type=int, default=None, help="check this step only (default: all)")
-  config_show = sub.add_parser("config", help="`jaxlm config show CONFIG [--config.KEY=VALUE ...]`: every key, "
-                                              "its value, type, allowed values and comment")
+  config_show = sub.add_parser(
+    "config",
+    help="`jaxlm config show CONFIG [--config.KEY=VALUE ...]`: every key, its value, type, allowed values and comment",
+  )
   config_show.add_argument("action", choices=["show"])
   config_show.add_argument("config", metavar="CONFIG", help="a configs/*.py file with get_config()")
-  prepare = sub.add_parser("prepare", help="tokenize the config's data source once into token shards that "
-                                           "--config.data.source=prepared reads (docs/data.md)")
+  prepare = sub.add_parser(
+    "prepare",
+    help="tokenize the config's data source once into token shards that "
+    "--config.data.source=prepared reads (docs/data.md)",
+  )
   prepare.add_argument("--config", required=True, help="a configs/*.py file with get_config(); its data.* keys")
   prepare.add_argument("--out", required=True, help="output folder: OUT/train and OUT/validation")
   prepare.add_argument("--split", choices=["train", "validation"], default=None, help="one split (default: both)")
@@ -74,13 +88,15 @@ def parser() -> argparse.ArgumentParser:
 def mesh_sizes(text: str) -> dict[str, int]:
   """The --mesh flag's 'data=2,tensor=4' as {'data': 2, 'fsdp': 1, 'tensor': 4} (axes left out are 1)."""
   from jaxlm.parallel import mesh as mesh_lib  # local: it loads jax, which `jaxlm --help` does not need
+
   sizes = dict.fromkeys(mesh_lib.AXES, 1)
   for item in text.split(","):
     name, _, value = item.partition("=")
     if name.strip() not in mesh_lib.AXES or not value.strip().isdigit() or int(value) < 1:
       raise argparse.ArgumentTypeError(
-          f"'{item}' is not AXIS=SIZE with AXIS one of {', '.join(mesh_lib.AXES)} and SIZE >= 1; "
-          "write e.g. --mesh data=2,tensor=4")
+        f"'{item}' is not AXIS=SIZE with AXIS one of {', '.join(mesh_lib.AXES)} and SIZE >= 1; "
+        "write e.g. --mesh data=2,tensor=4"
+      )
     sizes[name.strip()] = int(value)
   return sizes
 
@@ -91,9 +107,14 @@ def _run_args(p, int8: bool = True, mesh: bool = False):
   if int8:
     p.add_argument("--int8", action="store_true", help="int8 weight-only quantized weights (see `jaxlm quantize`)")
   if mesh:
-    p.add_argument("--mesh", type=mesh_sizes, default=None, metavar="data=D,fsdp=F,tensor=T",
-                   help="shard the params (by the run's mesh.rules) and the KV cache (batch x kv heads) over "
-                        "D*F*T devices; axes left out are 1 (default: one device)")
+    p.add_argument(
+      "--mesh",
+      type=mesh_sizes,
+      default=None,
+      metavar="data=D,fsdp=F,tensor=T",
+      help="shard the params (by the run's mesh.rules) and the KV cache (batch x kv heads) over "
+      "D*F*T devices; axes left out are 1 (default: one device)",
+    )
 
 
 def _deployment_parsers(sub):
@@ -110,8 +131,9 @@ def _deployment_parsers(sub):
   gen.add_argument("--beam-size", type=int, default=0, help="beam search with this width (no streaming)")
   gen.add_argument("--length-penalty", type=float, default=0.6, help="GNMT alpha for beam search")
   gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
-  gen.add_argument("--no-echo", dest="echo", action="store_false",
-                   help="print only the generated text, not the prompt before it")
+  gen.add_argument(
+    "--no-echo", dest="echo", action="store_false", help="print only the generated text, not the prompt before it"
+  )
   chat = sub.add_parser("chat", help="talk to a run in the terminal with its chat template; keeps the conversation")
   _run_args(chat)
   chat.add_argument("--max-tokens", type=int, default=256, help="the most tokens per answer")
@@ -120,13 +142,16 @@ def _deployment_parsers(sub):
   chat.add_argument("--top-p", type=float, default=1.0, help="1 disables")
   chat.add_argument("--seed", type=int, default=0)
   chat.add_argument("--system", default="", help="a system message that opens the conversation")
-  serve = sub.add_parser("serve", help="HTTP completion server (POST /v1/completions, /v1/chat/completions, "
-                                       "GET /health, /v1/models)")
+  serve = sub.add_parser(
+    "serve", help="HTTP completion server (POST /v1/completions, /v1/chat/completions, GET /health, /v1/models)"
+  )
   _run_args(serve, mesh=True)
   serve.add_argument("--host", default="127.0.0.1")
   serve.add_argument("--port", type=int, default=8000)
   serve.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
-  convert = sub.add_parser("convert", help="Hugging Face <-> jaxlm (GPT2LMHeadModel, LlamaForCausalLM, BertForMaskedLM)")
+  convert = sub.add_parser(
+    "convert", help="Hugging Face <-> jaxlm (GPT2LMHeadModel, LlamaForCausalLM, BertForMaskedLM)"
+  )
   direction = convert.add_mutually_exclusive_group(required=True)
   direction.add_argument("--from-hf", metavar="HF_DIR", help="config.json + model.safetensors; needs --workdir")
   direction.add_argument("--to-hf", metavar="RUN", help="a run directory; needs --out")
@@ -137,9 +162,14 @@ def _deployment_parsers(sub):
   _run_args(export, mesh=True)
   export.add_argument("--out", required=True)
   export.add_argument("--batch-size", type=int, default=1)
-  export.add_argument("--max-prompt-len", type=int, default=0, help="prompt tokens the artifact takes (default: half the context)")
-  quantize = sub.add_parser("quantize", help="int8 weight-only: writes an int8 run (for generate, serve, export) "
-                                              "and reports memory and validation perplexity vs float")
+  export.add_argument(
+    "--max-prompt-len", type=int, default=0, help="prompt tokens the artifact takes (default: half the context)"
+  )
+  quantize = sub.add_parser(
+    "quantize",
+    help="int8 weight-only: writes an int8 run (for generate, serve, export) "
+    "and reports memory and validation perplexity vs float",
+  )
   _run_args(quantize, int8=False)
   quantize.add_argument("--max-batches", type=int, default=None)
   quantize.add_argument("--out", default=None, help="the int8 run directory to write (default: WORKDIR/int8)")
@@ -153,26 +183,35 @@ def main(argv: list[str] | None = None) -> int:
     runtime.skip_tpu_metadata_query_without_tpu()
   overrides = [a for a in rest if a.startswith("--config.")]
   unknown = [a for a in rest if not a.startswith("--config.")]
-  spaced = [(key, value) for key, value in zip(rest, rest[1:])
-            if key.startswith("--config.") and "=" not in key and value in unknown]
+  spaced = [
+    (key, value)
+    for key, value in zip(rest, rest[1:])
+    if key.startswith("--config.") and "=" not in key and value in unknown
+  ]
   if spaced:
     key, value = spaced[0]
     print(f"jaxlm: error: write {key}={value} (with '='), not '{key} {value}'", file=sys.stderr)
     return 2
   if unknown:
-    print(f"jaxlm: error: unrecognized arguments {' '.join(unknown)}; see `jaxlm {args.command} --help`",
-          file=sys.stderr)
+    print(
+      f"jaxlm: error: unrecognized arguments {' '.join(unknown)}; see `jaxlm {args.command} --help`", file=sys.stderr
+    )
     return 2
   if getattr(args, "prompt_file", None) and not os.path.isfile(args.prompt_file):
-    print(f"jaxlm: error: --prompt-file '{args.prompt_file}' not found; pass an existing text file, or --prompt TEXT",
-          file=sys.stderr)
+    print(
+      f"jaxlm: error: --prompt-file '{args.prompt_file}' not found; pass an existing text file, or --prompt TEXT",
+      file=sys.stderr,
+    )
     return 2
   if overrides and args.command not in ("train", "compile", "config", "prepare"):
-    print(f"jaxlm: error: {args.command} uses the run's saved config; --config.* overrides apply to train and compile only",
-          file=sys.stderr)
+    print(
+      f"jaxlm: error: {args.command} uses the run's saved config; --config.* overrides apply to train and compile only",
+      file=sys.stderr,
+    )
     return 2
   if args.command == "train":  # a multi-process run trains in a child process (see jaxlm/parallel/supervisor.py)
     from jaxlm.parallel import supervisor
+
     launch = supervisor.launch_of(args.config, overrides, args.workdir)
     if launch:
       return supervisor.run([sys.executable, "-m", "jaxlm", *(sys.argv[1:] if argv is None else argv)], launch)

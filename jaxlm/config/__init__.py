@@ -12,14 +12,53 @@ compiles anything, with one line that names the key and the fix.
   presets.py  paper recipes for `configs/*.py`;  show.py  `jaxlm config show`
 """
 
-from jaxlm.config.checks import (data_parallel_size, head_dim, mesh_rules, mesh_shape, model_of_run, num_kv_heads,
-                                 validate)
+from jaxlm.config.checks import (
+  data_parallel_size,
+  head_dim,
+  mesh_rules,
+  mesh_shape,
+  model_of_run,
+  num_kv_heads,
+  validate,
+)
 from jaxlm.config.files import apply_overrides, check_schema, load_config_file, unknown_key_message
-from jaxlm.config.schema import (DEFAULT_RULES, RANGES, WEIGHTS_FREE, Allowed, Config, ConfigDict, ModelConfig, allowed,
-                                 base_config, leaves, model_keys)
+from jaxlm.config.schema import (
+  DEFAULT_RULES,
+  RANGES,
+  WEIGHTS_FREE,
+  Allowed,
+  Config,
+  ConfigDict,
+  ModelConfig,
+  allowed,
+  base_config,
+  leaves,
+  model_keys,
+)
 from jaxlm.errors import ConfigError
 
-__all__ = ["DEFAULT_RULES", "RANGES", "WEIGHTS_FREE", "Allowed", "Config", "ConfigDict", "ConfigError", "ModelConfig",
-           "allowed", "apply_overrides", "base_config", "check_schema", "data_parallel_size", "head_dim",
-           "leaves", "load_config_file", "mesh_rules", "mesh_shape", "model_keys", "model_of_run", "num_kv_heads",
-           "unknown_key_message", "validate"]
+__all__ = [
+  "DEFAULT_RULES",
+  "RANGES",
+  "WEIGHTS_FREE",
+  "Allowed",
+  "Config",
+  "ConfigDict",
+  "ConfigError",
+  "ModelConfig",
+  "allowed",
+  "apply_overrides",
+  "base_config",
+  "check_schema",
+  "data_parallel_size",
+  "head_dim",
+  "leaves",
+  "load_config_file",
+  "mesh_rules",
+  "mesh_shape",
+  "model_keys",
+  "model_of_run",
+  "num_kv_heads",
+  "unknown_key_message",
+  "validate",
+]

@@ -11,7 +11,7 @@ import json
 import math
 
 from jaxlm.config.files import check_schema
-from jaxlm.config.schema import ConfigDict, leaves, allowed
+from jaxlm.config.schema import ConfigDict, allowed, leaves
 from jaxlm.errors import ConfigError
 
 
@@ -25,8 +25,9 @@ def num_kv_heads(model: ConfigDict) -> int:
   return model.num_kv_heads or model.num_heads
 
 
-def model_of_run(model_cfg: ConfigDict, run_model_cfg: ConfigDict, log, who: str, run_dir,
-                 keep: tuple[str, ...] = ()) -> ConfigDict:
+def model_of_run(
+  model_cfg: ConfigDict, run_model_cfg: ConfigDict, log, who: str, run_dir, keep: tuple[str, ...] = ()
+) -> ConfigDict:
   """The model section of a run built on the weights of the saved run in `run_dir` (LoRA's base,
   `train.init_from`): that run's `run_model_cfg`, except the keys in `keep`, which stay `model_cfg`'s. The saved
   weights fix the other keys, so where `model_cfg` differs there it is ignored, and `log` gets one line that
@@ -45,13 +46,16 @@ def mesh_rules(config: ConfigDict) -> tuple:
   try:
     rules = json.loads(config.mesh.rules)
   except json.JSONDecodeError as e:
-    raise ConfigError(f"config key 'mesh.rules' is not valid JSON ({e.msg}); write a list of [logical, mesh_axes] pairs") from None
+    raise ConfigError(
+      f"config key 'mesh.rules' is not valid JSON ({e.msg}); write a list of [logical, mesh_axes] pairs"
+    ) from None
   try:
     return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
   except (TypeError, ValueError):
-    raise ConfigError("config key 'mesh.rules' is not a list of [logical, mesh_axes] pairs; "
-                      'write e.g. [["batch", ["data", "fsdp"]], ["embed", "fsdp"]]') from None
-
+    raise ConfigError(
+      "config key 'mesh.rules' is not a list of [logical, mesh_axes] pairs; "
+      'write e.g. [["batch", ["data", "fsdp"]], ["embed", "fsdp"]]'
+    ) from None
 
 
 def validate(config: ConfigDict, num_devices: int) -> None:
@@ -66,6 +70,7 @@ def validate(config: ConfigDict, num_devices: int) -> None:
   """
   from jaxlm import families  # local: low registries, which find their entries at first use
   from jaxlm.data import sources
+
   check_schema(config)
   for key, value in leaves(config):
     rule = allowed(key)
@@ -80,50 +85,73 @@ def validate(config: ConfigDict, num_devices: int) -> None:
     if m[key] <= 0:
       raise ConfigError(f"config key 'model.{key}' must be positive, got {m[key]}")
   if not m.head_dim and m.d_model % m.num_heads:
-    raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; "
-                      "change one of them or set model.head_dim")
+    raise ConfigError(
+      f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; "
+      "change one of them or set model.head_dim"
+    )
   if m.num_heads % num_kv_heads(m):
-    raise ConfigError(f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}; "
-                      "choose num_kv_heads dividing num_heads")
+    raise ConfigError(
+      f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}; "
+      "choose num_kv_heads dividing num_heads"
+    )
   if m.position == "rope" and head_dim(m) % 2:
     raise ConfigError(f"RoPE needs an even head dimension, got {head_dim(m)}; change model.head_dim or model.num_heads")
   if m.parallel_residual and (m.norm_position != "pre" or family.attention_layers(m)[1]):
-    raise ConfigError("model.parallel_residual=True needs model.norm_position='pre' and no cross-attention "
-                      f"(model.family decoder or encoder), got '{m.norm_position}' and '{m.family}'")
+    raise ConfigError(
+      "model.parallel_residual=True needs model.norm_position='pre' and no cross-attention "
+      f"(model.family decoder or encoder), got '{m.norm_position}' and '{m.family}'"
+    )
   if config.data.seq_len > m.max_len:
-    raise ConfigError(f"data.seq_len={config.data.seq_len} exceeds model.max_len={m.max_len}; "
-                      "lower data.seq_len or raise model.max_len")
+    raise ConfigError(
+      f"data.seq_len={config.data.seq_len} exceeds model.max_len={m.max_len}; lower data.seq_len or raise model.max_len"
+    )
   sources.check(config)
-  if config.data.tokenizer == "huggingface" and not _path(config.data.tokenizer_path or ".").joinpath(
-      "tokenizer.json").is_file():
-    raise ConfigError(f"data.tokenizer_path: '{config.data.tokenizer_path}' holds no tokenizer.json; pass a Hugging "
-                      "Face tokenizer folder (save_pretrained) or a converted run's hf_tokenizer/ folder")
+  if (
+    config.data.tokenizer == "huggingface"
+    and not _path(config.data.tokenizer_path or ".").joinpath("tokenizer.json").is_file()
+  ):
+    raise ConfigError(
+      f"data.tokenizer_path: '{config.data.tokenizer_path}' holds no tokenizer.json; pass a Hugging "
+      "Face tokenizer folder (save_pretrained) or a converted run's hf_tokenizer/ folder"
+    )
   if config.data.tokenizer == "sentencepiece" and not config.data.tokenizer_path:
-    raise ConfigError("data.tokenizer_path is empty but data.tokenizer='sentencepiece'; pass an existing .model file, "
-                      "or a path to create together with --config.data.spm_vocab_size=N")
+    raise ConfigError(
+      "data.tokenizer_path is empty but data.tokenizer='sentencepiece'; pass an existing .model file, "
+      "or a path to create together with --config.data.spm_vocab_size=N"
+    )
   if config.data.target_len > m.max_len:
-    raise ConfigError(f"data.target_len={config.data.target_len} exceeds model.max_len={m.max_len}; "
-                      "lower data.target_len or raise model.max_len")
+    raise ConfigError(
+      f"data.target_len={config.data.target_len} exceeds model.max_len={m.max_len}; "
+      "lower data.target_len or raise model.max_len"
+    )
   if family.check is not None:
     family.check(config)
-  if (config.data.tokenizer == "sentencepiece" and not config.data.spm_vocab_size
-      and not _path(config.data.tokenizer_path).is_file()):
+  if (
+    config.data.tokenizer == "sentencepiece"
+    and not config.data.spm_vocab_size
+    and not _path(config.data.tokenizer_path).is_file()
+  ):
     raise ConfigError(f"data.tokenizer_path: '{config.data.tokenizer_path}' not found; pass an existing .model file")
 
   mesh_shape(config, num_devices)  # raises on a bad mesh
   for logical, axes in mesh_rules(config):
-    for axis in (axes if isinstance(axes, tuple) else (axes,)):
+    for axis in axes if isinstance(axes, tuple) else (axes,):
       if axis is not None and axis not in ("data", "fsdp", "tensor"):
-        raise ConfigError(f"config key 'mesh.rules' maps '{logical}' to mesh axis '{axis}', which does not exist; "
-                          "use data, fsdp, tensor or null")
+        raise ConfigError(
+          f"config key 'mesh.rules' maps '{logical}' to mesh axis '{axis}', which does not exist; "
+          "use data, fsdp, tensor or null"
+        )
   t = config.train
   dp = data_parallel_size(config, num_devices)
   if t.global_batch_size % (dp * t.num_micro_batches):
-    raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not divisible by data-parallel size {dp} "
-                      f"x train.num_micro_batches={t.num_micro_batches}; use a multiple of {dp * t.num_micro_batches}")
+    raise ConfigError(
+      f"train.global_batch_size={t.global_batch_size} is not divisible by data-parallel size {dp} "
+      f"x train.num_micro_batches={t.num_micro_batches}; use a multiple of {dp * t.num_micro_batches}"
+    )
   if config.eval.batch_size % dp:
-    raise ConfigError(f"eval.batch_size={config.eval.batch_size} is not divisible by data-parallel size {dp}; "
-                      f"use a multiple of {dp}")
+    raise ConfigError(
+      f"eval.batch_size={config.eval.batch_size} is not divisible by data-parallel size {dp}; use a multiple of {dp}"
+    )
   for key in ("num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "num_micro_batches"):
     if t[key] <= 0:
       raise ConfigError(f"config key 'train.{key}' must be positive, got {t[key]}")
@@ -132,6 +160,7 @@ def validate(config: ConfigDict, num_devices: int) -> None:
 def _path(location: str):
   """`location` as an `epath.Path`: a local path or a gs:// URL (see jaxlm/storage/fs.py)."""
   from jaxlm.storage import fs  # local: keeps config importable without etils
+
   return fs.path(location)
 
 
@@ -147,8 +176,10 @@ def mesh_shape(config: ConfigDict, num_devices: int) -> dict[str, int]:
       raise ConfigError(f"mesh {sizes} cannot fill {num_devices} devices; make the fixed axes divide {num_devices}")
     sizes[free[0]] = num_devices // fixed
   if math.prod(sizes.values()) != num_devices:
-    raise ConfigError(f"mesh {sizes} has {math.prod(sizes.values())} devices but {num_devices} are present; "
-                      f"set --config.mesh.data=-1 or make the product {num_devices}")
+    raise ConfigError(
+      f"mesh {sizes} has {math.prod(sizes.values())} devices but {num_devices} are present; "
+      f"set --config.mesh.data=-1 or make the product {num_devices}"
+    )
   return sizes
 
 

@@ -9,7 +9,7 @@ import difflib
 import importlib.util
 from pathlib import Path
 
-from jaxlm.config.schema import ConfigDict, _get, leaves, base_config
+from jaxlm.config.schema import ConfigDict, _get, base_config, leaves
 from jaxlm.errors import ConfigError
 
 
@@ -30,8 +30,10 @@ def load_config_file(path: str) -> ConfigDict:
   if not file.is_file():
     raise ConfigError(f"--config: file '{path}' not found; pass a path such as configs/default.py")
   if file.suffix != ".py":
-    raise ConfigError(f"--config: '{path}' is not a Python file; pass a configs/*.py file defining get_config() "
-                      "(a run's saved config.json is read through --workdir by eval, generate and serve)")
+    raise ConfigError(
+      f"--config: '{path}' is not a Python file; pass a configs/*.py file defining get_config() "
+      "(a run's saved config.json is read through --workdir by eval, generate and serve)"
+    )
   spec = importlib.util.spec_from_file_location(f"jaxlm_config_{file.stem}", file)
   module = importlib.util.module_from_spec(spec)
   try:
@@ -39,19 +41,25 @@ def load_config_file(path: str) -> ConfigDict:
   except SyntaxError as e:
     raise ConfigError(f"--config: {path}, line {e.lineno}: syntax error ({e.msg}); fix the file") from None
   except Exception as e:  # noqa: BLE001 - whatever the file raises is reported with its line
-    raise ConfigError(f"--config: {path}, {_line_in(file, e) or 'at import'}: {type(e).__name__}: "
-                      f"{str(e).splitlines()[0] if str(e) else ''}; fix the file") from None
+    raise ConfigError(
+      f"--config: {path}, {_line_in(file, e) or 'at import'}: {type(e).__name__}: "
+      f"{str(e).splitlines()[0] if str(e) else ''}; fix the file"
+    ) from None
   if not hasattr(module, "get_config"):
     raise ConfigError(f"--config: '{path}' has no get_config(); define one returning a ConfigDict")
   try:
     config = module.get_config()
   except Exception as e:  # noqa: BLE001
     where = _line_in(file, e) or "in get_config()"
-    raise ConfigError(f"--config: {path}, {where}: get_config() raised {type(e).__name__}: "
-                      f"{str(e).splitlines()[0] if str(e) else ''}; fix the file") from None
+    raise ConfigError(
+      f"--config: {path}, {where}: get_config() raised {type(e).__name__}: "
+      f"{str(e).splitlines()[0] if str(e) else ''}; fix the file"
+    ) from None
   if not isinstance(config, ConfigDict):
-    raise ConfigError(f"--config: get_config() in {path} returned {type(config).__name__}, not a ConfigDict; "
-                      "start from jaxlm.config.base_config()")
+    raise ConfigError(
+      f"--config: get_config() in {path} returned {type(config).__name__}, not a ConfigDict; "
+      "start from jaxlm.config.base_config()"
+    )
   check_schema(config)
   return config
 
@@ -64,7 +72,6 @@ def unknown_key_message(key: str) -> str:
     close = [name for name in names if name.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]][:1]
   hint = f"did you mean `{close[0]}`?" if close else "`jaxlm config show CONFIG` lists every key"
   return f"config key '{key}' is unknown; {hint}"
-
 
 
 def _type_ok(expected, value) -> bool:
@@ -97,7 +104,7 @@ def apply_overrides(config: ConfigDict, overrides: list[str]) -> ConfigDict:
   for arg in overrides:
     if "=" not in arg:
       raise ConfigError(f"override '{arg}' has no value; write it as {arg}=VALUE (with '=', not a space)")
-    key, text = arg[len("--config."):].split("=", 1)
+    key, text = arg[len("--config.") :].split("=", 1)
     try:
       expected = _get(base, key)
     except KeyError:
@@ -107,9 +114,13 @@ def apply_overrides(config: ConfigDict, overrides: list[str]) -> ConfigDict:
     else:
       try:
         # float() first: it reads nan and inf, which literal_eval cannot, so validation can name them.
-        value = float(text) if isinstance(expected, float) and text.strip().lower() in _NON_FINITE else ast.literal_eval(text)
+        value = (
+          float(text) if isinstance(expected, float) and text.strip().lower() in _NON_FINITE else ast.literal_eval(text)
+        )
       except (ValueError, SyntaxError):
-        raise ConfigError(f"config key '{key}' must be {type(expected).__name__}, got '{text}'; fix the value") from None
+        raise ConfigError(
+          f"config key '{key}' must be {type(expected).__name__}, got '{text}'; fix the value"
+        ) from None
     if not _type_ok(expected, value):
       raise ConfigError(f"config key '{key}' must be {type(expected).__name__}, got '{text}'; fix the value")
     parent, _, leaf = key.rpartition(".")

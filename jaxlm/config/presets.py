@@ -31,8 +31,16 @@ def _spm(c: ConfigDict, path: str, vocab_size: int) -> None:
   c.model.vocab_size = vocab_size
 
 
-def gpt(num_layers: int, d_model: int, num_heads: int, head_dim: int = 0, context: int = 1024,
-        batch_size: int = 512, learning_rate: float = 6e-4, total_tokens: float = 300e9) -> ConfigDict:
+def gpt(
+  num_layers: int,
+  d_model: int,
+  num_heads: int,
+  head_dim: int = 0,
+  context: int = 1024,
+  batch_size: int = 512,
+  learning_rate: float = 6e-4,
+  total_tokens: float = 300e9,
+) -> ConfigDict:
   """GPT-2/GPT-3: pre-norm decoder, learned positions, GELU MLP of 4 d_model, tied 50257-token embeddings.
 
   Data: C4 (English) through TFDS, with a 50257-id SentencePiece vocabulary
@@ -63,22 +71,23 @@ def gpt(num_layers: int, d_model: int, num_heads: int, head_dim: int = 0, contex
 # GPT-3 Table 2.1: name -> (params, layers, d_model, heads, d_head, batch in sequences of 2048, learning rate).
 # The table's batch sizes in tokens (0.5M, 1M, 2M, 3.2M) are 256, 512, 1024 and 1536 sequences (3.1M).
 GPT3_TABLE = {
-    "small": (125e6, 12, 768, 12, 64, 256, 6.0e-4),
-    "medium": (350e6, 24, 1024, 16, 64, 256, 3.0e-4),
-    "large": (760e6, 24, 1536, 16, 96, 256, 2.5e-4),
-    "xl": (1.3e9, 24, 2048, 24, 128, 512, 2.0e-4),
-    "2.7b": (2.7e9, 32, 2560, 32, 80, 512, 1.6e-4),
-    "6.7b": (6.7e9, 32, 4096, 32, 128, 1024, 1.2e-4),
-    "13b": (13.0e9, 40, 5140, 40, 128, 1024, 1.0e-4),
-    "175b": (175.0e9, 96, 12288, 96, 128, 1536, 0.6e-4),
+  "small": (125e6, 12, 768, 12, 64, 256, 6.0e-4),
+  "medium": (350e6, 24, 1024, 16, 64, 256, 3.0e-4),
+  "large": (760e6, 24, 1536, 16, 96, 256, 2.5e-4),
+  "xl": (1.3e9, 24, 2048, 24, 128, 512, 2.0e-4),
+  "2.7b": (2.7e9, 32, 2560, 32, 80, 512, 1.6e-4),
+  "6.7b": (6.7e9, 32, 4096, 32, 128, 1024, 1.2e-4),
+  "13b": (13.0e9, 40, 5140, 40, 128, 1024, 1.0e-4),
+  "175b": (175.0e9, 96, 12288, 96, 128, 1536, 0.6e-4),
 }
 
 
 def gpt3(name: str, num_heads: int | None = None) -> ConfigDict:
   """A GPT-3 row: 2048 context, 300B training tokens. `num_heads` overrides the table where it is inconsistent."""
   _, layers, d_model, heads, d_head, batch_size, lr = GPT3_TABLE[name]
-  return gpt(layers, d_model, num_heads or heads, head_dim=d_head, context=2048, batch_size=batch_size,
-             learning_rate=lr)
+  return gpt(
+    layers, d_model, num_heads or heads, head_dim=d_head, context=2048, batch_size=batch_size, learning_rate=lr
+  )
 
 
 def transformer(big: bool) -> ConfigDict:

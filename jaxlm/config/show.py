@@ -33,8 +33,11 @@ def _dotted(node: ast.AST) -> str | None:
 def schema_comments() -> dict[str, str]:
   """{dotted key: the comment on its line in base_config()}, '' for keys without one."""
   source = textwrap.dedent(inspect.getsource(config_lib.base_config))
-  comments = {token.start[0]: token.string.lstrip("# ").strip()
-              for token in tokenize.generate_tokens(io.StringIO(source).readline) if token.type == tokenize.COMMENT}
+  comments = {
+    token.start[0]: token.string.lstrip("# ").strip()
+    for token in tokenize.generate_tokens(io.StringIO(source).readline)
+    if token.type == tokenize.COMMENT
+  }
   result = {}
   for node in ast.walk(ast.parse(source)):
     if isinstance(node, ast.Assign) and len(node.targets) == 1:
@@ -48,12 +51,18 @@ def rows(config) -> list[dict]:
   """One dict per schema key of `config` (a whole ConfigDict): key, value, type, allowed, comment, changed."""
   defaults = dict(config_lib.leaves(config_lib.base_config()))
   comments = schema_comments()
-  return [{"key": key, "value": value, "type": type(defaults[key]).__name__,
-           "allowed": config_lib.allowed(key).describe(),
-           # A comment that only lists the choices says nothing the 'allowed' column does not.
-           "comment": "" if comments.get(key, "") == config_lib.allowed(key).describe() else comments.get(key, ""),
-           "changed": value != defaults[key]}
-          for key, value in config_lib.leaves(config)]
+  return [
+    {
+      "key": key,
+      "value": value,
+      "type": type(defaults[key]).__name__,
+      "allowed": config_lib.allowed(key).describe(),
+      # A comment that only lists the choices says nothing the 'allowed' column does not.
+      "comment": "" if comments.get(key, "") == config_lib.allowed(key).describe() else comments.get(key, ""),
+      "changed": value != defaults[key],
+    }
+    for key, value in config_lib.leaves(config)
+  ]
 
 
 def format_table(config, source: str) -> str:
@@ -63,10 +72,13 @@ def format_table(config, source: str) -> str:
   value_width = min(max(len(repr(r["value"])) for r in table), 24)
   allowed_width = min(max(len(r["allowed"]) for r in table), 34)
   changed = sum(r["changed"] for r in table)
-  lines = [f"{source}: {len(table)} keys, {changed} differ from the defaults (marked *); "
-           "set any with --config.KEY=VALUE",
-           f"  {'key':<{key_width}}  {'value':<{value_width}}  {'type':<5}  {'allowed':<{allowed_width}}  comment"]
+  lines = [
+    f"{source}: {len(table)} keys, {changed} differ from the defaults (marked *); set any with --config.KEY=VALUE",
+    f"  {'key':<{key_width}}  {'value':<{value_width}}  {'type':<5}  {'allowed':<{allowed_width}}  comment",
+  ]
   for r in table:
-    lines.append(f"{'*' if r['changed'] else ' '} {r['key']:<{key_width}}  {repr(r['value']):<{value_width}}  "
-                 f"{r['type']:<5}  {r['allowed']:<{allowed_width}}  {r['comment']}".rstrip())
+    lines.append(
+      f"{'*' if r['changed'] else ' '} {r['key']:<{key_width}}  {repr(r['value']):<{value_width}}  "
+      f"{r['type']:<5}  {r['allowed']:<{allowed_width}}  {r['comment']}".rstrip()
+    )
   return "\n".join(lines)

@@ -38,10 +38,11 @@ from typing import Sequence
 from jaxlm.config import ConfigError
 
 DEFAULT_TEMPLATE = (
-    "{% for message in messages %}"
-    "<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+  "{% for message in messages %}"
+  "<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n"
+  "{% endfor %}"
+  "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 ROLES = ("system", "user", "assistant")
 _PROBE = "\x00jaxlm-turn-end-probe\x00"
 
@@ -57,6 +58,7 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
 
 def _raise_exception(message: str):
   import jinja2  # local: the module imports jinja2 only when a template is compiled
+
   raise jinja2.exceptions.TemplateError(message)
 
 
@@ -65,8 +67,10 @@ def compile_template(source: str):
   import jinja2
   import jinja2.ext
   from jinja2.sandbox import ImmutableSandboxedEnvironment
-  environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                              extensions=[jinja2.ext.loopcontrols])
+
+  environment = ImmutableSandboxedEnvironment(
+    trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+  )
   environment.filters["tojson"] = _tojson
   environment.globals["raise_exception"] = _raise_exception
   environment.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
@@ -91,9 +95,15 @@ class ChatTemplate:
   def render(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
     """The text of `messages` ([{'role', 'content'}, ...]); `add_generation_prompt` appends the assistant's cue."""
     import jinja2
+
     try:
-      return self.template.render(messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
-                                  tools=None, documents=None, **self.special_tokens)
+      return self.template.render(
+        messages=[dict(m) for m in messages],
+        add_generation_prompt=add_generation_prompt,
+        tools=None,
+        documents=None,
+        **self.special_tokens,
+      )
     except jinja2.exceptions.TemplateError as e:  # raise_exception() in the template, or a sandbox refusal
       raise ChatTemplateError(f"the chat template refused these messages: {e}") from None
 
@@ -129,14 +139,16 @@ class ChatTemplate:
       if message["role"] != "assistant":
         continue
       prompt = self.render(messages[:i], add_generation_prompt=True)
-      full = self.render(messages[:i + 1])
+      full = self.render(messages[: i + 1])
       if not (prompt.startswith(done) and full.startswith(prompt)):
-        raise ChatTemplateError("the chat template does not render conversations prefix by prefix (its text for "
-                                f"the first {i} messages changes when message {i + 1} follows), so the assistant's "
-                                "tokens cannot be located; use a template without lookahead")
-      pieces += [(prompt[len(done):], False), (full[len(prompt):], True)]
+        raise ChatTemplateError(
+          "the chat template does not render conversations prefix by prefix (its text for "
+          f"the first {i} messages changes when message {i + 1} follows), so the assistant's "
+          "tokens cannot be located; use a template without lookahead"
+        )
+      pieces += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
       done = full
-    rest = self.render(messages)[len(done):]
+    rest = self.render(messages)[len(done) :]
     return [(text, is_assistant) for text, is_assistant in pieces + [(rest, False)] if text]
 
 

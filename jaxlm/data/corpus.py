@@ -17,8 +17,8 @@ import os
 import sysconfig
 from pathlib import Path
 
-from jaxlm.storage import fs
 from jaxlm.errors import ConfigError
+from jaxlm.storage import fs
 
 
 def stdlib_root() -> Path:
@@ -54,8 +54,7 @@ def split_of(rel_path: str, val_fraction: float) -> str:
 def stdlib_split(split: str, val_fraction: float, include_tests: bool = False) -> list[Path]:
   """Sorted standard-library files of `split` ('train' or 'validation'), split by a hash of each relative path."""
   root = stdlib_root()
-  return [p for p in stdlib_files(include_tests)
-          if split_of(p.relative_to(root).as_posix(), val_fraction) == split]
+  return [p for p in stdlib_files(include_tests) if split_of(p.relative_to(root).as_posix(), val_fraction) == split]
 
 
 def glob_files(patterns: tuple[str, ...] | list[str]) -> list[Path]:
@@ -79,7 +78,7 @@ def glob_files_with_keys(patterns: tuple[str, ...] | list[str]) -> dict[Path, st
         raise FileNotFoundError(pattern)
       base = "/".join(_fixed_parts(pattern.split("/")))
       for name in matched:
-        files.setdefault(fs.path(name), name[len(base):].lstrip("/"))
+        files.setdefault(fs.path(name), name[len(base) :].lstrip("/"))
       continue
     matched = [Path(p) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)]
     if not matched:
@@ -96,8 +95,11 @@ def glob_files_with_keys(patterns: tuple[str, ...] | list[str]) -> dict[Path, st
 
 def absolute_patterns(patterns: str) -> str:
   """Comma-separated globs made absolute, so a saved run reads the same files from any folder."""
-  return ",".join(pattern if fs.is_url(pattern) else os.path.abspath(pattern)
-                  for pattern in patterns.split(",")) if patterns else patterns
+  return (
+    ",".join(pattern if fs.is_url(pattern) else os.path.abspath(pattern) for pattern in patterns.split(","))
+    if patterns
+    else patterns
+  )
 
 
 def _fixed_prefix(pattern: str) -> Path:
@@ -123,8 +125,10 @@ Range = tuple[Path, int, int]
 
 def stdlib_ranges(data_config) -> dict[str, list[Range]]:
   """{'train': ranges, 'validation': ranges} for data.source 'stdlib': whole files, each in one split by its path."""
-  return {split: [_whole(p) for p in stdlib_split(split, data_config.val_fraction, data_config.include_tests)]
-          for split in ("train", "validation")}
+  return {
+    split: [_whole(p) for p in stdlib_split(split, data_config.val_fraction, data_config.include_tests)]
+    for split in ("train", "validation")
+  }
 
 
 def split_ranges(data_config) -> dict[str, list[Range]]:
@@ -143,8 +147,10 @@ def split_ranges(data_config) -> dict[str, list[Range]]:
   if data_config.validation_paths:
     validation = glob_files(data_config.validation_paths.split(","))
     held_out = set(validation)
-    return {"train": [_whole(p) for p in sorted(keyed) if p not in held_out],
-            "validation": [_whole(p) for p in validation]}
+    return {
+      "train": [_whole(p) for p in sorted(keyed) if p not in held_out],
+      "validation": [_whole(p) for p in validation],
+    }
   by_split = {"train": [], "validation": []}
   for path in sorted(keyed):
     by_split[split_of(keyed[path], data_config.val_fraction)].append(path)
@@ -194,7 +200,7 @@ def documents(path: str | Path, start: int, end: int, text_key: str = "text") ->
   per line; each line's `text_key` string is a document (data.text_key).
   """
   # Builtin open for local files: epath's costs more than reading a small file.
-  with (fs.path(path).open("rb") if fs.is_url(path) else open(path, "rb")) as f:
+  with fs.path(path).open("rb") if fs.is_url(path) else open(path, "rb") as f:
     f.seek(start)
     data = f.read(end - start)
   if not os.fspath(path).endswith(".jsonl"):
@@ -206,6 +212,8 @@ def documents(path: str | Path, start: int, end: int, text_key: str = "text") ->
     try:
       out.append(json.loads(line)[text_key].encode("utf-8"))
     except (ValueError, KeyError, TypeError, AttributeError):
-      raise ConfigError(f"{path}: line {number + 1} after byte {start} is not a JSON object with a "
-                        f"'{text_key}' string; fix the line or set data.text_key") from None
+      raise ConfigError(
+        f"{path}: line {number + 1} after byte {start} is not a JSON object with a "
+        f"'{text_key}' string; fix the line or set data.text_key"
+      ) from None
   return out

@@ -25,11 +25,13 @@ from jaxlm.data import pipeline as data_lib
 @dataclasses.dataclass
 class Feed:
   """One split's data: `rows` (random access) or `batches` (an iterable of ready batches), never both."""
+
   rows: Any = None
   batches: Iterable[dict] | None = None
 
-  def train_batches(self, global_batch: int, seed: int, start_step: int, num_steps: int,
-                    prefetch_threads: int = 0) -> Iterator[dict]:
+  def train_batches(
+    self, global_batch: int, seed: int, start_step: int, num_steps: int, prefetch_threads: int = 0
+  ) -> Iterator[dict]:
     """This process's batches for steps start_step .. num_steps-1."""
     if self.rows is not None:
       return data_lib.train_batches(self.rows, global_batch, seed, start_step, num_steps, prefetch_threads)
@@ -56,8 +58,10 @@ def from_user(data, config, tokenizer, name: str) -> Feed:
   Raises TypeError naming `name` (the argument) when the data is none of them.
   """
   if _is_text(data) or isinstance(data, dict):
-    raise TypeError(f"{name}: pass an iterable of strings, random-access rows or an iterable of batches, "
-                    f"not a single {type(data).__name__}")
+    raise TypeError(
+      f"{name}: pass an iterable of strings, random-access rows or an iterable of batches, "
+      f"not a single {type(data).__name__}"
+    )
   if hasattr(data, "__getitem__") and hasattr(data, "__len__"):
     first = data[0] if len(data) else None
     if _is_text(first):

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxlm.storage import fs
 from jaxlm.config import ConfigError
+from jaxlm.storage import fs
 
 FOLDER = "hf_tokenizer"  # inside a run's work directory
 FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -54,8 +54,18 @@ def _read_json(path) -> dict:
 
 def _clean_up_tokenization(text: str) -> str:
   """transformers' `clean_up_tokenization`: no space before punctuation and English contractions."""
-  for spaced, joined in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-                         (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+  for spaced, joined in (
+    (" .", "."),
+    (" ?", "?"),
+    (" !", "!"),
+    (" ,", ","),
+    (" ' ", "'"),
+    (" n't", "n't"),
+    (" 'm", "'m"),
+    (" 's", "'s"),
+    (" 've", "'ve"),
+    (" 're", "'re"),
+  ):
     text = text.replace(spaced, joined)
   return text
 
@@ -69,11 +79,14 @@ class HuggingFaceTokenizer:
 
   def __init__(self, folder: str | Path):
     from tokenizers import Tokenizer  # local: only runs with a Hugging Face tokenizer need it
+
     self.folder = fs.path(folder)
     main = self.folder / "tokenizer.json"
     if not main.is_file():
-      raise HuggingFaceTokenizerError(f"{main} not found; pass a folder written by a Hugging Face tokenizer's "
-                                      "save_pretrained (fast tokenizers only: slow-only vocab files are not read)")
+      raise HuggingFaceTokenizerError(
+        f"{main} not found; pass a folder written by a Hugging Face tokenizer's "
+        "save_pretrained (fast tokenizers only: slow-only vocab files are not read)"
+      )
     try:
       self.backend = Tokenizer.from_str(main.read_text())
     except Exception as e:  # tokenizers raises a bare Exception for an unreadable file
@@ -89,8 +102,9 @@ class HuggingFaceTokenizer:
     ids = {name: self.backend.token_to_id(text) for name, text in self.special_tokens.items()}
     if ids.get("eos_token") is None:
       raise HuggingFaceTokenizerError(
-          f"{config_path}: no eos_token in the tokenizer's vocabulary; jaxlm ends every document with one, so "
-          "set eos_token (e.g. to '<|endoftext|>' or '</s>') and save again")
+        f"{config_path}: no eos_token in the tokenizer's vocabulary; jaxlm ends every document with one, so "
+        "set eos_token (e.g. to '<|endoftext|>' or '</s>') and save again"
+      )
     self.eos_id = ids["eos_token"]
     # GPT-2 style tokenizers have one end-of-text token for all roles; padding never reaches the loss.
     self.bos_id = ids.get("bos_token") if ids.get("bos_token") is not None else self.eos_id
@@ -98,7 +112,8 @@ class HuggingFaceTokenizer:
     # Without a mask token (decoders), MLM has none to use: one past the vocabulary, as for SentencePiece.
     self.mask_id = ids.get("mask_token") if ids.get("mask_token") is not None else self.vocab_size
     self._clean_up = bool(self.config.get("clean_up_tokenization_spaces", False)) and (
-        type(self.backend.model).__name__ != "BPE")  # transformers 5 skips the clean-up for BPE models
+      type(self.backend.model).__name__ != "BPE"
+    )  # transformers 5 skips the clean-up for BPE models
 
   def _read_chat_template(self) -> str | None:
     """The chat template: chat_template.jinja (transformers >= 4.47 saves), else tokenizer_config.json's."""

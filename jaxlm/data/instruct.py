@@ -37,10 +37,10 @@ import warnings
 
 import numpy as np
 
-from jaxlm.data import chat_template as chat_template_lib
-from jaxlm.data import corpus
 from jaxlm import families
 from jaxlm.config import ConfigError
+from jaxlm.data import chat_template as chat_template_lib
+from jaxlm.data import corpus
 
 Batch = dict[str, np.ndarray]  # as jaxlm.data.pipeline's rows (not imported: data.py dispatches to this module)
 
@@ -52,6 +52,7 @@ class RecordError(ConfigError):
 @dataclasses.dataclass(frozen=True)
 class Record:
   """One JSON line: where it came from (`where` = 'file, line N') and its parsed object."""
+
   where: str
   value: dict
 
@@ -59,6 +60,7 @@ class Record:
 @dataclasses.dataclass
 class Example:
   """One record as tokens (1-D int32) and a same-length mask: True where the token is answer (trained on)."""
+
   tokens: np.ndarray
   answer_mask: np.ndarray
 
@@ -83,11 +85,11 @@ def read_records(data_config, split: str) -> list[Record]:
           try:
             value = json.loads(line)
           except json.JSONDecodeError as e:
-            raise RecordError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); write one JSON object "
-                              "per line") from None
+            raise RecordError(
+              f"{where}: not valid JSON ({e.msg} at column {e.colno}); write one JSON object per line"
+            ) from None
           if not isinstance(value, dict):
-            raise RecordError(f"{where}: a record must be a JSON object with 'prompt' and 'completion' or "
-                              "'messages'")
+            raise RecordError(f"{where}: a record must be a JSON object with 'prompt' and 'completion' or 'messages'")
           records.append(Record(where, value))
       except UnicodeDecodeError as e:
         raise RecordError(f"{path}: byte {e.start} of a line is not UTF-8; save the file as UTF-8") from None
@@ -97,8 +99,10 @@ def read_records(data_config, split: str) -> list[Record]:
 def _text_field(record: Record, key: str, allow_empty: bool) -> str:
   value = record.value.get(key)
   if not isinstance(value, str) or (not value and not allow_empty):
-    raise RecordError(f"{record.where}: field '{key}' must be a{' ' if allow_empty else ' non-empty '}string, "
-                      f"got {json.dumps(value)[:40]}")
+    raise RecordError(
+      f"{record.where}: field '{key}' must be a{' ' if allow_empty else ' non-empty '}string, "
+      f"got {json.dumps(value)[:40]}"
+    )
   return value
 
 
@@ -106,8 +110,9 @@ def pieces(record: Record, template: chat_template_lib.ChatTemplate) -> list[tup
   """The record's text as (text, is_answer) pieces, in order; RecordError names the bad field."""
   value = record.value
   if "messages" in value and ("prompt" in value or "completion" in value):
-    raise RecordError(f"{record.where}: field 'messages' and 'prompt'/'completion' together; a record is one or "
-                      "the other")
+    raise RecordError(
+      f"{record.where}: field 'messages' and 'prompt'/'completion' together; a record is one or the other"
+    )
   if "messages" in value:
     try:
       messages = chat_template_lib.check_messages(value["messages"], record.where)
@@ -118,17 +123,22 @@ def pieces(record: Record, template: chat_template_lib.ChatTemplate) -> list[tup
       message = str(e)
       raise RecordError(message if message.startswith(record.where) else f"{record.where}: {message}") from None
   if "prompt" not in value and "completion" not in value:
-    raise RecordError(f"{record.where}: field 'prompt' and 'completion' (or 'messages') missing; found "
-                      f"{', '.join(sorted(value)) or 'no fields'}")
-  return [(_text_field(record, "prompt", allow_empty=True), False),
-          (_text_field(record, "completion", allow_empty=False), True)]
+    raise RecordError(
+      f"{record.where}: field 'prompt' and 'completion' (or 'messages') missing; found "
+      f"{', '.join(sorted(value)) or 'no fields'}"
+    )
+  return [
+    (_text_field(record, "prompt", allow_empty=True), False),
+    (_text_field(record, "completion", allow_empty=False), True),
+  ]
 
 
 def tokenize(record: Record, tokenizer, template, prefix: list[int]) -> Example:
   """`prefix` + the record's pieces, each encoded on its own, + EOS (an answer token when the record ends with
   the answer)."""
-  return join([(tokenizer.encode(text), is_answer) for text, is_answer in pieces(record, template)], prefix,
-              tokenizer.eos_id)
+  return join(
+    [(tokenizer.encode(text), is_answer) for text, is_answer in pieces(record, template)], prefix, tokenizer.eos_id
+  )
 
 
 def join(encoded: list[tuple[np.ndarray, bool]], prefix: list[int], eos_id: int) -> Example:
@@ -147,7 +157,7 @@ class PackedExamples:
 
   def __init__(self, examples: list[Example], seq_len: int):
     self.examples, self.seq_len = examples, seq_len
-    self.rows: list[list[int]] = []   # example indices per row
+    self.rows: list[list[int]] = []  # example indices per row
     self.truncated = 0
     used = seq_len  # slots used in the current row; starts "full" so the first example opens a row
     for index, example in enumerate(examples):
@@ -170,10 +180,10 @@ class PackedExamples:
       n = min(len(example.tokens) - 1, self.seq_len)
       span = slice(start, start + n)
       row["inputs"][span] = example.tokens[:n]
-      row["targets"][span] = example.tokens[1:n + 1]
+      row["targets"][span] = example.tokens[1 : n + 1]
       row["segment_ids"][span] = segment
       row["positions"][span] = np.arange(n)
-      row["weights"][span] = example.answer_mask[1:n + 1]
+      row["weights"][span] = example.answer_mask[1 : n + 1]
       start += n
     return row
 
@@ -200,9 +210,11 @@ def rows(config, tokenizer, split: str) -> PackedExamples:
   examples = [tokenize(record, tokenizer, template, prefix) for record in read_records(config.data, split)]
   packed = PackedExamples(examples, config.data.seq_len)
   if packed.truncated:
-    warnings.warn(f"data.source='jsonl': {packed.truncated} of {len(examples)} {split} examples are longer than "
-                  f"data.seq_len={config.data.seq_len} tokens and were cut; raise data.seq_len to keep them whole",
-                  stacklevel=2)
+    warnings.warn(
+      f"data.source='jsonl': {packed.truncated} of {len(examples)} {split} examples are longer than "
+      f"data.seq_len={config.data.seq_len} tokens and were cut; raise data.seq_len to keep them whole",
+      stacklevel=2,
+    )
   return packed
 
 
@@ -212,8 +224,9 @@ def answer_texts(data_config, split: str) -> list[bytes]:
   texts = []
   for record in read_records(data_config, split):
     if "messages" in record.value:
-      texts += [m.get("content", "") for m in record.value["messages"] if isinstance(m, dict)
-                and m.get("role") == "assistant"]
+      texts += [
+        m.get("content", "") for m in record.value["messages"] if isinstance(m, dict) and m.get("role") == "assistant"
+      ]
     else:
       texts.append(record.value.get("completion", ""))
   return [text.encode("utf-8") for text in texts if isinstance(text, str)]

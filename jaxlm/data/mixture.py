@@ -21,8 +21,8 @@ from pathlib import Path
 import grain
 import numpy as np
 
-from jaxlm.data import shards as prepared
 from jaxlm.config import ConfigError
+from jaxlm.data import shards as prepared
 
 _GOLDEN_GAMMA = 0x9E3779B97F4A7C15  # splitmix64's increment
 
@@ -33,8 +33,10 @@ def parse(text: str) -> list[tuple[str, float]]:
     pairs = ast.literal_eval(text)
     pairs = [(str(directory), float(weight)) for directory, weight in pairs]
   except (ValueError, SyntaxError, TypeError):
-    raise ConfigError(f"data.mixture must be a list of (prepared folder, weight) pairs, e.g. "
-                      f"\"[('data/web', 0.7), ('data/code', 0.3)]\"; got {text!r}") from None
+    raise ConfigError(
+      f"data.mixture must be a list of (prepared folder, weight) pairs, e.g. "
+      f"\"[('data/web', 0.7), ('data/code', 0.3)]\"; got {text!r}"
+    ) from None
   if not pairs or any(weight <= 0 for _, weight in pairs):
     raise ConfigError(f"data.mixture needs at least one source and positive weights; got {text!r}")
   return pairs
@@ -78,8 +80,10 @@ class _MixedOrder:
   def __init__(self, mixture: Mixture, seed: int):
     self.mixture, self.seed = mixture, seed
     # Each source its own seed, so two sources of equal length are not read in the same order.
-    self.orders = [grain.MapDataset.source(source).shuffle(seed=zlib.crc32(f"{seed}/{i}".encode()))
-                   for i, source in enumerate(mixture.sources)]
+    self.orders = [
+      grain.MapDataset.source(source).shuffle(seed=zlib.crc32(f"{seed}/{i}".encode()))
+      for i, source in enumerate(mixture.sources)
+    ]
 
   def __getitem__(self, index: int):
     source = int(self.mixture.source_of(self.seed, np.asarray([index]))[0])
@@ -130,8 +134,10 @@ def decoder_rows(data_config, tokenizer, split: str):
     return Concatenated(parts)
   for (directory, _), part in zip(pairs, parts):
     if not len(part):
-      raise ConfigError(f"data.mixture: '{directory}/train' has no row of data.seq_len={seq_len} tokens; "
-                        "drop it from the mixture or lower data.seq_len")
+      raise ConfigError(
+        f"data.mixture: '{directory}/train' has no row of data.seq_len={seq_len} tokens; "
+        "drop it from the mixture or lower data.seq_len"
+      )
   names = [Path(directory).name or directory for directory, _ in pairs]
   names = [name if names.count(name) == 1 else f"{name}_{i}" for i, name in enumerate(names)]
   return Mixture(parts, [weight for _, weight in pairs], names)

@@ -20,12 +20,12 @@ def pack_row(tokens: np.ndarray, starts: np.ndarray) -> Batch:
   segments = np.cumsum(starts, dtype=np.int32)
   positions = index - np.maximum.accumulate(np.where(starts, index, 0))
   return {
-      "inputs": tokens[:-1],
-      "targets": tokens[1:],
-      "segment_ids": segments[:-1],
-      "positions": positions[:-1],
-      # The first token of the next document is not predictable from this one.
-      "weights": (~starts[1:]).astype(np.float32),
+    "inputs": tokens[:-1],
+    "targets": tokens[1:],
+    "segment_ids": segments[:-1],
+    "positions": positions[:-1],
+    # The first token of the next document is not predictable from this one.
+    "weights": (~starts[1:]).astype(np.float32),
   }
 
 
@@ -37,5 +37,10 @@ def collate(rows: list[Batch]) -> Batch:
 def padding_row(seq_len: int) -> Batch:
   """A row of `seq_len` zeros with weight 0, to fill the last evaluation batch."""
   zeros = np.zeros(seq_len, np.int32)
-  return {"inputs": zeros, "targets": zeros, "segment_ids": zeros, "positions": zeros,
-          "weights": np.zeros(seq_len, np.float32)}
+  return {
+    "inputs": zeros,
+    "targets": zeros,
+    "segment_ids": zeros,
+    "positions": zeros,
+    "weights": np.zeros(seq_len, np.float32),
+  }

@@ -24,7 +24,12 @@ import numpy as np
 
 from jaxlm.config import ConfigError
 from jaxlm.data import corpus, prepare, sources
-from jaxlm.data.packing import Batch, collate, pack_row, padding_row  # the row primitives, shared with the prepared readers
+from jaxlm.data.packing import (  # the row primitives, shared with the prepared readers
+  Batch,
+  collate,
+  pack_row,
+  padding_row,
+)
 from jaxlm.data.tokenizer import Tokenizer
 
 
@@ -41,8 +46,10 @@ def load_documents(data_config, split: str) -> list[bytes]:
 
 
 def _no_text(data_config, split: str):
-  raise ConfigError(f"data.source '{data_config.source}' has no {split} text to read here (prepared data holds "
-                    "tokens: give `jaxlm prepare` an existing tokenizer)")
+  raise ConfigError(
+    f"data.source '{data_config.source}' has no {split} text to read here (prepared data holds "
+    "tokens: give `jaxlm prepare` an existing tokenizer)"
+  )
 
 
 def decoder_rows(config, tokenizer: Tokenizer, split: str):
@@ -63,15 +70,18 @@ def decoder_rows(config, tokenizer: Tokenizer, split: str):
     rows = PackedRows(TokenStream.from_documents(load_documents(d, split), tokenizer), d.seq_len)
   needed = config.train.global_batch_size if split == "train" else 1
   if len(rows) < needed:
-    raise ConfigError(f"the {split} split of {source.described(d)} has {len(rows)} rows of data.seq_len={d.seq_len} "
-                      f"tokens, fewer than the {needed} needed; add text, or lower data.seq_len or "
-                      "train.global_batch_size")
+    raise ConfigError(
+      f"the {split} split of {source.described(d)} has {len(rows)} rows of data.seq_len={d.seq_len} "
+      f"tokens, fewer than the {needed} needed; add text, or lower data.seq_len or "
+      "train.global_batch_size"
+    )
   return rows
 
 
 @dataclasses.dataclass
 class TokenStream:
   """All documents of a split as one token array, with each token's document index."""
+
   tokens: np.ndarray
   document_ids: np.ndarray
   num_bytes: int  # UTF-8 bytes of the split's text, for compression baselines
@@ -96,8 +106,8 @@ class PackedRows:
 
   def __getitem__(self, index: int) -> Batch:
     start = int(index) * self.seq_len
-    tokens = self.stream.tokens[start:start + self.seq_len + 1]
-    docs = self.stream.document_ids[start:start + self.seq_len + 1]
+    tokens = self.stream.tokens[start : start + self.seq_len + 1]
+    docs = self.stream.document_ids[start : start + self.seq_len + 1]
     return pack_row(tokens, np.diff(docs, prepend=docs[0] - 1) != 0)
 
 
@@ -113,17 +123,21 @@ def local_rows(step: int, global_batch: int, process_index: int, process_count: 
   return range(first, first + local)
 
 
-def train_batches(rows, global_batch: int, seed: int, start_step: int, num_steps: int,
-                  prefetch_threads: int = 0) -> Iterator[Batch]:
+def train_batches(
+  rows, global_batch: int, seed: int, start_step: int, num_steps: int, prefetch_threads: int = 0
+) -> Iterator[Batch]:
   """This process's batches for steps start_step .. num_steps-1, read by grain."""
   if len(rows) < global_batch:
-    raise ConfigError(f"the training split has {len(rows)} rows, fewer than one batch of {global_batch}; "
-                     "add data or lower train.global_batch_size")
+    raise ConfigError(
+      f"the training split has {len(rows)} rows, fewer than one batch of {global_batch}; "
+      "add data or lower train.global_batch_size"
+    )
   # A mixture draws its own rows from (seed, row index); other rows get one grain shuffle per epoch.
   shuffled = rows.shuffled(seed) if hasattr(rows, "shuffled") else grain.MapDataset.source(rows).shuffle(seed=seed)
   p, n = jax.process_index(), jax.process_count()
   batches = grain.MapDataset.range(num_steps).map(
-      lambda step: collate([shuffled[i] for i in local_rows(step, global_batch, p, n)]))
+    lambda step: collate([shuffled[i] for i in local_rows(step, global_batch, p, n)])
+  )
   read_options = grain.ReadOptions(num_threads=prefetch_threads, prefetch_buffer_size=max(2 * prefetch_threads, 1))
   return iter(batches[start_step:].to_iter_dataset(read_options))
 
@@ -142,31 +156,39 @@ def eval_batches(rows, global_batch: int, max_batches: int = 0) -> Iterator[Batc
 
 # --- the built-in text sources (`jaxlm.data.sources`) ----------------------------------------------
 
+
 def _documents_in(ranges):
   """The `Source.documents` of a file source whose splits `ranges(data_config)` lists."""
-  return lambda data_config, split: [document for path, start, end in ranges(data_config)[split]
-                                     for document in corpus.documents(path, start, end, data_config.text_key)]
+  return lambda data_config, split: [
+    document
+    for path, start, end in ranges(data_config)[split]
+    for document in corpus.documents(path, start, end, data_config.text_key)
+  ]
 
 
 def _tfds_documents(data_config, split: str) -> list[bytes]:
   from jaxlm.data import tfds_data  # local: TFDS is imported only by runs that read it
+
   return tfds_data.load_documents(data_config, split)
 
 
 def _tfds_pairs(config, split: str) -> list[tuple[str, str]]:
   from jaxlm.data import tfds_data
+
   return tfds_data.load_pairs(config.data, split)
 
 
 def _answer_texts(data_config, split: str) -> list[bytes]:
   """The answers, which are what the loss is on (jaxlm/data/instruct.py)."""
   from jaxlm.data import instruct as instruct_data  # local: only jsonl runs read records
+
   return instruct_data.answer_texts(data_config, split)
 
 
 def _records(config, tokenizer: Tokenizer, split: str):
   """Prompt/completion and chat records, whole examples per row."""
   from jaxlm.data import instruct as instruct_data
+
   return instruct_data.rows(config, tokenizer, split)
 
 
@@ -174,7 +196,9 @@ def _prepared_documents(data_config, split: str) -> list[bytes]:
   """The validation split decoded from the shards: what evaluation scores, for its compression baselines."""
   if split != "validation":
     _no_text(data_config, split)
-  from jaxlm.data import mixture, tokenizer as tokenizer_lib  # local: only prepared runs need them
+  from jaxlm.data import mixture  # local: only prepared runs need them
+  from jaxlm.data import tokenizer as tokenizer_lib
+
   tokenizer = tokenizer_lib.from_config(data_config)
   return mixture.decoder_rows(data_config, tokenizer, split).documents(tokenizer)
 
@@ -182,13 +206,15 @@ def _prepared_documents(data_config, split: str) -> list[bytes]:
 def _prepared_rows(config, tokenizer: Tokenizer, split: str):
   """Memory-mapped shards: a `mixture.Mixture` when `data.mixture` is set, for training."""
   from jaxlm.data import mixture  # local: the prepared readers are needed only by prepared runs
+
   return mixture.decoder_rows(config.data, tokenizer, split)
 
 
 def _require_paths(data_config) -> None:
   if not data_config.paths:
-    raise ConfigError(f"data.paths is empty but data.source='{data_config.source}'; "
-                      "pass --config.data.paths=PATH_OR_GLOB")
+    raise ConfigError(
+      f"data.paths is empty but data.source='{data_config.source}'; pass --config.data.paths=PATH_OR_GLOB"
+    )
 
 
 def _check_files(config) -> None:
@@ -210,40 +236,77 @@ def _files_segments(data_config, splits, shard_bytes: int) -> dict:
 def _check_tfds(config) -> None:
   from jaxlm import families  # local: the families registry, low; only the key check below needs it
   from jaxlm.storage import fs
+
   d = config.data
   if not d.tfds_name:
     raise ConfigError("data.tfds_name is empty but data.source='tfds'; pass e.g. --config.data.tfds_name=lm1b")
   if d.tfds_data_dir and not fs.path(d.tfds_data_dir).is_dir():
-    raise ConfigError(f"data.tfds_data_dir '{d.tfds_data_dir}' does not exist; prepare the data with "
-                      f"`tfds build {d.tfds_name} --file_format=array_record --data_dir=DIR` (docs/datasets.md)")
+    raise ConfigError(
+      f"data.tfds_data_dir '{d.tfds_data_dir}' does not exist; prepare the data with "
+      f"`tfds build {d.tfds_name} --file_format=array_record --data_dir=DIR` (docs/datasets.md)"
+    )
   if families.get(config.model.family).reads_pairs and not (d.source_key and d.target_key):
-    raise ConfigError("data.source_key/data.target_key are empty; a translation dataset needs both, "
-                      "e.g. --config.data.source_key=en --config.data.target_key=de")
+    raise ConfigError(
+      "data.source_key/data.target_key are empty; a translation dataset needs both, "
+      "e.g. --config.data.source_key=en --config.data.target_key=de"
+    )
 
 
 def _check_prepared(config) -> None:
   if not (config.data.prepared_dir or config.data.mixture):
-    raise ConfigError("data.source='prepared' needs --config.data.prepared_dir=DIR (from `jaxlm prepare --out DIR`) "
-                      "or --config.data.mixture='[(DIR, WEIGHT), ...]'")
+    raise ConfigError(
+      "data.source='prepared' needs --config.data.prepared_dir=DIR (from `jaxlm prepare --out DIR`) "
+      "or --config.data.mixture='[(DIR, WEIGHT), ...]'"
+    )
 
 
 def _with_paths(name: str):
   return lambda data_config: f"data.source '{name}' (data.paths '{data_config.paths}')"
 
 
-sources.register(sources.Source(
-    name="stdlib", documents=_documents_in(corpus.stdlib_ranges),
-    prepare=sources.Prepare(prepare.file_segments(corpus.stdlib_ranges), prepare.file_documents)))
-sources.register(sources.Source(
-    name="files", documents=_documents_in(corpus.split_ranges), check=_check_files, where=_with_paths("files"),
-    prepare=sources.Prepare(_files_segments, prepare.file_documents)))
-sources.register(sources.Source(
-    name="tfds", documents=_tfds_documents, pairs=_tfds_pairs, check=_check_tfds,
-    prepare=sources.Prepare(prepare.tfds_segments, prepare.tfds_documents, unit=" docs")))
-sources.register(sources.Source(
-    name="jsonl", documents=_answer_texts, rows=_records, families=("decoder",),
+sources.register(
+  sources.Source(
+    name="stdlib",
+    documents=_documents_in(corpus.stdlib_ranges),
+    prepare=sources.Prepare(prepare.file_segments(corpus.stdlib_ranges), prepare.file_documents),
+  )
+)
+sources.register(
+  sources.Source(
+    name="files",
+    documents=_documents_in(corpus.split_ranges),
+    check=_check_files,
+    where=_with_paths("files"),
+    prepare=sources.Prepare(_files_segments, prepare.file_documents),
+  )
+)
+sources.register(
+  sources.Source(
+    name="tfds",
+    documents=_tfds_documents,
+    pairs=_tfds_pairs,
+    check=_check_tfds,
+    prepare=sources.Prepare(prepare.tfds_segments, prepare.tfds_documents, unit=" docs"),
+  )
+)
+sources.register(
+  sources.Source(
+    name="jsonl",
+    documents=_answer_texts,
+    rows=_records,
+    families=("decoder",),
     check=lambda config: _require_paths(config.data),
-    where=_with_paths("jsonl"), description="prompt/completion and chat records"))
-sources.register(sources.Source(
-    name="prepared", documents=_prepared_documents, rows=_prepared_rows, families=("decoder",),
-    check=_check_prepared, where=lambda data_config: "the prepared data (data.prepared_dir, data.mixture)"))
+    where=_with_paths("jsonl"),
+    description="prompt/completion and chat records",
+  )
+)
+sources.register(
+  sources.Source(
+    name="prepared",
+    documents=_prepared_documents,
+    rows=_prepared_rows,
+    families=("decoder",),
+    check=_check_prepared,
+    where=lambda data_config: "the prepared data (data.prepared_dir, data.mixture)",
+  )
+)

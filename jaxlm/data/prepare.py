@@ -39,9 +39,10 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from jaxlm.data import corpus, sources, tokenizer as tokenizer_lib
-from jaxlm.storage import fs
 from jaxlm.config import ConfigError
+from jaxlm.data import corpus, sources
+from jaxlm.data import tokenizer as tokenizer_lib
+from jaxlm.storage import fs
 
 FORMAT = "jaxlm-prepared-1"
 INDEX = "index.json"
@@ -51,8 +52,11 @@ TFDS_EXAMPLES_PER_SHARD = 100_000
 
 def tokenizer_fingerprint(tokenizer) -> str:
   """A hex digest naming the tokenizer: its kind and special ids, and its model file's bytes if it has one."""
-  digest = hashlib.sha256(json.dumps([type(tokenizer).__name__, tokenizer.vocab_size, tokenizer.pad_id,
-                                      tokenizer.bos_id, tokenizer.eos_id]).encode())
+  digest = hashlib.sha256(
+    json.dumps(
+      [type(tokenizer).__name__, tokenizer.vocab_size, tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id]
+    ).encode()
+  )
   model_path = getattr(tokenizer, "model_path", None)
   if model_path is not None:
     digest.update(fs.read_bytes(model_path))  # local or gs://
@@ -86,11 +90,14 @@ def _segments(data_config, splits, shard_bytes: int) -> dict[str, tuple[list[dic
   source = sources.get(data_config.source)
   if source.prepare is None:
     choices = sources.offering("prepare")
-    raise ConfigError(f"data.source='{data_config.source}' cannot be prepared; use "
-                      f"{', '.join(choices[:-1])} or {choices[-1]}")
+    raise ConfigError(
+      f"data.source='{data_config.source}' cannot be prepared; use {', '.join(choices[:-1])} or {choices[-1]}"
+    )
   out = source.prepare.segments(data_config, splits, shard_bytes)
-  return {split: (segments, hashlib.sha256(json.dumps(described).encode()).hexdigest())
-          for split, (segments, described) in out.items()}
+  return {
+    split: (segments, hashlib.sha256(json.dumps(described).encode()).hexdigest())
+    for split, (segments, described) in out.items()
+  }
 
 
 def file_segments(ranges: Callable[[Any], dict[str, list[corpus.Range]]]) -> Callable[..., dict]:
@@ -104,12 +111,14 @@ def file_segments(ranges: Callable[[Any], dict[str, list[corpus.Range]]]) -> Cal
     `shard_bytes`, [path, start, end, size, mtime] of each range)}; it raises ConfigError when a glob matches no
     file.
   """
+
   def segments(data_config, splits, shard_bytes: int) -> dict[str, tuple[list[dict], list]]:
     try:
       split_ranges = ranges(data_config)  # one listing for both splits
     except FileNotFoundError as e:
-      raise ConfigError(f"data.paths or data.validation_paths: no file matches '{e.args[0]}'; fix the path or glob"
-                        ) from None
+      raise ConfigError(
+        f"data.paths or data.validation_paths: no file matches '{e.args[0]}'; fix the path or glob"
+      ) from None
     out = {}
     for split in splits:
       pieces, described = [], []
@@ -118,6 +127,7 @@ def file_segments(ranges: Callable[[Any], dict[str, list[corpus.Range]]]) -> Cal
         pieces += _file_pieces(path, start, end, shard_bytes)
       out[split] = pieces, described
     return out
+
   return segments
 
 
@@ -133,12 +143,17 @@ def tfds_segments(data_config, splits, shard_bytes: int) -> dict[str, tuple[list
     {split: (segments {tfds: [first, end]}, [name, split name, data dir, examples])}.
   """
   from jaxlm.data import tfds_data  # local: TFDS is imported only when it is the source
+
   out = {}
   for split in splits:
     count = tfds_data.num_examples(data_config, split)
-    out[split] = ([{"tfds": [first, min(first + TFDS_EXAMPLES_PER_SHARD, count)]}
-                   for first in range(0, count, TFDS_EXAMPLES_PER_SHARD)],
-                  [data_config.tfds_name, tfds_data.split_name(data_config, split), data_config.tfds_data_dir, count])
+    out[split] = (
+      [
+        {"tfds": [first, min(first + TFDS_EXAMPLES_PER_SHARD, count)]}
+        for first in range(0, count, TFDS_EXAMPLES_PER_SHARD)
+      ],
+      [data_config.tfds_name, tfds_data.split_name(data_config, split), data_config.tfds_data_dir, count],
+    )
   return out
 
 
@@ -170,13 +185,31 @@ def make_plans(config, splits, tokenizer, shard_mb: float) -> dict[str, dict]:
   plans = {}
   for split, (segments, source_fingerprint) in _segments(config.data, splits, shard_bytes).items():
     plans[split] = {
-        "format": FORMAT, "split": split, "source": config.data.source, "source_fingerprint": source_fingerprint,
-        "tokenizer": {"kind": type(tokenizer).__name__, "vocab_size": tokenizer.vocab_size,
-                      "eos_id": tokenizer.eos_id, "fingerprint": tokenizer_fingerprint(tokenizer)},
-        "dtype": "uint16" if tokenizer.vocab_size <= 2**16 else "int32",
-        "data": {key: config.data[key] for key in ("source", "tokenizer", "tokenizer_path", "text_key", "tfds_name",
-                                                    "tfds_data_dir", "tfds_train_split", "tfds_eval_split")},
-        "shards": _group(segments, shard_bytes),
+      "format": FORMAT,
+      "split": split,
+      "source": config.data.source,
+      "source_fingerprint": source_fingerprint,
+      "tokenizer": {
+        "kind": type(tokenizer).__name__,
+        "vocab_size": tokenizer.vocab_size,
+        "eos_id": tokenizer.eos_id,
+        "fingerprint": tokenizer_fingerprint(tokenizer),
+      },
+      "dtype": "uint16" if tokenizer.vocab_size <= 2**16 else "int32",
+      "data": {
+        key: config.data[key]
+        for key in (
+          "source",
+          "tokenizer",
+          "tokenizer_path",
+          "text_key",
+          "tfds_name",
+          "tfds_data_dir",
+          "tfds_train_split",
+          "tfds_eval_split",
+        )
+      },
+      "shards": _group(segments, shard_bytes),
     }
   return plans  # JSON values only (dicts, lists, str, int, bool), so it compares equal to plan.json read back
 
@@ -201,13 +234,15 @@ def _tokenizer(data: dict):
 
 def file_documents(segment: dict, data_config, split: str) -> tuple[list[bytes], int]:
   """`Prepare.documents` of the file sources: (the segment's documents, its size in bytes)."""
-  return corpus.documents(segment["path"], segment["start"], segment["end"], data_config.text_key), \
-      segment["end"] - segment["start"]
+  return corpus.documents(segment["path"], segment["start"], segment["end"], data_config.text_key), segment[
+    "end"
+  ] - segment["start"]
 
 
 def tfds_documents(segment: dict, data_config, split: str) -> tuple[list[bytes], int]:
   """`Prepare.documents` of the TFDS source: (the segment's documents, its number of examples)."""
   from jaxlm.data import tfds_data  # local: TFDS is imported only when it is the source
+
   first, end = segment["tfds"]
   return tfds_data.load_documents(data_config, split, first, end), end - first
 
@@ -245,13 +280,19 @@ def write_shard(job: tuple) -> dict:
   tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype)
   _write_atomic(base.with_name(base.name + ".tokens.npy"), lambda f: np.save(f, tokens))
   _write_atomic(base.with_name(base.name + ".documents.npy"), lambda f: np.save(f, np.asarray(ends, np.int64)))
-  counts = {"tokens": base.name + ".tokens.npy", "documents": base.name + ".documents.npy",
-            "num_tokens": num_tokens, "num_documents": len(ends), "num_bytes": num_bytes}
+  counts = {
+    "tokens": base.name + ".tokens.npy",
+    "documents": base.name + ".documents.npy",
+    "num_tokens": num_tokens,
+    "num_documents": len(ends),
+    "num_bytes": num_bytes,
+  }
   _write_atomic(base.with_name(base.name + ".json"), lambda f: f.write(json.dumps(counts).encode()))
   return counts
 
 
 # --- the driver ----------------------------------------------------------------------------------
+
 
 def _clear(directory: Path) -> None:
   """Removes what a previous prepare wrote in `directory` (only its own file names)."""
@@ -269,8 +310,9 @@ def _run(jobs: list[tuple], workers: int, bar: tqdm.tqdm) -> None:
     nonlocal documents, tokens
     units, new_documents, new_tokens = update
     documents, tokens = documents + new_documents, tokens + new_tokens
-    bar.set_postfix_str(f"{documents:,} docs, {tokens / max(time.perf_counter() - started, 1e-9):,.0f} tokens/s",
-                        refresh=False)
+    bar.set_postfix_str(
+      f"{documents:,} docs, {tokens / max(time.perf_counter() - started, 1e-9):,.0f} tokens/s", refresh=False
+    )
     bar.update(units)
 
   if workers <= 1 or len(jobs) <= 1:
@@ -304,8 +346,10 @@ def prepare_split(plan: dict, directory: Path, workers: int, show_progress: bool
     return json.loads((directory / INDEX).read_text())
   if previous != plan:
     if previous is not None:
-      print(f"{directory}: the source, tokenizer or --shard-mb changed since the last prepare; starting over",
-            file=sys.stderr)
+      print(
+        f"{directory}: the source, tokenizer or --shard-mb changed since the last prepare; starting over",
+        file=sys.stderr,
+      )
     _clear(directory)
     _write_atomic(plan_path, lambda f: f.write(json.dumps(plan).encode()))
   for tmp in directory.glob("*.tmp"):  # left by an interrupted run; never complete
@@ -314,12 +358,19 @@ def prepare_split(plan: dict, directory: Path, workers: int, show_progress: bool
   done = {i for i in range(len(shards)) if (directory / f"shard_{i:05d}.json").is_file()}
   if done:
     print(f"{directory}: resuming, {len(done)} of {len(shards)} shards already written", file=sys.stderr)
-  jobs = [(str(directory), i, shard, plan["data"], split, plan["dtype"])
-          for i, shard in enumerate(shards) if i not in done]
+  jobs = [
+    (str(directory), i, shard, plan["data"], split, plan["dtype"]) for i, shard in enumerate(shards) if i not in done
+  ]
   size = lambda shard: sum(s["end"] - s["start"] if "path" in s else s["tfds"][1] - s["tfds"][0] for s in shard)
-  with tqdm.tqdm(total=sum(map(size, shards)), initial=sum(size(shards[i]) for i in done),
-                 unit=sources.get(plan["source"]).prepare.unit, unit_scale=True, desc=f"prepare {split}",
-                 disable=not show_progress, dynamic_ncols=True) as bar:
+  with tqdm.tqdm(
+    total=sum(map(size, shards)),
+    initial=sum(size(shards[i]) for i in done),
+    unit=sources.get(plan["source"]).prepare.unit,
+    unit_scale=True,
+    desc=f"prepare {split}",
+    disable=not show_progress,
+    dynamic_ncols=True,
+  ) as bar:
     _run(jobs, workers, bar)
   counts = [json.loads((directory / f"shard_{i:05d}.json").read_text()) for i in range(len(shards))]
   index = {key: plan[key] for key in ("format", "split", "source", "source_fingerprint", "tokenizer", "dtype")}
@@ -329,16 +380,25 @@ def prepare_split(plan: dict, directory: Path, workers: int, show_progress: bool
   return index
 
 
-def prepare(config, out: str | Path, splits=("train", "validation"), workers: int = 0, shard_mb: float = 16.0,
-            show_progress: bool = True) -> dict[str, dict]:
+def prepare(
+  config,
+  out: str | Path,
+  splits=("train", "validation"),
+  workers: int = 0,
+  shard_mb: float = 16.0,
+  show_progress: bool = True,
+) -> dict[str, dict]:
   """Tokenizes the config's source into `out`/SPLIT for each split; takes the whole config.
 
   workers: processes that tokenize (0: one per CPU). Returns {split: index}.
   """
   if config.data.tokenizer == "sentencepiece" and config.data.spm_vocab_size:
     from jaxlm.data import spm  # local: trains the vocabulary on the training split if it is missing
+
     spm.train_if_missing(config)
   tokenizer = tokenizer_lib.from_config(config.data)
   plans = make_plans(config, splits, tokenizer, shard_mb)
-  return {split: prepare_split(plans[split], Path(out) / split, workers or os.cpu_count() or 1, show_progress)
-          for split in splits}
+  return {
+    split: prepare_split(plans[split], Path(out) / split, workers or os.cpu_count() or 1, show_progress)
+    for split in splits
+  }

@@ -17,24 +17,30 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxlm.data import packing
 from jaxlm.config import ConfigError
+from jaxlm.data import packing
 from jaxlm.data.prepare import FORMAT, INDEX, tokenizer_fingerprint
 
 
 def read_index(directory: str | Path, key: str = "data.prepared_dir") -> dict:
   """The index of a finished prepared split; raises ConfigError naming `key` if it is missing or unfinished."""
   if str(directory).startswith("gs:/"):  # also gs:// as pathlib folds it (callers join with Path)
-    raise ConfigError(f"{key}: '{directory}' is a bucket, but prepared shards are memory-mapped from a local disk; "
-                      f"copy them first (`gcloud storage cp -r {directory} DIR`) and pass DIR")
+    raise ConfigError(
+      f"{key}: '{directory}' is a bucket, but prepared shards are memory-mapped from a local disk; "
+      f"copy them first (`gcloud storage cp -r {directory} DIR`) and pass DIR"
+    )
   path = Path(directory) / INDEX
   if not path.is_file():
-    raise ConfigError(f"{key}: '{directory}' holds no finished prepared split ({INDEX} is missing); run "
-                      "`jaxlm prepare --config CONFIG --out DIR` (an interrupted prepare resumes) and pass DIR")
+    raise ConfigError(
+      f"{key}: '{directory}' holds no finished prepared split ({INDEX} is missing); run "
+      "`jaxlm prepare --config CONFIG --out DIR` (an interrupted prepare resumes) and pass DIR"
+    )
   index = json.loads(path.read_text())
   if index.get("format") != FORMAT:
-    raise ConfigError(f"{key}: '{directory}' was written by another version of `jaxlm prepare` "
-                      f"(format {index.get('format')!r}, expected {FORMAT!r}); prepare it again")
+    raise ConfigError(
+      f"{key}: '{directory}' was written by another version of `jaxlm prepare` "
+      f"(format {index.get('format')!r}, expected {FORMAT!r}); prepare it again"
+    )
   return index
 
 
@@ -52,8 +58,9 @@ class PreparedRows:
     self.seq_len = seq_len
     self.eos_id = self.index["tokenizer"]["eos_id"]
     # Plain ndarray views of the maps: slicing an np.memmap costs more than reading the row.
-    self.shards = [np.load(self.directory / shard["tokens"], mmap_mode="r").view(np.ndarray)
-                   for shard in self.index["shards"]]
+    self.shards = [
+      np.load(self.directory / shard["tokens"], mmap_mode="r").view(np.ndarray) for shard in self.index["shards"]
+    ]
     self.offsets = np.cumsum([0] + [len(tokens) for tokens in self.shards])  # first token of each shard
     self.num_rows = max(int(self.offsets[-1]) - 1, 0) // seq_len
 
@@ -65,7 +72,7 @@ class PreparedRows:
     pieces, shard = [], int(np.searchsorted(self.offsets, start, side="right")) - 1
     while start < stop:
       local = start - int(self.offsets[shard])
-      piece = self.shards[shard][local:local + stop - start]
+      piece = self.shards[shard][local : local + stop - start]
       pieces.append(piece)
       start += len(piece)
       shard += 1
@@ -86,8 +93,10 @@ class PreparedRows:
     """
     tokens = self.tokens(0, int(self.offsets[-1]))
     ends = np.flatnonzero(tokens == self.eos_id)
-    return [tokenizer.decode(tokens[start:end]).encode("utf-8")
-            for start, end in zip(np.concatenate([[0], ends[:-1] + 1]), ends)]
+    return [
+      tokenizer.decode(tokens[start:end]).encode("utf-8")
+      for start, end in zip(np.concatenate([[0], ends[:-1] + 1]), ends)
+    ]
 
 
 def open_split(directory: str | Path, tokenizer, seq_len: int, key: str = "data.prepared_dir") -> PreparedRows:
@@ -96,7 +105,8 @@ def open_split(directory: str | Path, tokenizer, seq_len: int, key: str = "data.
   prepared, ours = index["tokenizer"]["fingerprint"], tokenizer_fingerprint(tokenizer)
   if prepared != ours:
     raise ConfigError(
-        f"{key}: '{directory}' was prepared with another tokenizer ({index['tokenizer']['kind']}, fingerprint "
-        f"{prepared[:12]}) than this run's ({type(tokenizer).__name__}, {ours[:12]}); set data.tokenizer and "
-        "data.tokenizer_path to the prepared ones, or run `jaxlm prepare` again with this config")
+      f"{key}: '{directory}' was prepared with another tokenizer ({index['tokenizer']['kind']}, fingerprint "
+      f"{prepared[:12]}) than this run's ({type(tokenizer).__name__}, {ours[:12]}); set data.tokenizer and "
+      "data.tokenizer_path to the prepared ones, or run `jaxlm prepare` again with this config"
+    )
   return PreparedRows(directory, seq_len, index)

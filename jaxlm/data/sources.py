@@ -40,6 +40,7 @@ class Prepare:
     in progress units.
   unit: the progress bar's unit: 'B' (bytes) or ' docs'.
   """
+
   segments: Callable[[Any, tuple[str, ...], int], dict]
   documents: Callable[[dict, Any, str], tuple[list[bytes], int]]
   unit: str = "B"
@@ -65,6 +66,7 @@ class Source:
   where(data_config) -> str: where its rows come from, for messages; None: "data.source 'NAME'".
   description: what it holds, for messages, e.g. 'prompt/completion and chat records'.
   """
+
   name: str
   documents: Optional[Callable[[Any, str], list[bytes]]] = None
   pairs: Optional[Callable[[Any, str], list[tuple[str, str]]]] = None
@@ -159,8 +161,10 @@ def check(config) -> None:
     source.check(config)
   if source.families and config.model.family not in source.families:
     what = f" ({source.description})" if source.description else ""
-    raise ConfigError(f"data.source='{source.name}'{what} feeds the {' or '.join(source.families)} family, not "
-                      f"model.family='{config.model.family}'")
+    raise ConfigError(
+      f"data.source='{source.name}'{what} feeds the {' or '.join(source.families)} family, not "
+      f"model.family='{config.model.family}'"
+    )
 
 
 def offering(field: str) -> tuple[str, ...]:

@@ -17,24 +17,35 @@ from typing import Iterable, Iterator
 import jax
 
 from jaxlm import families
-from jaxlm.storage import fs
 from jaxlm.config import Config, ConfigError
+from jaxlm.storage import fs
 
 
 def train(sentences: Iterable[str], model_path: str | Path, vocab_size: int, max_sentences: int = 1_000_000) -> Path:
   """Trains a unigram SentencePiece model on `sentences` and writes it to `model_path`."""
   import sentencepiece as spm  # local: only runs that use SentencePiece need it
+
   model_path = fs.path(model_path)
   fs.makedirs(model_path.parent)
   # Locally the temporary folder sits beside the model, for an atomic rename; a bucket's objects appear whole.
   with tempfile.TemporaryDirectory(dir=None if fs.is_url(model_path) else model_path.parent) as tmp:
     prefix = Path(tmp) / f"spm{jax.process_index()}"
     spm.SentencePieceTrainer.train(
-        sentence_iterator=_limited(sentences, max_sentences), model_prefix=str(prefix), vocab_size=vocab_size,
-        model_type="unigram", character_coverage=1.0, pad_id=0, bos_id=1, eos_id=2, unk_id=3,
-        # Code and long lines: keep whitespace runs and digits as text, do not drop long sentences.
-        split_digits=True, max_sentence_length=1 << 16, remove_extra_whitespaces=False,
-        minloglevel=2)
+      sentence_iterator=_limited(sentences, max_sentences),
+      model_prefix=str(prefix),
+      vocab_size=vocab_size,
+      model_type="unigram",
+      character_coverage=1.0,
+      pad_id=0,
+      bos_id=1,
+      eos_id=2,
+      unk_id=3,
+      # Code and long lines: keep whitespace runs and digits as text, do not drop long sentences.
+      split_digits=True,
+      max_sentence_length=1 << 16,
+      remove_extra_whitespaces=False,
+      minloglevel=2,
+    )
     if fs.is_url(model_path):
       model_path.write_bytes(Path(f"{prefix}.model").read_bytes())
     else:

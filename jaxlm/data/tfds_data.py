@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from jaxlm.config import ConfigError
 
+
 def split_name(data_config, split: str) -> str:
   """jaxlm's 'train'/'validation' -> the dataset's split names from the config."""
   return data_config.tfds_train_split if split == "train" else data_config.tfds_eval_split
@@ -20,6 +21,7 @@ def split_name(data_config, split: str) -> str:
 def data_source(data_config, split: str):
   """The random-access `tfds.data_source` of the data sub-config's dataset and `split` (no TensorFlow)."""
   import tensorflow_datasets as tfds  # local: only tfds runs pay for the import
+
   name = data_config.tfds_name
   if "_translate" in name:
     import tensorflow_datasets.translate  # noqa: F401  (the WMT builders register on import)
@@ -29,9 +31,10 @@ def data_source(data_config, split: str):
   except Exception as e:  # tfds raises several types for "not prepared"; all mean the same here
     where = data_config.tfds_data_dir or "TFDS's default data dir"
     raise ConfigError(
-        f"data.tfds_name '{name}' split '{tfds_split}' is not prepared as array_record in {where} "
-        f"({type(e).__name__}); run `tfds build {name} --file_format=array_record --data_dir=DIR` on a machine "
-        "with internet and pass --config.data.tfds_data_dir=DIR (see docs/datasets.md)") from None
+      f"data.tfds_name '{name}' split '{tfds_split}' is not prepared as array_record in {where} "
+      f"({type(e).__name__}); run `tfds build {name} --file_format=array_record --data_dir=DIR` on a machine "
+      "with internet and pass --config.data.tfds_data_dir=DIR (see docs/datasets.md)"
+    ) from None
 
 
 def as_text(value) -> str:
@@ -54,19 +57,27 @@ def _records(data_config, split: str, first: int = 0, end: int | None = None):
 
 def _feature(record, key: str, data_config, key_name: str):
   if key not in record:
-    raise ConfigError(f"data.{key_name}='{key}' is not a feature of {data_config.tfds_name} "
-                      f"(it has {', '.join(sorted(record))}); set --config.data.{key_name}")
+    raise ConfigError(
+      f"data.{key_name}='{key}' is not a feature of {data_config.tfds_name} "
+      f"(it has {', '.join(sorted(record))}); set --config.data.{key_name}"
+    )
   return record[key]
 
 
 def load_documents(data_config, split: str, first: int = 0, end: int | None = None) -> list[bytes]:
   """The text feature of examples [first, end) (default: all), as UTF-8 documents for `data.TokenStream`."""
-  return [as_text(_feature(r, data_config.text_key, data_config, "text_key")).encode("utf-8")
-          for r in _records(data_config, split, first, end)]
+  return [
+    as_text(_feature(r, data_config.text_key, data_config, "text_key")).encode("utf-8")
+    for r in _records(data_config, split, first, end)
+  ]
 
 
 def load_pairs(data_config, split: str) -> list[tuple[str, str]]:
   """(source, target) sentence pairs of a translation dataset."""
-  return [(as_text(_feature(r, data_config.source_key, data_config, "source_key")),
-           as_text(_feature(r, data_config.target_key, data_config, "target_key")))
-          for r in _records(data_config, split)]
+  return [
+    (
+      as_text(_feature(r, data_config.source_key, data_config, "source_key")),
+      as_text(_feature(r, data_config.target_key, data_config, "target_key")),
+    )
+    for r in _records(data_config, split)
+  ]

@@ -20,6 +20,7 @@ from jaxlm.storage import fs
 
 class Tokenizer(Protocol):
   """What every tokenizer provides: vocabulary size, special ids, encode (str/bytes -> ids), decode, save."""
+
   vocab_size: int
   pad_id: int
   bos_id: int
@@ -34,6 +35,7 @@ class Tokenizer(Protocol):
 
 class ByteTokenizer:
   """UTF-8 bytes shifted past four special ids: pad 0, bos 1, eos 2, mask 3."""
+
   pad_id, bos_id, eos_id, mask_id = 0, 1, 2, 3
   offset = 4
   vocab_size = 256 + offset
@@ -50,15 +52,17 @@ class ByteTokenizer:
     beyond = ids >= self.vocab_size
     if beyond.any() and not self._warned_out_of_range:
       ByteTokenizer._warned_out_of_range = True
-      warnings.warn(f"ByteTokenizer.decode: skipping ids above {self.vocab_size - 1} (e.g. {int(ids[beyond][0])}), "
-                    "which stand for no byte; the model's vocabulary is larger than the byte tokenizer's",
-                    stacklevel=2)
+      warnings.warn(
+        f"ByteTokenizer.decode: skipping ids above {self.vocab_size - 1} (e.g. {int(ids[beyond][0])}), "
+        "which stand for no byte; the model's vocabulary is larger than the byte tokenizer's",
+        stacklevel=2,
+      )
     kept = ids[(ids >= self.offset) & ~beyond]
     return bytes((kept - self.offset).astype(np.uint8)).decode("utf-8", errors="replace")
 
   def byte_lengths(self) -> np.ndarray:
     lengths = np.ones(self.vocab_size, np.int32)
-    lengths[:self.offset] = 0
+    lengths[: self.offset] = 0
     return lengths
 
   def save(self, directory: Path) -> None:
@@ -70,6 +74,7 @@ class SentencePieceTokenizer:
 
   def __init__(self, model_path: str | Path):
     import sentencepiece as spm  # local: only runs that use SentencePiece need it
+
     self.model_path = fs.path(model_path)  # local or gs://: the model is read as bytes
     self.processor = spm.SentencePieceProcessor(model_proto=self.model_path.read_bytes())
     self.pad_id = max(self.processor.pad_id(), 0)
@@ -105,6 +110,7 @@ def from_config(data_config) -> Tokenizer:
     return ByteTokenizer()
   if data_config.tokenizer == "huggingface":  # a folder with tokenizer.json (jaxlm/data/hf_tokenizer.py)
     from jaxlm.data import hf_tokenizer  # local: only these runs need the `tokenizers` library
+
     return hf_tokenizer.HuggingFaceTokenizer(data_config.tokenizer_path)
   return SentencePieceTokenizer(data_config.tokenizer_path)
 
@@ -119,5 +125,6 @@ def load(directory: Path) -> Tokenizer:
     return ByteTokenizer()
   if meta["kind"] == "huggingface":
     from jaxlm.data import hf_tokenizer  # local: only these runs need the `tokenizers` library
+
     return hf_tokenizer.HuggingFaceTokenizer(fs.path(directory) / meta["folder"])
   return SentencePieceTokenizer(fs.path(directory) / meta["file"])

@@ -49,6 +49,7 @@ class Family:
   reads_pairs: True when the family trains on a data source's (source, target) pairs
     (`jaxlm.data.sources.Source.pairs`) rather than on its documents or rows.
   """
+
   name: str
   build: Callable[..., Any]
   model_inputs: Callable[[Any, Batch], dict]
@@ -111,6 +112,7 @@ class LanguageModel(Protocol):
   - Dropout, if any, draws from the 'dropout' rng stream. Parameters may carry logical axis names
     (`nn.with_logical_partitioning`); the config's `mesh.rules` then shard them.
   """
+
   deterministic: bool
 
   def __call__(self, *args, **kwargs) -> Any: ...

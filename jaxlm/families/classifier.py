@@ -16,14 +16,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.tasks import classify as classify_data
-from jaxlm import config as config_lib, families
-from jaxlm.data import pipeline as data_lib, sources
-from jaxlm.models import heads, transformer as model_lib
+from jaxlm import config as config_lib
+from jaxlm import families
+from jaxlm.data import pipeline as data_lib
+from jaxlm.data import sources
+from jaxlm.families import decoder, encoder
+from jaxlm.models import heads
+from jaxlm.models import transformer as model_lib
 from jaxlm.parallel import sharding
+from jaxlm.tasks import classify as classify_data
 from jaxlm.tasks import metrics as task_metrics
 from jaxlm.training import step as train_step
-from jaxlm.families import decoder, encoder
 
 
 def task_of(config) -> sources.Source:
@@ -32,12 +35,16 @@ def task_of(config) -> sources.Source:
   labels."""
   task = sources.get(config.data.source)
   if not task.labels:
-    raise config_lib.ConfigError(f"data.source='{config.data.source}' is no classification task; model.family="
-                                 f"'{config.model.family}' takes one of {', '.join(sources.offering('labels'))}")
+    raise config_lib.ConfigError(
+      f"data.source='{config.data.source}' is no classification task; model.family="
+      f"'{config.model.family}' takes one of {', '.join(sources.offering('labels'))}"
+    )
   if config.model.num_classes != len(task.labels):
-    raise config_lib.ConfigError(f"model.num_classes is {config.model.num_classes} but data.source="
-                                 f"'{config.data.source}' has {len(task.labels)} labels; set "
-                                 f"--config.model.num_classes={len(task.labels)}")
+    raise config_lib.ConfigError(
+      f"model.num_classes is {config.model.num_classes} but data.source="
+      f"'{config.data.source}' has {len(task.labels)} labels; set "
+      f"--config.model.num_classes={len(task.labels)}"
+    )
   return task
 
 
@@ -78,8 +85,9 @@ def evaluate(evaluation) -> dict:
   result = {"step": evaluation.step, **{k: v for k, v in scores.items() if k != "per_class"}}
   scored = evaluation.rows
   if len(gold) < len(scored):
-    scored = classify_data.ClassificationRows(scored.texts[:len(gold)], scored.labels[:len(gold)],
-                                              scored.tokenizer, scored.seq_len)
+    scored = classify_data.ClassificationRows(
+      scored.texts[: len(gold)], scored.labels[: len(gold)], scored.tokenizer, scored.seq_len
+    )
   baselines = classify_data.baseline_predictions(rows(config, evaluation.tokenizer, "train"), scored, num_classes)
   for name, guesses in baselines.items():
     baseline = task_metrics.classification_scores(guesses, gold, num_classes)
@@ -88,11 +96,12 @@ def evaluate(evaluation) -> dict:
   result["per_class"] = dict(zip(task.labels, scores["per_class"]))
   result["per_class_table"] = task_metrics.per_class_table(scores, task.labels)
   result["summary"] = (
-      f"step {result['step']}: accuracy {result['accuracy']:.3f}, macro P/R/F1 {result['macro_precision']:.3f}/"
-      f"{result['macro_recall']:.3f}/{result['macro_f1']:.3f} on {result['examples']} examples; majority "
-      f"baseline {result['majority_accuracy']:.3f} (macro F1 {result['majority_macro_f1']:.3f}), naive Bayes "
-      f"{result['naive_bayes_accuracy']:.3f} (macro F1 {result['naive_bayes_macro_f1']:.3f})\n"
-      + result["per_class_table"])
+    f"step {result['step']}: accuracy {result['accuracy']:.3f}, macro P/R/F1 {result['macro_precision']:.3f}/"
+    f"{result['macro_recall']:.3f}/{result['macro_f1']:.3f} on {result['examples']} examples; majority "
+    f"baseline {result['majority_accuracy']:.3f} (macro F1 {result['majority_macro_f1']:.3f}), naive Bayes "
+    f"{result['naive_bayes_accuracy']:.3f} (macro F1 {result['naive_bayes_macro_f1']:.3f})\n"
+    + result["per_class_table"]
+  )
   return result
 
 
@@ -103,19 +112,32 @@ def _training_text(config) -> Iterator[str]:
 
 
 def _family(name: str, build, model_inputs) -> families.Family:
-  return families.register(families.Family(
-      name=name, build=build, model_inputs=model_inputs, example_batch=example_batch, rows=rows,
-      evaluate=evaluate, training_text=_training_text,
-      attention_layers=lambda model_cfg: (model_cfg.num_layers, 0), head="head"))
+  return families.register(
+    families.Family(
+      name=name,
+      build=build,
+      model_inputs=model_inputs,
+      example_batch=example_batch,
+      rows=rows,
+      evaluate=evaluate,
+      training_text=_training_text,
+      attention_layers=lambda model_cfg: (model_cfg.num_layers, 0),
+      head="head",
+    )
+  )
 
 
 ENCODER = _family(
-    "encoder_classifier",
-    lambda model_cfg, decode=False, deterministic=True: model_lib.Encoder(
-        model_cfg, deterministic=deterministic, head_cls=heads.FirstTokenClassifier),
-    encoder.model_inputs)
+  "encoder_classifier",
+  lambda model_cfg, decode=False, deterministic=True: model_lib.Encoder(
+    model_cfg, deterministic=deterministic, head_cls=heads.FirstTokenClassifier
+  ),
+  encoder.model_inputs,
+)
 DECODER = _family(
-    "decoder_classifier",
-    lambda model_cfg, decode=False, deterministic=True: model_lib.DecoderLM(
-        model_cfg, deterministic=deterministic, head_cls=heads.LastTokenClassifier),
-    decoder.model_inputs)
+  "decoder_classifier",
+  lambda model_cfg, decode=False, deterministic=True: model_lib.DecoderLM(
+    model_cfg, deterministic=deterministic, head_cls=heads.LastTokenClassifier
+  ),
+  decoder.model_inputs,
+)

@@ -20,12 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jaxlm.data import pipeline as data_lib, sources
-from jaxlm.inference import decode
 from jaxlm import families
+from jaxlm.config import Config, ConfigError, ModelConfig
+from jaxlm.data import pipeline as data_lib
+from jaxlm.data import sources
+from jaxlm.inference import decode
 from jaxlm.models import transformer as model_lib
 from jaxlm.tasks import seq2seq as seq2seq_data
-from jaxlm.config import Config, ConfigError, ModelConfig
 
 
 def build(model_cfg: ModelConfig, decode: bool = False, deterministic: bool = True) -> model_lib.DecoderLM:
@@ -35,16 +36,20 @@ def build(model_cfg: ModelConfig, decode: bool = False, deterministic: bool = Tr
 
 def model_inputs(model_cfg: ModelConfig, batch: dict) -> dict:
   """{'tokens_BxT', 'segment_ids_BxT', 'positions_BxT'} from a batch's inputs, segment_ids and positions."""
-  return {"tokens_BxT": batch["inputs"], "segment_ids_BxT": batch["segment_ids"],
-          "positions_BxT": batch["positions"]}
+  return {"tokens_BxT": batch["inputs"], "segment_ids_BxT": batch["segment_ids"], "positions_BxT": batch["positions"]}
 
 
 def example_batch(model_cfg: ModelConfig, shape: tuple[int, int]) -> dict:
   """A language-modelling batch of `shape` (B, T): inputs, targets, segment_ids, positions, weights."""
   ones = jnp.ones(shape, jnp.int32)
   positions = jnp.broadcast_to(jnp.arange(shape[1], dtype=jnp.int32), shape)
-  return {"inputs": ones, "targets": ones, "segment_ids": ones, "positions": positions,
-          "weights": jnp.ones(shape, jnp.float32)}
+  return {
+    "inputs": ones,
+    "targets": ones,
+    "segment_ids": ones,
+    "positions": positions,
+    "weights": jnp.ones(shape, jnp.float32),
+  }
 
 
 def _on_pairs(config: Config) -> bool:
@@ -57,9 +62,11 @@ def _on_pairs(config: Config) -> bool:
 def check(config: Config) -> None:
   """On pairs, the last data.target_len tokens of a row are the target's: at least 2 of them."""
   if _on_pairs(config) and config.data.target_len < 2:
-    raise ConfigError(f"data.target_len={config.data.target_len}: a decoder on data.source='{config.data.source}' "
-                      "keeps the last data.target_len tokens of each row for the target; set it, e.g. "
-                      "--config.data.target_len=80")
+    raise ConfigError(
+      f"data.target_len={config.data.target_len}: a decoder on data.source='{config.data.source}' "
+      "keeps the last data.target_len tokens of each row for the target; set it, e.g. "
+      "--config.data.target_len=80"
+    )
 
 
 def rows(config: Config, tokenizer, split: str):
@@ -82,8 +89,10 @@ def document_lines(config: Config) -> Iterator[str]:
 def compression_bits_per_byte(text: bytes) -> dict[str, float]:
   """{'gzip-9': bits per byte, 'xz-9': bits per byte} of `text` under the two standard compressors."""
   bits = lambda compressed: 8 * len(compressed) / max(len(text), 1)
-  return {"gzip-9": bits(gzip.compress(text, compresslevel=9)),
-          "xz-9": bits(lzma.compress(text, preset=9 | lzma.PRESET_EXTREME))}
+  return {
+    "gzip-9": bits(gzip.compress(text, compresslevel=9)),
+    "xz-9": bits(lzma.compress(text, preset=9 | lzma.PRESET_EXTREME)),
+  }
 
 
 def evaluate(evaluation) -> dict:
@@ -104,9 +113,11 @@ def evaluate(evaluation) -> dict:
   documents = data_lib.load_documents(evaluation.config.data, "validation")
   for name, bpb in compression_bits_per_byte(b"".join(documents)).items():
     result[f"{name}_bits_per_byte"] = bpb
-  result["summary"] = (f"step {result['step']}: validation loss {result['loss']:.4f}, perplexity "
-                       f"{result['perplexity']:.3f}, {result['bits_per_byte']:.3f} bits/byte (gzip -9: "
-                       f"{result['gzip-9_bits_per_byte']:.3f}, xz -9: {result['xz-9_bits_per_byte']:.3f})")
+  result["summary"] = (
+    f"step {result['step']}: validation loss {result['loss']:.4f}, perplexity "
+    f"{result['perplexity']:.3f}, {result['bits_per_byte']:.3f} bits/byte (gzip -9: "
+    f"{result['gzip-9_bits_per_byte']:.3f}, xz -9: {result['xz-9_bits_per_byte']:.3f})"
+  )
   return result
 
 
@@ -135,12 +146,28 @@ class DecoderAdapter(decode.Adapter):
 
   def _apply(self, params, cache, rows, tokens_BxT, segment_BxT, positions_BxT, slots_BxT, kv_segment_BxS):
     logits, variables = self.module.apply(
-        {"params": params, "cache": cache}, tokens_BxT, segment_BxT, positions_BxT,
-        cache_index_BxT=slots_BxT, kv_segment_ids_BxS=kv_segment_BxS, mutable=["cache"])
+      {"params": params, "cache": cache},
+      tokens_BxT,
+      segment_BxT,
+      positions_BxT,
+      cache_index_BxT=slots_BxT,
+      kv_segment_ids_BxS=kv_segment_BxS,
+      mutable=["cache"],
+    )
     return logits, variables["cache"]
 
 
-FAMILY = families.register(families.Family(
-    name="decoder", build=build, model_inputs=model_inputs, example_batch=example_batch,
-    rows=rows, evaluate=evaluate, training_text=document_lines,
-    attention_layers=lambda model_cfg: (model_cfg.num_layers, 0), adapter=DecoderAdapter, check=check))
+FAMILY = families.register(
+  families.Family(
+    name="decoder",
+    build=build,
+    model_inputs=model_inputs,
+    example_batch=example_batch,
+    rows=rows,
+    evaluate=evaluate,
+    training_text=document_lines,
+    attention_layers=lambda model_cfg: (model_cfg.num_layers, 0),
+    adapter=DecoderAdapter,
+    check=check,
+  )
+)

@@ -9,10 +9,10 @@ common token. An encoder does not generate text, so it has no decoding adapter.
 from __future__ import annotations
 
 from jaxlm import families
-from jaxlm.tasks import mlm
-from jaxlm.models import transformer as model_lib
 from jaxlm.config import ModelConfig
 from jaxlm.families import decoder
+from jaxlm.models import transformer as model_lib
+from jaxlm.tasks import mlm
 
 
 def build(model_cfg: ModelConfig, decode: bool = False, deterministic: bool = True) -> model_lib.Encoder:
@@ -37,12 +37,23 @@ def evaluate(evaluation) -> dict:
   scored_rows = evaluation.max_batches * config.eval.batch_size if evaluation.max_batches else 0
   result["unigram_accuracy"] = mlm.unigram_accuracy(evaluation.rows, token, scored_rows)
   result["perplexity"] = metrics["perplexity"]
-  result["summary"] = (f"step {result['step']}: MLM loss {result['loss']:.4f}, accuracy {result['accuracy']:.4f} "
-                       f"(unigram baseline, always {tokenizer.decode([token])!r}: {result['unigram_accuracy']:.4f})")
+  result["summary"] = (
+    f"step {result['step']}: MLM loss {result['loss']:.4f}, accuracy {result['accuracy']:.4f} "
+    f"(unigram baseline, always {tokenizer.decode([token])!r}: {result['unigram_accuracy']:.4f})"
+  )
   return result
 
 
-FAMILY = families.register(families.Family(
-    name="encoder", build=build, model_inputs=model_inputs, example_batch=decoder.example_batch,
-    rows=mlm.prepare, evaluate=evaluate, training_text=decoder.document_lines,
-    attention_layers=lambda model_cfg: (model_cfg.num_layers, 0), head="mlm_head"))
+FAMILY = families.register(
+  families.Family(
+    name="encoder",
+    build=build,
+    model_inputs=model_inputs,
+    example_batch=decoder.example_batch,
+    rows=mlm.prepare,
+    evaluate=evaluate,
+    training_text=decoder.document_lines,
+    attention_layers=lambda model_cfg: (model_cfg.num_layers, 0),
+    head="mlm_head",
+  )
+)

@@ -11,12 +11,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxlm.inference import decode
 from jaxlm import families
-from jaxlm.models import transformer as model_lib
-from jaxlm.tasks import seq2seq as seq2seq_data
 from jaxlm.config import ModelConfig
 from jaxlm.families import decoder
+from jaxlm.inference import decode
+from jaxlm.models import transformer as model_lib
+from jaxlm.tasks import seq2seq as seq2seq_data
 
 
 def build(model_cfg: ModelConfig, decode: bool = False, deterministic: bool = True) -> model_lib.EncoderDecoder:
@@ -26,16 +26,22 @@ def build(model_cfg: ModelConfig, decode: bool = False, deterministic: bool = Tr
 
 def model_inputs(model_cfg: ModelConfig, batch: dict) -> dict:
   """The source (inputs_BxS, input_segment_ids_BxS, input_positions_BxS) and target side of a batch."""
-  return {"inputs_BxS": batch["inputs"], "decoder_inputs_BxT": batch["decoder_inputs"],
-          "input_segment_ids_BxS": batch["input_segment_ids"], "input_positions_BxS": batch["input_positions"],
-          "segment_ids_BxT": batch["segment_ids"], "positions_BxT": batch["positions"]}
+  return {
+    "inputs_BxS": batch["inputs"],
+    "decoder_inputs_BxT": batch["decoder_inputs"],
+    "input_segment_ids_BxS": batch["input_segment_ids"],
+    "input_positions_BxS": batch["input_positions"],
+    "segment_ids_BxT": batch["segment_ids"],
+    "positions_BxT": batch["positions"],
+  }
 
 
 def example_batch(model_cfg: ModelConfig, shape: tuple[int, int]) -> dict:
   """A batch of `shape` on both sides: parameter shapes do not depend on the lengths."""
   batch = decoder.example_batch(model_cfg, shape)
-  batch.update(decoder_inputs=batch["inputs"], input_segment_ids=batch["segment_ids"],
-               input_positions=batch["positions"])
+  batch.update(
+    decoder_inputs=batch["inputs"], input_segment_ids=batch["segment_ids"], input_positions=batch["positions"]
+  )
   return batch
 
 
@@ -65,14 +71,25 @@ class EncoderDecoderAdapter(decode.Adapter):
 
   def _cache_shapes(self, params, rows, batch, cache_len):
     tokens = jnp.zeros((batch, cache_len), jnp.int32)
-    return jax.eval_shape(lambda: self.module.init(
-        jax.random.key(0), rows["encoded_BxSxD"], rows["source_segment_ids_BxS"], tokens, method="decode")["cache"])
+    return jax.eval_shape(
+      lambda: self.module.init(
+        jax.random.key(0), rows["encoded_BxSxD"], rows["source_segment_ids_BxS"], tokens, method="decode"
+      )["cache"]
+    )
 
   def _apply(self, params, cache, rows, tokens_BxT, segment_BxT, positions_BxT, slots_BxT, kv_segment_BxS):
     logits, variables = self.module.apply(
-        {"params": params, "cache": cache}, rows["encoded_BxSxD"], rows["source_segment_ids_BxS"], tokens_BxT,
-        segment_BxT, positions_BxT, cache_index_BxT=slots_BxT, kv_segment_ids_BxS=kv_segment_BxS,
-        method="decode", mutable=["cache"])
+      {"params": params, "cache": cache},
+      rows["encoded_BxSxD"],
+      rows["source_segment_ids_BxS"],
+      tokens_BxT,
+      segment_BxT,
+      positions_BxT,
+      cache_index_BxT=slots_BxT,
+      kv_segment_ids_BxS=kv_segment_BxS,
+      method="decode",
+      mutable=["cache"],
+    )
     return logits, variables["cache"]
 
 
@@ -81,7 +98,17 @@ def _attention_layers(model_cfg: ModelConfig) -> tuple[int, int]:
   return model_cfg.num_layers + decoder_layers, decoder_layers
 
 
-FAMILY = families.register(families.Family(
-    name="encoder_decoder", build=build, model_inputs=model_inputs, example_batch=example_batch,
-    rows=seq2seq_data.prepare, evaluate=seq2seq_data.evaluate, training_text=seq2seq_data.pair_lines, attention_layers=_attention_layers,
-    adapter=EncoderDecoderAdapter, reads_pairs=True))
+FAMILY = families.register(
+  families.Family(
+    name="encoder_decoder",
+    build=build,
+    model_inputs=model_inputs,
+    example_batch=example_batch,
+    rows=seq2seq_data.prepare,
+    evaluate=seq2seq_data.evaluate,
+    training_text=seq2seq_data.pair_lines,
+    attention_layers=_attention_layers,
+    adapter=EncoderDecoderAdapter,
+    reads_pairs=True,
+  )
+)

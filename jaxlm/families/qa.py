@@ -14,9 +14,11 @@ import numpy as np
 
 from jaxlm import families
 from jaxlm.data import sources
-from jaxlm.models import heads, transformer as model_lib
-from jaxlm.tasks import squad, metrics as task_metrics
 from jaxlm.families import classifier, decoder, encoder
+from jaxlm.models import heads
+from jaxlm.models import transformer as model_lib
+from jaxlm.tasks import metrics as task_metrics
+from jaxlm.tasks import squad
 
 
 def build(model_cfg, decode: bool = False, deterministic: bool = True) -> model_lib.Encoder:
@@ -35,26 +37,27 @@ def example_batch(model_cfg, shape: tuple[int, int]) -> dict:
 def evaluate(evaluation) -> dict:
   """Exact match and F1 (0-100, as SQuAD reports them) on the examples whose windows were all scored, the
   first-words baseline's, the span loss, and a summary line."""
-  logits = [logits_Bx2xT[local["weights"][:, 0] > 0] for local, logits_Bx2xT in
-            classifier.predicted_logits(evaluation)]
+  logits = [logits_Bx2xT[local["weights"][:, 0] > 0] for local, logits_Bx2xT in classifier.predicted_logits(evaluation)]
   rows = evaluation.rows
   logits_Nx2xT = np.concatenate(logits) if logits else np.zeros((0, 2, rows.seq_len))
   predictions = squad.best_spans(rows, logits_Nx2xT)
   if len(logits_Nx2xT) < len(rows) and predictions:  # the last example's windows may be cut by max_batches
-    predictions = predictions[:rows.features[len(logits_Nx2xT)].example]
-  golds = [example.answers for example in rows.examples[:len(predictions)]]
+    predictions = predictions[: rows.features[len(logits_Nx2xT)].example]
+  golds = [example.answers for example in rows.examples[: len(predictions)]]
   train = squad.load_examples(evaluation.config, "train")
   length = max(1, round(np.mean([len(e.answers[0].split()) for e in train if e.answers]))) if train else 1
-  baseline = [" ".join(example.context.split()[:length]) for example in rows.examples[:len(predictions)]]
+  baseline = [" ".join(example.context.split()[:length]) for example in rows.examples[: len(predictions)]]
   metrics = evaluation.loss_metrics()
   result = {"step": metrics["step"], "span_loss": metrics["loss"]}
   for name, guesses in (("", predictions), ("first_words_", baseline)):
     scores = task_metrics.squad_scores(guesses, golds) if golds else {"exact_match": 0.0, "f1": 0.0, "examples": 0}
     result[f"{name}exact_match"], result[f"{name}f1"] = 100 * scores["exact_match"], 100 * scores["f1"]
   result["examples"] = len(golds)
-  result["summary"] = (f"step {result['step']}: exact match {result['exact_match']:.2f}, F1 {result['f1']:.2f} "
-                       f"on {len(golds)} questions (first {length} context words: EM "
-                       f"{result['first_words_exact_match']:.2f}, F1 {result['first_words_f1']:.2f})")
+  result["summary"] = (
+    f"step {result['step']}: exact match {result['exact_match']:.2f}, F1 {result['f1']:.2f} "
+    f"on {len(golds)} questions (first {length} context words: EM "
+    f"{result['first_words_exact_match']:.2f}, F1 {result['first_words_f1']:.2f})"
+  )
   return result
 
 
@@ -70,7 +73,16 @@ def _training_text(config):
     yield example.context
 
 
-FAMILY = families.register(families.Family(
-    name="encoder_qa", build=build, model_inputs=encoder.model_inputs, example_batch=example_batch,
-    rows=rows, evaluate=evaluate, training_text=_training_text,
-    attention_layers=lambda model_cfg: (model_cfg.num_layers, 0), head="head"))
+FAMILY = families.register(
+  families.Family(
+    name="encoder_qa",
+    build=build,
+    model_inputs=encoder.model_inputs,
+    example_batch=example_batch,
+    rows=rows,
+    evaluate=evaluate,
+    training_text=_training_text,
+    attention_layers=lambda model_cfg: (model_cfg.num_layers, 0),
+    head="head",
+  )
+)

@@ -15,7 +15,8 @@ import sys
 from typing import Callable, TextIO
 
 from jaxlm.data import chat_template as chat_template_lib
-from jaxlm.inference import decode, text as text_lib
+from jaxlm.inference import decode
+from jaxlm.inference import text as text_lib
 
 
 class ChatSession:
@@ -55,8 +56,10 @@ class ChatSession:
     ids = self.prompt_ids(messages)
     room = self.model_cfg.max_len - len(ids)
     if room < 1:
-      raise decode.DecodeError(f"the conversation has {len(ids)} tokens, the model's context is "
-                               f"{self.model_cfg.max_len}; type /reset to start over")
+      raise decode.DecodeError(
+        f"the conversation has {len(ids)} tokens, the model's context is "
+        f"{self.model_cfg.max_len}; type /reset to start over"
+      )
     answer = text_lib.TextStream(self.tokenizer, self.stop)
     for out in self.generator.stream([ids], min(self.max_tokens, room), self.sampling, self.stop_ids):
       finished = bool(out.finished_B[0])
@@ -69,8 +72,9 @@ class ChatSession:
     return answer.text
 
 
-def run_loop(session: ChatSession, lines: TextIO = sys.stdin, out: TextIO = sys.stdout,
-             interactive: bool | None = None) -> None:
+def run_loop(
+  session: ChatSession, lines: TextIO = sys.stdin, out: TextIO = sys.stdout, interactive: bool | None = None
+) -> None:
   """Reads user messages from `lines` until /exit or end of input and writes the answers to `out`.
 
   `interactive` (default: whether `lines` is a terminal) adds the 'you> ' prompt and a banner on stderr."""

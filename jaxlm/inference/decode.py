@@ -25,15 +25,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from jaxlm.errors import JaxlmError
 from jaxlm import families  # families imports no model code until a lookup
+from jaxlm.errors import JaxlmError
 from jaxlm.models import quantize
 
 if TYPE_CHECKING:
   from jaxlm.config import ModelConfig
 
 Array = jax.Array
-PROMPT_BUCKET = 16   # prompt lengths round up to this, so few prefill shapes get compiled
+PROMPT_BUCKET = 16  # prompt lengths round up to this, so few prefill shapes get compiled
 CACHE_BUCKET = 64
 
 
@@ -47,6 +47,7 @@ def round_up(n: int, multiple: int) -> int:
 
 
 # --- Adapters: the family-specific prefill and step -------------------------------------------------
+
 
 class Adapter:
   """A family's decoding: prefill writes the prompt into a fresh cache; step feeds one token per row.
@@ -90,20 +91,28 @@ class Adapter:
     segment_BxP = (slots_P[None] < lengths_B[:, None]).astype(jnp.int32)
     slots_BxP = jnp.broadcast_to(slots_P, (batch, prompt_len))
     kv_segment_BxS = (jnp.arange(cache_len)[None] < lengths_B[:, None]).astype(jnp.int32)
-    logits_BxPxV, cache = self._apply(params, cache, rows, tokens_BxP, segment_BxP, slots_BxP, slots_BxP,
-                                      kv_segment_BxS)
+    logits_BxPxV, cache = self._apply(
+      params, cache, rows, tokens_BxP, segment_BxP, slots_BxP, slots_BxP, kv_segment_BxS
+    )
     next_BxV = jnp.take_along_axis(logits_BxPxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
     rows = dict(rows, kv_segment_ids_BxS=kv_segment_BxS, positions_B=lengths_B)
-    return logits_BxPxV, next_BxV, constrain(
-        {"cache": cache, "rows": rows, "slot": jnp.int32(prompt_len)})
+    return logits_BxPxV, next_BxV, constrain({"cache": cache, "rows": rows, "slot": jnp.int32(prompt_len)})
 
   def step(self, params, state, tokens_B):
     """One token per row at slot `state['slot']`, position `rows['positions_B']`; returns logits B x V."""
     rows, slot = state["rows"], state["slot"]
     kv_segment_BxS = rows["kv_segment_ids_BxS"].at[:, slot].set(1)
     ones_Bx1 = jnp.ones_like(tokens_B)[:, None]
-    logits_Bx1xV, cache = self._apply(params, state["cache"], rows, tokens_B[:, None], ones_Bx1,
-                                      rows["positions_B"][:, None], ones_Bx1 * slot, kv_segment_BxS)
+    logits_Bx1xV, cache = self._apply(
+      params,
+      state["cache"],
+      rows,
+      tokens_B[:, None],
+      ones_Bx1,
+      rows["positions_B"][:, None],
+      ones_Bx1 * slot,
+      kv_segment_BxS,
+    )
     rows = dict(rows, kv_segment_ids_BxS=kv_segment_BxS, positions_B=rows["positions_B"] + 1)
     return logits_Bx1xV[:, 0], constrain({"cache": cache, "rows": rows, "slot": slot + 1})
 
@@ -116,19 +125,26 @@ def adapter_for(model_cfg: ModelConfig, start_id: int = 1) -> Adapter:
   """The decoding adapter of `model_cfg.family` (the model sub-config); DecodeError if it does not generate."""
   family = families.get(model_cfg.family)
   if family.adapter is None:
-    raise DecodeError(f"model.family '{model_cfg.family}' does not generate text; decoding needs one of "
-                      + ", ".join(name for name in families.names() if families.get(name).adapter))
+    raise DecodeError(
+      f"model.family '{model_cfg.family}' does not generate text; decoding needs one of "
+      + ", ".join(name for name in families.names() if families.get(name).adapter)
+    )
   return family.adapter(model_cfg, start_id)
 
 
 def map_rows(fn, state):
   """Applies `fn(array, batch_axis)` to every per-row array of a decode state (cache included)."""
+
   def cache_leaf(path, x):
     name = getattr(path[-1], "key", "")
     # cached_key/value are B x S x K x H, with a leading layer axis under scan_layers.
     return fn(x, x.ndim - 4) if name in ("cached_key", "cached_value") else x
-  return {"cache": jax.tree_util.tree_map_with_path(cache_leaf, state["cache"]),
-          "rows": jax.tree.map(lambda x: fn(x, 0), state["rows"]), "slot": state["slot"]}
+
+  return {
+    "cache": jax.tree_util.tree_map_with_path(cache_leaf, state["cache"]),
+    "rows": jax.tree.map(lambda x: fn(x, 0), state["rows"]),
+    "slot": state["slot"],
+  }
 
 
 # The cache's sharding, declared once by logical name: cached_key/value are B x S x K x H (a leading layer
@@ -140,10 +156,12 @@ CACHE_AXES = ("batch", "length", "kv_heads", "head_dim")
 def state_logical_axes(state):
   """PartitionSpecs of logical axis names for a decode state (arrays or their shapes): the cache by
   CACHE_AXES, the other per-row arrays by 'batch' along axis 0, the rest (slot, cache indices) replicated."""
+
   def axes(x, batch_axis):
     if x.ndim >= 4 and batch_axis == x.ndim - 4:
       return PartitionSpec(*(("layers",) * batch_axis + CACHE_AXES))
     return PartitionSpec(*(["batch"] + [None] * (x.ndim - 1)))
+
   is_spec = lambda x: isinstance(x, PartitionSpec)
   return jax.tree.map(lambda x: x if is_spec(x) else PartitionSpec(), map_rows(axes, state), is_leaf=is_spec)
 
@@ -151,6 +169,7 @@ def state_logical_axes(state):
 def state_shardings(mesh: jax.sharding.Mesh, rules, state):
   """NamedShardings of a decode state (arrays or their shapes) on `mesh` by the logical `rules`."""
   import flax.linen as nn  # local: exported artifacts decode without Flax (see `jaxlm.inference.export`)
+
   return nn.logical_to_mesh_sharding(state_logical_axes(state), mesh, rules)
 
 
@@ -158,6 +177,7 @@ def constrain(state):
   """The decode state constrained to its declared sharding; a no-op unless called under
   `nn.logical_axis_rules` (see `on_mesh`), so one-device decoding is unchanged."""
   import flax.linen as nn
+
   return nn.with_logical_constraint(state, state_logical_axes(state))
 
 
@@ -172,11 +192,13 @@ def on_mesh(mesh: jax.sharding.Mesh | None, rules=()):
     stack.enter_context(jax.set_mesh(mesh))
     if rules:
       import flax.linen as nn
+
       stack.enter_context(nn.logical_axis_rules(rules))
     yield
 
 
 # --- Sampling ---------------------------------------------------------------------------------------
+
 
 def sample(logits_BxV: Array, keys_B: Array, temperature_B: Array, top_k_B: Array, top_p_B: Array) -> Array:
   """Per-row temperature, top-k (0 = off) and top-p (1 = off); temperature 0 is greedy.
@@ -205,6 +227,7 @@ def sample(logits_BxV: Array, keys_B: Array, temperature_B: Array, top_k_B: Arra
 @dataclasses.dataclass
 class Sampling:
   """Per-row sampling settings; scalars broadcast to the batch."""
+
   temperature: float | Sequence[float] = 0.0
   top_k: int | Sequence[int] = 0
   top_p: float | Sequence[float] = 1.0
@@ -213,10 +236,12 @@ class Sampling:
   def arrays(self, batch: int) -> dict[str, Array]:
     """{'seeds_B', 'temperature_B', 'top_k_B', 'top_p_B'}: the settings broadcast to `batch` rows."""
     full = lambda v, dtype: np.broadcast_to(np.asarray(v, dtype), (batch,)).copy()
-    return {"seeds_B": jnp.asarray(full(self.seed, np.uint32)),
-            "temperature_B": jnp.asarray(full(self.temperature, np.float32)),
-            "top_k_B": jnp.asarray(full(self.top_k, np.int32)),
-            "top_p_B": jnp.asarray(full(self.top_p, np.float32))}
+    return {
+      "seeds_B": jnp.asarray(full(self.seed, np.uint32)),
+      "temperature_B": jnp.asarray(full(self.temperature, np.float32)),
+      "top_k_B": jnp.asarray(full(self.top_k, np.int32)),
+      "top_p_B": jnp.asarray(full(self.top_p, np.float32)),
+    }
 
 
 def choose(logits_BxV, sampling: dict, t, do_sample: bool) -> Array:
@@ -230,11 +255,13 @@ def choose(logits_BxV, sampling: dict, t, do_sample: bool) -> Array:
 
 # --- Streaming generation ---------------------------------------------------------------------------
 
+
 class StepOutput(NamedTuple):
   """One decode step of `Generator.stream`: per-row arrays of length B."""
-  tokens_B: np.ndarray    # the token each row produced at this step
-  emit_B: np.ndarray      # row produced a regular token (not a stop token, not already finished)
-  stopped_B: np.ndarray   # row produced a stop token at this step
+
+  tokens_B: np.ndarray  # the token each row produced at this step
+  emit_B: np.ndarray  # row produced a regular token (not a stop token, not already finished)
+  stopped_B: np.ndarray  # row produced a stop token at this step
   finished_B: np.ndarray  # row is finished after this step (stop token or its max_new_tokens)
 
 
@@ -247,12 +274,13 @@ def pad_prompts(prompts: Sequence[Sequence[int]], batch: int, width: int | None 
     raise DecodeError(f"a prompt has {max(lengths)} tokens; this generator takes at most {width}")
   tokens = np.zeros((batch, width or round_up(max(lengths), PROMPT_BUCKET)), np.int32)
   for i, p in enumerate(prompts):
-    tokens[i, :len(p)] = p
+    tokens[i, : len(p)] = p
   return tokens, np.asarray(lengths, np.int32)
 
 
-def check_request(model_cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int],
-                  prompt_in_cache: bool = True) -> None:
+def check_request(
+  model_cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int], prompt_in_cache: bool = True
+) -> None:
   """DecodeError naming the field if a prompt is empty or prompt + new tokens exceed `model_cfg.max_len`."""
   for i, (p, n) in enumerate(zip(prompts, max_new_tokens)):
     if len(p) == 0:
@@ -262,8 +290,10 @@ def check_request(model_cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_
     # Positions run to prompt + new tokens when the prompt is in the sequence, else to the new tokens.
     used = (len(p) if prompt_in_cache else 0) + n
     if used > model_cfg.max_len or len(p) > model_cfg.max_len:
-      raise DecodeError(f"prompt {i} ({len(p)} tokens) + max_tokens ({n}) exceeds the model's context of "
-                        f"{model_cfg.max_len} (model.max_len); shorten the prompt or lower max_tokens")
+      raise DecodeError(
+        f"prompt {i} ({len(p)} tokens) + max_tokens ({n}) exceeds the model's context of "
+        f"{model_cfg.max_len} (model.max_len); shorten the prompt or lower max_tokens"
+      )
 
 
 class Generator:
@@ -273,8 +303,15 @@ class Generator:
   mesh: jax.sharding.Mesh | None = None  # the mesh the params are on; None: one device
   rules = ()
 
-  def __init__(self, model_cfg: ModelConfig, params, cache_len: int | None = None, start_id: int = 1,
-               mesh: jax.sharding.Mesh | None = None, rules=()):
+  def __init__(
+    self,
+    model_cfg: ModelConfig,
+    params,
+    cache_len: int | None = None,
+    start_id: int = 1,
+    mesh: jax.sharding.Mesh | None = None,
+    rules=(),
+  ):
     """`model_cfg`: the model sub-config; `params`: its parameters (float, or int8 from `jaxlm.models.quantize`);
     `cache_len`: a fixed cache length (None: per call); `start_id`: BOS, an encoder-decoder's first token;
     `mesh`: the mesh `params` are sharded on (`jaxlm.load(..., mesh=)`), with the logical `rules` of the
@@ -294,8 +331,14 @@ class Generator:
     logits_BxV, state = self.adapter.step(quantize.materialize(params), state, tokens_B)
     return choose(logits_BxV, sampling, t, do_sample), state
 
-  def stream(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int], sampling: Sampling = None,
-             stop_ids: Sequence[int] = (), batch_size: int | None = None) -> Iterator[StepOutput]:
+  def stream(
+    self,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int | Sequence[int],
+    sampling: Sampling = None,
+    stop_ids: Sequence[int] = (),
+    batch_size: int | None = None,
+  ) -> Iterator[StepOutput]:
     """Yields one StepOutput per decode step until every row is finished.
 
     `batch_size` pads the batch with dummy rows, so a server compiles one
@@ -313,10 +356,13 @@ class Generator:
     slots_needed = prompt_slots + int(max_new.max())
     cache_len = self.cache_len or round_up(slots_needed, CACHE_BUCKET)
     if slots_needed > cache_len:
-      raise DecodeError(f"prompt + max_tokens needs {slots_needed} cache slots but the cache has {cache_len}; "
-                        "lower max_tokens or raise the cache length")
-    row_sampling = dataclasses.replace(sampling, **{
-        f.name: _pad_rows(getattr(sampling, f.name), n, batch) for f in dataclasses.fields(sampling)})
+      raise DecodeError(
+        f"prompt + max_tokens needs {slots_needed} cache slots but the cache has {cache_len}; "
+        "lower max_tokens or raise the cache length"
+      )
+    row_sampling = dataclasses.replace(
+      sampling, **{f.name: _pad_rows(getattr(sampling, f.name), n, batch) for f in dataclasses.fields(sampling)}
+    )
     arrays = row_sampling.arrays(batch)
     do_sample = bool(np.any(np.asarray(row_sampling.temperature) > 0))
     prompt = {"tokens_BxP": jnp.asarray(tokens_BxP), "lengths_B": jnp.asarray(lengths_B)}
@@ -344,7 +390,7 @@ class Generator:
     """The new tokens of each prompt (stop tokens excluded), as lists of ints."""
     outputs = [[] for _ in prompts]
     for out in self.stream(prompts, max_new_tokens, sampling, stop_ids, batch_size):
-      for i in np.flatnonzero(out.emit_B[:len(prompts)]):
+      for i in np.flatnonzero(out.emit_B[: len(prompts)]):
         outputs[i].append(int(out.tokens_B[i]))
     return outputs
 
@@ -357,10 +403,12 @@ def _pad_rows(value, n: int, batch: int):
 
 # --- Beam search ------------------------------------------------------------------------------------
 
+
 class BeamResult(NamedTuple):
   """What `beam_search` returns for a batch of prompts."""
-  tokens: list[list[int]]          # best hypothesis per prompt, stop token excluded
-  scores: list[float]              # its length-normalized log-probability
+
+  tokens: list[list[int]]  # best hypothesis per prompt, stop token excluded
+  scores: list[float]  # its length-normalized log-probability
   all_tokens: list[list[list[int]]]  # every finished beam per prompt, best first
   all_scores: list[list[float]]
 
@@ -418,12 +466,24 @@ class BeamSearcher:
     logits_BWxV, state = self.adapter.step(quantize.materialize(params), state, tokens_BW)
     best_possible_B = alive_logp_BxW[:, 0] / length_penalty(float(max_new), alpha)
     done_B = fin_score_BxW[:, -1] > best_possible_B
-    beams = {"alive_logp": alive_logp_BxW, "alive_seq": alive_seq_BxWxL, "fin_score": fin_score_BxW,
-             "fin_seq": fin_seq_BxWxL, "state": state}
+    beams = {
+      "alive_logp": alive_logp_BxW,
+      "alive_seq": alive_seq_BxWxL,
+      "fin_score": fin_score_BxW,
+      "fin_seq": fin_seq_BxWxL,
+      "state": state,
+    }
     return beams, logits_BWxV, jnp.all(done_B)
 
-  def search(self, prompts: Sequence[Sequence[int]], beam_size: int = 4, max_new_tokens: int = 64,
-             eos_id: int = 2, alpha: float = 0.6, cache_len: int | None = None) -> BeamResult:
+  def search(
+    self,
+    prompts: Sequence[Sequence[int]],
+    beam_size: int = 4,
+    max_new_tokens: int = 64,
+    eos_id: int = 2,
+    alpha: float = 0.6,
+    cache_len: int | None = None,
+  ) -> BeamResult:
     """Beam search of width `beam_size` for each prompt (token ids), up to `max_new_tokens`, stopping beams
     at `eos_id`, ranked with GNMT's length penalty `alpha`."""
     batch = len(prompts)
@@ -437,27 +497,42 @@ class BeamSearcher:
     alive_logp = np.full((batch, beam_size), -np.inf, np.float32)
     alive_logp[:, 0] = 0.0
     empty = lambda: jnp.zeros((batch, beam_size, max_new_tokens), jnp.int32)  # two buffers: both are donated
-    beams = {"alive_logp": jnp.asarray(alive_logp), "alive_seq": empty(),
-             "fin_score": jnp.full((batch, beam_size), -jnp.inf), "fin_seq": empty(), "state": state}
+    beams = {
+      "alive_logp": jnp.asarray(alive_logp),
+      "alive_seq": empty(),
+      "fin_score": jnp.full((batch, beam_size), -jnp.inf),
+      "fin_seq": empty(),
+      "state": state,
+    }
     for t in range(max_new_tokens):
-      beams, logits, done = self._step(self.params, beams, logits, jnp.int32(t), max_new=max_new_tokens,
-                                       alpha=float(alpha), eos_id=int(eos_id))
+      beams, logits, done = self._step(
+        self.params, beams, logits, jnp.int32(t), max_new=max_new_tokens, alpha=float(alpha), eos_id=int(eos_id)
+      )
       if bool(done):
         break
     seqs, scores = np.asarray(beams["fin_seq"]), np.asarray(beams["fin_score"])
-    all_tokens = [[_until(seqs[b, w], eos_id) for w in range(beam_size) if np.isfinite(scores[b, w])]
-                  for b in range(batch)]
+    all_tokens = [
+      [_until(seqs[b, w], eos_id) for w in range(beam_size) if np.isfinite(scores[b, w])] for b in range(batch)
+    ]
     all_scores = [[float(s) for s in scores[b] if np.isfinite(s)] for b in range(batch)]
     return BeamResult([t[0] for t in all_tokens], [s[0] for s in all_scores], all_tokens, all_scores)
 
 
 def _until(seq: np.ndarray, eos_id: int) -> list[int]:
   ends = np.flatnonzero(seq == eos_id)
-  return [int(x) for x in (seq[:ends[0]] if len(ends) else seq)]
+  return [int(x) for x in (seq[: ends[0]] if len(ends) else seq)]
 
 
-def beam_search(model_cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], beam_size: int = 4, max_new_tokens: int = 64,
-                eos_id: int = 2, alpha: float = 0.6, start_id: int = 1) -> BeamResult:
+def beam_search(
+  model_cfg: ModelConfig,
+  params,
+  prompts: Sequence[Sequence[int]],
+  beam_size: int = 4,
+  max_new_tokens: int = 64,
+  eos_id: int = 2,
+  alpha: float = 0.6,
+  start_id: int = 1,
+) -> BeamResult:
   """Beam search with GNMT length penalty. `prompts` are token ids: the text to continue for a decoder,
   the source for an encoder-decoder (whose target starts from `start_id`). For many batches, keep one
   `BeamSearcher` instead: it compiles once per shape."""

@@ -23,10 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.inference import decode  # model code is imported lazily there, only when a model is built
 from jaxlm.parallel import mesh as mesh_lib  # no Flax, no config code
 from jaxlm.storage import fs
-from jaxlm.data import tokenizer as tokenizer_lib
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -69,29 +69,43 @@ def export_run(run, out, batch_size: int = 1, max_prompt_len: int = 0, mesh=None
   step = jax.jit(functools.partial(generator._step, do_sample=True), donate_argnums=(1,))
   spec = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype), tree)
   # On a mesh the params keep their shardings, which the exported programs then take.
-  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding if mesh else None),
-                        run.params)
-  prompt = {"tokens_BxP": jax.ShapeDtypeStruct((batch_size, prompt_len), jnp.int32),
-            "lengths_B": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+  params = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding if mesh else None), run.params
+  )
+  prompt = {
+    "tokens_BxP": jax.ShapeDtypeStruct((batch_size, prompt_len), jnp.int32),
+    "lengths_B": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
+  }
   sampling = spec(decode.Sampling().arrays(batch_size))
   out = fs.path(out)  # a local folder or gs://
   fs.makedirs(out)
   from jaxlm import config as config_lib  # local: loading an artifact needs no config code
+
   with decode.on_mesh(mesh, config_lib.mesh_rules(run.config)):
     tokens_B, state = jax.eval_shape(prefill, params, prompt, sampling)
     (out / "prefill.bin").write_bytes(jax.export.export(prefill)(params, prompt, sampling).serialize())
-    (out / "step.bin").write_bytes(jax.export.export(step)(
-        params, state, tokens_B, sampling, jax.ShapeDtypeStruct((), jnp.int32)).serialize())
+    (out / "step.bin").write_bytes(
+      jax.export.export(step)(params, state, tokens_B, sampling, jax.ShapeDtypeStruct((), jnp.int32)).serialize()
+    )
   weights = io.BytesIO()  # zip needs a seekable file, which an object being uploaded is not
   np.savez(weights, **flatten(jax.device_get(run.params)))
   (out / "weights.npz").write_bytes(weights.getvalue())
   tok = run.tokenizer
-  meta = {"family": cfg.family, "max_len": cfg.max_len, "batch_size": batch_size, "prompt_len": prompt_len,
-          "cache_len": cache_len, "prompt_in_cache": adapter.prompt_in_cache, "vocab_size": cfg.vocab_size,
-          "eos_id": int(tok.eos_id), "bos_id": int(tok.bos_id), "step": run.step,
-          "mesh": dict(mesh.shape) if mesh else None,
-          # The ids every text prompt starts with (a decoder-only model continues after EOS); see `generate`.
-          "prompt_prefix": [int(i) for i in adapter.prompt_ids(tok, "")]}
+  meta = {
+    "family": cfg.family,
+    "max_len": cfg.max_len,
+    "batch_size": batch_size,
+    "prompt_len": prompt_len,
+    "cache_len": cache_len,
+    "prompt_in_cache": adapter.prompt_in_cache,
+    "vocab_size": cfg.vocab_size,
+    "eos_id": int(tok.eos_id),
+    "bos_id": int(tok.bos_id),
+    "step": run.step,
+    "mesh": dict(mesh.shape) if mesh else None,
+    # The ids every text prompt starts with (a decoder-only model continues after EOS); see `generate`.
+    "prompt_prefix": [int(i) for i in adapter.prompt_ids(tok, "")],
+  }
   tok.save(out)  # tokenizer.json (+ tokenizer.model): the artifact takes and returns text on its own
   (out / "meta.json").write_text(json.dumps(meta, indent=2))
   return out
@@ -123,8 +137,9 @@ class ExportedGenerator(decode.Generator):
     if self.mesh is None:
       self.params = jax.tree.map(jnp.asarray, params)
     else:
-      (param_shardings, *_), _ = jax.tree.unflatten(self._prefill_exported.in_tree,
-                                                    self._prefill_exported.in_shardings_jax(self.mesh))
+      (param_shardings, *_), _ = jax.tree.unflatten(
+        self._prefill_exported.in_tree, self._prefill_exported.in_shardings_jax(self.mesh)
+      )
       self.params = jax.device_put(params, param_shardings)
     self._step_exported = jax.export.deserialize(bytearray((directory / "step.bin").read_bytes()))
     self.tokenizer = tokenizer_lib.load(directory) if (directory / "tokenizer.json").is_file() else None
@@ -137,12 +152,18 @@ class ExportedGenerator(decode.Generator):
 
   def stream(self, prompts, max_new_tokens, sampling=None, stop_ids=(), batch_size=None):
     # The artifact's batch is fixed; fewer prompts are padded with dummy rows.
-    return super().stream(prompts, max_new_tokens, sampling or decode.Sampling(temperature=0.0), stop_ids,
-                          self.meta["batch_size"])
+    return super().stream(
+      prompts, max_new_tokens, sampling or decode.Sampling(temperature=0.0), stop_ids, self.meta["batch_size"]
+    )
 
-
-  def generate(self, prompts, max_new_tokens: int | Sequence[int] = 64, sampling: decode.Sampling = None,
-               stop_ids: Sequence[int] | None = None, batch_size: int | None = None):
+  def generate(
+    self,
+    prompts,
+    max_new_tokens: int | Sequence[int] = 64,
+    sampling: decode.Sampling = None,
+    stop_ids: Sequence[int] | None = None,
+    batch_size: int | None = None,
+  ):
     """Text in, text out, or token ids in, token ids out.
 
     prompts: a str (returns a str), a list of str (returns a list of str), or a list of token-id lists
@@ -156,8 +177,10 @@ class ExportedGenerator(decode.Generator):
     if not prompts or not all(isinstance(p, str) for p in prompts):
       return super().generate(prompts, max_new_tokens, sampling, stop_ids or (), batch_size)
     if self.tokenizer is None:
-      raise decode.DecodeError("this artifact holds no tokenizer (exported by an older jaxlm): pass token ids, "
-                               "or export it again with `jaxlm export`")
+      raise decode.DecodeError(
+        "this artifact holds no tokenizer (exported by an older jaxlm): pass token ids, "
+        "or export it again with `jaxlm export`"
+      )
     prefix = list(self.meta["prompt_prefix"])
     ids = [prefix + [int(i) for i in self.tokenizer.encode(p)] for p in prompts]
     stop = [self.meta["eos_id"]] if stop_ids is None else stop_ids

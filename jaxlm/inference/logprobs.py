@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jaxlm.inference import decode
 from jaxlm.models import quantize
 
-TOP_LOGPROBS = 5   # the most alternatives `logprobs` may ask for, as in the OpenAI API
+TOP_LOGPROBS = 5  # the most alternatives `logprobs` may ask for, as in the OpenAI API
 
 
 def _top(logp_xV, k: int):
@@ -40,8 +40,16 @@ class ScoringGenerator(decode.Generator):
   (not an encoder's source).
   """
 
-  def __init__(self, cfg, params, cache_len: int | None = None, start_id: int = 1, can_score_prompt: bool = True,
-               mesh=None, rules=()):
+  def __init__(
+    self,
+    cfg,
+    params,
+    cache_len: int | None = None,
+    start_id: int = 1,
+    can_score_prompt: bool = True,
+    mesh=None,
+    rules=(),
+  ):
     super().__init__(cfg, params, cache_len, start_id, mesh, rules)
     self.can_score_prompt, self.score_prompt_now, self.scores = can_score_prompt, False, {}
     prefill = jax.jit(self._scored_prefill, static_argnames=("cache_len", "do_sample", "score_prompt"))
@@ -51,9 +59,12 @@ class ScoringGenerator(decode.Generator):
       def call(*args, **kwargs):
         tokens_B, state, self.scores = function(*args, **kwargs)
         return tokens_B, state
+
       return call
-    self.prefill = keep(lambda *args, **kwargs: prefill(
-        *args, **kwargs, score_prompt=self.can_score_prompt and self.score_prompt_now))
+
+    self.prefill = keep(
+      lambda *args, **kwargs: prefill(*args, **kwargs, score_prompt=self.can_score_prompt and self.score_prompt_now)
+    )
     self.step = keep(step)
 
   def _scored_prefill(self, params, prompt, sampling, cache_len: int, do_sample: bool, score_prompt: bool):
@@ -76,14 +87,21 @@ class ScoringGenerator(decode.Generator):
   def _score(logits_BxV, tokens_B) -> dict:
     logp_BxV = jax.nn.log_softmax(logits_BxV.astype(jnp.float32))
     top_ids, top_logprobs = _top(logp_BxV, TOP_LOGPROBS)
-    return {"logprob_B": jnp.take_along_axis(logp_BxV, tokens_B[:, None], axis=-1)[:, 0],
-            "top_ids_BxK": top_ids, "top_logprobs_BxK": top_logprobs}
+    return {
+      "logprob_B": jnp.take_along_axis(logp_BxV, tokens_B[:, None], axis=-1)[:, 0],
+      "top_ids_BxK": top_ids,
+      "top_logprobs_BxK": top_logprobs,
+    }
 
 
 def token_text(tokenizer, token: int) -> str:
   """A token as text for `logprobs`: special ids by name, a lone non-ASCII byte as OpenAI's 'bytes:\\xNN'."""
-  specials = {tokenizer.pad_id: "<pad>", tokenizer.bos_id: "<bos>", tokenizer.eos_id: "<eos>",
-              tokenizer.mask_id: "<mask>"}
+  specials = {
+    tokenizer.pad_id: "<pad>",
+    tokenizer.bos_id: "<bos>",
+    tokenizer.eos_id: "<eos>",
+    tokenizer.mask_id: "<mask>",
+  }
   if token in specials:
     return specials[token]
   text = tokenizer.decode([token])
@@ -106,12 +124,18 @@ def char_offsets(tokenizer, ids: list[int], start: int, stop: int) -> list[int]:
 def logprobs_object(tokenizer, ids: list[int], scores: list[tuple], offsets: list[int], top: int) -> dict:
   """OpenAI's logprobs object for tokens `ids`: `scores` holds (logprob, top ids, top logprobs) per token
   (None where a token has no score) and `offsets` their character offsets; `top` alternatives each."""
-  tops = [None if top_ids is None else
-          {token_text(tokenizer, int(i)): float(lp) for i, lp in zip(top_ids[:top], top_logprobs[:top])}
-          for _, top_ids, top_logprobs in scores]
-  return {"tokens": [token_text(tokenizer, i) for i in ids],
-          "token_logprobs": [None if lp is None else float(lp) for lp, _, _ in scores],
-          "top_logprobs": tops, "text_offset": offsets}
+  tops = [
+    None
+    if top_ids is None
+    else {token_text(tokenizer, int(i)): float(lp) for i, lp in zip(top_ids[:top], top_logprobs[:top])}
+    for _, top_ids, top_logprobs in scores
+  ]
+  return {
+    "tokens": [token_text(tokenizer, i) for i in ids],
+    "token_logprobs": [None if lp is None else float(lp) for lp, _, _ in scores],
+    "top_logprobs": tops,
+    "text_offset": offsets,
+  }
 
 
 def merge_logprobs(parts: list) -> dict | None:

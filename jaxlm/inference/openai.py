@@ -30,13 +30,24 @@ from aiohttp import web
 from jaxlm.data import chat_template as chat_template_lib
 from jaxlm.inference import logprobs as scoring
 
-MAX_CHOICES = 16   # the most completions `n` may ask for
+MAX_CHOICES = 16  # the most completions `n` may ask for
 
 _NUMBER = (int, float)
 COMPLETION_FIELDS = {
-    "prompt": (str,), "max_tokens": (int,), "temperature": _NUMBER, "top_p": _NUMBER, "top_k": (int,),
-    "stop": (str, list, type(None)), "seed": (int,), "stream": (bool,), "n": (int,), "logprobs": (int, type(None)),
-    "echo": (bool,), "user": (str,), "model": (str,)}
+  "prompt": (str,),
+  "max_tokens": (int,),
+  "temperature": _NUMBER,
+  "top_p": _NUMBER,
+  "top_k": (int,),
+  "stop": (str, list, type(None)),
+  "seed": (int,),
+  "stream": (bool,),
+  "n": (int,),
+  "logprobs": (int, type(None)),
+  "echo": (bool,),
+  "user": (str,),
+  "model": (str,),
+}
 """Each field of a completion request and the JSON types it takes."""
 _BOOLEANS = {"stream", "echo"}
 NOT_FOR_CHAT = ("prompt", "echo", "logprobs")  # completion fields with no chat meaning here
@@ -60,6 +71,7 @@ class RequestError(ValueError):
 
 # --- Requests ---------------------------------------------------------------------------------------
 
+
 def _reject_constant(name: str):
   raise RequestError("body", f"the request body contains {name}, which is not valid JSON; send finite numbers")
 
@@ -68,12 +80,16 @@ def _check_text(field: str, text: str) -> None:
   try:
     text.encode("utf-8")
   except UnicodeEncodeError as e:
-    raise RequestError(field, f"field '{field}' contains an unpaired surrogate ({text[e.start]!r} at "
-                              f"character {e.start}); send valid Unicode text") from None
+    raise RequestError(
+      field,
+      f"field '{field}' contains an unpaired surrogate ({text[e.start]!r} at "
+      f"character {e.start}); send valid Unicode text",
+    ) from None
 
 
-def parse_completion_request(body: bytes, tokenizer, max_len: int, prefix: list[int], vocab_size: int,
-                             model_name: str = "") -> dict:
+def parse_completion_request(
+  body: bytes, tokenizer, max_len: int, prefix: list[int], vocab_size: int, model_name: str = ""
+) -> dict:
   """The validated fields of a completion request (with defaults) and the prompt's ids.
 
   Args:
@@ -102,14 +118,29 @@ def parse_completion_request(body: bytes, tokenizer, max_len: int, prefix: list[
     if key not in COMPLETION_FIELDS:
       raise RequestError(key, f"unknown field '{key}'; allowed: {', '.join(sorted(COMPLETION_FIELDS))}")
     # bool is an int in Python; only the boolean fields may be one.
-    if (not isinstance(value, COMPLETION_FIELDS[key])
-        or (isinstance(value, bool) != (key in _BOOLEANS) and value is not None)):
+    if not isinstance(value, COMPLETION_FIELDS[key]) or (
+      isinstance(value, bool) != (key in _BOOLEANS) and value is not None
+    ):
       raise RequestError(key, f"field '{key}' has the wrong type ({type(value).__name__})")
-  r = {"max_tokens": 16, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "stop": None, "seed": 0, "stream": False,
-       "n": 1, "logprobs": None, "echo": False, **request}
+  r = {
+    "max_tokens": 16,
+    "temperature": 0.0,
+    "top_p": 1.0,
+    "top_k": 0,
+    "stop": None,
+    "seed": 0,
+    "stream": False,
+    "n": 1,
+    "logprobs": None,
+    "echo": False,
+    **request,
+  }
   if model_name and "model" in request and request["model"] != model_name:
-    raise RequestError("model", f"model '{request['model']}' is not served here; this server serves "
-                                f"'{model_name}' (GET /v1/models)", status=404)
+    raise RequestError(
+      "model",
+      f"model '{request['model']}' is not served here; this server serves '{model_name}' (GET /v1/models)",
+      status=404,
+    )
   if "prompt" not in r or not r["prompt"]:
     raise RequestError("prompt", "field 'prompt' is required and must be a non-empty string")
   for key in ("temperature", "top_p"):
@@ -121,7 +152,7 @@ def parse_completion_request(body: bytes, tokenizer, max_len: int, prefix: list[
     raise RequestError("top_p", "field 'top_p' must be in (0, 1]")
   if not 0 <= r["top_k"] <= vocab_size:
     raise RequestError("top_k", f"field 'top_k' must be in [0, {vocab_size}] (the vocabulary; 0 turns it off)")
-  if not 0 <= r["seed"] < 2 ** 32:
+  if not 0 <= r["seed"] < 2**32:
     raise RequestError("seed", "field 'seed' must be in [0, 2^32)")
   if not 1 <= r["n"] <= MAX_CHOICES:
     raise RequestError("n", f"field 'n' must be in [1, {MAX_CHOICES}]")
@@ -137,13 +168,22 @@ def parse_completion_request(body: bytes, tokenizer, max_len: int, prefix: list[
   if len(ids) >= max_len:
     raise RequestError("prompt", f"the prompt has {len(ids)} tokens; the model's context is {max_len}")
   if not 1 <= r["max_tokens"] <= max_len - len(ids):
-    raise RequestError("max_tokens", f"field 'max_tokens' must be in [1, {max_len - len(ids)}] for this prompt "
-                                     f"({len(ids)} tokens, context {max_len})")
+    raise RequestError(
+      "max_tokens",
+      f"field 'max_tokens' must be in [1, {max_len - len(ids)}] for this prompt ({len(ids)} tokens, context {max_len})",
+    )
   return {**r, "stop": stop, "ids": ids}
 
 
-def parse_chat_request(body: bytes, tokenizer, template: chat_template_lib.ChatTemplate, max_len: int,
-                       prefix: list[int], vocab_size: int, model_name: str = "") -> dict:
+def parse_chat_request(
+  body: bytes,
+  tokenizer,
+  template: chat_template_lib.ChatTemplate,
+  max_len: int,
+  prefix: list[int],
+  vocab_size: int,
+  model_name: str = "",
+) -> dict:
   """The validated fields of a chat request: those of its rendered conversation as a completion request.
 
   Args:
@@ -176,17 +216,20 @@ def parse_chat_request(body: bytes, tokenizer, template: chat_template_lib.ChatT
     raise RequestError("messages", str(e)) from None
   fields = {key: value for key, value in request.items() if key != "messages"}
   try:
-    r = parse_completion_request(json.dumps({**fields, "prompt": prompt}).encode(), tokenizer, max_len, prefix,
-                                 vocab_size, model_name)
+    r = parse_completion_request(
+      json.dumps({**fields, "prompt": prompt}).encode(), tokenizer, max_len, prefix, vocab_size, model_name
+    )
   except RequestError as e:
     if e.param != "prompt":
       raise
-    raise RequestError("messages", f"the conversation, rendered with the chat template: "
-                                   f"{str(e).replace('field ', '')}", e.status) from None
+    raise RequestError(
+      "messages", f"the conversation, rendered with the chat template: {str(e).replace('field ', '')}", e.status
+    ) from None
   return {**r, "messages": messages, "stop": template.stop_strings(r["stop"])}
 
 
 # --- Answers ----------------------------------------------------------------------------------------
+
 
 def error_body(status: int, param: str | None, message: str) -> web.Response:
   """The JSON error answer: {"error": {"message", "type", "param", "code"}}.
@@ -200,8 +243,7 @@ def error_body(status: int, param: str | None, message: str) -> web.Response:
     The response.
   """
   kind = "invalid_request_error" if status < 500 else "server_error"
-  return web.json_response({"error": {"message": message, "type": kind, "param": param, "code": status}},
-                           status=status)
+  return web.json_response({"error": {"message": message, "type": kind, "param": param, "code": status}}, status=status)
 
 
 def sse_event(body: dict) -> bytes:
@@ -270,8 +312,14 @@ class Endpoint:
     Returns:
       Choice objects, one per event.
     """
-    return [{"index": index, "text": event["text"], "logprobs": event.get("logprobs"),
-             "finish_reason": event.get("finish_reason")}]
+    return [
+      {
+        "index": index,
+        "text": event["text"],
+        "logprobs": event.get("logprobs"),
+        "finish_reason": event.get("finish_reason"),
+      }
+    ]
 
 
 class ChatEndpoint(Endpoint):
@@ -317,15 +365,21 @@ def coalesce(events: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
       return [(index, event)]
     if index in merged:
       previous = merged[index]
-      event = {**event, "text": previous["text"] + event["text"],
-               "logprobs": scoring.merge_logprobs([previous.get("logprobs"), event.get("logprobs")])}
+      event = {
+        **event,
+        "text": previous["text"] + event["text"],
+        "logprobs": scoring.merge_logprobs([previous.get("logprobs"), event.get("logprobs")]),
+      }
     merged[index] = event
   return list(merged.items())
 
 
 def _usage(info: dict) -> dict:
-  return {"prompt_tokens": info["prompt_tokens"], "completion_tokens": info["new_tokens"],
-          "total_tokens": info["prompt_tokens"] + info["new_tokens"]}
+  return {
+    "prompt_tokens": info["prompt_tokens"],
+    "completion_tokens": info["new_tokens"],
+    "total_tokens": info["prompt_tokens"] + info["new_tokens"],
+  }
 
 
 async def collect(endpoint: Endpoint, head: dict, events: asyncio.Queue, count: int, info: dict) -> web.Response:
@@ -352,13 +406,15 @@ async def collect(endpoint: Endpoint, head: dict, events: asyncio.Queue, count: 
     if "finish_reason" in event:
       finish[index] = event["finish_reason"]
       info["new_tokens"] += event["completion_tokens"]
-  choices = [endpoint.choice(i, "".join(texts[i]), scoring.merge_logprobs(logprobs[i]), finish[i])
-             for i in range(count)]
+  choices = [
+    endpoint.choice(i, "".join(texts[i]), scoring.merge_logprobs(logprobs[i]), finish[i]) for i in range(count)
+  ]
   return web.json_response({**endpoint.envelope(head, chunk=False), "choices": choices, "usage": _usage(info)})
 
 
-async def stream(request: web.Request, endpoint: Endpoint, head: dict, events: asyncio.Queue, count: int,
-                 info: dict) -> web.StreamResponse:
+async def stream(
+  request: web.Request, endpoint: Endpoint, head: dict, events: asyncio.Queue, count: int, info: dict
+) -> web.StreamResponse:
   """Server-sent events: each choice's text that is final when the client is ready for more, then [DONE].
 
   Args:
@@ -368,8 +424,9 @@ async def stream(request: web.Request, endpoint: Endpoint, head: dict, events: a
   Returns:
     The streamed response (info['status'] is 'client-disconnected' when the client went away).
   """
-  response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                         "X-Request-Id": info["id"]})
+  response = web.StreamResponse(
+    headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Request-Id": info["id"]}
+  )
 
   def chunk(choice: dict) -> bytes:
     return sse_event({**endpoint.envelope(head, chunk=True), "choices": [choice]})

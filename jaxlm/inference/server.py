@@ -34,7 +34,9 @@ import jax
 from aiohttp import web
 
 from jaxlm.data import chat_template
-from jaxlm.inference import decode, logprobs as scoring, openai, text as text_lib
+from jaxlm.inference import decode, openai
+from jaxlm.inference import logprobs as scoring
+from jaxlm.inference import text as text_lib
 from jaxlm.models import quantize
 from jaxlm.storage import fs
 
@@ -47,22 +49,24 @@ REQUEST_INFO = web.RequestKey("info", dict)
 
 # --- The decode worker ------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class Job:
   """One completion (one of a request's `n` choices), filled by the decode thread."""
+
   index: int
   ids: list[int]
   max_tokens: int
   sampling: dict
   output: text_lib.TextStream  # the completion's tokens and the text already sent
-  events: asyncio.Queue    # shared by the request's choices: (index, event) pairs
+  events: asyncio.Queue  # shared by the request's choices: (index, event) pairs
   loop: asyncio.AbstractEventLoop
   logprobs: int | None = None
   echo_text: str | None = None  # the prompt, when `echo`
-  prompt_start: int = 0         # ids[prompt_start:] are the prompt's own tokens (after the prefix)
-  text_base: int = 0            # characters before the completion: completion text offsets start here
+  prompt_start: int = 0  # ids[prompt_start:] are the prompt's own tokens (after the prefix)
+  text_base: int = 0  # characters before the completion: completion text offsets start here
   scores: list[tuple] = dataclasses.field(default_factory=list)  # (logprob, top ids, top logprobs) per token
-  scored_sent: int = 0     # tokens whose log-probabilities were already sent
+  scored_sent: int = 0  # tokens whose log-probabilities were already sent
   done: bool = False
   cancelled: bool = False  # the client went away: decode no further
 
@@ -104,8 +108,9 @@ class Engine:
   def _run(self, batch: list[Job]) -> None:
     fields = lambda key: [job.sampling[key] for job in batch]
     sampling = decode.Sampling(fields("temperature"), fields("top_k"), fields("top_p"), fields("seed"))
-    stream = self.generator.stream([job.ids for job in batch], [job.max_tokens for job in batch], sampling,
-                                   self.stop_ids, batch_size=self.max_batch)
+    stream = self.generator.stream(
+      [job.ids for job in batch], [job.max_tokens for job in batch], sampling, self.stop_ids, batch_size=self.max_batch
+    )
     scoring = any(job.logprobs is not None for job in batch)
     self.generator.score_prompt_now = any(job.logprobs is not None and job.echo_text is not None for job in batch)
     for t, out in enumerate(stream):
@@ -134,12 +139,20 @@ class Engine:
   def _prompt_logprobs(self, job: Job, row: int, scores: dict) -> dict | None:
     if job.logprobs is None:
       return None
-    ids = job.ids[job.prompt_start:]
+    ids = job.ids[job.prompt_start :]
     # Position j of prompt_* scores token j + 1 of the row (the first token has no context).
     positions = range(job.prompt_start - 1, len(job.ids) - 1)
     if "prompt_logprob_BxP" in scores:
-      rows = [(scores["prompt_logprob_BxP"][row, j], scores["prompt_top_ids_BxPxK"][row, j],
-               scores["prompt_top_logprobs_BxPxK"][row, j]) if j >= 0 else (None, None, None) for j in positions]
+      rows = [
+        (
+          scores["prompt_logprob_BxP"][row, j],
+          scores["prompt_top_ids_BxPxK"][row, j],
+          scores["prompt_top_logprobs_BxPxK"][row, j],
+        )
+        if j >= 0
+        else (None, None, None)
+        for j in positions
+      ]
     else:  # the prompt was a source for an encoder: it has no log-probabilities of its own
       rows = [(None, None, None)] * len(ids)
     return self._logprobs(job, ids, rows, scoring.char_offsets(self.tokenizer, ids, 0, len(ids)))
@@ -167,20 +180,30 @@ class Engine:
     offsets = scoring.char_offsets(self.tokenizer, tokens, job.scored_sent, len(tokens))
     count = len(offsets) if ready is None else sum(1 for o in offsets if o < ready)
     start, job.scored_sent = job.scored_sent, job.scored_sent + count
-    return self._logprobs(job, tokens[start:job.scored_sent], job.scores[start:job.scored_sent],
-                          [job.text_base + o for o in offsets[:count]])
+    return self._logprobs(
+      job,
+      tokens[start : job.scored_sent],
+      job.scores[start : job.scored_sent],
+      [job.text_base + o for o in offsets[:count]],
+    )
 
 
 # --- HTTP -------------------------------------------------------------------------------------------
 
+
 def _http_error(e: web.HTTPException, request: web.Request) -> web.Response:
   """404, 405, 413... in the JSON error shape of the 400s."""
   if isinstance(e, web.HTTPNotFound):
-    return openai.error_body(404, "path", f"no route {request.method} {request.path}; routes: POST /v1/completions, "
-                                           "POST /v1/chat/completions, GET /v1/models, GET /health")
+    return openai.error_body(
+      404,
+      "path",
+      f"no route {request.method} {request.path}; routes: POST /v1/completions, "
+      "POST /v1/chat/completions, GET /v1/models, GET /health",
+    )
   if isinstance(e, web.HTTPMethodNotAllowed):
-    return openai.error_body(405, "method", f"{request.path} does not take {request.method}; it takes "
-                                             f"{', '.join(sorted(e.allowed_methods))}")
+    return openai.error_body(
+      405, "method", f"{request.path} does not take {request.method}; it takes {', '.join(sorted(e.allowed_methods))}"
+    )
   if isinstance(e, web.HTTPRequestEntityTooLarge):
     return openai.error_body(413, "body", f"the request body is over {MAX_BODY_BYTES} bytes; send a shorter prompt")
   return openai.error_body(e.status, None, e.reason)
@@ -203,17 +226,31 @@ async def _errors_and_log(request: web.Request, handler):
     response = openai.error_body(500, None, f"internal error: {type(e).__name__}")
   status = info.get("status", response.status)
   routine = request.path in ("/health", "/v1/models") and response.status < 400
-  LOG.log(logging.DEBUG if routine else logging.INFO,
-          "%s %s %s %s prompt_tokens=%d new_tokens=%d latency=%.3fs%s",
-          info["id"], request.method, request.path, status, info["prompt_tokens"], info["new_tokens"],
-          time.perf_counter() - start, f" param={info['error']}" if "error" in info else "")
+  LOG.log(
+    logging.DEBUG if routine else logging.INFO,
+    "%s %s %s %s prompt_tokens=%d new_tokens=%d latency=%.3fs%s",
+    info["id"],
+    request.method,
+    request.path,
+    status,
+    info["prompt_tokens"],
+    info["new_tokens"],
+    time.perf_counter() - start,
+    f" param={info['error']}" if "error" in info else "",
+  )
   if not response.prepared:
     response.headers["X-Request-Id"] = info["id"]
   return response
 
 
-def make_app(generator: scoring.ScoringGenerator, tokenizer, model_name: str, max_batch: int = 8,
-             prefix: list[int] = (), stop_ids=()) -> web.Application:
+def make_app(
+  generator: scoring.ScoringGenerator,
+  tokenizer,
+  model_name: str,
+  max_batch: int = 8,
+  prefix: list[int] = (),
+  stop_ids=(),
+) -> web.Application:
   """The aiohttp application serving `generator` as `model_name`.
 
   Args:
@@ -236,23 +273,40 @@ def make_app(generator: scoring.ScoringGenerator, tokenizer, model_name: str, ma
     return web.json_response({"status": "ok", "batches": engine.batches})
 
   async def models(_):
-    return web.json_response({"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "jaxlm",
-                                                           "max_len": max_len}]})
+    return web.json_response(
+      {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "jaxlm", "max_len": max_len}]}
+    )
 
   def route(endpoint: openai.Endpoint, parse):
     """The handler that answers requests `parse(body)` reads, in `endpoint`'s shapes."""
+
     async def handle(request: web.Request):
       info = request[REQUEST_INFO]
       if request.content_type != "application/json":
-        raise openai.RequestError("Content-Type", f"the body must be JSON sent with 'Content-Type: application/json' "
-                                                  f"(got '{request.content_type}')", status=415)
+        raise openai.RequestError(
+          "Content-Type",
+          f"the body must be JSON sent with 'Content-Type: application/json' (got '{request.content_type}')",
+          status=415,
+        )
       r = parse(await request.read())
       info["prompt_tokens"] = len(r["ids"])
       events, loop = asyncio.Queue(), asyncio.get_running_loop()
-      jobs = [Job(i, r["ids"], r["max_tokens"], {"temperature": r["temperature"], "top_k": r["top_k"],
-                                                  "top_p": r["top_p"], "seed": (r["seed"] + i) % 2 ** 32},
-                  text_lib.TextStream(tokenizer, r["stop"]), events, loop, r["logprobs"],
-                  r["prompt"] if r["echo"] else None, len(prefix), len(r["prompt"])) for i in range(r["n"])]
+      jobs = [
+        Job(
+          i,
+          r["ids"],
+          r["max_tokens"],
+          {"temperature": r["temperature"], "top_k": r["top_k"], "top_p": r["top_p"], "seed": (r["seed"] + i) % 2**32},
+          text_lib.TextStream(tokenizer, r["stop"]),
+          events,
+          loop,
+          r["logprobs"],
+          r["prompt"] if r["echo"] else None,
+          len(prefix),
+          len(r["prompt"]),
+        )
+        for i in range(r["n"])
+      ]
       for job in jobs:
         engine.jobs.put(job)
       head = {"id": info["id"], "created": int(time.time()), "model": model_name}
@@ -263,24 +317,36 @@ def make_app(generator: scoring.ScoringGenerator, tokenizer, model_name: str, ma
       finally:
         for job in jobs:  # a client that left (or a failure) stops its rows at the next decode step
           job.cancelled = True
+
     return handle
 
-  completions = route(openai.COMPLETIONS, lambda body: openai.parse_completion_request(
-      body, tokenizer, max_len, list(prefix), vocab_size, model_name))
-  chat_completions = route(openai.CHAT, lambda body: openai.parse_chat_request(
-      body, tokenizer, template, max_len, list(prefix), vocab_size, model_name))
+  completions = route(
+    openai.COMPLETIONS,
+    lambda body: openai.parse_completion_request(body, tokenizer, max_len, list(prefix), vocab_size, model_name),
+  )
+  chat_completions = route(
+    openai.CHAT,
+    lambda body: openai.parse_chat_request(body, tokenizer, template, max_len, list(prefix), vocab_size, model_name),
+  )
   app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_errors_and_log])
-  app.add_routes([web.get("/health", health), web.get("/v1/models", models), web.post("/v1/completions", completions),
-                  web.post("/v1/chat/completions", chat_completions)])
+  app.add_routes(
+    [
+      web.get("/health", health),
+      web.get("/v1/models", models),
+      web.post("/v1/completions", completions),
+      web.post("/v1/chat/completions", chat_completions),
+    ]
+  )
   app[ENGINE] = engine
   return app
 
 
-def app_for_run(workdir, step: int | None = None, int8: bool = False, max_batch: int = 8,
-                mesh=None) -> web.Application:
+def app_for_run(workdir, step: int | None = None, int8: bool = False, max_batch: int = 8, mesh=None) -> web.Application:
   """The server app for a run directory (or an int8 one from `jaxlm quantize`), named after its folder;
   `mesh` (a `jax.sharding.Mesh`, None: one device) shards the params and the KV cache (see `jaxlm.inference.decode`)."""
-  from jaxlm import config as config_lib, loader  # local: `jaxlm.inference.export` artifacts need no loader
+  from jaxlm import config as config_lib  # local: `jaxlm.inference.export` artifacts need no loader
+  from jaxlm import loader
+
   run = loader.load(workdir, step, mesh)
   params = quantize.quantize_params(run.params) if int8 and not quantize.is_quantized(run.params) else run.params
   model = run.config.model
@@ -292,16 +358,29 @@ def app_for_run(workdir, step: int | None = None, int8: bool = False, max_batch:
   # All rows share the slot index, so the cache must hold the longest (bucketed) prompt of a batch plus its
   # largest max_tokens: twice the context covers any batch, with one cache shape for the server's life.
   cache_len = 2 * decode.round_up(model.max_len, decode.PROMPT_BUCKET)
-  generator = scoring.ScoringGenerator(model, params, cache_len=cache_len, start_id=run.tokenizer.bos_id,
-                               can_score_prompt=continues_prompt, mesh=mesh,
-                               rules=config_lib.mesh_rules(run.config))
+  generator = scoring.ScoringGenerator(
+    model,
+    params,
+    cache_len=cache_len,
+    start_id=run.tokenizer.bos_id,
+    can_score_prompt=continues_prompt,
+    mesh=mesh,
+    rules=config_lib.mesh_rules(run.config),
+  )
   # EOS, and a chat template's end-of-turn token (e.g. <|im_end|>), as HF generation configs of chat models list.
   stop_ids = chat_template.for_tokenizer(run.tokenizer).stop_ids(run.tokenizer)
   return make_app(generator, run.tokenizer, fs.absolute(workdir).name, max_batch, prefix, stop_ids)
 
 
-def serve(workdir, host: str = "127.0.0.1", port: int = 8000, step: int | None = None, int8: bool = False,
-          max_batch: int = 8, mesh=None) -> None:
+def serve(
+  workdir,
+  host: str = "127.0.0.1",
+  port: int = 8000,
+  step: int | None = None,
+  int8: bool = False,
+  max_batch: int = 8,
+  mesh=None,
+) -> None:
   """Serves a run until interrupted (on `mesh`, as `app_for_run`); logs one line per request to stderr."""
   if not LOG.handlers:
     handler = logging.StreamHandler()
@@ -310,8 +389,13 @@ def serve(workdir, host: str = "127.0.0.1", port: int = 8000, step: int | None =
     LOG.setLevel(logging.INFO)
     LOG.propagate = False  # one line per request, whatever handlers the root logger has
   # access_log=None: the middleware's line replaces aiohttp's access log.
-  web.run_app(app_for_run(workdir, step, int8, max_batch, mesh), host=host, port=port, access_log=None,
-              print=lambda msg: print(msg, flush=True))
+  web.run_app(
+    app_for_run(workdir, step, int8, max_batch, mesh),
+    host=host,
+    port=port,
+    access_log=None,
+    print=lambda msg: print(msg, flush=True),
+  )
 
 
 class BackgroundServer:

@@ -57,5 +57,5 @@ class TextStream:
     ready = len(text) if last else len(text.rstrip(REPLACEMENT)) - self.hold
     if ready <= self.sent:
       return ""
-    piece, self.sent = text[self.sent:ready], ready
+    piece, self.sent = text[self.sent : ready], ready
     return piece

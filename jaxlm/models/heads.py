@@ -24,6 +24,7 @@ _MASKED = -1e9  # a logit softmax gives no weight to: padding is never a span en
 class SpanHead(nn.Module):
   """BERT's SQuAD head (Devlin et al., 2019, section 4.2): one dense layer to start and end logits, B x 2 x T;
   padding positions (segment id 0) get a large negative logit."""
+
   cfg: ml_collections.ConfigDict
 
   @nn.compact
@@ -39,6 +40,7 @@ class ClassifierHead(nn.Module):
   """Sequence classification: one position's hidden state -> tanh dense (BERT's pooler) -> `cfg.num_classes`
   logits, B x 1 x C. `pool='first'` reads position 0 ([CLS], the encoder's); `pool='last'` the last non-padding
   position (the decoder's, which has seen the whole sequence only there)."""
+
   cfg: ml_collections.ConfigDict
   pool: str = "first"
 

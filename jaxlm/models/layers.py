@@ -34,16 +34,22 @@ _kernel_init = nn.initializers.normal(stddev=0.02)
 _zeros = nn.initializers.zeros
 
 
-def dense(features, axes: tuple[str, ...], cfg, name: str, in_axis: int | tuple = -1,
-          use_bias: bool | None = None) -> nn.DenseGeneral:
+def dense(
+  features, axes: tuple[str, ...], cfg, name: str, in_axis: int | tuple = -1, use_bias: bool | None = None
+) -> nn.DenseGeneral:
   """DenseGeneral whose kernel and bias carry the logical names `axes` (inputs first)."""
   features = features if isinstance(features, tuple) else (features,)
   use_bias = cfg.use_bias if use_bias is None else use_bias
   return nn.DenseGeneral(
-      features, axis=in_axis, use_bias=use_bias, name=name,
-      dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype],
-      kernel_init=nn.with_logical_partitioning(_kernel_init, axes),
-      bias_init=nn.with_logical_partitioning(_zeros, axes[-len(features):]))
+    features,
+    axis=in_axis,
+    use_bias=use_bias,
+    name=name,
+    dtype=DTYPES[cfg.dtype],
+    param_dtype=DTYPES[cfg.param_dtype],
+    kernel_init=nn.with_logical_partitioning(_kernel_init, axes),
+    bias_init=nn.with_logical_partitioning(_zeros, axes[-len(features) :]),
+  )
 
 
 class DenseParams(nn.Module):
@@ -54,6 +60,7 @@ class DenseParams(nn.Module):
   callers can fuse several projections into one matmul without changing the
   parameter tree that checkpoints and the Hugging Face conversion read.
   """
+
   in_features: tuple[int, ...]
   features: tuple[int, ...]
   axes: tuple[str, ...]
@@ -64,29 +71,37 @@ class DenseParams(nn.Module):
     dtype = DTYPES[self.cfg.param_dtype]
     shape = self.in_features + self.features
     flat = (math.prod(self.in_features), math.prod(self.features))
-    kernel = self.param("kernel", nn.with_logical_partitioning(
-        lambda rng, _, dt: _kernel_init(rng, flat, dt).reshape(shape), self.axes), shape, dtype)
+    kernel = self.param(
+      "kernel",
+      nn.with_logical_partitioning(lambda rng, _, dt: _kernel_init(rng, flat, dt).reshape(shape), self.axes),
+      shape,
+      dtype,
+    )
     bias = None
     if self.cfg.use_bias:
-      bias = self.param("bias", nn.with_logical_partitioning(_zeros, self.axes[-len(self.features):]),
-                        self.features, dtype)
+      bias = self.param(
+        "bias", nn.with_logical_partitioning(_zeros, self.axes[-len(self.features) :]), self.features, dtype
+      )
     return kernel, bias
 
 
 class Norm(nn.Module):
   """LayerNorm or RMSNorm whose statistics are computed in float32."""
+
   cfg: ml_collections.ConfigDict
 
   @nn.compact
   def __call__(self, x_BxTxD: Array) -> Array:
     cfg = self.cfg
     x = x_BxTxD.astype(jnp.float32)
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                       (x.shape[-1],), DTYPES[cfg.param_dtype])
+    scale = self.param(
+      "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],), DTYPES[cfg.param_dtype]
+    )
     bias = None
     if cfg.norm != "rmsnorm" and cfg.use_bias:
-      bias = self.param("bias", nn.with_logical_partitioning(_zeros, ("norm",)),
-                        (x.shape[-1],), DTYPES[cfg.param_dtype])
+      bias = self.param(
+        "bias", nn.with_logical_partitioning(_zeros, ("norm",)), (x.shape[-1],), DTYPES[cfg.param_dtype]
+      )
     y = ops.norm.norm(x, scale, bias, cfg)
     return y.astype(DTYPES[cfg.dtype])
 
@@ -112,14 +127,19 @@ def sinusoidal(positions_BxT: Array, d_model: int) -> Array:
   return jnp.concatenate([jnp.sin(angles_BxTxD2), jnp.cos(angles_BxTxD2)], axis=-1)
 
 
-def attention_mask(q_segment_BxT: Array, kv_segment_BxS: Array, causal: bool,
-                   q_index_BxT: Array | None = None, kv_index_BxS: Array | None = None) -> Array:
+def attention_mask(
+  q_segment_BxT: Array,
+  kv_segment_BxS: Array,
+  causal: bool,
+  q_index_BxT: Array | None = None,
+  kv_index_BxS: Array | None = None,
+) -> Array:
   """Boolean B x 1 x T x S mask: same segment, neither side padding (segment 0), and causal.
 
   Causality is by index within the row (or the cache slot while decoding), so
   packed documents, whose segments never match, cannot see each other.
   """
-  mask = (q_segment_BxT[:, :, None] == kv_segment_BxS[:, None, :])
+  mask = q_segment_BxT[:, :, None] == kv_segment_BxS[:, None, :]
   mask &= (q_segment_BxT[:, :, None] != 0) & (kv_segment_BxS[:, None, :] != 0)
   if causal:
     if q_index_BxT is None:
@@ -147,14 +167,20 @@ class Attention(nn.Module):
   with `model.sow_attention_weights` it runs on XLA's code instead and sows
   the B x N x T x S weights as 'attention_weights' into 'intermediates'.
   """
+
   cfg: ml_collections.ConfigDict
   decode: bool = False
   deterministic: bool = True
   causal: bool = False
 
   @nn.compact
-  def __call__(self, x_BxTxD: Array, mask: Array | ops.attention.Mask, positions_BxT: Array | None = None,
-               kv_BxSxD: Array | None = None) -> Array:
+  def __call__(
+    self,
+    x_BxTxD: Array,
+    mask: Array | ops.attention.Mask,
+    positions_BxT: Array | None = None,
+    kv_BxSxD: Array | None = None,
+  ) -> Array:
     cfg = self.cfg
     if not isinstance(mask, ops.attention.Mask):
       mask = ops.attention.Mask(mask)
@@ -187,17 +213,23 @@ class Attention(nn.Module):
       self.sow("intermediates", "attention_weights", weights_BxNxTxS)
       return self._output(ops.attention.attend_with_weights(weights_BxNxTxS, v_BxSxKxH))
     # While decoding, queries sit at cache slots, not at their row index: not causal by row.
-    out_BxTxNxH = ops.attention.attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, cfg,
-                                          causal=self.causal and not self.decode)
+    out_BxTxNxH = ops.attention.attention(
+      q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, cfg, causal=self.causal and not self.decode
+    )
     return self._output(out_BxTxNxH)
 
   def _output(self, out_BxTxNxH: Array) -> Array:
     cfg = self.cfg
     num_heads, hd = out_BxTxNxH.shape[2:]
-    kernel_NxHxD, bias_D = DenseParams((num_heads, hd), (cfg.d_model,), ("heads", "head_dim", "embed"), cfg,
-                                       name="out")()
-    (out_BxTxD,) = ops.projection(rearrange(out_BxTxNxH, "B T N H -> B T (N H)"),
-                                  [(rearrange(kernel_NxHxD, "N H D -> (N H) D"), bias_D)], DTYPES[cfg.dtype], cfg)
+    kernel_NxHxD, bias_D = DenseParams(
+      (num_heads, hd), (cfg.d_model,), ("heads", "head_dim", "embed"), cfg, name="out"
+    )()
+    (out_BxTxD,) = ops.projection(
+      rearrange(out_BxTxNxH, "B T N H -> B T (N H)"),
+      [(rearrange(kernel_NxHxD, "N H D -> (N H) D"), bias_D)],
+      DTYPES[cfg.dtype],
+      cfg,
+    )
     return nn.Dropout(cfg.dropout_rate)(out_BxTxD, deterministic=self.deterministic)
 
   def _update_cache(self, k_BxTxKxH: Array, v_BxTxKxH: Array) -> tuple[Array, Array]:
@@ -225,6 +257,7 @@ class Mlp(nn.Module):
   `model.mlp` names the activation in `ops.ACTIVATIONS` (gelu, gelu_exact,
   relu, squared_relu); takes and returns B x T x D.
   """
+
   cfg: ml_collections.ConfigDict
   deterministic: bool = True
 
@@ -260,6 +293,7 @@ class Block(nn.Module):
   subclass that overrides `__call__` (see `ParallelBlock`); `Stack` gives it
   scan, remat, the decode cache, dropout and the sharding constraint.
   """
+
   cfg: ml_collections.ConfigDict
   cross: bool = False
   decode: bool = False
@@ -306,8 +340,10 @@ class ParallelBlock(Block):
   @nn.compact
   def __call__(self, x_BxTxD, mask_Bx1xTxS, positions_BxT, encoded_BxSxD=None, cross_mask_Bx1xTxS=None):
     if self.cross or self.cfg.norm_position != "pre":
-      raise ValueError("model.parallel_residual needs model.norm_position='pre' and no cross-attention "
-                       "(model.family decoder or encoder)")
+      raise ValueError(
+        "model.parallel_residual needs model.norm_position='pre' and no cross-attention "
+        "(model.family decoder or encoder)"
+      )
     h_BxTxD = Norm(self.cfg, name="norm")(x_BxTxD)
     attention_BxTxD = self.self_attention()(h_BxTxD, mask_Bx1xTxS, positions_BxT)
     x_BxTxD = x_BxTxD + self.dropout(attention_BxTxD) + self.dropout(self.mlp()(h_BxTxD))
@@ -320,12 +356,14 @@ def block_class(cfg: ml_collections.ConfigDict) -> type[Block]:
 
 
 _REMAT_POLICIES: dict[str, Any] = {
-    "full": None,  # save nothing: recompute the whole layer in the backward pass
-    "dots": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.checkpoint_dots, jax.checkpoint_policies.save_only_these_names(ops.dense.CPU_DENSE)),
-    "dots_no_batch": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-        jax.checkpoint_policies.save_only_these_names(ops.dense.CPU_DENSE)),
+  "full": None,  # save nothing: recompute the whole layer in the backward pass
+  "dots": jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.checkpoint_dots, jax.checkpoint_policies.save_only_these_names(ops.dense.CPU_DENSE)
+  ),
+  "dots_no_batch": jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    jax.checkpoint_policies.save_only_these_names(ops.dense.CPU_DENSE),
+  ),
 }
 
 
@@ -338,6 +376,7 @@ class Stack(nn.Module):
   dropout. Returns x_BxTxD, or with `return_hidden_states=True` (x_BxTxD,
   hidden_LxBxTxD): every block's output, stacked.
   """
+
   cfg: ml_collections.ConfigDict
   num_layers: int
   cross: bool = False
@@ -349,8 +388,16 @@ class Stack(nn.Module):
   mlp_cls: Any = Mlp
 
   @nn.compact
-  def __call__(self, x_BxTxD, mask_Bx1xTxS, positions_BxT, encoded_BxSxD=None, cross_mask_Bx1xTxS=None, *,
-               return_hidden_states: bool = False):
+  def __call__(
+    self,
+    x_BxTxD,
+    mask_Bx1xTxS,
+    positions_BxT,
+    encoded_BxSxD=None,
+    cross_mask_Bx1xTxS=None,
+    *,
+    return_hidden_states: bool = False,
+  ):
     cfg = self.cfg
     block = self.block_cls or block_class(cfg)
     if cfg.remat_policy != "none":
@@ -359,10 +406,13 @@ class Stack(nn.Module):
     args = (mask_Bx1xTxS, positions_BxT, encoded_BxSxD, cross_mask_Bx1xTxS)
     if cfg.scan_layers:
       scanned = nn.scan(
-          _ScanAdapter, variable_axes={"params": 0, "cache": 0, "intermediates": 0},
-          split_rngs={"params": True, "dropout": True},
-          in_axes=(nn.broadcast,) * 4, length=self.num_layers,
-          metadata_params={nn.PARTITION_NAME: "layers"})
+        _ScanAdapter,
+        variable_axes={"params": 0, "cache": 0, "intermediates": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast,) * 4,
+        length=self.num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+      )
       x_BxTxD, hidden_LxBxTxD = scanned(block, *fields, return_hidden_states, name="layers")(x_BxTxD, *args)
     else:
       hidden = []
@@ -375,6 +425,7 @@ class Stack(nn.Module):
 
 class _ScanAdapter(nn.Module):
   """Gives a block the (carry, out) signature that `nn.scan` needs; out is the block's output when asked."""
+
   block: Any
   cfg: ml_collections.ConfigDict
   cross: bool
@@ -387,37 +438,53 @@ class _ScanAdapter(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxTxD, *args):
-    x_BxTxD = self.block(self.cfg, self.cross, self.decode, self.deterministic, self.causal, self.attention_cls,
-                         self.mlp_cls, name="block")(x_BxTxD, *args)
+    x_BxTxD = self.block(
+      self.cfg, self.cross, self.decode, self.deterministic, self.causal, self.attention_cls, self.mlp_cls, name="block"
+    )(x_BxTxD, *args)
     return x_BxTxD, (x_BxTxD if self.output else None)
 
 
 class Embedder(nn.Module):
   """Token (+ token-type) embeddings, positions, and the output projection."""
+
   cfg: ml_collections.ConfigDict
   deterministic: bool = True
 
   def setup(self):
     cfg = self.cfg
     init = nn.with_logical_partitioning(_kernel_init, ("vocab", "embed"))
-    self.token = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=init,
-                          dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype])
+    self.token = nn.Embed(
+      cfg.vocab_size, cfg.d_model, embedding_init=init, dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype]
+    )
     if cfg.position == "learned":
-      self.position = nn.Embed(cfg.max_len, cfg.d_model,
-                               embedding_init=nn.with_logical_partitioning(_kernel_init, (None, "embed")),
-                               dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype])
+      self.position = nn.Embed(
+        cfg.max_len,
+        cfg.d_model,
+        embedding_init=nn.with_logical_partitioning(_kernel_init, (None, "embed")),
+        dtype=DTYPES[cfg.dtype],
+        param_dtype=DTYPES[cfg.param_dtype],
+      )
     if cfg.num_token_types:
-      self.token_type = nn.Embed(cfg.num_token_types, cfg.d_model,
-                                 embedding_init=nn.with_logical_partitioning(_kernel_init, (None, "embed")),
-                                 dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype])
+      self.token_type = nn.Embed(
+        cfg.num_token_types,
+        cfg.d_model,
+        embedding_init=nn.with_logical_partitioning(_kernel_init, (None, "embed")),
+        dtype=DTYPES[cfg.dtype],
+        param_dtype=DTYPES[cfg.param_dtype],
+      )
     if not cfg.tie_embeddings:
       self.unembed = dense(cfg.vocab_size, ("embed", "vocab"), cfg, "unembed", use_bias=False)
     self.dropout = nn.Dropout(cfg.dropout_rate)
     if cfg.get("embed_norm", False):
       self.embed_norm = Norm(cfg)  # BERT normalizes the summed embeddings
 
-  def embed(self, tokens_BxT: Array | None, positions_BxT: Array, token_types_BxT: Array | None = None,
-            inputs_embeds_BxTxD: Array | None = None) -> Array:
+  def embed(
+    self,
+    tokens_BxT: Array | None,
+    positions_BxT: Array,
+    token_types_BxT: Array | None = None,
+    inputs_embeds_BxTxD: Array | None = None,
+  ) -> Array:
     """The embedded input B x T x D: token lookup (or `inputs_embeds_BxTxD` in its place), scaling,
     positions, token types, embedding norm and dropout."""
     cfg = self.cfg

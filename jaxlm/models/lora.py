@@ -40,12 +40,12 @@ import ml_collections
 from jax.sharding import Mesh
 
 from jaxlm import config as config_lib
-from jaxlm.storage import checkpoint as checkpoint_lib
-from jaxlm.config import Config
 from jaxlm import families
-from jaxlm.storage import fs, run_dir
+from jaxlm.config import Config
 from jaxlm.models import transformer as model_lib
 from jaxlm.parallel import sharding
+from jaxlm.storage import checkpoint as checkpoint_lib
+from jaxlm.storage import fs, run_dir
 
 SEPARATOR = "."  # adapter parameter names are the kernel's module path joined by this
 
@@ -78,21 +78,22 @@ def target_kernels(boxed_params, targets: str) -> dict[tuple[str, ...], tuple[in
     if names[-2] not in wanted:
       continue
     axes = leaf.names
-    lead = len(axes) - len(axes[next(i for i, a in enumerate(axes) if a != "layers"):])
+    lead = len(axes) - len(axes[next(i for i, a in enumerate(axes) if a != "layers") :])
     num_in = 1 if axes[lead] == "embed" else len(axes) - lead - 1
     found[names[:-1]] = (lead, num_in)
   missing = [name for name in wanted if name not in available]
   if missing or not wanted:
     raise config_lib.ConfigError(
-        f"config key 'lora.targets' is '{targets}': {', '.join(missing) or 'empty'} names no projection of this "
-        f"model; choose from {', '.join(sorted(available))}")
+      f"config key 'lora.targets' is '{targets}': {', '.join(missing) or 'empty'} names no projection of this "
+      f"model; choose from {', '.join(sorted(available))}"
+    )
   return found
 
 
 def _shapes(kernel_shape: tuple[int, ...], lead: int, num_in: int, rank: int):
   layer_shape = kernel_shape[:lead]
-  size_in = math.prod(kernel_shape[lead:lead + num_in])
-  size_out = math.prod(kernel_shape[lead + num_in:])
+  size_in = math.prod(kernel_shape[lead : lead + num_in])
+  size_out = math.prod(kernel_shape[lead + num_in :])
   return layer_shape + (size_in, rank), layer_shape + (rank, size_out)
 
 
@@ -108,6 +109,7 @@ def merge(base_params, adapters, targets: dict, scale: float):
   base_params: the base model's (unboxed) parameters. adapters: {'PATH.lora_a': A, 'PATH.lora_b': B} as
   `AdaptedModel` makes them. targets: `target_kernels`' result. scale: alpha / rank.
   """
+
   def visit(node, path):
     if not isinstance(node, Mapping):  # flax freezes a module field's dict into a FrozenDict
       return node
@@ -119,6 +121,7 @@ def merge(base_params, adapters, targets: dict, scale: float):
       delta = delta_flat.reshape(kernel.shape) * scale
       node = {**node, "kernel": (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)}
     return {name: visit(child, path + (name,)) for name, child in node.items()}
+
   return visit(base_params, ())
 
 
@@ -129,6 +132,7 @@ class AdaptedModel(nn.Module):
   base_params: the base model's unboxed parameter tree (arrays, or shapes for `jax.eval_shape`).
   Called like the family model (it takes the same inputs); its params are {'PATH.lora_a', 'PATH.lora_b'}.
   """
+
   cfg: ml_collections.ConfigDict
   lora_cfg: ml_collections.ConfigDict
   base_params: Any
@@ -161,8 +165,9 @@ def _boxed_params(model_cfg):
   """The model's parameter shapes with their logical names (`nn.Partitioned`); nothing is allocated."""
   base_model = model_lib.build(model_cfg)
   batch = model_lib.example_batch(model_cfg, (1, 8))
-  return jax.eval_shape(lambda: base_model.init(jax.random.key(0), **families.model_inputs(base_model, batch))
-                        ["params"])
+  return jax.eval_shape(
+    lambda: base_model.init(jax.random.key(0), **families.model_inputs(base_model, batch))["params"]
+  )
 
 
 def targets_of(config: Config) -> dict[tuple[str, ...], tuple[int, int]]:
@@ -178,20 +183,25 @@ def adapted_model(config: Config, base_params, deterministic: bool = False) -> A
 
 def _check_base(config: Config) -> None:
   if not config.lora.base_workdir:
-    raise config_lib.ConfigError("lora.rank > 0 needs the run to adapt: pass --config.lora.base_workdir=RUN "
-                                 "(a `jaxlm train` or `jaxlm convert --from-hf` work directory)")
+    raise config_lib.ConfigError(
+      "lora.rank > 0 needs the run to adapt: pass --config.lora.base_workdir=RUN "
+      "(a `jaxlm train` or `jaxlm convert --from-hf` work directory)"
+    )
 
 
 def _read_base(base_dir: Path) -> tuple[Config, checkpoint_lib.Checkpointer]:
   """The base run's saved config and a read-only Checkpointer of it."""
   base_config = run_dir.read_config(base_dir)
   if base_config is None:
-    raise config_lib.ConfigError(f"lora.base_workdir: {run_dir.config_path(base_dir)} not found; pass the --workdir "
-                                 "of a `jaxlm train` or `jaxlm convert --from-hf` run")
+    raise config_lib.ConfigError(
+      f"lora.base_workdir: {run_dir.config_path(base_dir)} not found; pass the --workdir "
+      "of a `jaxlm train` or `jaxlm convert --from-hf` run"
+    )
   config_lib.check_schema(base_config)
   if enabled(base_config):
-    raise config_lib.ConfigError(f"lora.base_workdir: {base_dir} is itself a LoRA run; adapt its base "
-                                 f"({base_config.lora.base_workdir}) instead")
+    raise config_lib.ConfigError(
+      f"lora.base_workdir: {base_dir} is itself a LoRA run; adapt its base ({base_config.lora.base_workdir}) instead"
+    )
   return base_config, checkpoint_lib.Checkpointer(run_dir.checkpoints_path(base_dir), read_only=True)
 
 
@@ -214,8 +224,9 @@ def resolve_base(config: Config, log=print, workdir=None) -> Config:
   finally:
     checkpointer.close()
   if step is None:
-    raise config_lib.ConfigError(f"lora.base_workdir: no complete checkpoint in {base_dir / 'checkpoints'}; "
-                                 "train the base run first")
+    raise config_lib.ConfigError(
+      f"lora.base_workdir: no complete checkpoint in {base_dir / 'checkpoints'}; train the base run first"
+    )
   config = config.copy_and_resolve_references()
   config.model = config_lib.model_of_run(config.model, base_config.model, log, "lora", base_dir)
   config.lora.base_workdir, config.lora.base_step = str(base_dir), step

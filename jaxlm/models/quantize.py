@@ -54,6 +54,7 @@ def _reduce_axes(names: list[str], ndim: int) -> tuple[int, ...] | None:
 
 def quantize_params(params):
   """A params tree with int8 kernels and token embedding; other leaves unchanged."""
+
   def visit(node, names):
     if isinstance(node, dict):
       return {k: visit(v, names + [k]) for k, v in node.items()}
@@ -65,6 +66,7 @@ def quantize_params(params):
     scale = jnp.where(scale == 0, 1.0, scale)
     q = jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8)
     return {"int8": q, "scale": scale.astype(node.dtype)}
+
   return visit(dict(params), [])
 
 
@@ -96,6 +98,7 @@ def nbytes(params) -> int:
 
 # --- int8 runs: a run directory whose checkpoint holds int8 params -----------------------------------
 
+
 def is_int8_run(workdir) -> bool:
   """True for a directory `jaxlm quantize` wrote (it holds INT8_MARKER)."""
   return fs.path(fs.join(workdir, INT8_MARKER)).exists()
@@ -111,9 +114,17 @@ def write_int8_run(run, int8_params, out, source) -> str:
       raise QuantizeError(f"{checkpoints} already holds checkpoints of another run; pass another --out")
     checkpoints.rmtree()  # an earlier `jaxlm quantize` of this run: replaced by this one
   run_dir.write_run_files(out, run.config, run.tokenizer)
-  fs.write_text(fs.join(out, INT8_MARKER), json.dumps({
-      "source": os.fspath(fs.absolute(source)), "step": run.step,
-      "scheme": "int8 weight-only, per-channel symmetric (jaxlm.models.quantize)"}, indent=2))
+  fs.write_text(
+    fs.join(out, INT8_MARKER),
+    json.dumps(
+      {
+        "source": os.fspath(fs.absolute(source)),
+        "step": run.step,
+        "scheme": "int8 weight-only, per-channel symmetric (jaxlm.models.quantize)",
+      },
+      indent=2,
+    ),
+  )
   run_dir.write_checkpoint(out, run.step, {"params": int8_params}, run.config, keep=1)
   return out
 
@@ -133,6 +144,9 @@ def abstract_int8(target):
     scale_shape = tuple(1 if axis in axes else n for axis, n in enumerate(node.shape))
     sharding = node.sharding
     replicated = NamedSharding(sharding.mesh, PartitionSpec()) if isinstance(sharding, NamedSharding) else sharding
-    return {"int8": jax.ShapeDtypeStruct(node.shape, jnp.int8, sharding=sharding),
-            "scale": jax.ShapeDtypeStruct(scale_shape, node.dtype, sharding=replicated)}
+    return {
+      "int8": jax.ShapeDtypeStruct(node.shape, jnp.int8, sharding=sharding),
+      "scale": jax.ShapeDtypeStruct(scale_shape, node.dtype, sharding=replicated),
+    }
+
   return visit(dict(target), [])

@@ -57,6 +57,7 @@ class DecoderLM(nn.Module):
   With `model.sow_attention_weights` every attention layer sows its weights
   into 'intermediates' (apply with `mutable='intermediates'`).
   """
+
   cfg: ml_collections.ConfigDict
   decode: bool = False
   deterministic: bool = True
@@ -68,9 +69,16 @@ class DecoderLM(nn.Module):
   def setup(self):
     cfg = self.cfg
     self.embedder = layers.Embedder(cfg, self.deterministic)
-    self.decoder = layers.Stack(cfg, cfg.num_layers, decode=self.decode, deterministic=self.deterministic,
-                                causal=True, block_cls=self.block_cls, attention_cls=self.attention_cls,
-                                mlp_cls=self.mlp_cls)
+    self.decoder = layers.Stack(
+      cfg,
+      cfg.num_layers,
+      decode=self.decode,
+      deterministic=self.deterministic,
+      causal=True,
+      block_cls=self.block_cls,
+      attention_cls=self.attention_cls,
+      mlp_cls=self.mlp_cls,
+    )
     self.final_norm = _final_norm(cfg)
     self.head = self.head_cls(cfg) if self.head_cls is not None else None
 
@@ -78,18 +86,29 @@ class DecoderLM(nn.Module):
     """The token lookup alone, B x T x D: what `inputs_embeds_BxTxD` replaces."""
     return self.embedder.token(tokens_BxT)
 
-  def __call__(self, tokens_BxT: Array | None = None, segment_ids_BxT: Array | None = None,
-               positions_BxT: Array | None = None, cache_index_BxT: Array | None = None,
-               kv_segment_ids_BxS: Array | None = None, *, inputs_embeds_BxTxD: Array | None = None,
-               return_hidden_states: bool = False) -> Array | tuple[Array, tuple[Array, ...]]:
+  def __call__(
+    self,
+    tokens_BxT: Array | None = None,
+    segment_ids_BxT: Array | None = None,
+    positions_BxT: Array | None = None,
+    cache_index_BxT: Array | None = None,
+    kv_segment_ids_BxS: Array | None = None,
+    *,
+    inputs_embeds_BxTxD: Array | None = None,
+    return_hidden_states: bool = False,
+  ) -> Array | tuple[Array, tuple[Array, ...]]:
     if (tokens_BxT is None) == (inputs_embeds_BxTxD is None):
       raise ValueError("DecoderLM takes tokens_BxT or inputs_embeds_BxTxD, exactly one of them")
     shape_BxT = tokens_BxT if tokens_BxT is not None else jnp.zeros(inputs_embeds_BxTxD.shape[:2], jnp.int32)
     segment_ids_BxT, positions_BxT = default_segments(shape_BxT, segment_ids_BxT, positions_BxT)
     if self.decode and kv_segment_ids_BxS is not None:
-      mask = layers.attention_mask(segment_ids_BxT, kv_segment_ids_BxS, causal=True,
-                                   q_index_BxT=cache_index_BxT,
-                                   kv_index_BxS=jnp.arange(kv_segment_ids_BxS.shape[1])[None])
+      mask = layers.attention_mask(
+        segment_ids_BxT,
+        kv_segment_ids_BxS,
+        causal=True,
+        q_index_BxT=cache_index_BxT,
+        kv_index_BxS=jnp.arange(kv_segment_ids_BxS.shape[1])[None],
+      )
     else:
       mask = layers.segment_mask(segment_ids_BxT, segment_ids_BxT, causal=True)
     x_BxTxD = self.embedder.embed(tokens_BxT, positions_BxT, inputs_embeds_BxTxD=inputs_embeds_BxTxD)
@@ -97,8 +116,9 @@ class DecoderLM(nn.Module):
     outputs = self.decoder(x_BxTxD, mask, positions_BxT, return_hidden_states=return_hidden_states)
     x_BxTxD, hidden_LxBxTxD = outputs if return_hidden_states else (outputs, None)
     x_BxTxD = self.final_norm(x_BxTxD)
-    logits_BxTxV = (self.embedder.logits(x_BxTxD) if self.head is None
-                    else self.head(x_BxTxD, self.embedder, segment_ids_BxT))
+    logits_BxTxV = (
+      self.embedder.logits(x_BxTxD) if self.head is None else self.head(x_BxTxD, self.embedder, segment_ids_BxT)
+    )
     if not return_hidden_states:
       return logits_BxTxV
     return logits_BxTxV, (embedded_BxTxD, *hidden_LxBxTxD)
@@ -120,6 +140,7 @@ class EncoderDecoder(nn.Module):
   `DecoderLM.decode`, whose name the `decode` method takes here; `build`
   maps its `decode` argument onto it.)
   """
+
   cfg: ml_collections.ConfigDict
   decoding: bool = False
   deterministic: bool = True
@@ -129,26 +150,45 @@ class EncoderDecoder(nn.Module):
     self.embedder = layers.Embedder(cfg, self.deterministic)
     self.encoder = layers.Stack(cfg, cfg.num_layers, deterministic=self.deterministic)
     self.encoder_norm = _final_norm(cfg)
-    self.decoder = layers.Stack(cfg, cfg.num_decoder_layers or cfg.num_layers, cross=True,
-                                decode=self.decoding, deterministic=self.deterministic, causal=True)
+    self.decoder = layers.Stack(
+      cfg,
+      cfg.num_decoder_layers or cfg.num_layers,
+      cross=True,
+      decode=self.decoding,
+      deterministic=self.deterministic,
+      causal=True,
+    )
     self.decoder_norm = _final_norm(cfg)
 
-  def encode(self, tokens_BxS: Array, segment_ids_BxS: Array | None = None,
-             positions_BxS: Array | None = None) -> Array:
+  def encode(
+    self, tokens_BxS: Array, segment_ids_BxS: Array | None = None, positions_BxS: Array | None = None
+  ) -> Array:
     segment_ids_BxS, positions_BxS = default_segments(tokens_BxS, segment_ids_BxS, positions_BxS)
     mask = layers.segment_mask(segment_ids_BxS, segment_ids_BxS, causal=False)
     x_BxSxD = self.embedder.embed(tokens_BxS, positions_BxS)
     return self.encoder_norm(self.encoder(x_BxSxD, mask, positions_BxS))
 
-  def decode(self, encoded_BxSxD: Array, input_segment_ids_BxS: Array, tokens_BxT: Array,
-             segment_ids_BxT: Array | None = None, positions_BxT: Array | None = None,
-             cache_index_BxT: Array | None = None, kv_segment_ids_BxS: Array | None = None) -> Array:
+  def decode(
+    self,
+    encoded_BxSxD: Array,
+    input_segment_ids_BxS: Array,
+    tokens_BxT: Array,
+    segment_ids_BxT: Array | None = None,
+    positions_BxT: Array | None = None,
+    cache_index_BxT: Array | None = None,
+    kv_segment_ids_BxS: Array | None = None,
+  ) -> Array:
     """Target logits. While decoding with the cache, as in `DecoderLM`: `cache_index_BxT` gives each
     query's cache slot and `kv_segment_ids_BxS` marks the filled slots."""
     segment_ids_BxT, positions_BxT = default_segments(tokens_BxT, segment_ids_BxT, positions_BxT)
     if self.decoding and kv_segment_ids_BxS is not None:
-      mask = layers.attention_mask(segment_ids_BxT, kv_segment_ids_BxS, causal=True, q_index_BxT=cache_index_BxT,
-                                   kv_index_BxS=jnp.arange(kv_segment_ids_BxS.shape[1])[None])
+      mask = layers.attention_mask(
+        segment_ids_BxT,
+        kv_segment_ids_BxS,
+        causal=True,
+        q_index_BxT=cache_index_BxT,
+        kv_index_BxS=jnp.arange(kv_segment_ids_BxS.shape[1])[None],
+      )
     else:
       mask = layers.segment_mask(segment_ids_BxT, segment_ids_BxT, causal=True)
     # Source padding (segment 0) never matches a target segment, so it is never read.
@@ -157,17 +197,25 @@ class EncoderDecoder(nn.Module):
     x_BxTxD = self.decoder(x_BxTxD, mask, positions_BxT, encoded_BxSxD, cross_mask)
     return self.embedder.logits(self.decoder_norm(x_BxTxD))
 
-  def __call__(self, inputs_BxS: Array, decoder_inputs_BxT: Array, input_segment_ids_BxS: Array | None = None,
-               input_positions_BxS: Array | None = None, segment_ids_BxT: Array | None = None,
-               positions_BxT: Array | None = None) -> Array:
-    input_segment_ids_BxS, input_positions_BxS = default_segments(inputs_BxS, input_segment_ids_BxS,
-                                                                  input_positions_BxS)
+  def __call__(
+    self,
+    inputs_BxS: Array,
+    decoder_inputs_BxT: Array,
+    input_segment_ids_BxS: Array | None = None,
+    input_positions_BxS: Array | None = None,
+    segment_ids_BxT: Array | None = None,
+    positions_BxT: Array | None = None,
+  ) -> Array:
+    input_segment_ids_BxS, input_positions_BxS = default_segments(
+      inputs_BxS, input_segment_ids_BxS, input_positions_BxS
+    )
     encoded_BxSxD = self.encode(inputs_BxS, input_segment_ids_BxS, input_positions_BxS)
     return self.decode(encoded_BxSxD, input_segment_ids_BxS, decoder_inputs_BxT, segment_ids_BxT, positions_BxT)
 
 
 class MlmHead(nn.Module):
   """BERT's masked-LM head (Hugging Face `BertOnlyMLMHead`): dense + GELU + LayerNorm, tied decoder + bias."""
+
   cfg: ml_collections.ConfigDict
 
   @nn.compact
@@ -176,22 +224,32 @@ class MlmHead(nn.Module):
     h_BxTxD = layers.dense(cfg.d_model, ("embed", "mlp"), cfg, "transform", use_bias=True)(x_BxTxD)
     # BERT's hidden_act "gelu" is the exact erf form, unlike GPT-2's tanh approximation.
     h_BxTxD = layers.Norm(cfg, name="transform_norm")(nn.gelu(h_BxTxD, approximate=False))
-    bias_V = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
-                        (cfg.vocab_size,), layers.DTYPES[cfg.param_dtype])
+    bias_V = self.param(
+      "bias",
+      nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
+      (cfg.vocab_size,),
+      layers.DTYPES[cfg.param_dtype],
+    )
     return embedder.logits(h_BxTxD) + bias_V.astype(h_BxTxD.dtype)
 
 
 class Encoder(nn.Module):
   """BERT: bidirectional encoder with token-type embeddings and a masked-LM head (or `head_cls`'s head, called
   as `head_cls(cfg)(x_BxTxD, embedder, segment_ids_BxT)`, e.g. `jaxlm.models.heads`' span or classifier head)."""
+
   cfg: ml_collections.ConfigDict
   decode: bool = False  # accepted for a uniform `build`; an encoder has nothing to cache
   deterministic: bool = True
   head_cls: Any = None  # None: MlmHead
 
   @nn.compact
-  def __call__(self, tokens_BxT: Array, segment_ids_BxT: Array | None = None, positions_BxT: Array | None = None,
-               token_types_BxT: Array | None = None) -> Array:
+  def __call__(
+    self,
+    tokens_BxT: Array,
+    segment_ids_BxT: Array | None = None,
+    positions_BxT: Array | None = None,
+    token_types_BxT: Array | None = None,
+  ) -> Array:
     cfg = self.cfg
     segment_ids_BxT, positions_BxT = default_segments(tokens_BxT, segment_ids_BxT, positions_BxT)
     if cfg.num_token_types and token_types_BxT is None:
@@ -200,7 +258,8 @@ class Encoder(nn.Module):
     embedder = layers.Embedder(cfg, self.deterministic, name="embedder")
     x_BxTxD = embedder.embed(tokens_BxT, positions_BxT, token_types_BxT)
     x_BxTxD = layers.Stack(cfg, cfg.num_layers, deterministic=self.deterministic, name="encoder")(
-        x_BxTxD, mask, positions_BxT)
+      x_BxTxD, mask, positions_BxT
+    )
     x_BxTxD = _final_norm(cfg, "final_norm")(x_BxTxD)
     head = MlmHead(cfg, name="mlm_head") if self.head_cls is None else self.head_cls(cfg, name="head")
     return head(x_BxTxD, embedder, segment_ids_BxT)

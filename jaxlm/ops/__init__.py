@@ -14,12 +14,32 @@ for the rule and `jaxlm/ops/attention.py` for the attention extension point
   pallas_attention.py  splash (TPU) and triton (GPU) Pallas attention, registered through `register_attention`
 """
 
-from jaxlm.ops import activation, attention, dense, dispatch, norm
-from jaxlm.ops import pallas_attention  # noqa: F401  registers attention_impl splash (TPU) and triton (GPU)
+from jaxlm.ops import (
+  activation,
+  attention,
+  dense,
+  dispatch,
+  norm,
+  pallas_attention,  # noqa: F401  registers attention_impl splash (TPU) and triton (GPU)
+)
 from jaxlm.ops.activation import ACTIVATIONS, bias_activation
 from jaxlm.ops.attention import register_attention
 from jaxlm.ops.dense import projection
 from jaxlm.ops.dispatch import REGISTRY, Implementation, Target, choose, current_target
 
-__all__ = ["ACTIVATIONS", "REGISTRY", "Implementation", "Target", "activation", "attention", "bias_activation",
-           "choose", "current_target", "dense", "dispatch", "norm", "projection", "register_attention"]
+__all__ = [
+  "ACTIVATIONS",
+  "REGISTRY",
+  "Implementation",
+  "Target",
+  "activation",
+  "attention",
+  "bias_activation",
+  "choose",
+  "current_target",
+  "dense",
+  "dispatch",
+  "norm",
+  "projection",
+  "register_attention",
+]

@@ -16,8 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxlm.ops import cpu_kernels
-from jaxlm.ops import dispatch
+from jaxlm.ops import cpu_kernels, dispatch
 
 Array = jax.Array
 
@@ -28,11 +27,11 @@ def squared_relu(x: Array) -> Array:
 
 
 ACTIVATIONS = {
-    "gelu": functools.partial(nn.gelu, approximate=True),  # GPT-2's tanh approximation ("gelu_new")
-    "gelu_exact": functools.partial(nn.gelu, approximate=False),  # BERT's erf form
-    "relu": nn.relu,
-    "squared_relu": squared_relu,
-    "silu": nn.silu,
+  "gelu": functools.partial(nn.gelu, approximate=True),  # GPT-2's tanh approximation ("gelu_new")
+  "gelu_exact": functools.partial(nn.gelu, approximate=False),  # BERT's erf form
+  "relu": nn.relu,
+  "squared_relu": squared_relu,
+  "silu": nn.silu,
 }
 
 
@@ -44,14 +43,25 @@ def _xla(x_MxF: Array, bias_F: Array | None, name: str) -> Array:
 
 def _cpu(x_MxF: Array, bias_F: Array | None, name: str) -> Array:
   del name  # only "gelu" is registered
-  return cpu_kernels.bias_gelu(x_MxF, jnp.zeros(x_MxF.shape[-1], jnp.float32) if bias_F is None
-                               else bias_F.astype(jnp.float32))
+  return cpu_kernels.bias_gelu(
+    x_MxF, jnp.zeros(x_MxF.shape[-1], jnp.float32) if bias_F is None else bias_F.astype(jnp.float32)
+  )
 
 
 dispatch.register("activation", "xla", dispatch.Implementation(_xla))
-dispatch.register("activation", "cpu", dispatch.Implementation(
-    _cpu, platforms=("cpu",), dtypes=(jnp.float32,), single_device=True, automatic=True,
-    available=cpu_kernels.available, variants=("gelu",)))
+dispatch.register(
+  "activation",
+  "cpu",
+  dispatch.Implementation(
+    _cpu,
+    platforms=("cpu",),
+    dtypes=(jnp.float32,),
+    single_device=True,
+    automatic=True,
+    available=cpu_kernels.available,
+    variants=("gelu",),
+  ),
+)
 
 
 def fuses_bias(name: str, model_cfg, dtype) -> bool:

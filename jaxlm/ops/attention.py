@@ -42,8 +42,7 @@ import jax.numpy as jnp
 from einops import repeat
 from flax import struct
 
-from jaxlm.ops import cpu_kernels
-from jaxlm.ops import dispatch, xla_attention
+from jaxlm.ops import cpu_kernels, dispatch, xla_attention
 
 Array = jax.Array
 
@@ -52,6 +51,7 @@ Array = jax.Array
 class Mask:
   """What attention may read: the dense boolean mask, and the segment ids it was built from when it is
   exactly "same segment, neither 0, and causal by row index if causal" (else None; see the module docstring)."""
+
   dense_Bx1xTxS: Array
   q_segment_ids_BxT: Array | None = None
   kv_segment_ids_BxS: Array | None = None
@@ -60,32 +60,57 @@ class Mask:
 class AttentionFn(Protocol):
   """The signature every attention implementation has (see the module docstring)."""
 
-  def __call__(self, q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, *, mask_Bx1xTxS: Array,
-               q_segment_ids_BxT: Array | None, kv_segment_ids_BxS: Array | None, causal: bool,
-               model_cfg) -> Array: ...
+  def __call__(
+    self,
+    q_BxTxNxH: Array,
+    k_BxSxKxH: Array,
+    v_BxSxKxH: Array,
+    *,
+    mask_Bx1xTxS: Array,
+    q_segment_ids_BxT: Array | None,
+    kv_segment_ids_BxS: Array | None,
+    causal: bool,
+    model_cfg,
+  ) -> Array: ...
 
 
-def register_attention(name: str, fn: AttentionFn, *, platforms: tuple[str, ...] | None = None,
-                       dtypes: tuple | None = None, needs_segment_ids: bool = False,
-                       single_device: bool = False, automatic: bool = False,
-                       available: Callable[[], bool] = lambda: True, packed: Callable | None = None):
+def register_attention(
+  name: str,
+  fn: AttentionFn,
+  *,
+  platforms: tuple[str, ...] | None = None,
+  dtypes: tuple | None = None,
+  needs_segment_ids: bool = False,
+  single_device: bool = False,
+  automatic: bool = False,
+  available: Callable[[], bool] = lambda: True,
+  packed: Callable | None = None,
+):
   """Registers an attention implementation under `name`; returns its `dispatch.Implementation`."""
   extras = {"needs_segment_ids": needs_segment_ids}
   if packed is not None:
     extras["packed"] = packed
-  return dispatch.register("attention", name, dispatch.Implementation(
-      fn, platforms=platforms, dtypes=dtypes, single_device=single_device, automatic=automatic,
-      available=available, extras=extras))
+  return dispatch.register(
+    "attention",
+    name,
+    dispatch.Implementation(
+      fn,
+      platforms=platforms,
+      dtypes=dtypes,
+      single_device=single_device,
+      automatic=automatic,
+      available=available,
+      extras=extras,
+    ),
+  )
 
 
-def _xla(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *, mask_Bx1xTxS, q_segment_ids_BxT, kv_segment_ids_BxS, causal,
-         model_cfg):
+def _xla(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *, mask_Bx1xTxS, q_segment_ids_BxT, kv_segment_ids_BxS, causal, model_cfg):
   del q_segment_ids_BxT, kv_segment_ids_BxS, model_cfg
   return xla_attention.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, causal=causal)
 
 
-def _cpu(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *, mask_Bx1xTxS, q_segment_ids_BxT, kv_segment_ids_BxS, causal,
-         model_cfg):
+def _cpu(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *, mask_Bx1xTxS, q_segment_ids_BxT, kv_segment_ids_BxS, causal, model_cfg):
   del q_segment_ids_BxT, kv_segment_ids_BxS, model_cfg
   b, t, s = q_BxTxNxH.shape[0], q_BxTxNxH.shape[1], k_BxSxKxH.shape[1]
   mask_BxTxS = jnp.broadcast_to(mask_Bx1xTxS, (b, 1, t, s))[:, 0].astype(bool)
@@ -98,20 +123,28 @@ def _cpu_packed(qkv_BxTxCxH: Array, mask_Bx1xTxT: Array, causal: bool, num_heads
   return cpu_kernels.self_attention(qkv_BxTxCxH, mask_BxTxT, causal, num_heads)
 
 
-def _cudnn(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *, mask_Bx1xTxS, q_segment_ids_BxT, kv_segment_ids_BxS, causal,
-           model_cfg):
+def _cudnn(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *, mask_Bx1xTxS, q_segment_ids_BxT, kv_segment_ids_BxS, causal, model_cfg):
   del q_segment_ids_BxT, kv_segment_ids_BxS, causal, model_cfg  # the mask says it all
   return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS, implementation="cudnn")
 
 
 register_attention("xla", _xla)
-register_attention("cpu", _cpu, platforms=("cpu",), dtypes=(jnp.float32,), single_device=True, automatic=True,
-                   available=cpu_kernels.available, packed=_cpu_packed)
+register_attention(
+  "cpu",
+  _cpu,
+  platforms=("cpu",),
+  dtypes=(jnp.float32,),
+  single_device=True,
+  automatic=True,
+  available=cpu_kernels.available,
+  packed=_cpu_packed,
+)
 register_attention("cudnn", _cudnn, platforms=("gpu", "cuda"), dtypes=(jnp.bfloat16, jnp.float16))
 
 
-def attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask: Mask | Array, model_cfg, *,
-              causal: bool = False) -> Array:
+def attention(
+  q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask: Mask | Array, model_cfg, *, causal: bool = False
+) -> Array:
   """out_BxTxNxH through the implementation `dispatch.choose` picks (arguments as in the module docstring;
   `mask` is a `Mask` or the dense B x 1 x T x S boolean array alone)."""
   if not isinstance(mask, Mask):
@@ -119,9 +152,16 @@ def attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask: Mask |
   implementation = dispatch.implementation("attention", model_cfg, q_BxTxNxH.dtype)
   if implementation.extras.get("needs_segment_ids") and mask.q_segment_ids_BxT is None:
     implementation = dispatch.REGISTRY["attention"]["xla"]
-  return implementation.fn(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS=mask.dense_Bx1xTxS,
-                           q_segment_ids_BxT=mask.q_segment_ids_BxT, kv_segment_ids_BxS=mask.kv_segment_ids_BxS,
-                           causal=causal, model_cfg=model_cfg)
+  return implementation.fn(
+    q_BxTxNxH,
+    k_BxSxKxH,
+    v_BxSxKxH,
+    mask_Bx1xTxS=mask.dense_Bx1xTxS,
+    q_segment_ids_BxT=mask.q_segment_ids_BxT,
+    kv_segment_ids_BxS=mask.kv_segment_ids_BxS,
+    causal=causal,
+    model_cfg=model_cfg,
+  )
 
 
 def packed_self_attention(model_cfg, dtype) -> Callable | None:
@@ -157,4 +197,3 @@ def attend_with_weights(weights_BxNxTxS: Array, v_BxSxKxH: Array) -> Array:
   v_BxSxNxH = repeat(v_BxSxKxH, "B S K H -> B S (K G) H", G=n // k)
   out_BxTxNxH = jnp.einsum("BNTS,BSNH->BTNH", weights_BxNxTxS, v_BxSxNxH.astype(jnp.float32))
   return out_BxTxNxH.astype(v_BxSxKxH.dtype)
-

@@ -29,7 +29,6 @@ an accelerator gets; accelerators never use these kernels.
 
 import ctypes
 import functools
-import glob
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -68,8 +67,11 @@ def _compiler() -> str | None:
 
 def _build(compiler: str) -> Path:
   sources = [path.read_bytes() for path in _SOURCES + _HEADERS]
-  key = hashlib.sha256(b"\0".join([*sources, compiler.encode(), " ".join(_FLAGS).encode(),
-                                   jaxlib.__version__.encode(), _cpu_signature().encode()])).hexdigest()[:16]
+  key = hashlib.sha256(
+    b"\0".join(
+      [*sources, compiler.encode(), " ".join(_FLAGS).encode(), jaxlib.__version__.encode(), _cpu_signature().encode()]
+    )
+  ).hexdigest()[:16]
   cache = Path(os.environ.get("JAXLM_CACHE_DIR", Path.home() / ".cache" / "jaxlm"))
   library = cache / f"kernels-{key}.so"
   if library.exists():
@@ -92,8 +94,9 @@ def _kernel_library() -> ctypes.CDLL | None:
   """Builds (or finds), loads and registers the kernels; None, with one warning, where that is impossible."""
   compiler = _compiler()
   if compiler is None:
-    warnings.warn("jaxlm: no C++ compiler (set CXX or install g++); CPU kernels off, using slower XLA code",
-                  stacklevel=3)
+    warnings.warn(
+      "jaxlm: no C++ compiler (set CXX or install g++); CPU kernels off, using slower XLA code", stacklevel=3
+    )
     return None
   try:
     library = ctypes.cdll.LoadLibrary(str(_build(compiler)))
@@ -110,12 +113,18 @@ def available() -> bool:
   return _kernel_library() is not None
 
 
-_TARGETS = {"jaxlm_attention_forward": "JaxlmAttentionForward", "jaxlm_attention_backward": "JaxlmAttentionBackward",
-            "jaxlm_packed_attention_forward": "JaxlmPackedAttentionForward",
-            "jaxlm_packed_attention_backward": "JaxlmPackedAttentionBackward",
-            "jaxlm_norm_forward": "JaxlmNormForward", "jaxlm_norm_backward": "JaxlmNormBackward",
-            "jaxlm_bias_gelu_forward": "JaxlmBiasGeluForward", "jaxlm_bias_gelu_backward": "JaxlmBiasGeluBackward",
-            "jaxlm_dense_forward": "JaxlmDenseForward", "jaxlm_dense_backward": "JaxlmDenseBackward"}
+_TARGETS = {
+  "jaxlm_attention_forward": "JaxlmAttentionForward",
+  "jaxlm_attention_backward": "JaxlmAttentionBackward",
+  "jaxlm_packed_attention_forward": "JaxlmPackedAttentionForward",
+  "jaxlm_packed_attention_backward": "JaxlmPackedAttentionBackward",
+  "jaxlm_norm_forward": "JaxlmNormForward",
+  "jaxlm_norm_backward": "JaxlmNormBackward",
+  "jaxlm_bias_gelu_forward": "JaxlmBiasGeluForward",
+  "jaxlm_bias_gelu_backward": "JaxlmBiasGeluBackward",
+  "jaxlm_dense_forward": "JaxlmDenseForward",
+  "jaxlm_dense_backward": "JaxlmDenseBackward",
+}
 
 
 def _mkl_sgemm():
@@ -131,6 +140,7 @@ def _mkl_sgemm():
 def _openblas_sgemm():
   """cblas_sgemm from the scipy-openblas32 wheel, single-threaded."""
   import scipy_openblas32
+
   blas = ctypes.CDLL(str(Path(scipy_openblas32.get_lib_dir()) / scipy_openblas32.get_library(fullname=True)))
   # The wheel prefixes every symbol with scipy_, so it never clashes with numpy's own OpenBLAS.
   blas.scipy_openblas_set_num_threads(1)  # the kernel splits the work across XLA's threads
@@ -156,33 +166,36 @@ def blas() -> str | None:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array, mask_BxTxS: jax.Array,
-              causal: bool) -> jax.Array:
+def attention(
+  q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array, mask_BxTxS: jax.Array, causal: bool
+) -> jax.Array:
   """softmax(q k^T / sqrt(H), masked) v in jaxlm's layouts; `causal` as in `attention.dot_product_attention`."""
   return _forward(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, causal)[0]
 
 
 def _ffi_call(target, result_shapes):
   if not available():
-    raise RuntimeError("jaxlm: the CPU kernels are not built (see the warning above); "
-                       "check cpu_kernels.available() before calling them, as jaxlm.ops does")
+    raise RuntimeError(
+      "jaxlm: the CPU kernels are not built (see the warning above); "
+      "check cpu_kernels.available() before calling them, as jaxlm.ops does"
+    )
   return jax.ffi.ffi_call(target, result_shapes, vmap_method="sequential")
 
 
 def _forward(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, causal):
   b, t, n, _ = q_BxTxNxH.shape
   out_BxTxNxH, lse_BxNxT = _ffi_call(
-      "jaxlm_attention_forward",
-      (jax.ShapeDtypeStruct(q_BxTxNxH.shape, jnp.float32), jax.ShapeDtypeStruct((b, n, t), jnp.float32)))(
-      q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, causal=causal)
+    "jaxlm_attention_forward",
+    (jax.ShapeDtypeStruct(q_BxTxNxH.shape, jnp.float32), jax.ShapeDtypeStruct((b, n, t), jnp.float32)),
+  )(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, causal=causal)
   return out_BxTxNxH, (q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, out_BxTxNxH, lse_BxNxT)
 
 
 def _backward(causal, residuals, d_out_BxTxNxH):
   q, k, v, mask, _, _ = residuals
-  d_q, d_k, d_v = _ffi_call("jaxlm_attention_backward",
-                            tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v)))(
-      *residuals, d_out_BxTxNxH, causal=causal)
+  d_q, d_k, d_v = _ffi_call(
+    "jaxlm_attention_backward", tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
+  )(*residuals, d_out_BxTxNxH, causal=causal)
   return d_q, d_k, d_v, None
 
 
@@ -202,16 +215,17 @@ def self_attention(qkv_BxTxCxH: jax.Array, mask_BxTxT: jax.Array, causal: bool, 
 def _self_attention_forward(qkv_BxTxCxH, mask_BxTxT, causal, num_heads):
   b, t, _, h = qkv_BxTxCxH.shape
   out_BxTxNxH, lse_BxNxT = _ffi_call(
-      "jaxlm_packed_attention_forward",
-      (jax.ShapeDtypeStruct((b, t, num_heads, h), jnp.float32), jax.ShapeDtypeStruct((b, num_heads, t), jnp.float32)))(
-      qkv_BxTxCxH, mask_BxTxT, causal=causal, num_heads=np.int64(num_heads))
+    "jaxlm_packed_attention_forward",
+    (jax.ShapeDtypeStruct((b, t, num_heads, h), jnp.float32), jax.ShapeDtypeStruct((b, num_heads, t), jnp.float32)),
+  )(qkv_BxTxCxH, mask_BxTxT, causal=causal, num_heads=np.int64(num_heads))
   return out_BxTxNxH, (qkv_BxTxCxH, mask_BxTxT, out_BxTxNxH, lse_BxNxT)
 
 
 def _self_attention_backward(causal, num_heads, residuals, d_out_BxTxNxH):
   qkv_BxTxCxH, mask_BxTxT = residuals[:2]
   d_qkv = _ffi_call("jaxlm_packed_attention_backward", jax.ShapeDtypeStruct(qkv_BxTxCxH.shape, jnp.float32))(
-      *residuals, d_out_BxTxNxH, causal=causal, num_heads=np.int64(num_heads))
+    *residuals, d_out_BxTxNxH, causal=causal, num_heads=np.int64(num_heads)
+  )
   return d_qkv, None
 
 
@@ -228,15 +242,17 @@ def _norm_forward(x_MxD, scale_D, bias_D, rms, eps):
   m = x_MxD.shape[0]
   row = jax.ShapeDtypeStruct((m,), jnp.float32)
   y_MxD, mean_M, rstd_M = _ffi_call("jaxlm_norm_forward", (jax.ShapeDtypeStruct(x_MxD.shape, jnp.float32), row, row))(
-      x_MxD, scale_D, bias_D, rms=rms, eps=np.float32(eps))
+    x_MxD, scale_D, bias_D, rms=rms, eps=np.float32(eps)
+  )
   return y_MxD, (x_MxD, scale_D, mean_M, rstd_M)
 
 
 def _norm_backward(rms, eps, residuals, d_y_MxD):
   x_MxD, scale_D = residuals[:2]
-  d_x, d_scale, d_bias = _ffi_call("jaxlm_norm_backward", (jax.ShapeDtypeStruct(x_MxD.shape, jnp.float32),
-                                                           *[jax.ShapeDtypeStruct(scale_D.shape, jnp.float32)] * 2))(
-      *residuals, d_y_MxD, rms=rms)
+  d_x, d_scale, d_bias = _ffi_call(
+    "jaxlm_norm_backward",
+    (jax.ShapeDtypeStruct(x_MxD.shape, jnp.float32), *[jax.ShapeDtypeStruct(scale_D.shape, jnp.float32)] * 2),
+  )(*residuals, d_y_MxD, rms=rms)
   return d_x, d_scale, d_bias
 
 
@@ -256,9 +272,12 @@ def _bias_gelu_forward(x_MxF, bias_F):
 
 def _bias_gelu_backward(residuals, d_y_MxF):
   x_MxF, bias_F = residuals
-  return tuple(_ffi_call("jaxlm_bias_gelu_backward", (jax.ShapeDtypeStruct(x_MxF.shape, jnp.float32),
-                                                      jax.ShapeDtypeStruct(bias_F.shape, jnp.float32)))(
-      x_MxF, bias_F, d_y_MxF))
+  return tuple(
+    _ffi_call(
+      "jaxlm_bias_gelu_backward",
+      (jax.ShapeDtypeStruct(x_MxF.shape, jnp.float32), jax.ShapeDtypeStruct(bias_F.shape, jnp.float32)),
+    )(x_MxF, bias_F, d_y_MxF)
+  )
 
 
 bias_gelu.defvjp(_bias_gelu_forward, _bias_gelu_backward)
@@ -272,15 +291,19 @@ def dense(x_MxK: jax.Array, w_KxN: jax.Array, bias_N: jax.Array) -> jax.Array:
 
 def _dense_forward(x_MxK, w_KxN, bias_N):
   y_MxN = _ffi_call("jaxlm_dense_forward", jax.ShapeDtypeStruct((x_MxK.shape[0], w_KxN.shape[1]), jnp.float32))(
-      x_MxK, w_KxN, bias_N)
+    x_MxK, w_KxN, bias_N
+  )
   return y_MxN, (x_MxK, w_KxN)
 
 
 def _dense_backward(residuals, d_y_MxN):
   x_MxK, w_KxN = residuals
   shapes = (x_MxK.shape, w_KxN.shape, (w_KxN.shape[1],))
-  return tuple(_ffi_call("jaxlm_dense_backward", tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes))(
-      x_MxK, w_KxN, d_y_MxN))
+  return tuple(
+    _ffi_call("jaxlm_dense_backward", tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes))(
+      x_MxK, w_KxN, d_y_MxN
+    )
+  )
 
 
 dense.defvjp(_dense_forward, _dense_backward)

@@ -15,8 +15,7 @@ import jax.numpy as jnp
 from einops import rearrange
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxlm.ops import cpu_kernels
-from jaxlm.ops import dispatch
+from jaxlm.ops import cpu_kernels, dispatch
 
 Array = jax.Array
 
@@ -37,13 +36,23 @@ def _cpu(x_MxI: Array, kernel_IxC: Array, bias_C: Array | None) -> Array:
 
 
 dispatch.register("dense", "xla", dispatch.Implementation(_xla))
-dispatch.register("dense", "cpu", dispatch.Implementation(
-    _cpu, platforms=("cpu",), dtypes=(jnp.float32,), single_device=True, automatic=True,
-    available=lambda: cpu_kernels.available() and cpu_kernels.blas() is not None))
+dispatch.register(
+  "dense",
+  "cpu",
+  dispatch.Implementation(
+    _cpu,
+    platforms=("cpu",),
+    dtypes=(jnp.float32,),
+    single_device=True,
+    automatic=True,
+    available=lambda: cpu_kernels.available() and cpu_kernels.blas() is not None,
+  ),
+)
 
 
-def projection(x_BxTxI: Array, projections: list[tuple[Array, Array | None]], dtype, model_cfg,
-               split: bool = True) -> list[Array] | Array:
+def projection(
+  x_BxTxI: Array, projections: list[tuple[Array, Array | None]], dtype, model_cfg, split: bool = True
+) -> list[Array] | Array:
   """x @ [W1 | W2 | ...] + [b1 | b2 | ...] in `dtype`, one output per (kernel, bias) pair.
 
   Kernels are (I, *features) with the same input size I; biases are

@@ -33,6 +33,7 @@ OPS = ("attention", "norm", "dense", "activation")
 @dataclasses.dataclass(frozen=True)
 class Target:
   """The devices a computation is traced for: platform ('cpu', 'gpu', 'tpu') and how many."""
+
   platform: str
   num_devices: int
 
@@ -59,6 +60,7 @@ class Implementation:
   variants: the variants it handles (activation names); None handles all.
   extras: per-implementation capabilities the op's module documents (attention: 'packed').
   """
+
   fn: Callable
   platforms: tuple[str, ...] | None = None
   dtypes: tuple[Any, ...] | None = None
@@ -81,10 +83,12 @@ def register(op: str, name: str, implementation: Implementation) -> Implementati
 
 
 def _runs(implementation: Implementation, target: Target, dtype, variant: str | None) -> bool:
-  return ((implementation.platforms is None or target.platform in implementation.platforms)
-          and (implementation.dtypes is None or dtype in implementation.dtypes)
-          and (not implementation.single_device or target.num_devices == 1)
-          and (variant is None or implementation.variants is None or variant in implementation.variants))
+  return (
+    (implementation.platforms is None or target.platform in implementation.platforms)
+    and (implementation.dtypes is None or dtype in implementation.dtypes)
+    and (not implementation.single_device or target.num_devices == 1)
+    and (variant is None or implementation.variants is None or variant in implementation.variants)
+  )
 
 
 def choose(op: str, model_cfg, dtype, *, variant: str | None = None, target: Target | None = None) -> str:
@@ -104,9 +108,11 @@ def choose(op: str, model_cfg, dtype, *, variant: str | None = None, target: Tar
     if implementation is None:
       raise ValueError(f"model.attention_impl={requested!r} is not registered; choose one of {', '.join(table)}")
     if not _runs(implementation, target, dtype, variant):
-      raise ValueError(f"model.attention_impl={requested!r} runs on {', '.join(implementation.platforms or ())} "
-                       f"(dtypes {implementation.dtypes or 'any'}), not on {target.platform} in {jax.numpy.dtype(dtype)}; "
-                       "set --config.model.attention_impl=xla")
+      raise ValueError(
+        f"model.attention_impl={requested!r} runs on {', '.join(implementation.platforms or ())} "
+        f"(dtypes {implementation.dtypes or 'any'}), not on {target.platform} in {jax.numpy.dtype(dtype)}; "
+        "set --config.model.attention_impl=xla"
+      )
     return requested
   if model_cfg.get("cpu_kernels", True):  # runs saved before the option existed have it on
     for name, implementation in table.items():

@@ -10,8 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxlm.ops import cpu_kernels
-from jaxlm.ops import dispatch
+from jaxlm.ops import cpu_kernels, dispatch
 
 Array = jax.Array
 
@@ -28,9 +27,13 @@ def _cpu(x_MxD: Array, scale_D: Array, bias_D: Array | None, rms: bool, eps: flo
 
 
 dispatch.register("norm", "xla", dispatch.Implementation(_xla))
-dispatch.register("norm", "cpu", dispatch.Implementation(
-    _cpu, platforms=("cpu",), dtypes=(jnp.float32,), single_device=True, automatic=True,
-    available=cpu_kernels.available))
+dispatch.register(
+  "norm",
+  "cpu",
+  dispatch.Implementation(
+    _cpu, platforms=("cpu",), dtypes=(jnp.float32,), single_device=True, automatic=True, available=cpu_kernels.available
+  ),
+)
 
 
 def norm(x_BxTxD: Array, scale_D: Array, bias_D: Array | None, model_cfg) -> Array:

@@ -17,8 +17,9 @@ _MASKED_LOGIT = -0.7 * float(jnp.finfo(jnp.float32).max)  # jax.nn's value: a fu
 _CAUSAL_BLOCKS = 4  # query blocks of causal self-attention; 4 measured fastest at T=256 (BENCHMARKS.md)
 
 
-def dot_product_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_Bx1xTxS: Array,
-                          causal: bool = False) -> Array:
+def dot_product_attention(
+  q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_Bx1xTxS: Array, causal: bool = False
+) -> Array:
   """softmax(q k^T / sqrt(H), masked) v, equal to `jax.nn.dot_product_attention` up to float32 rounding.
 
   Written for CPU, where XLA does not fuse attention (BENCHMARKS.md has the
@@ -38,7 +39,7 @@ def dot_product_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, 
   s, k = k_BxSxKxH.shape[1], k_BxSxKxH.shape[2]
   g = n // k
   # Query head n reads key/value head n // G: the heads split into (K, G).
-  q_BxKxGxTxH = rearrange(q_BxTxNxH * jnp.asarray(h ** -0.5, q_BxTxNxH.dtype), "B T (K G) H -> B K G T H", K=k)
+  q_BxKxGxTxH = rearrange(q_BxTxNxH * jnp.asarray(h**-0.5, q_BxTxNxH.dtype), "B T (K G) H -> B K G T H", K=k)
   k_BxKxSxH = rearrange(k_BxSxKxH, "B S K H -> B K S H")
   v_BxKxSxH = rearrange(v_BxSxKxH, "B S K H -> B K S H")
   blocks = _CAUSAL_BLOCKS if causal and t == s and t % _CAUSAL_BLOCKS == 0 else 1
@@ -67,8 +68,12 @@ def _attention_forward(q_BxKxQxH, k_BxKxSxH, v_BxKxSxH, mask_Bx1xQxS):
   logits_BxKxQxS = jnp.where(mask_Bx1xQxS, logits_BxKxQxS, _MASKED_LOGIT)
   weights_BxKxQxS = jnp.exp(logits_BxKxQxS - jnp.max(logits_BxKxQxS, axis=-1, keepdims=True))
   row_sum_BxKxQx1 = jnp.sum(weights_BxKxQxS, axis=-1, keepdims=True)
-  out_BxKxQxH = jnp.einsum("BKQS,BKSH->BKQH", weights_BxKxQxS.astype(v_BxKxSxH.dtype), v_BxKxSxH,
-                           preferred_element_type=jnp.float32) / row_sum_BxKxQx1
+  out_BxKxQxH = (
+    jnp.einsum(
+      "BKQS,BKSH->BKQH", weights_BxKxQxS.astype(v_BxKxSxH.dtype), v_BxKxSxH, preferred_element_type=jnp.float32
+    )
+    / row_sum_BxKxQx1
+  )
   residuals = (q_BxKxQxH, k_BxKxSxH, v_BxKxSxH, mask_Bx1xQxS, out_BxKxQxH, weights_BxKxQxS, row_sum_BxKxQx1)
   return out_BxKxQxH.astype(v_BxKxSxH.dtype), residuals
 
@@ -83,18 +88,19 @@ def _attention_backward(residuals, d_out_BxKxQxH):
   dtype = v_BxKxSxH.dtype
   # Gradient w.r.t. the unnormalized weights' product, since `weights` are unnormalized.
   d_out_BxKxQxH = d_out_BxKxQxH.astype(jnp.float32) / row_sum_BxKxQx1
-  d_v_BxKxSxH = jnp.einsum("BKQS,BKQH->BKSH", weights_BxKxQxS.astype(dtype), d_out_BxKxQxH.astype(dtype),
-                           preferred_element_type=jnp.float32)
-  d_weights_BxKxQxS = jnp.einsum("BKQH,BKSH->BKQS", d_out_BxKxQxH.astype(dtype), v_BxKxSxH,
-                                 preferred_element_type=jnp.float32)
+  d_v_BxKxSxH = jnp.einsum(
+    "BKQS,BKQH->BKSH", weights_BxKxQxS.astype(dtype), d_out_BxKxQxH.astype(dtype), preferred_element_type=jnp.float32
+  )
+  d_weights_BxKxQxS = jnp.einsum(
+    "BKQH,BKSH->BKQS", d_out_BxKxQxH.astype(dtype), v_BxKxSxH, preferred_element_type=jnp.float32
+  )
   row_dot_BxKxQx1 = jnp.sum(d_out_BxKxQxH * out_BxKxQxH, axis=-1, keepdims=True)
   # Masked logits get no gradient, also in a fully masked row, whose weights are all 1.
   d_logits_BxKxQxS = jnp.where(mask_Bx1xQxS, weights_BxKxQxS * (d_weights_BxKxQxS - row_dot_BxKxQx1), 0.0)
   d_logits_BxKxQxS = d_logits_BxKxQxS.astype(q_BxKxQxH.dtype)
   d_q_BxKxQxH = jnp.einsum("BKQS,BKSH->BKQH", d_logits_BxKxQxS, k_BxKxSxH, preferred_element_type=jnp.float32)
   d_k_BxKxSxH = jnp.einsum("BKQS,BKQH->BKSH", d_logits_BxKxQxS, q_BxKxQxH, preferred_element_type=jnp.float32)
-  return (d_q_BxKxQxH.astype(q_BxKxQxH.dtype), d_k_BxKxSxH.astype(k_BxKxSxH.dtype),
-          d_v_BxKxSxH.astype(dtype), None)
+  return (d_q_BxKxQxH.astype(q_BxKxQxH.dtype), d_k_BxKxSxH.astype(k_BxKxSxH.dtype), d_v_BxKxSxH.astype(dtype), None)
 
 
 _attention.defvjp(_attention_forward, _attention_backward)

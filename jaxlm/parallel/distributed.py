@@ -38,8 +38,10 @@ def maybe_initialize_distributed(config) -> None:
   d = config.distributed
   num_processes = d.num_processes or int(os.environ.get("JAX_NUM_PROCESSES", "0"))
   if num_processes == -1:
-    jax.distributed.initialize(initialization_timeout=d.initialization_timeout_s,
-                               heartbeat_timeout_seconds=watchdog.runtime_heartbeat_timeout(d.heartbeat_timeout_s))
+    jax.distributed.initialize(
+      initialization_timeout=d.initialization_timeout_s,
+      heartbeat_timeout_seconds=watchdog.runtime_heartbeat_timeout(d.heartbeat_timeout_s),
+    )
     watchdog.start(d.heartbeat_timeout_s)
     return
   if num_processes <= 1:
@@ -48,13 +50,18 @@ def maybe_initialize_distributed(config) -> None:
   process_id = d.process_id if d.process_id >= 0 else int(os.environ.get("JAX_PROCESS_ID", "-1"))
   if not address or process_id < 0:
     raise ConfigError(
-        "distributed.num_processes > 1 needs distributed.coordinator_address and distributed.process_id "
-        "(or JAX_COORDINATOR_ADDRESS and JAX_PROCESS_ID)")
+      "distributed.num_processes > 1 needs distributed.coordinator_address and distributed.process_id "
+      "(or JAX_COORDINATOR_ADDRESS and JAX_PROCESS_ID)"
+    )
   for attempt in range(1, d.initialization_attempts + 1):
     try:
-      jax.distributed.initialize(address, num_processes=num_processes, process_id=process_id,
-                                 initialization_timeout=d.initialization_timeout_s,
-                                 heartbeat_timeout_seconds=watchdog.runtime_heartbeat_timeout(d.heartbeat_timeout_s))
+      jax.distributed.initialize(
+        address,
+        num_processes=num_processes,
+        process_id=process_id,
+        initialization_timeout=d.initialization_timeout_s,
+        heartbeat_timeout_seconds=watchdog.runtime_heartbeat_timeout(d.heartbeat_timeout_s),
+      )
       watchdog.start(d.heartbeat_timeout_s)
       return
     except Exception as e:  # noqa: BLE001 - the runtime reports timeouts as several exception types
@@ -62,8 +69,9 @@ def maybe_initialize_distributed(config) -> None:
         jax.distributed.shutdown()
       if attempt == d.initialization_attempts:
         raise DistributedError(
-            f"process {process_id} of {num_processes} could not join the coordinator at {address} in "
-            f"{d.initialization_attempts} attempt(s) of {d.initialization_timeout_s} s "
-            f"({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__}); check that every "
-            "process was started, or raise distributed.initialization_timeout_s") from None
-      time.sleep(min(2 ** attempt, 10))
+          f"process {process_id} of {num_processes} could not join the coordinator at {address} in "
+          f"{d.initialization_attempts} attempt(s) of {d.initialization_timeout_s} s "
+          f"({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__}); check that every "
+          "process was started, or raise distributed.initialization_timeout_s"
+        ) from None
+      time.sleep(min(2**attempt, 10))

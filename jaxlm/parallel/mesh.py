@@ -28,6 +28,7 @@ def _build(sizes: dict[str, int], devices: Sequence[jax.Device], torus: bool) ->
   shape = [sizes[axis] for axis in AXES]
   if torus:
     from jax.experimental import mesh_utils  # local: only compiling for a TPU slice needs it
+
     return Mesh(mesh_utils.create_device_mesh(shape, devices), AXES)
   return Mesh(np.array(devices).reshape(shape), AXES)
 
@@ -46,6 +47,7 @@ def make_mesh(config, devices: Sequence[jax.Device] | None = None, torus: bool =
     The `jax.sharding.Mesh`. Raises ConfigError when the sizes do not fill the devices.
   """
   from jaxlm import config as config_lib  # local: see the module docstring
+
   if devices is None:
     devices = sorted(jax.devices(), key=lambda device: (device.process_index, device.id))
   return _build(config_lib.mesh_shape(config, len(devices)), devices, torus)
@@ -62,8 +64,10 @@ def mesh_of_sizes(sizes: dict[str, int]) -> Mesh:
   """
   count = math.prod(sizes[axis] for axis in AXES)
   if count > jax.device_count():
-    raise ConfigError(f"--mesh {','.join(f'{axis}={sizes[axis]}' for axis in AXES)} needs {count} devices but "
-                      f"{jax.device_count()} are visible; choose sizes whose product is at most that")
+    raise ConfigError(
+      f"--mesh {','.join(f'{axis}={sizes[axis]}' for axis in AXES)} needs {count} devices but "
+      f"{jax.device_count()} are visible; choose sizes whose product is at most that"
+    )
   return _build(sizes, jax.devices()[:count], torus=False)
 
 
@@ -79,6 +83,7 @@ def fit_mesh(config, device_count: int):
     `eval.batch_size` is rounded up to divide over the data-parallel devices.
   """
   from jaxlm import config as config_lib  # local: see the module docstring
+
   config = config.copy_and_resolve_references()
   try:
     config_lib.mesh_shape(config, device_count)

@@ -23,15 +23,18 @@ from jaxlm import config as config_lib
 def check_divisible(abstract_tree, sharding_tree, flag: str) -> None:
   """ConfigError naming the first array whose sharded dimension the mesh does not divide (else XLA's or
   Orbax's traceback); `flag` names what sets the mesh sizes (e.g. '--mesh')."""
+
   def check(path, abstract, sharding):
     for size, axes in zip(abstract.shape, sharding.spec):
       names = (axes,) if isinstance(axes, str) else tuple(axes or ())
       ways = math.prod(sharding.mesh.shape[a] for a in names)
       if size % ways:
         raise config_lib.ConfigError(
-            f"{jax.tree_util.keystr(path)} has a dimension of {size}, which mesh axes {'x'.join(names)} "
-            f"({ways} ways) do not divide; choose {flag} sizes that divide the model's dimensions "
-            "(or map the axis to None in mesh.rules)")
+          f"{jax.tree_util.keystr(path)} has a dimension of {size}, which mesh axes {'x'.join(names)} "
+          f"({ways} ways) do not divide; choose {flag} sizes that divide the model's dimensions "
+          "(or map the axis to None in mesh.rules)"
+        )
+
   jax.tree_util.tree_map_with_path(check, abstract_tree, sharding_tree)
 
 
@@ -45,8 +48,12 @@ def state_shardings(mesh: Mesh, tx: optax.GradientTransformation, abstract_state
   """Shardings for a TrainState: params as given, optimizer moments like their params."""
   replicated = NamedSharding(mesh, PartitionSpec())
   opt_shardings = optax.tree_map_params(
-      tx, lambda _, sharding: sharding, abstract_state.opt_state, param_shardings,
-      transform_non_params=lambda _: replicated)
+    tx,
+    lambda _, sharding: sharding,
+    abstract_state.opt_state,
+    param_shardings,
+    transform_non_params=lambda _: replicated,
+  )
   return abstract_state.replace(step=replicated, params=param_shardings, opt_state=opt_shardings)
 
 
@@ -104,8 +111,9 @@ def check_state_fits(abstract_state, shardings, params) -> None:
   needed = shard_bytes(abstract_state, shardings) + shard_bytes(params, shardings.params)
   available, source = available_bytes(jax.local_devices()[0])
   if needed > available:
-    gib = 1024 ** 3
+    gib = 1024**3
     raise config_lib.ConfigError(
-        f"the train state alone needs {needed / gib:.1f} GiB per device (parameters, optimizer state and "
-        f"gradients) but the {source} is {available / gib:.1f} GiB; lower model.max_len, model.d_model, "
-        "model.num_layers or model.vocab_size, or shard it with --config.mesh.fsdp=N")
+      f"the train state alone needs {needed / gib:.1f} GiB per device (parameters, optimizer state and "
+      f"gradients) but the {source} is {available / gib:.1f} GiB; lower model.max_len, model.d_model, "
+      "model.num_layers or model.vocab_size, or shard it with --config.mesh.fsdp=N"
+    )

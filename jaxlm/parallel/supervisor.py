@@ -56,8 +56,10 @@ from jaxlm import config as config_lib
 _CHILD_MARK = "JAXLM_SUPERVISED"
 _HOLD_S = 1.0  # how long a glog line waits for the fatal line that may follow it
 _GLOG_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d+\.\d+\s+\d+ \S+:\d+\] ")
-_FATAL_START = re.compile(r"^F\d{4} \d\d:\d\d:\d\d|Check failure stack trace|^terminate called |"
-                          r"^\*\*\* SIG[A-Z]+ received|^Fatal Python error: ")
+_FATAL_START = re.compile(
+  r"^F\d{4} \d\d:\d\d:\d\d|Check failure stack trace|^terminate called |"
+  r"^\*\*\* SIG[A-Z]+ received|^Fatal Python error: "
+)
 _JOIN_FAILED = re.compile(r"CoordinationService/RegisterTask")  # the runtime's client gave up joining
 _COORDINATOR_LOST = re.compile(r"leader task|Failed to send RPC to coordination service")
 _TASK = re.compile(r"/task:(\d+)|stopped sending heartbeats\):\s*(\d+)")
@@ -69,6 +71,7 @@ class Launch(NamedTuple):
   """One process of a multi-process run: its id and the process count (-1 where JAX detects them), the
   run's workdir, where the runtime's crash report is saved, the coordinator's address ('' where JAX detects
   it) and how many times the process tries to join it (`distributed.initialization_attempts`)."""
+
   process_id: int
   num_processes: int
   workdir: str
@@ -79,8 +82,7 @@ class Launch(NamedTuple):
 def lost_line(lost: str, process_id: int, num_processes: int) -> str:
   """The one `jaxlm: error:` line of a process that stops because `lost` (e.g. 'lost process 1: ...') happened."""
   me = f"process {process_id} of {num_processes}" if process_id >= 0 and num_processes > 0 else "this process"
-  return (f"jaxlm: error: {lost}; {me} stops. Restart all processes: training resumes from the last intact "
-          "checkpoint.")
+  return f"jaxlm: error: {lost}; {me} stops. Restart all processes: training resumes from the last intact checkpoint."
 
 
 def launch_of(config_path: str, overrides: list[str], workdir: str) -> Launch | None:
@@ -110,7 +112,7 @@ def _detail(report: str) -> str:
   """The status the runtime's fatal `report` ends with, e.g. 'UNAVAILABLE: Failed to send RPC to coordination
   service' (else its first fatal line)."""
   lines = report.splitlines()
-  fatal = lines[next((i for i, line in enumerate(lines) if _FATAL_START.search(line)), 0):]
+  fatal = lines[next((i for i, line in enumerate(lines) if _FATAL_START.search(line)), 0) :]
   status = _STATUS.search("\n".join(fatal))
   return (status.group(0) if status else re.sub(r"^F\d{4} [^\]]*\] ", "", fatal[0].strip()))[:160]
 
@@ -119,9 +121,11 @@ def _lost_peer(report: str, launch: Launch) -> str:
   """What the runtime's fatal `report` says was lost, for `lost_line`."""
   lines, detail = report.splitlines(), _detail(report)
   if _JOIN_FAILED.search(report):
-    return (f"could not join the coordinator{f' at {launch.coordinator}' if launch.coordinator else ''} in "
-            f"{launch.attempts} attempt(s) ({detail}); check that every process was started, or raise "
-            "distributed.initialization_timeout_s")
+    return (
+      f"could not join the coordinator{f' at {launch.coordinator}' if launch.coordinator else ''} in "
+      f"{launch.attempts} attempt(s) ({detail}); check that every process was started, or raise "
+      "distributed.initialization_timeout_s"
+    )
   if launch.process_id != 0 and _COORDINATOR_LOST.search(report):
     return f"lost the coordinator (process 0): {detail}"
   others = {int(task or listed) for task, listed in _TASK.findall(report)} - {launch.process_id}
@@ -157,8 +161,14 @@ def run(command: list[str], launch: Launch) -> int:
   try:
     attempt = 1
     while True:
-      children[:] = [subprocess.Popen(command, stderr=subprocess.PIPE, env=dict(os.environ, **{_CHILD_MARK: "1"}),
-                                      preexec_fn=_die_with_parent if sys.platform == "linux" else None)]
+      children[:] = [
+        subprocess.Popen(
+          command,
+          stderr=subprocess.PIPE,
+          env=dict(os.environ, **{_CHILD_MARK: "1"}),
+          preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
+      ]
       for signum in forwarded:
         children[0].send_signal(signum)
       status = _supervise(children[0], launch, forwarded, may_retry=attempt < launch.attempts)

@@ -42,6 +42,7 @@ def runtime_heartbeat_timeout(timeout_s: int) -> int:
 
 def _client():
   from jax._src import distributed as jax_distributed  # private: JAX has no public handle on its client
+
   return jax_distributed.global_state.client
 
 
@@ -73,8 +74,10 @@ class _Watchdog(threading.Thread):
           return
         unreachable_since = unreachable_since or time.monotonic()
         if time.monotonic() - unreachable_since > min(self.timeout_s, 10):
-          _lost(f"lost the coordinator (process 0): its key-value store stopped answering "
-                f"({str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__})")
+          _lost(
+            f"lost the coordinator (process 0): its key-value store stopped answering "
+            f"({str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__})"
+          )
         continue
       unreachable_since = None
       now = time.monotonic()
@@ -85,8 +88,7 @@ class _Watchdog(threading.Thread):
         if last_seen.get(key, (None,))[0] != value:
           last_seen[key] = (value, now)
         elif now - last_seen[key][1] > self.timeout_s:
-          _lost(f"lost process {process}: no sign of life for {self.timeout_s:g} s "
-                "(distributed.heartbeat_timeout_s)")
+          _lost(f"lost process {process}: no sign of life for {self.timeout_s:g} s (distributed.heartbeat_timeout_s)")
 
   def stop(self) -> None:
     self.stopping.set()

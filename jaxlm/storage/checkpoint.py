@@ -31,8 +31,7 @@ from jaxlm.errors import JaxlmError
 from jaxlm.storage import fs, integrity
 
 # Written by Orbax 0.12 when a save commits (the step folder is renamed into place after them).
-COMMIT_MARKERS = ("_CHECKPOINT_METADATA", "commit_success.txt", "state/commit_success.txt",
-                  "meta/commit_success.txt")
+COMMIT_MARKERS = ("_CHECKPOINT_METADATA", "commit_success.txt", "state/commit_success.txt", "meta/commit_success.txt")
 # Files every complete step holds besides the array data: the state's tree structure and the OCDBT root.
 STRUCTURE_FILES = ("state/_METADATA", "state/manifest.ocdbt", "meta/metadata")
 _STATUS = re.compile(r"\b[A-Z][A-Z_]{4,}: ")  # TensorStore's status prefix, e.g. 'OUT_OF_RANGE: '
@@ -60,7 +59,7 @@ def _read_error_text(error: BaseException) -> str:
     current = current.__cause__ or current.__context__
   text = next((str(e) for e in chain if _STATUS.search(str(e))), str(chain[-1]))
   match = _STATUS.search(text)
-  text = text[match.start():] if match else text
+  text = text[match.start() :] if match else text
   text = re.sub(r" \[(tensorstore_spec|source locations)=.*", "", text.strip().splitlines()[0])
   # The cause (e.g. 'No space left on device') comes last: keep both ends of a long message.
   return text if len(text) <= 400 else f"{text[:220]} ... {text[-170:]}"
@@ -89,6 +88,7 @@ def _ignore_reads_finishing_after_a_failure() -> None:
     if str(unraisable.exc_value) in _LATE_CALLBACK_ERRORS:
       return
     previous(unraisable)
+
   hook.jaxlm_closed_loop_filter = True
   sys.unraisablehook = hook
 
@@ -137,11 +137,15 @@ class Checkpointer:
     self.directory = _abspath(directory)
     self._saved: set[int] = set()  # steps this Checkpointer saved whose file manifest is still to write
     self._last_started: int | None = None  # the newest save started; Orbax runs one at a time, so a failure
-                                           # that check() or wait() finds is this step's
+    # that check() or wait() finds is this step's
     async_options = None if read_only else ocp.AsyncOptions(post_finalization_callback=self._write_file_manifests)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=not read_only, enable_async_checkpointing=not read_only,
-        read_only=read_only, async_options=async_options)
+      max_to_keep=keep,
+      create=not read_only,
+      enable_async_checkpointing=not read_only,
+      read_only=read_only,
+      async_options=async_options,
+    )
     self.manager = ocp.CheckpointManager(self.directory, options=options)
     # Orbax logs each failed background write with a traceback; `check` and `wait` report it in one line.
     self._quiet = _DropOrbaxErrors()
@@ -181,9 +185,10 @@ class Checkpointer:
     bad = [name for name, record in arrays.items() if not record["finite"]]
     if bad:
       raise CheckpointError(
-          f"the state at step {step} has non-finite or overflowing values in '{bad[0]}' ({len(bad)} array(s)); "
-          f"it was not saved. {last_good_sentence(self.newest_complete_step())} Lower optim.learning_rate "
-          "or raise optim.warmup_steps.")
+        f"the state at step {step} has non-finite or overflowing values in '{bad[0]}' ({len(bad)} array(s)); "
+        f"it was not saved. {last_good_sentence(self.newest_complete_step())} Lower optim.learning_rate "
+        "or raise optim.warmup_steps."
+      )
     meta = {**meta, "integrity": {"algorithm": integrity.ALGORITHM, "arrays": arrays}}
     try:
       # Orbax's save waits for the previous one too; waiting here first names that step if it failed.
@@ -193,8 +198,9 @@ class Checkpointer:
     self._saved.add(step)
     self._last_started = step
     try:
-      return self.manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+      return self.manager.save(
+        step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta)), force=force
+      )
     except Exception as e:  # noqa: BLE001 - any failure to write becomes one line naming the path
       raise self._save_error(step, e) from None
 
@@ -232,8 +238,9 @@ class Checkpointer:
       text = "No space left on device"
     which = f"step {failed.group(1)}" if failed else f"step {step}" if step is not None else "a checkpoint"
     return CheckpointError(
-        f"saving {which} to {self.directory} failed ({text}); {free_space(self.directory)} free "
-        f"there. {last_good_sentence(self.newest_complete_step())} Free space or pick another --workdir.")
+      f"saving {which} to {self.directory} failed ({text}); {free_space(self.directory)} free "
+      f"there. {last_good_sentence(self.newest_complete_step())} Free space or pick another --workdir."
+    )
 
   def newest_complete_step(self) -> int | None:
     """The newest step with all its commit markers (not verified against checksums)."""
@@ -247,8 +254,10 @@ class Checkpointer:
     try:
       return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception as e:  # noqa: BLE001 - a missing or garbled metadata file is damage, named
-      raise CheckpointError(f"checkpoint step {step} in {self.directory} is damaged: its meta item cannot be "
-                            f"read ({_first_line(e)}); {self._intact_clause(None, False, exclude=step)}") from None
+      raise CheckpointError(
+        f"checkpoint step {step} in {self.directory} is damaged: its meta item cannot be "
+        f"read ({_first_line(e)}); {self._intact_clause(None, False, exclude=step)}"
+      ) from None
 
   def _restore_verified(self, step: int, target, partial: bool):
     """The restored `state` tree; raises _Damaged (damage) or CheckpointError (the model does not match)."""
@@ -273,12 +282,17 @@ class Checkpointer:
         raise CheckpointError(f"checkpoint step {step} in {self.directory} does not match this model: {mismatch}")
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
     try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=partial)))["state"]
+      restored = self.manager.restore(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=partial)
+        ),
+      )["state"]
     except (ValueError, KeyError) as e:
       if records is None:  # saved before checksums existed: a structure error means another model
-        raise CheckpointError(f"checkpoint step {step} in {self.directory} does not match this model: "
-                              f"{_first_line(e)}") from None
+        raise CheckpointError(
+          f"checkpoint step {step} in {self.directory} does not match this model: {_first_line(e)}"
+        ) from None
       raise _Damaged(f"a file of the state item cannot be read ({_read_error_text(e)})") from None
     except Exception as e:  # noqa: BLE001 - TensorStore reports truncated or missing files in many types
       raise _Damaged(f"a file of the state item cannot be read ({_read_error_text(e)})") from None
@@ -301,8 +315,10 @@ class Checkpointer:
     try:
       return self._restore_verified(step, target, partial)
     except _Damaged as e:
-      raise CheckpointError(f"checkpoint step {step} in {self.directory} is damaged: {e}; "
-                            f"{self._intact_clause(target, partial, exclude=step)}") from None
+      raise CheckpointError(
+        f"checkpoint step {step} in {self.directory} is damaged: {e}; "
+        f"{self._intact_clause(target, partial, exclude=step)}"
+      ) from None
 
   def problem(self, step: int, target, partial: bool = False) -> str | None:
     """What is wrong with step `step` (restored into `target` and checked), or None if it is intact."""
@@ -314,11 +330,16 @@ class Checkpointer:
 
   def intact_steps(self, target, partial: bool = False, exclude: int | None = None) -> list[int]:
     """Steps that restore into `target` and pass verification, newest first (this reads each one)."""
-    return [step for step in reversed(self.all_steps()) if step != exclude and self.problem(step, target, partial) is None]
+    return [
+      step for step in reversed(self.all_steps()) if step != exclude and self.problem(step, target, partial) is None
+    ]
 
   def _intact_clause(self, target, partial: bool, exclude: int) -> str:
-    intact = (self.intact_steps(target, partial, exclude) if target is not None else
-              [step for step in reversed(self.all_steps()) if step != exclude and not self.missing_markers(step)])
+    intact = (
+      self.intact_steps(target, partial, exclude)
+      if target is not None
+      else [step for step in reversed(self.all_steps()) if step != exclude and not self.missing_markers(step)]
+    )
     if not intact:
       return "no other intact checkpoint exists in this run"
     return f"intact steps: {', '.join(map(str, intact))} (pass --step {intact[0]})"
@@ -350,6 +371,7 @@ class Checkpointer:
       fs.move(self.directory / str(step), destination)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # local: single-process runs never need it
+
       multihost_utils.sync_global_devices(f"jaxlm_quarantine_{step}")
     self.manager.reload()
     return destination

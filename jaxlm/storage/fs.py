@@ -70,6 +70,7 @@ def glob(pattern: str) -> list[str]:
   if not is_url(pattern):
     return sorted(p for p in glob_lib.glob(pattern, recursive=True) if os.path.isfile(p))
   import fsspec  # local: only URL patterns need it
+
   filesystem, _ = fsspec.core.url_to_fs(pattern)
   scheme = pattern.split("://", 1)[0]
   found = filesystem.glob(pattern, detail=True)
@@ -127,6 +128,7 @@ def move(source: PathLike, destination: PathLike) -> None:
     shutil.move(os.fspath(source), os.fspath(destination))
     return
   import fsspec  # local: only URLs need it
+
   filesystem, _ = fsspec.core.url_to_fs(os.fspath(source))
   # Copy, then delete: what a move is in a bucket. (epath's rename wants the destination's folder to
   # hold an object already; gcsfs's mv first tries the newer moveTo call, which emulators lack.)
@@ -201,6 +203,7 @@ class _TensorBoardFactory:
 def tensorboard_writer(logdir: PathLike):
   """A `tensorboardX.SummaryWriter` for `logdir`, local or `gs://`, without TensorFlow."""
   from tensorboardX import SummaryWriter, record_writer  # local: only metric writers need it
+
   if os.fspath(logdir).startswith("gs://"):
     record_writer.register_writer_factory("gs", _TensorBoardFactory())
   return SummaryWriter(os.fspath(logdir))
@@ -221,8 +224,10 @@ def check_access(location: PathLike, write: bool = False, timeout_s: float = 20.
   probe = threading.Thread(target=_probe, args=(location, bucket, write, outcome), daemon=True)
   probe.start()
   probe.join(timeout_s)
-  credentials = ("no Google credentials were found: run `gcloud auth application-default login` or set "
-                 "GOOGLE_APPLICATION_CREDENTIALS (on a TPU VM jaxlm uses the VM's service account)")
+  credentials = (
+    "no Google credentials were found: run `gcloud auth application-default login` or set "
+    "GOOGLE_APPLICATION_CREDENTIALS (on a TPU VM jaxlm uses the VM's service account)"
+  )
   if probe.is_alive():
     cause = credentials if outcome.get("anonymous") else "check the network and the credentials"
     raise StorageError(f"gs://{bucket}: no answer from Cloud Storage within {timeout_s:.0f} s; {cause}")
@@ -230,14 +235,18 @@ def check_access(location: PathLike, write: bool = False, timeout_s: float = 20.
   if error is None:
     return
   if isinstance(error, FileNotFoundError):
-    raise StorageError(f"gs://{bucket}: bucket not found (from {location}); create it with "
-                       f"`gcloud storage buckets create gs://{bucket} --location=REGION` or fix the name")
+    raise StorageError(
+      f"gs://{bucket}: bucket not found (from {location}); create it with "
+      f"`gcloud storage buckets create gs://{bucket} --location=REGION` or fix the name"
+    )
   if outcome.get("anonymous"):
     raise StorageError(f"gs://{bucket}: access refused; {credentials}")
   needed = "roles/storage.objectUser" if write else "roles/storage.objectViewer"
   first_line = (str(error).splitlines() or [type(error).__name__])[0][:200]
-  raise StorageError(f"gs://{bucket}: cannot {'write to' if write else 'read'} {location} ({first_line}); grant "
-                     f"{needed} on the bucket to the account jaxlm runs as (on a TPU VM, its service account)")
+  raise StorageError(
+    f"gs://{bucket}: cannot {'write to' if write else 'read'} {location} ({first_line}); grant "
+    f"{needed} on the bucket to the account jaxlm runs as (on a TPU VM, its service account)"
+  )
 
 
 def check_run_access(workdir: PathLike, data_config) -> None:
@@ -257,6 +266,7 @@ def _probe(location: str, bucket: str, write: bool, outcome: dict) -> None:
   """Lists one object of the bucket, then writes and deletes a small object under `location`."""
   try:
     import fsspec
+
     filesystem, _ = fsspec.core.url_to_fs(location)
     outcome["anonymous"] = getattr(getattr(filesystem, "credentials", None), "method", None) == "anon"
     filesystem.ls(bucket, max_results=1)

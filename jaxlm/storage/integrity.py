@@ -102,10 +102,15 @@ def describe(tree) -> dict[str, dict]:
   leaves = _named_leaves(tree)
   arrays = {name: leaf for name, leaf in leaves.items() if isinstance(leaf, jax.Array)}
   results = jax.device_get(_tree_fingerprints(arrays))
-  return {name: {"shape": list(leaf.shape), "dtype": str(leaf.dtype),
-                 "checksum": "%08x%08x" % tuple(int(v) for v in np.asarray(results[name][0])),
-                 "finite": bool(results[name][1])}
-          for name, leaf in arrays.items()}
+  return {
+    name: {
+      "shape": list(leaf.shape),
+      "dtype": str(leaf.dtype),
+      "checksum": "%08x%08x" % tuple(int(v) for v in np.asarray(results[name][0])),
+      "finite": bool(results[name][1]),
+    }
+    for name, leaf in arrays.items()
+  }
 
 
 def mismatch_with_target(records: dict[str, dict], target, partial: bool) -> str | None:
@@ -119,7 +124,9 @@ def mismatch_with_target(records: dict[str, dict], target, partial: bool) -> str
     return f"the checkpoint has {len(extra)} array(s) this model lacks, e.g. '{extra[0]}'"
   for name, leaf in wanted.items():
     if list(leaf.shape) != records[name]["shape"]:
-      return f"array '{name}' was saved with shape {tuple(records[name]['shape'])}, this model needs {tuple(leaf.shape)}"
+      return (
+        f"array '{name}' was saved with shape {tuple(records[name]['shape'])}, this model needs {tuple(leaf.shape)}"
+      )
   return None
 
 
@@ -129,8 +136,10 @@ def first_damaged(records: dict[str, dict], restored) -> str | None:
     saved = records.get(name)
     # A restore that casts to another dtype changes the bits; such arrays cannot be compared.
     if saved is not None and saved["dtype"] == record["dtype"] and saved["checksum"] != record["checksum"]:
-      return (f"array '{name}' does not match the checksum recorded at save time "
-              f"(saved {saved['checksum']}, read {record['checksum']})")
+      return (
+        f"array '{name}' does not match the checksum recorded at save time "
+        f"(saved {saved['checksum']}, read {record['checksum']})"
+      )
   return None
 
 
@@ -150,8 +159,11 @@ def _file_crc32(location: str) -> int:
 def _files(folder) -> dict[str, str]:
   """{name relative to `folder`: location} of every file under `folder` (a local path or a URL)."""
   prefix = os.fspath(folder).rstrip("/") + "/"
-  return {location[len(prefix):]: location for location in fs.glob(prefix + "**")
-          if not location.endswith("/" + FILE_MANIFEST)}
+  return {
+    location[len(prefix) :]: location
+    for location in fs.glob(prefix + "**")
+    if not location.endswith("/" + FILE_MANIFEST)
+  }
 
 
 def write_file_manifest(folder) -> None:

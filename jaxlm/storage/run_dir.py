@@ -106,6 +106,7 @@ def write_checkpoint(workdir: fs.PathLike, step: int, state: dict, config, keep:
     keep: the checkpoints the run keeps (`train.keep_checkpoints`).
   """
   from jaxlm.storage import checkpoint  # local: Orbax loads only to write (int8 decoding imports this module)
+
   saver = checkpoint.Checkpointer(checkpoints_path(workdir), keep=keep)
   saver.save(step, state, {"config": config.to_dict(), "data_position": step})
   saver.close()

@@ -59,9 +59,10 @@ class WorkdirLock:
         holder = _read_holder(fd)
         os.close(fd)
         raise LockError(
-            f"work directory {self.path.parent} is in use by another jaxlm train (pid {holder.get('pid', '?')} on "
-            f"host {holder.get('host', '?')}, since {holder.get('since', '?')}); wait for it to finish, stop it, "
-            "or pass another --workdir") from None
+          f"work directory {self.path.parent} is in use by another jaxlm train (pid {holder.get('pid', '?')} on "
+          f"host {holder.get('host', '?')}, since {holder.get('since', '?')}); wait for it to finish, stop it, "
+          "or pass another --workdir"
+        ) from None
       # A holder that released and deleted the file meanwhile leaves us locking an unlinked inode: retry.
       if not self.path.exists() or os.stat(self.path).st_ino != os.fstat(fd).st_ino:
         os.close(fd)
@@ -69,8 +70,10 @@ class WorkdirLock:
       break
     previous = _read_holder(fd)
     if previous.get("pid"):
-      self.report(f"taking over the stale lock of pid {previous['pid']} on host {previous.get('host', '?')} "
-                  f"({self.path}); that run ended without releasing it")
+      self.report(
+        f"taking over the stale lock of pid {previous['pid']} on host {previous.get('host', '?')} "
+        f"({self.path}); that run ended without releasing it"
+      )
     me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
     os.ftruncate(fd, 0)
     os.lseek(fd, 0, os.SEEK_SET)

@@ -30,8 +30,18 @@ import numpy as np
 
 from jaxlm.data import corpus, sources
 
-PACKAGES = ("asyncio", "concurrent", "email", "http", "importlib", "json", "logging", "multiprocessing",
-            "unittest", "xml")
+PACKAGES = (
+  "asyncio",
+  "concurrent",
+  "email",
+  "http",
+  "importlib",
+  "json",
+  "logging",
+  "multiprocessing",
+  "unittest",
+  "xml",
+)
 SPLITS = ("train", "validation")
 _WORD = re.compile(r"\w+")
 
@@ -39,6 +49,7 @@ _WORD = re.compile(r"\w+")
 @dataclasses.dataclass(frozen=True)
 class Example:
   """One function: its source text, its package's index in `PACKAGES` and its qualified name."""
+
   source: str
   label: int
   name: str
@@ -96,27 +107,31 @@ class ClassificationRows:
     return len(self.texts)
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    body = [int(i) for i in self.tokenizer.encode(self.texts[index])][:self.seq_len - 2]
+    body = [int(i) for i in self.tokenizer.encode(self.texts[index])][: self.seq_len - 2]
     ids = [self.tokenizer.bos_id, *body, self.tokenizer.eos_id]
     row = self.padding_row()
-    row["inputs"][:len(ids)] = ids
-    row["segment_ids"][:len(ids)] = 1
-    row["positions"][:len(ids)] = np.arange(len(ids))
+    row["inputs"][: len(ids)] = ids
+    row["segment_ids"][: len(ids)] = 1
+    row["positions"][: len(ids)] = np.arange(len(ids))
     row["targets"][0], row["weights"][0] = self.labels[index], 1.0
     return row
 
   def padding_row(self) -> dict[str, np.ndarray]:
     """A row of weight 0, to fill the last evaluation batch."""
     zeros = np.zeros(self.seq_len, np.int32)
-    return {"inputs": zeros.copy(), "segment_ids": zeros.copy(), "positions": zeros.copy(),
-            "targets": np.zeros(1, np.int32), "weights": np.zeros(1, np.float32)}
+    return {
+      "inputs": zeros.copy(),
+      "segment_ids": zeros.copy(),
+      "positions": zeros.copy(),
+      "targets": np.zeros(1, np.int32),
+      "weights": np.zeros(1, np.float32),
+    }
 
 
 def stdlib_rows(config, tokenizer, split: str) -> ClassificationRows:
   """The stdlib-package task's rows for `split`, per the whole `config` (data.seq_len, data.val_fraction)."""
   examples = load_examples(split, config.data.val_fraction)
-  return ClassificationRows([e.source for e in examples], [e.label for e in examples], tokenizer,
-                            config.data.seq_len)
+  return ClassificationRows([e.source for e in examples], [e.label for e in examples], tokenizer, config.data.seq_len)
 
 
 def _bags(texts: Sequence[str], vocabulary: dict[str, int]) -> np.ndarray:
@@ -128,8 +143,9 @@ def _bags(texts: Sequence[str], vocabulary: dict[str, int]) -> np.ndarray:
   return counts_NxW
 
 
-def naive_bayes(train_texts: Sequence[str], train_labels: Sequence[int], texts: Sequence[str],
-                num_classes: int, alpha: float = 1.0) -> np.ndarray:
+def naive_bayes(
+  train_texts: Sequence[str], train_labels: Sequence[int], texts: Sequence[str], num_classes: int, alpha: float = 1.0
+) -> np.ndarray:
   """Multinomial naive Bayes on word bags (words unseen in training ignored): the predicted label per text.
 
   log P(c | text) = log prior(c) + sum_w count(w) * log((count(w, c) + alpha) / (count(c) + alpha * |W|)).
@@ -144,15 +160,24 @@ def naive_bayes(train_texts: Sequence[str], train_labels: Sequence[int], texts: 
   return np.argmax(_bags(texts, vocabulary) @ log_likelihood_CxW.T + log_prior_C, axis=1)
 
 
-def baseline_predictions(train: ClassificationRows, evaluated: ClassificationRows,
-                         num_classes: int) -> dict[str, np.ndarray]:
+def baseline_predictions(
+  train: ClassificationRows, evaluated: ClassificationRows, num_classes: int
+) -> dict[str, np.ndarray]:
   """{'majority': the training split's most common label everywhere, 'naive_bayes': `naive_bayes`} for the
   examples of `evaluated`."""
   majority = int(np.argmax(np.bincount(train.labels, minlength=num_classes)))
-  return {"majority": np.full(len(evaluated), majority),
-          "naive_bayes": naive_bayes(train.texts, train.labels, evaluated.texts, num_classes)}
+  return {
+    "majority": np.full(len(evaluated), majority),
+    "naive_bayes": naive_bayes(train.texts, train.labels, evaluated.texts, num_classes),
+  }
 
 
-sources.register(sources.Source(name="stdlib_packages", rows=stdlib_rows, labels=PACKAGES,
-                                families=("encoder_classifier", "decoder_classifier"),
-                                description="functions labelled by their standard-library package"))
+sources.register(
+  sources.Source(
+    name="stdlib_packages",
+    rows=stdlib_rows,
+    labels=PACKAGES,
+    families=("encoder_classifier", "decoder_classifier"),
+    description="functions labelled by their standard-library package",
+  )
+)

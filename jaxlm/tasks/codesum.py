@@ -48,6 +48,7 @@ MIN_SUMMARY_WORDS = 3
 @dataclasses.dataclass(frozen=True)
 class Pair:
   """One summarization example: a standard-library function and the first line of its docstring."""
+
   source: str  # the function's source, dedented, without its own docstring
   summary: str  # first non-empty line of the docstring, stripped
   name: str  # qualified name, e.g. 'json.decoder.JSONDecoder.decode'
@@ -82,8 +83,7 @@ def _line_reader(data: bytes):
   return lambda: next(lines, b"")
 
 
-def _segment(lines: list[bytes], start: tuple[int, int], end: tuple[int, int],
-             padded: bool = False) -> str:
+def _segment(lines: list[bytes], start: tuple[int, int], end: tuple[int, int], padded: bool = False) -> str:
   """Text between two AST positions (1-based line, UTF-8 byte column).
 
   Same result as `ast.get_source_segment`, which re-splits the whole file
@@ -93,7 +93,7 @@ def _segment(lines: list[bytes], start: tuple[int, int], end: tuple[int, int],
   first, last = lines[start_line - 1], lines[end_line - 1]
   if start_line == end_line:
     return first[start_col:end_col].decode()
-  middle = lines[start_line:end_line - 1]
+  middle = lines[start_line : end_line - 1]
   text = b"\n".join([first[start_col:], *middle, last[:end_col]]).decode()
   if not padded:
     return text
@@ -101,8 +101,7 @@ def _segment(lines: list[bytes], start: tuple[int, int], end: tuple[int, int],
   return "".join(c if c in " \t\f" else " " for c in prefix) + text
 
 
-def _source_without_docstring(lines: list[bytes],
-                              node: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
+def _source_without_docstring(lines: list[bytes], node: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
   """The function's text (decorators included) with the docstring statement cut out.
 
   Splicing the original text keeps comments and formatting that `ast.unparse`
@@ -114,10 +113,9 @@ def _source_without_docstring(lines: list[bytes],
     start = (decorator.lineno, lines[decorator.lineno - 1].rindex(b"@", 0, decorator.col_offset))
   docstring = node.body[0]
   head = _segment(lines, start, (docstring.lineno, docstring.col_offset), padded=True)
-  tail = _segment(lines, (docstring.end_lineno, docstring.end_col_offset),
-                  (node.end_lineno, node.end_col_offset))
+  tail = _segment(lines, (docstring.end_lineno, docstring.end_col_offset), (node.end_lineno, node.end_col_offset))
   head_code = head.rstrip(" \t")
-  indent = head[len(head_code):]
+  indent = head[len(head_code) :]
   rest = tail.lstrip(" \t")
   if rest.startswith(";"):  # `"""doc"""; more()` on one line
     rest = rest[1:].lstrip(" \t")
@@ -183,8 +181,9 @@ def extract_pairs(path, rel_path: str) -> list[Pair]:
     # pickletools' readers open with a doctest prompt, which is not a summary.
     if len(summary.split()) < MIN_SUMMARY_WORDS or summary.startswith(">>>"):
       continue
-    pairs.append(Pair(source=_source_without_docstring(lines, node), summary=summary,
-                      name=".".join(parts), path=rel_path))
+    pairs.append(
+      Pair(source=_source_without_docstring(lines, node), summary=summary, name=".".join(parts), path=rel_path)
+    )
   return pairs
 
 
@@ -198,8 +197,9 @@ def _stdlib_pairs(include_tests: bool) -> tuple[tuple[str, tuple[Pair, ...]], ..
   return tuple(by_file)
 
 
-def load_pairs(split: str, val_fraction: float = 0.05, include_tests: bool = False,
-               max_source_chars: int = 2000) -> list[Pair]:
+def load_pairs(
+  split: str, val_fraction: float = 0.05, include_tests: bool = False, max_source_chars: int = 2000
+) -> list[Pair]:
   """Deduplicated pairs of the stdlib files hashed into `split`, in file order.
 
   Identical (source, summary) pairs are kept once. A few functions are copied
@@ -210,8 +210,7 @@ def load_pairs(split: str, val_fraction: float = 0.05, include_tests: bool = Fal
     raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
   train_sources = set()
   if split == "validation":
-    train_sources = {pair.source for pair in load_pairs(
-        "train", val_fraction, include_tests, max_source_chars)}
+    train_sources = {pair.source for pair in load_pairs("train", val_fraction, include_tests, max_source_chars)}
   pairs, seen = [], set()
   for rel_path, file_pairs in _stdlib_pairs(include_tests):
     if corpus.split_of(rel_path, val_fraction) != split:
@@ -245,8 +244,8 @@ def baseline_predictions(train: list[Pair], eval_pairs: list[Pair]) -> dict[str,
   # Ties broken alphabetically so the baseline does not depend on train order.
   most_common = min(counts, key=lambda summary: (-counts[summary], summary))
   return {
-      "most_common": [most_common] * len(eval_pairs),
-      "name_words": [name_words(pair.name) for pair in eval_pairs],
+    "most_common": [most_common] * len(eval_pairs),
+    "name_words": [name_words(pair.name) for pair in eval_pairs],
   }
 
 

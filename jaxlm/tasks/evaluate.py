@@ -20,13 +20,15 @@ from typing import Any, Callable
 import jax
 
 from jaxlm import config as config_lib
+from jaxlm import families, loader
 from jaxlm.config import Config
 from jaxlm.data import pipeline as data_lib
-from jaxlm import families, loader
-from jaxlm.storage import fs
 from jaxlm.models import quantize
-from jaxlm.parallel import mesh as mesh_lib, sharding
-from jaxlm.training import step as train_step, trainer
+from jaxlm.parallel import mesh as mesh_lib
+from jaxlm.parallel import sharding
+from jaxlm.storage import fs
+from jaxlm.training import step as train_step
+from jaxlm.training import trainer
 
 
 @dataclasses.dataclass
@@ -36,6 +38,7 @@ class Evaluation:
   config: the whole config, fitted to these devices (`jaxlm.parallel.mesh.fit_mesh`). run: the `loader.Run`.
   rows: the family's validation rows. max_batches: the batches to score (0: all).
   """
+
   config: Config
   run: loader.Run
   rows: Any
@@ -78,8 +81,13 @@ class Evaluation:
     totals = self.loss_sums() if totals is None else totals
     weight = max(totals["weight_sum"], 1.0)
     loss = totals["nll_sum"] / weight
-    return {"step": self.step, "tokens": totals["weight_sum"], "loss": loss, "perplexity": math.exp(min(loss, 700)),
-            "accuracy": totals["correct_sum"] / weight}
+    return {
+      "step": self.step,
+      "tokens": totals["weight_sum"],
+      "loss": loss,
+      "perplexity": math.exp(min(loss, 700)),
+      "accuracy": totals["correct_sum"] / weight,
+    }
 
 
 def _tap(batches, on_batch):
@@ -111,8 +119,9 @@ def load(workdir: str | Path, step: int | None = None, max_batches: int | None =
   rules = config_lib.mesh_rules(config)
   shardings = jax.tree.map(lambda x: x.sharding, run.params)
   batch_sharding = sharding.batch_sharding(mesh, rules)
-  eval_step = train_step.eval_step_for(run.model, train_step.cross_entropy_loss(config.train), mesh, rules,
-                                       shardings, batch_sharding)
+  eval_step = train_step.eval_step_for(
+    run.model, train_step.cross_entropy_loss(config.train), mesh, rules, shardings, batch_sharding
+  )
   rows = family.rows(config, run.tokenizer, "validation")
   limit = config.eval.max_batches if max_batches is None else max_batches
   return Evaluation(config, run, rows, limit, eval_step, batch_sharding)
@@ -173,9 +182,17 @@ def compare_int8(workdir, step: int | None = None, max_batches: int | None = Non
     float_loss, source = evaluation.loss_metrics()["loss"], "scored"
   ppl = {"float": math.exp(min(float_loss, 700)), "int8": int8_metrics["perplexity"]}
   float_bytes, int8_bytes = quantize.nbytes(run.params), quantize.nbytes(int8)
-  result = {"step": run.step, "tokens": tokens, "float_mb": float_bytes / 2**20, "int8_mb": int8_bytes / 2**20,
-            "memory_reduction": float_bytes / int8_bytes, "float_perplexity": ppl["float"],
-            "int8_perplexity": ppl["int8"], "perplexity_change": ppl["int8"] / ppl["float"] - 1,
-            "float_source": source, "int8_run": out}
+  result = {
+    "step": run.step,
+    "tokens": tokens,
+    "float_mb": float_bytes / 2**20,
+    "int8_mb": int8_bytes / 2**20,
+    "memory_reduction": float_bytes / int8_bytes,
+    "float_perplexity": ppl["float"],
+    "int8_perplexity": ppl["int8"],
+    "perplexity_change": ppl["int8"] / ppl["float"] - 1,
+    "float_source": source,
+    "int8_run": out,
+  }
   fs.write_text(fs.join(workdir, f"quantize_step_{run.step}.json"), json.dumps(result, indent=2))
   return result

@@ -71,11 +71,18 @@ def classification_scores(predicted: Sequence[int], gold: Sequence[int], num_cla
   recall = np.divide(hits, supports, out=np.zeros(num_classes), where=supports > 0)
   both = precision + recall
   f1 = np.divide(2 * precision * recall, both, out=np.zeros(num_classes), where=both > 0)
-  per_class = [{"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-               for p, r, f, s in zip(precision, recall, f1, supports)]
-  return {"accuracy": float(hits.sum() / max(len(gold), 1)), "macro_precision": float(precision.mean()),
-          "macro_recall": float(recall.mean()), "macro_f1": float(f1.mean()), "examples": int(len(gold)),
-          "per_class": per_class}
+  per_class = [
+    {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+    for p, r, f, s in zip(precision, recall, f1, supports)
+  ]
+  return {
+    "accuracy": float(hits.sum() / max(len(gold), 1)),
+    "macro_precision": float(precision.mean()),
+    "macro_recall": float(recall.mean()),
+    "macro_f1": float(f1.mean()),
+    "examples": int(len(gold)),
+    "per_class": per_class,
+  }
 
 
 def per_class_table(scores: dict, names: Sequence[str]) -> str:
@@ -83,6 +90,7 @@ def per_class_table(scores: dict, names: Sequence[str]) -> str:
   width = max(len(n) for n in names)
   lines = [f"{'class':<{width}}  precision  recall     f1  support"]
   for name, row in zip(names, scores["per_class"]):
-    lines.append(f"{name:<{width}}  {row['precision']:9.3f}  {row['recall']:6.3f}  {row['f1']:5.3f}  "
-                 f"{row['support']:7d}")
+    lines.append(
+      f"{name:<{width}}  {row['precision']:9.3f}  {row['recall']:6.3f}  {row['f1']:5.3f}  {row['support']:7d}"
+    )
   return "\n".join(lines)

@@ -14,15 +14,21 @@ import collections
 
 import numpy as np
 
-from jaxlm.data import pipeline as data_lib
 from jaxlm.config import Config
+from jaxlm.data import pipeline as data_lib
 from jaxlm.data.tokenizer import Tokenizer
 
 Batch = dict[str, np.ndarray]
 
 
-def mask_tokens(tokens_T: np.ndarray, maskable_T: np.ndarray, rng: np.random.Generator, probability: float,
-                mask_id: int, random_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def mask_tokens(
+  tokens_T: np.ndarray,
+  maskable_T: np.ndarray,
+  rng: np.random.Generator,
+  probability: float,
+  mask_id: int,
+  random_ids: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
   """(inputs_T, weights_T): BERT's 80/10/10 corruption of a chosen share of the maskable tokens."""
   candidates = np.flatnonzero(maskable_T)
   count = min(len(candidates), max(1, int(round(probability * len(candidates))))) if len(candidates) else 0
@@ -55,8 +61,9 @@ class MlmRows:
     tokens_T = row["inputs"]
     maskable_T = self.is_real_V[tokens_T] & (row["segment_ids"] != 0)
     rng = np.random.default_rng([self.seed, int(index)])
-    row["inputs"], row["weights"] = mask_tokens(tokens_T, maskable_T, rng, self.probability, self.mask_id,
-                                                self.random_ids)
+    row["inputs"], row["weights"] = mask_tokens(
+      tokens_T, maskable_T, rng, self.probability, self.mask_id, self.random_ids
+    )
     row["targets"] = tokens_T
     return row
 
@@ -68,8 +75,9 @@ class MlmRows:
 def prepare(config: Config, tokenizer: Tokenizer, split: str) -> MlmRows:
   """The split's masked rows, per the whole `config` (data.seq_len, data.mlm_probability, data.mlm_seed)."""
   stream = data_lib.TokenStream.from_documents(data_lib.load_documents(config.data, split), tokenizer)
-  return MlmRows(data_lib.PackedRows(stream, config.data.seq_len), tokenizer, config.data.mlm_probability,
-                 config.data.mlm_seed)
+  return MlmRows(
+    data_lib.PackedRows(stream, config.data.seq_len), tokenizer, config.data.mlm_probability, config.data.mlm_seed
+  )
 
 
 def unigram_token(rows: MlmRows) -> int:

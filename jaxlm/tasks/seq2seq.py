@@ -30,11 +30,12 @@ from typing import Iterator
 
 import numpy as np
 
-from jaxlm.tasks import codesum
-from jaxlm.inference import decode
-from jaxlm.data import instruct as instruct_data, sources
 from jaxlm.config import Config, ConfigError
+from jaxlm.data import instruct as instruct_data
+from jaxlm.data import sources
 from jaxlm.data.tokenizer import Tokenizer
+from jaxlm.inference import decode
+from jaxlm.tasks import codesum
 
 Batch = dict[str, np.ndarray]
 SEPARATOR = "\n# Summary: "  # ends every decoder prompt: a comment line, which a code model has seen often
@@ -45,8 +46,9 @@ def load_pairs(config: Config, split: str) -> list[tuple[str, str]]:
   """The split's (source, target) text pairs from the `config.data.source` entry (`Source.pairs`); whole config."""
   source = sources.get(config.data.source)
   if source.pairs is None:
-    raise ValueError(f"data.source '{config.data.source}' has no (source, target) pairs; use "
-                     f"{' or '.join(sources.offering('pairs'))}")
+    raise ValueError(
+      f"data.source '{config.data.source}' has no (source, target) pairs; use {' or '.join(sources.offering('pairs'))}"
+    )
   return source.pairs(config, split)
 
 
@@ -58,19 +60,21 @@ def pair_lines(config: Config) -> Iterator[str]:
 
 
 def _ids(text: str, tokenizer: Tokenizer, max_len: int) -> np.ndarray:
-  return np.append(tokenizer.encode(text)[:max_len - 1], np.int32(tokenizer.eos_id)).astype(np.int32)
+  return np.append(tokenizer.encode(text)[: max_len - 1], np.int32(tokenizer.eos_id)).astype(np.int32)
 
 
 class Seq2SeqRows:
   """Random-access rows of (source, target) pairs; `pack=False` gives one pair per row."""
 
-  def __init__(self, pairs: list[tuple[str, str]], tokenizer: Tokenizer, source_len: int, target_len: int,
-               pack: bool = True):
+  def __init__(
+    self, pairs: list[tuple[str, str]], tokenizer: Tokenizer, source_len: int, target_len: int, pack: bool = True
+  ):
     self.seq_len, self.target_len, self.bos_id = source_len, target_len, tokenizer.bos_id
     self.references = [target for _, target in pairs]
     self.examples = [(_ids(s, tokenizer, source_len), _ids(t, tokenizer, target_len)) for s, t in pairs]
-    self.row_examples = _pack(self.examples, source_len, target_len) if pack else [[i] for i in
-                                                                                    range(len(self.examples))]
+    self.row_examples = (
+      _pack(self.examples, source_len, target_len) if pack else [[i] for i in range(len(self.examples))]
+    )
 
   def __len__(self) -> int:
     return len(self.row_examples)
@@ -96,9 +100,16 @@ class Seq2SeqRows:
     """A row of weight 0 (source and target all padding), to fill the last evaluation batch."""
     source = lambda: np.zeros(self.seq_len, np.int32)
     target = lambda: np.zeros(self.target_len, np.int32)
-    return {"inputs": source(), "input_segment_ids": source(), "input_positions": source(),
-            "decoder_inputs": target(), "targets": target(), "segment_ids": target(), "positions": target(),
-            "weights": np.zeros(self.target_len, np.float32)}
+    return {
+      "inputs": source(),
+      "input_segment_ids": source(),
+      "input_positions": source(),
+      "decoder_inputs": target(),
+      "targets": target(),
+      "segment_ids": target(),
+      "positions": target(),
+      "weights": np.zeros(self.target_len, np.float32),
+    }
 
 
 def _pack(examples, source_len: int, target_len: int) -> list[list[int]]:
@@ -130,25 +141,37 @@ class PromptCompletionRows(instruct_data.PackedExamples):
   Raises ConfigError when data.target_len leaves fewer than MIN_SOURCE_TOKENS tokens for the source.
   """
 
-  def __init__(self, pairs: list[tuple[str, str]], tokenizer: Tokenizer, prefix: list[int], seq_len: int,
-               target_len: int):
+  def __init__(
+    self, pairs: list[tuple[str, str]], tokenizer: Tokenizer, prefix: list[int], seq_len: int, target_len: int
+  ):
     separator = tokenizer.encode(SEPARATOR)
     source_len = seq_len - target_len - len(prefix) - len(separator)
     if source_len < MIN_SOURCE_TOKENS:
       most = target_len + source_len - MIN_SOURCE_TOKENS
-      raise ConfigError(f"data.target_len={target_len} leaves {source_len} of data.seq_len={seq_len} tokens for the "
-                        f"source; lower data.target_len to at most {most}")
+      raise ConfigError(
+        f"data.target_len={target_len} leaves {source_len} of data.seq_len={seq_len} tokens for the "
+        f"source; lower data.target_len to at most {most}"
+      )
     # The target's EOS is its last token, so a cut target still ends; every example is at most seq_len long.
-    examples = [instruct_data.join([(tokenizer.encode(source)[:source_len], False), (separator, False),
-                                    (tokenizer.encode(target)[:target_len - 1], True)], prefix, tokenizer.eos_id)
-                for source, target in pairs]
+    examples = [
+      instruct_data.join(
+        [
+          (tokenizer.encode(source)[:source_len], False),
+          (separator, False),
+          (tokenizer.encode(target)[: target_len - 1], True),
+        ],
+        prefix,
+        tokenizer.eos_id,
+      )
+      for source, target in pairs
+    ]
     super().__init__(examples, seq_len)
     self.references = [target for _, target in pairs]
 
   def prompt(self, example: int) -> list[int]:
     """Pair `example`'s prompt ids (prefix, source, separator): its tokens before the first answer token."""
     tokens, answer_mask = self.examples[example].tokens, self.examples[example].answer_mask
-    return [int(i) for i in tokens[:int(np.argmax(answer_mask))]]
+    return [int(i) for i in tokens[: int(np.argmax(answer_mask))]]
 
 
 def prompt_completion_rows(config: Config, tokenizer: Tokenizer, split: str) -> PromptCompletionRows:
@@ -170,7 +193,7 @@ def generate_texts(config: Config, params, rows, tokenizer, num_examples: int) -
     # A full batch every time, so the search compiles once per prompt width; the repeated last prompt is dropped.
     padded = prompts + [prompts[-1]] * (e.batch_size - len(prompts))
     result = searcher.search(padded, e.beam_size, max_len, tokenizer.eos_id, e.length_penalty)
-    texts += [tokenizer.decode(ids) for ids in result.tokens[:len(prompts)]]  # tokens stop before EOS
+    texts += [tokenizer.decode(ids) for ids in result.tokens[: len(prompts)]]  # tokens stop before EOS
   return texts
 
 
@@ -199,17 +222,21 @@ def evaluate(evaluation) -> dict:
   result = {key: metrics[key] for key in ("step", "tokens", "loss", "accuracy")}
   config = evaluation.config
   result.update(bleu_scores(config, evaluation.params, evaluation.rows, evaluation.tokenizer))
-  result["summary"] = (f"step {result['step']}: validation loss {result['loss']:.4f}, BLEU {result['bleu']:.2f} (sacrebleu, 0-100) "
-                       f"(beam {config.eval.beam_size}, alpha {config.eval.length_penalty}; baselines: "
-                       + ", ".join(f"{k[len('baseline_'):-len('_bleu')]} {v:.2f}" for k, v in result.items()
-                                   if k.startswith("baseline_")) + ")")
+  result["summary"] = (
+    f"step {result['step']}: validation loss {result['loss']:.4f}, BLEU {result['bleu']:.2f} (sacrebleu, 0-100) "
+    f"(beam {config.eval.beam_size}, alpha {config.eval.length_penalty}; baselines: "
+    + ", ".join(
+      f"{k[len('baseline_') : -len('_bleu')]} {v:.2f}" for k, v in result.items() if k.startswith("baseline_")
+    )
+    + ")"
+  )
   return result
 
 
 def _codesum_pairs(config: Config, split: str) -> list[tuple[str, str]]:
   d = config.data
   pairs = [(p.source, p.summary) for p in codesum.load_pairs(split, d.val_fraction, d.include_tests)]
-  return pairs[:d.max_examples] if d.max_examples else pairs
+  return pairs[: d.max_examples] if d.max_examples else pairs
 
 
 def _codesum_baselines(config: Config, count: int) -> dict[str, list[str]]:
@@ -219,6 +246,12 @@ def _codesum_baselines(config: Config, count: int) -> dict[str, list[str]]:
   return codesum.baseline_predictions(train_pairs, eval_pairs)
 
 
-sources.register(sources.Source(
-    name="codesum", pairs=_codesum_pairs, families=("encoder_decoder", "decoder"), baselines=_codesum_baselines,
-    description="code with summaries"))
+sources.register(
+  sources.Source(
+    name="codesum",
+    pairs=_codesum_pairs,
+    families=("encoder_decoder", "decoder"),
+    baselines=_codesum_baselines,
+    description="code with summaries",
+  )
+)

@@ -24,8 +24,8 @@ from typing import Sequence
 
 import numpy as np
 
-from jaxlm.data import corpus, sources
 from jaxlm.config import ConfigError
+from jaxlm.data import corpus, sources
 
 MAX_ANSWER_TOKENS = 64  # byte-level tokens: a few words
 MAX_QUESTION_SHARE = 4  # a question keeps at most seq_len // 4 tokens
@@ -34,6 +34,7 @@ MAX_QUESTION_SHARE = 4  # a question keeps at most seq_len // 4 tokens
 @dataclasses.dataclass(frozen=True)
 class Example:
   """One question: its context, the gold answer texts and their character starts in the context."""
+
   question: str
   context: str
   answers: tuple[str, ...]
@@ -49,27 +50,43 @@ def read_json(path: str | Path) -> list[Example]:
   ConfigError naming the file and the missing field if it is not one."""
   try:
     articles = json.loads(Path(path).read_text(encoding="utf-8"))["data"]
-    return [Example(qa["question"], paragraph["context"], tuple(a["text"] for a in qa["answers"]),
-                    tuple(int(a["answer_start"]) for a in qa["answers"]))
-            for article in articles for paragraph in article["paragraphs"] for qa in paragraph["qas"]]
+    return [
+      Example(
+        qa["question"],
+        paragraph["context"],
+        tuple(a["text"] for a in qa["answers"]),
+        tuple(int(a["answer_start"]) for a in qa["answers"]),
+      )
+      for article in articles
+      for paragraph in article["paragraphs"]
+      for qa in paragraph["qas"]
+    ]
   except (OSError, ValueError) as error:
     raise ConfigError(f"{path}: cannot read SQuAD JSON ({error})") from None
   except (KeyError, TypeError) as error:
-    raise ConfigError(f"{path}: not SQuAD format (missing field {error}); expected "
-                      "{'data': [{'paragraphs': [{'context', 'qas': [{'question', 'answers'}]}]}]}") from None
+    raise ConfigError(
+      f"{path}: not SQuAD format (missing field {error}); expected "
+      "{'data': [{'paragraphs': [{'context', 'qas': [{'question', 'answers'}]}]}]}"
+    ) from None
 
 
 def read_tfds(name: str, split: str, data_dir: str = "") -> list[Example]:
   """The questions of a TFDS SQuAD split through `tfds.data_source`; `split` must be given."""
   import tensorflow_datasets as tfds  # heavy; only this source needs it
+
   source = tfds.data_source(name, split=split, data_dir=data_dir or None)
   examples = []
   for i in range(len(source)):
     record = source[i]
     answers = record["answers"]
-    examples.append(Example(_text(record["question"]), _text(record["context"]),
-                            tuple(_text(t) for t in answers["text"]),
-                            tuple(int(s) for s in answers["answer_start"])))
+    examples.append(
+      Example(
+        _text(record["question"]),
+        _text(record["context"]),
+        tuple(_text(t) for t in answers["text"]),
+        tuple(int(s) for s in answers["answer_start"]),
+      )
+    )
   return examples
 
 
@@ -86,7 +103,7 @@ def load_examples(config, split: str) -> list[Example]:
   else:
     tfds_split = d.tfds_train_split if split == "train" else d.tfds_eval_split
     examples = read_tfds(d.tfds_name or "squad", tfds_split, d.tfds_data_dir)
-  return examples[:d.max_examples] if d.max_examples else examples
+  return examples[: d.max_examples] if d.max_examples else examples
 
 
 def _words(context: str) -> tuple[list[str], list[int]]:
@@ -108,6 +125,7 @@ def _words(context: str) -> tuple[list[str], list[int]]:
 class Feature:
   """One window of one example: the row's token ids and types, which context word each row position is
   (-1 outside the context), and the target (start, end) positions."""
+
   example: int
   ids: tuple[int, ...]
   token_types: tuple[int, ...]
@@ -120,7 +138,7 @@ def features(examples: Sequence[Example], tokenizer, seq_len: int, doc_stride: i
   """Every example's windows, in order (see the module doc)."""
   result = []
   for index, example in enumerate(examples):
-    question = [int(t) for t in tokenizer.encode(example.question)][:seq_len // MAX_QUESTION_SHARE]
+    question = [int(t) for t in tokenizer.encode(example.question)][: seq_len // MAX_QUESTION_SHARE]
     words, word_starts = _words(example.context)
     space = [int(t) for t in tokenizer.encode(" ")]
     context_ids, word_of = [], []
@@ -146,8 +164,16 @@ def features(examples: Sequence[Example], tokenizer, seq_len: int, doc_stride: i
       if answer_tokens is not None and window.start <= answer_tokens[0] and answer_tokens[1] < window.stop:
         start, end = len(prefix) + answer_tokens[0] - offset, len(prefix) + answer_tokens[1] - offset
       ids = prefix + [context_ids[i] for i in window] + [tokenizer.eos_id]
-      result.append(Feature(index, tuple(ids), tuple([0] * len(prefix) + [1] * (len(window) + 1)),
-                            tuple([-1] * len(prefix) + [word_of[i] for i in window] + [-1]), start, end))
+      result.append(
+        Feature(
+          index,
+          tuple(ids),
+          tuple([0] * len(prefix) + [1] * (len(window) + 1)),
+          tuple([-1] * len(prefix) + [word_of[i] for i in window] + [-1]),
+          start,
+          end,
+        )
+      )
       if window.stop >= len(context_ids):
         break
       offset += doc_stride
@@ -176,8 +202,14 @@ class SquadRows:
   def padding_row(self) -> dict[str, np.ndarray]:
     """A row of weight 0, to fill the last evaluation batch."""
     zeros = np.zeros(self.seq_len, np.int32)
-    return {"inputs": zeros.copy(), "segment_ids": zeros.copy(), "positions": zeros.copy(),
-            "token_types": zeros.copy(), "targets": np.zeros(2, np.int32), "weights": np.zeros(2, np.float32)}
+    return {
+      "inputs": zeros.copy(),
+      "segment_ids": zeros.copy(),
+      "positions": zeros.copy(),
+      "token_types": zeros.copy(),
+      "targets": np.zeros(2, np.int32),
+      "weights": np.zeros(2, np.float32),
+    }
 
 
 def rows(config, tokenizer, split: str) -> SquadRows:
@@ -191,7 +223,7 @@ def best_spans(rows: SquadRows, logits_Nx2xT: np.ndarray) -> list[str]:
   best: dict[int, tuple[float, int, int]] = {}
   for feature, logits_2xT in zip(rows.features, logits_Nx2xT):
     word_of = np.full(rows.seq_len, -1)
-    word_of[:len(feature.word_of)] = feature.word_of
+    word_of[: len(feature.word_of)] = feature.word_of
     in_context = word_of >= 0
     start_T = np.where(in_context, logits_2xT[0], -np.inf)
     end_T = np.where(in_context, logits_2xT[1], -np.inf)
@@ -210,9 +242,12 @@ def best_spans(rows: SquadRows, logits_Nx2xT: np.ndarray) -> list[str]:
       continue
     words, starts = _words(example.context)
     _, first, last = best[index]
-    predictions.append(example.context[starts[first]:starts[last] + len(words[last])])
+    predictions.append(example.context[starts[first] : starts[last] + len(words[last])])
   return predictions
 
 
-sources.register(sources.Source(name="squad", rows=rows, families=("encoder_qa",),
-                                description="questions on contexts, answered by spans"))
+sources.register(
+  sources.Source(
+    name="squad", rows=rows, families=("encoder_qa",), description="questions on contexts, answered by spans"
+  )
+)

@@ -43,9 +43,15 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxlm import config as config_lib
 from jaxlm import families
-from jaxlm.parallel import mesh as mesh_lib, sharding
-from jaxlm.training import flops as metrics, memory as memory_lib
-from jaxlm.training.chips import CHIPS, GIB, Chip  # the one table of published chip figures (the trainer's MFU reads it too)
+from jaxlm.parallel import mesh as mesh_lib
+from jaxlm.parallel import sharding
+from jaxlm.training import flops as metrics
+from jaxlm.training import memory as memory_lib
+from jaxlm.training.chips import (  # the one table of published chip figures (the trainer's MFU reads it too)
+  CHIPS,
+  GIB,
+  Chip,
+)
 
 
 class CompileError(config_lib.ConfigError):
@@ -55,9 +61,17 @@ class CompileError(config_lib.ConfigError):
 # libtpu's topology names: (chip prefix, two- or three-dimensional torus, TensorCores per chip).
 _TPU_TOPOLOGY = {"v4": ("v4", 3, 2), "v5p": ("v5", 3, 2), "v5e": ("v5e", 2, 1), "v6e": ("v6e", 2, 1)}
 _CHIP_SHAPES = {  # chips -> the slice shape Google Cloud builds for that many chips
-    2: {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)},
-    3: {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4), 128: (4, 4, 8),
-        256: (4, 8, 8), 512: (8, 8, 8)},
+  2: {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)},
+  3: {
+    4: (2, 2, 1),
+    8: (2, 2, 2),
+    16: (2, 2, 4),
+    32: (2, 4, 4),
+    64: (4, 4, 4),
+    128: (4, 4, 8),
+    256: (4, 8, 8),
+    512: (8, 8, 8),
+  },
 }
 
 
@@ -89,18 +103,23 @@ def tpu_devices(name: str) -> tuple[str, list]:
   """Compile-only TPU devices of a slice: (chip kind, devices). Needs libtpu, not a TPU."""
   kind, topology, chips = parse_topology(name)
   if importlib.util.find_spec("libtpu") is None:
-    raise CompileError(f"compiling for TPU needs libtpu; install it with "
-                       f"pip install 'jax[tpu]=={jax.__version__}' (or pip install -e '.[aot]')")
+    raise CompileError(
+      f"compiling for TPU needs libtpu; install it with "
+      f"pip install 'jax[tpu]=={jax.__version__}' (or pip install -e '.[aot]')"
+    )
   _compile_only_libtpu(name)
   from jax.experimental import topologies  # local: loads the TPU plugin
+
   dims = _TPU_TOPOLOGY[kind][1]
   shape = tuple(int(d) for d in topology.split(":")[1].split("x"))
   # As MaxText's accelerator_to_spec_map: 2x2 chips per host; 16-chip dimensions wrap into a torus.
   devices = topologies.get_topology_desc(
-      topology_name=topology, platform="tpu", num_slices=1,
-      chip_config_name="megacore" if _TPU_TOPOLOGY[kind][2] == 2 else "default",
-      chips_per_host_bounds=(2, 2, 1) if dims == 3 or chips >= 4 else (*shape, 1),
-      wrap=tuple(d >= 16 for d in shape) + (False,) * (3 - dims) if dims == 2 else (chips >= 64,) * 3,
+    topology_name=topology,
+    platform="tpu",
+    num_slices=1,
+    chip_config_name="megacore" if _TPU_TOPOLOGY[kind][2] == 2 else "default",
+    chips_per_host_bounds=(2, 2, 1) if dims == 3 or chips >= 4 else (*shape, 1),
+    wrap=tuple(d >= 16 for d in shape) + (False,) * (3 - dims) if dims == 2 else (chips >= 64,) * 3,
   ).devices
   return kind, devices
 
@@ -114,6 +133,7 @@ def _compile_only_libtpu(name: str) -> None:
   no TPU (no /dev/accel*, no /dev/vfio/N), so a TPU VM's runtime keeps its own.
   """
   import glob
+
   if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
     return
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", name if "-" in name else "v5litepod-4")
@@ -139,8 +159,9 @@ def _remat_factors(policy: str) -> tuple[float, float]:
   return {"full": (8 / 6, 16 / 12), "dots_no_batch": (1.0, 16 / 12)}.get(policy, (1.0, 1.0))
 
 
-def estimate(config, chip: Chip, num_chips: int, mesh_sizes: dict, param_bytes: int,
-             memory: memory_lib.StepMemory) -> dict:
+def estimate(
+  config, chip: Chip, num_chips: int, mesh_sizes: dict, param_bytes: int, memory: memory_lib.StepMemory
+) -> dict:
   """The roofline of the module docstring, per chip: times in seconds, MFU and tokens per second."""
   m = config.model
   seq = config.data.seq_len
@@ -171,9 +192,15 @@ def estimate(config, chip: Chip, num_chips: int, mesh_sizes: dict, param_bytes: 
 
   step_s = max(compute_s, memory_s, network_s)
   bound = {compute_s: "compute", memory_s: "memory", network_s: "network"}[step_s]
-  return {"compute_s": compute_s, "memory_s": memory_s, "network_s": network_s, "step_s": step_s,
-          "bound": bound, "mfu": model_flops / (step_s * chip.peak_flops),
-          "tokens_per_s": config.train.global_batch_size * seq / step_s}
+  return {
+    "compute_s": compute_s,
+    "memory_s": memory_s,
+    "network_s": network_s,
+    "step_s": step_s,
+    "bound": bound,
+    "mfu": model_flops / (step_s * chip.peak_flops),
+    "tokens_per_s": config.train.global_batch_size * seq / step_s,
+  }
 
 
 def _abstract(tree, shardings):
@@ -189,6 +216,7 @@ def compile_train_step(config, topology: str) -> dict:
   lack of memory: fits False and `error`, XLA's one-line reason.
   """
   from jaxlm.training import step as train_step  # local: the model stack loads only when compiling
+
   kind, devices = tpu_devices(topology)
   chip = CHIPS[kind]
   config_lib.validate(config, len(devices))
@@ -197,10 +225,17 @@ def compile_train_step(config, topology: str) -> dict:
   s = train_step.setup(config, mesh)
   check_divisible(s.abstract_state, s.state_shardings)
   _, batch, _ = train_step.abstract_step_arguments(s)
-  report = {"topology": topology, "chip": kind, "chips": len(devices), "mesh": mesh_sizes,
-            "remat_policy": config.model.remat_policy, "dtype": config.model.dtype,
-            "global_batch_size": config.train.global_batch_size, "num_micro_batches": config.train.num_micro_batches,
-            "hbm_bytes": chip.hbm_bytes}
+  report = {
+    "topology": topology,
+    "chip": kind,
+    "chips": len(devices),
+    "mesh": mesh_sizes,
+    "remat_policy": config.model.remat_policy,
+    "dtype": config.model.dtype,
+    "global_batch_size": config.train.global_batch_size,
+    "num_micro_batches": config.train.num_micro_batches,
+    "hbm_bytes": chip.hbm_bytes,
+  }
   start = time.perf_counter()
   try:
     compiled = train_step.compile_train_step(s).compiled
@@ -214,14 +249,15 @@ def compile_train_step(config, topology: str) -> dict:
   memory = memory_lib.step_memory(compiled)
   param_bytes = sharding.shard_bytes(s.abstract_state.params, s.state_shardings.params)
   report.update(
-      params_bytes=param_bytes,
-      optimizer_bytes=sharding.shard_bytes(s.abstract_state.opt_state, s.state_shardings.opt_state),
-      batch_bytes=sharding.shard_bytes(batch, jax.tree.map(lambda a: a.sharding, batch)),
-      temp_bytes=memory.temporaries,
-      # Pallas kernels lower to Mosaic custom calls (attention_impl=splash); XLA's own code has none.
-      tpu_custom_calls=compiled.as_text().count('custom_call_target="tpu_custom_call"'),
-      # The same sum `jaxlm train` checks a step by: all live at once, generated code included.
-      peak_bytes=memory.peak)
+    params_bytes=param_bytes,
+    optimizer_bytes=sharding.shard_bytes(s.abstract_state.opt_state, s.state_shardings.opt_state),
+    batch_bytes=sharding.shard_bytes(batch, jax.tree.map(lambda a: a.sharding, batch)),
+    temp_bytes=memory.temporaries,
+    # Pallas kernels lower to Mosaic custom calls (attention_impl=splash); XLA's own code has none.
+    tpu_custom_calls=compiled.as_text().count('custom_call_target="tpu_custom_call"'),
+    # The same sum `jaxlm train` checks a step by: all live at once, generated code included.
+    peak_bytes=memory.peak,
+  )
   report["fits"] = report["peak_bytes"] <= chip.hbm_bytes
   report.update(estimate(config, chip, len(devices), mesh_sizes, param_bytes, memory))
   return report
@@ -240,6 +276,7 @@ def compile_decode(config, topology: str, batch_size: int, prompt_len: int = 0) 
   """
   from jaxlm.inference import decode  # local, as in compile_train_step
   from jaxlm.training import step as train_step
+
   kind, devices = tpu_devices(topology)
   chip = CHIPS[kind]
   config_lib.validate(config, len(devices))
@@ -252,25 +289,38 @@ def compile_decode(config, topology: str, batch_size: int, prompt_len: int = 0) 
   check_divisible(s.abstract_state.params, s.state_shardings.params)
   params = _abstract(s.abstract_state.params, s.state_shardings.params)
   rows = NamedSharding(mesh, PartitionSpec(batch_axes))
-  prompt = {"tokens_BxP": jax.ShapeDtypeStruct((batch_size, prompt_len), jnp.int32, sharding=rows),
-            "lengths_B": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=rows)}
+  prompt = {
+    "tokens_BxP": jax.ShapeDtypeStruct((batch_size, prompt_len), jnp.int32, sharding=rows),
+    "lengths_B": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=rows),
+  }
   prefill = functools.partial(adapter.prefill, cache_len=cache_len)
   with jax.set_mesh(mesh), nn.logical_axis_rules(s.rules):
     _, _, abstract_state = jax.eval_shape(prefill, params, prompt)
   state_shardings = decode.state_shardings(mesh, s.rules, abstract_state)  # the cache as decode declares it
   state = _abstract(abstract_state, state_shardings)
   tokens = jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=rows)
-  report = {"topology": topology, "chip": kind, "chips": len(devices), "mesh": dict(zip(mesh.axis_names, mesh.devices.shape)),
-            "dtype": config.model.dtype, "param_dtype": config.model.param_dtype, "batch_size": batch_size,
-            "prompt_len": prompt_len, "cache_len": cache_len, "hbm_bytes": chip.hbm_bytes,
-            "params_bytes": sharding.shard_bytes(s.abstract_state.params, s.state_shardings.params),
-            "cache_bytes": sharding.shard_bytes(abstract_state["cache"], state_shardings["cache"])}
+  report = {
+    "topology": topology,
+    "chip": kind,
+    "chips": len(devices),
+    "mesh": dict(zip(mesh.axis_names, mesh.devices.shape)),
+    "dtype": config.model.dtype,
+    "param_dtype": config.model.param_dtype,
+    "batch_size": batch_size,
+    "prompt_len": prompt_len,
+    "cache_len": cache_len,
+    "hbm_bytes": chip.hbm_bytes,
+    "params_bytes": sharding.shard_bytes(s.abstract_state.params, s.state_shardings.params),
+    "cache_bytes": sharding.shard_bytes(abstract_state["cache"], state_shardings["cache"]),
+  }
   start = time.perf_counter()
   programs = {
-      "prefill": train_step.under_mesh(mesh, s.rules, jax.jit(
-          prefill, out_shardings=(None, None, state_shardings))).lower(params, prompt),
-      "step": train_step.under_mesh(mesh, s.rules, jax.jit(
-          adapter.step, out_shardings=(None, state_shardings), donate_argnums=(1,))).lower(params, state, tokens),
+    "prefill": train_step.under_mesh(
+      mesh, s.rules, jax.jit(prefill, out_shardings=(None, None, state_shardings))
+    ).lower(params, prompt),
+    "step": train_step.under_mesh(
+      mesh, s.rules, jax.jit(adapter.step, out_shardings=(None, state_shardings), donate_argnums=(1,))
+    ).lower(params, state, tokens),
   }
   report["fits"] = True
   for name, lowered in programs.items():
@@ -293,39 +343,54 @@ def format_decode_report(r: dict) -> str:
   """The lines `jaxlm compile --decode` prints for a `compile_decode` report."""
   size = functools.partial(memory_lib.format_bytes, decimals=2)
   mesh = " x ".join(f"{axis} {size}" for axis, size in r["mesh"].items())
-  lines = [f"{r['topology']}: {r['chips']} x {r['chip']} chips, mesh {mesh}; decode batch {r['batch_size']}, "
-           f"prompt {r['prompt_len']}, cache {r['cache_len']} slots; {r['param_dtype']} weights, {r['dtype']} compute; "
-           f"compiled in {r['compile_s']:.1f} s", "per chip:",
-           f"  {'parameters':30s}{size(r['params_bytes']):>12s}", f"  {'KV cache':30s}{size(r['cache_bytes']):>12s}"]
+  lines = [
+    f"{r['topology']}: {r['chips']} x {r['chip']} chips, mesh {mesh}; decode batch {r['batch_size']}, "
+    f"prompt {r['prompt_len']}, cache {r['cache_len']} slots; {r['param_dtype']} weights, {r['dtype']} compute; "
+    f"compiled in {r['compile_s']:.1f} s",
+    "per chip:",
+    f"  {'parameters':30s}{size(r['params_bytes']):>12s}",
+    f"  {'KV cache':30s}{size(r['cache_bytes']):>12s}",
+  ]
   for name in ("prefill", "step"):
     if name in r:
-      lines.append(f"  {name + ' temporaries':30s}{size(r[name]['temp_bytes']):>12s}   peak {size(r[name]['peak_bytes'])}")
+      lines.append(
+        f"  {name + ' temporaries':30s}{size(r[name]['temp_bytes']):>12s}   peak {size(r[name]['peak_bytes'])}"
+      )
   verdict = "fits" if r["fits"] else "does not fit"
   lines.append(f"  {verdict} in {r['hbm_bytes'] / GIB:.2f} GiB of HBM" + (f": {r['error']}" if "error" in r else ""))
-  lines.append(f"estimated decode: {r['tokens_per_s']:,.0f} tokens/s at most (weights and cache read once per step "
-               f"at the chip's HBM bandwidth)")
+  lines.append(
+    f"estimated decode: {r['tokens_per_s']:,.0f} tokens/s at most (weights and cache read once per step "
+    f"at the chip's HBM bandwidth)"
+  )
   return "\n".join(lines)
 
 
 def format_report(r: dict) -> str:
   """The human-readable lines `jaxlm compile` prints for a `compile_train_step` report."""
   mesh = " x ".join(f"{axis} {size}" for axis, size in r["mesh"].items())
-  head = (f"{r['topology']}: {r['chips']} x {r['chip']} chips, mesh {mesh}; {r['dtype']} compute, "
-          f"remat {r['remat_policy']}, global batch {r['global_batch_size']} in {r['num_micro_batches']} micro-batches; "
-          f"compiled in {r['compile_s']:.1f} s")
+  head = (
+    f"{r['topology']}: {r['chips']} x {r['chip']} chips, mesh {mesh}; {r['dtype']} compute, "
+    f"remat {r['remat_policy']}, global batch {r['global_batch_size']} in {r['num_micro_batches']} micro-batches; "
+    f"compiled in {r['compile_s']:.1f} s"
+  )
   hbm = r["hbm_bytes"] / GIB
   if not r["fits"] and "error" in r:
     return f"{head}\ndoes not fit in {hbm:.2f} GiB of HBM per chip: {r['error']}"
   lines = [head, "per chip:"]
-  for label, key in (("parameters", "params_bytes"), ("optimizer state", "optimizer_bytes"),
-                     ("batch", "batch_bytes"), ("activations and temporaries", "temp_bytes"),
-                     ("peak (all live at once)", "peak_bytes")):
+  for label, key in (
+    ("parameters", "params_bytes"),
+    ("optimizer state", "optimizer_bytes"),
+    ("batch", "batch_bytes"),
+    ("activations and temporaries", "temp_bytes"),
+    ("peak (all live at once)", "peak_bytes"),
+  ):
     lines.append(f"  {label:30s}{memory_lib.format_bytes(r[key], decimals=2):>12s}")
   verdict = "fits" if r["fits"] else "does not fit"
   lines.append(f"  {verdict} in {hbm:.2f} GiB of HBM ({100 * r['peak_bytes'] / r['hbm_bytes']:.1f}% used)")
-  lines.append(f"estimated step {r['step_s'] * 1e3:.1f} ms ({r['bound']}-bound: compute {r['compute_s'] * 1e3:.1f} ms, "
-               f"HBM {r['memory_s'] * 1e3:.1f} ms, network {r['network_s'] * 1e3:.1f} ms), "
-               f"MFU <= {100 * r['mfu']:.0f}%, {r['tokens_per_s']:,.0f} tokens/s "
-               f"(a roofline upper bound; see jaxlm/training/aot.py)")
+  lines.append(
+    f"estimated step {r['step_s'] * 1e3:.1f} ms ({r['bound']}-bound: compute {r['compute_s'] * 1e3:.1f} ms, "
+    f"HBM {r['memory_s'] * 1e3:.1f} ms, network {r['network_s'] * 1e3:.1f} ms), "
+    f"MFU <= {100 * r['mfu']:.0f}%, {r['tokens_per_s']:,.0f} tokens/s "
+    f"(a roofline upper bound; see jaxlm/training/aot.py)"
+  )
   return "\n".join(lines)
-

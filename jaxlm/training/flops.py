@@ -21,11 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.training import chips, step as train_step
-from jaxlm.storage import fs
-from jaxlm import families
 from jaxlm import config as config_lib
+from jaxlm import families
 from jaxlm.ops import dispatch
+from jaxlm.storage import fs
+from jaxlm.training import chips
+from jaxlm.training import step as train_step
 
 
 def matmul_params(model_cfg: config_lib.ModelConfig) -> int:
@@ -62,7 +63,7 @@ def measure_matmul_peak(n: int = 2048, dtype=jnp.float32, repeats: int = 5, matm
     start = time.perf_counter()
     dot(a, a, bias).block_until_ready()
     times.append(time.perf_counter() - start)
-  return 2 * n ** 3 / float(min(times) if best else np.median(times))
+  return 2 * n**3 / float(min(times) if best else np.median(times))
 
 
 class PeakFlops:
@@ -90,19 +91,22 @@ class PeakFlops:
     self.measured = kind is None
     if not self.measured:
       self.flops = chips.CHIPS[kind].peak_flops * num_devices
-      self.label = (f"the published bf16 peak of {num_devices} x {device.device_kind} "
-                    f"({chips.CHIPS[kind].peak_flops / 1e12:,.0f} TFLOP/s each)")
+      self.label = (
+        f"the published bf16 peak of {num_devices} x {device.device_kind} "
+        f"({chips.CHIPS[kind].peak_flops / 1e12:,.0f} TFLOP/s each)"
+      )
       return
-    dense = dispatch.choose("dense", config.model, self.dtype,
-                            target=dispatch.Target(device.platform, num_devices))
+    dense = dispatch.choose("dense", config.model, self.dtype, target=dispatch.Target(device.platform, num_devices))
     self.matmuls = {"XLA dot": None}
     if dense != "xla":
       self.matmuls[f"the {dense} dense kernel"] = dispatch.REGISTRY["dense"][dense].fn
     # A CPU device's matmul uses every core of its host (fake devices share them): one host per process.
     self.hosts = jax.process_count() if device.platform == "cpu" else num_devices
-    self.label = (f"the fastest {jnp.dtype(self.dtype).name} matmul ({', '.join(self.matmuls)}) measured "
-                  f"again at log lines on {self.hosts} {'host' if device.platform == 'cpu' else device.device_kind}"
-                  f"{'s' if self.hosts > 1 else ''}")
+    self.label = (
+      f"the fastest {jnp.dtype(self.dtype).name} matmul ({', '.join(self.matmuls)}) measured "
+      f"again at log lines on {self.hosts} {'host' if device.platform == 'cpu' else device.device_kind}"
+      f"{'s' if self.hosts > 1 else ''}"
+    )
     self.flops, self.seconds_measuring, self.measured_at = 0.0, 0.0, -math.inf
     self.measure()
 
@@ -110,8 +114,10 @@ class PeakFlops:
     """Re-measures a measured peak (a published one stays); returns FLOP/s of all devices together."""
     if self.measured:
       start = time.perf_counter()
-      self.flops = self.hosts * max(measure_matmul_peak(self._SIZE, self.dtype, self._REPEATS, matmul, best=True)
-                                    for matmul in self.matmuls.values())
+      self.flops = self.hosts * max(
+        measure_matmul_peak(self._SIZE, self.dtype, self._REPEATS, matmul, best=True)
+        for matmul in self.matmuls.values()
+      )
       self.measured_at = time.perf_counter()
       self.seconds_measuring = self.measured_at - start
     return self.flops

@@ -31,10 +31,12 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 
-from jaxlm.storage import checkpoint as checkpoint_lib, fs, run_dir
-from jaxlm import config as config_lib, families, loader
-from jaxlm.models import lora
+from jaxlm import config as config_lib
+from jaxlm import families, loader
 from jaxlm.config import Config, ConfigError
+from jaxlm.models import lora
+from jaxlm.storage import checkpoint as checkpoint_lib
+from jaxlm.storage import fs, run_dir
 
 # Model keys a run started from another takes from its own config: how it computes, and its task head (the
 # schema's `WEIGHTS_FREE` marks). The others (sizes, layout, parameter dtype, normalization, positions) describe
@@ -52,8 +54,10 @@ def _read_config(base_dir) -> Config:
   try:
     return loader.load_config(base_dir)
   except loader.RunError:
-    raise ConfigError(f"train.init_from: {run_dir.config_path(base_dir)} not found; pass the work directory "
-                      "of a `jaxlm train` or `jaxlm convert --from-hf` run") from None
+    raise ConfigError(
+      f"train.init_from: {run_dir.config_path(base_dir)} not found; pass the work directory "
+      "of a `jaxlm train` or `jaxlm convert --from-hf` run"
+    ) from None
 
 
 def _base_step(base_dir, step: int) -> int:
@@ -64,11 +68,14 @@ def _base_step(base_dir, step: int) -> int:
   finally:
     checkpointer.close()
   if step >= 0 and step not in steps:
-    raise ConfigError(f"train.init_from_step={step}: {base_dir} has no checkpoint of that step; its steps: "
-                      f"{', '.join(map(str, steps)) or 'none'}")
+    raise ConfigError(
+      f"train.init_from_step={step}: {base_dir} has no checkpoint of that step; its steps: "
+      f"{', '.join(map(str, steps)) or 'none'}"
+    )
   if step < 0 and newest is None:
-    raise ConfigError(f"train.init_from: no complete checkpoint in {fs.path(base_dir) / 'checkpoints'}; train "
-                      "that run first")
+    raise ConfigError(
+      f"train.init_from: no complete checkpoint in {fs.path(base_dir) / 'checkpoints'}; train that run first"
+    )
   return step if step >= 0 else newest
 
 
@@ -106,8 +113,10 @@ def plan(base_params, params, base_family: str, family: str, base_dir) -> dict[s
   parts = {"copied": [], "new": [], "dropped": []}
 
   def misfit(reason: str) -> ConfigError:
-    return ConfigError(f"train.init_from: {base_dir} (model.family '{base_family}') does not fit model.family "
-                       f"'{family}': {reason}; start from a run of this family, or of one with the same body")
+    return ConfigError(
+      f"train.init_from: {base_dir} (model.family '{base_family}') does not fit model.family "
+      f"'{family}': {reason}; start from a run of this family, or of one with the same body"
+    )
 
   for name, leaf in new.items():
     if name in base and base[name].shape == leaf.shape:
@@ -139,12 +148,16 @@ def resolve(config: Config, workdir, log: Callable[[str], None] = print, model: 
   recorded this base reads that record instead of the base. Raises ConfigError.
   """
   if lora.enabled(config):
-    raise ConfigError("train.init_from and lora.rank > 0 both name a base run: for adapters over a frozen run "
-                      "keep lora.base_workdir and drop train.init_from; to fine-tune all weights set lora.rank=0")
+    raise ConfigError(
+      "train.init_from and lora.rank > 0 both name a base run: for adapters over a frozen run "
+      "keep lora.base_workdir and drop train.init_from; to fine-tune all weights set lora.rank=0"
+    )
   base_dir = fs.absolute(config.train.init_from)
   if base_dir == fs.absolute(workdir):
-    raise ConfigError("train.init_from names this run's own --workdir, which resumes by itself; pass another "
-                      "run's work directory, or drop train.init_from")
+    raise ConfigError(
+      "train.init_from names this run's own --workdir, which resumes by itself; pass another "
+      "run's work directory, or drop train.init_from"
+    )
   config = config.copy_and_resolve_references()
   record = loader.load_config(workdir) if run_dir.config_path(workdir).is_file() else None
   restarted = record is not None and record.train.get("init_from") == str(base_dir)
@@ -160,15 +173,20 @@ def resolve(config: Config, workdir, log: Callable[[str], None] = print, model: 
   config.data.spm_vocab_size = 0  # the vocabulary exists: never train another
   config.train.init_from, config.train.init_from_step = str(base_dir), step
   if not restarted:
-    plan(loader.abstract_params(source.model), loader.abstract_params(config.model, model), source.model.family,
-         config.model.family, base_dir)
+    plan(
+      loader.abstract_params(source.model),
+      loader.abstract_params(config.model, model),
+      source.model.family,
+      config.model.family,
+      base_dir,
+    )
   return config
 
 
 def check_overrides(config: Config, overrides: list[str]) -> None:
   """ConfigError for the first `--config.model.KEY=VALUE` of `overrides` whose KEY is not in `OWN_KEYS` and whose
   value in the whole `config` differs from that of the run `train.init_from` names: that run's parameters fix it."""
-  keys = [arg[len("--config.model."):].split("=", 1)[0] for arg in overrides if arg.startswith("--config.model.")]
+  keys = [arg[len("--config.model.") :].split("=", 1)[0] for arg in overrides if arg.startswith("--config.model.")]
   fixed = [key for key in keys if key not in OWN_KEYS]
   if not fixed:
     return
@@ -177,8 +195,9 @@ def check_overrides(config: Config, overrides: list[str]) -> None:
   for key in fixed:
     if config.model[key] != base.get(key):
       raise ConfigError(
-          f"config key 'model.{key}' is {config.model[key]!r} but train.init_from's run {base_dir} has "
-          f"{base.get(key)!r}; its parameters fix every model key but model.{', model.'.join(OWN_KEYS)}")
+        f"config key 'model.{key}' is {config.model[key]!r} but train.init_from's run {base_dir} has "
+        f"{base.get(key)!r}; its parameters fix every model key but model.{', model.'.join(OWN_KEYS)}"
+      )
 
 
 def initial_state(state, s, config: Config, log: Callable[[str], None] = print):

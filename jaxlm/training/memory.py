@@ -37,6 +37,7 @@ class StepMemory:
   donated inputs (counted once, as arguments); temporaries: what lives only during the step (activations,
   gradients, optimizer scratch); code: the generated code.
   """
+
   arguments: int
   outputs: int
   aliased: int
@@ -54,9 +55,13 @@ def step_memory(compiled: jax.stages.Compiled) -> StepMemory | None:
   analysis = compiled.memory_analysis()
   if analysis is None:
     return None
-  return StepMemory(arguments=analysis.argument_size_in_bytes, outputs=analysis.output_size_in_bytes,
-                    aliased=analysis.alias_size_in_bytes, temporaries=analysis.temp_size_in_bytes,
-                    code=analysis.generated_code_size_in_bytes)
+  return StepMemory(
+    arguments=analysis.argument_size_in_bytes,
+    outputs=analysis.output_size_in_bytes,
+    aliased=analysis.alias_size_in_bytes,
+    temporaries=analysis.temp_size_in_bytes,
+    code=analysis.generated_code_size_in_bytes,
+  )
 
 
 def check_step_fits(memory: StepMemory, state: int, config, device: jax.Device | None = None) -> None:
@@ -70,17 +75,28 @@ def check_step_fits(memory: StepMemory, state: int, config, device: jax.Device |
   available, source = sharding.available_bytes(device or jax.local_devices()[0])
   if memory.peak <= available:
     return
-  parts = {"temporaries (activations, gradients)": memory.temporaries, "train state": state,
-           "batch": max(memory.arguments - state, 0), "outputs not written in place": memory.outputs - memory.aliased,
-           "code": memory.code}
+  parts = {
+    "temporaries (activations, gradients)": memory.temporaries,
+    "train state": state,
+    "batch": max(memory.arguments - state, 0),
+    "outputs not written in place": memory.outputs - memory.aliased,
+    "code": memory.code,
+  }
   # Largest first; parts too small to show (the metrics among the outputs) are left out.
-  listed = ", ".join(f"{name} {format_bytes(size)}" for name, size in sorted(parts.items(), key=lambda p: -p[1])
-                     if format_bytes(size) != format_bytes(0))
-  fix = (_activation_fix(config) if memory.temporaries >= state else
-         "shard the state with --config.mesh.fsdp=N, or lower model.d_model, model.num_layers or model.vocab_size")
+  listed = ", ".join(
+    f"{name} {format_bytes(size)}"
+    for name, size in sorted(parts.items(), key=lambda p: -p[1])
+    if format_bytes(size) != format_bytes(0)
+  )
+  fix = (
+    _activation_fix(config)
+    if memory.temporaries >= state
+    else "shard the state with --config.mesh.fsdp=N, or lower model.d_model, model.num_layers or model.vocab_size"
+  )
   raise config_lib.ConfigError(
-      f"the train step needs about {format_bytes(memory.peak)} per device by XLA's memory analysis ({listed}) but the "
-      f"{source} is {format_bytes(available)}, {memory.peak / available:.1f}x less; {fix}")
+    f"the train step needs about {format_bytes(memory.peak)} per device by XLA's memory analysis ({listed}) but the "
+    f"{source} is {format_bytes(available)}, {memory.peak / available:.1f}x less; {fix}"
+  )
 
 
 def compile_train_step_that_fits(s: train_step.Setup) -> train_step.CompiledStep:
@@ -90,14 +106,16 @@ def compile_train_step_that_fits(s: train_step.Setup) -> train_step.CompiledStep
   itself refuses to compile it for lack of memory (TPU compilers do).
   """
   from jaxlm.training import step as train_step  # local: `jaxlm compile` reads this module before the model stack
+
   try:
     step = train_step.compile_train_step(s)
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
     raise config_lib.ConfigError(
-        f"XLA could not fit the train step on a device ({xla_oom_line(str(e))}); {_activation_fix(s.config)}; "
-        "for a large state, shard it with --config.mesh.fsdp=N") from None
+      f"XLA could not fit the train step on a device ({xla_oom_line(str(e))}); {_activation_fix(s.config)}; "
+      "for a large state, shard it with --config.mesh.fsdp=N"
+    ) from None
   memory = step_memory(step.compiled)
   if memory is not None:
     check_step_fits(memory, sharding.shard_bytes(s.abstract_state, s.state_shardings), s.config)
@@ -107,8 +125,11 @@ def compile_train_step_that_fits(s: train_step.Setup) -> train_step.CompiledStep
 def _activation_fix(config) -> str:
   """What shrinks the step's temporaries, by the keys of the whole `config`."""
   remat = "" if config.model.get("remat_policy") == "full" else ", set model.remat_policy=full"
-  return ("lower train.global_batch_size or data.seq_len, raise train.num_micro_batches" + remat
-          + ", or spread the batch over more devices (mesh.data, mesh.fsdp)")
+  return (
+    "lower train.global_batch_size or data.seq_len, raise train.num_micro_batches"
+    + remat
+    + ", or spread the batch over more devices (mesh.data, mesh.fsdp)"
+  )
 
 
 def xla_oom_line(message: str) -> str:
@@ -136,4 +157,4 @@ def format_bytes(num_bytes: float, decimals: int = 1) -> str:
   """
   if num_bytes >= GIB / 10:
     return f"{num_bytes / GIB:.{decimals}f} GiB"
-  return f"{num_bytes / 2 ** 20:.{decimals}f} MiB"
+  return f"{num_bytes / 2**20:.{decimals}f} MiB"

@@ -16,7 +16,8 @@ def schedule(optim_config, num_steps: int, d_model: int) -> optax.Schedule:
     # scaled by learning_rate so that 1.0 reproduces the paper.
     def vaswani(step):
       step = jnp.maximum(jnp.asarray(step, jnp.float32) + 1.0, 1.0)
-      return o.learning_rate * d_model ** -0.5 * jnp.minimum(step ** -0.5, step * max(warmup, 1) ** -1.5)
+      return o.learning_rate * d_model**-0.5 * jnp.minimum(step**-0.5, step * max(warmup, 1) ** -1.5)
+
     return vaswani
   peak, end = o.learning_rate, o.learning_rate * o.end_lr_fraction
   decay_steps = max(num_steps - warmup, 1)
@@ -44,6 +45,7 @@ def decay_mask(params, decay_embeddings: bool):
   Matrices in Dense layers decay; norms, biases and (unless asked) embeddings
   do not. Decided by parameter path, so a test can list exactly what decays.
   """
+
   def decays(path, _):
     names = _path_names(path)
     leaf = names[-1]
@@ -52,6 +54,7 @@ def decay_mask(params, decay_embeddings: bool):
     if leaf == "embedding":
       return decay_embeddings
     return leaf == "kernel"
+
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
@@ -65,8 +68,9 @@ def build(optim_config, num_steps: int, d_model: int) -> tuple[optax.GradientTra
   elif o.name == "lion":
     tx = optax.lion(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=mask)
   else:
-    tx = optax.adafactor(lr, multiply_by_parameter_scale=False,
-                         weight_decay_rate=o.weight_decay or None, weight_decay_mask=mask)
+    tx = optax.adafactor(
+      lr, multiply_by_parameter_scale=False, weight_decay_rate=o.weight_decay or None, weight_decay_mask=mask
+    )
   if o.clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(o.clip_norm), tx)
   return tx, lr

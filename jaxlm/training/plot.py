@@ -26,11 +26,11 @@ from jaxlm.errors import JaxlmError
 from jaxlm.storage import fs, run_dir
 
 PANELS = (  # (title, metrics key, x axis, y label, y scale)
-    ("loss against steps", "loss", "step", "loss (nats/token)", "linear"),
-    ("loss against tokens", "loss", "tokens", "loss (nats/token)", "linear"),
-    ("learning rate", "learning_rate", "step", "learning rate", "linear"),
-    ("gradient norm", "grad_norm", "step", "global gradient norm", "log"),
-    ("throughput", "tokens_per_s", "step", "tokens/s", "linear"),
+  ("loss against steps", "loss", "step", "loss (nats/token)", "linear"),
+  ("loss against tokens", "loss", "tokens", "loss (nats/token)", "linear"),
+  ("learning rate", "learning_rate", "step", "learning rate", "linear"),
+  ("gradient norm", "grad_norm", "step", "global gradient norm", "log"),
+  ("throughput", "tokens_per_s", "step", "tokens/s", "linear"),
 )
 TRAIN_STYLE = {"linestyle": "-", "linewidth": 1.4}
 VALIDATION_STYLE = {"linestyle": "--", "marker": "o", "markersize": 3, "linewidth": 1.4}
@@ -110,8 +110,10 @@ def figure(workdirs: Sequence, labels: Sequence[str] | None = None):
   legend = axes[-1]
   legend.axis("off")
   handles = [legend.plot([], [], color=color, label=label, **TRAIN_STYLE)[0] for color, label in zip(colors, labels)]
-  handles += [legend.plot([], [], color="gray", label=text, **style)[0]
-              for text, style in (("training loss", TRAIN_STYLE), ("validation loss", VALIDATION_STYLE))]
+  handles += [
+    legend.plot([], [], color="gray", label=text, **style)[0]
+    for text, style in (("training loss", TRAIN_STYLE), ("validation loss", VALIDATION_STYLE))
+  ]
   legend.legend(handles=handles, loc="center", frameon=False, title="runs")
   return fig
 

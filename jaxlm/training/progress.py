@@ -51,8 +51,9 @@ class EtaEstimator:
     if steps <= 0:
       return
     per_step = seconds / steps
-    self.step_seconds = per_step if self.step_seconds is None else (
-        self.smoothing * per_step + (1 - self.smoothing) * self.step_seconds)
+    self.step_seconds = (
+      per_step if self.step_seconds is None else (self.smoothing * per_step + (1 - self.smoothing) * self.step_seconds)
+    )
     self.seconds_in_steps += seconds
     if self.started_at is not None and done > self.first_step:
       elapsed = self.clock() - self.started_at
@@ -82,9 +83,18 @@ class Progress:
     self.total = total
     on_terminal = enabled and hasattr(stream, "isatty") and stream.isatty()
     # tqdm's own rate counts the compile step and validation pauses; the bar shows our estimate instead.
-    self.bar = tqdm.tqdm(total=total, initial=start, file=stream, dynamic_ncols=True, desc="train",
-                         bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
-                         ) if on_terminal else None
+    self.bar = (
+      tqdm.tqdm(
+        total=total,
+        initial=start,
+        file=stream,
+        dynamic_ncols=True,
+        desc="train",
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
+      )
+      if on_terminal
+      else None
+    )
     self.loss = ""
 
   def update(self, done: int, loss: float | None = None) -> None:

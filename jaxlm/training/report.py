@@ -16,15 +16,19 @@ import jax
 import numpy as np
 
 from jaxlm import config as config_lib
-from jaxlm.training import flops as metrics_lib
 from jaxlm.config import Config
+from jaxlm.training import flops as metrics_lib
 
 # Exit statuses of `jaxlm train`, so a scheduler can tell "requeue me" from "done":
 # 128 + the signal number for SIGINT and SIGTERM, as a shell reports them, and
 # EX_TEMPFAIL (sysexits.h: "try again later") for a stop at train.stop_at_step.
 EXIT_STATUS = {"finished": 0, "sigint": 130, "sigterm": 143, "stop_at_step": 75}
-_ENDINGS = {"finished": "finished", "sigint": "stopped by SIGINT", "sigterm": "stopped by SIGTERM",
-            "stop_at_step": "stopped at train.stop_at_step"}
+_ENDINGS = {
+  "finished": "finished",
+  "sigint": "stopped by SIGINT",
+  "sigterm": "stopped by SIGTERM",
+  "stop_at_step": "stopped at train.stop_at_step",
+}
 
 
 def parameter_counts(params) -> tuple[int, int]:
@@ -55,7 +59,7 @@ def overrides_that_differ(config_file: str, overrides: list[str], config: Config
   base = config_lib.load_config_file(config_file)
   changed = []
   for override in overrides:
-    key = override[len("--config."):].split("=", 1)[0]
+    key = override[len("--config.") :].split("=", 1)[0]
     node_base, node = base, config
     for part in key.split("."):
       node_base, node = node_base[part], node[part]
@@ -71,12 +75,16 @@ def banner(trainer, start: int, rows, origin: str = "") -> list[str]:
   flops = metrics_lib.flops_per_token(config.model, config.data.seq_len)
   devices = jax.devices()
   mesh = " x ".join(f"{name} {size}" for name, size in s.mesh.shape.items())
-  lines = [f"model: {total:,} parameters ({embedding:,} embedding, {total - embedding:,} other), "
-           f"{flops / 1e6:,.1f} MFLOP per token",
-           f"devices: {len(devices)} x {devices[0].device_kind} ({jax.process_count()} process(es)); mesh {mesh}"]
+  lines = [
+    f"model: {total:,} parameters ({embedding:,} embedding, {total - embedding:,} other), "
+    f"{flops / 1e6:,.1f} MFLOP per token",
+    f"devices: {len(devices)} x {devices[0].device_kind} ({jax.process_count()} process(es)); mesh {mesh}",
+  ]
   if rows is not None:
-    lines.append(f"data: {config.data.source if trainer.train_data is None else 'given to Trainer'}: "
-                 + data_coverage(rows, start, config.train.num_steps, config.train.global_batch_size))
+    lines.append(
+      f"data: {config.data.source if trainer.train_data is None else 'given to Trainer'}: "
+      + data_coverage(rows, start, config.train.num_steps, config.train.global_batch_size)
+    )
   if trainer.peak is not None:
     lines.append(f"MFU is relative to {trainer.peak.label}")
   tokenizer = trainer.tokenizer
@@ -90,12 +98,16 @@ def banner(trainer, start: int, rows, origin: str = "") -> list[str]:
 def summary_lines(summary: dict) -> list[str]:
   """The lines printed after the last step, from the `train_summary.json` dict."""
   minutes = lambda seconds: f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
-  lines = [f"{_ENDINGS[summary['stop_reason']]} at step {summary['step']} after {minutes(summary['wall_time_s'])}: "
-           f"compile {minutes(summary['compile_time_s'])}, evaluation {minutes(summary['eval_time_s'])}, "
-           f"checkpoints {minutes(summary['checkpoint_time_s'])}"]
+  lines = [
+    f"{_ENDINGS[summary['stop_reason']]} at step {summary['step']} after {minutes(summary['wall_time_s'])}: "
+    f"compile {minutes(summary['compile_time_s'])}, evaluation {minutes(summary['eval_time_s'])}, "
+    f"checkpoints {minutes(summary['checkpoint_time_s'])}"
+  ]
   if summary.get("final_val_loss") is not None:
-    lines.append(f"validation loss: final {summary['final_val_loss']:.4f}, best {summary['best_val_loss']:.4f} "
-                 f"(step {summary['best_val_step']})")
+    lines.append(
+      f"validation loss: final {summary['final_val_loss']:.4f}, best {summary['best_val_loss']:.4f} "
+      f"(step {summary['best_val_step']})"
+    )
   if "tokens_per_s" in summary:
     mfu = summary.get("mfu", math.nan)
     relative_to = f" of {summary['mfu_peak']}" if "mfu_peak" in summary else ""

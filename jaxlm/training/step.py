@@ -28,12 +28,12 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlm import config as config_lib
-from jaxlm.config import Config
-from jaxlm.models import transformer as model_lib
 from jaxlm import families
+from jaxlm.config import Config
 from jaxlm.models import layers
-from jaxlm.training import optim
+from jaxlm.models import transformer as model_lib
 from jaxlm.parallel import sharding
+from jaxlm.training import optim
 
 LossFn = Callable[[nn.Module, Any, dict, dict], dict]
 """`loss_fn(model, params, batch, rngs) -> sums`: token-weighted SUMS over the batch (not means), so
@@ -48,6 +48,7 @@ class TrainState(struct.PyTreeNode):
   step: int32 scalar, the number of updates applied. params: the model's parameter tree.
   opt_state: the optax state of `Setup.tx`. `to_dict()` is the checkpoint layout.
   """
+
   step: jax.Array
   params: Any
   opt_state: Any
@@ -64,6 +65,7 @@ class Setup:
   `abstract_state` holds the TrainState's shapes and `state_shardings` its NamedShardings; `init_fn(rng)`
   makes a fresh TrainState; `loss_fn` is the objective the steps use.
   """
+
   config: Any
   mesh: Mesh
   rules: tuple
@@ -107,8 +109,19 @@ def setup(config: Config, mesh: Mesh, model: nn.Module | None = None, loss_fn: L
   param_shardings = sharding.logical_shardings(mesh, rules, jax.eval_shape(init_boxed, rng))
   abstract_state = jax.eval_shape(init_fn, rng)
   state_shardings = sharding.state_shardings(mesh, tx, abstract_state, param_shardings)
-  return Setup(config, mesh, rules, model, tx, schedule, abstract_state, state_shardings,
-               sharding.batch_sharding(mesh, rules), init_fn, loss_fn)
+  return Setup(
+    config,
+    mesh,
+    rules,
+    model,
+    tx,
+    schedule,
+    abstract_state,
+    state_shardings,
+    sharding.batch_sharding(mesh, rules),
+    init_fn,
+    loss_fn,
+  )
 
 
 def create_state(s: Setup, seed: int) -> TrainState:
@@ -117,8 +130,13 @@ def create_state(s: Setup, seed: int) -> TrainState:
     return jax.jit(s.init_fn, out_shardings=s.state_shardings)(jax.random.key(seed))
 
 
-def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array, weights_BxT: jax.Array,
-                  z_loss: float = 0.0, label_smoothing: float = 0.0) -> dict[str, jax.Array]:
+def cross_entropy(
+  logits_BxTxV: jax.Array,
+  targets_BxT: jax.Array,
+  weights_BxT: jax.Array,
+  z_loss: float = 0.0,
+  label_smoothing: float = 0.0,
+) -> dict[str, jax.Array]:
   """Token-weighted sums (not means), so micro-batches and hosts add up exactly."""
   logits = logits_BxTxV.astype(jnp.float32)
   log_z_BxT = jax.nn.logsumexp(logits, axis=-1)
@@ -131,21 +149,30 @@ def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array, weights_BxT: 
   if z_loss:
     loss_BxT = loss_BxT + z_loss * jnp.square(log_z_BxT)
   correct_BxT = (jnp.argmax(logits, axis=-1) == targets_BxT).astype(jnp.float32)
-  return {"loss_sum": jnp.sum(loss_BxT * weights_BxT), "nll_sum": jnp.sum(nll_BxT * weights_BxT),
-          "weight_sum": jnp.sum(weights_BxT), "correct_sum": jnp.sum(correct_BxT * weights_BxT)}
+  return {
+    "loss_sum": jnp.sum(loss_BxT * weights_BxT),
+    "nll_sum": jnp.sum(nll_BxT * weights_BxT),
+    "weight_sum": jnp.sum(weights_BxT),
+    "correct_sum": jnp.sum(correct_BxT * weights_BxT),
+  }
 
 
 def cross_entropy_loss(train_config) -> LossFn:
   """The default `LossFn`: `cross_entropy` of the model's logits against batch['targets'], weighted by
   batch['weights'], with `train_config.z_loss` and `train_config.label_smoothing` (the `config.train` section)."""
+
   def loss_fn(model: nn.Module, params, batch: dict, rngs: dict) -> dict[str, jax.Array]:
     logits_BxTxV = model.apply({"params": params}, **families.model_inputs(model, batch), rngs=rngs)
-    return cross_entropy(logits_BxTxV, batch["targets"], batch["weights"], train_config.z_loss,
-                         train_config.label_smoothing)
+    return cross_entropy(
+      logits_BxTxV, batch["targets"], batch["weights"], train_config.z_loss, train_config.label_smoothing
+    )
+
   return loss_fn
 
 
-def batch_sums(model: nn.Module, params, batch, train_config: config_lib.ConfigDict, dropout_rng=None) -> dict[str, jax.Array]:
+def batch_sums(
+  model: nn.Module, params, batch, train_config: config_lib.ConfigDict, dropout_rng=None
+) -> dict[str, jax.Array]:
   """`cross_entropy_loss(train_config)` on one batch; dropout only when `dropout_rng` is given."""
   rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
   return cross_entropy_loss(train_config)(model, params, batch, rngs)
@@ -166,6 +193,7 @@ def make_train_step(s: Setup):
     def loss_fn(p):
       sums = s.loss_fn(s.model, p, batch, {"dropout": rng})
       return sums["loss_sum"], sums
+
     grads, sums = jax.grad(loss_fn, has_aux=True)(params)
     return grads, sums
 
@@ -178,6 +206,7 @@ def make_train_step(s: Setup):
       def split(x_GxT):
         x = x_GxT.reshape(x_GxT.shape[0] // num_micro, num_micro, *x_GxT.shape[1:]).swapaxes(0, 1)
         return jax.lax.with_sharding_constraint(x, row_sharding)
+
       micro_batches = jax.tree.map(split, batch)
 
       def accumulate(carry, xs):
@@ -185,20 +214,29 @@ def make_train_step(s: Setup):
         grads, sums = grads_and_sums(state.params, micro_batch, jax.random.fold_in(rng, index))
         return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
-      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grads_and_sums, state.params,
-                                                          jax.tree.map(lambda x: x[0], micro_batches), rng))
+      zeros = jax.tree.map(
+        jnp.zeros_like, jax.eval_shape(grads_and_sums, state.params, jax.tree.map(lambda x: x[0], micro_batches), rng)
+      )
       (grads, sums), _ = jax.lax.scan(accumulate, zeros, (micro_batches, jnp.arange(num_micro)))
     weight = jnp.maximum(sums["weight_sum"], 1.0)
     grads = jax.tree.map(lambda g: g / weight, grads)
     updates, opt_state = s.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": sums.get("nll_sum", sums["loss_sum"]) / weight, "objective": sums["loss_sum"] / weight,
-               "grad_norm": optax.tree.norm(grads), "learning_rate": s.schedule(state.step),
-               "tokens": sums["weight_sum"]}
+    metrics = {
+      "loss": sums.get("nll_sum", sums["loss_sum"]) / weight,
+      "objective": sums["loss_sum"] / weight,
+      "grad_norm": optax.tree.norm(grads),
+      "learning_rate": s.schedule(state.step),
+      "tokens": sums["weight_sum"],
+    }
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-  jitted = jax.jit(step_fn, in_shardings=(s.state_shardings, s.batch_sharding, None),
-                   out_shardings=(s.state_shardings, None), donate_argnums=(0,))
+  jitted = jax.jit(
+    step_fn,
+    in_shardings=(s.state_shardings, s.batch_sharding, None),
+    out_shardings=(s.state_shardings, None),
+    donate_argnums=(0,),
+  )
   return under_mesh(s.mesh, s.rules, jitted)
 
 
@@ -210,11 +248,13 @@ def abstract_step_arguments(s: Setup) -> tuple[TrainState, dict, jax.ShapeDtypeS
   `s.batch_sharding` (as `sharding.global_batch` places it); and an unplaced key, as `jax.random.key`
   makes it (the step leaves its sharding unspecified).
   """
-  state = jax.tree.map(lambda a, placement: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=placement),
-                       s.abstract_state, s.state_shardings)
+  state = jax.tree.map(
+    lambda a, placement: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=placement), s.abstract_state, s.state_shardings
+  )
   batch = jax.eval_shape(lambda: example_batch(s.config, s.config.train.global_batch_size))
-  batch = {key: jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=s.batch_sharding)
-           for key, value in batch.items()}
+  batch = {
+    key: jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=s.batch_sharding) for key, value in batch.items()
+  }
   return state, batch, jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
 
 
@@ -235,8 +275,10 @@ class CompiledStep:
 
   def compiled_for(self, batch: dict) -> bool:
     """Whether `batch` (a dict of arrays) has the keys, shapes and dtypes the executable was compiled for."""
-    return (jax.tree.structure(batch) == self._batch_structure
-            and [(leaf.shape, leaf.dtype) for leaf in jax.tree.leaves(batch)] == self._batch_types)
+    return (
+      jax.tree.structure(batch) == self._batch_structure
+      and [(leaf.shape, leaf.dtype) for leaf in jax.tree.leaves(batch)] == self._batch_types
+    )
 
   def __call__(self, state: TrainState, batch: dict, rng: jax.Array) -> tuple[TrainState, dict]:
     """One step: `(state, global batch, key) -> (new state, metrics)`; `state` is donated."""
@@ -265,14 +307,16 @@ def make_eval_step(s: Setup, params_shardings):
   return eval_step_for(s.model, s.loss_fn, s.mesh, s.rules, params_shardings, s.batch_sharding)
 
 
-def eval_step_for(model: nn.Module, loss_fn: LossFn, mesh: Mesh, rules, params_shardings,
-                  batch_sharding: NamedSharding):
+def eval_step_for(
+  model: nn.Module, loss_fn: LossFn, mesh: Mesh, rules, params_shardings, batch_sharding: NamedSharding
+):
   """The jitted `(params, global batch) -> loss sums` of `model` in evaluation mode, under `mesh` and the
   logical `rules`; it needs no optimizer, so `jaxlm.tasks.evaluate` builds it from a loaded run."""
   model = evaluation_mode(model)
 
   def eval_fn(params, batch):
     return loss_fn(model, params, batch, {})
+
   return under_mesh(mesh, rules, jax.jit(eval_fn, in_shardings=(params_shardings, batch_sharding)))
 
 
@@ -299,6 +343,7 @@ def evaluate_loss(eval_step, params, batches: Iterable[dict], batch_sharding: Na
 def under_mesh(mesh: Mesh, rules, fn):
   """`fn` run (and lowered, via `.lower`) under `mesh` and the logical `rules`, which the model's
   sharding constraints need."""
+
   @functools.wraps(fn)
   def wrapped(*args):
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -307,6 +352,7 @@ def under_mesh(mesh: Mesh, rules, fn):
   def lower(*args):
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       return fn.lower(*args)
+
   wrapped.lower = lower
   return wrapped
 

@@ -26,22 +26,22 @@ import flax.linen as nn
 import jax
 import tqdm
 
-from jaxlm.errors import JaxlmError
-from jaxlm.storage import checkpoint as checkpoint_lib
-from jaxlm.storage import fs
-from jaxlm.data import corpus, feed
-from jaxlm import families
-from jaxlm.training import init_from, plot, report as run_report
-from jaxlm.models import lora
 from jaxlm import config as config_lib
+from jaxlm import families
 from jaxlm.config import Config
-from jaxlm.training import flops as metrics_lib
-from jaxlm.data import mixture
-from jaxlm.training import progress as progress_lib
-from jaxlm.storage import run_dir, runlock
-from jaxlm.training import memory, step as train_step
-from jaxlm.parallel import distributed, mesh as mesh_lib, sharding
+from jaxlm.data import corpus, feed, mixture
 from jaxlm.data import tokenizer as tokenizer_lib
+from jaxlm.errors import JaxlmError
+from jaxlm.models import lora
+from jaxlm.parallel import distributed, sharding
+from jaxlm.parallel import mesh as mesh_lib
+from jaxlm.storage import checkpoint as checkpoint_lib
+from jaxlm.storage import fs, run_dir, runlock
+from jaxlm.training import flops as metrics_lib
+from jaxlm.training import init_from, memory, plot
+from jaxlm.training import progress as progress_lib
+from jaxlm.training import report as run_report
+from jaxlm.training import step as train_step
 
 
 class TrainingError(JaxlmError, RuntimeError):
@@ -128,6 +128,7 @@ def load_tokenizer(config: Config) -> tokenizer_lib.Tokenizer:
   """The tokenizer the whole `config` names (training a SentencePiece vocabulary first if asked)."""
   if config.data.tokenizer == "sentencepiece" and config.data.spm_vocab_size:
     from jaxlm.data import spm
+
     spm.train_if_missing(config)
   tokenizer = tokenizer_lib.from_config(config.data)
   check_vocab_size(config, tokenizer)
@@ -138,8 +139,9 @@ def check_vocab_size(config: Config, tokenizer) -> None:
   """ConfigError when `config.model.vocab_size` cannot hold the tokenizer's ids."""
   if config.model.vocab_size < tokenizer.vocab_size:
     raise config_lib.ConfigError(
-        f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}; "
-        f"set --config.model.vocab_size={tokenizer.vocab_size}")
+      f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}; "
+      f"set --config.model.vocab_size={tokenizer.vocab_size}"
+    )
 
 
 class Trainer:
@@ -158,10 +160,19 @@ class Trainer:
   origin: where the config came from, for the banner (the CLI passes the file and the overrides).
   """
 
-  def __init__(self, config: Config, workdir: str | Path, *, model: nn.Module | None = None, train_data: Any = None,
-               eval_data: Any = None, loss_fn: train_step.LossFn | None = None,
-               tokenizer: tokenizer_lib.Tokenizer | None = None, callbacks: Sequence[Callback] = (),
-               origin: str = ""):
+  def __init__(
+    self,
+    config: Config,
+    workdir: str | Path,
+    *,
+    model: nn.Module | None = None,
+    train_data: Any = None,
+    eval_data: Any = None,
+    loss_fn: train_step.LossFn | None = None,
+    tokenizer: tokenizer_lib.Tokenizer | None = None,
+    callbacks: Sequence[Callback] = (),
+    origin: str = "",
+  ):
     self.config, self.workdir, self.origin = config, fs.path(workdir), origin  # a local folder or gs://
     self.model, self.loss_fn, self.tokenizer = model, loss_fn, tokenizer
     self.train_data, self.eval_data = train_data, eval_data
@@ -195,7 +206,9 @@ class Trainer:
     self.started = time.perf_counter()
     distributed.maybe_initialize_distributed(self.config)
     fs.check_run_access(self.workdir, self.config.data)  # a bucket problem: one line, before compiling
-    if init_from.enabled(self.config):  # another run's model and tokenizer (jaxlm/training/init_from.py), then validated
+    if init_from.enabled(
+      self.config
+    ):  # another run's model and tokenizer (jaxlm/training/init_from.py), then validated
       self.config = init_from.resolve(self.config, self.workdir, log, self.model)
     config_lib.validate(self.config, jax.device_count())
     lock = runlock.WorkdirLock(self.workdir, report=log)
@@ -232,8 +245,9 @@ class Trainer:
     compile_start = time.perf_counter()
     self.step_fn = memory.compile_train_step_that_fits(s)
     self.timings["compile_time_s"] = time.perf_counter() - compile_start
-    checkpointer = self.checkpointer = checkpoint_lib.Checkpointer(self.workdir / "checkpoints",
-                                                                   keep=config.train.keep_checkpoints)
+    checkpointer = self.checkpointer = checkpoint_lib.Checkpointer(
+      self.workdir / "checkpoints", keep=config.train.keep_checkpoints
+    )
     self.peak = metrics_lib.PeakFlops(config, mesh.size)
     for path in checkpointer.incomplete():
       log(f"skipping incomplete checkpoint {path.name} (an interrupted save); resuming from the last complete one")
@@ -261,9 +275,12 @@ class Trainer:
 
   def _validate(self, eval_step, eval_source: feed.Feed) -> dict[str, float]:
     t = self.config.train
-    totals = train_step.evaluate_loss(eval_step, self.state.params,
-                                      eval_source.eval_batches(self.config.eval.batch_size, t.eval_batches),
-                                      self.setup.batch_sharding)
+    totals = train_step.evaluate_loss(
+      eval_step,
+      self.state.params,
+      eval_source.eval_batches(self.config.eval.batch_size, t.eval_batches),
+      self.setup.batch_sharding,
+    )
     return {"val_loss": totals.get("nll_sum", totals["loss_sum"]) / max(totals["weight_sum"], 1)}
 
   def _loop(self, start: int, train_source: feed.Feed, eval_source: feed.Feed | None) -> dict[str, float]:
@@ -271,11 +288,13 @@ class Trainer:
     t = config.train
     step_fn = self.step_fn
     eval_step = train_step.make_eval_step(s, s.state_shardings.params)
-    batches = train_source.train_batches(t.global_batch_size, config.data.shuffle_seed, start, t.num_steps,
-                                         config.data.prefetch_threads)
+    batches = train_source.train_batches(
+      t.global_batch_size, config.data.shuffle_seed, start, t.num_steps, config.data.prefetch_threads
+    )
     writer = metrics_lib.MetricWriter(self.workdir)
-    flops_per_step = (metrics_lib.flops_per_token(config.model, config.data.seq_len)
-                      * t.global_batch_size * config.data.seq_len)
+    flops_per_step = (
+      metrics_lib.flops_per_token(config.model, config.data.seq_len) * t.global_batch_size * config.data.seq_len
+    )
     rng = jax.random.key(config.seed + 1)
     meta = lambda step: {"config": config.to_dict(), "data_position": step}
 
@@ -308,14 +327,18 @@ class Trainer:
               # Identifies the batch this process fed, so resumed runs can be checked against uninterrupted ones.
               values["batch_crc32"] = float(zlib.crc32(local_batch["inputs"].tobytes()))
             # A mixture's realized shares of the rows of the steps since the last log (mixture/NAME).
-            values.update(mixture.realized_proportions(train_source.rows, config.data.shuffle_seed,
-                                                       done - window_steps, done, t.global_batch_size))
+            values.update(
+              mixture.realized_proportions(
+                train_source.rows, config.data.shuffle_seed, done - window_steps, done, t.global_batch_size
+              )
+            )
             if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
               checkpointer.wait()  # a save still in flight is the last good checkpoint: finish it, then name it
               raise TrainingError(
-                  f"loss is {values['loss']} (grad norm {values['grad_norm']}) at step {done}; stopped without "
-                  f"saving. {checkpoint_lib.last_good_sentence(checkpointer.newest_complete_step())} Lower "
-                  "optim.learning_rate or raise optim.warmup_steps.")
+                f"loss is {values['loss']} (grad norm {values['grad_norm']}) at step {done}; stopped without "
+                f"saving. {checkpoint_lib.last_good_sentence(checkpointer.newest_complete_step())} Lower "
+                "optim.learning_rate or raise optim.warmup_steps."
+              )
             if done > start + 1 and window_steps:  # the first step's time is compilation
               values["step_time_s"] = window_seconds / window_steps
               values["tokens_per_s"] = t.global_batch_size * config.data.seq_len / values["step_time_s"]
@@ -324,10 +347,16 @@ class Trainer:
               progress.eta.observe(done, window_steps, window_seconds)
             writer.write(done, values)
             progress.update(done, values["loss"])
-            log(f"step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()
-                                             if k not in ("tokens", "batch_crc32", "mfu", "peak_flops"))
-                + (f", {metrics_lib.format_mfu(values['mfu'], values['peak_flops'], self.peak)}"
-                   if "mfu" in values else "") + f" ({progress.line_suffix(done)})")
+            log(
+              f"step {done}: "
+              + ", ".join(
+                f"{k} {v:.4g}" for k, v in values.items() if k not in ("tokens", "batch_crc32", "mfu", "peak_flops")
+              )
+              + (
+                f", {metrics_lib.format_mfu(values['mfu'], values['peak_flops'], self.peak)}" if "mfu" in values else ""
+              )
+              + f" ({progress.line_suffix(done)})"
+            )
             last = values
             self._emit("on_step", done, values)
             window_steps, window_seconds, resumed_at = 0, 0.0, time.perf_counter()
@@ -370,12 +399,19 @@ class Trainer:
     return summary
 
   def _summary(self, step: int, last: dict[str, float], validations: dict[int, float]) -> dict:
-    summary = {**last, "step": step, "stop_reason": self.stop_reason, "mfu_peak": self.peak.label,
-               "wall_time_s": time.perf_counter() - self.started, **self.timings}
+    summary = {
+      **last,
+      "step": step,
+      "stop_reason": self.stop_reason,
+      "mfu_peak": self.peak.label,
+      "wall_time_s": time.perf_counter() - self.started,
+      **self.timings,
+    }
     if validations:
       best_step = min(validations, key=validations.get)
-      summary.update(final_val_loss=validations[max(validations)], best_val_loss=validations[best_step],
-                     best_val_step=best_step)
+      summary.update(
+        final_val_loss=validations[max(validations)], best_val_loss=validations[best_step], best_val_step=best_step
+      )
     return summary
 
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import jax
 
-from jaxlm.storage import checkpoint as checkpoint_lib
-from jaxlm.storage import fs
 from jaxlm import loader
 from jaxlm.parallel import mesh as mesh_lib
+from jaxlm.storage import checkpoint as checkpoint_lib
+from jaxlm.storage import fs
 from jaxlm.training import step as train_lib
 
 
@@ -33,8 +33,9 @@ def verify_run(workdir: str | Path, step: int | None = None) -> list[dict]:
     raise checkpoint_lib.CheckpointError(f"no checkpoint in {checkpointer.directory}; nothing to verify")
   if step is not None:
     if step not in steps:
-      raise checkpoint_lib.CheckpointError(f"no checkpoint for step {step} in {checkpointer.directory}; "
-                                           f"available: {steps}")
+      raise checkpoint_lib.CheckpointError(
+        f"no checkpoint for step {step} in {checkpointer.directory}; available: {steps}"
+      )
     steps = [step]
   results = []
   for each in steps:
@@ -43,8 +44,11 @@ def verify_run(workdir: str | Path, step: int | None = None) -> list[dict]:
       results.append({"step": each, "status": "DAMAGED", "detail": problem})
       continue
     records = checkpointer.read_meta(each).get("integrity")
-    detail = (f"{len(records['arrays'])} arrays match their checksums" if records else
-              "restores, but was saved without checksums")
+    detail = (
+      f"{len(records['arrays'])} arrays match their checksums"
+      if records
+      else "restores, but was saved without checksums"
+    )
     results.append({"step": each, "status": "intact" if records else "no checksums", "detail": detail})
   checkpointer.close()
   return results
@@ -56,6 +60,7 @@ def format_table(results: list[dict]) -> str:
   lines = [f"{'step':>8}  {'status':<{width}}  detail"]
   lines += [f"{r['step']:>8}  {r['status']:<{width}}  {r['detail']}" for r in results]
   intact = [str(r["step"]) for r in results if r["status"] != "DAMAGED"]
-  lines.append(f"{len(results) - len(intact)} damaged of {len(results)}; "
-               f"intact steps: {', '.join(intact) if intact else 'none'}")
+  lines.append(
+    f"{len(results) - len(intact)} damaged of {len(results)}; intact steps: {', '.join(intact) if intact else 'none'}"
+  )
   return "\n".join(lines)

@@ -9,17 +9,17 @@ import json
 import math
 
 import pytest
-
-from jaxlm.training import aot
-from jaxlm.training.memory import StepMemory
-from jaxlm.cli import main
-from jaxlm import config as config_lib
-
 from support import REPO
 
+from jaxlm import config as config_lib
+from jaxlm.cli import main
+from jaxlm.training import aot
+from jaxlm.training.memory import StepMemory
+
 TINY = str(REPO / "configs" / "tiny.py")
-needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                                  reason="libtpu not installed: pip install -e '.[test]'")
+needs_libtpu = pytest.mark.skipif(
+  importlib.util.find_spec("libtpu") is None, reason="libtpu not installed: pip install -e '.[test]'"
+)
 
 
 def tiny_param_count() -> int:
@@ -34,8 +34,9 @@ def tiny_param_count() -> int:
 def test_tiny_config_fits_v5e_2x2(dtype, tmp_path, capsys):
   """float32 also checks that the CPU kernels (custom calls XLA:TPU lacks) are not chosen for a TPU mesh."""
   out = tmp_path / "report.json"
-  status = main.main(["compile", "--config", TINY, "--topology", "v5e:2x2", f"--config.model.dtype={dtype}",
-                      "--json", str(out)])
+  status = main.main(
+    ["compile", "--config", TINY, "--topology", "v5e:2x2", f"--config.model.dtype={dtype}", "--json", str(out)]
+  )
   printed = capsys.readouterr().out
   assert status == 0, printed
   report = json.loads(out.read_text())
@@ -45,7 +46,7 @@ def test_tiny_config_fits_v5e_2x2(dtype, tmp_path, capsys):
   assert report["params_bytes"] == 4 * tiny_param_count()
   # AdamW: two float32 moments per parameter, plus step counters.
   assert 2 * report["params_bytes"] <= report["optimizer_bytes"] <= 2 * report["params_bytes"] + 64
-  assert report["fits"] and 0 < report["peak_bytes"] < report["hbm_bytes"] == 16 * 1024 ** 3
+  assert report["fits"] and 0 < report["peak_bytes"] < report["hbm_bytes"] == 16 * 1024**3
   assert 0 < report["mfu"] <= 1 and report["step_s"] > 0
   assert "fits in 16.00 GiB of HBM" in printed and "MFU <=" in printed
 
@@ -64,8 +65,9 @@ def test_too_big_batch_does_not_fit_in_one_line(capsys):
 @needs_libtpu
 def test_fsdp_shards_the_state(tmp_path):
   """fsdp over 4 chips holds a quarter of each weight sharded along 'embed' (d_model 32 splits evenly)."""
-  config = config_lib.apply_overrides(config_lib.load_config_file(TINY),
-                                      ["--config.mesh.data=1", "--config.mesh.fsdp=-1"])
+  config = config_lib.apply_overrides(
+    config_lib.load_config_file(TINY), ["--config.mesh.data=1", "--config.mesh.fsdp=-1"]
+  )
   sharded = aot.compile_train_step(config, "v5e:2x2")
   assert sharded["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
   # Norm scales and biases carry no 'embed' axis and stay whole; every matrix is split four ways.
@@ -75,7 +77,9 @@ def test_fsdp_shards_the_state(tmp_path):
 
 def test_without_libtpu_one_line(monkeypatch, capsys):
   real_find_spec = importlib.util.find_spec
-  monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real_find_spec(name, *a))
+  monkeypatch.setattr(
+    importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real_find_spec(name, *a)
+  )
   assert main.main(["compile", "--config", TINY, "--topology", "v5e-4"]) == 2
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and "libtpu" in err and "pip install" in err, err
@@ -102,20 +106,22 @@ def test_roofline_estimate():
   """The estimate by hand: compute-bound without remat is MFU 1; full remat reruns the forward (MFU 3/4)."""
   config = config_lib.load_config_file(TINY)
   config.train.global_batch_size = 4096
-  chip = aot.Chip(peak_flops=1e12, hbm_bytes=2 ** 34, hbm_bandwidth=1e15, ici_bandwidth=1e15)
+  chip = aot.Chip(peak_flops=1e12, hbm_bytes=2**34, hbm_bandwidth=1e15, ici_bandwidth=1e15)
   memory = StepMemory(arguments=10, outputs=10, aliased=0, temporaries=10, code=0)
   mesh = {"data": 4, "fsdp": 1, "tensor": 1}
   est = aot.estimate(config, chip, 4, mesh, 1000, memory)
   from jaxlm.training import flops as metrics
+
   tokens_per_chip = 4096 * config.data.seq_len / 4
   assert est["bound"] == "compute"
-  assert math.isclose(est["compute_s"], metrics.flops_per_token(config.model, config.data.seq_len)
-                      * tokens_per_chip / 1e12)
+  assert math.isclose(
+    est["compute_s"], metrics.flops_per_token(config.model, config.data.seq_len) * tokens_per_chip / 1e12
+  )
   assert math.isclose(est["mfu"], 1.0)
   config.model.remat_policy = "full"
   assert math.isclose(aot.estimate(config, chip, 4, mesh, 1000, memory)["mfu"], 0.75)
   # A slow network makes the data-parallel gradient all-reduce (2 (d-1)/d x 1000 bytes) the bound.
-  slow = aot.Chip(peak_flops=1e12, hbm_bytes=2 ** 34, hbm_bandwidth=1e15, ici_bandwidth=1.0)
+  slow = aot.Chip(peak_flops=1e12, hbm_bytes=2**34, hbm_bandwidth=1e15, ici_bandwidth=1.0)
   est = aot.estimate(config, slow, 4, mesh, 1000, memory)
   assert est["bound"] == "network" and math.isclose(est["network_s"], 2 * 3 / 4 * 1000)
 
@@ -124,8 +130,21 @@ def test_roofline_estimate():
 def test_decode_compile_shards_the_cache(tmp_path, capsys):
   """--decode: the KV cache is split along batch (data 2) and key/value heads (tensor 2), as declared."""
   out = tmp_path / "decode.json"
-  status = main.main(["compile", "--config", TINY, "--topology", "v5e:2x2", "--decode", "--batch-size", "8",
-                      "--config.mesh.tensor=2", "--json", str(out)])
+  status = main.main(
+    [
+      "compile",
+      "--config",
+      TINY,
+      "--topology",
+      "v5e:2x2",
+      "--decode",
+      "--batch-size",
+      "8",
+      "--config.mesh.tensor=2",
+      "--json",
+      str(out),
+    ]
+  )
   assert status == 0, capsys.readouterr().out
   report = json.loads(out.read_text())
   # Whole cache: 2 layers x (key, value) x 8 rows x 64 slots x 4 heads x 8 dims x 4 bytes (float32 compute),
@@ -139,8 +158,18 @@ def test_decode_compile_shards_the_cache(tmp_path, capsys):
 @needs_libtpu
 def test_mesh_that_does_not_divide_the_model_one_line(capsys):
   """fsdp 8 cannot split d_model 36 (heads of 9): one line naming the size and the mesh axis, exit 2."""
-  status = main.main(["compile", "--config", TINY, "--topology", "v5e-8", "--config.mesh.data=1",
-                      "--config.mesh.fsdp=-1", "--config.model.d_model=36"])
+  status = main.main(
+    [
+      "compile",
+      "--config",
+      TINY,
+      "--topology",
+      "v5e-8",
+      "--config.mesh.data=1",
+      "--config.mesh.fsdp=-1",
+      "--config.model.d_model=36",
+    ]
+  )
   err = capsys.readouterr().err.strip()
   assert status == 2
   assert len(err.splitlines()) == 1 and "36" in err and "fsdp" in err and "--config.mesh" in err, err

@@ -11,18 +11,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from support import REPO, tiny_config
 
 import jaxlm
 from jaxlm import families
 
-from support import REPO, tiny_config
-
 
 def test_import_is_lazy_and_changes_no_process_state():
-  code = ("import sys, jaxlm; heavy = [m for m in ('jax', 'flax', 'orbax', 'jaxlm.training.trainer') if m in sys.modules];"
-          "print(heavy); assert callable(jaxlm.load) and callable(jaxlm.train); print('jaxlm.training.trainer' in sys.modules)")
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300,
-                       env=dict(os.environ, XLA_FLAGS=""))
+  code = (
+    "import sys, jaxlm; heavy = [m for m in ('jax', 'flax', 'orbax', 'jaxlm.training.trainer') if m in sys.modules];"
+    "print(heavy); assert callable(jaxlm.load) and callable(jaxlm.train); print('jaxlm.training.trainer' in sys.modules)"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code],
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    timeout=300,
+    env=dict(os.environ, XLA_FLAGS=""),
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.splitlines() == ["[]", "True"]
 
@@ -63,9 +70,13 @@ def batches(config, seed=0):
   shape = (config.train.global_batch_size, config.data.seq_len)
   while True:
     tokens = rng.integers(4, 100, (shape[0], shape[1] + 1)).astype(np.int32)
-    yield {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": np.ones(shape, np.int32),
-           "positions": np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape).copy(),
-           "weights": np.ones(shape, np.float32)}
+    yield {
+      "inputs": tokens[:, :-1],
+      "targets": tokens[:, 1:],
+      "segment_ids": np.ones(shape, np.int32),
+      "positions": np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape).copy(),
+      "weights": np.ones(shape, np.float32),
+    }
 
 
 def test_trainer_hooks_ready_batches_and_resume(tmp_path):
@@ -102,7 +113,10 @@ def test_nan_loss_stops_naming_the_last_good_checkpoint(tmp_path):
       if index == 3:
         batch["weights"][0, 0] = np.nan
       yield batch
-  with pytest.raises(jaxlm.training.trainer.TrainingError, match=r"loss is nan .* at step 4; .*last good checkpoint is step 2"):
+
+  with pytest.raises(
+    jaxlm.training.trainer.TrainingError, match=r"loss is nan .* at step 4; .*last good checkpoint is step 2"
+  ):
     jaxlm.train(config, tmp_path, train_data=poisoned())
   assert jaxlm.load(tmp_path).step == 2
 

@@ -11,13 +11,13 @@ import aiohttp
 import jax
 import jax.numpy as jnp
 import pytest
+from support import CONVERSATIONS, RECORDS, REPO, tiny_config, write_jsonl
 
-from jaxlm.inference import chat, decode, server as serve
 from jaxlm import hf, loader
 from jaxlm.cli import main
+from jaxlm.inference import chat, decode
+from jaxlm.inference import server as serve
 from jaxlm.models import transformer as model_lib
-
-from support import CONVERSATIONS, RECORDS, REPO, tiny_config, write_jsonl
 
 JSON = {"Content-Type": "application/json"}
 HELLO = [{"role": "user", "content": "Hello there"}]
@@ -65,8 +65,10 @@ def test_chat_completions_answer_as_the_conversation_decodes(server, session):
   assert expected  # twelve tokens of a random model: some text
   status, body = asyncio.run(_post(server.url, {"messages": HELLO, "max_tokens": 12}))
   assert status == 200, body
-  assert body["object"] == "chat.completion" and body["choices"][0]["message"] == {"role": "assistant",
-                                                                                    "content": expected}
+  assert body["object"] == "chat.completion" and body["choices"][0]["message"] == {
+    "role": "assistant",
+    "content": expected,
+  }
   assert body["choices"][0]["finish_reason"] == "length"
   assert body["usage"]["prompt_tokens"] == len(session.prompt_ids(HELLO))
   # A longer conversation: the earlier turns are part of the prompt.
@@ -84,10 +86,11 @@ def test_chat_completions_answer_as_the_conversation_decodes(server, session):
   # A stop string cuts the answer before it; sampling fields pass through (n choices, seeds).
   stop = expected[3:5]
   status, body = asyncio.run(_post(server.url, {"messages": HELLO, "max_tokens": 12, "stop": stop}))
-  assert body["choices"][0]["message"]["content"] == expected[:expected.index(stop)]
+  assert body["choices"][0]["message"]["content"] == expected[: expected.index(stop)]
   assert body["choices"][0]["finish_reason"] == "stop"
-  status, body = asyncio.run(_post(server.url, {"messages": HELLO, "max_tokens": 4, "n": 2, "temperature": 1.0,
-                                                "top_p": 0.9, "seed": 5}))
+  status, body = asyncio.run(
+    _post(server.url, {"messages": HELLO, "max_tokens": 4, "n": 2, "temperature": 1.0, "top_p": 0.9, "seed": 5})
+  )
   assert status == 200 and [c["index"] for c in body["choices"]] == [0, 1]
 
 
@@ -96,7 +99,9 @@ def test_the_default_template_turn_end_stops_the_answer(session):
   assert session.stop_ids == [session.tokenizer.eos_id]  # a byte run spells the marker as text
 
 
-@pytest.mark.parametrize("body, param", [
+@pytest.mark.parametrize(
+  "body, param",
+  [
     ({}, "messages"),
     ({"messages": "hi"}, "messages"),
     ({"messages": []}, "messages"),
@@ -114,7 +119,8 @@ def test_the_default_template_turn_end_stops_the_answer(session):
     ({"messages": HELLO, "stop": [1]}, "stop"),
     ({"messages": HELLO, "stream": "yes"}, "stream"),
     ({"messages": HELLO, "model": "other"}, "model"),
-])
+  ],
+)
 def test_bad_chat_requests_name_the_field(server, body, param):
   status, answer = asyncio.run(_post(server.url, body))
   assert status in (400, 404) and answer["error"]["param"] == param, answer
@@ -124,6 +130,7 @@ def test_bad_chat_requests_name_the_field(server, body, param):
 def test_run_loop_keeps_the_conversation_and_resets(session):
   """The terminal loop in-process: answers only (piped input), history kept until /reset."""
   import io
+
   session.reset()
   first, second = session.reply("Hello there"), session.reply("And then?")
   session.reset()
@@ -147,9 +154,15 @@ def test_chat_cli_keeps_the_conversation(run_dir, session):
     session.generator = generator
   assert second != fresh  # the second answer depends on the first turn
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  result = subprocess.run([sys.executable, "-m", "jaxlm", "chat", "--workdir", str(run_dir), "--max-tokens",
-                           "12"], input="Hello there\nAnd then?\n/reset\n\n/exit\nnever read\n", capture_output=True,
-                          text=True, env=env, timeout=300, cwd=REPO)
+  result = subprocess.run(
+    [sys.executable, "-m", "jaxlm", "chat", "--workdir", str(run_dir), "--max-tokens", "12"],
+    input="Hello there\nAnd then?\n/reset\n\n/exit\nnever read\n",
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+    cwd=REPO,
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout == f"{first}\n{second}\n"
 
@@ -160,10 +173,23 @@ def test_train_and_eval_on_chat_data_through_the_cli(tmp_path, capsys):
   train = write_jsonl(tmp_path / "train.jsonl", RECORDS)
   valid = write_jsonl(tmp_path / "valid.jsonl", RECORDS[:8])
   workdir = tmp_path / "run"
-  args = ["train", "--config", "configs/tiny.py", "--workdir", str(workdir), "--config.data.source=jsonl",
-          f"--config.data.paths={train}", f"--config.data.validation_paths={valid}", "--config.data.seq_len=192",
-          "--config.model.max_len=192", "--config.train.num_steps=4", "--config.train.eval_every=2",
-          "--config.train.checkpoint_every=2", "--config.train.global_batch_size=8", "--config.eval.batch_size=8"]
+  args = [
+    "train",
+    "--config",
+    "configs/tiny.py",
+    "--workdir",
+    str(workdir),
+    "--config.data.source=jsonl",
+    f"--config.data.paths={train}",
+    f"--config.data.validation_paths={valid}",
+    "--config.data.seq_len=192",
+    "--config.model.max_len=192",
+    "--config.train.num_steps=4",
+    "--config.train.eval_every=2",
+    "--config.train.checkpoint_every=2",
+    "--config.train.global_batch_size=8",
+    "--config.eval.batch_size=8",
+  ]
   assert main.main(args) == 0
   metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert any("val_loss" in m for m in metrics)

@@ -21,13 +21,17 @@ from jaxlm.storage import integrity, runlock
 
 def _state(seed=0):
   rng = np.random.default_rng(seed)
-  return {"step": jnp.array(3, jnp.int32),
-          "params": {"w": jnp.asarray(rng.normal(size=(16, 8)), jnp.float32),
-                     "b": jnp.asarray(rng.normal(size=(8,)), jnp.bfloat16)}}
+  return {
+    "step": jnp.array(3, jnp.int32),
+    "params": {
+      "w": jnp.asarray(rng.normal(size=(16, 8)), jnp.float32),
+      "b": jnp.asarray(rng.normal(size=(8,)), jnp.bfloat16),
+    },
+  }
 
 
 def _mesh(shape):
-  return Mesh(np.array(jax.devices()[:int(np.prod(shape))]).reshape(shape), ("data", "fsdp"))
+  return Mesh(np.array(jax.devices()[: int(np.prod(shape))]).reshape(shape), ("data", "fsdp"))
 
 
 def test_checksum_is_independent_of_sharding_and_sees_one_bit():
@@ -41,8 +45,10 @@ def test_checksum_is_independent_of_sharding_and_sees_one_bit():
   assert integrity.describe({"params": {"w": flipped}})["params/w"]["checksum"] != single["params/w"]["checksum"]
   swapped = np.asarray(state["params"]["w"]).copy()
   swapped[[0, 1]] = swapped[[1, 0]]  # the same values in other places
-  assert integrity.describe({"params": {"w": jnp.asarray(swapped)}})["params/w"]["checksum"] != \
-      single["params/w"]["checksum"]
+  assert (
+    integrity.describe({"params": {"w": jnp.asarray(swapped)}})["params/w"]["checksum"]
+    != single["params/w"]["checksum"]
+  )
 
 
 def test_non_finite_and_overflowing_states_are_flagged():
@@ -66,9 +72,11 @@ def test_restore_verifies_and_names_damage_and_intact_steps(tmp_path):
   np.testing.assert_array_equal(restored["params"]["w"], _state(2)["params"]["w"])
   assert reader.newest_intact_step(target) == 2
   (tmp_path / "ckpt" / "2" / "commit_success.txt").unlink()
-  with pytest.raises(checkpoint_lib.CheckpointError,
-                     match=r"step 2 .* is damaged: incomplete, the commit marker 'commit_success.txt' is missing; "
-                           r"intact steps: 1 \(pass --step 1\)"):
+  with pytest.raises(
+    checkpoint_lib.CheckpointError,
+    match=r"step 2 .* is damaged: incomplete, the commit marker 'commit_success.txt' is missing; "
+    r"intact steps: 1 \(pass --step 1\)",
+  ):
     reader.restore(2, target)
   assert reader.newest_intact_step(target) == 1
   # A changed byte anywhere in a step's files is named, even one no restored array reads.
@@ -78,8 +86,9 @@ def test_restore_verifies_and_names_damage_and_intact_steps(tmp_path):
   assert "the file 'state/_sharding' has" in reader.problem(1, target)
   assert reader.newest_intact_step(target) is None
   metadata.write_bytes(metadata.read_bytes()[:-1])
-  wrong = _target({"params": {"w": jax.ShapeDtypeStruct((4, 4), jnp.float32)}},
-                  NamedSharding(_mesh((1, 1)), PartitionSpec()))
+  wrong = _target(
+    {"params": {"w": jax.ShapeDtypeStruct((4, 4), jnp.float32)}}, NamedSharding(_mesh((1, 1)), PartitionSpec())
+  )
   with pytest.raises(checkpoint_lib.CheckpointError, match=r"does not match this model: array 'params/w' was saved"):
     reader.restore(1, wrong, partial=True)
   reader.close()
@@ -107,6 +116,7 @@ def test_a_failed_background_save_is_named_by_its_step(tmp_path, monkeypatch):
   # Orbax's errors do not always carry the step's folder (the regex's clue): the step comes from the save started.
   def full_disk():
     raise OSError(28, "No space left on device")
+
   monkeypatch.setattr(saver.manager, "check_for_errors", full_disk)
   with pytest.raises(checkpoint_lib.CheckpointError, match=r"saving step 2 to .* failed \(No space left on device\)"):
     saver.check()
@@ -124,13 +134,16 @@ def test_last_good_sentence():
   assert "step 7" in checkpoint_lib.last_good_sentence(7)
 
 
-HOLD_LOCK = ("import sys; from jaxlm.storage import runlock; lock = runlock.WorkdirLock(sys.argv[1]); lock.acquire(); "
-             "print('locked', flush=True); sys.stdin.read(); lock.release()")
+HOLD_LOCK = (
+  "import sys; from jaxlm.storage import runlock; lock = runlock.WorkdirLock(sys.argv[1]); lock.acquire(); "
+  "print('locked', flush=True); sys.stdin.read(); lock.release()"
+)
 
 
 def test_lock_refuses_a_live_run_and_takes_over_a_stale_one(tmp_path):
-  holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+  holder = subprocess.Popen(
+    [sys.executable, "-c", HOLD_LOCK, str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+  )
   assert holder.stdout.readline().strip() == "locked"
   with pytest.raises(runlock.LockError, match=rf"pid {holder.pid} on host {socket.gethostname()}"):
     runlock.WorkdirLock(tmp_path).acquire()
@@ -153,4 +166,3 @@ def test_metrics_after_the_resumed_step_are_rolled_back(tmp_path):
   moved = [json.loads(line) for line in (tmp_path / "metrics.rolled_back.jsonl").read_text().splitlines()]
   assert moved[0] == {"rolled_back_to": 4, "step": 6, "loss": 1.0} and "unparsed" in moved[1]
   assert runlock.drop_metrics_after(tmp_path, 4) == 0
-

@@ -15,12 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-from jaxlm.ops import cpu_kernels
-from jaxlm.models import layers, transformer as model_lib
-from jaxlm import ops, runtime
-
 from support import REPO, tiny_config
+
+from jaxlm import ops, runtime
+from jaxlm.models import layers
+from jaxlm.models import transformer as model_lib
+from jaxlm.ops import cpu_kernels
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler: the CPU kernels are not built")
 
@@ -47,11 +47,13 @@ def test_norm_matches_xla(norm, use_bias):
     def value_and_grads(params, x):
       y, vjp = jax.vjp(lambda p, x: module.apply({"params": p}, x), params, x)
       return y, vjp(cotangent)
+
     return value_and_grads
 
-  params = jax.tree.map(lambda p: p + jnp.asarray(rng.standard_normal(p.shape), p.dtype),
-                        layers.Norm(tiny_config(norm=norm, use_bias=use_bias, d_model=40).model).init(
-                            jax.random.key(0), x)["params"])
+  params = jax.tree.map(
+    lambda p: p + jnp.asarray(rng.standard_normal(p.shape), p.dtype),
+    layers.Norm(tiny_config(norm=norm, use_bias=use_bias, d_model=40).model).init(jax.random.key(0), x)["params"],
+  )
   (y_kernel, g_kernel), (y_xla, g_xla) = _both_paths(make_fn, params, x)
   np.testing.assert_allclose(y_kernel, y_xla, rtol=1e-5, atol=1e-5)
   for a, b in zip(jax.tree.leaves(g_kernel), jax.tree.leaves(g_xla)):
@@ -76,8 +78,9 @@ def blas(request):
 @pytest.mark.parametrize("m,k,n", [(37, 48, 20), (37, 20, 48), (1, 8, 8)])  # both weight-gradient splits, one row
 def test_dense_matches_xla(m, k, n, blas):
   rng = np.random.default_rng(m + k + n)
-  x, w, bias, cotangent = (jnp.asarray(rng.standard_normal(shape), jnp.float32)
-                           for shape in ((m, k), (k, n), (n,), (m, n)))
+  x, w, bias, cotangent = (
+    jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in ((m, k), (k, n), (n,), (m, n))
+  )
   ref = lambda x, w, bias: jnp.dot(x, w, precision="highest") + bias
   y_ref, vjp_ref = jax.vjp(ref, x, w, bias)
   y_ours, vjp_ours = jax.vjp(jax.jit(cpu_kernels.dense), x, w, bias)
@@ -110,18 +113,22 @@ def test_bias_gelu_mlp_matches_xla():
     def value_and_grads(params, x):
       y, vjp = jax.vjp(lambda p, x: module.apply({"params": p}, x), params, x)
       return y, vjp(cotangent)
+
     return value_and_grads
 
-  params = jax.tree.map(lambda p: p + 0.1 * jnp.asarray(rng.standard_normal(p.shape), p.dtype),
-                        layers.Mlp(tiny_config(mlp_dim=40).model).init(jax.random.key(0), x)["params"])
+  params = jax.tree.map(
+    lambda p: p + 0.1 * jnp.asarray(rng.standard_normal(p.shape), p.dtype),
+    layers.Mlp(tiny_config(mlp_dim=40).model).init(jax.random.key(0), x)["params"],
+  )
   (y_kernel, g_kernel), (y_xla, g_xla) = _both_paths(make_fn, params, x)
   np.testing.assert_allclose(y_kernel, y_xla, rtol=1e-5, atol=1e-6)
   for a, b in zip(jax.tree.leaves(g_kernel), jax.tree.leaves(g_xla)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("style", [{}, dict(norm="rmsnorm", position="rope", mlp="swiglu", use_bias=False,
-                                            num_kv_heads=2)])
+@pytest.mark.parametrize(
+  "style", [{}, dict(norm="rmsnorm", position="rope", mlp="swiglu", use_bias=False, num_kv_heads=2)]
+)
 def test_model_on_a_mesh_matches_xla(style):
   """Batch sharded over 8 CPU devices: XLA gathers the custom calls' operands, and the result is the same."""
   rng = np.random.default_rng(1)
@@ -139,6 +146,7 @@ def test_model_on_a_mesh_matches_xla(style):
       log_probs = jax.nn.log_softmax(module.apply({"params": params}, tokens, segments, positions))
       picked = jnp.take_along_axis(log_probs[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0]
       return -jnp.mean(picked * (segments[:, 1:] > 0))
+
     return jax.value_and_grad(loss)
 
   (loss_kernel, g_kernel), (loss_xla, g_xla) = _both_paths(make_fn, params, *batch)
@@ -154,11 +162,11 @@ def test_self_attention_on_the_fused_projection_matches_jax(t, n, k, causal):
   rng = np.random.default_rng(t + n + k)
   qkv = jnp.asarray(rng.standard_normal((b, t, n + 2 * k, h)), jnp.float32)
   segments = np.ones((b, t), np.int32)
-  segments[:, t // 2:] = 2
+  segments[:, t // 2 :] = 2
   segments[0, -5:] = 0  # padding queries see no key
   mask = layers.attention_mask(jnp.asarray(segments), jnp.asarray(segments), causal=causal)
   cotangent = jnp.asarray(rng.standard_normal((b, t, n, h)), jnp.float32)
-  ref = lambda x: jax.nn.dot_product_attention(x[:, :, :n], x[:, :, n:n + k], x[:, :, n + k:], mask=mask)
+  ref = lambda x: jax.nn.dot_product_attention(x[:, :, :n], x[:, :, n : n + k], x[:, :, n + k :], mask=mask)
   ours = lambda x: cpu_kernels.self_attention(x, mask[:, 0], causal, n)
   out_ref, vjp_ref = jax.vjp(ref, qkv)
   out_ours, vjp_ours = jax.vjp(jax.jit(ours), qkv)
@@ -174,8 +182,9 @@ def test_attention_under_vmap():
   attend = lambda q, k, v: cpu_kernels.attention(q, k, v, mask, True)
   batched = jax.jit(jax.vmap(attend))(q, k, v)
   for i in range(2):
-    np.testing.assert_allclose(batched[i], jax.nn.dot_product_attention(q[i], k[i], v[i], mask=mask[:, None]),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+      batched[i], jax.nn.dot_product_attention(q[i], k[i], v[i], mask=mask[:, None]), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_build_goes_to_the_cache_once(tmp_path, monkeypatch):
@@ -189,13 +198,14 @@ def test_build_goes_to_the_cache_once(tmp_path, monkeypatch):
 
 
 def test_without_a_compiler_falls_back_with_one_warning(tmp_path):
-  code = ("import jax.numpy as jnp; from jaxlm import config, ops; from jaxlm.models import layers\n"
-          "seg = jnp.ones((1, 8), jnp.int32); x = jnp.ones((1, 8, 2, 4)); cfg = config.base_config().model\n"
-          "out = ops.attention.attention(x, x, x, layers.segment_mask(seg, seg, True), cfg, causal=True)\n"
-          "print(ops.choose('attention', cfg, jnp.float32), bool(jnp.all(out == 1)))\n")
+  code = (
+    "import jax.numpy as jnp; from jaxlm import config, ops; from jaxlm.models import layers\n"
+    "seg = jnp.ones((1, 8), jnp.int32); x = jnp.ones((1, 8, 2, 4)); cfg = config.base_config().model\n"
+    "out = ops.attention.attention(x, x, x, layers.segment_mask(seg, seg, True), cfg, causal=True)\n"
+    "print(ops.choose('attention', cfg, jnp.float32), bool(jnp.all(out == 1)))\n"
+  )
   env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), JAXLM_CACHE_DIR=str(tmp_path / "cache"))
-  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO,
-                          timeout=120)
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
   assert result.returncode == 0, result.stderr
   assert result.stdout.split() == ["xla", "True"]
   assert result.stderr.count("jaxlm: CPU kernels unavailable, using slower XLA code") == 1, result.stderr
@@ -211,17 +221,19 @@ def test_calling_an_unbuilt_kernel_says_so(monkeypatch):
 def test_retain_freed_memory_stops_refaulting_large_blocks():
   """A freed 200 MB block comes back without page faults after retain_freed_memory(), and not before."""
   # Plain malloc + memset, as XLA's allocator does (numpy asks for huge pages, which hides the effect).
-  code = ("import ctypes, resource, sys\n"
-          "from jaxlm import runtime\n"
-          "applied = runtime.retain_freed_memory() if sys.argv[1] == 'on' else False\n"
-          "libc = ctypes.CDLL('libc.so.6'); libc.malloc.restype = ctypes.c_void_p\n"
-          "faults = []\n"
-          "for _ in range(2):\n"
-          "  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-          "  block = libc.malloc(200_000_000); ctypes.memset(block, 1, 200_000_000)\n"
-          "  libc.free(ctypes.c_void_p(block))\n"
-          "  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
-          "print(applied, faults[0], faults[1])\n")
+  code = (
+    "import ctypes, resource, sys\n"
+    "from jaxlm import runtime\n"
+    "applied = runtime.retain_freed_memory() if sys.argv[1] == 'on' else False\n"
+    "libc = ctypes.CDLL('libc.so.6'); libc.malloc.restype = ctypes.c_void_p\n"
+    "faults = []\n"
+    "for _ in range(2):\n"
+    "  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+    "  block = libc.malloc(200_000_000); ctypes.memset(block, 1, 200_000_000)\n"
+    "  libc.free(ctypes.c_void_p(block))\n"
+    "  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
+    "print(applied, faults[0], faults[1])\n"
+  )
   results = {}
   for mode in ("on", "off"):
     out = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, cwd=REPO, timeout=120)
@@ -269,8 +281,9 @@ def test_narrower_vector_builds_match_xla(march, tmp_path):
   if platform.machine() != "x86_64":
     pytest.skip("x86-64 -march names")
   env = dict(os.environ, JAXLM_CACHE_DIR=str(tmp_path))
-  result = subprocess.run([sys.executable, "-c", _NARROW_BUILD_CHECK, march], capture_output=True, text=True,
-                          env=env, cwd=REPO, timeout=300)
+  result = subprocess.run(
+    [sys.executable, "-c", _NARROW_BUILD_CHECK, march], capture_output=True, text=True, env=env, cwd=REPO, timeout=300
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   assert float(result.stdout.split()[-1]) < 1e-4
 

@@ -4,12 +4,12 @@ import itertools
 
 import numpy as np
 import pytest
-
-from jaxlm.data import corpus, pipeline as data_lib
-from jaxlm.config import ConfigError
-from jaxlm.data.tokenizer import ByteTokenizer
-
 from support import REPO, files_config, run_in_process
+
+from jaxlm.config import ConfigError
+from jaxlm.data import corpus
+from jaxlm.data import pipeline as data_lib
+from jaxlm.data.tokenizer import ByteTokenizer
 
 
 def stream(docs):
@@ -38,7 +38,7 @@ def test_rows_cover_every_token_once_with_segments_and_positions():
   tokens = stream(docs).tokens
   assert len(rows) == (len(tokens) - 1) // 8
   targets = np.concatenate([rows[i]["targets"] for i in range(len(rows))])
-  np.testing.assert_array_equal(targets, tokens[1:1 + 8 * len(rows)])
+  np.testing.assert_array_equal(targets, tokens[1 : 1 + 8 * len(rows)])
   row = rows[1]  # tokens 8..16: "hij<eos>klmn" begins inside document 2
   np.testing.assert_array_equal(row["segment_ids"], [1, 1, 1, 1, 2, 2, 2, 2])
   np.testing.assert_array_equal(row["positions"], [0, 1, 2, 3, 0, 1, 2, 3])
@@ -47,8 +47,9 @@ def test_rows_cover_every_token_once_with_segments_and_positions():
 
 
 def batches(rows, start, steps, seed=0, threads=0):
-  return [b["inputs"] for b in itertools.islice(
-      data_lib.train_batches(rows, 4, seed, start, start + steps, threads), steps)]
+  return [
+    b["inputs"] for b in itertools.islice(data_lib.train_batches(rows, 4, seed, start, start + steps, threads), steps)
+  ]
 
 
 def test_resume_at_any_step_gives_the_same_batches():
@@ -131,8 +132,18 @@ def test_explicit_validation_paths_are_left_out_of_training(text_corpus):
 def test_a_lone_empty_training_file_is_one_line(tmp_path, capfd):
   empty = tmp_path / "empty.txt"
   empty.write_bytes(b"")
-  result = run_in_process(["train", "--config", str(REPO / "configs" / "tiny.py"), "--workdir", str(tmp_path / "run"),
-                           "--config.data.source=files", f"--config.data.paths={empty}"], capfd)
+  result = run_in_process(
+    [
+      "train",
+      "--config",
+      str(REPO / "configs" / "tiny.py"),
+      "--workdir",
+      str(tmp_path / "run"),
+      "--config.data.source=files",
+      f"--config.data.paths={empty}",
+    ],
+    capfd,
+  )
   assert result.returncode == 2
   errors = [line for line in result.stderr.splitlines() if line.startswith("jaxlm: error:")]
   assert len(errors) == 1 and "Traceback" not in result.stderr  # (libtpu, when installed, logs its own lines)

@@ -21,8 +21,11 @@ NOT_RUN = "<!-- not run -->"
 def python_examples(path: Path) -> list[str]:
   """The ```python blocks of the Markdown file `path`, in order, leaving out those marked `NOT_RUN`."""
   text = path.read_text()
-  return [match.group(2) for match in re.finditer(r"(^[^\n]*\n)?```python\n(.*?)```", text, re.M | re.S)
-          if (match.group(1) or "").strip() != NOT_RUN]
+  return [
+    match.group(2)
+    for match in re.finditer(r"(^[^\n]*\n)?```python\n(.*?)```", text, re.M | re.S)
+    if (match.group(1) or "").strip() != NOT_RUN
+  ]
 
 
 def run_examples(path: Path, directory: Path) -> dict:
@@ -45,8 +48,9 @@ def test_python_examples_are_found_and_fragments_can_be_left_out(tmp_path):
 def test_the_site_builds_strictly(tmp_path):
   """A broken link or anchor, a page left out of the nav, or an API reference to a moved name fails the build."""
   command = [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")]
-  out = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600,
-                       env=dict(os.environ, NO_MKDOCS_2_WARNING="1"))
+  out = subprocess.run(
+    command, capture_output=True, text=True, cwd=REPO, timeout=600, env=dict(os.environ, NO_MKDOCS_2_WARNING="1")
+  )
   assert out.returncode == 0, out.stderr[-4000:]
   reference = (tmp_path / "site" / "reference" / "jaxlm" / "index.html").read_text()
   assert "jaxlm.loader.load" in reference and "Trainer" in reference
@@ -80,9 +84,13 @@ def test_module_paths_in_the_docs_exist():
   """Code spans are not links, so the site build does not check the modules and names the pages mention."""
   assert named_in_docs_but_missing("`jaxlm/loader.py`, `jaxlm.load`, `jaxlm.config.DEFAULT_RULES`") == []
   assert named_in_docs_but_missing("`jaxlm/trainer.py`, `jaxlm.nothing`, `jaxlm.hf.nothing`") == [
-      "jaxlm/trainer.py", "jaxlm.nothing", "jaxlm.hf.nothing"]
-  missing = {page.name: named_in_docs_but_missing(page.read_text())
-             for page in [REPO / "README.md", *sorted(DOCS.rglob("*.md"))]}
+    "jaxlm/trainer.py",
+    "jaxlm.nothing",
+    "jaxlm.hf.nothing",
+  ]
+  missing = {
+    page.name: named_in_docs_but_missing(page.read_text()) for page in [REPO / "README.md", *sorted(DOCS.rglob("*.md"))]
+  }
   assert {page: names for page, names in missing.items() if names} == {}
 
 
@@ -117,8 +125,11 @@ def test_python_api_examples_run_in_order(tmp_path, monkeypatch, capsys):
 
 
 # The other pages' examples: each page runs on its own, and asserts what it shows.
-OTHER_PAGES = sorted(path.relative_to(DOCS).as_posix() for path in DOCS.rglob("*.md")
-                     if path.name != "python-api.md" and python_examples(path))
+OTHER_PAGES = sorted(
+  path.relative_to(DOCS).as_posix()
+  for path in DOCS.rglob("*.md")
+  if path.name != "python-api.md" and python_examples(path)
+)
 
 
 def test_other_pages_with_examples_are_the_expected_ones():

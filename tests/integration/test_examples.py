@@ -6,13 +6,12 @@ import subprocess
 import sys
 
 import pytest
+from support import REPO
 
 import jaxlm
-from jaxlm.storage import checkpoint
-from jaxlm.models import layers
 from jaxlm import loader
-
-from support import REPO
+from jaxlm.models import layers
+from jaxlm.storage import checkpoint
 
 EXAMPLES = sorted((REPO / "examples").glob("*.py"))
 
@@ -39,15 +38,25 @@ def jaxlm_names(path) -> tuple[set[str], set[str]]:
 
 def run_example(name: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  result = subprocess.run([sys.executable, str(REPO / "examples" / name), *args], capture_output=True, text=True,
-                          env=env, timeout=timeout, cwd=REPO)
+  result = subprocess.run(
+    [sys.executable, str(REPO / "examples" / name), *args],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=timeout,
+    cwd=REPO,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   return result
 
 
 def test_examples_are_short_and_use_public_names_only():
-  assert {p.name for p in EXAMPLES} >= {"custom_block.py", "score_run.py", "attention_weights.py",
-                                        "mesh_fsdp_tensor.py"}
+  assert {p.name for p in EXAMPLES} >= {
+    "custom_block.py",
+    "score_run.py",
+    "attention_weights.py",
+    "mesh_fsdp_tensor.py",
+  }
   for path in EXAMPLES:
     assert code_lines(path) < 15, path.name
     modules, attributes = jaxlm_names(path)

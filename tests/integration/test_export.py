@@ -9,14 +9,13 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
+from support import REPO, tiny_config
 
-from jaxlm.inference import decode
-from jaxlm.models import quantize
 from jaxlm import hf, loader
 from jaxlm.cli import main
+from jaxlm.inference import decode
+from jaxlm.models import quantize
 from jaxlm.models import transformer as model_lib
-
-from support import REPO, tiny_config
 
 PROMPTS = [[2, 70, 71, 72], [2, 80]]
 TEXTS = ["def f(x):", "import é"]
@@ -44,8 +43,13 @@ def run_dir(tmp_path_factory):
 @pytest.mark.parametrize("int8", [False, True])
 def test_exported_artifact_generates_the_same_tokens_without_model_code(run_dir, tmp_path, int8):
   out = tmp_path / "artifact"
-  assert main.main(["export", "--workdir", str(run_dir), "--out", str(out), "--batch-size", "2",
-                    "--max-prompt-len", "16"] + (["--int8"] if int8 else [])) == 0
+  assert (
+    main.main(
+      ["export", "--workdir", str(run_dir), "--out", str(out), "--batch-size", "2", "--max-prompt-len", "16"]
+      + (["--int8"] if int8 else [])
+    )
+    == 0
+  )
   run = loader.load(run_dir)
   params = quantize.quantize_params(run.params) if int8 else run.params
   generator = decode.Generator(run.config.model, params)
@@ -58,8 +62,9 @@ def test_exported_artifact_generates_the_same_tokens_without_model_code(run_dir,
   assert (out / "tokenizer.json").is_file()
   env = dict(os.environ, XLA_FLAGS="")
   script = LOADER.format(prompts=PROMPTS, texts=TEXTS)
-  result = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True,
-                          text=True, env=env, cwd=REPO, timeout=300)
+  result = subprocess.run(
+    [sys.executable, "-c", script, str(out)], capture_output=True, text=True, env=env, cwd=REPO, timeout=300
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   got = json.loads(result.stdout.strip().splitlines()[-1])
   assert got["leaked"] == []

@@ -19,9 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from support import (CORRUPTIONS, REPO, built_once, corrupt, error_line, free_port, run_cli, run_in_process,
-                     train_args)
+from support import CORRUPTIONS, REPO, built_once, corrupt, error_line, free_port, run_cli, run_in_process, train_args
 
 
 def arrays_of(workdir: Path, step: int) -> dict:
@@ -71,8 +69,9 @@ def test_train_resumes_from_the_newest_intact_checkpoint(trained, text_corpus, t
   assert list((run / "checkpoints-damaged").iterdir())[0].name.startswith("12-")  # moved aside, not deleted
   steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
   assert steps == sorted(steps) and steps[-1] == 12  # rows of steps 9-12 of the first run were rolled back
-  assert any(json.loads(line)["rolled_back_to"] == 8
-             for line in (run / "metrics.rolled_back.jsonl").read_text().splitlines())
+  assert any(
+    json.loads(line)["rolled_back_to"] == 8 for line in (run / "metrics.rolled_back.jsonl").read_text().splitlines()
+  )
   # Steps 9-12 were trained again from the intact step 8, so step 12 equals the undamaged run's, bit for bit.
   assert arrays_of(run, 12) == arrays_of(trained, 12)
 
@@ -82,8 +81,9 @@ def test_train_resumes_from_the_newest_intact_checkpoint(trained, text_corpus, t
 def test_kill_9_then_resume_is_bitwise_identical(kill_after, trained, text_corpus, tmp_path):
   run = tmp_path / "run"
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  process = subprocess.Popen([sys.executable, "-m", "jaxlm", *train_args(text_corpus, run)],
-                             stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+  process = subprocess.Popen(
+    [sys.executable, "-m", "jaxlm", *train_args(text_corpus, run)], stderr=subprocess.PIPE, text=True, env=env, cwd=REPO
+  )
   for line in process.stderr:
     if f"step {kill_after}:" in line:
       process.send_signal(signal.SIGKILL)
@@ -99,8 +99,15 @@ def test_kill_9_then_resume_is_bitwise_identical(kill_after, trained, text_corpu
 @pytest.mark.slow
 def test_nan_run_never_saves_or_names_a_bad_checkpoint(text_corpus, tmp_path, capfd):
   run = tmp_path / "run"
-  result = run_cli(train_args(text_corpus, run, "--config.optim.learning_rate=1e38",
-                              "--config.train.checkpoint_every=1", "--config.optim.warmup_steps=0"))
+  result = run_cli(
+    train_args(
+      text_corpus,
+      run,
+      "--config.optim.learning_rate=1e38",
+      "--config.train.checkpoint_every=1",
+      "--config.optim.warmup_steps=0",
+    )
+  )
   assert result.returncode == 2
   line = error_line(result)
   assert "learning_rate" in line and "None" not in line, line
@@ -117,11 +124,11 @@ def test_nan_run_never_saves_or_names_a_bad_checkpoint(text_corpus, tmp_path, ca
 
 
 BAD_CONFIGS = [
-    (["--config.data.seq_len=0"], "data.seq_len"),
-    (["--config.optim.learning_rate=nan"], "optim.learning_rate"),
-    (["--config.train.global_batch_size=100000000"], "train.global_batch_size"),
-    (["--config.model.max_len=1000000000"], "model.max_len"),
-    (['--config.mesh.rules=[["batch", "nope"]]'], "mesh.rules"),
+  (["--config.data.seq_len=0"], "data.seq_len"),
+  (["--config.optim.learning_rate=nan"], "optim.learning_rate"),
+  (["--config.train.global_batch_size=100000000"], "train.global_batch_size"),
+  (["--config.model.max_len=1000000000"], "model.max_len"),
+  (['--config.mesh.rules=[["batch", "nope"]]'], "mesh.rules"),
 ]
 
 
@@ -139,9 +146,13 @@ def test_bad_config_is_one_line_before_compiling(overrides, key, text_corpus, tm
 def test_second_run_on_a_live_workdir_is_refused(text_corpus, tmp_path):
   run = tmp_path / "run"
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  first = subprocess.Popen([sys.executable, "-m", "jaxlm",
-                            *train_args(text_corpus, run, "--config.train.num_steps=100000")],
-                           stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+  first = subprocess.Popen(
+    [sys.executable, "-m", "jaxlm", *train_args(text_corpus, run, "--config.train.num_steps=100000")],
+    stderr=subprocess.PIPE,
+    text=True,
+    env=env,
+    cwd=REPO,
+  )
   try:
     for line in first.stderr:
       if "step 1:" in line:
@@ -171,8 +182,16 @@ def tiny_disk(tmp_path):
 def test_disk_full_stops_at_once_with_one_line(tiny_disk, text_corpus):
   run = tiny_disk / "run"
   # No validation before the end: its loss.png would take the room of a checkpoint.
-  result = run_cli(train_args(text_corpus, run, "--config.train.num_steps=100", "--config.train.checkpoint_every=20",
-                              "--config.train.eval_every=100"), devices=1)  # one device: the sizes above
+  result = run_cli(
+    train_args(
+      text_corpus,
+      run,
+      "--config.train.num_steps=100",
+      "--config.train.checkpoint_every=20",
+      "--config.train.eval_every=100",
+    ),
+    devices=1,
+  )  # one device: the sizes above
   assert result.returncode == 2
   line = error_line(result)
   named = re.search(r"saving step (\d+) to .* failed", line)
@@ -194,8 +213,8 @@ C_PLUS_PLUS_ABORT = re.compile(r"^F\d{4} |Check failure stack trace|terminate ca
 
 
 LOST = [  # (the process killed, CPU devices per process, how the survivor learns of it)
-    pytest.param(1, 2, id="peer"),  # the watchdog: no sign of life for heartbeat_timeout_s
-    pytest.param(0, 2, id="coordinator"),  # the runtime aborts the other about 0.1 s later; the supervisor speaks
+  pytest.param(1, 2, id="peer"),  # the watchdog: no sign of life for heartbeat_timeout_s
+  pytest.param(0, 2, id="coordinator"),  # the runtime aborts the other about 0.1 s later; the supervisor speaks
 ]
 
 
@@ -204,14 +223,25 @@ LOST = [  # (the process killed, CPU devices per process, how the survivor learn
 def test_lost_process_is_named_and_the_survivor_exits(victim, devices, text_corpus, tmp_path):
   # 2 devices per process: with 4, gloo itself aborted the survivor within a second on this machine
   # ("Received data size doesn't match expected size"), a case the supervisor tests below cover.
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}", JAX_NUM_PROCESSES="2")
+  env = dict(
+    os.environ,
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}",
+    JAX_NUM_PROCESSES="2",
+  )
   run = tmp_path / "run"
-  args = [sys.executable, "-m", "jaxlm",
-          *train_args(text_corpus, run, "--config.train.num_steps=100000",
-                      "--config.distributed.heartbeat_timeout_s=10")]
-  processes = [subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                                env=dict(env, JAX_PROCESS_ID=str(i))) for i in range(2)]
+  args = [
+    sys.executable,
+    "-m",
+    "jaxlm",
+    *train_args(text_corpus, run, "--config.train.num_steps=100000", "--config.distributed.heartbeat_timeout_s=10"),
+  ]
+  processes = [
+    subprocess.Popen(
+      args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO, env=dict(env, JAX_PROCESS_ID=str(i))
+    )
+    for i in range(2)
+  ]
   survivor = processes[1 - victim]
   try:
     for line in processes[0].stderr:  # process 0 logs the steps
@@ -238,8 +268,16 @@ def test_lost_process_is_named_and_the_survivor_exits(victim, devices, text_corp
 def test_a_process_that_cannot_join_retries_then_says_so(text_corpus, tmp_path):
   # Joining is fatal inside JAX's runtime (a C++ abort), so the supervisor, not Python, retries it.
   env = {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{free_port()}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}
-  result = run_cli(train_args(text_corpus, tmp_path / "run", "--config.distributed.initialization_timeout_s=2",
-                              "--config.distributed.initialization_attempts=2"), env_extra=env, devices=2)
+  result = run_cli(
+    train_args(
+      text_corpus,
+      tmp_path / "run",
+      "--config.distributed.initialization_timeout_s=2",
+      "--config.distributed.initialization_attempts=2",
+    ),
+    env_extra=env,
+    devices=2,
+  )
   assert result.returncode == 1, result.stderr[-3000:]
   assert not C_PLUS_PLUS_ABORT.search(result.stderr), result.stderr[-3000:]
   assert result.stderr.count("could not join the coordinator (DEADLINE_EXCEEDED") == 1  # then the second attempt
@@ -250,11 +288,14 @@ def test_a_process_that_cannot_join_retries_then_says_so(text_corpus, tmp_path):
 
 def supervise(tmp_path: Path, child_code: str) -> subprocess.Popen:
   """`jaxlm.parallel.supervisor.run` (as process 1 of 2, workdir tmp_path) in a subprocess, on a child running `child_code`."""
-  code = ("import sys; from jaxlm.parallel import supervisor; "
-          f"sys.exit(supervisor.run([sys.executable, '-c', {child_code!r}], "
-          f"supervisor.Launch(1, 2, {str(tmp_path)!r})))")
-  return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          cwd=REPO)
+  code = (
+    "import sys; from jaxlm.parallel import supervisor; "
+    f"sys.exit(supervisor.run([sys.executable, '-c', {child_code!r}], "
+    f"supervisor.Launch(1, 2, {str(tmp_path)!r})))"
+  )
+  return subprocess.Popen(
+    [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO
+  )
 
 
 GLOO_ABORT = """
@@ -303,14 +344,20 @@ time.sleep(600)
 
 def test_killing_the_supervisor_kills_its_child(tmp_path):
   pid_file = tmp_path / "child.pid"
-  supervisor = supervise(tmp_path, f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
-                                   "print('ready', flush=True); time.sleep(60)")
+  supervisor = supervise(
+    tmp_path,
+    f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
+    "print('ready', flush=True); time.sleep(60)",
+  )
   assert supervisor.stdout.readline() == "ready\n"
   supervisor.kill()
   supervisor.communicate(timeout=60)
   child = int(pid_file.read_text())
   deadline = time.monotonic() + 10
-  while time.monotonic() < deadline and Path(f"/proc/{child}").exists() and \
-      "zombie" not in Path(f"/proc/{child}/status").read_text():
+  while (
+    time.monotonic() < deadline
+    and Path(f"/proc/{child}").exists()
+    and "zombie" not in Path(f"/proc/{child}/status").read_text()
+  ):
     time.sleep(0.1)
   assert not Path(f"/proc/{child}").exists() or "zombie" in Path(f"/proc/{child}/status").read_text()

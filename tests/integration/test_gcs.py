@@ -12,13 +12,13 @@ import os
 import subprocess
 import sys
 
+import gcs_emulator
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-
-import gcs_emulator
 from support import REPO, free_port, tiny_config
+
 from jaxlm.storage import fs
 
 BUCKET = "jaxlm-test"
@@ -35,6 +35,7 @@ def emulator():
 
 
 # --- the path module and the client libraries against the emulator -----------------------------------
+
 
 def test_paths_keep_urls():
   url = "gs://bucket/runs/x"
@@ -80,10 +81,11 @@ def test_append_file_rewrites_the_object(emulator):
 def tensorboard_scalars(data: bytes) -> dict[str, list[tuple[int, float]]]:
   """{tag: [(step, value)]} from the bytes of an event file (TFRecord framing around Event protos)."""
   from tensorboardX.proto import event_pb2
+
   scalars, offset = {}, 0
   while offset < len(data):
-    length = int.from_bytes(data[offset:offset + 8], "little")
-    event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+    length = int.from_bytes(data[offset : offset + 8], "little")
+    event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
     offset += 12 + length + 4  # length, its CRC, the record, its CRC
     for value in event.summary.value:
       scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
@@ -120,18 +122,24 @@ def test_orbax_and_tensorstore_write_to_the_emulator(emulator):
   one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = {"w": jax.ShapeDtypeStruct((16,), np.float32, sharding=one)}
   manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
-  restored = manager.restore(2, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))))["state"]
+  restored = manager.restore(
+    2,
+    args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+    ),
+  )["state"]
   manager.close()
   np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(16, dtype=np.float32))
 
 
 def test_metrics_rollback_and_the_workdir_lock_in_a_bucket(emulator, tmp_path, monkeypatch):
   from jaxlm.storage import runlock
+
   monkeypatch.chdir(tmp_path)
   workdir = f"gs://{BUCKET}/rollback"
-  fs.write_text(f"{workdir}/metrics.jsonl",
-                "".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 6)))
+  fs.write_text(
+    f"{workdir}/metrics.jsonl", "".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 6))
+  )
   assert runlock.drop_metrics_after(workdir, 3) == 2
   kept = [json.loads(line)["step"] for line in fs.read_bytes(f"{workdir}/metrics.jsonl").decode().splitlines()]
   moved = [json.loads(line) for line in fs.read_bytes(f"{workdir}/metrics.rolled_back.jsonl").decode().splitlines()]
@@ -143,6 +151,7 @@ def test_metrics_rollback_and_the_workdir_lock_in_a_bucket(emulator, tmp_path, m
 
 
 # --- access checks -----------------------------------------------------------------------------------
+
 
 def test_check_access(emulator):
   fs.check_access(f"gs://{BUCKET}/run", write=True)
@@ -166,14 +175,24 @@ class _RefusingFileSystem:
     raise OSError(f"Forbidden: b/{path}/o\nCaller does not have storage.objects.list access")
 
 
-@pytest.mark.parametrize("method,expected", [
-    ("anon", "gs://private: access refused; no Google credentials were found: run `gcloud auth "
-             "application-default login` or set GOOGLE_APPLICATION_CREDENTIALS"),
-    ("cloud", "gs://private: cannot write to gs://private/run (Forbidden: b/private/o); grant roles/storage.objectUser "
-              "on the bucket to the account jaxlm runs as (on a TPU VM, its service account)"),
-])
+@pytest.mark.parametrize(
+  "method,expected",
+  [
+    (
+      "anon",
+      "gs://private: access refused; no Google credentials were found: run `gcloud auth "
+      "application-default login` or set GOOGLE_APPLICATION_CREDENTIALS",
+    ),
+    (
+      "cloud",
+      "gs://private: cannot write to gs://private/run (Forbidden: b/private/o); grant roles/storage.objectUser "
+      "on the bucket to the account jaxlm runs as (on a TPU VM, its service account)",
+    ),
+  ],
+)
 def test_check_access_names_credentials_or_the_role(monkeypatch, method, expected):
   import fsspec
+
   monkeypatch.setattr(fsspec.core, "url_to_fs", lambda url: (_RefusingFileSystem(method), url))
   with pytest.raises(fs.StorageError) as error:
     fs.check_access("gs://private/run", write=True)
@@ -182,16 +201,22 @@ def test_check_access_names_credentials_or_the_role(monkeypatch, method, expecte
 
 def test_check_access_unreachable():
   """An endpoint nobody answers on: one message after the timeout, not gcsfs's minute of retries."""
-  code = ("from jaxlm.storage import fs\n"
-          "try:\n  fs.check_access('gs://bucket/run', timeout_s=2)\n"
-          "except fs.StorageError as e:\n  print(e)\n")
-  env = {**os.environ, "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{free_port()}",
-         "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+  code = (
+    "from jaxlm.storage import fs\n"
+    "try:\n  fs.check_access('gs://bucket/run', timeout_s=2)\n"
+    "except fs.StorageError as e:\n  print(e)\n"
+  )
+  env = {
+    **os.environ,
+    "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{free_port()}",
+    "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+  }
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
   assert result.stdout.startswith("gs://bucket: no answer from Cloud Storage within 2 s"), result
 
 
 # --- data in a bucket --------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def gs_corpus(emulator, text_corpus):
@@ -204,6 +229,7 @@ def gs_corpus(emulator, text_corpus):
 def test_data_globs_split_a_bucket_like_a_folder(gs_corpus, text_corpus):
   """Split keys are names past the glob's fixed prefix, so a bucket copy splits exactly like the folder."""
   from jaxlm.data import corpus
+
   local = corpus.glob_files_with_keys([str(text_corpus / "*.txt")])
   remote = corpus.glob_files_with_keys([gs_corpus])
   assert sorted(remote.values()) == sorted(local.values()) and len(remote) == 30
@@ -214,7 +240,9 @@ def test_data_globs_split_a_bucket_like_a_folder(gs_corpus, text_corpus):
 
 
 def test_sentencepiece_model_in_a_bucket(emulator, text_corpus):
-  from jaxlm.data import spm, tokenizer as tokenizer_lib
+  from jaxlm.data import spm
+  from jaxlm.data import tokenizer as tokenizer_lib
+
   lines = [line for path in sorted(text_corpus.glob("*.txt")) for line in path.read_text().splitlines()]
   model = f"gs://{BUCKET}/spm/code.model"
   spm.train(lines, model, vocab_size=300)
@@ -229,6 +257,7 @@ def test_sentencepiece_model_in_a_bucket(emulator, text_corpus):
 def test_tfds_data_dir_in_a_bucket(emulator, tmp_path):
   """A dataset prepared as array_record, copied to a bucket, read by `data.tfds_data_dir=gs://...`."""
   import tensorflow_datasets as tfds
+
   from jaxlm.data import tfds_data
 
   class JaxlmGcsText(tfds.core.GeneratorBasedBuilder):
@@ -245,7 +274,8 @@ def test_tfds_data_dir_in_a_bucket(emulator, tmp_path):
         yield i, {"text": f"{split} document {i}"}
 
   JaxlmGcsText(data_dir=str(tmp_path), file_format="array_record").download_and_prepare(
-      download_config=tfds.download.DownloadConfig())
+    download_config=tfds.download.DownloadConfig()
+  )
   for path in sorted(p for p in tmp_path.rglob("*") if p.is_file()):
     fs.write_bytes(f"gs://{BUCKET}/tfds/{path.relative_to(tmp_path).as_posix()}", path.read_bytes())
   config = tiny_config()
@@ -262,10 +292,24 @@ STEPS = 12
 
 
 def train_args(workdir: str, corpus_glob: str, *extra: str) -> list[str]:
-  return ["train", "--config", TINY, "--workdir", workdir, "--config.data.source=files",
-          f"--config.data.paths={corpus_glob}", "--config.data.val_fraction=0.2", f"--config.train.num_steps={STEPS}",
-          "--config.train.log_every=1", "--config.train.checkpoint_every=3", "--config.train.eval_every=6",
-          "--config.train.eval_batches=2", "--config.train.keep_checkpoints=3", "--config.eval.max_batches=2", *extra]
+  return [
+    "train",
+    "--config",
+    TINY,
+    "--workdir",
+    workdir,
+    "--config.data.source=files",
+    f"--config.data.paths={corpus_glob}",
+    "--config.data.val_fraction=0.2",
+    f"--config.train.num_steps={STEPS}",
+    "--config.train.log_every=1",
+    "--config.train.checkpoint_every=3",
+    "--config.train.eval_every=6",
+    "--config.train.eval_batches=2",
+    "--config.train.keep_checkpoints=3",
+    "--config.eval.max_batches=2",
+    *extra,
+  ]
 
 
 def jaxlm(args: list[str], cwd, devices: int = 8, env: dict | None = None, timeout: int = 600, **popen):
@@ -310,6 +354,7 @@ def test_run_files_land_in_the_bucket_and_no_local_gs_folder(emulator, reference
 def test_kill_9_then_resume_is_bitwise_identical(emulator, reference_run, gs_corpus, tmp_path):
   """kill -9 mid-run, then the same command: the final params equal the uninterrupted run's bit for bit."""
   from jaxlm import loader
+
   workdir = f"gs://{BUCKET}/killed"
   process = jaxlm(train_args(workdir, gs_corpus), tmp_path, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
   seen = []
@@ -338,8 +383,10 @@ def test_eval_and_generate_from_another_folder(emulator, reference_run, tmp_path
   assert evaluated.returncode == 0, evaluated.stderr[-3000:]
   result = json.loads(fs.read_bytes(f"{workdir}/eval_step_{STEPS}.json"))
   assert np.isfinite(result["loss"]) and result["step"] == STEPS
-  generated = jaxlm(["generate", "--workdir", workdir, "--prompt", "def ", "--max-tokens", "8", "--temperature", "0",
-                     "--ignore-eos"], tmp_path)
+  generated = jaxlm(
+    ["generate", "--workdir", workdir, "--prompt", "def ", "--max-tokens", "8", "--temperature", "0", "--ignore-eos"],
+    tmp_path,
+  )
   assert generated.returncode == 0, generated.stderr[-3000:]
   assert generated.stdout.endswith("\n") and "Traceback" not in generated.stderr  # the tiny model's text is noise
   assert list(tmp_path.iterdir()) == []
@@ -352,8 +399,17 @@ def test_two_processes_share_a_bucket_then_restore_on_one_device(emulator, refer
   workdir = f"gs://{BUCKET}/multi"
   port = free_port()
   env = {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2"}
-  processes = [jaxlm(train_args(workdir, gs_corpus), tmp_path, devices=4, env={**env, "JAX_PROCESS_ID": str(i)},
-                     stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+  processes = [
+    jaxlm(
+      train_args(workdir, gs_corpus),
+      tmp_path,
+      devices=4,
+      env={**env, "JAX_PROCESS_ID": str(i)},
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+    )
+    for i in range(2)
+  ]
   outputs = [p.communicate(timeout=900) for p in processes]
   for process, (_, err) in zip(processes, outputs):
     assert process.returncode == 0, err[-3000:]
@@ -369,8 +425,9 @@ def test_two_processes_share_a_bucket_then_restore_on_one_device(emulator, refer
 @pytest.mark.slow
 def test_export_and_hugging_face_conversion_through_a_bucket(emulator, reference_run):
   """`jaxlm export` and `convert --to-hf/--from-hf` artifacts written to and read from gs://."""
-  from jaxlm.inference import export
   from jaxlm import hf, loader
+  from jaxlm.inference import export
+
   run = loader.load(reference_run[0])
   out = f"gs://{BUCKET}/exported"
   export.export_run(run, out, max_prompt_len=8)
@@ -381,8 +438,9 @@ def test_export_and_hugging_face_conversion_through_a_bucket(emulator, reference
   hf.write_hf(run.params, run.config, hf_dir, run.tokenizer)
   config, params = hf.read_hf(hf_dir)
   assert config.model.num_layers == run.config.model.num_layers
-  for expected, actual in zip(jax.tree.leaves(hf.params_to_hf(run.params, run.config)),
-                              jax.tree.leaves(hf.params_to_hf(params, run.config))):
+  for expected, actual in zip(
+    jax.tree.leaves(hf.params_to_hf(run.params, run.config)), jax.tree.leaves(hf.params_to_hf(params, run.config))
+  ):
     np.testing.assert_array_equal(actual, expected)
 
 
@@ -390,11 +448,14 @@ def test_export_and_hugging_face_conversion_through_a_bucket(emulator, reference
 def test_missing_bucket_is_one_line(emulator, command, tmp_path, monkeypatch, capfd):
   """The commands in this process (main.main), from a scratch folder; the emulator's environment is this one's."""
   from jaxlm.cli import main
+
   monkeypatch.chdir(tmp_path)
   assert main.main([*command, "--workdir", "gs://no-such-bucket/run"]) == 2
   stderr = capfd.readouterr().err
   errors = [line for line in stderr.splitlines() if line.startswith("jaxlm: error:")]
-  assert errors == ["jaxlm: error: gs://no-such-bucket: bucket not found (from gs://no-such-bucket/run); create it "
-                    "with `gcloud storage buckets create gs://no-such-bucket --location=REGION` or fix the name"]
+  assert errors == [
+    "jaxlm: error: gs://no-such-bucket: bucket not found (from gs://no-such-bucket/run); create it "
+    "with `gcloud storage buckets create gs://no-such-bucket --location=REGION` or fix the name"
+  ]
   assert "Traceback" not in stderr
   assert list(tmp_path.iterdir()) == []

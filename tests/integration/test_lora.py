@@ -7,13 +7,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from support import REPO, files_config, run_cli
 
 import jaxlm
-from jaxlm import config as config_lib, loader, families
-from jaxlm.models import lora, transformer as model_lib
+from jaxlm import config as config_lib
+from jaxlm import families, loader
 from jaxlm.cli import main
-
-from support import REPO, files_config, run_cli
+from jaxlm.models import lora
+from jaxlm.models import transformer as model_lib
 
 TINY = str(REPO / "configs" / "tiny.py")
 TARGETS = "query,value,out,down"  # input axes first (query, value) and last (out, down), multi-axis and 2-D
@@ -82,18 +83,26 @@ def test_merged_kernel_is_base_plus_adapter_path_and_logits_agree(text_corpus, b
   base_layer = run.params["decoder"]["layer_0"]
   x_BxD = jax.random.normal(jax.random.key(5), (3, 32))
   # query: kernel D x N x H; the adapter path is x A B reshaped to N x H.
-  a, b = adapters["decoder.layer_0.self_attention.query.lora_a"], adapters["decoder.layer_0.self_attention.query.lora_b"]
-  expected = (jnp.einsum("bd,dnh->bnh", x_BxD, base_layer["self_attention"]["query"]["kernel"])
-              + scale * (x_BxD @ a @ b).reshape(3, 4, 8))
-  np.testing.assert_allclose(jnp.einsum("bd,dnh->bnh", x_BxD, layer["self_attention"]["query"]["kernel"]),
-                             expected, rtol=1e-5, atol=1e-5)
+  a, b = (
+    adapters["decoder.layer_0.self_attention.query.lora_a"],
+    adapters["decoder.layer_0.self_attention.query.lora_b"],
+  )
+  expected = jnp.einsum("bd,dnh->bnh", x_BxD, base_layer["self_attention"]["query"]["kernel"]) + scale * (
+    x_BxD @ a @ b
+  ).reshape(3, 4, 8)
+  np.testing.assert_allclose(
+    jnp.einsum("bd,dnh->bnh", x_BxD, layer["self_attention"]["query"]["kernel"]), expected, rtol=1e-5, atol=1e-5
+  )
   # out: kernel N x H x D, its inputs are the heads.
   x_BxNxH = jax.random.normal(jax.random.key(6), (3, 4, 8))
   a, b = adapters["decoder.layer_0.self_attention.out.lora_a"], adapters["decoder.layer_0.self_attention.out.lora_b"]
-  expected = (jnp.einsum("bnh,nhd->bd", x_BxNxH, base_layer["self_attention"]["out"]["kernel"])
-              + scale * x_BxNxH.reshape(3, 32) @ a @ b)
-  np.testing.assert_allclose(jnp.einsum("bnh,nhd->bd", x_BxNxH, layer["self_attention"]["out"]["kernel"]),
-                             expected, rtol=1e-5, atol=1e-5)
+  expected = (
+    jnp.einsum("bnh,nhd->bd", x_BxNxH, base_layer["self_attention"]["out"]["kernel"])
+    + scale * x_BxNxH.reshape(3, 32) @ a @ b
+  )
+  np.testing.assert_allclose(
+    jnp.einsum("bnh,nhd->bd", x_BxNxH, layer["self_attention"]["out"]["kernel"]), expected, rtol=1e-5, atol=1e-5
+  )
   # Untargeted parameters are the base's own arrays.
   np.testing.assert_array_equal(layer["mlp"]["up"]["kernel"], base_layer["mlp"]["up"]["kernel"])
   adapted_logits = module.apply({"params": adapters}, **inputs(module))
@@ -109,29 +118,39 @@ def test_dropout_drops_adapter_inputs_only_in_training(text_corpus, base_run):
   config.lora.dropout = 0.5
   training = lora.adapted_model(config, run.params, deterministic=False)
   adapters = random_adapters(training)
-  logits = [training.apply({"params": adapters}, **inputs(training), rngs={"dropout": jax.random.key(seed)})
-            for seed in (0, 1)]
+  logits = [
+    training.apply({"params": adapters}, **inputs(training), rngs={"dropout": jax.random.key(seed)}) for seed in (0, 1)
+  ]
   assert np.abs(np.asarray(logits[0] - logits[1])).max() > 1e-3  # a different mask per rng
   evaluation = lora.adapted_model(config, run.params, deterministic=True)
   config = config.copy_and_resolve_references()  # the modules hold the section itself
   config.lora.dropout = 0.0
   no_dropout = lora.adapted_model(config, run.params, deterministic=True)
-  np.testing.assert_array_equal(evaluation.apply({"params": adapters}, **inputs(evaluation)),
-                                no_dropout.apply({"params": adapters}, **inputs(no_dropout)))
+  np.testing.assert_array_equal(
+    evaluation.apply({"params": adapters}, **inputs(evaluation)),
+    no_dropout.apply({"params": adapters}, **inputs(no_dropout)),
+  )
 
 
 def test_only_adapters_train_and_optimizer_state_is_theirs(lora_run):
   workdir, keep = lora_run
   params, opt_state = keep.state.params, keep.state.opt_state
-  assert sorted(params) == sorted(f"decoder.layer_{i}.{module}.lora_{m}" for i in range(2)
-                                  for module in ("self_attention.query", "self_attention.value",
-                                                 "self_attention.out", "mlp.down") for m in "ab")
+  assert sorted(params) == sorted(
+    f"decoder.layer_{i}.{module}.lora_{m}"
+    for i in range(2)
+    for module in ("self_attention.query", "self_attention.value", "self_attention.out", "mlp.down")
+    for m in "ab"
+  )
   adapter_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(params))
   # AdamW keeps two moments per adapter parameter, plus scalar counts: nothing of the base's size.
   moment_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(opt_state) if leaf.ndim)
   assert moment_bytes == 2 * adapter_bytes
-  base_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(jaxlm.load(json.loads(
-      (workdir / "config.json").read_text())["lora"]["base_workdir"]).params))
+  base_bytes = sum(
+    leaf.nbytes
+    for leaf in jax.tree.leaves(
+      jaxlm.load(json.loads((workdir / "config.json").read_text())["lora"]["base_workdir"]).params
+    )
+  )
   assert adapter_bytes < base_bytes / 4
   # Every adapter moved (B from zero); the base stays the CLI run's checkpoint.
   for key in params:
@@ -149,8 +168,9 @@ def test_adapters_save_and_load_on_their_own(lora_run, base_run):
   adapters, step = loader.restore_params(workdir, config, loader.param_shardings(config, mesh, module), None, module)
   assert step == 6
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(adapters), keep.state.params)
-  np.testing.assert_array_equal(base["embedder"]["token"]["embedding"],
-                                jaxlm.load(base_run).params["embedder"]["token"]["embedding"])
+  np.testing.assert_array_equal(
+    base["embedder"]["token"]["embedding"], jaxlm.load(base_run).params["embedder"]["token"]["embedding"]
+  )
 
 
 def test_a_lora_run_resumes_on_its_recorded_base(text_corpus, lora_run, base_run, tmp_path):
@@ -173,8 +193,9 @@ def test_load_gives_every_command_the_merged_weights(text_corpus, lora_run, base
   module = lora.adapted_model(lora.resolve_base(lora_config(text_corpus, base_run)), base, deterministic=True)
   expected = lora.merge(base, keep.state.params, dict(module.targets), 8.0 / 4)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6), run.params, expected)
-  assert not np.allclose(run.params["decoder"]["layer_0"]["mlp"]["down"]["kernel"],
-                         base["decoder"]["layer_0"]["mlp"]["down"]["kernel"])
+  assert not np.allclose(
+    run.params["decoder"]["layer_0"]["mlp"]["down"]["kernel"], base["decoder"]["layer_0"]["mlp"]["down"]["kernel"]
+  )
 
 
 def test_bad_lora_settings_are_one_line(text_corpus, base_run, tmp_path):
@@ -195,10 +216,23 @@ def test_bad_lora_settings_are_one_line(text_corpus, base_run, tmp_path):
 @pytest.mark.slow
 def test_cli_lora_run_then_generate_and_convert_to_hf(text_corpus, base_run, tmp_path):
   workdir = tmp_path / "cli_lora"
-  result = run_cli(["train", "--config", TINY, "--workdir", str(workdir), "--config.data.source=files",
-                    f"--config.data.paths={text_corpus}/*.txt", "--config.data.val_fraction=0.2",
-                    "--config.train.num_steps=2", "--config.train.eval_every=2", "--config.train.eval_batches=1",
-                    "--config.lora.rank=2", f"--config.lora.base_workdir={base_run}"])
+  result = run_cli(
+    [
+      "train",
+      "--config",
+      TINY,
+      "--workdir",
+      str(workdir),
+      "--config.data.source=files",
+      f"--config.data.paths={text_corpus}/*.txt",
+      "--config.data.val_fraction=0.2",
+      "--config.train.num_steps=2",
+      "--config.train.eval_every=2",
+      "--config.train.eval_batches=1",
+      "--config.lora.rank=2",
+      f"--config.lora.base_workdir={base_run}",
+    ]
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   # The adapters alone: rank 2 on query and value (32 -> 4 x 8) of 2 layers, 2 * 2 * (32 * 2 + 2 * 32).
   assert "model: 512 parameters" in result.stderr
@@ -206,6 +240,7 @@ def test_cli_lora_run_then_generate_and_convert_to_hf(text_corpus, base_run, tmp
   assert main.main(["generate", "--workdir", str(workdir), "--prompt", "def ", "--max-tokens", "4"]) == 0
   # convert --to-hf writes the merged weights: query (in c_attn) moved, the MLP (c_fc) is the base's.
   from safetensors.numpy import load_file
+
   exported = {}
   for name, run in (("base", base_run), ("lora", workdir)):
     assert main.main(["convert", "--to-hf", str(run), "--out", str(tmp_path / name)]) == 0

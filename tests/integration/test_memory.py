@@ -5,16 +5,19 @@ import logging
 import jax
 import numpy as np
 import pytest
-
 from support import error_line, files_config, run_cli, tiny_config, train_args
+
 from jaxlm import config as config_lib
-from jaxlm.training import memory, step as train_step, trainer
-from jaxlm.parallel import mesh as mesh_lib, sharding
 from jaxlm.data import feed
+from jaxlm.parallel import mesh as mesh_lib
+from jaxlm.parallel import sharding
+from jaxlm.training import memory, trainer
+from jaxlm.training import step as train_step
 
 
 class FakeAccelerator:
   """A device whose memory_stats report `bytes_limit`, as a GPU's or TPU's do."""
+
   platform = "gpu"
 
   def __init__(self, bytes_limit: int):
@@ -45,10 +48,13 @@ def test_the_tiny_step_fits_by_xla_and_runs_the_pipelines_batches_donating_the_s
 
 
 def test_the_refusal_names_the_largest_part_and_its_fix():
-  config, gib = tiny_config(), 1024 ** 3
+  config, gib = tiny_config(), 1024**3
   activations = memory.StepMemory(arguments=gib, outputs=gib, aliased=gib, temporaries=30 * gib, code=0)
-  with pytest.raises(config_lib.ConfigError, match=r"needs about 31\.0 GiB .*\(temporaries \(activations, "
-                                                   r"gradients\) 30\.0 GiB, .*is 4\.0 GiB.*train\.global_batch_size"):
+  with pytest.raises(
+    config_lib.ConfigError,
+    match=r"needs about 31\.0 GiB .*\(temporaries \(activations, "
+    r"gradients\) 30\.0 GiB, .*is 4\.0 GiB.*train\.global_batch_size",
+  ):
     memory.check_step_fits(activations, gib // 2, config, FakeAccelerator(4 * gib))
   memory.check_step_fits(activations, gib // 2, config, FakeAccelerator(32 * gib))  # fits: no error
   state = memory.StepMemory(arguments=20 * gib, outputs=20 * gib, aliased=20 * gib, temporaries=gib, code=0)
@@ -78,8 +84,9 @@ def test_a_step_whose_activations_cannot_fit_stops_in_one_line_before_any_step(t
   for index in range(8):
     (corpus_directory / f"doc{index}.txt").write_bytes(text * 8)
   workdir = tmp_path / "run"
-  result = run_cli(train_args(corpus_directory, workdir, "--config.train.global_batch_size=65536",
-                              "--config.model.vocab_size=262144"))
+  result = run_cli(
+    train_args(corpus_directory, workdir, "--config.train.global_batch_size=65536", "--config.model.vocab_size=262144")
+  )
   assert result.returncode == 2, result.stderr[-3000:]
   line = error_line(result)
   assert "the train step needs about" in line and "by XLA's memory analysis" in line, line

@@ -10,17 +10,21 @@ import time
 
 import numpy as np
 import pytest
-
-from jaxlm import config as config_lib
-from jaxlm.data import corpus, pipeline as data_lib, mixture, prepare, shards as prepared, spm
-from jaxlm.cli import main
-from jaxlm.data.tokenizer import ByteTokenizer, SentencePieceTokenizer
-
 from support import REPO, files_config, run_cli
 
+from jaxlm import config as config_lib
+from jaxlm.cli import main
+from jaxlm.data import corpus, mixture, prepare, spm
+from jaxlm.data import pipeline as data_lib
+from jaxlm.data import shards as prepared
+from jaxlm.data.tokenizer import ByteTokenizer, SentencePieceTokenizer
+
 SEQ = 32
-SENTENCES = [f"Return the {w} of the {v} in line {i}." for i in range(200)
-             for w, v in [("length", "list"), ("sum", "values"), ("name", "module")]]
+SENTENCES = [
+  f"Return the {w} of the {v} in line {i}."
+  for i in range(200)
+  for w, v in [("length", "list"), ("sum", "values"), ("name", "module")]
+]
 
 
 def prepare_files(text_corpus, out, workers=1, shard_mb=0.01, **data):
@@ -64,8 +68,12 @@ def test_prepared_rows_equal_the_in_memory_rows(prepared_corpus):
   assert data_lib.load_documents(as_prepared.data, "validation") == data_lib.load_documents(cfg.data, "validation")
   index = json.loads((out / "train" / "index.json").read_text())
   assert len(index["shards"]) > 3  # rows really cross shard boundaries
-  ends = np.concatenate([np.load(out / "train" / s["documents"]) + offset for s, offset in
-                         zip(index["shards"], np.cumsum([0] + [s["num_tokens"] for s in index["shards"]]))])
+  ends = np.concatenate(
+    [
+      np.load(out / "train" / s["documents"]) + offset
+      for s, offset in zip(index["shards"], np.cumsum([0] + [s["num_tokens"] for s in index["shards"]]))
+    ]
+  )
   assert len(ends) == index["num_documents"] == len(data_lib.load_documents(cfg.data, "train"))
 
 
@@ -96,7 +104,8 @@ def test_prepare_twice_gives_identical_bytes_with_any_worker_count(prepared_corp
 
 
 def test_interrupted_prepare_resumes_and_never_leaves_a_shard_that_looks_complete(
-    prepared_corpus, text_corpus, tmp_path, monkeypatch):
+  prepared_corpus, text_corpus, tmp_path, monkeypatch
+):
   out, _ = prepared_corpus
   written = []
   original = prepare.write_shard
@@ -124,7 +133,9 @@ def test_interrupted_prepare_resumes_and_never_leaves_a_shard_that_looks_complet
   assert folder_bytes(tmp_path) == folder_bytes(out)
   # A changed source starts the split over instead of mixing old and new shards.
   cfg = prepare_files(text_corpus, tmp_path, val_fraction=0.5)
-  assert_same_rows(in_memory_rows(cfg, "validation"), prepared.open_split(tmp_path / "validation", ByteTokenizer(), SEQ))
+  assert_same_rows(
+    in_memory_rows(cfg, "validation"), prepared.open_split(tmp_path / "validation", ByteTokenizer(), SEQ)
+  )
 
 
 def test_tokenizer_mismatch_stops_with_one_line(prepared_corpus, tmp_path):
@@ -136,17 +147,46 @@ def test_tokenizer_mismatch_stops_with_one_line(prepared_corpus, tmp_path):
 
 
 def test_cli_prepare_then_train_with_another_tokenizer_is_one_line(text_corpus, tmp_path, capfd):
-  data_args = ["--config.data.source=files", f"--config.data.paths={text_corpus}/*.txt", "--config.data.val_fraction=0.2"]
-  result = run_cli(["prepare", "--config", str(REPO / "configs" / "tiny.py"), "--out", str(tmp_path / "out"),
-                    "--workers", "2", "--shard-mb", "0.02", *data_args])
+  data_args = [
+    "--config.data.source=files",
+    f"--config.data.paths={text_corpus}/*.txt",
+    "--config.data.val_fraction=0.2",
+  ]
+  result = run_cli(
+    [
+      "prepare",
+      "--config",
+      str(REPO / "configs" / "tiny.py"),
+      "--out",
+      str(tmp_path / "out"),
+      "--workers",
+      "2",
+      "--shard-mb",
+      "0.02",
+      *data_args,
+    ]
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   assert "documents" in result.stdout and (tmp_path / "out" / "validation" / "index.json").is_file()
   model = spm.train(SENTENCES, tmp_path / "t.model", vocab_size=36)
   capfd.readouterr()
   # train refuses before it starts anything: run in this process (main.main), its output captured at the fds.
-  assert main.main(["train", "--config", str(REPO / "configs" / "tiny.py"), "--workdir", str(tmp_path / "run"),
-                    "--config.data.source=prepared", f"--config.data.prepared_dir={tmp_path / 'out'}",
-                    "--config.data.tokenizer=sentencepiece", f"--config.data.tokenizer_path={model}"]) == 2
+  assert (
+    main.main(
+      [
+        "train",
+        "--config",
+        str(REPO / "configs" / "tiny.py"),
+        "--workdir",
+        str(tmp_path / "run"),
+        "--config.data.source=prepared",
+        f"--config.data.prepared_dir={tmp_path / 'out'}",
+        "--config.data.tokenizer=sentencepiece",
+        f"--config.data.tokenizer_path={model}",
+      ]
+    )
+    == 2
+  )
   stderr = capfd.readouterr().err
   errors = [line for line in stderr.splitlines() if line.startswith("jaxlm: error:")]
   assert len(errors) == 1 and "Traceback" not in stderr  # (libtpu, when installed, logs its own lines)
@@ -176,7 +216,9 @@ def test_validation_holds_no_training_document(text_corpus, tmp_path):
   prepare_files(text_corpus, tmp_path / "one", paths=str(one), val_fraction=0.25)
   parts = [prepared.PreparedRows(tmp_path / "one" / s, SEQ) for s in ("train", "validation")]
   texts = [ByteTokenizer().decode(r.tokens(0, int(r.offsets[-1]))) for r in parts]
-  assert texts[0] + texts[1] == one.read_text() and len(texts[1]) == len(one.read_bytes()) - int(0.75 * len(one.read_bytes()))
+  assert texts[0] + texts[1] == one.read_text() and len(texts[1]) == len(one.read_bytes()) - int(
+    0.75 * len(one.read_bytes())
+  )
 
 
 def two_sources(text_corpus, tmp_path):
@@ -194,8 +236,9 @@ def test_mixture_resumes_exactly_and_realizes_its_weights(text_corpus, tmp_path)
   cfg = two_sources(text_corpus, tmp_path)
   rows = data_lib.decoder_rows(cfg, ByteTokenizer(), "train")
   assert isinstance(rows, mixture.Mixture)
-  take = lambda start, steps, threads=0: [b["inputs"] for b in itertools.islice(
-      data_lib.train_batches(rows, 8, 5, start, start + steps, threads), steps)]
+  take = lambda start, steps, threads=0: [
+    b["inputs"] for b in itertools.islice(data_lib.train_batches(rows, 8, 5, start, start + steps, threads), steps)
+  ]
   full = take(0, 60)
   for start in (7, 33):
     for a, b in zip(full[start:], take(start, 60 - start)):
@@ -211,7 +254,9 @@ def test_mixture_resumes_exactly_and_realizes_its_weights(text_corpus, tmp_path)
   from_first = np.array([row.tobytes() in first for batch in full for row in batch])
   np.testing.assert_array_equal(from_first, drawn == 0)
   validation = data_lib.decoder_rows(cfg, ByteTokenizer(), "validation")
-  assert len(validation) == sum(len(prepared.PreparedRows(tmp_path / n / "validation", SEQ)) for n in ("first", "second"))
+  assert len(validation) == sum(
+    len(prepared.PreparedRows(tmp_path / n / "validation", SEQ)) for n in ("first", "second")
+  )
   assert mixture.realized_proportions(validation, 5, 0, 60, 8) == {}
 
 
@@ -249,9 +294,16 @@ def test_two_processes_read_disjoint_rows_whose_union_is_the_global_batch(prepar
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  procs = [subprocess.Popen([sys.executable, "-c", WORKER, f"127.0.0.1:{port}", str(i), str(out / "train"),
-                             str(tmp_path / f"p{i}.npz")], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-c", WORKER, f"127.0.0.1:{port}", str(i), str(out / "train"), str(tmp_path / f"p{i}.npz")],
+      cwd=REPO,
+      env=env,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   for p in procs:
     _, err = p.communicate(timeout=300)
     assert p.returncode == 0, err[-3000:]
@@ -284,10 +336,20 @@ def logged_steps(workdir):
 def test_training_on_a_mixture_resumes_exactly_and_evaluates(text_corpus, tmp_path):
   cfg = two_sources(text_corpus, tmp_path)
   args = lambda workdir, *extra: [
-      "train", "--config", str(REPO / "configs" / "tiny.py"), "--workdir", str(workdir),
-      "--config.data.source=prepared", f"--config.data.mixture={cfg.data.mixture}", "--config.train.num_steps=4",
-      "--config.train.log_every=1", "--config.train.checkpoint_every=2", "--config.train.eval_every=2",
-      "--config.train.eval_batches=1", *extra]
+    "train",
+    "--config",
+    str(REPO / "configs" / "tiny.py"),
+    "--workdir",
+    str(workdir),
+    "--config.data.source=prepared",
+    f"--config.data.mixture={cfg.data.mixture}",
+    "--config.train.num_steps=4",
+    "--config.train.log_every=1",
+    "--config.train.checkpoint_every=2",
+    "--config.train.eval_every=2",
+    "--config.train.eval_batches=1",
+    *extra,
+  ]
   result = run_cli(args(tmp_path / "full"))
   assert result.returncode == 0, result.stderr[-3000:]
   result = run_cli(args(tmp_path / "resumed", "--config.train.stop_at_step=2"))
@@ -312,12 +374,30 @@ def test_prepare_killed_mid_run_resumes_to_the_same_bytes(tmp_path):
   source.mkdir()
   for i, path in enumerate(corpus.stdlib_files()[:80]):  # about 2 MB: hundreds of 4 kB shards
     (source / f"doc{i:02d}.txt").write_bytes(corpus.read_text_bytes(path))
-  args = lambda out: ["prepare", "--config", str(REPO / "configs" / "tiny.py"), "--out", str(out), "--workers", "2",
-                      "--shard-mb", "0.004", "--split", "train", "--config.data.source=files",
-                      f"--config.data.paths={source}/*.txt"]
+  args = lambda out: [
+    "prepare",
+    "--config",
+    str(REPO / "configs" / "tiny.py"),
+    "--out",
+    str(out),
+    "--workers",
+    "2",
+    "--shard-mb",
+    "0.004",
+    "--split",
+    "train",
+    "--config.data.source=files",
+    f"--config.data.paths={source}/*.txt",
+  ]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  process = subprocess.Popen([sys.executable, "-m", "jaxlm", *args(tmp_path / "killed")], cwd=REPO, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+  process = subprocess.Popen(
+    [sys.executable, "-m", "jaxlm", *args(tmp_path / "killed")],
+    cwd=REPO,
+    env=env,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+    start_new_session=True,
+  )
   train = tmp_path / "killed" / "train"
   while process.poll() is None and len(list(train.glob("shard_*.json"))) < 20:
     time.sleep(0.01)

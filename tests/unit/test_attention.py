@@ -10,10 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm.ops import cpu_kernels
-from jaxlm.models import layers
 from jaxlm import ops
-from jaxlm.ops import xla_attention
+from jaxlm.models import layers
+from jaxlm.ops import cpu_kernels, xla_attention
 
 
 @pytest.fixture(params=["kernel", "xla"])
@@ -26,8 +25,9 @@ def path(request):
 @pytest.fixture
 def attention(path):
   fn = ops.REGISTRY["attention"]["cpu" if path == "kernel" else "xla"].fn
-  return lambda q, k, v, mask, causal=False: fn(q, k, v, mask_Bx1xTxS=mask, q_segment_ids_BxT=None,
-                                                 kv_segment_ids_BxS=None, causal=causal, model_cfg=None)
+  return lambda q, k, v, mask, causal=False: fn(
+    q, k, v, mask_Bx1xTxS=mask, q_segment_ids_BxT=None, kv_segment_ids_BxS=None, causal=causal, model_cfg=None
+  )
 
 
 def _inputs(seed, b, t, s, n, k, h):
@@ -46,9 +46,9 @@ def _packed_segments(rng, b, t):
     end = t - rng.integers(0, t // 4)
     while pos < end:
       length = int(rng.integers(1, t // 2))
-      seg[i, pos:min(pos + length, end)] = doc
+      seg[i, pos : min(pos + length, end)] = doc
       pos, doc = pos + length, doc + 1
-  seg[0, t // 2:] = 0
+  seg[0, t // 2 :] = 0
   return jnp.asarray(seg)
 
 
@@ -72,8 +72,12 @@ def test_dot_product_attention_matches_jax(t, n, k, causal, path, attention):
 
   ours = lambda q, kk, v: attention(q, kk, v, mask, causal=causal)
   ref = lambda q, kk, v: jax.nn.dot_product_attention(q, kk, v, mask=mask, implementation="xla")
-  np.testing.assert_allclose(jnp.where(sees_a_key, jax.jit(ours)(q, kk, v), 0.0),
-                             jnp.where(sees_a_key, jax.jit(ref)(q, kk, v), 0.0), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    jnp.where(sees_a_key, jax.jit(ours)(q, kk, v), 0.0),
+    jnp.where(sees_a_key, jax.jit(ref)(q, kk, v), 0.0),
+    rtol=1e-5,
+    atol=1e-5,
+  )
   g_ours = jax.jit(jax.grad(lambda *a: loss(ours, *a), argnums=(0, 1, 2)))(q, kk, v)
   g_ref = jax.jit(jax.grad(lambda *a: loss(ref, *a), argnums=(0, 1, 2)))(q, kk, v)
   for a, r in zip(g_ours, g_ref):
@@ -85,8 +89,9 @@ def test_dot_product_attention_arbitrary_mask(attention):
   b, t, n, h = 2, 256, 2, 8
   q, kk, v, rng = _inputs(0, b, t, t, n, n, h)
   mask = jnp.asarray(rng.random((b, 1, t, t)) < 0.5)
-  np.testing.assert_allclose(attention(q, kk, v, mask),
-                             jax.nn.dot_product_attention(q, kk, v, mask=mask), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    attention(q, kk, v, mask), jax.nn.dot_product_attention(q, kk, v, mask=mask), rtol=1e-5, atol=1e-5
+  )
 
 
 def test_causal_path_skips_keys_after_each_block(attention):
@@ -104,5 +109,5 @@ def test_causal_path_skips_keys_after_each_block(attention):
   v = v.at[:, -1].set(jnp.nan)
   block = t // xla_attention._CAUSAL_BLOCKS
   attend = jax.jit(attention, static_argnames="causal")
-  assert bool(jnp.all(jnp.isfinite(attend(q, kk, v, mask, causal=True)[:, :t - block])))
-  assert not bool(jnp.all(jnp.isfinite(attend(q, kk, v, mask, causal=False)[:, :t - block])))
+  assert bool(jnp.all(jnp.isfinite(attend(q, kk, v, mask, causal=True)[:, : t - block])))
+  assert not bool(jnp.all(jnp.isfinite(attend(q, kk, v, mask, causal=False)[:, : t - block])))

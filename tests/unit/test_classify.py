@@ -4,14 +4,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from support import LABELS, classify_config, use_tiny_task
-from jaxlm.tasks import classify as classify_data, evaluate
-from jaxlm import config as config_lib, families
-from jaxlm.models import transformer as model_lib
-from jaxlm.training import trainer
-from jaxlm.families import classifier
+
+from jaxlm import config as config_lib
+from jaxlm import families
 from jaxlm.data.tokenizer import ByteTokenizer
+from jaxlm.families import classifier
+from jaxlm.tasks import classify as classify_data
+from jaxlm.tasks import evaluate
+from jaxlm.training import trainer
+
 
 def test_rows_hold_bos_text_eos_and_one_label():
   rows = classify_data.ClassificationRows(["ab", "x" * 50], [2, 1], ByteTokenizer(), 8)
@@ -58,8 +60,9 @@ def test_naive_bayes_by_hand():
   # P(w|0) = (3, 1, 1)/5, P(w|1) = (1, 2, 2)/5; priors 1/2 each.
   # "apple cherry": class 0: log(3/5) + log(1/5); class 1: log(1/5) + log(2/5) -> class 0 (3 > 2).
   # "cherry cherry": class 0: 2 log(1/5) < class 1: 2 log(2/5) -> class 1. "durian" is unseen: a prior tie -> 0.
-  predicted = classify_data.naive_bayes(["apple apple", "banana cherry"], [0, 1],
-                                        ["apple cherry", "cherry cherry", "durian"], 2)
+  predicted = classify_data.naive_bayes(
+    ["apple apple", "banana cherry"], [0, 1], ["apple cherry", "cherry cherry", "durian"], 2
+  )
   assert list(predicted) == [0, 1, 0]
 
 

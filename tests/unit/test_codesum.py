@@ -1,13 +1,14 @@
 import ast
 
 import pytest
-
-from jaxlm.tasks import codesum, evaluate, seq2seq as seq2seq_data
-from jaxlm import config as config_lib
-from jaxlm.data import corpus, tokenizer as tokenizer_lib
-from jaxlm.training import trainer
-
 from support import tiny_config
+
+from jaxlm import config as config_lib
+from jaxlm.data import corpus
+from jaxlm.data import tokenizer as tokenizer_lib
+from jaxlm.tasks import codesum, evaluate
+from jaxlm.tasks import seq2seq as seq2seq_data
+from jaxlm.training import trainer
 
 SYNTHETIC = '''\
 import functools
@@ -66,12 +67,12 @@ def synthetic_pairs(tmp_path):
 
 def test_extracts_functions_methods_nested_and_async(synthetic_pairs):
   assert sorted(synthetic_pairs) == [
-      "pkg.module.Reader.abstract",
-      "pkg.module.Reader.read_header",
-      "pkg.module.Reader.read_header.check",
-      "pkg.module.fetch_all",
-      "pkg.module.one_liner",
-      "pkg.module.top_level",
+    "pkg.module.Reader.abstract",
+    "pkg.module.Reader.read_header",
+    "pkg.module.Reader.read_header.check",
+    "pkg.module.fetch_all",
+    "pkg.module.one_liner",
+    "pkg.module.top_level",
   ]
   assert all(pair.path == "pkg/module.py" for pair in synthetic_pairs.values())
 
@@ -151,7 +152,9 @@ def test_max_source_chars_and_unknown_split():
     codesum.load_pairs("test")
 
 
-@pytest.mark.parametrize("name,words", [
+@pytest.mark.parametrize(
+  "name,words",
+  [
     ("read_file_header", "Read file header"),
     ("json.decoder.JSONDecoder.decode", "Decode"),
     ("JSONDecoder", "Json decoder"),
@@ -159,7 +162,8 @@ def test_max_source_chars_and_unknown_split():
     ("__init__", "Init"),
     ("md5_hex2", "Md 5 hex 2"),
     ("_", "_"),
-])
+  ],
+)
 def test_name_words(name, words):
   assert codesum.name_words(name) == words
 
@@ -167,8 +171,8 @@ def test_name_words(name, words):
 def test_baselines():
   def pair(name, summary):
     return codesum.Pair(source="", summary=summary, name=name, path="x.py")
-  train = [pair("a", "Return b."), pair("b", "Return a."), pair("c", "Return a."),
-           pair("d", "Return b.")]
+
+  train = [pair("a", "Return b."), pair("b", "Return a."), pair("c", "Return a."), pair("d", "Return b.")]
   eval_pairs = [pair("m.get_value", "Get the value."), pair("m.Cls.setUp", "Set up.")]
   predictions = codesum.baseline_predictions(train, eval_pairs)
   assert predictions["most_common"] == ["Return a.", "Return a."]  # tie -> alphabetical
@@ -193,12 +197,12 @@ def test_decoder_rows_weight_the_summary_and_its_eos_only():
     example = rows.examples[index]
     prompt = rows.prompt(index)
     # The prompt: EOS, the start of the source (the long one cut to fit), then the separator.
-    assert prompt[0] == tokenizer.eos_id and prompt[-len(separator):] == separator
-    assert source.startswith(tokenizer.decode(prompt[1:-len(separator)]))
+    assert prompt[0] == tokenizer.eos_id and prompt[-len(separator) :] == separator
+    assert source.startswith(tokenizer.decode(prompt[1 : -len(separator)]))
     assert len(example.tokens) - 1 <= 64
     # Loss weight 1 exactly on the summary and its EOS.
     assert list(example.tokens[example.answer_mask]) == list(tokenizer.encode(summary)) + [tokenizer.eos_id]
-    assert not example.answer_mask[:len(prompt)].any() and example.answer_mask[len(prompt):].all()
+    assert not example.answer_mask[: len(prompt)].any() and example.answer_mask[len(prompt) :].all()
   assert len(rows.prompt(1)) == 64 - 24  # the long source fills the row but the target's share
   assert rows.rows == [[0], [1]]  # the two do not fit one row together
   row = rows[0]  # in a built row, the weighted targets are the summary and EOS
@@ -213,8 +217,9 @@ def test_decoder_on_codesum_needs_target_len():
     config_lib.validate(c, 1)
   tokenizer = tokenizer_lib.ByteTokenizer()
   with pytest.raises(config_lib.ConfigError, match="lower data.target_len to at most 3"):  # 32 - 1 - 12 - 16
-    seq2seq_data.PromptCompletionRows([("def f(): pass", "Do nothing at all.")], tokenizer, [tokenizer.eos_id],
-                                      seq_len=32, target_len=8)
+    seq2seq_data.PromptCompletionRows(
+      [("def f(): pass", "Do nothing at all.")], tokenizer, [tokenizer.eos_id], seq_len=32, target_len=8
+    )
 
 
 def test_decoder_trains_on_codesum_and_reports_bleu_beside_baselines(tmp_path):

@@ -4,58 +4,57 @@ import math
 import re
 
 import pytest
+from support import REPO, tiny_config
 
 from jaxlm import config as config_lib
-from jaxlm.config import schema
 from jaxlm.cli import main
-
-from support import REPO, tiny_config
+from jaxlm.config import schema
 
 TINY = str(REPO / "configs" / "tiny.py")
 
 BAD_OVERRIDES = [
-    (["--config.model.num_layrs=3"], "model.num_layrs"),
-    (["--config.model.num_layers=abc"], "model.num_layers"),
-    (["--config.model.num_layers=2.5"], "model.num_layers"),
-    (["--config.model.d_model=30"], "model.d_model"),
-    (["--config.model.num_kv_heads=3"], "model.num_kv_heads"),
-    (["--config.mesh.data=3"], "mesh"),
-    (["--config.mesh.fsdp=3"], "mesh"),
-    (["--config.train.global_batch_size=12"], "train.global_batch_size"),
-    (["--config.data.seq_len=128"], "data.seq_len"),
-    (["--config.data.source=files", "--config.data.paths=/nonexistent/*.txt"], "data.paths"),
-    (["--config.data.source=files"], "data.paths"),
-    (["--config.model.norm=batchnorm"], "model.norm"),
-    (["--config.mesh.rules=[oops"], "mesh.rules"),
-    (["--config.model.vocab_size=100"], "model.vocab_size"),
-    # The cases of issue 11 §3 that gave tracebacks, late crashes or were accepted silently.
-    (["--config.data.seq_len=0"], "data.seq_len"),
-    (["--config.data.seq_len=-1"], "data.seq_len"),
-    (["--config.model.head_dim=-8"], "model.head_dim"),
-    (["--config.data.prefetch_threads=-3"], "data.prefetch_threads"),
-    (['--config.mesh.rules=[["batch", "nope"]]'], "mesh.rules"),
-    (['--config.mesh.rules={"batch": 1}'], "mesh.rules"),
-    (["--config.data.val_fraction=0.0"], "data.val_fraction"),
-    (["--config.eval.batch_size=0"], "eval.batch_size"),
-    (["--config.optim.learning_rate=-0.001"], "optim.learning_rate"),
-    (["--config.data.val_fraction=1.5"], "data.val_fraction"),
-    (["--config.optim.warmup_steps=-5"], "optim.warmup_steps"),
-    (["--config.train.stop_at_step=-1"], "train.stop_at_step"),
-    (["--config.model.dropout_rate=2.0"], "model.dropout_rate"),
-    (["--config.optim.b2=1.5"], "optim.b2"),
-    (["--config.train.eval_batches=0"], "train.eval_batches"),
-    (["--config.optim.learning_rate=nan"], "optim.learning_rate"),
-    (["--config.optim.learning_rate=inf"], "optim.learning_rate"),
-    # More of our own.
-    (["--config.optim.b1=-0.1"], "optim.b1"),
-    (["--config.optim.eps=-1e-8"], "optim.eps"),
-    (["--config.train.label_smoothing=1.0"], "train.label_smoothing"),
-    (["--config.train.keep_checkpoints=0"], "train.keep_checkpoints"),
-    (["--config.model.norm_eps=0.0"], "model.norm_eps"),
-    (["--config.mesh.tensor=0"], "mesh"),
-    (["--config.distributed.heartbeat_timeout_s=0"], "distributed.heartbeat_timeout_s"),
-    (["--config.seed=-1"], "seed"),
-    (["--config.train.learning_rate=0.1"], "optim.learning_rate"),  # did you mean
+  (["--config.model.num_layrs=3"], "model.num_layrs"),
+  (["--config.model.num_layers=abc"], "model.num_layers"),
+  (["--config.model.num_layers=2.5"], "model.num_layers"),
+  (["--config.model.d_model=30"], "model.d_model"),
+  (["--config.model.num_kv_heads=3"], "model.num_kv_heads"),
+  (["--config.mesh.data=3"], "mesh"),
+  (["--config.mesh.fsdp=3"], "mesh"),
+  (["--config.train.global_batch_size=12"], "train.global_batch_size"),
+  (["--config.data.seq_len=128"], "data.seq_len"),
+  (["--config.data.source=files", "--config.data.paths=/nonexistent/*.txt"], "data.paths"),
+  (["--config.data.source=files"], "data.paths"),
+  (["--config.model.norm=batchnorm"], "model.norm"),
+  (["--config.mesh.rules=[oops"], "mesh.rules"),
+  (["--config.model.vocab_size=100"], "model.vocab_size"),
+  # The cases of issue 11 §3 that gave tracebacks, late crashes or were accepted silently.
+  (["--config.data.seq_len=0"], "data.seq_len"),
+  (["--config.data.seq_len=-1"], "data.seq_len"),
+  (["--config.model.head_dim=-8"], "model.head_dim"),
+  (["--config.data.prefetch_threads=-3"], "data.prefetch_threads"),
+  (['--config.mesh.rules=[["batch", "nope"]]'], "mesh.rules"),
+  (['--config.mesh.rules={"batch": 1}'], "mesh.rules"),
+  (["--config.data.val_fraction=0.0"], "data.val_fraction"),
+  (["--config.eval.batch_size=0"], "eval.batch_size"),
+  (["--config.optim.learning_rate=-0.001"], "optim.learning_rate"),
+  (["--config.data.val_fraction=1.5"], "data.val_fraction"),
+  (["--config.optim.warmup_steps=-5"], "optim.warmup_steps"),
+  (["--config.train.stop_at_step=-1"], "train.stop_at_step"),
+  (["--config.model.dropout_rate=2.0"], "model.dropout_rate"),
+  (["--config.optim.b2=1.5"], "optim.b2"),
+  (["--config.train.eval_batches=0"], "train.eval_batches"),
+  (["--config.optim.learning_rate=nan"], "optim.learning_rate"),
+  (["--config.optim.learning_rate=inf"], "optim.learning_rate"),
+  # More of our own.
+  (["--config.optim.b1=-0.1"], "optim.b1"),
+  (["--config.optim.eps=-1e-8"], "optim.eps"),
+  (["--config.train.label_smoothing=1.0"], "train.label_smoothing"),
+  (["--config.train.keep_checkpoints=0"], "train.keep_checkpoints"),
+  (["--config.model.norm_eps=0.0"], "model.norm_eps"),
+  (["--config.mesh.tensor=0"], "mesh"),
+  (["--config.distributed.heartbeat_timeout_s=0"], "distributed.heartbeat_timeout_s"),
+  (["--config.seed=-1"], "seed"),
+  (["--config.train.learning_rate=0.1"], "optim.learning_rate"),  # did you mean
 ]
 
 
@@ -76,8 +75,9 @@ def test_missing_config_file(capsys, tmp_path):
 
 def test_unknown_key_in_config_file(capsys, tmp_path):
   bad = tmp_path / "bad.py"
-  bad.write_text("from jaxlm.config import base_config\n"
-                 "def get_config():\n  c = base_config()\n  c.model.dmodel = 3\n  return c\n")
+  bad.write_text(
+    "from jaxlm.config import base_config\ndef get_config():\n  c = base_config()\n  c.model.dmodel = 3\n  return c\n"
+  )
   assert main.main(["train", "--config", str(bad), "--workdir", str(tmp_path / "run")]) == 2
   assert "model.dmodel" in capsys.readouterr().err
 
@@ -94,8 +94,15 @@ def test_eval_without_a_run(capsys, tmp_path):
 
 
 def test_overrides_keep_types():
-  c = config_lib.apply_overrides(tiny_config(), ["--config.model.num_layers=3", "--config.optim.learning_rate=1",
-                                                 "--config.model.norm=rmsnorm", "--config.model.scan_layers=True"])
+  c = config_lib.apply_overrides(
+    tiny_config(),
+    [
+      "--config.model.num_layers=3",
+      "--config.optim.learning_rate=1",
+      "--config.model.norm=rmsnorm",
+      "--config.model.scan_layers=True",
+    ],
+  )
   assert c.model.num_layers == 3 and isinstance(c.optim.learning_rate, float)
   assert c.model.norm == "rmsnorm" and c.model.scan_layers is True
 
@@ -115,8 +122,11 @@ def test_every_repo_config_passes_the_schema():
 
 
 def test_every_schema_key_has_its_allowed_values():
-  missing = [key for key, _ in config_lib.leaves(config_lib.base_config())
-             if key not in config_lib.RANGES and key not in schema._CHOICES and key not in schema._REGISTERED]
+  missing = [
+    key
+    for key, _ in config_lib.leaves(config_lib.base_config())
+    if key not in config_lib.RANGES and key not in schema._CHOICES and key not in schema._REGISTERED
+  ]
   assert not missing, f"add these keys to config.RANGES (or _CHOICES): {missing}"
   for key, value in config_lib.leaves(config_lib.base_config()):
     assert config_lib.allowed(key).accepts(value), f"the default of {key} is outside its own range"
@@ -129,15 +139,22 @@ def test_nan_is_writable_and_rejected():
     config_lib.validate(c, 8)
 
 
-@pytest.mark.parametrize("name,text,expected", [
+@pytest.mark.parametrize(
+  "name,text,expected",
+  [
     ("syntax.py", "def get_config(:\n  pass\n", r"syntax.py, line 1: syntax error"),
-    ("raises.py", "from jaxlm.config import base_config\n\ndef get_config():\n  c = base_config()\n"
-                  "  c.model.num_layers = 1 / 0\n  return c\n", r"raises.py, line 5: get_config\(\) raised ZeroDivisionError"),
+    (
+      "raises.py",
+      "from jaxlm.config import base_config\n\ndef get_config():\n  c = base_config()\n"
+      "  c.model.num_layers = 1 / 0\n  return c\n",
+      r"raises.py, line 5: get_config\(\) raised ZeroDivisionError",
+    ),
     ("imports.py", "import not_a_module_anywhere\n", r"imports.py, line 1: ModuleNotFoundError"),
     ("notes.txt", "model.num_layers = 2\n", r"notes.txt' is not a Python file"),
     ("config.json", "{}", r"config.json' is not a Python file"),
     ("returns.py", "def get_config():\n  return {}\n", r"returned dict, not a ConfigDict"),
-])
+  ],
+)
 def test_config_file_errors_name_the_file_and_line(name, text, expected, capsys, tmp_path):
   path = tmp_path / name
   path.write_text(text)

@@ -4,17 +4,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from support import tiny_config
 
 from jaxlm.inference import decode
 from jaxlm.models import transformer as model_lib
 
-from support import tiny_config
-
 STYLES = {
-    "gpt2": {},
-    "llama_gqa": dict(norm="rmsnorm", position="rope", mlp="swiglu", use_bias=False, tie_embeddings=False,
-                      num_kv_heads=2),
-    "scan": dict(scan_layers=True, position="rope"),
+  "gpt2": {},
+  "llama_gqa": dict(
+    norm="rmsnorm", position="rope", mlp="swiglu", use_bias=False, tie_embeddings=False, num_kv_heads=2
+  ),
+  "scan": dict(scan_layers=True, position="rope"),
 }
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25], [30]]
 
@@ -38,7 +38,8 @@ def test_cached_logits_equal_uncached_at_every_position(style):
   prefill, step = jitted(decode.adapter_for(cfg))
   prompt_len = 10
   logits_BxPxV, _, state = prefill(
-      params, {"tokens_BxP": tokens_BxT[:, :prompt_len], "lengths_B": jnp.array([prompt_len] * 2)}, 32)
+    params, {"tokens_BxP": tokens_BxT[:, :prompt_len], "lengths_B": jnp.array([prompt_len] * 2)}, 32
+  )
   np.testing.assert_allclose(logits_BxPxV, full_BxTxV[:, :prompt_len], atol=1e-5)
   for t in range(prompt_len, 24):
     logits_BxV, state = step(params, state, tokens_BxT[:, t])
@@ -51,22 +52,25 @@ def test_mixed_length_prefill_matches_each_prompt_alone():
   tokens_BxP, lengths_B = decode.pad_prompts(PROMPTS, len(PROMPTS))
   tokens_BxP[tokens_BxP == 0] = 99  # padding content must not matter either
   logits_BxPxV, next_BxV, _ = jitted(decode.adapter_for(cfg))[0](
-      params, {"tokens_BxP": jnp.asarray(tokens_BxP), "lengths_B": jnp.asarray(lengths_B)}, 64)
+    params, {"tokens_BxP": jnp.asarray(tokens_BxP), "lengths_B": jnp.asarray(lengths_B)}, 64
+  )
   for i, prompt in enumerate(PROMPTS):
     alone = jax.jit(module.apply)({"params": params}, jnp.asarray([prompt]))[0]
-    np.testing.assert_allclose(logits_BxPxV[i, :len(prompt)], alone, atol=1e-5)
+    np.testing.assert_allclose(logits_BxPxV[i, : len(prompt)], alone, atol=1e-5)
     np.testing.assert_allclose(next_BxV[i], alone[-1], atol=1e-5)
 
 
-@pytest.mark.parametrize("sampling", [decode.Sampling(), decode.Sampling(temperature=0.9, top_k=20, top_p=0.9,
-                                                                          seed=[3, 4, 5])])
+@pytest.mark.parametrize(
+  "sampling", [decode.Sampling(), decode.Sampling(temperature=0.9, top_k=20, top_p=0.9, seed=[3, 4, 5])]
+)
 def test_mixed_batch_generates_what_each_prompt_generates_alone(sampling):
   cfg, params = build("gpt2")
   generator = decode.Generator(cfg, params)
   together = generator.generate(PROMPTS, 12, sampling)
   for i, prompt in enumerate(PROMPTS):
-    alone_sampling = decode.Sampling(sampling.temperature, sampling.top_k, sampling.top_p,
-                                     np.broadcast_to(sampling.seed, (3,))[i])
+    alone_sampling = decode.Sampling(
+      sampling.temperature, sampling.top_k, sampling.top_p, np.broadcast_to(sampling.seed, (3,))[i]
+    )
     assert generator.generate([prompt], 12, alone_sampling)[0] == together[i]
   assert len({tuple(t) for t in together}) == 3
 
@@ -109,7 +113,7 @@ def test_stop_tokens_and_max_tokens():
   cfg, params = build("gpt2")
   generator = decode.Generator(cfg, params)
   greedy = generator.generate([[5, 6, 7]], 10)[0]
-  assert generator.generate([[5, 6, 7]], 10, stop_ids=[greedy[3]])[0] == greedy[:greedy.index(greedy[3])]
+  assert generator.generate([[5, 6, 7]], 10, stop_ids=[greedy[3]])[0] == greedy[: greedy.index(greedy[3])]
   outputs = list(generator.stream([[5, 6, 7], [8]], [4, 2]))
   assert len(outputs) == 4 and outputs[1].finished_B[1] and not outputs[1].finished_B[0]
   with pytest.raises(decode.DecodeError, match="max_tokens"):

@@ -23,8 +23,12 @@ def error_classes() -> dict[str, type]:
       continue
     module = importlib.import_module(module_info.name)
     for name, value in vars(module).items():
-      if (inspect.isclass(value) and issubclass(value, Exception) and value.__module__ == module_info.name
-          and not name.startswith("_")):
+      if (
+        inspect.isclass(value)
+        and issubclass(value, Exception)
+        and value.__module__ == module_info.name
+        and not name.startswith("_")
+      ):
         found[f"{module_info.name}.{name}"] = value
   return found
 
@@ -32,11 +36,25 @@ def error_classes() -> dict[str, type]:
 def test_every_public_jaxlm_error_is_a_jaxlm_error():
   classes = error_classes()
   # The ones the command caught by a hand-written list before it caught JaxlmError.
-  for name in ("ConfigError", "CheckpointError", "RunError", "TrainingError", "DecodeError", "ConvertError",
-               "PlotError", "QuantizeError", "LockError", "DistributedError", "StorageError"):
+  for name in (
+    "ConfigError",
+    "CheckpointError",
+    "RunError",
+    "TrainingError",
+    "DecodeError",
+    "ConvertError",
+    "PlotError",
+    "QuantizeError",
+    "LockError",
+    "DistributedError",
+    "StorageError",
+  ):
     assert any(key.endswith("." + name) for key in classes), name
-  outside = sorted(name for name, cls in classes.items()
-                   if not issubclass(cls, JaxlmError) and cls.__name__ not in NOT_EXPECTED_BY_THE_CLI)
+  outside = sorted(
+    name
+    for name, cls in classes.items()
+    if not issubclass(cls, JaxlmError) and cls.__name__ not in NOT_EXPECTED_BY_THE_CLI
+  )
   assert outside == [], f"derive these from jaxlm.errors.JaxlmError: {outside}"
 
 
@@ -52,6 +70,7 @@ def test_expected_errors_keep_their_builtin_bases():
 def test_the_command_prints_an_expected_error_in_one_line(error, monkeypatch, capsys):
   def fail(args, overrides):
     raise error
+
   monkeypatch.setitem(commands.COMMANDS, "config", fail)
   assert commands.run(argparse.Namespace(command="config"), []) == 2
   assert capsys.readouterr().err == f"jaxlm: error: {error}\n"
@@ -60,6 +79,7 @@ def test_the_command_prints_an_expected_error_in_one_line(error, monkeypatch, ca
 def test_other_errors_are_not_swallowed(monkeypatch):
   def fail(args, overrides):
     raise KeyError("a bug")
+
   monkeypatch.setitem(commands.COMMANDS, "config", fail)
   with pytest.raises(KeyError):
     commands.run(argparse.Namespace(command="config"), [])

@@ -2,10 +2,10 @@
 
 import json
 
+from support import files_config, tiny_config
+
 from jaxlm.tasks import evaluate
 from jaxlm.training import trainer
-
-from support import files_config, tiny_config
 
 
 def _losses(workdir):

@@ -10,31 +10,58 @@ import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-from safetensors.numpy import load_file  # noqa: E402
+from safetensors.numpy import load_file
+from support import tiny_config
 
-from jaxlm import hf, loader  # noqa: E402
+from jaxlm import hf, loader
 from jaxlm.cli import main
 from jaxlm.models import transformer as model_lib
 
-from support import tiny_config  # noqa: E402
-
 HF_MODELS = {
-    "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=260, n_positions=64, n_embd=32, n_layer=2, n_head=4, n_inner=64)),
-    "llama_gqa_untied": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)),
-    "llama_tied": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=64, tie_word_embeddings=True, rms_norm_eps=1e-5)),
-    "bert": lambda: transformers.BertForMaskedLM(transformers.BertConfig(
-        vocab_size=260, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=64, type_vocab_size=2)),
+  "gpt2": lambda: transformers.GPT2LMHeadModel(
+    transformers.GPT2Config(vocab_size=260, n_positions=64, n_embd=32, n_layer=2, n_head=4, n_inner=64)
+  ),
+  "llama_gqa_untied": lambda: transformers.LlamaForCausalLM(
+    transformers.LlamaConfig(
+      vocab_size=260,
+      hidden_size=32,
+      intermediate_size=64,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      max_position_embeddings=64,
+      tie_word_embeddings=False,
+    )
+  ),
+  "llama_tied": lambda: transformers.LlamaForCausalLM(
+    transformers.LlamaConfig(
+      vocab_size=260,
+      hidden_size=32,
+      intermediate_size=64,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      max_position_embeddings=64,
+      tie_word_embeddings=True,
+      rms_norm_eps=1e-5,
+    )
+  ),
+  "bert": lambda: transformers.BertForMaskedLM(
+    transformers.BertConfig(
+      vocab_size=260,
+      hidden_size=32,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      intermediate_size=64,
+      max_position_embeddings=64,
+      type_vocab_size=2,
+    )
+  ),
 }
 TOKENS = np.random.default_rng(0).integers(4, 260, (2, 24))
 # jaxlm's BERT (presets.bert) at the tiny size.
-BERT = dict(family="encoder", norm_position="post", num_token_types=2, embed_norm=True, mlp="gelu_exact",
-            norm_eps=1e-12)
+BERT = dict(
+  family="encoder", norm_position="post", num_token_types=2, embed_norm=True, mlp="gelu_exact", norm_eps=1e-12
+)
 # Padding: row 0 has its last 5 tokens padded, row 1 none. Token types: a second "sentence" from position 10.
 SEGMENTS = np.ones_like(TOKENS)
 SEGMENTS[0, -5:] = 0
@@ -55,16 +82,20 @@ def hf_logits(model, padded=False):
   with torch.no_grad():
     if not padded:
       return model(torch.tensor(TOKENS)).logits.numpy()
-    return model(torch.tensor(TOKENS), attention_mask=torch.tensor(SEGMENTS),
-                 token_type_ids=torch.tensor(TYPES)).logits.numpy()
+    return model(
+      torch.tensor(TOKENS), attention_mask=torch.tensor(SEGMENTS), token_type_ids=torch.tensor(TYPES)
+    ).logits.numpy()
 
 
 def jax_logits(config, params, padded=False):
   apply = jax.jit(model_lib.build(config.model).apply)
   if not padded:
     return np.asarray(apply({"params": params}, jnp.asarray(TOKENS)))
-  return np.asarray(apply({"params": params}, jnp.asarray(TOKENS), segment_ids_BxT=jnp.asarray(SEGMENTS),
-                          token_types_BxT=jnp.asarray(TYPES)))
+  return np.asarray(
+    apply(
+      {"params": params}, jnp.asarray(TOKENS), segment_ids_BxT=jnp.asarray(SEGMENTS), token_types_BxT=jnp.asarray(TYPES)
+    )
+  )
 
 
 def padded_diff(config, params, model):
@@ -90,8 +121,11 @@ def test_import_matches_hf_logits(name, tmp_path):
 
 @pytest.mark.parametrize("style", ["gpt2", "llama", "bert"])
 def test_export_matches_in_transformers(style, tmp_path):
-  overrides = {"gpt2": {}, "bert": BERT, "llama": dict(norm="rmsnorm", position="rope", mlp="swiglu",
-                                                        use_bias=False, tie_embeddings=False, num_kv_heads=2)}
+  overrides = {
+    "gpt2": {},
+    "bert": BERT,
+    "llama": dict(norm="rmsnorm", position="rope", mlp="swiglu", use_bias=False, tie_embeddings=False, num_kv_heads=2),
+  }
   config = tiny_config(**overrides[style])
   params = model_lib.build(config.model).init(jax.random.key(3), jnp.asarray(TOKENS))["params"]
   if style == "bert":  # init leaves biases at 0 and norms at 1; perturb so every mapping is exercised
@@ -116,8 +150,11 @@ def test_mismatches_are_listed_never_silent(tmp_path):
   broken = dict(state)
   del broken["model.layers.1.mlp.up_proj.weight"]
   broken["model.layers.1.mlp.extra.weight"] = np.zeros(3, np.float32)
-  with pytest.raises(hf.ConvertError, match=r"missing keys \['model.layers.1.mlp.up_proj.weight'\].*"
-                                            r"unexpected keys \['model.layers.1.mlp.extra.weight'\]"):
+  with pytest.raises(
+    hf.ConvertError,
+    match=r"missing keys \['model.layers.1.mlp.up_proj.weight'\].*"
+    r"unexpected keys \['model.layers.1.mlp.extra.weight'\]",
+  ):
     hf.params_from_hf(broken, config)
   bad_shape = dict(state, **{"model.layers.0.mlp.gate_proj.weight": np.zeros((65, 32), np.float32)})
   with pytest.raises(hf.ConvertError, match="gate"):
@@ -135,8 +172,11 @@ def test_bert_mismatches_are_listed(tmp_path):
   broken = dict(state)
   del broken["bert.encoder.layer.1.attention.self.key.bias"]
   broken["bert.encoder.layer.1.attention.self.extra.weight"] = np.zeros(3, np.float32)
-  with pytest.raises(hf.ConvertError, match=r"missing keys \['bert.encoder.layer.1.attention.self.key.bias'\].*"
-                                            r"unexpected keys \['bert.encoder.layer.1.attention.self.extra.weight'\]"):
+  with pytest.raises(
+    hf.ConvertError,
+    match=r"missing keys \['bert.encoder.layer.1.attention.self.key.bias'\].*"
+    r"unexpected keys \['bert.encoder.layer.1.attention.self.extra.weight'\]",
+  ):
     hf.params_from_hf(broken, config)
   bad_shape = dict(state, **{"bert.embeddings.token_type_embeddings.weight": np.zeros((3, 32), np.float32)})
   with pytest.raises(hf.ConvertError, match="token_type"):
@@ -206,17 +246,19 @@ def test_parallel_residual_exports_to_gptj(tmp_path):
     hf.params_from_hf(load_file(tmp_path / "model.safetensors"), config)
 
 
-@pytest.mark.parametrize("overrides,key", [
+@pytest.mark.parametrize(
+  "overrides,key",
+  [
     (dict(mlp="squared_relu"), "model.mlp='squared_relu'"),
     (dict(parallel_residual=True), "model.parallel_residual=True"),
     (GPTJ | dict(use_bias=True), "model.use_bias=True"),  # GPT-J has no attention biases
     (GPTJ | dict(rope_theta=500000.0), "model.rope_theta=500000.0"),  # GPT-J's RoPE base is fixed
     (dict(scale_embeddings=True), "model.scale_embeddings=True"),
     (dict(embed_norm=True), "model.embed_norm=True"),
-    (dict(norm="rmsnorm", position="rope", mlp="swiglu", use_bias=False, num_token_types=2),
-     "model.num_token_types=2"),
+    (dict(norm="rmsnorm", position="rope", mlp="swiglu", use_bias=False, num_token_types=2), "model.num_token_types=2"),
     (dict(family="encoder_decoder"), "model.family='encoder_decoder'"),
-])
+  ],
+)
 def test_export_refuses_every_option_hf_cannot_express(overrides, key):
   """Each non-default option the closest architecture lacks is named, in one line, before anything is written."""
   with pytest.raises(hf.ConvertError, match="^" + re.escape(key) + " cannot be expressed by "):
@@ -231,6 +273,7 @@ def test_a_new_model_key_is_refused_unless_default(monkeypatch):
     c = base()
     c.model.new_option = False
     return c
+
   monkeypatch.setattr(hf.config_lib, "base_config", with_new_key)
   m = with_new_key().model
   assert hf.architecture_of(m) == "GPT2LMHeadModel"

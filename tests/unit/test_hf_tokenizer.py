@@ -11,12 +11,13 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")  # support.save_tokenizer trains one
 
-from jaxlm.inference import decode  # noqa: E402
-from jaxlm.data import hf_tokenizer, tokenizer as tokenizer_lib
+from support import CHATML, CONVERSATIONS, SPECIALS, TEXTS, VOCAB, hf_model, save_tokenizer, write_jsonl
+
 from jaxlm import loader
 from jaxlm.cli import main
-
-from support import CHATML, CONVERSATIONS, SPECIALS, TEXTS, VOCAB, hf_model, save_tokenizer, write_jsonl  # noqa: E402
+from jaxlm.data import hf_tokenizer
+from jaxlm.data import tokenizer as tokenizer_lib
+from jaxlm.inference import decode
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
@@ -62,18 +63,27 @@ def test_generation_matches_transformers(converted, capsys):
   ids = decode.adapter_for(loaded.config.model, ours.bos_id).prompt_ids(ours, prompt)
   generator = decode.Generator(loaded.config.model, loaded.params, start_id=ours.bos_id)
   # An explicit attention mask: HF would otherwise mask the leading EOS wherever it equals the pad id.
-  inputs = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
-            "max_new_tokens": 20, "do_sample": False, "pad_token_id": tok.eos_token_id}
+  inputs = {
+    "input_ids": torch.tensor([ids]),
+    "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+    "max_new_tokens": 20,
+    "do_sample": False,
+    "pad_token_id": tok.eos_token_id,
+  }
   with torch.no_grad():
-    stopped = model.generate(**inputs, eos_token_id=tok.eos_token_id)[0, len(ids):].tolist()
-    full = model.generate(**inputs)[0, len(ids):].tolist()  # the model config names no EOS
+    stopped = model.generate(**inputs, eos_token_id=tok.eos_token_id)[0, len(ids) :].tolist()
+    full = model.generate(**inputs)[0, len(ids) :].tolist()  # the model config names no EOS
   if tok.eos_token_id in stopped:
-    stopped = stopped[:stopped.index(tok.eos_token_id)]
+    stopped = stopped[: stopped.index(tok.eos_token_id)]
   assert generator.generate([ids], 20, stop_ids=[ours.eos_id])[0] == stopped
   assert len(full) == 20 and generator.generate([ids], 20)[0] == full
   capsys.readouterr()
-  assert main.main(["generate", "--workdir", str(run), "--prompt", prompt, "--max-tokens", "20", "--ignore-eos",
-                    "--no-echo"]) == 0  # the generated text alone, as transformers decodes it
+  assert (
+    main.main(
+      ["generate", "--workdir", str(run), "--prompt", prompt, "--max-tokens", "20", "--ignore-eos", "--no-echo"]
+    )
+    == 0
+  )  # the generated text alone, as transformers decodes it
   text = capsys.readouterr().out
   assert text == tok.decode(full, skip_special_tokens=True) + "\n"
   assert len(text.strip()) > 5
@@ -85,8 +95,9 @@ def test_to_hf_writes_the_tokenizer_back(converted, tmp_path):
   back = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
   for text in TEXTS:
     assert back.encode(text) == tok.encode(text)
-  assert back.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == \
-      tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+  assert back.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == tok.apply_chat_template(
+    [{"role": "user", "content": "hi"}], tokenize=False
+  )
   config = json.loads((tmp_path / "back" / "config.json").read_text())
   assert (config["bos_token_id"], config["eos_token_id"]) == (tok.bos_token_id, tok.eos_token_id)
   assert transformers.GenerationConfig.from_pretrained(tmp_path / "back").eos_token_id == tok.eos_token_id
@@ -107,8 +118,17 @@ def test_bad_tokenizer_folders_are_one_line(tmp_path, capsys):
   with pytest.raises(hf_tokenizer.HuggingFaceTokenizerError, match="no eos_token"):
     hf_tokenizer.HuggingFaceTokenizer(tmp_path / "noeos")
   # The CLI: a run config naming a folder without tokenizer.json is refused before anything runs.
-  code = main.main(["train", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "run"),
-                    "--config.data.tokenizer=huggingface", f"--config.data.tokenizer_path={tmp_path / 'tok2'}"])
+  code = main.main(
+    [
+      "train",
+      "--config",
+      "configs/tiny.py",
+      "--workdir",
+      str(tmp_path / "run"),
+      "--config.data.tokenizer=huggingface",
+      f"--config.data.tokenizer_path={tmp_path / 'tok2'}",
+    ]
+  )
   assert code == 2 and "holds no tokenizer.json" in capsys.readouterr().err
 
 
@@ -116,7 +136,9 @@ def test_bad_tokenizer_folders_are_one_line(tmp_path, capsys):
 def test_fine_tune_a_converted_model_on_chat_data(converted, tmp_path):
   """The converted run trains on chat records with its own tokenizer and template (jaxlm.train on its workdir)."""
   import shutil
+
   from jaxlm.training import trainer
+
   style, _, tok, _, run = converted
   if style != "gpt2":
     pytest.skip("one architecture is enough for the training path")
@@ -129,8 +151,9 @@ def test_fine_tune_a_converted_model_on_chat_data(converted, tmp_path):
   config.data.paths = str(write_jsonl(tmp_path / "train.jsonl", records))
   config.data.validation_paths = config.data.paths
   config.data.seq_len = 64
-  for key, value in dict(num_steps=2, eval_every=2, checkpoint_every=2, eval_batches=1, global_batch_size=8,
-                         log_every=1).items():
+  for key, value in dict(
+    num_steps=2, eval_every=2, checkpoint_every=2, eval_batches=1, global_batch_size=8, log_every=1
+  ).items():
     config.train[key] = value
   config.eval.batch_size = 8
   before = loader.load(workdir).params
@@ -138,8 +161,10 @@ def test_fine_tune_a_converted_model_on_chat_data(converted, tmp_path):
   after = loader.load(workdir)
   assert after.step == 2 and isinstance(after.tokenizer, hf_tokenizer.HuggingFaceTokenizer)
   assert after.tokenizer.chat_template == CHATML
-  moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in
-           zip(jax.tree.leaves(after.params), jax.tree.leaves(before))]
+  moved = [
+    float(np.abs(np.asarray(a) - np.asarray(b)).max())
+    for a, b in zip(jax.tree.leaves(after.params), jax.tree.leaves(before))
+  ]
   assert max(moved) > 0
 
 
@@ -148,6 +173,7 @@ def test_export_takes_and_returns_text_with_the_hf_tokenizer(converted, tmp_path
   """`jaxlm export` carries the Hugging Face tokenizer: the artifact's text equals transformers' decode of the
   same greedy ids."""
   from jaxlm.inference import export
+
   style, _, tok, _, run = converted
   if style != "gpt2":
     pytest.skip("one architecture is enough for the export path")

@@ -24,7 +24,7 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
       targets.update(alias.name for alias in node.names)
     elif isinstance(node, ast.ImportFrom):
       if node.level:  # relative: resolve against this module's package
-        base = name.split(".")[:len(name.split(".")) - node.level + (1 if is_package else 0)]
+        base = name.split(".")[: len(name.split(".")) - node.level + (1 if is_package else 0)]
         module = ".".join(base + ([node.module] if node.module else []))
       else:
         module = node.module
@@ -50,7 +50,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     stack.append(node)
     for nxt in sorted(graph.get(node, ())):
       if state.get(nxt) == "open":
-        return stack[stack.index(nxt):] + [nxt]
+        return stack[stack.index(nxt) :] + [nxt]
       if nxt not in state:
         found = visit(nxt)
         if found:
@@ -101,21 +101,21 @@ def test_jaxlm_has_no_import_cycle():
 # registries that hold a stage's choices (`jaxlm.families`, `jaxlm.data.sources`) sit low, so the config can
 # consult them, and find the implementations that register there at run time (docs/architecture.md).
 STAGES = [
-    ("jaxlm.errors", "jaxlm.runtime"),
-    ("jaxlm.storage",),
-    ("jaxlm.ops",),
-    ("jaxlm.families:registry", "jaxlm.data.sources"),
-    ("jaxlm.config",),
-    ("jaxlm.parallel",),
-    ("jaxlm.models",),
-    ("jaxlm.data",),
-    ("jaxlm.loader",),
-    ("jaxlm.inference",),
-    ("jaxlm.training",),
-    ("jaxlm.tasks",),
-    ("jaxlm.families",),
-    ("jaxlm.hf",),
-    ("jaxlm.cli", "jaxlm.__main__", "jaxlm"),
+  ("jaxlm.errors", "jaxlm.runtime"),
+  ("jaxlm.storage",),
+  ("jaxlm.ops",),
+  ("jaxlm.families:registry", "jaxlm.data.sources"),
+  ("jaxlm.config",),
+  ("jaxlm.parallel",),
+  ("jaxlm.models",),
+  ("jaxlm.data",),
+  ("jaxlm.loader",),
+  ("jaxlm.inference",),
+  ("jaxlm.training",),
+  ("jaxlm.tasks",),
+  ("jaxlm.families",),
+  ("jaxlm.hf",),
+  ("jaxlm.cli", "jaxlm.__main__", "jaxlm"),
 ]
 
 
@@ -139,7 +139,9 @@ def upward_imports(graph: dict[str, set[str]]) -> list[str]:
 
 
 def test_upward_imports_are_found():
-  assert upward_imports({"jaxlm.data.corpus": {"jaxlm.training.trainer"}}) == ["jaxlm.data.corpus -> jaxlm.training.trainer"]
+  assert upward_imports({"jaxlm.data.corpus": {"jaxlm.training.trainer"}}) == [
+    "jaxlm.data.corpus -> jaxlm.training.trainer"
+  ]
   assert upward_imports({"jaxlm.families.decoder": {"jaxlm.families", "jaxlm.inference.decode"}}) == []
   assert upward_imports({"jaxlm.config": {"jaxlm.families"}}) == []
   assert upward_imports({"jaxlm.families": {"jaxlm.families.decoder"}}) == ["jaxlm.families -> jaxlm.families.decoder"]

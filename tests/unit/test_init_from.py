@@ -8,21 +8,34 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from support import (
+  CHATML,
+  CONVERSATIONS,
+  REPO,
+  classify_config,
+  corrupt,
+  hf_model,
+  save_tokenizer,
+  use_tiny_task,
+  write_jsonl,
+)
 
 import jaxlm
 from jaxlm import hf, loader
-from jaxlm.data import hf_tokenizer
-from jaxlm.training import init_from
 from jaxlm.cli import main
+from jaxlm.data import hf_tokenizer
 from jaxlm.models import transformer as model_lib
+from jaxlm.training import init_from
 from jaxlm.training.init_from import initial_state
 
-from support import (CHATML, CONVERSATIONS, REPO, classify_config, corrupt, hf_model, save_tokenizer, use_tiny_task,
-                     write_jsonl)
-
 TINY = str(REPO / "configs" / "tiny.py")
-SHORT = ["--config.train.num_steps=2", "--config.train.checkpoint_every=2", "--config.train.eval_every=2",
-         "--config.train.eval_batches=1", "--config.train.log_every=1"]
+SHORT = [
+  "--config.train.num_steps=2",
+  "--config.train.checkpoint_every=2",
+  "--config.train.eval_every=2",
+  "--config.train.eval_batches=1",
+  "--config.train.log_every=1",
+]
 
 
 def files_args(text_corpus):
@@ -31,8 +44,11 @@ def files_args(text_corpus):
 
 def digest(folder):
   """{relative path: sha256} of every file under `folder`."""
-  return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-          for p in sorted(folder.rglob("*")) if p.is_file()}
+  return {
+    str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+    for p in sorted(folder.rglob("*"))
+    if p.is_file()
+  }
 
 
 def metrics(workdir):
@@ -56,23 +72,41 @@ class KeepStart(jaxlm.Callback):
 
 
 def named(tree):
-  return {"/".join(str(k.key) for k in path): np.asarray(leaf)
-          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+  return {
+    "/".join(str(k.key) for k in path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+  }
 
 
 @pytest.fixture(scope="module")
 def base(text_corpus, tmp_path_factory):
   """A 12-step decoder run of configs/tiny.py, trained by the CLI at a high learning rate (far below ln 260)."""
   workdir = tmp_path_factory.mktemp("base")
-  assert main.main(["train", "--config", TINY, "--workdir", str(workdir), *files_args(text_corpus),
-                    "--config.train.num_steps=12", "--config.train.checkpoint_every=12",
-                    "--config.train.eval_every=12", "--config.train.eval_batches=1", "--config.train.log_every=1",
-                    "--config.optim.learning_rate=1e-2", "--config.optim.warmup_steps=2"]) == 0
+  assert (
+    main.main(
+      [
+        "train",
+        "--config",
+        TINY,
+        "--workdir",
+        str(workdir),
+        *files_args(text_corpus),
+        "--config.train.num_steps=12",
+        "--config.train.checkpoint_every=12",
+        "--config.train.eval_every=12",
+        "--config.train.eval_batches=1",
+        "--config.train.log_every=1",
+        "--config.optim.learning_rate=1e-2",
+        "--config.optim.warmup_steps=2",
+      ]
+    )
+    == 0
+  )
   return workdir
 
 
-def test_cli_starts_from_the_base_params_and_a_restart_reads_only_its_own(base, text_corpus, tmp_path, monkeypatch,
-                                                                           capsys):
+def test_cli_starts_from_the_base_params_and_a_restart_reads_only_its_own(
+  base, text_corpus, tmp_path, monkeypatch, capsys
+):
   copy = shutil.copytree(base, tmp_path / "base")  # deleted below, before the restart
   before = digest(copy)
   starts = []
@@ -84,9 +118,18 @@ def test_cli_starts_from_the_base_params_and_a_restart_reads_only_its_own(base, 
 
   monkeypatch.setattr(init_from, "initial_state", spy)
   workdir = tmp_path / "fine_tuned"
-  train = ["train", "--config", TINY, "--workdir", str(workdir), *files_args(text_corpus), *SHORT,
-           f"--config.train.init_from={copy}", "--config.model.remat_policy=full",
-           "--config.optim.learning_rate=1e-4"]  # configs/tiny.py has the base's model; a runtime key differs
+  train = [
+    "train",
+    "--config",
+    TINY,
+    "--workdir",
+    str(workdir),
+    *files_args(text_corpus),
+    *SHORT,
+    f"--config.train.init_from={copy}",
+    "--config.model.remat_policy=full",
+    "--config.optim.learning_rate=1e-4",
+  ]  # configs/tiny.py has the base's model; a runtime key differs
   assert main.main(train) == 0
   assert f"init_from {copy} step 12: 36 arrays copied" in capsys.readouterr().err
   assert digest(copy) == before
@@ -117,10 +160,12 @@ def encoder_base(tmp_path_factory):
   return hf.write_run(config, params, tmp_path_factory.mktemp("encoder"))
 
 
-@pytest.mark.parametrize("family, base_fixture, dropped", [("encoder_classifier", "encoder_base", 5),
-                                                             ("decoder_classifier", "base", 0)])
-def test_a_classifier_takes_the_body_and_starts_its_head(family, base_fixture, dropped, request, tmp_path,
-                                                         monkeypatch, capsys):
+@pytest.mark.parametrize(
+  "family, base_fixture, dropped", [("encoder_classifier", "encoder_base", 5), ("decoder_classifier", "base", 0)]
+)
+def test_a_classifier_takes_the_body_and_starts_its_head(
+  family, base_fixture, dropped, request, tmp_path, monkeypatch, capsys
+):
   use_tiny_task(monkeypatch)
   base_dir = request.getfixturevalue(base_fixture)
   capsys.readouterr()
@@ -142,24 +187,38 @@ def test_a_classifier_takes_the_body_and_starts_its_head(family, base_fixture, d
 
 def test_bad_bases_are_one_line(base, text_corpus, tmp_path, capsys):
   def train(*args):
-    return main.main(["train", "--config", TINY, "--workdir", str(tmp_path / "run"), *files_args(text_corpus),
-                      *SHORT, *args])
+    return main.main(
+      ["train", "--config", TINY, "--workdir", str(tmp_path / "run"), *files_args(text_corpus), *SHORT, *args]
+    )
 
-  one_error_line(capsys, train(f"--config.train.init_from={tmp_path / 'missing'}"), "train.init_from:",
-                 "config.json not found")
+  one_error_line(
+    capsys, train(f"--config.train.init_from={tmp_path / 'missing'}"), "train.init_from:", "config.json not found"
+  )
   empty = tmp_path / "empty"
   (empty / "checkpoints").mkdir(parents=True)
   for name in ("config.json", "tokenizer.json"):
     shutil.copy(base / name, empty / name)
   one_error_line(capsys, train(f"--config.train.init_from={empty}"), "no complete checkpoint")
-  one_error_line(capsys, train(f"--config.train.init_from={base}", "--config.train.init_from_step=5"),
-                 "train.init_from_step=5", "12")
-  one_error_line(capsys, train(f"--config.train.init_from={base}", "--config.model.d_model=64"),
-                 "config key 'model.d_model' is 64", "has 32")
-  one_error_line(capsys, train(f"--config.train.init_from={base}", "--config.lora.rank=4",
-                               f"--config.lora.base_workdir={base}"), "train.init_from and lora.rank")
-  one_error_line(capsys, train(f"--config.train.init_from={base}", "--config.model.family=encoder"),
-                 "does not fit model.family 'encoder'", "'encoder/layer_0/")
+  one_error_line(
+    capsys, train(f"--config.train.init_from={base}", "--config.train.init_from_step=5"), "train.init_from_step=5", "12"
+  )
+  one_error_line(
+    capsys,
+    train(f"--config.train.init_from={base}", "--config.model.d_model=64"),
+    "config key 'model.d_model' is 64",
+    "has 32",
+  )
+  one_error_line(
+    capsys,
+    train(f"--config.train.init_from={base}", "--config.lora.rank=4", f"--config.lora.base_workdir={base}"),
+    "train.init_from and lora.rank",
+  )
+  one_error_line(
+    capsys,
+    train(f"--config.train.init_from={base}", "--config.model.family=encoder"),
+    "does not fit model.family 'encoder'",
+    "'encoder/layer_0/",
+  )
   damaged = shutil.copytree(base, tmp_path / "damaged")
   corrupt(damaged / "checkpoints" / "12", "flip_one_bit_per_file")
   one_error_line(capsys, train(f"--config.train.init_from={damaged}"), "step 12", "damaged")
@@ -173,12 +232,27 @@ def test_fine_tune_a_converted_hf_model_from_the_command_line(tmp_path, capsys):
   save_tokenizer(folder)
   hf_model("gpt2").save_pretrained(folder)
   assert main.main(["convert", "--from-hf", str(folder), "--workdir", str(converted)]) == 0
-  data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATIONS[0]},
-                                                {"prompt": "def add(x", "completion": ", y):"}] * 8)
+  data = write_jsonl(
+    tmp_path / "chat.jsonl", [{"messages": CONVERSATIONS[0]}, {"prompt": "def add(x", "completion": ", y):"}] * 8
+  )
   workdir = tmp_path / "chat"
-  assert main.main(["train", "--config", TINY, "--workdir", str(workdir), *SHORT, f"--config.train.init_from={converted}",
-                    "--config.data.source=jsonl", f"--config.data.paths={data}",
-                    f"--config.data.validation_paths={data}"]) == 0
+  assert (
+    main.main(
+      [
+        "train",
+        "--config",
+        TINY,
+        "--workdir",
+        str(workdir),
+        *SHORT,
+        f"--config.train.init_from={converted}",
+        "--config.data.source=jsonl",
+        f"--config.data.paths={data}",
+        f"--config.data.validation_paths={data}",
+      ]
+    )
+    == 0
+  )
   assert "init_from: the model is" in capsys.readouterr().err  # configs/tiny.py's vocab_size is not GPT-2's
   run = loader.load(workdir)
   assert isinstance(run.tokenizer, hf_tokenizer.HuggingFaceTokenizer) and run.tokenizer.chat_template == CHATML

@@ -5,24 +5,30 @@ import json
 
 import numpy as np
 import pytest
-
-from jaxlm.data import chat_template, pipeline as data_lib, instruct as instruct_data, tokenizer as tokenizer_lib
-from jaxlm.cli import main
-
 from support import CHATML, CONVERSATIONS, RECORDS, save_tokenizer, tiny_config, write_jsonl
 
+from jaxlm.cli import main
+from jaxlm.data import chat_template
+from jaxlm.data import instruct as instruct_data
+from jaxlm.data import pipeline as data_lib
+from jaxlm.data import tokenizer as tokenizer_lib
+
 # A LLaMA-2 style template: bos_token, raise_exception, loop variables and whitespace control.
-LLAMA2 = ("{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
-          "{% set messages = messages[1:] %}{% else %}{% set system = '' %}{% endif %}"
-          "{% for message in messages %}"
-          "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-          "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
-          "{% if message['role'] == 'user' %}{{ bos_token }}[INST] "
-          "{% if loop.first and system %}<<SYS>>\n{{ system }}\n<</SYS>>\n\n{% endif %}"
-          "{{ message['content'] | trim }} [/INST]"
-          "{% else %} {{ message['content'] | trim }} {{ eos_token }}{% endif %}{% endfor %}")
-TOJSON = ("{% for message in messages %}{{ message | tojson }}\n{% endfor %}"
-          "{% if add_generation_prompt %}{\"role\": \"assistant\", \"content\": \"{% endif %}")
+LLAMA2 = (
+  "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+  "{% set messages = messages[1:] %}{% else %}{% set system = '' %}{% endif %}"
+  "{% for message in messages %}"
+  "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+  "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
+  "{% if message['role'] == 'user' %}{{ bos_token }}[INST] "
+  "{% if loop.first and system %}<<SYS>>\n{{ system }}\n<</SYS>>\n\n{% endif %}"
+  "{{ message['content'] | trim }} [/INST]"
+  "{% else %} {{ message['content'] | trim }} {{ eos_token }}{% endif %}{% endfor %}"
+)
+TOJSON = (
+  "{% for message in messages %}{{ message | tojson }}\n{% endfor %}"
+  '{% if add_generation_prompt %}{"role": "assistant", "content": "{% endif %}'
+)
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +42,7 @@ def hf_folder(tmp_path_factory):
 @pytest.mark.parametrize("name", ["chatml", "llama2", "tojson", "default"])
 def test_rendering_equals_transformers_apply_chat_template(hf_folder, name):
   from jaxlm.data import hf_tokenizer
+
   source = {"chatml": CHATML, "llama2": LLAMA2, "tojson": TOJSON, "default": chat_template.DEFAULT_TEMPLATE}[name]
   folder, hf_tok = hf_folder
   hf_tok.chat_template = source
@@ -118,7 +125,7 @@ def test_weights_are_on_answers_only_and_packing_keeps_them(tmp_path):
     assert row["inputs"].shape == (192,) and set(row) == {"inputs", "targets", "segment_ids", "positions", "weights"}
     # Segment ids count up from 1 in order; positions restart at 0 in each; padding is segment 0 and weight 0.
     real = segments > 0
-    assert np.all(np.diff(segments[real]) >= 0) and segments[real][0] == 1 and not real[real.sum():].any()
+    assert np.all(np.diff(segments[real]) >= 0) and segments[real][0] == 1 and not real[real.sum() :].any()
     starts = np.flatnonzero(np.diff(segments, prepend=0) != 0)
     assert np.all(positions[starts[segments[starts] > 0]] == 0)
     assert not row["weights"][~real].any()
@@ -131,8 +138,9 @@ def test_weights_are_on_answers_only_and_packing_keeps_them(tmp_path):
 
 def test_hf_chat_special_tokens_become_their_ids(tmp_path, hf_folder):
   folder, _ = hf_folder
-  config = jsonl_config(tmp_path, records=[{"messages": CONVERSATIONS[1]}] * 4, tokenizer="huggingface",
-                        tokenizer_path=str(folder))
+  config = jsonl_config(
+    tmp_path, records=[{"messages": CONVERSATIONS[1]}] * 4, tokenizer="huggingface", tokenizer_path=str(folder)
+  )
   tokenizer = tokenizer_lib.from_config(config.data)
   rows = instruct_data.rows(config, tokenizer, "train")
   end_id = tokenizer.backend.token_to_id("<|im_end|>")
@@ -165,7 +173,9 @@ def test_batches_resume_exactly(tmp_path):
   assert any(np.any(b["weights"]) for b in full)
 
 
-@pytest.mark.parametrize("line, field", [
+@pytest.mark.parametrize(
+  "line, field",
+  [
     ('{"prompt": "q"}', "field 'completion' must be a non-empty string"),
     ('{"prompt": "q", "completion": 3}', "field 'completion' must be a non-empty string"),
     ('{"prompt": 1, "completion": "a"}', "field 'prompt' must be a string"),
@@ -177,7 +187,8 @@ def test_batches_resume_exactly(tmp_path):
     ('{"messages": [], "prompt": "x"}', "field 'messages' and 'prompt'/'completion' together"),
     ('{"prompt": "q", "completion": "a"', "not valid JSON"),
     ('["prompt", "completion"]', "a record must be a JSON object"),
-])
+  ],
+)
 def test_bad_records_are_one_line_naming_file_line_and_field(tmp_path, capsys, line, field):
   records = [json.dumps(RECORDS[0]), "", line]  # the bad record is on line 3 (line 2 is blank)
   config = jsonl_config(tmp_path, records=records)
@@ -203,8 +214,10 @@ def test_without_validation_paths_lines_split_by_hash(tmp_path):
   """data.val_fraction of the lines (by their text) are validation, the rest train: disjoint, nothing lost."""
   records = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(200)]
   config = jsonl_config(tmp_path, records=records, validation_paths="", val_fraction=0.2)
-  splits = {split: [r.value["prompt"] for r in instruct_data.read_records(config.data, split)]
-            for split in ("train", "validation")}
+  splits = {
+    split: [r.value["prompt"] for r in instruct_data.read_records(config.data, split)]
+    for split in ("train", "validation")
+  }
   assert not set(splits["train"]) & set(splits["validation"])
   assert sorted(splits["train"] + splits["validation"]) == sorted(r["prompt"] for r in records)
   assert 20 <= len(splits["validation"]) <= 60

@@ -5,10 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from support import tiny_config
 
 from jaxlm.models import transformer as model_lib
-
-from support import tiny_config
 
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(4, 260, (2, 12)))
 
@@ -63,12 +62,15 @@ def test_hidden_states_unrolled_and_scanned():
   params = nn.meta.unbox(variables["params"])
   stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[params["decoder"][f"layer_{i}"] for i in range(2)])
   scan_params = {**params, "decoder": {"layers": {"block": stacked}}}
-  (_, hidden_scanned), state = scanned.apply({"params": scan_params}, TOKENS, return_hidden_states=True,
-                                             mutable="intermediates")
+  (_, hidden_scanned), state = scanned.apply(
+    {"params": scan_params}, TOKENS, return_hidden_states=True, mutable="intermediates"
+  )
   for a, b in zip(hidden, hidden_scanned):
     np.testing.assert_allclose(a, b, atol=1e-5)
   _, unrolled_state = model.apply(variables, TOKENS, mutable="intermediates")
   weights_LxBxNxTxT = state["intermediates"]["decoder"]["layers"]["block"]["self_attention"]["attention_weights"][0]
   np.testing.assert_allclose(
-      weights_LxBxNxTxT[1],
-      unrolled_state["intermediates"]["decoder"]["layer_1"]["self_attention"]["attention_weights"][0], atol=1e-6)
+    weights_LxBxNxTxT[1],
+    unrolled_state["intermediates"]["decoder"]["layer_1"]["self_attention"]["attention_weights"][0],
+    atol=1e-6,
+  )

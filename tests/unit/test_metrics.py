@@ -2,12 +2,12 @@
 
 import jax
 import numpy as np
+from support import tiny_config
 
 from jaxlm import config as config_lib
-from jaxlm.training import flops as metrics, step as train_lib
 from jaxlm.parallel import mesh as mesh_lib
-
-from support import tiny_config
+from jaxlm.training import flops as metrics
+from jaxlm.training import step as train_lib
 
 
 def reference_model():
@@ -46,8 +46,10 @@ def test_flops_formula_matches_xla_cost_analysis():
     mesh = jax.sharding.Mesh(np.array(devices).reshape(1, 1, 1), mesh_lib.AXES)
     s = train_lib.setup(cfg, mesh)
     state = jax.eval_shape(s.init_fn, jax.random.key(0))
-    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in
-             train_lib.example_batch(cfg, cfg.train.global_batch_size).items()}
+    batch = {
+      k: jax.ShapeDtypeStruct(v.shape, v.dtype)
+      for k, v in train_lib.example_batch(cfg, cfg.train.global_batch_size).items()
+    }
     compiled = train_lib.make_train_step(s).lower(state, batch, jax.random.key(0)).compile()
   xla_flops = compiled.cost_analysis()["flops"]
   ours = metrics.flops_per_token(cfg.model, cfg.data.seq_len) * cfg.train.global_batch_size * cfg.data.seq_len
@@ -56,9 +58,21 @@ def test_flops_formula_matches_xla_cost_analysis():
 
 def test_chip_table_lookup_by_device_kind():
   from jaxlm.training import aot, chips
-  kinds = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5": "v5p", "TPU v5p": "v5p",
-           "TPU v6 lite": "v6e", "NVIDIA A100-SXM4-80GB": "a100", "NVIDIA H100 80GB HBM3": "h100",
-           "NVIDIA H200": "h200", "cpu": None, "NVIDIA L4": None, "TPU v3": None}
+
+  kinds = {
+    "TPU v4": "v4",
+    "TPU v5 lite": "v5e",
+    "TPU v5e": "v5e",
+    "TPU v5": "v5p",
+    "TPU v5p": "v5p",
+    "TPU v6 lite": "v6e",
+    "NVIDIA A100-SXM4-80GB": "a100",
+    "NVIDIA H100 80GB HBM3": "h100",
+    "NVIDIA H200": "h200",
+    "cpu": None,
+    "NVIDIA L4": None,
+    "TPU v3": None,
+  }
   assert {kind: chips.chip_for_device_kind(kind) for kind in kinds} == kinds
   assert aot.CHIPS is chips.CHIPS  # one table, read by `jaxlm compile` and the trainer's MFU
 
@@ -66,6 +80,7 @@ def test_chip_table_lookup_by_device_kind():
 def test_peak_on_a_chip_is_the_published_one(monkeypatch):
   class FakeTpu:
     device_kind, platform = "TPU v5 lite", "tpu"
+
   monkeypatch.setattr(jax, "devices", lambda *args: [FakeTpu()])
   peak = metrics.PeakFlops(tiny_config(), num_devices=4)
   assert not peak.measured and peak.flops == 4 * 197e12 and peak.refresh() == 4 * 197e12
@@ -90,6 +105,7 @@ def test_peak_on_cpu_is_measured_again_and_labelled():
 
 def test_cpu_peak_includes_the_blas_dense_kernel_when_the_step_uses_it():
   from jaxlm.ops import dispatch
+
   config = tiny_config()
   one_device = dispatch.choose("dense", config.model, jax.numpy.float32, target=dispatch.Target("cpu", 1))
   assert ("the cpu dense kernel" in metrics.PeakFlops(config, num_devices=1).matmuls) == (one_device == "cpu")

@@ -3,13 +3,12 @@
 import flax.linen as nn
 import jax
 import numpy as np
+from support import tiny_config
 
 from jaxlm.data import pipeline as data_lib
-from jaxlm.tasks import mlm
-from jaxlm.models import transformer as model_lib
 from jaxlm.data.tokenizer import ByteTokenizer
-
-from support import tiny_config
+from jaxlm.models import transformer as model_lib
+from jaxlm.tasks import mlm
 
 
 def _rows(seed=0, probability=0.15):

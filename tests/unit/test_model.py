@@ -5,18 +5,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from jaxlm.models import layers, transformer as model_lib
-
 from support import tiny_config
 
+from jaxlm.models import layers
+from jaxlm.models import transformer as model_lib
+
 STYLES = {
-    "gpt2": {},
-    "llama": dict(norm="rmsnorm", position="rope", mlp="swiglu", use_bias=False, tie_embeddings=False,
-                  num_kv_heads=2),
-    "mqa": dict(num_kv_heads=1, position="rope"),
-    "parallel": dict(parallel_residual=True, position="rope", use_bias=False, tie_embeddings=False),  # GPT-J
-    "squared_relu": dict(mlp="squared_relu"),
+  "gpt2": {},
+  "llama": dict(norm="rmsnorm", position="rope", mlp="swiglu", use_bias=False, tie_embeddings=False, num_kv_heads=2),
+  "mqa": dict(num_kv_heads=1, position="rope"),
+  "parallel": dict(parallel_residual=True, position="rope", use_bias=False, tie_embeddings=False),  # GPT-J
+  "squared_relu": dict(mlp="squared_relu"),
 }
 
 
@@ -28,11 +27,13 @@ def init(cfg, tokens):
 
 def logits_with_embedding_delta(module, variables, tokens, delta_BxTxD):
   """Logits with `delta_BxTxD` added to the embedder's output, to differentiate through."""
+
   def add_delta(next_fun, args, kwargs, context):
     out = next_fun(*args, **kwargs)
     if isinstance(context.module, layers.Embedder) and context.method_name == "embed":
       out = out + delta_BxTxD.astype(out.dtype)
     return out
+
   with nn.intercept_methods(add_delta):
     return module.apply(variables, tokens)
 
@@ -46,8 +47,8 @@ def test_causal_through_gradients(style):
   loss = lambda delta: logits_with_embedding_delta(module, variables, tokens, delta)[0, position].sum()
   grads_BxTxD = jax.jit(jax.grad(loss))(jnp.zeros((1, 16, cfg.d_model)))
   per_position = np.abs(np.asarray(grads_BxTxD)).sum(axis=(0, 2))
-  assert np.all(per_position[position + 1:] == 0)
-  assert np.all(per_position[:position + 1] > 0)
+  assert np.all(per_position[position + 1 :] == 0)
+  assert np.all(per_position[: position + 1] > 0)
 
 
 @pytest.mark.parametrize("style", sorted(STYLES))
@@ -88,8 +89,9 @@ def test_scan_matches_unrolled():
   params = nn.meta.unbox(variables["params"])
   layers_stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[params["decoder"][f"layer_{i}"] for i in range(2)])
   scan_params = {**params, "decoder": {"layers": {"block": layers_stacked}}}
-  np.testing.assert_allclose(jax.jit(module.apply)(variables, tokens),
-                             jax.jit(module_scan.apply)({"params": scan_params}, tokens), atol=1e-5)
+  np.testing.assert_allclose(
+    jax.jit(module.apply)(variables, tokens), jax.jit(module_scan.apply)({"params": scan_params}, tokens), atol=1e-5
+  )
 
 
 def test_rope_is_half_split():
@@ -130,8 +132,11 @@ def test_parallel_block_is_one_norm_feeding_attention_and_mlp():
   params = jax.jit(block.init)(jax.random.key(1), x, mask, positions)["params"]
   assert sorted(params) == ["mlp", "norm", "self_attention"]
   h = layers.Norm(cfg).apply({"params": params["norm"]}, x)
-  expected = (x + layers.Attention(cfg, causal=True).apply({"params": params["self_attention"]}, h, mask, positions)
-              + layers.Mlp(cfg).apply({"params": params["mlp"]}, h))
+  expected = (
+    x
+    + layers.Attention(cfg, causal=True).apply({"params": params["self_attention"]}, h, mask, positions)
+    + layers.Mlp(cfg).apply({"params": params["mlp"]}, h)
+  )
   np.testing.assert_allclose(jax.jit(block.apply)({"params": params}, x, mask, positions), expected, atol=1e-5)
 
 
@@ -155,20 +160,29 @@ def test_a_block_class_passed_in_keeps_scan_remat_and_the_cache():
   assert "norm" in variables["params"]["decoder"]["layer_0"]  # the parallel block's single norm
   full = jax.jit(model.apply)(variables, tokens)
 
-  scanned = model_lib.DecoderLM(tiny_config(position="rope", scan_layers=True, remat_policy="full").model,
-                                block_cls=layers.ParallelBlock)
+  scanned = model_lib.DecoderLM(
+    tiny_config(position="rope", scan_layers=True, remat_policy="full").model, block_cls=layers.ParallelBlock
+  )
   params = nn.meta.unbox(variables["params"])
   stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[params["decoder"][f"layer_{i}"] for i in range(2)])
   np.testing.assert_allclose(
-      jax.jit(scanned.apply)({"params": {**params, "decoder": {"layers": {"block": stacked}}}}, tokens), full,
-      atol=1e-5)
+    jax.jit(scanned.apply)({"params": {**params, "decoder": {"layers": {"block": stacked}}}}, tokens), full, atol=1e-5
+  )
 
   decoder = model_lib.DecoderLM(cfg, decode=True, block_cls=layers.ParallelBlock)
   cache = decoder.init(jax.random.key(0), tokens)["cache"]
-  step = jax.jit(lambda cache, token, t: decoder.apply(
-      {"params": params, "cache": cache}, token, jnp.ones((1, 1), jnp.int32), t[None, None], t[None, None],
-      (jnp.arange(10) <= t)[None].astype(jnp.int32), mutable=["cache"]))
+  step = jax.jit(
+    lambda cache, token, t: decoder.apply(
+      {"params": params, "cache": cache},
+      token,
+      jnp.ones((1, 1), jnp.int32),
+      t[None, None],
+      t[None, None],
+      (jnp.arange(10) <= t)[None].astype(jnp.int32),
+      mutable=["cache"],
+    )
+  )
   for t in range(10):
-    logits, mutated = step(cache, tokens[:, t:t + 1], jnp.asarray(t))
+    logits, mutated = step(cache, tokens[:, t : t + 1], jnp.asarray(t))
     cache = mutated["cache"]
     np.testing.assert_allclose(logits[0, 0], full[0, t], atol=1e-4)

@@ -6,13 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import AbstractDevice, AbstractMesh, Mesh, NamedSharding, PartitionSpec
-
-from jaxlm import config as config_lib, ops
-from jaxlm.ops import cpu_kernels
-from jaxlm.models import layers, transformer as model_lib
-from jaxlm.ops import dispatch
-
 from support import tiny_config
+
+from jaxlm import config as config_lib
+from jaxlm import ops
+from jaxlm.models import layers
+from jaxlm.models import transformer as model_lib
+from jaxlm.ops import cpu_kernels, dispatch
 
 needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler: the CPU kernels are not built")
 OPS = ("attention", "norm", "dense", "activation")
@@ -47,8 +47,9 @@ def test_a_tpu_mesh_traced_on_a_cpu_host_gets_no_cpu_kernels():
   module = model_lib.build(cfg)
   tokens = jnp.ones((4, 8), jnp.int32)
   params = jax.eval_shape(module.init, jax.random.key(0), tokens)
-  tpu = AbstractMesh((4,), ("data",), abstract_device=AbstractDevice(device_kind="TPU v5 lite", num_cores=None,
-                                                                       platform="tpu"))
+  tpu = AbstractMesh(
+    (4,), ("data",), abstract_device=AbstractDevice(device_kind="TPU v5 lite", num_cores=None, platform="tpu")
+  )
   with jax.sharding.use_abstract_mesh(tpu):
     assert ops.current_target() == ops.Target("tpu", 4)
     jaxpr = str(jax.make_jaxpr(module.apply)(params, tokens))
@@ -71,8 +72,17 @@ def test_a_registered_attention_is_called_with_the_documented_arguments(monkeypa
 
   def recording(q, k, v, *, mask_Bx1xTxS, q_segment_ids_BxT, kv_segment_ids_BxS, causal, model_cfg):
     calls.append((q_segment_ids_BxT is not None, causal, model_cfg.attention_impl))
-    return ops.REGISTRY["attention"]["xla"].fn(q, k, v, mask_Bx1xTxS=mask_Bx1xTxS, q_segment_ids_BxT=None,
-                                                kv_segment_ids_BxS=None, causal=causal, model_cfg=model_cfg)
+    return ops.REGISTRY["attention"]["xla"].fn(
+      q,
+      k,
+      v,
+      mask_Bx1xTxS=mask_Bx1xTxS,
+      q_segment_ids_BxT=None,
+      kv_segment_ids_BxS=None,
+      causal=causal,
+      model_cfg=model_cfg,
+    )
+
   monkeypatch.setitem(dispatch.REGISTRY["attention"], "recording", None)  # removed again after the test
   ops.register_attention("recording", recording, needs_segment_ids=True)
   cfg = tiny_config().model
@@ -101,7 +111,8 @@ def test_activation_and_parameter_shardings_on_an_8_device_mesh(monkeypatch):
   shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     params = jax.jit(lambda key: nn.meta.unbox(module.init(key, tokens)["params"]), out_shardings=shardings)(
-        jax.random.key(0))
+      jax.random.key(0)
+    )
   attention = params["decoder"]["layer_0"]["self_attention"]
   assert attention["query"]["kernel"].sharding.spec == PartitionSpec("fsdp", "tensor", None)
   assert attention["out"]["kernel"].sharding.spec == PartitionSpec("tensor", None, "fsdp")
@@ -117,13 +128,15 @@ def test_activation_and_parameter_shardings_on_an_8_device_mesh(monkeypatch):
       out = next_fun(*args, **kwargs)
       if isinstance(context.module, (layers.Norm, layers.Attention, layers.Mlp)) and context.method_name == "__call__":
         name = type(context.module).__name__
-        jax.debug.inspect_array_sharding(out, callback=lambda s, n=name: rows.setdefault(n, set()).add(
-            s.shard_shape(out.shape)[0]))
+        jax.debug.inspect_array_sharding(
+          out, callback=lambda s, n=name: rows.setdefault(n, set()).add(s.shard_shape(out.shape)[0])
+        )
       return out
 
     def forward(params, tokens):
       with nn.intercept_methods(record):
         return module.apply({"params": params}, tokens)
+
     batch = jax.device_put(tokens, NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       hlo = jax.jit(forward).lower(params, batch).compile().as_text()

@@ -4,16 +4,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from support import tiny_config
 
 from jaxlm.models import transformer as model_lib
 from jaxlm.training import optim
-
-from support import tiny_config
 
 
 def param_paths(cfg):
   params = jax.eval_shape(lambda: model_lib.build(cfg).init(jax.random.key(0), jnp.ones((1, 8), jnp.int32)))
   import flax.linen as nn
+
   return nn.meta.unbox(params["params"])
 
 
@@ -25,9 +25,18 @@ def decayed_paths(cfg, decay_embeddings):
 
 def test_decay_mask_hits_exactly_the_matrices():
   cfg = tiny_config(tie_embeddings=False).model
-  expected = {f"decoder/layer_{i}/{name}/kernel" for i in range(2)
-              for name in ("self_attention/query", "self_attention/key", "self_attention/value",
-                           "self_attention/out", "mlp/up", "mlp/down")}
+  expected = {
+    f"decoder/layer_{i}/{name}/kernel"
+    for i in range(2)
+    for name in (
+      "self_attention/query",
+      "self_attention/key",
+      "self_attention/value",
+      "self_attention/out",
+      "mlp/up",
+      "mlp/down",
+    )
+  }
   expected.add("embedder/unembed/kernel")
   assert decayed_paths(cfg, decay_embeddings=False) == expected
   with_embeddings = expected | {"embedder/token/embedding", "embedder/position/embedding"}
@@ -70,7 +79,7 @@ def test_transformer_schedule_is_the_papers():
   cfg.schedule, cfg.warmup_steps, cfg.learning_rate = "transformer", 4000, 1.0
   lr = optim.schedule(cfg, 100000, 512)
   for step in (1, 100, 4000, 20000):  # the paper counts steps from 1
-    expected = 512 ** -0.5 * min(step ** -0.5, step * 4000 ** -1.5)
+    expected = 512**-0.5 * min(step**-0.5, step * 4000**-1.5)
     np.testing.assert_allclose(float(lr(step - 1)), expected, rtol=1e-5)
 
 

@@ -12,14 +12,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from support import tiny_config
 
 from jaxlm import config as config_lib
 from jaxlm.models import layers
-from jaxlm.parallel import mesh as mesh_lib, sharding
-from jaxlm.training import step as train_step
 from jaxlm.ops import pallas_attention, xla_attention
-
-from support import tiny_config
+from jaxlm.parallel import mesh as mesh_lib
+from jaxlm.parallel import sharding
+from jaxlm.training import step as train_step
 
 B, T, N, K, H = 2, 256, 4, 2, 32  # GQA: two query heads per key/value head
 
@@ -32,14 +32,17 @@ def packed_segments() -> np.ndarray:
 
 def qkv(seed: int = 0):
   rng = np.random.default_rng(seed)
-  return tuple(jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in ((B, T, N, H), (B, T, K, H), (B, T, K, H)))
+  return tuple(
+    jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in ((B, T, N, H), (B, T, K, H), (B, T, K, H))
+  )
 
 
 def loss_and_grads(attention, q, k, v, segments, cotangent):
   """sum(out * cotangent) over non-padding queries, and its gradients w.r.t. q, k and v."""
   real_BxTx1x1 = (segments != 0)[:, :, None, None]
-  return jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(attention(q, k, v) * cotangent * real_BxTx1x1),
-                                    argnums=(0, 1, 2)))(q, k, v)
+  return jax.jit(
+    jax.value_and_grad(lambda q, k, v: jnp.sum(attention(q, k, v) * cotangent * real_BxTx1x1), argnums=(0, 1, 2))
+  )(q, k, v)
 
 
 def xla_reference(segments, causal):
@@ -60,22 +63,38 @@ def assert_matches(kernel, segments, causal):
 @pytest.mark.parametrize("causal", [True, False])
 def test_splash_matches_xla(causal):
   segments = jnp.asarray(packed_segments())
-  assert_matches(lambda q, k, v: pallas_attention.splash_attention(
-      q, k, v, segments, segments, causal=causal, block_size=128, interpret=True), segments, causal)
+  assert_matches(
+    lambda q, k, v: pallas_attention.splash_attention(
+      q, k, v, segments, segments, causal=causal, block_size=128, interpret=True
+    ),
+    segments,
+    causal,
+  )
 
 
 def test_triton_matches_xla():
   segments = jnp.asarray(packed_segments())
-  assert_matches(lambda q, k, v: pallas_attention.triton_attention(
-      q, k, v, segments, causal=True, block_size=64, interpret=True), segments, True)
+  assert_matches(
+    lambda q, k, v: pallas_attention.triton_attention(q, k, v, segments, causal=True, block_size=64, interpret=True),
+    segments,
+    True,
+  )
 
 
 def test_splash_block_size_must_fit_the_sequence():
   q, k, v = qkv()
   segments = jnp.asarray(packed_segments())
   with pytest.raises(config_lib.ConfigError, match="model.attention_block_size"):
-    pallas_attention.splash_attention(q[:, :192], k[:, :192], v[:, :192], segments[:, :192], segments[:, :192],
-                                      causal=True, block_size=128, interpret=True)
+    pallas_attention.splash_attention(
+      q[:, :192],
+      k[:, :192],
+      v[:, :192],
+      segments[:, :192],
+      segments[:, :192],
+      causal=True,
+      block_size=128,
+      interpret=True,
+    )
 
 
 def train_step_metrics(attention_impl: str) -> dict:
@@ -89,9 +108,16 @@ def train_step_metrics(attention_impl: str) -> dict:
   segments = np.where(np.arange(128) < 50, 1, 2)[None].repeat(8, 0).astype(np.int32)
   segments[:, 120:] = 0  # padding
   positions = np.where(segments == 2, np.arange(128) - 50, np.arange(128)).astype(np.int32)
-  batch = sharding.global_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": segments,
-                                 "positions": positions, "weights": (segments != 0).astype(np.float32)},
-                                s.batch_sharding)
+  batch = sharding.global_batch(
+    {
+      "inputs": tokens[:, :-1],
+      "targets": tokens[:, 1:],
+      "segment_ids": segments,
+      "positions": positions,
+      "weights": (segments != 0).astype(np.float32),
+    },
+    s.batch_sharding,
+  )
   _, metrics = train_step.make_train_step(s)(state, batch, jax.random.key(0))
   return {key: float(value) for key, value in metrics.items()}
 
@@ -119,6 +145,7 @@ def test_through_the_ops_layer_on_a_mesh(attention_impl, kernel, xla_metrics, mo
 def test_splash_compiles_for_tpu_without_a_tpu(tmp_path):
   """Mosaic compiles the splash kernels for v5e on this CPU host: the train step carries TPU custom calls."""
   from jaxlm.training import aot
+
   config = tiny_config(attention_impl="splash", num_kv_heads=2, dtype="bfloat16")
   config.data.seq_len = config.model.max_len = 256
   config.model.attention_block_size = 128

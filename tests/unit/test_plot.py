@@ -11,18 +11,33 @@ from jaxlm.cli import main  # noqa: E402
 from jaxlm.training import plot
 
 
-def fake_run(directory, steps: int = 60, eval_every: int = 20, batch: int = 8, seq_len: int = 32, offset=0.0,
-             resumed_at: int | None = None):
+def fake_run(
+  directory,
+  steps: int = 60,
+  eval_every: int = 20,
+  batch: int = 8,
+  seq_len: int = 32,
+  offset=0.0,
+  resumed_at: int | None = None,
+):
   """A run folder with config.json and the metrics.jsonl rows `jaxlm train` writes (train rows every step,
   validation rows every `eval_every`); `resumed_at` logs the steps after it twice, as a resumed run does."""
   directory.mkdir(parents=True)
-  (directory / "config.json").write_text(json.dumps({"train": {"global_batch_size": batch},
-                                                     "data": {"seq_len": seq_len}}))
+  (directory / "config.json").write_text(
+    json.dumps({"train": {"global_batch_size": batch}, "data": {"seq_len": seq_len}})
+  )
   rows = []
   for step in list(range(1, steps + 1)) + list(range((resumed_at or steps) + 1, steps + 1)):
-    rows.append({"step": step, "loss": 5.5 * math.exp(-step / 30) + 1 + offset,
-                 "learning_rate": 1e-3 * min(1, step / 10), "grad_norm": 2.0 / step ** 0.5,
-                 "tokens": batch * seq_len, "tokens_per_s": 900.0 + step})
+    rows.append(
+      {
+        "step": step,
+        "loss": 5.5 * math.exp(-step / 30) + 1 + offset,
+        "learning_rate": 1e-3 * min(1, step / 10),
+        "grad_norm": 2.0 / step**0.5,
+        "tokens": batch * seq_len,
+        "tokens_per_s": 900.0 + step,
+      }
+    )
     if step % eval_every == 0:
       rows.append({"step": step, "val_loss": 5.5 * math.exp(-step / 30) + 1.2 + offset})
   (directory / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -30,8 +45,11 @@ def fake_run(directory, steps: int = 60, eval_every: int = 20, batch: int = 8, s
 
 
 def test_figure_overlays_runs_with_one_line_per_metric_and_run(tmp_path):
-  runs = [fake_run(tmp_path / "baseline"), fake_run(tmp_path / "ablation", offset=0.3, resumed_at=40),
-          fake_run(tmp_path / "no_eval", eval_every=10 ** 6)]
+  runs = [
+    fake_run(tmp_path / "baseline"),
+    fake_run(tmp_path / "ablation", offset=0.3, resumed_at=40),
+    fake_run(tmp_path / "no_eval", eval_every=10**6),
+  ]
   fig = plot.figure(runs)
   axes = fig.axes
   assert [ax.get_title() for ax in axes[:5]] == [title for title, *_ in plot.PANELS]

@@ -8,15 +8,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from support import files_config, tiny_config
 
-from jaxlm.inference import decode, export, server as serve
-from jaxlm.models import quantize
 from jaxlm import hf, loader
 from jaxlm.cli import main
+from jaxlm.inference import decode, export
+from jaxlm.inference import server as serve
+from jaxlm.models import quantize
 from jaxlm.models import transformer as model_lib
 from jaxlm.tasks import evaluate
-
-from support import files_config, tiny_config
 
 
 def test_per_channel_int8_round_trip():
@@ -28,7 +28,9 @@ def test_per_channel_int8_round_trip():
   assert q["embedder"]["token"]["embedding"]["scale"].shape == (260, 1)
   assert quantize.is_quantized(q) and not quantize.is_quantized(params)
   restored = quantize.materialize(q)
-  for w, r, qq in zip(jax.tree.leaves(params), jax.tree.leaves(restored), jax.tree.leaves(q, is_leaf=quantize._is_quantized)):
+  for w, r, qq in zip(
+    jax.tree.leaves(params), jax.tree.leaves(restored), jax.tree.leaves(q, is_leaf=quantize._is_quantized)
+  ):
     if isinstance(qq, dict):
       assert np.all(np.abs(np.asarray(w) - np.asarray(r)) <= np.asarray(qq["scale"]) / 2 + 1e-7)
     else:
@@ -73,14 +75,23 @@ def test_quantized_model_generates_close_to_float(run_dir, capsys):
   prompts = [[2, 70, 71, 72, 73, 74]]
   assert len(int8_gen.generate(prompts, 8)[0]) == 8
   _, float_logits, _ = jax.jit(float_gen.adapter.prefill, static_argnums=2)(
-      run.params, {"tokens_BxP": jnp.asarray(prompts), "lengths_B": jnp.array([6])}, 16)
+    run.params, {"tokens_BxP": jnp.asarray(prompts), "lengths_B": jnp.array([6])}, 16
+  )
   _, int8_logits, _ = jax.jit(int8_gen.adapter.prefill, static_argnums=2)(
-      quantize.materialize(quantize.quantize_params(run.params)),
-      {"tokens_BxP": jnp.asarray(prompts), "lengths_B": jnp.array([6])}, 16)
-  assert np.abs(np.asarray(float_logits) - np.asarray(int8_logits)).max() < 0.05 * np.abs(np.asarray(float_logits)).max()
+    quantize.materialize(quantize.quantize_params(run.params)),
+    {"tokens_BxP": jnp.asarray(prompts), "lengths_B": jnp.array([6])},
+    16,
+  )
+  assert (
+    np.abs(np.asarray(float_logits) - np.asarray(int8_logits)).max() < 0.05 * np.abs(np.asarray(float_logits)).max()
+  )
   # The CLI streams text from the int8 weights too.
-  assert main.main(["generate", "--workdir", str(run_dir), "--prompt", "def f", "--max-tokens", "8", "--int8",
-                    "--ignore-eos"]) == 0
+  assert (
+    main.main(
+      ["generate", "--workdir", str(run_dir), "--prompt", "def f", "--max-tokens", "8", "--int8", "--ignore-eos"]
+    )
+    == 0
+  )
   expected = run.tokenizer.decode(int8_gen.generate([[2] + list(run.tokenizer.encode("def f"))], 8)[0])
   printed = capsys.readouterr()
   assert printed.out == "def f" + expected + "\n"  # the prompt, then what continues it
@@ -108,8 +119,12 @@ def test_the_int8_run_loads_in_generate_serve_eval_and_export(run_dir, int8_run,
   expected = tok.decode(int8_gen.generate([ids], 8)[0])
 
   capsys.readouterr()
-  assert main.main(["generate", "--workdir", str(int8_run), "--prompt", "def f", "--max-tokens", "8",
-                    "--ignore-eos", "--no-echo"]) == 0
+  assert (
+    main.main(
+      ["generate", "--workdir", str(int8_run), "--prompt", "def f", "--max-tokens", "8", "--ignore-eos", "--no-echo"]
+    )
+    == 0
+  )
   assert capsys.readouterr().out == expected + "\n"
 
   background = serve.BackgroundServer(serve.app_for_run(int8_run))

@@ -11,10 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from support import tiny_config
 
 import jaxlm
-from support import tiny_config
-from jaxlm import config as config_lib, families
+from jaxlm import config as config_lib
+from jaxlm import families
 from jaxlm.data import sources
 from jaxlm.ops import dispatch, register_attention
 
@@ -24,8 +25,9 @@ REGISTRIES = {PACKAGE / "families" / "__init__.py", PACKAGE / "data" / "sources.
 traced = []  # one entry per trace of `plain_attention`: proof that the model ran it
 
 
-def plain_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *, mask_Bx1xTxS, q_segment_ids_BxT, kv_segment_ids_BxS,
-                    causal, model_cfg):
+def plain_attention(
+  q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *, mask_Bx1xTxS, q_segment_ids_BxT, kv_segment_ids_BxS, causal, model_cfg
+):
   """softmax(q k^T / sqrt(H), masked) v, written out: an attention implementation from outside jaxlm."""
   del q_segment_ids_BxT, kv_segment_ids_BxS, causal, model_cfg  # the mask already says what each query sees
   traced.append(q_BxTxNxH.shape)
@@ -52,8 +54,11 @@ def registered():
   """A family, an attention implementation and a data source of this module, registered for one test."""
   family = families.register(dataclasses.replace(families.get("decoder"), name="decoder_twin"))
   register_attention("plain", plain_attention)
-  source = sources.register(sources.Source(name="counting", documents=counting_documents,
-                                           families=("decoder", "decoder_twin"), check=check_counting))
+  source = sources.register(
+    sources.Source(
+      name="counting", documents=counting_documents, families=("decoder", "decoder_twin"), check=check_counting
+    )
+  )
   traced.clear()
   try:
     yield family, source
@@ -79,11 +84,14 @@ def test_what_is_registered_outside_jaxlm_is_validated_and_trained(registered, t
   assert jaxlm.load(tmp_path).config.model.family == "decoder_twin"
 
 
-@pytest.mark.parametrize("key, value, registered_name", [
+@pytest.mark.parametrize(
+  "key, value, registered_name",
+  [
     ("model.family", "nope", "decoder_twin"),
     ("model.attention_impl", "nope", "plain"),
     ("data.source", "nope", "counting"),
-])
+  ],
+)
 def test_an_unregistered_name_is_refused_with_the_choices(registered, key, value, registered_name):
   config = config_lib.apply_overrides(registered_config(), [f"--config.{key}={value}"])
   with pytest.raises(config_lib.ConfigError, match=f"config key '{key}' is 'nope'; choose one of ") as error:
@@ -98,8 +106,10 @@ def test_a_registered_source_checks_its_config_and_the_families_it_feeds(registe
     config_lib.validate(config, jax.device_count())
   config = registered_config()
   config.model.family, config.model.norm_position = "encoder", "post"
-  with pytest.raises(config_lib.ConfigError, match="data.source='counting' feeds the decoder or decoder_twin family, "
-                                                   "not model.family='encoder'"):
+  with pytest.raises(
+    config_lib.ConfigError,
+    match="data.source='counting' feeds the decoder or decoder_twin family, not model.family='encoder'",
+  ):
     config_lib.validate(config, jax.device_count())
 
 
@@ -107,7 +117,15 @@ def test_the_built_in_choices_come_from_the_registries():
   assert set(config_lib.allowed("model.family").choices) == set(families.names()) >= {"decoder", "encoder_qa"}
   assert config_lib.allowed("model.attention_impl").choices == ("xla", "cudnn", "splash", "triton")
   assert set(config_lib.allowed("data.source").choices) == {
-      "stdlib", "files", "tfds", "codesum", "prepared", "jsonl", "squad", "stdlib_packages"}
+    "stdlib",
+    "files",
+    "tfds",
+    "codesum",
+    "prepared",
+    "jsonl",
+    "squad",
+    "stdlib_packages",
+  }
 
 
 def test_the_weight_free_marks_name_schema_keys():
@@ -119,6 +137,7 @@ def test_the_weight_free_marks_name_schema_keys():
 def string_comparisons(tree: ast.AST) -> list[int]:
   """Lines comparing something named `family` or `source` (`x.family`, `d["source"]`, `family`) with ==, !=, in
   or not in to a string or a collection of strings."""
+
   def named(node) -> bool:
     if isinstance(node, ast.Attribute):
       return node.attr in ("family", "source")
@@ -133,8 +152,7 @@ def string_comparisons(tree: ast.AST) -> list[int]:
 
   lines = []
   for node in ast.walk(tree):
-    if isinstance(node, ast.Compare) and all(isinstance(op, (ast.Eq, ast.NotEq, ast.In, ast.NotIn))
-                                             for op in node.ops):
+    if isinstance(node, ast.Compare) and all(isinstance(op, (ast.Eq, ast.NotEq, ast.In, ast.NotIn)) for op in node.ops):
       operands = [node.left, *node.comparators]
       if any(map(named, operands)) and any(map(strings, operands)):
         lines.append(node.lineno)
@@ -148,6 +166,10 @@ def test_the_scan_finds_a_comparison():
 
 
 def test_no_family_or_source_is_compared_to_a_name_outside_the_registries():
-  found = [f"{path.relative_to(PACKAGE.parent)}:{line}" for path in sorted(PACKAGE.rglob("*.py"))
-           if path not in REGISTRIES for line in string_comparisons(ast.parse(path.read_text()))]
+  found = [
+    f"{path.relative_to(PACKAGE.parent)}:{line}"
+    for path in sorted(PACKAGE.rglob("*.py"))
+    if path not in REGISTRIES
+    for line in string_comparisons(ast.parse(path.read_text()))
+  ]
   assert not found, "look the family or data source up in its registry instead: " + ", ".join(found)

@@ -11,13 +11,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from jaxlm.inference import decode, logprobs as scoring, server as serve
-from jaxlm import hf, loader
-from jaxlm.models import transformer as model_lib
-from jaxlm.data import tokenizer as tokenizer_lib
-
 from support import files_config
+
+from jaxlm import hf, loader
+from jaxlm.data import tokenizer as tokenizer_lib
+from jaxlm.inference import decode
+from jaxlm.inference import logprobs as scoring
+from jaxlm.inference import server as serve
+from jaxlm.models import transformer as model_lib
 
 JSON = {"Content-Type": "application/json"}
 
@@ -62,12 +63,27 @@ async def post(session, url, body, headers=JSON):
     return response.status, await response.json()
 
 
-GOOD = [{"prompt": f"def f{i}(x):", "max_tokens": 4 + i % 5, "temperature": 0.8 * (i % 2), "seed": i,
-         "top_p": 0.9, "top_k": 40 * (i % 3)} for i in range(24)]
-BAD = [(b"{not json", "body"), ({"prompt": 3}, "prompt"), ({"prompt": ""}, "prompt"),
-       ({"prompt": "x" * 80}, "prompt"), ({"prompt": "hi", "max_tokens": 62}, "max_tokens"),
-       ({"prompt": "hi", "nonsense": 1}, "nonsense"), ({"prompt": "hi", "top_p": 0}, "top_p"),
-       ({"prompt": "hi", "stop": [1]}, "stop")]
+GOOD = [
+  {
+    "prompt": f"def f{i}(x):",
+    "max_tokens": 4 + i % 5,
+    "temperature": 0.8 * (i % 2),
+    "seed": i,
+    "top_p": 0.9,
+    "top_k": 40 * (i % 3),
+  }
+  for i in range(24)
+]
+BAD = [
+  (b"{not json", "body"),
+  ({"prompt": 3}, "prompt"),
+  ({"prompt": ""}, "prompt"),
+  ({"prompt": "x" * 80}, "prompt"),
+  ({"prompt": "hi", "max_tokens": 62}, "max_tokens"),
+  ({"prompt": "hi", "nonsense": 1}, "nonsense"),
+  ({"prompt": "hi", "top_p": 0}, "top_p"),
+  ({"prompt": "hi", "stop": [1]}, "stop"),
+]
 
 
 def test_concurrent_requests_with_bad_ones_mixed_in(server, expected_text):
@@ -85,25 +101,31 @@ def test_concurrent_requests_with_bad_ones_mixed_in(server, expected_text):
 
   batches_before = app[serve.ENGINE].batches
   results = asyncio.run(main())
-  for (status, body), request in zip(results[:len(GOOD)], GOOD):
+  for (status, body), request in zip(results[: len(GOOD)], GOOD):
     assert status == 200, body
     choice = body["choices"][0]
-    assert choice["text"] == expected_text(request["prompt"], request["max_tokens"], request["temperature"],
-                                           request["seed"], request["top_k"], request["top_p"])
+    assert choice["text"] == expected_text(
+      request["prompt"],
+      request["max_tokens"],
+      request["temperature"],
+      request["seed"],
+      request["top_k"],
+      request["top_p"],
+    )
     assert body["usage"]["completion_tokens"] <= request["max_tokens"]
-  for (status, body), (_, field) in zip(results[len(GOOD):], BAD):
+  for (status, body), (_, field) in zip(results[len(GOOD) :], BAD):
     assert status == 400 and body["error"]["param"] == field, body
   # 24 good requests took far fewer decode batches: waiting requests were grouped.
   assert app[serve.ENGINE].batches - batches_before <= 12
   # Ids are unique, not a counter.
-  ids = [body["id"] for _, body in results[:len(GOOD)]]
+  ids = [body["id"] for _, body in results[: len(GOOD)]]
   assert len(set(ids)) == len(ids) and "cmpl-0" not in ids
 
 
 async def _events(session, url, body):
   async with session.post(url + "/v1/completions", json=body) as r:
     assert r.headers["Content-Type"].startswith("text/event-stream")
-    return [line[len(b"data: "):].strip() async for line in r.content if line.startswith(b"data: ")]
+    return [line[len(b"data: ") :].strip() async for line in r.content if line.startswith(b"data: ")]
 
 
 def test_streaming_and_stop_strings(server, expected_text):
@@ -122,7 +144,7 @@ def test_streaming_and_stop_strings(server, expected_text):
   chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
   assert "".join(c["text"] for c in chunks) == full
   assert chunks[-1]["finish_reason"] in ("stop", "length") and len(chunks) > 2
-  assert status == 200 and stopped["choices"][0]["text"] == full[:full.index(stop)]
+  assert status == 200 and stopped["choices"][0]["text"] == full[: full.index(stop)]
   assert stopped["choices"][0]["finish_reason"] == "stop"
 
 
@@ -139,15 +161,25 @@ def test_n_logprobs_echo_user_and_model(server, run_dir, loaded, expected_text, 
   background, _ = server
   tok = loaded.tokenizer
   prompt = "def parse(text):"
-  sampled = {"prompt": prompt, "max_tokens": 6, "n": 3, "temperature": 0.9, "seed": 5, "user": "someone",
-             "model": run_dir.resolve().name}
+  sampled = {
+    "prompt": prompt,
+    "max_tokens": 6,
+    "n": 3,
+    "temperature": 0.9,
+    "seed": 5,
+    "user": "someone",
+    "model": run_dir.resolve().name,
+  }
   scored = {"prompt": prompt, "max_tokens": 6, "logprobs": 3, "echo": True}
 
   async def main():
     async with aiohttp.ClientSession() as session:
-      return (await post(session, background.url, sampled), await post(session, background.url, scored),
-              await _events(session, background.url, {**scored, "stream": True, "n": 2}),
-              await post(session, background.url, {"prompt": prompt, "model": "other"}))
+      return (
+        await post(session, background.url, sampled),
+        await post(session, background.url, scored),
+        await _events(session, background.url, {**scored, "stream": True, "n": 2}),
+        await post(session, background.url, {"prompt": prompt, "model": "other"}),
+      )
 
   with caplog.at_level(logging.INFO, logger="jaxlm.inference.server"):
     (status, many), (status2, body), events, (status3, wrong_model) = asyncio.run(main())
@@ -168,13 +200,13 @@ def test_n_logprobs_echo_user_and_model(server, run_dir, loaded, expected_text, 
   assert logprobs["tokens"] == [scoring.token_text(tok, i) for i in prompt_ids + completion_ids]
   np.testing.assert_allclose(logprobs["token_logprobs"], want, atol=2e-4)
   offsets = logprobs["text_offset"]
-  assert offsets[:len(prompt) + 1] == list(range(len(prompt) + 1))  # one ASCII byte per prompt token
+  assert offsets[: len(prompt) + 1] == list(range(len(prompt) + 1))  # one ASCII byte per prompt token
   assert offsets == sorted(offsets) and offsets[-1] < len(prompt + completion)
   for top, ids, chosen in zip(logprobs["top_logprobs"], want_top, want):
     assert list(top) == [scoring.token_text(tok, int(i)) for i in ids[:3]]
     assert max(top.values()) >= chosen - 2e-4
   # Greedy: each completion token is its step's most likely one.
-  for top, lp in zip(logprobs["top_logprobs"][len(prompt_ids):], logprobs["token_logprobs"][len(prompt_ids):]):
+  for top, lp in zip(logprobs["top_logprobs"][len(prompt_ids) :], logprobs["token_logprobs"][len(prompt_ids) :]):
     assert max(top.values()) == pytest.approx(lp, abs=1e-6)
 
   # Streaming n=2 with echo and logprobs: each choice's chunks add up to the same text and log-probabilities.
@@ -189,41 +221,47 @@ def test_n_logprobs_echo_user_and_model(server, run_dir, loaded, expected_text, 
   assert status3 == 404 and wrong_model["error"]["param"] == "model"
   lines = [r.getMessage() for r in caplog.records if r.name == "jaxlm.inference.server"]
   new_tokens = many["usage"]["completion_tokens"]
-  assert any(many["id"] in line and " 200 " in line and "prompt_tokens=17" in line
-             and f"new_tokens={new_tokens}" in line and "latency=" in line for line in lines), lines
+  assert any(
+    many["id"] in line
+    and " 200 " in line
+    and "prompt_tokens=17" in line
+    and f"new_tokens={new_tokens}" in line
+    and "latency=" in line
+    for line in lines
+  ), lines
   assert sum(many["id"] in line for line in lines) == 1
 
 
 NESTED = b"[" * 100_000 + b"]" * 100_000
 FUZZ = [  # (method, path, body, headers, status, param)
-    ("POST", "/v1/completions", b'{"prompt": "\\ud800"}', JSON, 400, "prompt"),
-    ("POST", "/v1/completions", b'{"prompt": "hi", "stop": "\\udfff"}', JSON, 400, "stop"),
-    ("POST", "/v1/completions", NESTED, JSON, 400, "body"),
-    ("POST", "/v1/completions", b'{"prompt": "hi"}', {"Content-Type": "text/plain"}, 415, "Content-Type"),
-    ("POST", "/v1/completions", b'{"prompt": "hi"}', {}, 415, "Content-Type"),
-    ("POST", "/v1/completions", b'{"prompt": "hi", "temperature": NaN}', JSON, 400, "body"),
-    ("POST", "/v1/completions", b'{"prompt": "hi", "temperature": Infinity}', JSON, 400, "body"),
-    ("POST", "/v1/completions", b'{"prompt": "hi", "temperature": 1e999}', JSON, 400, "temperature"),
-    ("POST", "/v1/completions", b'{"prompt": "hi", "top_k": 1e9}', JSON, 400, "top_k"),
-    ("POST", "/v1/completions", b'{"prompt": "hi", "top_k": 1000000000}', JSON, 400, "top_k"),
-    ("POST", "/v1/completions", b'{"prompt": "hi", "top_k": 100000000000000000000}', JSON, 400, "top_k"),
-    ("POST", "/v1/completions", b'{"prompt": "hi", "seed": -1}', JSON, 400, "seed"),
-    ("POST", "/v1/completions", b'{"prompt": "hi", "n": 0}', JSON, 400, "n"),
-    ("POST", "/v1/completions", b'{"prompt": "hi", "n": 1000}', JSON, 400, "n"),
-    ("POST", "/v1/completions", b'{"prompt": "hi", "logprobs": 6}', JSON, 400, "logprobs"),
-    ("POST", "/v1/completions", b'{"prompt": "hi", "logprobs": true}', JSON, 400, "logprobs"),
-    ("POST", "/v1/completions", b'{"prompt": "hi", "echo": 1}', JSON, 400, "echo"),
-    ("POST", "/v1/completions", b'{"prompt": "hi", "stream": "yes"}', JSON, 400, "stream"),
-    ("POST", "/v1/completions", b'{"prompt": "hi", "user": 7}', JSON, 400, "user"),
-    ("POST", "/v1/completions", b'{"prompt": ["hi"]}', JSON, 400, "prompt"),
-    ("POST", "/v1/completions", b'{"prompt": "hi", "best_of": 2}', JSON, 400, "best_of"),
-    ("POST", "/v1/completions", b"[]", JSON, 400, "body"),
-    ("POST", "/v1/completions", b"\xff\xfe", JSON, 400, "body"),
-    ("POST", "/v1/completions", b"", JSON, 400, "body"),
-    ("POST", "/v1/completions", b'{"prompt": "' + b"x" * (2 << 20) + b'"}', JSON, 413, "body"),
-    ("GET", "/v1/completions", None, {}, 405, "method"),
-    ("GET", "/nowhere", None, {}, 404, "path"),
-    ("POST", "/v1/chat/completions", b"{}", JSON, 400, "messages"),  # the route exists (tests/integration/test_chat.py)
+  ("POST", "/v1/completions", b'{"prompt": "\\ud800"}', JSON, 400, "prompt"),
+  ("POST", "/v1/completions", b'{"prompt": "hi", "stop": "\\udfff"}', JSON, 400, "stop"),
+  ("POST", "/v1/completions", NESTED, JSON, 400, "body"),
+  ("POST", "/v1/completions", b'{"prompt": "hi"}', {"Content-Type": "text/plain"}, 415, "Content-Type"),
+  ("POST", "/v1/completions", b'{"prompt": "hi"}', {}, 415, "Content-Type"),
+  ("POST", "/v1/completions", b'{"prompt": "hi", "temperature": NaN}', JSON, 400, "body"),
+  ("POST", "/v1/completions", b'{"prompt": "hi", "temperature": Infinity}', JSON, 400, "body"),
+  ("POST", "/v1/completions", b'{"prompt": "hi", "temperature": 1e999}', JSON, 400, "temperature"),
+  ("POST", "/v1/completions", b'{"prompt": "hi", "top_k": 1e9}', JSON, 400, "top_k"),
+  ("POST", "/v1/completions", b'{"prompt": "hi", "top_k": 1000000000}', JSON, 400, "top_k"),
+  ("POST", "/v1/completions", b'{"prompt": "hi", "top_k": 100000000000000000000}', JSON, 400, "top_k"),
+  ("POST", "/v1/completions", b'{"prompt": "hi", "seed": -1}', JSON, 400, "seed"),
+  ("POST", "/v1/completions", b'{"prompt": "hi", "n": 0}', JSON, 400, "n"),
+  ("POST", "/v1/completions", b'{"prompt": "hi", "n": 1000}', JSON, 400, "n"),
+  ("POST", "/v1/completions", b'{"prompt": "hi", "logprobs": 6}', JSON, 400, "logprobs"),
+  ("POST", "/v1/completions", b'{"prompt": "hi", "logprobs": true}', JSON, 400, "logprobs"),
+  ("POST", "/v1/completions", b'{"prompt": "hi", "echo": 1}', JSON, 400, "echo"),
+  ("POST", "/v1/completions", b'{"prompt": "hi", "stream": "yes"}', JSON, 400, "stream"),
+  ("POST", "/v1/completions", b'{"prompt": "hi", "user": 7}', JSON, 400, "user"),
+  ("POST", "/v1/completions", b'{"prompt": ["hi"]}', JSON, 400, "prompt"),
+  ("POST", "/v1/completions", b'{"prompt": "hi", "best_of": 2}', JSON, 400, "best_of"),
+  ("POST", "/v1/completions", b"[]", JSON, 400, "body"),
+  ("POST", "/v1/completions", b"\xff\xfe", JSON, 400, "body"),
+  ("POST", "/v1/completions", b"", JSON, 400, "body"),
+  ("POST", "/v1/completions", b'{"prompt": "' + b"x" * (2 << 20) + b'"}', JSON, 413, "body"),
+  ("GET", "/v1/completions", None, {}, 405, "method"),
+  ("GET", "/nowhere", None, {}, 404, "path"),
+  ("POST", "/v1/chat/completions", b"{}", JSON, 400, "messages"),  # the route exists (tests/integration/test_chat.py)
 ]
 
 
@@ -261,11 +299,12 @@ class _SlowBytes:
     self.scores = {}
 
   def stream(self, prompts, max_new_tokens, sampling, stop_ids, batch_size):
-    for t, token in enumerate(self.tokens[:max_new_tokens[0]]):
+    for t, token in enumerate(self.tokens[: max_new_tokens[0]]):
       time.sleep(self.delay)
       last = t + 1 == min(len(self.tokens), max_new_tokens[0])
-      yield decode.StepOutput(np.full(batch_size, token), np.ones(batch_size, bool), np.zeros(batch_size, bool),
-                              np.full(batch_size, last))
+      yield decode.StepOutput(
+        np.full(batch_size, token), np.ones(batch_size, bool), np.zeros(batch_size, bool), np.full(batch_size, last)
+      )
 
 
 def test_streams_whole_characters_and_a_disconnect_is_one_log_line(caplog):

@@ -1,10 +1,11 @@
 """Sharding helpers that run before anything compiles."""
 
 import pytest
-
 from support import tiny_config
+
 from jaxlm import config as config_lib
-from jaxlm.parallel import mesh as mesh_lib, sharding
+from jaxlm.parallel import mesh as mesh_lib
+from jaxlm.parallel import sharding
 from jaxlm.training import step as train_step
 
 

@@ -1,11 +1,15 @@
 """SentencePiece training (spm.py): round-trip, ids, and the copy saved with the run."""
 
-from jaxlm.data import spm, tokenizer as tokenizer_lib
-
 from support import tiny_config
 
-SENTENCES = [f"Return the {w} of the {v} in line {i}." for i in range(200)
-             for w, v in [("length", "list"), ("sum", "values"), ("name", "module")]]
+from jaxlm.data import spm
+from jaxlm.data import tokenizer as tokenizer_lib
+
+SENTENCES = [
+  f"Return the {w} of the {v} in line {i}."
+  for i in range(200)
+  for w, v in [("length", "list"), ("sum", "values"), ("name", "module")]
+]
 
 
 def test_trained_vocabulary_round_trips_and_travels_with_the_run(tmp_path):

@@ -6,12 +6,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from support import tiny_config
-from jaxlm import config as config_lib, families
-from jaxlm.tasks import evaluate, squad, metrics as task_metrics
-from jaxlm.training import trainer
+
+from jaxlm import config as config_lib
+from jaxlm import families
 from jaxlm.data.tokenizer import ByteTokenizer
+from jaxlm.tasks import evaluate, squad
+from jaxlm.tasks import metrics as task_metrics
+from jaxlm.training import trainer
 
 CONTEXT = "The quick brown fox jumps over the lazy dog near the old river bank today"
 EXAMPLE = squad.Example("Who jumps?", CONTEXT, ("brown fox",), (CONTEXT.index("brown fox"),))
@@ -19,9 +21,10 @@ EXAMPLE = squad.Example("Who jumps?", CONTEXT, ("brown fox",), (CONTEXT.index("b
 
 def squad_json(path, items):
   """Writes SQuAD-format JSON: items are (context, question, answer text)."""
-  paragraphs = [{"context": c, "qas": [{"id": str(i), "question": q,
-                                        "answers": [{"text": a, "answer_start": c.index(a)}]}]}
-                for i, (c, q, a) in enumerate(items)]
+  paragraphs = [
+    {"context": c, "qas": [{"id": str(i), "question": q, "answers": [{"text": a, "answer_start": c.index(a)}]}]}
+    for i, (c, q, a) in enumerate(items)
+  ]
   path.write_text(json.dumps({"version": "1.1", "data": [{"title": "t", "paragraphs": paragraphs}]}))
   return path
 
@@ -39,8 +42,8 @@ def test_windows_cover_the_context_and_hold_the_answer_where_whole():
     seen_words |= {w for w in feature.word_of if w >= 0}
     if feature.start:
       answers += 1
-      assert tok.decode(feature.ids[feature.start:feature.end + 1]) == "brown fox"
-      assert set(feature.token_types[feature.start:feature.end + 1]) == {1}
+      assert tok.decode(feature.ids[feature.start : feature.end + 1]) == "brown fox"
+      assert set(feature.token_types[feature.start : feature.end + 1]) == {1}
     else:
       assert feature.end == 0  # no whole answer: both point at BOS, as BERT's [CLS]
   assert seen_words == set(range(len(CONTEXT.split())))
@@ -49,9 +52,12 @@ def test_windows_cover_the_context_and_hold_the_answer_where_whole():
 
 
 def test_best_span_of_perfect_logits_is_the_gold_answer():
-  rows = squad.SquadRows([EXAMPLE, squad.Example("Where?", CONTEXT, ("old river bank",),
-                                                 (CONTEXT.index("old river bank"),))],
-                         ByteTokenizer(), seq_len=40, doc_stride=10)
+  rows = squad.SquadRows(
+    [EXAMPLE, squad.Example("Where?", CONTEXT, ("old river bank",), (CONTEXT.index("old river bank"),))],
+    ByteTokenizer(),
+    seq_len=40,
+    doc_stride=10,
+  )
   logits = np.zeros((len(rows), 2, 40))
   for i, feature in enumerate(rows.features):
     if feature.start:  # one-hot at the targets of the windows that hold the answer
@@ -106,8 +112,9 @@ def test_span_head_masks_padding():
 @pytest.mark.slow  # trains and evaluates: about a minute on a busy 2-core machine
 def test_train_then_eval_reports_exact_match_and_f1(tmp_path):
   words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
-  train = [(" ".join(words[i:] + words[:i]), f"Where is {words[(i + 2) % 10]}?", words[(i + 2) % 10])
-           for i in range(10)]
+  train = [
+    (" ".join(words[i:] + words[:i]), f"Where is {words[(i + 2) % 10]}?", words[(i + 2) % 10]) for i in range(10)
+  ]
   # validation: the answer is the first context word once in two, so the first-word baseline
   # (training answers are one word long) scores EM 50 and F1 50
   validation = [(" ".join(words), "First?", "alpha"), (" ".join(words), "Third?", "gamma")]

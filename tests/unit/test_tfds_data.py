@@ -3,14 +3,13 @@
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from support import tiny_config
 
 from jaxlm import config as config_lib
-from jaxlm.tasks import seq2seq as seq2seq_data
 from jaxlm.data import tfds_data
-from jaxlm.training import trainer
 from jaxlm.data.tokenizer import ByteTokenizer
-
-from support import tiny_config
+from jaxlm.tasks import seq2seq as seq2seq_data
+from jaxlm.training import trainer
 
 
 def tfds_config(name, family="decoder", **data):
@@ -65,7 +64,9 @@ def test_missing_data_is_a_one_line_config_error_without_download(tmp_path):
 
 
 def test_prepared_tfds_split_gives_the_in_memory_rows(tmp_path):
-  from jaxlm.data import prepare, shards as prepared
+  from jaxlm.data import prepare
+  from jaxlm.data import shards as prepared
+
   c = tfds_config("tiny_shakespeare", max_examples=30)
   with tfds.testing.mock_data(num_examples=40):
     prepare.prepare(c, tmp_path, splits=("train",), workers=1, show_progress=False)

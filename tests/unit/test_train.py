@@ -3,12 +3,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
-
-from jaxlm.parallel import mesh as mesh_lib, sharding
-from jaxlm.training import step as train_lib
-
 from support import tiny_config
+
+from jaxlm.parallel import mesh as mesh_lib
+from jaxlm.parallel import sharding
+from jaxlm.training import step as train_lib
 
 
 def make_batch(cfg, seed=0):
@@ -21,8 +20,13 @@ def make_batch(cfg, seed=0):
   segments[-2:, -5:] = 0
   positions = np.where(segments == 1, np.arange(t)[None], np.arange(t)[None] - cut[:, None]).astype(np.int32)
   weights = (segments > 0).astype(np.float32)
-  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": segments,
-          "positions": np.where(segments > 0, positions, 0), "weights": weights}
+  return {
+    "inputs": tokens[:, :-1],
+    "targets": tokens[:, 1:],
+    "segment_ids": segments,
+    "positions": np.where(segments > 0, positions, 0),
+    "weights": weights,
+  }
 
 
 def one_step(cfg, batch, seed=0):
