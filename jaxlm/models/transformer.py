@@ -41,6 +41,19 @@ def default_segments(tokens_BxT: Array, segment_ids_BxT: Array | None, positions
   return segment_ids_BxT, positions_BxT
 
 
+def _causal_mask(
+  segment_ids_BxT: Array, kv_segment_ids_BxS: Array | None, cache_index_BxT: Array | None, decoding: bool
+) -> Array:
+  """The causal self-attention mask: over the filled cache slots (`kv_segment_ids_BxS`, each query at its
+  `cache_index_BxT`) while decoding with the cache, else within each packed segment."""
+  if decoding and kv_segment_ids_BxS is not None:
+    kv_index_BxS = jnp.arange(kv_segment_ids_BxS.shape[1])[None]
+    return layers.attention_mask(
+      segment_ids_BxT, kv_segment_ids_BxS, causal=True, q_index_BxT=cache_index_BxT, kv_index_BxS=kv_index_BxS
+    )
+  return layers.segment_mask(segment_ids_BxT, segment_ids_BxT, causal=True)
+
+
 class DecoderLM(nn.Module):
   """Decoder-only language model: tokens (or their embeddings) -> next-token logits B x T x V.
 
@@ -101,16 +114,7 @@ class DecoderLM(nn.Module):
       raise ValueError("DecoderLM takes tokens_BxT or inputs_embeds_BxTxD, exactly one of them")
     shape_BxT = tokens_BxT if tokens_BxT is not None else jnp.zeros(inputs_embeds_BxTxD.shape[:2], jnp.int32)
     segment_ids_BxT, positions_BxT = default_segments(shape_BxT, segment_ids_BxT, positions_BxT)
-    if self.decode and kv_segment_ids_BxS is not None:
-      mask = layers.attention_mask(
-        segment_ids_BxT,
-        kv_segment_ids_BxS,
-        causal=True,
-        q_index_BxT=cache_index_BxT,
-        kv_index_BxS=jnp.arange(kv_segment_ids_BxS.shape[1])[None],
-      )
-    else:
-      mask = layers.segment_mask(segment_ids_BxT, segment_ids_BxT, causal=True)
+    mask = _causal_mask(segment_ids_BxT, kv_segment_ids_BxS, cache_index_BxT, self.decode)
     x_BxTxD = self.embedder.embed(tokens_BxT, positions_BxT, inputs_embeds_BxTxD=inputs_embeds_BxTxD)
     embedded_BxTxD = x_BxTxD
     outputs = self.decoder(x_BxTxD, mask, positions_BxT, return_hidden_states=return_hidden_states)
@@ -181,16 +185,7 @@ class EncoderDecoder(nn.Module):
     """Target logits. While decoding with the cache, as in `DecoderLM`: `cache_index_BxT` gives each
     query's cache slot and `kv_segment_ids_BxS` marks the filled slots."""
     segment_ids_BxT, positions_BxT = default_segments(tokens_BxT, segment_ids_BxT, positions_BxT)
-    if self.decoding and kv_segment_ids_BxS is not None:
-      mask = layers.attention_mask(
-        segment_ids_BxT,
-        kv_segment_ids_BxS,
-        causal=True,
-        q_index_BxT=cache_index_BxT,
-        kv_index_BxS=jnp.arange(kv_segment_ids_BxS.shape[1])[None],
-      )
-    else:
-      mask = layers.segment_mask(segment_ids_BxT, segment_ids_BxT, causal=True)
+    mask = _causal_mask(segment_ids_BxT, kv_segment_ids_BxS, cache_index_BxT, self.decoding)
     # Source padding (segment 0) never matches a target segment, so it is never read.
     cross_mask = layers.segment_mask(segment_ids_BxT, input_segment_ids_BxS, causal=False)
     x_BxTxD = self.embedder.embed(tokens_BxT, positions_BxT)

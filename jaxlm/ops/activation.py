@@ -54,10 +54,7 @@ dispatch.register(
   "cpu",
   dispatch.Implementation(
     _cpu,
-    platforms=("cpu",),
-    dtypes=(jnp.float32,),
-    single_device=True,
-    automatic=True,
+    **cpu_kernels.WHERE_THEY_RUN,
     available=cpu_kernels.available,
     variants=("gelu",),
   ),

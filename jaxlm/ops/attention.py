@@ -132,10 +132,7 @@ register_attention("xla", _xla)
 register_attention(
   "cpu",
   _cpu,
-  platforms=("cpu",),
-  dtypes=(jnp.float32,),
-  single_device=True,
-  automatic=True,
+  **cpu_kernels.WHERE_THEY_RUN,
   available=cpu_kernels.available,
   packed=_cpu_packed,
 )

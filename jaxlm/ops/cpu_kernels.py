@@ -49,6 +49,10 @@ _SOURCES = sorted((Path(__file__).with_name("csrc")).glob("*.cc"))
 _HEADERS = sorted((Path(__file__).with_name("csrc")).glob("*.h"))
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC"]
 
+# Where these kernels run, for every op that registers one (`dispatch.Implementation`'s fields): chosen by the
+# dispatcher itself (never named by a config) for a CPU target of one device, in float32.
+WHERE_THEY_RUN = dict(platforms=("cpu",), dtypes=(jnp.float32,), single_device=True, automatic=True)
+
 
 def _cpu_signature() -> str:
   """The CPU's feature flags: a build for one instruction set must not load on another."""

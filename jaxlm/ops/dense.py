@@ -41,10 +41,7 @@ dispatch.register(
   "cpu",
   dispatch.Implementation(
     _cpu,
-    platforms=("cpu",),
-    dtypes=(jnp.float32,),
-    single_device=True,
-    automatic=True,
+    **cpu_kernels.WHERE_THEY_RUN,
     available=lambda: cpu_kernels.available() and cpu_kernels.blas() is not None,
   ),
 )

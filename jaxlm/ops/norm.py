@@ -30,9 +30,7 @@ dispatch.register("norm", "xla", dispatch.Implementation(_xla))
 dispatch.register(
   "norm",
   "cpu",
-  dispatch.Implementation(
-    _cpu, platforms=("cpu",), dtypes=(jnp.float32,), single_device=True, automatic=True, available=cpu_kernels.available
-  ),
+  dispatch.Implementation(_cpu, **cpu_kernels.WHERE_THEY_RUN, available=cpu_kernels.available),
 )
 
 
