@@ -44,3 +44,20 @@ def padding_row(seq_len: int) -> Batch:
     "positions": zeros,
     "weights": np.zeros(seq_len, np.float32),
   }
+
+
+def head_padding_row(seq_len: int, num_targets: int, token_keys=("inputs", "segment_ids", "positions")) -> Batch:
+  """A row of weight 0 for a task head's rows, to fill the last evaluation batch.
+
+  Args:
+    seq_len: the row's length in tokens.
+    num_targets: targets per row (a class label: 1; an answer span's start and end: 2).
+    token_keys: the per-token arrays the rows carry.
+
+  Returns:
+    Writable zero arrays: `seq_len` int32 for each of `token_keys`, `num_targets` int32 targets and float32 weights.
+  """
+  row = {key: np.zeros(seq_len, np.int32) for key in token_keys}
+  row["targets"] = np.zeros(num_targets, np.int32)
+  row["weights"] = np.zeros(num_targets, np.float32)
+  return row

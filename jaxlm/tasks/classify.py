@@ -28,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-from jaxlm.data import corpus, sources
+from jaxlm.data import corpus, packing, sources
 
 PACKAGES = (
   "asyncio",
@@ -118,14 +118,7 @@ class ClassificationRows:
 
   def padding_row(self) -> dict[str, np.ndarray]:
     """A row of weight 0, to fill the last evaluation batch."""
-    zeros = np.zeros(self.seq_len, np.int32)
-    return {
-      "inputs": zeros.copy(),
-      "segment_ids": zeros.copy(),
-      "positions": zeros.copy(),
-      "targets": np.zeros(1, np.int32),
-      "weights": np.zeros(1, np.float32),
-    }
+    return packing.head_padding_row(self.seq_len, num_targets=1)
 
 
 def stdlib_rows(config, tokenizer, split: str) -> ClassificationRows:

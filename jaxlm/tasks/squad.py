@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 
 from jaxlm.config import ConfigError
-from jaxlm.data import corpus, sources
+from jaxlm.data import corpus, packing, sources
 
 MAX_ANSWER_TOKENS = 64  # byte-level tokens: a few words
 MAX_QUESTION_SHARE = 4  # a question keeps at most seq_len // 4 tokens
@@ -201,15 +201,9 @@ class SquadRows:
 
   def padding_row(self) -> dict[str, np.ndarray]:
     """A row of weight 0, to fill the last evaluation batch."""
-    zeros = np.zeros(self.seq_len, np.int32)
-    return {
-      "inputs": zeros.copy(),
-      "segment_ids": zeros.copy(),
-      "positions": zeros.copy(),
-      "token_types": zeros.copy(),
-      "targets": np.zeros(2, np.int32),
-      "weights": np.zeros(2, np.float32),
-    }
+    return packing.head_padding_row(
+      self.seq_len, num_targets=2, token_keys=("inputs", "segment_ids", "positions", "token_types")
+    )
 
 
 def rows(config, tokenizer, split: str) -> SquadRows:

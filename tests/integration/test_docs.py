@@ -99,6 +99,11 @@ def test_readme_stays_short_and_its_test_command_is_what_ci_runs():
   assert len(readme.splitlines()) <= 150
   ci_command = (REPO / ".ci" / "run").read_text().strip().splitlines()[-1]
   assert f"```bash\n{ci_command}\n```" in readme
+  # Every page that shows how to run the tests shows the command CI runs.
+  for page in [REPO / "README.md", *DOCS.rglob("*.md")]:
+    for line in page.read_text().splitlines():
+      if "-m pytest" in line and "pip install" in line:
+        assert line == ci_command, f"{page.relative_to(REPO)}: {line}"
 
 
 @pytest.mark.slow
