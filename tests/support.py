@@ -19,7 +19,7 @@ from pathlib import Path
 from jaxlm import config as config_lib
 from jaxlm.data import sources
 from jaxlm.data.tokenizer import ByteTokenizer
-from jaxlm.tasks import classify as classify_data
+from jaxlm.tasks import classify
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = str(REPO / "configs" / "tiny.py")
@@ -296,7 +296,7 @@ def tiny_task(config, tokenizer, split):
   """Three classes; train is balanced, validation has labels [0, 0, 1, 2] (majority of train: 0)."""
   labels = [0, 1, 2] * 8 if split == "train" else [0, 0, 1, 2]
   texts = [f"{WORDS[label]} {i}" for i, label in enumerate(labels)]
-  return classify_data.ClassificationRows(texts, labels, tokenizer or ByteTokenizer(), config.data.seq_len)
+  return classify.ClassificationRows(texts, labels, tokenizer or ByteTokenizer(), config.data.seq_len)
 
 
 def use_tiny_task(monkeypatch):

@@ -180,16 +180,16 @@ def _tfds_pairs(config, split: str) -> list[tuple[str, str]]:
 
 def _answer_texts(data_config, split: str) -> list[bytes]:
   """The answers, which are what the loss is on (jaxlm/data/instruct.py)."""
-  from jaxlm.data import instruct as instruct_data  # local: only jsonl runs read records
+  from jaxlm.data import instruct  # local: only jsonl runs read records
 
-  return instruct_data.answer_texts(data_config, split)
+  return instruct.answer_texts(data_config, split)
 
 
 def _records(config, tokenizer: Tokenizer, split: str):
   """Prompt/completion and chat records, whole examples per row."""
-  from jaxlm.data import instruct as instruct_data
+  from jaxlm.data import instruct
 
-  return instruct_data.rows(config, tokenizer, split)
+  return instruct.rows(config, tokenizer, split)
 
 
 def _prepared_documents(data_config, split: str) -> list[bytes]:

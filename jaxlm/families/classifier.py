@@ -24,7 +24,7 @@ from jaxlm.families import decoder, encoder
 from jaxlm.models import heads
 from jaxlm.models import transformer as model_lib
 from jaxlm.parallel import sharding
-from jaxlm.tasks import classify as classify_data
+from jaxlm.tasks import classify
 from jaxlm.tasks import metrics as task_metrics
 from jaxlm.training import step as train_step
 
@@ -85,10 +85,10 @@ def evaluate(evaluation) -> dict:
   result = {"step": evaluation.step, **{k: v for k, v in scores.items() if k != "per_class"}}
   scored = evaluation.rows
   if len(gold) < len(scored):
-    scored = classify_data.ClassificationRows(
+    scored = classify.ClassificationRows(
       scored.texts[: len(gold)], scored.labels[: len(gold)], scored.tokenizer, scored.seq_len
     )
-  baselines = classify_data.baseline_predictions(rows(config, evaluation.tokenizer, "train"), scored, num_classes)
+  baselines = classify.baseline_predictions(rows(config, evaluation.tokenizer, "train"), scored, num_classes)
   for name, guesses in baselines.items():
     baseline = task_metrics.classification_scores(guesses, gold, num_classes)
     for key in ("accuracy", "macro_precision", "macro_recall", "macro_f1"):

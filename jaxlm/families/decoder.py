@@ -5,7 +5,7 @@ Evaluation: loss, perplexity and bits per byte, beside the bits per byte `gzip -
 same validation bytes: a language model is a compressor, and this shows where it stands against standard ones.
 On (source, target) pairs (`data.source='codesum'`) the decoder learns prompt -> completion
 (`jaxlm.tasks.seq2seq.PromptCompletionRows`) and is scored as the encoder-decoder is: loss, and BLEU of its
-completions beside the baselines (`seq2seq_data.evaluate`).
+completions beside the baselines (`seq2seq.evaluate`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from jaxlm.data import pipeline as data_lib
 from jaxlm.data import sources
 from jaxlm.inference import decode
 from jaxlm.models import transformer as model_lib
-from jaxlm.tasks import seq2seq as seq2seq_data
+from jaxlm.tasks import seq2seq
 
 
 def build(model_cfg: ModelConfig, decode: bool = False, deterministic: bool = True) -> model_lib.DecoderLM:
@@ -73,14 +73,14 @@ def rows(config: Config, tokenizer, split: str):
   """The split's random-access rows (whole config): prompt -> completion pairs on a source of pairs
   (`data.source='codesum'`), else packed documents or records (`jaxlm.data.pipeline.decoder_rows`)."""
   if _on_pairs(config):
-    return seq2seq_data.prompt_completion_rows(config, tokenizer, split)
+    return seq2seq.prompt_completion_rows(config, tokenizer, split)
   return data_lib.decoder_rows(config, tokenizer, split)
 
 
 def document_lines(config: Config) -> Iterator[str]:
   """The training documents' lines (whole config), for a SentencePiece vocabulary."""
   if _on_pairs(config):
-    yield from seq2seq_data.pair_lines(config)
+    yield from seq2seq.pair_lines(config)
     return
   for document in data_lib.load_documents(config.data, "train"):
     yield from document.decode("utf-8", errors="replace").splitlines()
@@ -98,9 +98,9 @@ def compression_bits_per_byte(text: bytes) -> dict[str, float]:
 def evaluate(evaluation) -> dict:
   """Loss, perplexity, accuracy and bits per byte on the validation split, beside gzip -9 and xz -9, and a
   one-line summary; on (source, target) pairs, loss and BLEU beside the baselines instead
-  (`seq2seq_data.evaluate`)."""
+  (`seq2seq.evaluate`)."""
   if _on_pairs(evaluation.config):
-    return seq2seq_data.evaluate(evaluation)
+    return seq2seq.evaluate(evaluation)
   byte_lengths = evaluation.tokenizer.byte_lengths()
   num_bytes = [0.0]
 

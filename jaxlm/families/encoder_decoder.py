@@ -1,7 +1,7 @@
 """The encoder-decoder family (Vaswani et al., 2017): source text -> target text.
 
 Batches: inputs, input_segment_ids, input_positions (source, B x S); decoder_inputs, targets, segment_ids,
-positions, weights (target, B x T), built by `jaxlm.tasks.seq2seq`. Evaluation (`seq2seq_data.evaluate`, shared
+positions, weights (target, B x T), built by `jaxlm.tasks.seq2seq`. Evaluation (`seq2seq.evaluate`, shared
 with a decoder trained on the same pairs): validation loss, and corpus BLEU (sacrebleu) of beam-search outputs,
 beside `codesum`'s baselines for code summarization or beside copying the source for translation.
 """
@@ -16,7 +16,7 @@ from jaxlm.config import ModelConfig
 from jaxlm.families import decoder
 from jaxlm.inference import decode
 from jaxlm.models import transformer as model_lib
-from jaxlm.tasks import seq2seq as seq2seq_data
+from jaxlm.tasks import seq2seq
 
 
 def build(model_cfg: ModelConfig, decode: bool = False, deterministic: bool = True) -> model_lib.EncoderDecoder:
@@ -104,9 +104,9 @@ FAMILY = families.register(
     build=build,
     model_inputs=model_inputs,
     example_batch=example_batch,
-    rows=seq2seq_data.prepare,
-    evaluate=seq2seq_data.evaluate,
-    training_text=seq2seq_data.pair_lines,
+    rows=seq2seq.prepare,
+    evaluate=seq2seq.evaluate,
+    training_text=seq2seq.pair_lines,
     attention_layers=_attention_layers,
     adapter=EncoderDecoderAdapter,
     reads_pairs=True,

@@ -31,8 +31,7 @@ from typing import Iterator
 import numpy as np
 
 from jaxlm.config import Config, ConfigError
-from jaxlm.data import instruct as instruct_data
-from jaxlm.data import sources
+from jaxlm.data import instruct, sources
 from jaxlm.data.tokenizer import Tokenizer
 from jaxlm.inference import decode
 from jaxlm.tasks import codesum
@@ -134,10 +133,10 @@ def prepare(config: Config, tokenizer: Tokenizer, split: str, pack: bool | None 
   return Seq2SeqRows(load_pairs(config, split), tokenizer, d.seq_len, d.target_len or d.seq_len, pack)
 
 
-class PromptCompletionRows(instruct_data.PackedExamples):
+class PromptCompletionRows(instruct.PackedExamples):
   """A decoder's rows of (source, target) pairs as prompt -> completion, with each pair's prompt and reference.
 
-  `prefix`: the ids the decoder's adapter puts before every prompt (`instruct_data.prompt_prefix`).
+  `prefix`: the ids the decoder's adapter puts before every prompt (`instruct.prompt_prefix`).
   Raises ConfigError when data.target_len leaves fewer than MIN_SOURCE_TOKENS tokens for the source.
   """
 
@@ -154,7 +153,7 @@ class PromptCompletionRows(instruct_data.PackedExamples):
       )
     # The target's EOS is its last token, so a cut target still ends; every example is at most seq_len long.
     examples = [
-      instruct_data.join(
+      instruct.join(
         [
           (tokenizer.encode(source)[:source_len], False),
           (separator, False),
@@ -177,7 +176,7 @@ class PromptCompletionRows(instruct_data.PackedExamples):
 def prompt_completion_rows(config: Config, tokenizer: Tokenizer, split: str) -> PromptCompletionRows:
   """The split's pairs as a decoder's packed prompt -> completion rows (whole config: data.seq_len, target_len)."""
   d = config.data
-  prefix = instruct_data.prompt_prefix(config, tokenizer)
+  prefix = instruct.prompt_prefix(config, tokenizer)
   return PromptCompletionRows(load_pairs(config, split), tokenizer, prefix, d.seq_len, d.target_len)
 
 

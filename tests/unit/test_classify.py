@@ -10,13 +10,12 @@ from jaxlm import config as config_lib
 from jaxlm import families
 from jaxlm.data.tokenizer import ByteTokenizer
 from jaxlm.families import classifier
-from jaxlm.tasks import classify as classify_data
-from jaxlm.tasks import evaluate
+from jaxlm.tasks import classify, evaluate
 from jaxlm.training import trainer
 
 
 def test_rows_hold_bos_text_eos_and_one_label():
-  rows = classify_data.ClassificationRows(["ab", "x" * 50], [2, 1], ByteTokenizer(), 8)
+  rows = classify.ClassificationRows(["ab", "x" * 50], [2, 1], ByteTokenizer(), 8)
   row = rows[0]
   tok = ByteTokenizer()
   assert list(row["inputs"][:4]) == [tok.bos_id, *tok.encode("ab"), tok.eos_id]
@@ -60,7 +59,7 @@ def test_naive_bayes_by_hand():
   # P(w|0) = (3, 1, 1)/5, P(w|1) = (1, 2, 2)/5; priors 1/2 each.
   # "apple cherry": class 0: log(3/5) + log(1/5); class 1: log(1/5) + log(2/5) -> class 0 (3 > 2).
   # "cherry cherry": class 0: 2 log(1/5) < class 1: 2 log(2/5) -> class 1. "durian" is unseen: a prior tie -> 0.
-  predicted = classify_data.naive_bayes(
+  predicted = classify.naive_bayes(
     ["apple apple", "banana cherry"], [0, 1], ["apple cherry", "cherry cherry", "durian"], 2
   )
   assert list(predicted) == [0, 1, 0]
@@ -96,8 +95,8 @@ def test_train_then_eval_reports_task_metrics(family, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_stdlib_packages_task_has_every_package_in_both_splits():
-  train = classify_data.load_examples("train", 0.2)
-  validation = classify_data.load_examples("validation", 0.2)
+  train = classify.load_examples("train", 0.2)
+  validation = classify.load_examples("validation", 0.2)
   for split in (train, validation):
-    assert set(e.label for e in split) == set(range(len(classify_data.PACKAGES)))
+    assert set(e.label for e in split) == set(range(len(classify.PACKAGES)))
   assert not {e.source for e in train} & {e.source for e in validation}

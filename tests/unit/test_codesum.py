@@ -6,8 +6,7 @@ from support import tiny_config
 from jaxlm import config as config_lib
 from jaxlm.data import corpus
 from jaxlm.data import tokenizer as tokenizer_lib
-from jaxlm.tasks import codesum, evaluate
-from jaxlm.tasks import seq2seq as seq2seq_data
+from jaxlm.tasks import codesum, evaluate, seq2seq
 from jaxlm.training import trainer
 
 SYNTHETIC = '''\
@@ -191,8 +190,8 @@ def test_decoder_rows_weight_the_summary_and_its_eos_only():
   tokenizer = tokenizer_lib.ByteTokenizer()
   long_source = "def long(x):\n" + "    x += 1\n" * 20
   pairs = [("def f(x):\n    return x", "Return x unchanged."), (long_source, "Count up slowly.")]
-  rows = seq2seq_data.PromptCompletionRows(pairs, tokenizer, [tokenizer.eos_id], seq_len=64, target_len=24)
-  separator = list(tokenizer.encode(seq2seq_data.SEPARATOR))
+  rows = seq2seq.PromptCompletionRows(pairs, tokenizer, [tokenizer.eos_id], seq_len=64, target_len=24)
+  separator = list(tokenizer.encode(seq2seq.SEPARATOR))
   for index, (source, summary) in enumerate(pairs):
     example = rows.examples[index]
     prompt = rows.prompt(index)
@@ -217,7 +216,7 @@ def test_decoder_on_codesum_needs_target_len():
     config_lib.validate(c, 1)
   tokenizer = tokenizer_lib.ByteTokenizer()
   with pytest.raises(config_lib.ConfigError, match="lower data.target_len to at most 3"):  # 32 - 1 - 12 - 16
-    seq2seq_data.PromptCompletionRows(
+    seq2seq.PromptCompletionRows(
       [("def f(): pass", "Do nothing at all.")], tokenizer, [tokenizer.eos_id], seq_len=32, target_len=8
     )
 

@@ -8,8 +8,7 @@ import pytest
 from support import CHATML, CONVERSATIONS, RECORDS, save_tokenizer, tiny_config, write_jsonl
 
 from jaxlm.cli import main
-from jaxlm.data import chat_template
-from jaxlm.data import instruct as instruct_data
+from jaxlm.data import chat_template, instruct
 from jaxlm.data import pipeline as data_lib
 from jaxlm.data import tokenizer as tokenizer_lib
 
@@ -142,7 +141,7 @@ def test_hf_chat_special_tokens_become_their_ids(tmp_path, hf_folder):
     tmp_path, records=[{"messages": CONVERSATIONS[1]}] * 4, tokenizer="huggingface", tokenizer_path=str(folder)
   )
   tokenizer = tokenizer_lib.from_config(config.data)
-  rows = instruct_data.rows(config, tokenizer, "train")
+  rows = instruct.rows(config, tokenizer, "train")
   end_id = tokenizer.backend.token_to_id("<|im_end|>")
   row = rows[0]
   first = row["segment_ids"] == 1
@@ -155,7 +154,7 @@ def test_hf_chat_special_tokens_become_their_ids(tmp_path, hf_folder):
 def test_long_examples_are_cut_with_a_warning(tmp_path):
   config = jsonl_config(tmp_path, records=[{"prompt": "x" * 300, "completion": "y"}] * 2 + RECORDS[:2])
   with pytest.warns(UserWarning, match="2 of 4 train examples are longer than data.seq_len=192"):
-    rows = instruct_data.rows(config, tokenizer_lib.ByteTokenizer(), "train")
+    rows = instruct.rows(config, tokenizer_lib.ByteTokenizer(), "train")
   assert rows.truncated == 2 and len(rows) == 3
   assert not rows[0]["weights"].any() and rows[0]["segment_ids"].min() == 1  # only prompt fits: no answer
 
@@ -192,8 +191,8 @@ def test_batches_resume_exactly(tmp_path):
 def test_bad_records_are_one_line_naming_file_line_and_field(tmp_path, capsys, line, field):
   records = [json.dumps(RECORDS[0]), "", line]  # the bad record is on line 3 (line 2 is blank)
   config = jsonl_config(tmp_path, records=records)
-  with pytest.raises(instruct_data.RecordError) as error:
-    instruct_data.rows(config, tokenizer_lib.ByteTokenizer(), "train")
+  with pytest.raises(instruct.RecordError) as error:
+    instruct.rows(config, tokenizer_lib.ByteTokenizer(), "train")
   assert str(error.value).startswith(f"{tmp_path / 'train.jsonl'}, line 3: ") and field in str(error.value)
   assert "\n" not in str(error.value)
 
@@ -215,8 +214,7 @@ def test_without_validation_paths_lines_split_by_hash(tmp_path):
   records = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(200)]
   config = jsonl_config(tmp_path, records=records, validation_paths="", val_fraction=0.2)
   splits = {
-    split: [r.value["prompt"] for r in instruct_data.read_records(config.data, split)]
-    for split in ("train", "validation")
+    split: [r.value["prompt"] for r in instruct.read_records(config.data, split)] for split in ("train", "validation")
   }
   assert not set(splits["train"]) & set(splits["validation"])
   assert sorted(splits["train"] + splits["validation"]) == sorted(r["prompt"] for r in records)

@@ -1,4 +1,4 @@
-"""The encoder-decoder (model.EncoderDecoder) and its data (seq2seq_data): masks, causality, packing."""
+"""The encoder-decoder (model.EncoderDecoder) and its data (tasks.seq2seq): masks, causality, packing."""
 
 import flax.linen as nn
 import jax
@@ -9,7 +9,7 @@ from support import tiny_config
 
 from jaxlm.data.tokenizer import ByteTokenizer
 from jaxlm.models import transformer as model_lib
-from jaxlm.tasks import seq2seq as seq2seq_data
+from jaxlm.tasks import seq2seq
 from jaxlm.training import step as train_lib
 
 PAIRS = [
@@ -74,8 +74,8 @@ def test_gradients_flow_causally_on_the_decoder_side_and_never_from_source_paddi
 def test_packed_and_unpacked_losses_are_equal():
   config = seq2seq_config()
   tokenizer = ByteTokenizer()
-  packed = seq2seq_data.Seq2SeqRows(PAIRS, tokenizer, 48, 40, pack=True)
-  unpacked = seq2seq_data.Seq2SeqRows(PAIRS, tokenizer, 48, 40, pack=False)
+  packed = seq2seq.Seq2SeqRows(PAIRS, tokenizer, 48, 40, pack=True)
+  unpacked = seq2seq.Seq2SeqRows(PAIRS, tokenizer, 48, 40, pack=False)
   assert len(packed) < len(unpacked) == len(PAIRS)  # packing did combine pairs
   collate = lambda rows: {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
   packed_batch = collate([packed[i] for i in range(len(packed))])
@@ -88,7 +88,7 @@ def test_packed_and_unpacked_losses_are_equal():
 
 
 def test_rows_shift_targets_and_restart_positions_per_pair():
-  rows = seq2seq_data.Seq2SeqRows(PAIRS[:2], ByteTokenizer(), 48, 40, pack=True)
+  rows = seq2seq.Seq2SeqRows(PAIRS[:2], ByteTokenizer(), 48, 40, pack=True)
   row = rows[0]
   target_1 = ByteTokenizer().encode(PAIRS[0][1])
   n = len(target_1) + 1  # + EOS
@@ -102,6 +102,6 @@ def test_rows_shift_targets_and_restart_positions_per_pair():
 
 @pytest.mark.parametrize("length", [5, 48])
 def test_long_sides_are_truncated_with_eos_kept(length):
-  rows = seq2seq_data.Seq2SeqRows([("x" * 100, "y" * 100)], ByteTokenizer(), length, length, pack=False)
+  rows = seq2seq.Seq2SeqRows([("x" * 100, "y" * 100)], ByteTokenizer(), length, length, pack=False)
   row = rows[0]
   assert row["inputs"][length - 1] == ByteTokenizer.eos_id and row["targets"][length - 1] == ByteTokenizer.eos_id

@@ -8,7 +8,7 @@ from support import tiny_config
 from jaxlm import config as config_lib
 from jaxlm.data import tfds_data
 from jaxlm.data.tokenizer import ByteTokenizer
-from jaxlm.tasks import seq2seq as seq2seq_data
+from jaxlm.tasks import seq2seq
 from jaxlm.training import trainer
 
 
@@ -36,7 +36,7 @@ def test_translation_pairs_from_mocked_tfds(name):
   c = tfds_config(name, family="encoder_decoder", source_key="en", target_key="de", max_examples=7)
   config_lib.validate(c, 8)
   with tfds.testing.mock_data(num_examples=10):
-    pairs = seq2seq_data.load_pairs(c, "train")
+    pairs = seq2seq.load_pairs(c, "train")
     rows = trainer.prepare_data(c, ByteTokenizer(), "train")
   assert len(pairs) == 7 and all(isinstance(s, str) and isinstance(t, str) for s, t in pairs)
   assert rows[0]["inputs"].shape == (c.data.seq_len,) and rows[0]["input_segment_ids"].max() >= 1
