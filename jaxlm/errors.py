@@ -9,6 +9,10 @@ class JaxlmError(Exception):
   (ValueError, RuntimeError), so `except` clauses written for those still catch it.
   """
 
+  # True when work that cannot finish still holds threads that would keep the interpreter from exiting (a save
+  # into a bucket that stopped answering): the command then ends the process at once after reporting.
+  holds_threads = False
+
 
 class ConfigError(JaxlmError, ValueError):
   """A bad config value; the message is one line naming the key and the fix (`jaxlm.config.ConfigError`)."""

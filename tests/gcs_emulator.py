@@ -27,11 +27,18 @@ import urllib.request
 
 from support import free_port
 
-# gcp-storage-emulator, in memory, with one addition: object downloads carry the `x-goog-generation` header,
-# as Cloud Storage's do. TensorStore reads an object's generation from it (OCDBT's manifest updates are
-# conditional on it) and fails with "Malformed StorageGeneration" without it.
+# gcp-storage-emulator, in memory, with three additions:
+# - object downloads carry the `x-goog-generation` header, as Cloud Storage's do. TensorStore reads an object's
+#   generation from it (OCDBT's manifest updates are conditional on it) and fails with "Malformed
+#   StorageGeneration" without it;
+# - uploads and deletes honour `ifGenerationMatch` (412 Precondition Failed when it does not hold), which the
+#   emulator ignores: jaxlm's work-directory lock in a bucket is an object created only if absent;
+# - a listen backlog of 256 instead of http.server's 5: the emulator serves one request at a time, and a batch's
+#   concurrent ranged reads of prepared shards would overflow 5 and wait out the kernel's connection retries
+#   (1, 3, 7 s), which Cloud Storage never makes anyone do.
 _SERVER = """
-import logging, os, sys, threading, time
+import http.server, logging, os, sys, threading, time
+http.server.HTTPServer.request_queue_size = 256
 from gcp_storage_emulator.handlers import objects
 
 def exit_with_parent(parent):  # a test run killed before its fixture's teardown leaves no emulator behind
@@ -51,6 +58,53 @@ def download(request, response, storage, *args, **kwargs):
         response["x-goog-metageneration"] = obj["metageneration"]
 
 objects.download = download  # before `server` builds its routing table from it
+
+# Preconditions, as Cloud Storage applies them: `ifGenerationMatch` on an upload or a delete holds when the
+# object's current generation equals it ('0': the object must not exist); otherwise 412 Precondition Failed
+# and nothing changes. The emulator serves one request at a time, so the check and the write are atomic.
+from http import HTTPStatus
+from gcp_storage_emulator.exceptions import NotFound
+
+def object_name(request, storage):
+    if "upload_id" in request.query:  # a resumable upload's chunk: its name was given when it began
+        return storage.get_resumable_file_obj(request.query["upload_id"][0])["name"]
+    if "name" in request.query:
+        return request.query["name"][0]
+    if request.params.get("object_id"):
+        return request.params["object_id"]
+    data = request.data
+    return (data.get("meta") or {}).get("name") or data.get("name") if isinstance(data, dict) else None
+
+def precondition_failed(request, response, storage, absent):
+    wanted = request.query.get("ifGenerationMatch") or [request.get_header("x-goog-if-generation-match")]
+    if wanted[0] is None:
+        return False
+    try:
+        current = storage.get_file_obj(request.params["bucket_name"], object_name(request, storage))["generation"]
+    except NotFound:
+        if absent == "not found":  # deleting an object that does not exist: 404, whatever the precondition
+            return False
+        current = "0"
+    if str(current) == str(wanted[0]):
+        return False
+    message = "At least one of the pre-conditions you specified did not hold."
+    response.status = HTTPStatus.PRECONDITION_FAILED
+    response.json({"error": {"code": 412, "message": message,
+                             "errors": [{"domain": "global", "reason": "conditionNotMet", "message": message}]}})
+    return True
+
+def with_preconditions(handler, absent):
+    def checked(request, response, storage, *args, **kwargs):
+        try:
+            failed = precondition_failed(request, response, storage, absent)
+        except NotFound:  # an unknown upload id or bucket: the handler answers as it would have
+            failed = False
+        if not failed:
+            return handler(request, response, storage, *args, **kwargs)
+    return checked
+
+for name, absent in (("insert", "0"), ("upload_partial", "0"), ("xml_upload", "0"), ("delete", "not found")):
+    setattr(objects, name, with_preconditions(getattr(objects, name), absent))
 from gcp_storage_emulator import server
 logging.basicConfig(level=logging.ERROR)
 server.create_server("127.0.0.1", int(sys.argv[1]), in_memory=True).run()
@@ -116,6 +170,28 @@ class Emulator:
       headers={"Content-Type": "application/json"},
     )
     urllib.request.urlopen(request, timeout=10).read()
+
+  def delete_bucket(self, name: str) -> None:
+    """Deletes the bucket `name` and every object in it (as `gcloud storage rm -r gs://NAME` would), even while a
+    client keeps writing into it."""
+    while True:
+      for object_name in self.list_objects(name):
+        request = urllib.request.Request(
+          f"{self.url}/storage/v1/b/{name}/o/{urllib.parse.quote(object_name, safe='')}", method="DELETE"
+        )
+        try:
+          urllib.request.urlopen(request, timeout=10).read()
+        except urllib.error.HTTPError as e:
+          if e.code != 404:  # deleted meanwhile by its writer
+            raise
+      try:
+        urllib.request.urlopen(
+          urllib.request.Request(f"{self.url}/storage/v1/b/{name}", method="DELETE"), timeout=10
+        ).read()
+        return
+      except urllib.error.HTTPError as e:
+        if e.code != 409:  # 409: written to since it was listed; empty it again
+          raise
 
   def list_objects(self, bucket: str, prefix: str = "") -> list[str]:
     """Every object name in `bucket` under `prefix`, through the JSON API (no client library)."""

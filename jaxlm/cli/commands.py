@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import sys
 import time
 
@@ -18,12 +19,26 @@ from jaxlm.errors import JaxlmError
 EXPECTED_ERRORS = (JaxlmError, FileNotFoundError)
 
 
+def _holds_threads(error: BaseException) -> bool:
+  """Whether `error`, or an error it was raised while handling, left threads that would hold the exit."""
+  seen = 0
+  while error is not None and seen < 100:
+    if getattr(error, "holds_threads", False):
+      return True
+    error, seen = error.__cause__ or error.__context__, seen + 1
+  return False
+
+
 def run(args, overrides: list[str]) -> int:
   """Runs subcommand `args.command` (parsed by `jaxlm.cli.main`); returns the exit status (2: an expected error)."""
   try:
     return COMMANDS[args.command](args, overrides)
   except EXPECTED_ERRORS as e:
     print(f"jaxlm: error: {e}", file=sys.stderr)
+    if _holds_threads(e):  # e.g. Orbax's writers, waiting on a save that cannot finish
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(2)
     return 2
   except OSError as e:
     if e.errno not in (errno.ENOSPC, errno.EDQUOT):
@@ -136,7 +151,9 @@ def _chat(args, overrides) -> int:
 def _serve(args, overrides) -> int:
   from jaxlm.inference import server as serve
 
-  serve.serve(args.workdir, args.host, args.port, args.step, args.int8, args.max_batch, _mesh(args))
+  timeouts = {"header_timeout": args.header_timeout, "body_timeout": args.body_timeout}
+  given = {name: seconds for name, seconds in timeouts.items() if seconds is not None}  # else the server's defaults
+  serve.serve(args.workdir, args.host, args.port, args.step, args.int8, args.max_batch, _mesh(args), **given)
   return 0
 
 
@@ -182,13 +199,21 @@ def _quantize(args, overrides) -> int:
 
 
 def _compile(args, overrides) -> int:
-  """Exit status 0 when the step fits the slice's HBM, 1 when it does not."""
+  """Exit status 0 when the step fits the slice's HBM (--plan: when a plan does), 1 when it does not."""
   from pathlib import Path
 
   from jaxlm.training import aot
 
   config = config_lib.apply_overrides(config_lib.load_config_file(args.config), overrides)
-  if args.decode:
+  if args.json:
+    aot.check_report_path(args.json)  # before minutes of compiling
+  if args.plan:
+    from jaxlm.training import plan
+
+    report = plan.plan(config, args.topology, args.plan_compiles, log=lambda line: print(line, flush=True))
+    print(plan.format_plan(report), flush=True)
+    report["fits"] = report["picked"] is not None
+  elif args.decode:
     report = aot.compile_decode(config, args.topology, args.batch_size, args.prompt_len)
     print(aot.format_decode_report(report), flush=True)
   else:
@@ -197,6 +222,21 @@ def _compile(args, overrides) -> int:
   if args.json:
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
   return 0 if report["fits"] else 1
+
+
+def _devices(args, overrides) -> int:
+  """Exit status 0, or 1 when the config's mesh does not fit the devices here."""
+  from pathlib import Path
+
+  from jaxlm.cli import devices
+
+  config = config_lib.load_config_file(args.config) if args.config else config_lib.base_config()
+  config = config_lib.apply_overrides(config, overrides)
+  report = devices.report(config, args.config or "the defaults")
+  print(devices.format_report(report), flush=True)
+  if args.json:
+    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+  return 1 if "mesh_error" in report else 0
 
 
 def _verify(args, overrides) -> int:
@@ -255,6 +295,7 @@ COMMANDS = {
   "quantize": _quantize,
   "compile": _compile,
   "verify": _verify,
+  "devices": _devices,
   "config": _config,
   "prepare": _prepare,
 }

@@ -1,15 +1,18 @@
 """Orbax checkpoints: async saves, keep-last-K, verified restores onto any mesh.
 
 A checkpoint holds two items: `state` (step, params, optimizer state) and
-`meta` (the resolved config, the data position, and `integrity`: each array's
-shape, dtype and checksum from `jaxlm.storage.integrity`). Restores always pass
+`meta` (the resolved config, the data position, `integrity`: each array's
+shape, dtype and checksum from `jaxlm.storage.integrity`, and `run_id`: the
+id of the run that wrote it, from `jaxlm.storage.run_id`). Restores always pass
 target shardings built for the current mesh, because Orbax otherwise tries
 the saved topology and fails or runs out of memory on another device count.
 
 Every restore is verified. A step counts as damaged when a commit marker is
 missing (an incomplete save), when Orbax cannot read it (a truncated or
-deleted file), or when an array's checksum differs from the one recorded at
-save time. Damage is named (step, array or file, what is wrong) in one line
+deleted file), when an array's checksum differs from the one recorded at
+save time, or when it records another run's id than the run directory holding
+it (a step folder copied in from another run is self-consistent, yet not
+this run's). Damage is named (step, array or file, what is wrong) in one line
 that also names the intact steps; `train` falls back to the newest intact
 step and moves the damaged ones aside, so nothing is deleted.
 """
@@ -21,24 +24,38 @@ import logging
 import re
 import shutil
 import sys
+import threading
 import time
+import traceback
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
 
 from jaxlm.errors import JaxlmError
-from jaxlm.storage import fs, integrity
+from jaxlm.storage import fs, integrity, run_id
 
 # Written by Orbax 0.12 when a save commits (the step folder is renamed into place after them).
 COMMIT_MARKERS = ("_CHECKPOINT_METADATA", "commit_success.txt", "state/commit_success.txt", "meta/commit_success.txt")
 # Files every complete step holds besides the array data: the state's tree structure and the OCDBT root.
 STRUCTURE_FILES = ("state/_METADATA", "state/manifest.ocdbt", "meta/metadata")
+SAVE_PROBE_S = 20.0  # a save into a bucket running this long: ask whether the bucket still answers, as often
 _STATUS = re.compile(r"\b[A-Z][A-Z_]{4,}: ")  # TensorStore's status prefix, e.g. 'OUT_OF_RANGE: '
 
 
 class CheckpointError(JaxlmError, RuntimeError):
   """A checkpoint that cannot be used or written; the message is one line naming the step or path."""
+
+
+class SaveAbandonedError(CheckpointError):
+  """A save into a bucket given up because the bucket stopped answering.
+
+  Orbax's writer threads (not daemon threads) still wait on that save and would hold the interpreter's exit
+  until Orbax's own 600 s timeout, so a process that reports this error should end with `os._exit` after
+  flushing its output, as the `jaxlm` command does. Nothing is lost: the steps saved before it are complete.
+  """
+
+  holds_threads = True
 
 
 class _Damaged(Exception):
@@ -119,15 +136,40 @@ def free_space(path: Path) -> str:
 
 
 class _DropOrbaxErrors(logging.Filter):
-  """Drops Orbax's ERROR records (failed async writes), and asyncio's reports of Orbax write tasks whose
-  failure nobody awaited after the first; the Checkpointer raises the failure as one line instead."""
+  """Drops Orbax's ERROR records (failed async writes), gcsfs's (a request out of retries), and asyncio's
+  reports of Orbax or TensorStore tasks whose failure nobody awaited after the first; the Checkpointer (or
+  `fs.failure`) raises the failure as one line instead."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     if record.levelno < logging.ERROR:
       return True
-    if record.name == "asyncio":
-      return "orbax" not in record.getMessage()
+    if record.name == "gcsfs":  # 'out of retries' with a traceback: the caller gets the error, and reports it
+      return False
+    if record.name == "asyncio":  # the task's failure: its text, and the files its traceback passes through
+      error = record.exc_info[1] if record.exc_info else None
+      frames = traceback.extract_tb(error.__traceback__) if error is not None else []
+      text = record.getMessage() + str(error or "") + " ".join(frame.filename for frame in frames)
+      return "orbax" not in text and "tensorstore" not in text
     return "orbax" not in record.pathname
+
+
+class _DropOrbaxWarnings(logging.Filter):
+  """Drops Orbax's WARNING records (e.g. 'CheckpointManagerOptions.read_only=True, setting max_to_keep=None',
+  'Given directory is read only'), which describe Orbax's own choices, not a problem of the run."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.levelno == logging.WARNING and "orbax" in record.pathname)
+
+
+@contextlib.contextmanager
+def _orbax_warnings_dropped():
+  """Scopes `_DropOrbaxWarnings` to one of our calls into Orbax (opening a manager, a restore); errors pass."""
+  quiet = _DropOrbaxWarnings()
+  logging.getLogger("absl").addFilter(quiet)
+  try:
+    yield
+  finally:
+    logging.getLogger("absl").removeFilter(quiet)
 
 
 class Checkpointer:
@@ -135,7 +177,12 @@ class Checkpointer:
 
   def __init__(self, directory, keep: int = 3, read_only: bool = False):
     self.directory = _abspath(directory)
+    # The run this folder belongs to: every save records it, every restore checks it (None: a run from before
+    # run ids, or a folder that is no run's checkpoints; nothing to check).
+    self.run_id = run_id.read_run_id(self.directory.parent)
     self._saved: set[int] = set()  # steps this Checkpointer saved whose file manifest is still to write
+    self._save_started = self._last_probe = 0.0  # time.monotonic() of the newest save's start, of the last probe
+    self._abandoned = False  # a save given up because the bucket stopped answering (see `_probe`)
     self._last_started: int | None = None  # the newest save started; Orbax runs one at a time, so a failure
     # that check() or wait() finds is this step's
     async_options = None if read_only else ocp.AsyncOptions(post_finalization_callback=self._write_file_manifests)
@@ -146,11 +193,13 @@ class Checkpointer:
       read_only=read_only,
       async_options=async_options,
     )
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    with _orbax_warnings_dropped():
+      self.manager = ocp.CheckpointManager(self.directory, options=options)
     # Orbax logs each failed background write with a traceback; `check` and `wait` report it in one line.
     self._quiet = _DropOrbaxErrors()
     logging.getLogger("absl").addFilter(self._quiet)
     logging.getLogger("asyncio").addFilter(self._quiet)
+    logging.getLogger("gcsfs").addFilter(self._quiet)
     _ignore_reads_finishing_after_a_failure()
 
   def incomplete(self) -> list[Path]:
@@ -190,13 +239,18 @@ class Checkpointer:
         "or raise optim.warmup_steps."
       )
     meta = {**meta, "integrity": {"algorithm": integrity.ALGORITHM, "arrays": arrays}}
+    if self.run_id is not None:
+      meta["run_id"] = self.run_id
     try:
       # Orbax's save waits for the previous one too; waiting here first names that step if it failed.
-      self.manager.wait_until_finished()
+      self._wait_for_manager()
+    except CheckpointError:
+      raise
     except Exception as e:  # noqa: BLE001
       raise self._save_error(self._last_started, e) from None
     self._saved.add(step)
     self._last_started = step
+    self._save_started = time.monotonic()
     try:
       return self.manager.save(
         step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta)), force=force
@@ -225,6 +279,10 @@ class Checkpointer:
       if not self.manager.is_saving_in_progress():
         # A save whose finalization failed is over; this returns at once, or raises its error.
         self.manager.wait_until_finished()
+      elif time.monotonic() - max(self._save_started, self._last_probe) > SAVE_PROBE_S:
+        self._probe()  # a long save into a bucket: does the bucket still answer?
+    except CheckpointError:
+      raise
     except Exception as e:  # noqa: BLE001
       raise self._save_error(self._last_started, e) from None
 
@@ -237,10 +295,31 @@ class Checkpointer:
     if "No space left on device" in chain or "os_error_code='28'" in chain:
       text = "No space left on device"
     which = f"step {failed.group(1)}" if failed else f"step {step}" if step is not None else "a checkpoint"
+    broken_collective = r"Gloo|Connection (closed|reset) by peer|DEADLINE_EXCEEDED: Barrier|\bbarrier\b.*timed out"
+    if re.search(broken_collective, chain):
+      # The processes of the run stopped reaching each other (a peer lost mid-save), not a storage problem. The
+      # trainer asks the watchdog first, which names a lost process itself (jaxlm/parallel/watchdog.py).
+      return CheckpointError(
+        f"saving {which} to {self.directory} failed: the processes of this run stopped reaching each other "
+        f"({text}); check that every process still runs. {self._last_good_listed()} Restart all processes to resume."
+      )
+    if fs.is_url(self.directory):  # no disk to free: say what became of the bucket
+      try:
+        fs.check_access(self.directory, timeout_s=10)
+      except fs.StorageError as diagnosis:  # the bucket is gone or silent: its checkpoints cannot be listed
+        return CheckpointError(f"saving {which} to {self.directory} failed: {diagnosis}")
+      return CheckpointError(f"saving {which} to {self.directory} failed ({text}). {self._last_good_listed()}")
     return CheckpointError(
       f"saving {which} to {self.directory} failed ({text}); {free_space(self.directory)} free "
       f"there. {last_good_sentence(self.newest_complete_step())} Free space or pick another --workdir."
     )
+
+  def _last_good_listed(self) -> str:
+    """`last_good_sentence` when the folder can still be listed; a bucket gone or silent cannot say."""
+    try:
+      return last_good_sentence(self.newest_complete_step())
+    except Exception:  # noqa: BLE001 - the failure being reported makes the listing fail too
+      return "Rerunning the command resumes from the last checkpoint that was saved."
 
   def newest_complete_step(self) -> int | None:
     """The newest step with all its commit markers (not verified against checksums)."""
@@ -252,7 +331,8 @@ class Checkpointer:
   def read_meta(self, step: int) -> dict:
     """The step's `meta` item (config, data position, integrity records)."""
     try:
-      return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      with _orbax_warnings_dropped():
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception as e:  # noqa: BLE001 - a missing or garbled metadata file is damage, named
       raise CheckpointError(
         f"checkpoint step {step} in {self.directory} is damaged: its meta item cannot be "
@@ -272,9 +352,13 @@ class Checkpointer:
     if changed:
       raise _Damaged(changed)
     try:
-      meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      with _orbax_warnings_dropped():
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception as e:  # noqa: BLE001
       raise _Damaged(f"the meta item cannot be read ({_first_line(e)})") from None
+    saved_by = (meta or {}).get("run_id")
+    if self.run_id is not None and saved_by is not None and saved_by != self.run_id:
+      raise _Damaged(f"it belongs to another run (run id {saved_by}; this run's id is {self.run_id})")
     records = (meta or {}).get("integrity", {}).get("arrays")
     if records is not None:
       mismatch = integrity.mismatch_with_target(records, target, partial)
@@ -282,12 +366,13 @@ class Checkpointer:
         raise CheckpointError(f"checkpoint step {step} in {self.directory} does not match this model: {mismatch}")
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
     try:
-      restored = self.manager.restore(
-        step,
-        args=ocp.args.Composite(
-          state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=partial)
-        ),
-      )["state"]
+      with _orbax_warnings_dropped():
+        restored = self.manager.restore(
+          step,
+          args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=partial)
+          ),
+        )["state"]
     except (ValueError, KeyError) as e:
       if records is None:  # saved before checksums existed: a structure error means another model
         raise CheckpointError(
@@ -376,26 +461,73 @@ class Checkpointer:
     self.manager.reload()
     return destination
 
+  def _probe(self) -> None:
+    """For a bucket: raises CheckpointError, and gives the save up, when Cloud Storage no longer answers for
+    it (the endpoint is gone, the bucket deleted), instead of waiting on a save that cannot finish."""
+    self._last_probe = time.monotonic()
+    if not fs.is_url(self.directory):
+      return
+    try:
+      fs.check_access(self.directory, timeout_s=SAVE_PROBE_S)
+    except fs.StorageError as e:
+      self._abandoned = True
+      raise SaveAbandonedError(
+        f"saving step {self._last_started} to {self.directory} cannot finish: {e}. Rerunning the command "
+        "resumes from the last checkpoint that was saved."
+      ) from None
+
+  def _wait_for_manager(self) -> None:
+    """`manager.wait_until_finished()`; for a bucket, bounded: while it waits, `_probe` asks every
+    SAVE_PROBE_S seconds whether the bucket still answers (a lost endpoint leaves Orbax waiting for
+    many minutes)."""
+    if self._abandoned:
+      return
+    if not fs.is_url(self.directory):
+      self.manager.wait_until_finished()
+      return
+    outcome = {}
+
+    def wait():
+      try:
+        self.manager.wait_until_finished()
+      except Exception as e:  # noqa: BLE001 - re-raised in the caller's thread
+        outcome["error"] = e
+
+    waiter = threading.Thread(target=wait, name="jaxlm-checkpoint-wait", daemon=True)
+    waiter.start()
+    waiter.join(SAVE_PROBE_S)
+    while waiter.is_alive():
+      self._probe()
+      waiter.join(SAVE_PROBE_S)
+    if "error" in outcome:
+      raise outcome["error"]
+
   def wait(self) -> None:
     """Blocks until the async save finishes; raises CheckpointError if it failed."""
     try:
-      self.manager.wait_until_finished()
+      self._wait_for_manager()
+    except CheckpointError:
+      raise
     except Exception as e:  # noqa: BLE001
       raise self._save_error(self._last_started, e) from None
     self.check()
     self._write_file_manifests()
 
   def close(self) -> None:
-    """Waits for the last save (raising CheckpointError if it failed) and closes the manager."""
+    """Waits for the last save (raising CheckpointError if it failed) and closes the manager.
+
+    After a failure the filter of Orbax's error records stays: the failed save's writers may still log their
+    own failures while the process ends with the one line that reports it."""
+    if self._abandoned:  # the save was given up and reported; closing would wait on it again
+      return
     try:
       self.wait()
     except CheckpointError:
       with contextlib.suppress(Exception):  # the failure is already being reported
         self.manager.close()
       raise
-    finally:
-      logging.getLogger("absl").removeFilter(self._quiet)
     self.manager.close()
+    logging.getLogger("absl").removeFilter(self._quiet)
 
 
 def abstract_with_shardings(abstract_tree, shardings):

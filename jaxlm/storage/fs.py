@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import glob as glob_lib
 import os
+import re
 import shutil
 import socket
 import threading
@@ -45,8 +46,49 @@ def is_url(location: PathLike) -> bool:
   return "://" in os.fspath(location)
 
 
+# 'scheme:' and at least one slash at the start: a URL, or one mistyped ('gs:/b/x'). Bucket names per
+# https://cloud.google.com/storage/docs/buckets#naming (dotted names may be longer than 63 characters).
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):(/+)")
+_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
+
+
+def check_location(location: PathLike) -> None:
+  """Raises `StorageError` for a location that looks like a URL but is not a well-formed `gs://BUCKET/...`.
+
+  Without it, `GS://b/x` and `s3://b/x` fail deep in fsspec (KeyError, ImportError), `gs:/b/x` becomes a local
+  folder named `gs:`, and `gs://` or `gs://b/../x` wait for Cloud Storage's answer to a request it cannot serve.
+
+  Args:
+    location: a local path or a URL.
+  """
+  text = os.fspath(location)
+  match = _SCHEME.match(text)
+  if not match:
+    return
+  scheme, slashes = match.groups()
+  rest = text[match.end() :]
+  if scheme.lower() != "gs":
+    raise StorageError(f"'{text}': {scheme}:// is not supported; use a local path or a gs://BUCKET/FOLDER location")
+  if scheme != "gs" or len(slashes) == 1:
+    raise StorageError(f"'{text}' is not a bucket location; write gs://{rest} (lower case, two slashes)")
+  bucket, _, name = rest.partition("/")
+  if not bucket or len(slashes) > 2:
+    raise StorageError(f"'{text}' names no bucket; write gs://BUCKET/FOLDER")
+  if not _BUCKET_NAME.match(bucket):
+    raise StorageError(
+      f"'{text}': '{bucket}' is not a valid bucket name (3 to 63 lower-case letters, digits, '-', '_' and '.', "
+      "starting and ending with a letter or digit)"
+    )
+  if any(part in (".", "..") for part in name.split("/")):
+    raise StorageError(f"'{text}': a bucket has no '.' or '..' folders; write the full path, e.g. gs://{bucket}/FOLDER")
+
+
 def path(location: PathLike) -> epath.Path:
-  """`location` (str, pathlib or epath path) as an `epath.Path`; a URL stays a URL."""
+  """`location` (str, pathlib or epath path) as an `epath.Path`; a URL stays a URL.
+
+  Raises `StorageError` for a malformed URL (see `check_location`).
+  """
+  check_location(location)
   return epath.Path(location)
 
 
@@ -148,9 +190,13 @@ class AppendFile:
   `tensorboard_writer`).
   """
 
-  def __init__(self, location: PathLike, upload_every_s: float = 30.0):
+  def __init__(self, location: PathLike, upload_every_s: float = 30.0, raise_failures: bool = True):
+    """`raise_failures=False` drops a failed upload (and the later ones) without a word, for writers whose
+    caller runs in a background thread that cannot report it (tensorboardX's); the run's own writes report it."""
     self.location = os.fspath(location)
     self.upload_every_s = upload_every_s
+    self.raise_failures = raise_failures
+    self.failed = False
     self.remote = is_url(location)
     if self.remote:
       target = path(location)
@@ -178,7 +224,14 @@ class AppendFile:
       self._upload()
 
   def _upload(self) -> None:
-    path(self.location).write_bytes(bytes(self.buffer))
+    if self.failed:  # reported once: a later flush or close does not try again
+      return
+    try:
+      path(self.location).write_bytes(bytes(self.buffer))
+    except Exception as e:  # noqa: BLE001 - any failure to reach the bucket becomes one line naming it
+      self.failed = True
+      if self.raise_failures:
+        raise failure(self.location, e) from None
     self.last_upload, self.pending = time.monotonic(), False
 
   def close(self) -> None:
@@ -194,7 +247,7 @@ class _TensorBoardFactory:
   and crashes in `__del__` when that fails); event files go through `AppendFile`."""
 
   def open(self, location: str) -> AppendFile:
-    return AppendFile(location)
+    return AppendFile(location, raise_failures=False)  # written from tensorboardX's own thread
 
   def directory_check(self, location: str) -> None:
     del location  # buckets have no folders to create
@@ -209,6 +262,73 @@ def tensorboard_writer(logdir: PathLike):
   return SummaryWriter(os.fspath(logdir))
 
 
+# Conditional writes of one object (the work directory's lock in a bucket): Cloud Storage's generation
+# preconditions make "create if absent" and "replace if unchanged" atomic. gcsfs has no call for the second,
+# so these go through its authenticated request method (`call`), which maps 412 to FileExistsError.
+
+
+def _object(location: str):
+  import fsspec  # local: only URLs need it
+
+  filesystem, _ = fsspec.core.url_to_fs(location)
+  bucket, key = location.split("://", 1)[1].split("/", 1)
+  return filesystem, bucket, key
+
+
+def read_object(location: PathLike) -> tuple[bytes, int] | None:
+  """The contents and generation of the gs:// object `location`, read in one request.
+
+  Args:
+    location: a gs:// object.
+
+  Returns:
+    (contents, generation), or None when the object does not exist.
+  """
+  filesystem, bucket, key = _object(os.fspath(location))
+  try:
+    headers, contents = filesystem.call("GET", "b/{}/o/{}", bucket, key, alt="media")
+  except FileNotFoundError:
+    return None
+  return contents, int(headers["x-goog-generation"])
+
+
+def write_object_if(location: PathLike, data: bytes, generation: int) -> int:
+  """Writes the gs:// object `location` only if its generation is `generation` (0: only if it does not exist).
+
+  Args:
+    location: a gs:// object.
+    data: its new contents.
+    generation: the generation it must have now; 0 for an object that must not exist.
+
+  Returns:
+    The object's new generation.
+
+  Raises:
+    FileExistsError: the object's generation is another (someone else wrote or created it).
+  """
+  filesystem, bucket, key = _object(os.fspath(location))
+  upload = f"{filesystem._location}/upload/storage/v1/b/{bucket}/o"
+  written = filesystem.call(
+    "POST", upload, uploadType="media", name=key, ifGenerationMatch=str(generation), data=data, json_out=True
+  )
+  return int(written["generation"])
+
+
+def delete_object_if(location: PathLike, generation: int) -> None:
+  """Deletes the gs:// object `location` if its generation is still `generation`; an absent object is fine.
+
+  Args:
+    location: a gs:// object.
+    generation: the generation it must have.
+
+  Raises:
+    FileExistsError: the object has another generation (someone else wrote it); it is left alone.
+  """
+  filesystem, bucket, key = _object(os.fspath(location))
+  with contextlib.suppress(FileNotFoundError):
+    filesystem.call("DELETE", "b/{}/o/{}", bucket, key, ifGenerationMatch=str(generation))
+
+
 def check_access(location: PathLike, write: bool = False, timeout_s: float = 20.0) -> None:
   """Raises `StorageError` unless the bucket of a `gs://` location can be listed (and, with
   `write=True`, written to and deleted from under `location`). Local paths pass unchecked.
@@ -216,6 +336,7 @@ def check_access(location: PathLike, write: bool = False, timeout_s: float = 20.
   Runs in a helper thread so that an unreachable endpoint (gcsfs retries for
   about half a minute) becomes one message after `timeout_s` seconds.
   """
+  check_location(location)
   location = os.fspath(location)
   if not location.startswith("gs://"):
     return
@@ -247,6 +368,28 @@ def check_access(location: PathLike, write: bool = False, timeout_s: float = 20.
     f"gs://{bucket}: cannot {'write to' if write else 'read'} {location} ({first_line}); grant "
     f"{needed} on the bucket to the account jaxlm runs as (on a TPU VM, its service account)"
   )
+
+
+def failure(location: PathLike, error: BaseException, timeout_s: float = 10.0) -> StorageError:
+  """One line for a failed write to the gs:// `location`, naming the bucket and what happened to it.
+
+  Asks Cloud Storage (for at most `timeout_s` seconds) whether the bucket still exists and answers, since the
+  error of the failed write alone (a 404 for an upload URL, a connection reset) does not say.
+
+  Args:
+    location: the gs:// location that could not be written.
+    error: the exception the write raised.
+    timeout_s: how long the diagnosis may wait for an answer.
+
+  Returns:
+    The StorageError to raise.
+  """
+  try:
+    check_access(location, timeout_s=timeout_s)
+  except StorageError as diagnosis:
+    return StorageError(f"writing {os.fspath(location)} failed: {diagnosis}")
+  first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+  return StorageError(f"gs://{bucket_of(location)}: writing {os.fspath(location)} failed ({first_line})")
 
 
 def check_run_access(workdir: PathLike, data_config) -> None:

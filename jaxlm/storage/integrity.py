@@ -178,11 +178,12 @@ def file_problem(folder) -> str | None:
   if not manifest.exists():
     return None
   try:
-    files = json.loads(manifest.read_text())["files"]
-  except (json.JSONDecodeError, KeyError):
+    files = json.loads(manifest.read_bytes().decode("utf-8"))["files"]
+    entries = [(str(name), int(size), int(crc)) for name, (size, crc) in files.items()]
+  except (ValueError, KeyError, TypeError, AttributeError):  # garbled bytes, JSON or entries (UnicodeDecodeError too)
     return f"its file list '{FILE_MANIFEST}' is unreadable"
   present = _files(folder)
-  for name, (size, crc) in files.items():
+  for name, size, crc in entries:
     if name not in present:
       return f"the file '{name}' is missing"
     if fs.size(present[name]) != size:

@@ -4,6 +4,8 @@ that every command reading a run (`jaxlm.load`, a LoRA run's base, `train.init_f
     WORKDIR/config.json     the whole config the run trained with (CONFIG)
     WORKDIR/tokenizer.json  the tokenizer's record, and the files it names (written by its own `save`)
     WORKDIR/checkpoints/    one Orbax checkpoint per step (CHECKPOINTS; `jaxlm.storage.checkpoint`)
+    WORKDIR/run_id.json     the run's identity (`jaxlm.storage.run_id`), made once; every checkpoint
+                            records it, and restores refuse a step another run wrote (older runs have none)
 
 Storage is the lowest stage but one, below the config, the models and the data, so this module takes what
 it writes as plain objects: a config with `to_json` and `to_dict` (an `ml_collections.ConfigDict`), a
@@ -18,7 +20,7 @@ import json
 import ml_collections
 from etils import epath
 
-from jaxlm.storage import fs
+from jaxlm.storage import fs, run_id
 
 CONFIG = "config.json"
 CHECKPOINTS = "checkpoints"
@@ -90,6 +92,7 @@ def write_run_files(workdir: fs.PathLike, config, tokenizer) -> None:
     return
   fs.makedirs(workdir)
   fs.write_text(config_path(workdir), config.to_json(indent=2))
+  run_id.ensure_run_id(workdir)
   tokenizer.save(fs.path(workdir))
 
 

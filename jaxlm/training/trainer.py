@@ -84,22 +84,48 @@ class Callback:
 
 
 class _StopRequest:
-  """Turns SIGTERM/SIGINT into a flag the loop checks, so it can save and exit cleanly."""
+  """Turns SIGTERM/SIGINT into a stop the loop checks, so it can save and exit cleanly.
+
+  One process reads its own flag. The processes of a multi-process run must stop after the same step, or one
+  saves while another runs the next step and both hang in its collectives; a scheduler (SLURM's requeue or
+  scancel) signals every process, but at slightly different moments. So there JAX's preemption service decides:
+  `jax.distributed.initialize` installs its SIGTERM handler (kept: it also catches a SIGTERM during start-up),
+  a notice to any process reaches all of them, and they agree on the step after the furthest one's
+  (`multihost_utils.reached_preemption_sync_point`). SIGINT is passed to it as a SIGTERM.
+  """
 
   def __init__(self):
     self.requested = False
     self.signal_name = ""
     self.previous = {}
+    self.sync = distributed.preemption_service_on()
 
   def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGINT,) if self.sync else (signal.SIGTERM, signal.SIGINT):
       self.previous[sig] = signal.signal(sig, self._handle)
     return self
 
   def _handle(self, signum, frame):
-    self.requested = True
     self.signal_name = signal.Signals(signum).name.lower()
     log(f"received signal {signum}: saving a checkpoint, then exiting")
+    if self.sync:
+      signal.raise_signal(signal.SIGTERM)  # to JAX's notifier, which tells the other processes
+    else:
+      self.requested = True
+
+  def reached(self, steps_run: int) -> bool:
+    """Whether to stop after this process's `steps_run`-th step since the loop started (0 before the first).
+
+    Counted from the loop's start, which all processes share, since JAX's protocol takes a notice that came
+    before any step (during start-up) as a stop after the first one."""
+    if not self.sync:
+      return self.requested
+    if distributed.reached_stop_point(steps_run):
+      if not self.signal_name:  # the signal went to JAX's handler, or to another process
+        self.signal_name = "sigterm"
+        log("received SIGTERM (here or in another process): saving a checkpoint, then exiting")
+      return True
+    return False
 
   def __exit__(self, *exc):
     for sig, handler in self.previous.items():
@@ -181,6 +207,7 @@ class Trainer:
     self.setup: train_step.Setup | None = None
     self.step_fn: train_step.CompiledStep | None = None  # compiled before the state exists, once it fits
     self.checkpointer: checkpoint_lib.Checkpointer | None = None
+    self.lock: runlock.WorkdirLock | None = None  # the work directory's, held while `run` runs
     self.peak: metrics_lib.PeakFlops | None = None  # what MFU divides by
     self.stop_reason: str | None = None
     self.timings = {"compile_time_s": 0.0, "eval_time_s": 0.0, "checkpoint_time_s": 0.0}
@@ -211,13 +238,18 @@ class Trainer:
     ):  # another run's model and tokenizer (jaxlm/training/init_from.py), then validated
       self.config = init_from.resolve(self.config, self.workdir, log, self.model)
     config_lib.validate(self.config, jax.device_count())
-    lock = runlock.WorkdirLock(self.workdir, report=log)
+    self.lock = runlock.WorkdirLock(self.workdir, report=log)
     if jax.process_index() == 0:  # the other processes share process 0's work directory
-      lock.acquire()
+      self.lock.acquire()
     try:
       return self._run_locked()
+    except Exception:
+      # A peer killed during a save or a step breaks the collective in this process first (gloo: "Connection
+      # closed by peer"): name the lost process, not the symptom.
+      distributed.name_a_lost_peer()
+      raise
     finally:
-      lock.release()
+      self.lock.release()
 
   def _run_locked(self) -> dict[str, float]:
     """`run` once the work directory is locked: data, setup, resume, then the loop."""
@@ -314,8 +346,8 @@ class Trainer:
           done = step + 1
           progress.update(done)
           checkpointer.check()  # a failed asynchronous save (a full disk) stops the run at once
-          # Read the flag once: a signal landing later in this iteration is handled after the next step.
-          stopping = stop.requested or done == t.stop_at_step
+          # Read once: a signal landing later in this iteration is handled after the next step.
+          stopping = stop.reached(done - start) or done == t.stop_at_step
           is_save = done % t.checkpoint_every == 0 or done == t.num_steps or stopping
           if done % t.log_every == 0 or is_save or done == start + 1:
             values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
@@ -374,6 +406,7 @@ class Trainer:
               plot.write_run_plot(self.workdir)  # RUN/loss.png, when matplotlib is installed
             resumed_at = time.perf_counter()
           if is_save:
+            self.lock.check()  # a bucket lock taken over meanwhile: another run now owns the checkpoints
             save_start = time.perf_counter()
             window_seconds += save_start - resumed_at
             checkpointer.save(done, self.state.to_dict(), meta(done))
@@ -385,11 +418,17 @@ class Trainer:
             log(f"stopped at step {done}; resume by running the same command")
             break
     finally:
+      # Stopping on an error: the metrics' last upload to a bucket that is gone fails too; report the first failure.
+      failing = sys.exc_info()[1] is not None
       progress.close()
       close_start = time.perf_counter()
       checkpointer.close()  # waits for the last asynchronous save
       self.timings["checkpoint_time_s"] += time.perf_counter() - close_start
-      writer.close()
+      try:
+        writer.close()
+      except JaxlmError:
+        if not failing:
+          raise
     summary = self._summary(done, last, validations)
     if jax.process_index() == 0:
       (self.workdir / "train_summary.json").write_text(json.dumps(summary, indent=2))

@@ -144,8 +144,8 @@ def test_metrics_rollback_and_the_workdir_lock_in_a_bucket(emulator, tmp_path, m
   kept = [json.loads(line)["step"] for line in fs.read_bytes(f"{workdir}/metrics.jsonl").decode().splitlines()]
   moved = [json.loads(line) for line in fs.read_bytes(f"{workdir}/metrics.rolled_back.jsonl").decode().splitlines()]
   assert kept == [1, 2, 3] and [(m["step"], m["rolled_back_to"]) for m in moved] == [(4, 3), (5, 3)]
-  with runlock.WorkdirLock(workdir):  # a bucket has no file locks: taking it does nothing, and no local folder
-    pass
+  with runlock.WorkdirLock(workdir):  # in a bucket the lock is an object (tests/integration/test_bucket_faults.py)
+    assert f"rollback/{runlock.LOCK_NAME}" in emulator.list_objects(BUCKET, "rollback/")
   assert emulator.list_objects(BUCKET, "rollback/") == ["rollback/metrics.jsonl", "rollback/metrics.rolled_back.jsonl"]
   assert list(tmp_path.iterdir()) == []
 
