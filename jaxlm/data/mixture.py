@@ -15,14 +15,16 @@ none twice; the realized shares are reported by `realized_proportions`.
 from __future__ import annotations
 
 import ast
+import math
+import os
 import zlib
-from pathlib import Path
 
 import grain
 import numpy as np
 
 from jaxlm.config import ConfigError
 from jaxlm.data import shards as prepared
+from jaxlm.storage import fs
 
 _GOLDEN_GAMMA = 0x9E3779B97F4A7C15  # splitmix64's increment
 
@@ -37,8 +39,8 @@ def parse(text: str) -> list[tuple[str, float]]:
       f"data.mixture must be a list of (prepared folder, weight) pairs, e.g. "
       f"\"[('data/web', 0.7), ('data/code', 0.3)]\"; got {text!r}"
     ) from None
-  if not pairs or any(weight <= 0 for _, weight in pairs):
-    raise ConfigError(f"data.mixture needs at least one source and positive weights; got {text!r}")
+  if not pairs or not all(math.isfinite(weight) and weight > 0 for _, weight in pairs):
+    raise ConfigError(f"data.mixture needs at least one source and positive, finite weights; got {text!r}")
   return pairs
 
 
@@ -56,7 +58,9 @@ class Mixture:
 
   def __init__(self, sources: list, weights: list[float], names: list[str]):
     self.sources, self.names, self.seq_len = sources, names, sources[0].seq_len
-    self.cumulative = np.cumsum(weights) / np.sum(weights)
+    # Scaled by the largest first, so that weights near the float maximum (1e308) sum without overflowing.
+    scaled = np.asarray(weights, np.float64) / max(weights)
+    self.cumulative = np.cumsum(scaled) / np.sum(scaled)
 
   def __len__(self) -> int:
     return sum(len(source) for source in self.sources)
@@ -127,9 +131,9 @@ def decoder_rows(data_config, tokenizer, split: str):
   """
   seq_len = data_config.seq_len
   if data_config.prepared_dir and not (split == "train" and data_config.mixture):
-    return prepared.open_split(Path(data_config.prepared_dir) / split, tokenizer, seq_len)
+    return prepared.open_split(fs.join(data_config.prepared_dir, split), tokenizer, seq_len)
   pairs = parse(data_config.mixture)
-  parts = [prepared.open_split(Path(directory) / split, tokenizer, seq_len, "data.mixture") for directory, _ in pairs]
+  parts = [prepared.open_split(fs.join(directory, split), tokenizer, seq_len, "data.mixture") for directory, _ in pairs]
   if split != "train":
     return Concatenated(parts)
   for (directory, _), part in zip(pairs, parts):
@@ -138,6 +142,6 @@ def decoder_rows(data_config, tokenizer, split: str):
         f"data.mixture: '{directory}/train' has no row of data.seq_len={seq_len} tokens; "
         "drop it from the mixture or lower data.seq_len"
       )
-  names = [Path(directory).name or directory for directory, _ in pairs]
+  names = [os.path.basename(directory.rstrip("/")) or directory for directory, _ in pairs]
   names = [name if names.count(name) == 1 else f"{name}_{i}" for i, name in enumerate(names)]
   return Mixture(parts, [weight for _, weight in pairs], names)

@@ -58,7 +58,7 @@ def decoder_rows(config, tokenizer: Tokenizer, split: str):
   The one entry point from the trainer to the language-modelling data: the
   `data.source` entry (`jaxlm.data.sources`) decides here where the tokens come
   from. A source with rows of its own gives them ('prepared' reads
-  memory-mapped shards, 'jsonl' whole records); the others' documents are
+  checksummed shards, local or gs://, 'jsonl' whole records); the others' documents are
   tokenized in memory and packed (`PackedRows`). Raises ConfigError, before
   anything compiles, when the split cannot fill one batch.
   """
@@ -135,8 +135,10 @@ def train_batches(
   # A mixture draws its own rows from (seed, row index); other rows get one grain shuffle per epoch.
   shuffled = rows.shuffled(seed) if hasattr(rows, "shuffled") else grain.MapDataset.source(rows).shuffle(seed=seed)
   p, n = jax.process_index(), jax.process_count()
+  # grain's batched read: prepared shards fetch the blocks of a batch's rows in one go (concurrently from a bucket).
+  read = shuffled._getitems if hasattr(shuffled, "_getitems") else lambda indices: [shuffled[i] for i in indices]
   batches = grain.MapDataset.range(num_steps).map(
-    lambda step: collate([shuffled[i] for i in local_rows(step, global_batch, p, n)])
+    lambda step: collate(read(list(local_rows(step, global_batch, p, n))))
   )
   read_options = grain.ReadOptions(num_threads=prefetch_threads, prefetch_buffer_size=max(2 * prefetch_threads, 1))
   return iter(batches[start_step:].to_iter_dataset(read_options))
@@ -204,7 +206,7 @@ def _prepared_documents(data_config, split: str) -> list[bytes]:
 
 
 def _prepared_rows(config, tokenizer: Tokenizer, split: str):
-  """Memory-mapped shards: a `mixture.Mixture` when `data.mixture` is set, for training."""
+  """Prepared shards (local or gs://): a `mixture.Mixture` when `data.mixture` is set, for training."""
   from jaxlm.data import mixture  # local: the prepared readers are needed only by prepared runs
 
   return mixture.decoder_rows(config.data, tokenizer, split)

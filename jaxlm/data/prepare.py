@@ -1,4 +1,4 @@
-"""`jaxlm prepare`: tokenize a source once into memory-mapped token shards, in parallel and resumably.
+"""`jaxlm prepare`: tokenize a source once into checksummed token shards, local or gs://, in parallel, resumably.
 
     jaxlm prepare --config CONFIG --out DIR [--split train] [--workers N] [--shard-mb 16] [--config.data.KEY=V ...]
 
@@ -10,29 +10,46 @@ training one. Each split goes to its own folder, DIR/train and DIR/validation:
   plan.json                  the source ranges of every shard, with the tokenizer's and source's
                              fingerprints; written first, it is what a rerun compares against
   shard_NNNNN.tokens.npy     token ids, documents back to back, each ending in EOS (uint16 when the
-                             vocabulary fits, else int32); read with np.load(mmap_mode='r')
+                             vocabulary fits, else int32), in the `.npy` layout
   shard_NNNNN.documents.npy  int64 end offsets (in the shard's tokens) of the documents ending in it
-  shard_NNNNN.json           the shard's counts; renamed into place last, it marks the shard complete
+  shard_NNNNN.checksums.npy  uint32 CRC-32 of each `BLOCK_BYTES` block of the token data
+  shard_NNNNN.json           the shard's counts and the CRC-32 of the tokens' `.npy` header and of the
+                             checksums file; written last, it marks the shard complete
   index.json                 totals, the shard list and both fingerprints; written once every shard is
 
-Every file is written as NAME.tmp and renamed, so an interrupted prepare never
+DIR may be local or a bucket (`gs://bucket/data`); every file goes through
+`jaxlm.storage.fs`. A local file is written beside its target and renamed, and
+a bucket object appears whole or not at all, so an interrupted prepare never
 leaves a shard that looks complete. Running the same command again keeps the
 finished shards and writes the others; if the source or tokenizer changed, it
-starts the split over. The plan depends only on the source and --shard-mb, and
-every shard only on its plan, so the output bytes are identical on every run
-and with any number of workers. Worker processes are forked (no JAX runs in
-them), each tokenizes whole shards, and they report progress to one bar.
+starts the split over.
+
+Checksums: CRC-32, the algorithm of the checkpoints' file manifest
+(`jaxlm.storage.integrity`), but per block rather than per file: a block is
+also the unit the reader fetches (jaxlm/data/shards.py), so a process that
+reads a few rows of a bucket fetches and verifies only the blocks that hold
+them, never a whole shard. The block checksums live beside each shard (4 bytes
+per 64 KiB, read with the shard), not in `index.json`, which every process
+reads whole and which stays small at C4 scale.
+
+The plan depends only on the source and --shard-mb, and every shard only on
+its plan, so the output bytes are identical on every run and with any number
+of workers. Worker processes are forked (spawned when DIR is a bucket, whose
+client refuses to run in a fork; no JAX runs in them), each tokenizes whole
+shards, and they report progress to one bar.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import math
 import multiprocessing
 import os
 import sys
 import time
-from pathlib import Path
+import zlib
 from typing import Any, Callable
 
 import ml_collections
@@ -44,10 +61,11 @@ from jaxlm.data import corpus, sources
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.storage import fs
 
-FORMAT = "jaxlm-prepared-1"
+FORMAT = "jaxlm-prepared-2"  # 2: per-block checksums
 INDEX = "index.json"
 PLAN = "plan.json"
 TFDS_EXAMPLES_PER_SHARD = 100_000
+BLOCK_BYTES = 1 << 16  # checksum and read unit of the token data: 32,768 uint16 tokens
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -63,7 +81,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
   return digest.hexdigest()
 
 
-def _file_pieces(path: Path, start: int, end: int, shard_bytes: int) -> list[dict]:
+def _file_pieces(path: os.PathLike, start: int, end: int, shard_bytes: int) -> list[dict]:
   """A file range as segments of at most about `shard_bytes`, cut at line starts.
 
   Every JSON line is a document. A text range is one document, so only its
@@ -181,7 +199,7 @@ def _group(segments: list[dict], shard_bytes: int) -> list[list[dict]]:
 
 def make_plans(config, splits, tokenizer, shard_mb: float) -> dict[str, dict]:
   """{split: what `prepare` writes for it (JSON-ready)}; equal plans give identical output."""
-  shard_bytes = max(int(shard_mb * 2**20), 1)
+  shard_bytes = int(shard_mb * 2**20)
   plans = {}
   for split, (segments, source_fingerprint) in _segments(config.data, splits, shard_bytes).items():
     plans[split] = {
@@ -196,6 +214,7 @@ def make_plans(config, splits, tokenizer, shard_mb: float) -> dict[str, dict]:
         "fingerprint": tokenizer_fingerprint(tokenizer),
       },
       "dtype": "uint16" if tokenizer.vocab_size <= 2**16 else "int32",
+      "block_bytes": BLOCK_BYTES,
       "data": {
         key: config.data[key]
         for key in (
@@ -247,20 +266,41 @@ def tfds_documents(segment: dict, data_config, split: str) -> tuple[list[bytes],
   return tfds_data.load_documents(data_config, split, first, end), end - first
 
 
-def _write_atomic(path: Path, write) -> None:
-  """Calls write(file) on PATH.tmp, then renames it to `path`: readers never see a partial file."""
-  tmp = path.with_name(path.name + ".tmp")
-  with open(tmp, "wb") as f:
-    write(f)
-  os.replace(tmp, path)
+def _npy_bytes(array: np.ndarray) -> bytes:
+  buffer = io.BytesIO()
+  np.save(buffer, array)
+  return buffer.getvalue()
+
+
+def checksums(npy: bytes, data_bytes: int, block_bytes: int) -> tuple[dict, bytes]:
+  """The checksums of a `.npy` file's bytes whose array takes `data_bytes`.
+
+  Args:
+    npy: the whole file.
+    data_bytes: the array's size in bytes (the file's tail).
+    block_bytes: the block size.
+
+  Returns:
+    ({'header_bytes', 'header_crc32', 'checksums_crc32'} for the shard's json, the checksums file's bytes).
+  """
+  header = len(npy) - data_bytes
+  data = memoryview(npy)[header:]
+  blocks = _npy_bytes(
+    np.asarray([zlib.crc32(data[start : start + block_bytes]) for start in range(0, len(data), block_bytes)], np.uint32)
+  )
+  return {
+    "header_bytes": header,
+    "header_crc32": zlib.crc32(npy[:header]),
+    "checksums_crc32": zlib.crc32(blocks),
+  }, blocks
 
 
 def write_shard(job: tuple) -> dict:
   """Tokenizes one shard's segments and writes its three files; returns its counts.
 
-  job: (split folder, shard number, segments, plan['data'], split, dtype name).
+  job: (split folder, shard number, segments, plan['data'], split, dtype name, block bytes).
   """
-  directory, number, segments, data, split, dtype = job
+  directory, number, segments, data, split, dtype, block_bytes = job
   tokenizer = _tokenizer({key: data[key] for key in ("tokenizer", "tokenizer_path")})
   pieces, ends, num_tokens, num_bytes = [], [], 0, 0
   for segment in segments:
@@ -276,33 +316,42 @@ def write_shard(job: tuple) -> dict:
       num_bytes += len(document)
     if _progress:
       _progress((units, len(documents), num_tokens - start_tokens))
-  base = Path(directory) / f"shard_{number:05d}"
-  tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype)
-  _write_atomic(base.with_name(base.name + ".tokens.npy"), lambda f: np.save(f, tokens))
-  _write_atomic(base.with_name(base.name + ".documents.npy"), lambda f: np.save(f, np.asarray(ends, np.int64)))
+  name = f"shard_{number:05d}"
+  tokens = _npy_bytes(np.concatenate(pieces) if pieces else np.zeros(0, dtype))
+  fs.write_bytes(fs.join(directory, name + ".tokens.npy"), tokens)
+  fs.write_bytes(fs.join(directory, name + ".documents.npy"), _npy_bytes(np.asarray(ends, np.int64)))
+  sums, blocks = checksums(tokens, num_tokens * np.dtype(dtype).itemsize, block_bytes)
+  fs.write_bytes(fs.join(directory, name + ".checksums.npy"), blocks)
   counts = {
-    "tokens": base.name + ".tokens.npy",
-    "documents": base.name + ".documents.npy",
+    "tokens": name + ".tokens.npy",
+    "documents": name + ".documents.npy",
+    "checksums": name + ".checksums.npy",
     "num_tokens": num_tokens,
     "num_documents": len(ends),
     "num_bytes": num_bytes,
+    **sums,
   }
-  _write_atomic(base.with_name(base.name + ".json"), lambda f: f.write(json.dumps(counts).encode()))
+  fs.write_text(fs.join(directory, name + ".json"), json.dumps(counts))
   return counts
 
 
 # --- the driver ----------------------------------------------------------------------------------
 
 
-def _clear(directory: Path) -> None:
+def _clear(directory: str) -> None:
   """Removes what a previous prepare wrote in `directory` (only its own file names)."""
   for pattern in ("shard_*", INDEX, PLAN, "*.tmp"):
-    for path in directory.glob(pattern):
-      path.unlink()
+    for location in fs.glob(fs.join(directory, pattern)):
+      fs.path(location).unlink()
+
+
+def _leftovers(directory: str) -> list[str]:
+  """Partial files an interrupted local prepare left (`fs.write_bytes`'s, and the `.tmp` of older versions)."""
+  return fs.glob(fs.join(directory, "*.partial-*")) + fs.glob(fs.join(directory, "*.tmp"))
 
 
 def _run(jobs: list[tuple], workers: int, bar: tqdm.tqdm) -> None:
-  """Runs write_shard over `jobs`, in `workers` forked processes (or here when workers <= 1)."""
+  """Runs write_shard over `jobs`, in `workers` worker processes (or here when workers <= 1)."""
   global _progress
   documents, tokens, started = 0, 0, time.perf_counter()
 
@@ -323,7 +372,10 @@ def _run(jobs: list[tuple], workers: int, bar: tqdm.tqdm) -> None:
     finally:
       _progress = None
     return
-  context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+  # Forked workers start at once, but a bucket's client (gcsfs, already used here) refuses to run in a fork.
+  remote = fs.is_url(jobs[0][0])
+  fork = "fork" in multiprocessing.get_all_start_methods() and not remote
+  context = multiprocessing.get_context("fork" if fork else "spawn")
   # A SimpleQueue's put writes before returning, so once the jobs are done every report is readable.
   progress_queue = context.SimpleQueue()
   with context.Pool(min(workers, len(jobs)), initializer=_init_worker, initargs=(progress_queue,)) as pool:
@@ -336,14 +388,26 @@ def _run(jobs: list[tuple], workers: int, bar: tqdm.tqdm) -> None:
     result.get()  # re-raises a worker's error here
 
 
-def prepare_split(plan: dict, directory: Path, workers: int, show_progress: bool = True) -> dict:
-  """Writes the split that `plan` describes into `directory`, resuming a previous run; returns its index."""
-  directory.mkdir(parents=True, exist_ok=True)
+def _read_json(location: str, what: str):
+  """The JSON file `location`; raises ConfigError naming it when it is not JSON (a garbled or cut file)."""
+  try:
+    return json.loads(fs.read_bytes(location))
+  except (UnicodeDecodeError, json.JSONDecodeError):
+    raise ConfigError(f"'{location}' ({what}) is not valid JSON; delete it and run `jaxlm prepare` again") from None
+
+
+def prepare_split(plan: dict, directory: str, workers: int, show_progress: bool = True) -> dict:
+  """Writes the split that `plan` describes into `directory` (local or gs://), resuming a previous run.
+
+  Returns:
+    The split's index (what `index.json` holds).
+  """
+  fs.makedirs(directory)
   split = plan["split"]
-  plan_path = directory / PLAN
-  previous = json.loads(plan_path.read_text()) if plan_path.is_file() else None
-  if previous == plan and (directory / INDEX).is_file():
-    return json.loads((directory / INDEX).read_text())
+  plan_path, index_path = fs.join(directory, PLAN), fs.join(directory, INDEX)
+  previous = _read_json(plan_path, "the plan of an earlier prepare") if fs.path(plan_path).exists() else None
+  if previous == plan and fs.path(index_path).exists():
+    return _read_json(index_path, "the index of the prepared split")
   if previous != plan:
     if previous is not None:
       print(
@@ -351,15 +415,18 @@ def prepare_split(plan: dict, directory: Path, workers: int, show_progress: bool
         file=sys.stderr,
       )
     _clear(directory)
-    _write_atomic(plan_path, lambda f: f.write(json.dumps(plan).encode()))
-  for tmp in directory.glob("*.tmp"):  # left by an interrupted run; never complete
-    tmp.unlink()
+    fs.write_text(plan_path, json.dumps(plan))
+  for leftover in _leftovers(directory):  # left by an interrupted run; never complete
+    fs.path(leftover).unlink()
   shards = plan["shards"]
-  done = {i for i in range(len(shards)) if (directory / f"shard_{i:05d}.json").is_file()}
+  marks = {os.path.basename(location) for location in fs.glob(fs.join(directory, "shard_*.json"))}
+  done = {i for i in range(len(shards)) if f"shard_{i:05d}.json" in marks}
   if done:
     print(f"{directory}: resuming, {len(done)} of {len(shards)} shards already written", file=sys.stderr)
   jobs = [
-    (str(directory), i, shard, plan["data"], split, plan["dtype"]) for i, shard in enumerate(shards) if i not in done
+    (directory, i, shard, plan["data"], split, plan["dtype"], plan["block_bytes"])
+    for i, shard in enumerate(shards)
+    if i not in done
   ]
   size = lambda shard: sum(s["end"] - s["start"] if "path" in s else s["tfds"][1] - s["tfds"][0] for s in shard)
   with tqdm.tqdm(
@@ -372,17 +439,31 @@ def prepare_split(plan: dict, directory: Path, workers: int, show_progress: bool
     dynamic_ncols=True,
   ) as bar:
     _run(jobs, workers, bar)
-  counts = [json.loads((directory / f"shard_{i:05d}.json").read_text()) for i in range(len(shards))]
-  index = {key: plan[key] for key in ("format", "split", "source", "source_fingerprint", "tokenizer", "dtype")}
+  counts = [_read_json(fs.join(directory, f"shard_{i:05d}.json"), "a shard's counts") for i in range(len(shards))]
+  index = {
+    key: plan[key] for key in ("format", "split", "source", "source_fingerprint", "tokenizer", "dtype", "block_bytes")
+  }
   index.update({total: sum(c[total] for c in counts) for total in ("num_documents", "num_tokens", "num_bytes")})
   index["shards"] = counts
-  _write_atomic(directory / INDEX, lambda f: f.write(json.dumps(index, indent=1).encode()))
+  fs.write_text(index_path, json.dumps(index, indent=1))
   return index
+
+
+def _check_out(out: str) -> None:
+  """Raises ConfigError naming --out when it is a file, or a local folder that cannot be created; StorageError
+  naming the bucket when a gs:// one is missing or not writable."""
+  fs.check_access(out, write=True)
+  if fs.path(out).is_file():
+    raise ConfigError(f"--out '{out}' is a file; pass a folder (local or gs://bucket/path) for the prepared splits")
+  try:
+    fs.makedirs(out)
+  except OSError as e:
+    raise ConfigError(f"--out '{out}': cannot create the folder ({e.strerror or type(e).__name__}); pass another")
 
 
 def prepare(
   config,
-  out: str | Path,
+  out: str | os.PathLike,
   splits=("train", "validation"),
   workers: int = 0,
   shard_mb: float = 16.0,
@@ -390,8 +471,21 @@ def prepare(
 ) -> dict[str, dict]:
   """Tokenizes the config's source into `out`/SPLIT for each split; takes the whole config.
 
-  workers: processes that tokenize (0: one per CPU). Returns {split: index}.
+  Args:
+    config: the whole config; its `data` section names the source and the tokenizer.
+    out: the output folder, local or `gs://bucket/path`.
+    splits: the splits to prepare.
+    workers: processes that tokenize (0: one per CPU).
+    shard_mb: megabytes of source text per shard; positive.
+    show_progress: whether to show a progress bar.
+
+  Returns:
+    {split: index}.
   """
+  if not (math.isfinite(shard_mb) and shard_mb >= 0.001):
+    raise ConfigError(f"--shard-mb must be a number of megabytes of at least 0.001 (e.g. 16); got {shard_mb}")
+  out = os.fspath(out)
+  _check_out(out)
   if config.data.tokenizer == "sentencepiece" and config.data.spm_vocab_size:
     from jaxlm.data import spm  # local: trains the vocabulary on the training split if it is missing
 
@@ -399,6 +493,6 @@ def prepare(
   tokenizer = tokenizer_lib.from_config(config.data)
   plans = make_plans(config, splits, tokenizer, shard_mb)
   return {
-    split: prepare_split(plans[split], Path(out) / split, workers or os.cpu_count() or 1, show_progress)
+    split: prepare_split(plans[split], fs.join(out, split), workers or os.cpu_count() or 1, show_progress)
     for split in splits
   }

@@ -6,11 +6,22 @@ called with `download=False`: a missing dataset is a one-line `ConfigError`
 naming the keys and the `tfds build` command, never a download at run time.
 
 Prepared data holds bytes, `tfds.testing.mock_data` str; both are handled.
+
+`data.source=tfds` reads and tokenizes the whole split in every process, which
+suits small datasets. Large ones (C4) go through `jaxlm prepare`, which reads a
+range of examples per shard by random access and writes token shards that each
+training process reads only its own blocks of (jaxlm/data/shards.py); a split of
+more than `LARGE_SPLIT` examples read here gets a warning saying so.
 """
 
 from __future__ import annotations
 
+import warnings
+
 from jaxlm.config import ConfigError
+
+# Above this many examples, reading a split into every process's memory is the wrong path: say so before reading.
+LARGE_SPLIT = 1_000_000
 
 
 def split_name(data_config, split: str) -> str:
@@ -51,6 +62,13 @@ def num_examples(data_config, split: str) -> int:
 def _records(data_config, split: str, first: int = 0, end: int | None = None):
   source = data_source(data_config, split)
   end = num_examples(data_config, split) if end is None else end
+  if end - first > LARGE_SPLIT:
+    warnings.warn(
+      f"jaxlm: WARNING: reading {end - first:,} examples of {data_config.tfds_name} into memory in every process; "
+      "tokenize them once with `jaxlm prepare --config.data.source=tfds --out DIR` and train with "
+      "--config.data.source=prepared --config.data.prepared_dir=DIR (docs/data.md), or cap data.max_examples",
+      stacklevel=2,
+    )
   # One index at a time: the mocked source's batched __getitems__ is broken in tfds 4.9.10.
   return (source[i] for i in range(first, end))
 

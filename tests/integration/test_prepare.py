@@ -3,6 +3,8 @@
 import itertools
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -10,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from support import REPO, files_config, run_cli
+from support import REPO, error_line, files_config, run_cli, run_in_process
 
 from jaxlm import config as config_lib
 from jaxlm.cli import main
@@ -261,9 +263,118 @@ def test_mixture_resumes_exactly_and_realizes_its_weights(text_corpus, tmp_path)
 
 
 def test_bad_mixture_is_one_line():
-  for text in ("web:0.5", "[('a', 0)]", "[]"):
-    with pytest.raises(config_lib.ConfigError, match="data.mixture"):
+  for text in ("web:0.5", "[('a', 0)]", "[]", "[('a', 1e999), ('b', 1)]", "[('a', -1e999)]"):
+    with pytest.raises(config_lib.ConfigError, match="data.mixture") as error:
       mixture.parse(text)
+    assert "\n" not in str(error.value)
+
+
+def test_mixture_weights_near_the_float_maximum_are_normalised_without_overflow(text_corpus, tmp_path):
+  cfg = two_sources(text_corpus, tmp_path)
+  cfg.data.mixture = repr([(str(tmp_path / "first"), 1e308), (str(tmp_path / "second"), 1e308)])
+  rows = data_lib.decoder_rows(cfg, ByteTokenizer(), "train")
+  shares = rows.realized_proportions(5, 0, 100, 8)
+  assert abs(shares["mixture/first"] - 0.5) < 0.06 and abs(shares["mixture/second"] - 0.5) < 0.06
+
+
+def damage(source, tmp_path, name, change):
+  """A copy of the prepared train split `source` with `change(bytes) -> bytes` applied to its file `name`."""
+  copy = tmp_path / name.replace("/", "_")
+  shutil.copytree(source, copy)
+  (copy / name).write_bytes(change((copy / name).read_bytes()))
+  return copy
+
+
+def put_token(data, index, value):
+  """A tokens .npy file's bytes with token `index` (after the 128-byte header) set to `value`."""
+  data = bytearray(data)
+  data[128 + 2 * index : 130 + 2 * index] = np.uint16(value).tobytes()
+  return bytes(data)
+
+
+def recompute_checksums(split):
+  """index.json made to match the (changed) shard files again, as another tokenizer's prepare would have."""
+  index = json.loads((split / "index.json").read_text())
+  for shard in index["shards"]:
+    sums, blocks = prepare.checksums(
+      (split / shard["tokens"]).read_bytes(), shard["num_tokens"] * 2, index["block_bytes"]
+    )
+    shard.update(sums)
+    (split / shard["checksums"]).write_bytes(blocks)
+  (split / "index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize(
+  "name,change,expected",
+  [
+    ("shard_00002.tokens.npy", lambda d: put_token(d, 5, 65535), "shard_00002.tokens.npy': tokens 0..32767 do not"),
+    ("shard_00002.tokens.npy", lambda d: put_token(d, 5, ord("x")), "shard_00002.tokens.npy': tokens 0..32767 do not"),
+    ("shard_00001.tokens.npy", lambda d: d[:-7], "shard_00001.tokens.npy' has"),
+    ("shard_00003.tokens.npy", lambda d: d[:20] + b"#" + d[21:], "shard_00003.tokens.npy': its .npy header"),
+    ("index.json", lambda d: d[: len(d) // 2], "index.json' is not valid JSON"),
+    ("shard_00004.checksums.npy", lambda d: d[:-1] + bytes([d[-1] ^ 1]), "shard_00004.checksums.npy' does not"),
+    ("index.json", lambda d: d.replace(b'"checksums_crc32"', b'"checksums_crc"'), "index.json' lacks"),
+  ],
+)
+def test_damaged_prepared_data_is_one_line_naming_the_file(prepared_corpus, tmp_path, name, change, expected):
+  split = damage(prepared_corpus[0] / "train", tmp_path, name, change)
+  with pytest.raises(config_lib.ConfigError) as error:
+    rows = prepared.open_split(split, ByteTokenizer(), SEQ)
+    rows.tokens(0, int(rows.offsets[-1]))
+  assert expected in str(error.value) and "\n" not in str(error.value), error.value
+
+
+@pytest.mark.parametrize("name", ["shard_00002.tokens.npy", "index.json"])
+def test_doing_what_the_message_says_repairs_the_split(prepared_corpus, tmp_path, name):
+  original = prepared_corpus[0] / "train"
+  split = damage(original, tmp_path, name, lambda d: put_token(d, 5, 65535) if name.endswith(".npy") else d[:9])
+  with pytest.raises(config_lib.ConfigError) as error:
+    rows = prepared.open_split(split, ByteTokenizer(), SEQ)
+    rows.tokens(0, int(rows.offsets[-1]))
+  named = re.findall(r"delete '([^']+)' and '([^']+)'", str(error.value))
+  for path in named[0] if named else [str(split / "index.json")]:  # "...; delete it" names the index first
+    os.remove(path)
+  prepare.prepare_split(json.loads((split / "plan.json").read_text()), str(split), workers=1, show_progress=False)
+  assert folder_bytes(split) == folder_bytes(original)
+
+
+def test_token_ids_outside_the_vocabulary_stop_the_read_even_with_matching_checksums(prepared_corpus, tmp_path):
+  split = damage(prepared_corpus[0] / "train", tmp_path, "shard_00002.tokens.npy", lambda d: put_token(d, 9, 65535))
+  recompute_checksums(split)
+  rows = prepared.open_split(split, ByteTokenizer(), SEQ)
+  first = int(rows.offsets[2])
+  rows.tokens(0, first)  # the shards before it are intact
+  with pytest.raises(prepared.PreparedDataError, match="shard_00002.tokens.npy': token id 65535 is outside the voc"):
+    rows.tokens(first, first + 20)
+
+
+@pytest.mark.parametrize("shard_mb", ["0", "-5", "nan", "inf"])
+def test_prepare_refuses_a_shard_size_that_is_not_positive(shard_mb, text_corpus, tmp_path, capfd):
+  result = run_in_process(prepare_args(text_corpus, tmp_path / "out", "--shard-mb", shard_mb), capfd)
+  assert result.returncode == 2 and error_line(result).startswith("jaxlm: error: --shard-mb must be"), result.stderr
+  assert not (tmp_path / "out").exists()
+
+
+def test_prepare_into_an_existing_file_is_one_line(text_corpus, tmp_path, capfd):
+  (tmp_path / "taken").write_text("keep me")
+  result = run_in_process(prepare_args(text_corpus, tmp_path / "taken"), capfd)
+  assert result.returncode == 2 and f"--out '{tmp_path / 'taken'}' is a file" in error_line(result)
+  assert (tmp_path / "taken").read_text() == "keep me"
+
+
+def prepare_args(text_corpus, out, *extra):
+  return [
+    "prepare",
+    "--config",
+    str(REPO / "configs" / "tiny.py"),
+    "--out",
+    str(out),
+    "--workers",
+    "1",
+    "--config.data.source=files",
+    f"--config.data.paths={text_corpus}/*.txt",
+    *extra,
+  ]
 
 
 WORKER = """

@@ -1,5 +1,7 @@
 """TFDS sources (tfds_data.py) through tfds.testing.mock_data: no TensorFlow, no download."""
 
+import warnings
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -77,3 +79,17 @@ def test_prepared_tfds_split_gives_the_in_memory_rows(tmp_path):
   for i in range(len(rows)):
     for key, value in expected[i].items():
       np.testing.assert_array_equal(rows[i][key], value)
+
+
+def test_a_large_split_read_into_memory_warns_and_names_prepare(monkeypatch):
+  c = tfds_config("lm1b")
+  monkeypatch.setattr(tfds_data, "LARGE_SPLIT", 5)
+  with (
+    tfds.testing.mock_data(num_examples=6),
+    pytest.warns(UserWarning, match="jaxlm prepare --config.data.source=tfds"),
+  ):
+    assert len(tfds_data.load_documents(c.data, "train")) == 6
+  c.data.max_examples = 5
+  with tfds.testing.mock_data(num_examples=6), warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert len(tfds_data.load_documents(c.data, "train")) == 5
