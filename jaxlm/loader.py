@@ -58,12 +58,19 @@ class Run(NamedTuple):
 
 
 def load_config(workdir: str | Path) -> Config:
-  """The whole config a run saved in `workdir/config.json`, schema-checked; raises RunError if absent."""
+  """The whole config a run saved in `workdir/config.json`, schema-checked; raises RunError if absent or garbled."""
   fs.check_access(workdir)  # a gs:// bucket that is missing or refuses access: one line
-  config = run_dir.read_config(workdir)
+  path = run_dir.config_path(workdir)
+  try:
+    config = run_dir.read_config(workdir)
+    if config is not None:
+      config_lib.check_schema(config)
+  except (ValueError, AttributeError, TypeError) as e:  # not JSON, not an object (ConfigDict), or not the schema's
+    raise RunError(
+      f"{path} is not a readable config ({' '.join(str(e).split())[:200]}); restore the run's config.json"
+    ) from None
   if config is None:
-    raise RunError(f"{run_dir.config_path(workdir)} not found; pass the --workdir of a run started with `jaxlm train`")
-  config_lib.check_schema(config)
+    raise RunError(f"{path} not found; pass the --workdir of a run started with `jaxlm train`")
   return config
 
 
@@ -144,6 +151,7 @@ def load(
   """
   config = load_config(workdir)
   if model is None and lora.enabled(config):  # adapters merged into their base: a plain run to every command
+    lora.check_base(config)  # the base they were trained over, not another run in its folder
     base = load(config.lora.base_workdir, config.lora.base_step, mesh, rules=rules)
     module = lora.adapted_model(config, base.params, deterministic=True)
     adapters, step = restore_params(

@@ -149,6 +149,7 @@ def base_config() -> ConfigDict:
   c.lora.targets = "query,value"  # comma-separated projections: query, key, value, out, up, gate, down
   c.lora.base_workdir = ""  # the run whose weights stay frozen (train or convert --from-hf workdir)
   c.lora.base_step = -1  # its checkpoint; -1: the latest (recorded in the LoRA run's config.json)
+  c.lora.base_checksum = ""  # recorded at the run's start: a digest of that checkpoint's parameter checksums
 
   c.eval = ConfigDict()
   c.eval.batch_size = 16
@@ -304,6 +305,7 @@ RANGES = {
   "lora.targets": Allowed(note="comma-separated projection names"),
   "lora.base_workdir": Allowed(note="a run directory"),
   "lora.base_step": _at_least(0, -1),
+  "lora.base_checksum": Allowed(note="recorded by `jaxlm train`; '' checks nothing"),
   "eval.batch_size": _POSITIVE,
   "eval.max_batches": _COUNT,
   "eval.beam_size": _COUNT,

@@ -62,8 +62,9 @@ def _raise_exception(message: str):
   raise jinja2.exceptions.TemplateError(message)
 
 
-def compile_template(source: str):
-  """A jinja2 `Template` for `source`, in transformers' sandboxed environment."""
+def compile_template(source: str, name: str = "the chat template"):
+  """A jinja2 `Template` for `source`, in transformers' sandboxed environment; `name` says where the template
+  comes from in a ChatTemplateError."""
   import jinja2
   import jinja2.ext
   from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -77,19 +78,21 @@ def compile_template(source: str):
   try:
     return environment.from_string(source)
   except jinja2.exceptions.TemplateSyntaxError as e:
-    raise ChatTemplateError(f"the chat template has a syntax error at line {e.lineno}: {e.message}") from None
+    raise ChatTemplateError(f"{name} has a syntax error at line {e.lineno}: {e.message}") from None
 
 
 class ChatTemplate:
   """A compiled chat template with the special tokens it may reference.
 
-  source: the Jinja text; special_tokens: {'bos_token': '<s>', ...}, passed to the template as variables.
+  source: the Jinja text; special_tokens: {'bos_token': '<s>', ...}, passed to the template as variables;
+  name: where the template comes from (e.g. 'the chat template in RUN/hf_tokenizer/chat_template.jinja'), for
+  errors.
   """
 
-  def __init__(self, source: str, special_tokens: dict[str, str] | None = None):
-    self.source = source
+  def __init__(self, source: str, special_tokens: dict[str, str] | None = None, name: str = "the chat template"):
+    self.source, self.name = source, name
     self.special_tokens = dict(special_tokens or {})
-    self.template = compile_template(source)
+    self.template = compile_template(source, name)
     self.turn_end = self._find_turn_end()
 
   def render(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
@@ -105,7 +108,9 @@ class ChatTemplate:
         **self.special_tokens,
       )
     except jinja2.exceptions.TemplateError as e:  # raise_exception() in the template, or a sandbox refusal
-      raise ChatTemplateError(f"the chat template refused these messages: {e}") from None
+      raise ChatTemplateError(f"{self.name} refused these messages: {_one_line(e)}") from None
+    except Exception as e:  # noqa: BLE001 - untrusted code may fail any way (1/0, None + 1, a bad index...)
+      raise ChatTemplateError(f"{self.name} failed: {type(e).__name__}: {_one_line(e)}; fix the template") from None
 
   def _find_turn_end(self) -> str:
     """The text a template puts after an assistant message's content (e.g. '<|end|>', '<|im_end|>', '</s>'),
@@ -152,10 +157,21 @@ class ChatTemplate:
     return [(text, is_assistant) for text, is_assistant in pieces + [(rest, False)] if text]
 
 
+def _one_line(error: BaseException) -> str:
+  return " ".join(str(error).split())[:300]
+
+
 def for_tokenizer(tokenizer) -> ChatTemplate:
-  """The template of `tokenizer` (a Hugging Face tokenizer's own, else `DEFAULT_TEMPLATE`)."""
-  source = getattr(tokenizer, "chat_template", None) or DEFAULT_TEMPLATE
-  return ChatTemplate(source, getattr(tokenizer, "special_tokens", {}))
+  """The template of `tokenizer` (a Hugging Face tokenizer's own, named by its file, else `DEFAULT_TEMPLATE`)."""
+  source = getattr(tokenizer, "chat_template", None)
+  if not source:
+    return ChatTemplate(DEFAULT_TEMPLATE, getattr(tokenizer, "special_tokens", {}), "the default chat template")
+  folder = getattr(tokenizer, "folder", None)
+  name = "the tokenizer's chat template"
+  if folder is not None:  # a Hugging Face tokenizer reads chat_template.jinja first, else tokenizer_config.json
+    jinja = folder / "chat_template.jinja"
+    name = f"the chat template in {jinja if jinja.is_file() else folder / 'tokenizer_config.json'}"
+  return ChatTemplate(source, getattr(tokenizer, "special_tokens", {}), name)
 
 
 def check_messages(messages, where: str) -> list[dict]:

@@ -24,7 +24,10 @@ Packing puts whole examples into rows of `data.seq_len` (first fit, in file
 order), so an answer always sees its prompt: each example is one segment
 (ids 1, 2, ... within the row, positions restarting at 0), the rest of a row
 is padding with segment id 0 and weight 0. An example longer than a row is
-cut at the row's end (a warning counts them). Rows are fixed once built, and
+cut at the row's end (a warning counts them). A split where the cut leaves no
+answer token at all (every prompt fills the row) is refused: it would train at
+loss 0; one where most examples lose every answer token gets a loud warning
+with the count. Rows are fixed once built, and
 `jaxlm.data.pipeline.train_batches` shuffles them by (seed, epoch), so batch k is a
 function of (seed, k) and resuming is exact.
 """
@@ -159,10 +162,12 @@ class PackedExamples:
     self.examples, self.seq_len = examples, seq_len
     self.rows: list[list[int]] = []  # example indices per row
     self.truncated = 0
+    self.answerless = 0  # examples whose cut left no answer token
     used = seq_len  # slots used in the current row; starts "full" so the first example opens a row
     for index, example in enumerate(examples):
       slots = min(len(example.tokens) - 1, seq_len)  # an example of L tokens makes L - 1 (input, target) pairs
       self.truncated += len(example.tokens) - 1 > seq_len
+      self.answerless += not example.answer_mask[1 : slots + 1].any()
       if used + slots > seq_len:
         self.rows.append([])
         used = 0
@@ -207,12 +212,31 @@ def rows(config, tokenizer, split: str) -> PackedExamples:
   """The split's packed rows for the whole `config` (data.paths, data.seq_len) and `tokenizer`."""
   template = chat_template_lib.for_tokenizer(tokenizer)
   prefix = prompt_prefix(config, tokenizer)
-  examples = [tokenize(record, tokenizer, template, prefix) for record in read_records(config.data, split)]
+  records = read_records(config.data, split)
+  examples = [tokenize(record, tokenizer, template, prefix) for record in records]
   packed = PackedExamples(examples, config.data.seq_len)
+  seq_len = config.data.seq_len
+  if packed.answerless:
+    # A row's target j is token j + 1, so an answer whose first token is token p needs data.seq_len >= p.
+    needed = sorted(int(np.argmax(example.answer_mask)) for example in examples if example.answer_mask.any())
+    files = sorted({record.where.rsplit(", line ", 1)[0] for record in records})
+    where = files[0] + (f" and {len(files) - 1} more file(s)" if len(files) > 1 else "")
+    counts = f"{packed.answerless} of {len(examples)} {split} examples in {where} keep no answer token"
+    fix = (
+      f"raise data.seq_len to at least {needed[0]} for any answer token to count ({needed[-1]} for every "
+      "example's), or shorten the prompts"
+    )
+    if packed.answerless == len(examples):
+      raise RecordError(
+        f"{counts} within data.seq_len={seq_len}: their prompts fill the row, so nothing would be trained "
+        f"(loss 0); {fix}"
+      )
+    if 2 * packed.answerless > len(examples):
+      warnings.warn(f"jaxlm: WARNING: {counts} within data.seq_len={seq_len} and teach nothing; {fix}", stacklevel=2)
   if packed.truncated:
     warnings.warn(
       f"data.source='jsonl': {packed.truncated} of {len(examples)} {split} examples are longer than "
-      f"data.seq_len={config.data.seq_len} tokens and were cut; raise data.seq_len to keep them whole",
+      f"data.seq_len={seq_len} tokens and were cut; raise data.seq_len to keep them whole",
       stacklevel=2,
     )
   return packed

@@ -16,8 +16,17 @@ top-k alternatives; `echo` puts the prompt in front of the completion (with
 its tokens' log-probabilities, a decoder-only model scoring its first token
 after the EOS that starts every text). `model`, when given, must be the
 served name. Every bad request gets a 4xx with {"error": {"message", "type",
-"param", "code"}} naming the field: 404, 405, 413 and 415 included. Each
-request is logged in one line: id, status, prompt and new tokens, latency.
+"param", "code"}} naming the field: 404, 405, 408, 413 and 415 included, and
+the 400 aiohttp itself gives malformed HTTP (`_Connection`). Each request is
+logged in one line: id, status, prompt and new tokens, latency.
+
+Slow or vanished clients hold nothing for long: a connection must deliver a
+request's headers within `header_timeout` seconds of opening (or of its last
+answer: the keep-alive idle limit, which aiohttp applies to a connection
+waiting for its next request, whole or partial), and a request its body within
+`body_timeout` seconds, else it gets a JSON 408 and the connection is closed.
+A client that hangs up mid-body is one log line ('client-disconnected'), not an
+error.
 """
 
 from __future__ import annotations
@@ -31,9 +40,10 @@ import time
 import uuid
 
 import jax
-from aiohttp import web
+from aiohttp import web, web_protocol, web_server
 
 from jaxlm.data import chat_template
+from jaxlm.errors import ConfigError
 from jaxlm.inference import decode, openai
 from jaxlm.inference import logprobs as scoring
 from jaxlm.inference import text as text_lib
@@ -42,8 +52,11 @@ from jaxlm.storage import fs
 
 LOG = logging.getLogger("jaxlm.inference.server")
 MAX_BODY_BYTES = 1 << 20
+HEADER_TIMEOUT_S = 15.0  # a connection's request headers must arrive within this (also its keep-alive idle limit)
+BODY_TIMEOUT_S = 30.0  # a request's body (at most MAX_BODY_BYTES) must arrive within this
 
 ENGINE = web.AppKey("engine", object)
+BODY_TIMEOUT = web.AppKey("body_timeout", float)
 REQUEST_INFO = web.RequestKey("info", dict)
 
 
@@ -221,6 +234,9 @@ async def _errors_and_log(request: web.Request, handler):
     info["error"] = e.param
   except web.HTTPException as e:
     response = _http_error(e, request)
+  except ConnectionError:  # the client hung up (mid-body, or before its answer): nothing to answer, no error
+    info["status"] = "client-disconnected"
+    response = web.Response(status=499)  # nginx's 'client closed request': nobody reads it, the log line says it
   except Exception as e:  # a bug: the client gets a JSON 500 and the log keeps the traceback
     LOG.exception("%s failed", info["id"])
     response = openai.error_body(500, None, f"internal error: {type(e).__name__}")
@@ -240,7 +256,72 @@ async def _errors_and_log(request: web.Request, handler):
   )
   if not response.prepared:
     response.headers["X-Request-Id"] = info["id"]
+  if info.get("close"):  # a body that never came: answer, then drop the connection rather than read on
+    await response.prepare(request)
+    await response.write_eof()
+    request.protocol.force_close()
   return response
+
+
+async def _read_body(request: web.Request, info: dict) -> bytes:
+  """The request's body, read within the app's body timeout; a 408 RequestError (and the connection marked for
+  closing) when it does not arrive in time."""
+  timeout = request.app[BODY_TIMEOUT]
+  try:
+    return await asyncio.wait_for(request.read(), timeout)
+  except asyncio.TimeoutError:
+    info["close"] = True
+    size = f" (Content-Length {request.content_length})" if request.content_length is not None else ""
+    raise openai.RequestError(
+      "body", f"the request body{size} did not arrive within {timeout:g} s; send the whole body at once", 408
+    ) from None
+
+
+class _Connection(web_protocol.RequestHandler):
+  """aiohttp's connection handler, answering the requests aiohttp refuses itself (malformed HTTP: a bad request
+  line, header or chunk) in the API's JSON error shape, logged in one line instead of a traceback."""
+
+  def handle_error(self, request, status: int = 500, exc: BaseException | None = None, message: str | None = None):
+    if request.writer.output_size > 0:  # an answer is under way: no second one can follow (aiohttp's rule)
+      raise ConnectionError("the answer was already being sent")
+    if status >= 500:
+      LOG.error("request from %s failed: %s", request.remote, exc, exc_info=exc)
+      response = openai.error_body(status, None, f"internal error: {type(exc).__name__}")
+    else:
+      # aiohttp's text is 'What is wrong:', a blank line, the offending bytes and a caret line under them.
+      lines = [line.strip() for line in (message or str(exc) or "").splitlines() if line.strip(" ^")]
+      reason = ": ".join([lines[0].rstrip(":"), *lines[1:2]])[:200] if lines else "unreadable request"
+      LOG.info("malformed HTTP from %s %s: %s", request.remote, status, reason)
+      response = openai.error_body(status, "http", f"malformed HTTP request: {reason}; send valid HTTP/1.1")
+    response.force_close()
+    return response
+
+
+class _Server(web_server.Server):
+  """aiohttp's connection factory, making `_Connection`s."""
+
+  def __call__(self) -> _Connection:
+    return _Connection(self, loop=self._loop, **self._kwargs)
+
+
+class Runner(web.AppRunner):
+  """`web.AppRunner` whose connections answer malformed HTTP in JSON (`_Connection`); no access log (the
+  middleware logs each request)."""
+
+  def __init__(self, app: web.Application, **kwargs):
+    super().__init__(app, access_log=None, **kwargs)
+
+  async def _make_server(self) -> web_server.Server:
+    server = await super()._make_server()
+    server.__class__ = _Server  # aiohttp builds its Server itself; only the connection class differs
+    return server
+
+
+def _check_timeouts(header_timeout: float, body_timeout: float) -> None:
+  """ConfigError, one line naming the flag, for a timeout that is not a positive number of seconds."""
+  for flag, seconds in (("--header-timeout", header_timeout), ("--body-timeout", body_timeout)):
+    if not seconds > 0:  # also refuses NaN
+      raise ConfigError(f"{flag} {seconds}: must be a positive number of seconds")
 
 
 def make_app(
@@ -250,6 +331,8 @@ def make_app(
   max_batch: int = 8,
   prefix: list[int] = (),
   stop_ids=(),
+  header_timeout: float = HEADER_TIMEOUT_S,
+  body_timeout: float = BODY_TIMEOUT_S,
 ) -> web.Application:
   """The aiohttp application serving `generator` as `model_name`.
 
@@ -260,10 +343,13 @@ def make_app(
     max_batch: the most rows decoded together.
     prefix: ids that start every prompt.
     stop_ids: ids that end a completion.
+    header_timeout: seconds a connection has to send a request's headers (from its opening or its last answer).
+    body_timeout: seconds a request has to send its body.
 
   Returns:
     The application, its decode worker in `app[ENGINE]`.
   """
+  _check_timeouts(header_timeout, body_timeout)
   engine = Engine(generator, tokenizer, max_batch, stop_ids)
   max_len = generator.cfg.max_len
   vocab_size = generator.cfg.vocab_size
@@ -288,7 +374,7 @@ def make_app(
           f"the body must be JSON sent with 'Content-Type: application/json' (got '{request.content_type}')",
           status=415,
         )
-      r = parse(await request.read())
+      r = parse(await _read_body(request, info))
       info["prompt_tokens"] = len(r["ids"])
       events, loop = asyncio.Queue(), asyncio.get_running_loop()
       jobs = [
@@ -328,7 +414,12 @@ def make_app(
     openai.CHAT,
     lambda body: openai.parse_chat_request(body, tokenizer, template, max_len, list(prefix), vocab_size, model_name),
   )
-  app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_errors_and_log])
+  # aiohttp closes a connection still waiting for (the rest of) a request when its keep-alive timer fires, which
+  # it also starts when the connection opens: that is the header timeout.
+  app = web.Application(
+    client_max_size=MAX_BODY_BYTES, middlewares=[_errors_and_log], handler_args={"keepalive_timeout": header_timeout}
+  )
+  app[BODY_TIMEOUT] = body_timeout
   app.add_routes(
     [
       web.get("/health", health),
@@ -341,9 +432,12 @@ def make_app(
   return app
 
 
-def app_for_run(workdir, step: int | None = None, int8: bool = False, max_batch: int = 8, mesh=None) -> web.Application:
+def app_for_run(
+  workdir, step: int | None = None, int8: bool = False, max_batch: int = 8, mesh=None, **timeouts
+) -> web.Application:
   """The server app for a run directory (or an int8 one from `jaxlm quantize`), named after its folder;
-  `mesh` (a `jax.sharding.Mesh`, None: one device) shards the params and the KV cache (see `jaxlm.inference.decode`)."""
+  `mesh` (a `jax.sharding.Mesh`, None: one device) shards the params and the KV cache (see `jaxlm.inference.decode`);
+  `timeouts`: `make_app`'s header_timeout and body_timeout."""
   from jaxlm import config as config_lib  # local: `jaxlm.inference.export` artifacts need no loader
   from jaxlm import loader
 
@@ -369,7 +463,7 @@ def app_for_run(workdir, step: int | None = None, int8: bool = False, max_batch:
   )
   # EOS, and a chat template's end-of-turn token (e.g. <|im_end|>), as HF generation configs of chat models list.
   stop_ids = chat_template.for_tokenizer(run.tokenizer).stop_ids(run.tokenizer)
-  return make_app(generator, run.tokenizer, fs.absolute(workdir).name, max_batch, prefix, stop_ids)
+  return make_app(generator, run.tokenizer, fs.absolute(workdir).name, max_batch, prefix, stop_ids, **timeouts)
 
 
 def serve(
@@ -380,22 +474,34 @@ def serve(
   int8: bool = False,
   max_batch: int = 8,
   mesh=None,
+  header_timeout: float = HEADER_TIMEOUT_S,
+  body_timeout: float = BODY_TIMEOUT_S,
 ) -> None:
-  """Serves a run until interrupted (on `mesh`, as `app_for_run`); logs one line per request to stderr."""
+  """Serves a run until interrupted (on `mesh`, as `app_for_run`; timeouts as `make_app`); logs one line per
+  request to stderr."""
   if not LOG.handlers:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     LOG.addHandler(handler)
     LOG.setLevel(logging.INFO)
     LOG.propagate = False  # one line per request, whatever handlers the root logger has
-  # access_log=None: the middleware's line replaces aiohttp's access log.
-  web.run_app(
-    app_for_run(workdir, step, int8, max_batch, mesh),
-    host=host,
-    port=port,
-    access_log=None,
-    print=lambda msg: print(msg, flush=True),
-  )
+  _check_timeouts(header_timeout, body_timeout)  # before the run loads
+  app = app_for_run(workdir, step, int8, max_batch, mesh, header_timeout=header_timeout, body_timeout=body_timeout)
+
+  async def run() -> None:
+    runner = Runner(app)
+    await runner.setup()
+    try:
+      await web.TCPSite(runner, host, port).start()
+      print(f"======== Running on http://{host}:{port} ========\n(Press CTRL+C to quit)", flush=True)
+      await asyncio.Event().wait()  # until interrupted
+    finally:
+      await runner.cleanup()
+
+  try:
+    asyncio.run(run())
+  except KeyboardInterrupt:  # Ctrl-C is how a server stops, as with aiohttp's run_app
+    pass
 
 
 class BackgroundServer:
@@ -403,7 +509,7 @@ class BackgroundServer:
 
   def __init__(self, app: web.Application, host: str = "127.0.0.1", port: int = 0):
     self.loop = asyncio.new_event_loop()
-    self.runner = web.AppRunner(app, access_log=None)
+    self.runner = Runner(app)
     started = threading.Event()
 
     def run():

@@ -11,8 +11,12 @@ module (closed over by the jitted step, which JAX passes as arguments, not
 constants). The `TrainState` therefore holds adapters alone, so the optimizer
 state exists only for them, and every checkpoint of a LoRA run is an adapter
 checkpoint. The run's config.json names the base (`lora.base_workdir`,
-`lora.base_step`); `jaxlm.load` merges the two, so eval, generate, serve, export,
-quantize and convert --to-hf see plain merged parameters. The adapters alone:
+`lora.base_step`) and records its identity (`lora.base_checksum`, a digest of
+the checksums that base checkpoint recorded for its parameters), which is
+checked each time the base is read: adapters trained over one run are never
+merged into another that took its folder, however alike their shapes. `jaxlm.load`
+merges the two, so eval, generate, serve, export, quantize and convert --to-hf
+see plain merged parameters. The adapters alone:
 
     config = jaxlm.loader.load_config(RUN)
     mesh = jaxlm.loader.single_device_mesh()
@@ -28,6 +32,8 @@ drops input features of A (rows), one mask per step shared by the batch.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -191,7 +197,13 @@ def _check_base(config: Config) -> None:
 
 def _read_base(base_dir: Path) -> tuple[Config, checkpoint_lib.Checkpointer]:
   """The base run's saved config and a read-only Checkpointer of it."""
-  base_config = run_dir.read_config(base_dir)
+  try:
+    base_config = run_dir.read_config(base_dir)
+  except (ValueError, AttributeError, TypeError) as e:  # not JSON, or JSON that is not an object (ConfigDict)
+    raise config_lib.ConfigError(
+      f"lora.base_workdir: {run_dir.config_path(base_dir)} is not a readable config ({e}); restore that run's "
+      "config.json"
+    ) from None
   if base_config is None:
     raise config_lib.ConfigError(
       f"lora.base_workdir: {run_dir.config_path(base_dir)} not found; pass the --workdir "
@@ -205,20 +217,78 @@ def _read_base(base_dir: Path) -> tuple[Config, checkpoint_lib.Checkpointer]:
   return base_config, checkpoint_lib.Checkpointer(run_dir.checkpoints_path(base_dir), read_only=True)
 
 
+def _digest(checkpointer: checkpoint_lib.Checkpointer, step: int) -> str:
+  records = (checkpointer.read_meta(step) or {}).get("integrity", {}).get("arrays", {})
+  params = sorted((name, record["checksum"]) for name, record in records.items() if name.startswith("params/"))
+  return hashlib.sha256(json.dumps(params).encode()).hexdigest()[:32] if params else ""
+
+
+def base_checksum(base_dir, step: int) -> str:
+  """The identity of a base checkpoint: a digest of the checksums its integrity records hold for the parameter
+  arrays (`jaxlm.storage.integrity`), so any other weights give another digest.
+
+  Args:
+    base_dir: the base run's work directory, local or gs://.
+    step: the checkpoint.
+
+  Returns:
+    32 hex digits; '' for a checkpoint saved before checksums were recorded.
+  """
+  checkpointer = checkpoint_lib.Checkpointer(run_dir.checkpoints_path(base_dir), read_only=True)
+  try:
+    return _digest(checkpointer, step)
+  finally:
+    checkpointer.close()
+
+
+def check_base(config: Config) -> None:
+  """Checks that the base a LoRA run names is the one its adapters were trained over.
+
+  Args:
+    config: the LoRA run's whole config: `lora.base_workdir`, `lora.base_step` and `lora.base_checksum` (a
+      config without the record, from a run older than it or over a base saved without checksums, checks nothing).
+
+  Raises:
+    ConfigError: one line naming the base, when that step is gone or its parameters' checksums differ.
+  """
+  recorded = config.lora.get("base_checksum", "")
+  if not recorded:
+    return
+  base_dir, step = fs.path(config.lora.base_workdir), config.lora.base_step
+  checkpointer = checkpoint_lib.Checkpointer(run_dir.checkpoints_path(base_dir), read_only=True)
+  try:
+    steps = checkpointer.all_steps()
+    found = _digest(checkpointer, step) if step in steps else None
+  finally:
+    checkpointer.close()
+  if found is None:
+    raise config_lib.ConfigError(
+      f"lora.base_workdir: {base_dir} has no checkpoint step {step}, the base these adapters were trained over "
+      f"(its steps: {', '.join(map(str, steps)) or 'none'}); the base run was replaced or pruned: restore it"
+    )
+  if found != recorded:
+    raise config_lib.ConfigError(
+      f"lora.base_workdir: {base_dir} step {step} is not the base these adapters were trained over: its "
+      f"parameters changed (checksum digest {found or 'absent'}, recorded {recorded}); restore that base run, "
+      "or train new adapters over this one"
+    )
+
+
 def resolve_base(config: Config, log=print, workdir=None) -> Config:
   """A copy of the whole `config` bound to its base run: `lora.base_workdir` absolute, `lora.base_step` the
   checkpoint read (when -1: the one `workdir`'s config.json recorded, so a resumed run keeps its base; else the
-  latest), and `model` the base run's model section (adapters only fit the base's shapes; `log` says so when
-  the config's differed). Raises ConfigError."""
+  latest), `lora.base_checksum` that checkpoint's identity (`base_checksum`; a resumed run keeps the one it
+  recorded, and `check_base` then compares them), and `model` the base run's model section (adapters only fit
+  the base's shapes; `log` says so when the config's differed). Raises ConfigError."""
   _check_base(config)
   base_dir = fs.absolute(config.lora.base_workdir)  # a gs:// URL stays one
   base_config, checkpointer = _read_base(base_dir)
   step = config.lora.base_step
-  saved = run_dir.read_config(workdir) if step < 0 and workdir is not None else None
-  if saved is not None:
-    recorded = saved.get("lora", {})
-    if recorded.get("base_workdir") == str(base_dir):
-      step = recorded.get("base_step", -1)
+  saved = run_dir.read_config(workdir) if workdir is not None else None
+  recorded = saved.get("lora", {}) if saved is not None else {}
+  resumed = recorded.get("base_workdir") == str(base_dir) and (step < 0 or step == recorded.get("base_step"))
+  if resumed:
+    step = recorded.get("base_step", -1)
   try:
     step = checkpointer.latest_step() if step < 0 else step
   finally:
@@ -230,13 +300,17 @@ def resolve_base(config: Config, log=print, workdir=None) -> Config:
   config = config.copy_and_resolve_references()
   config.model = config_lib.model_of_run(config.model, base_config.model, log, "lora", base_dir)
   config.lora.base_workdir, config.lora.base_step = str(base_dir), step
+  if not config.lora.base_checksum:  # a resumed run keeps what it recorded at its start; a new one records it
+    config.lora.base_checksum = recorded.get("base_checksum", "") if resumed else base_checksum(base_dir, step)
+  check_base(config)
   targets_of(config)  # a bad lora.targets stops here, before the run writes anything
   return config
 
 
 def base_params(config: Config, mesh: Mesh):
   """The base run's parameters that the whole resolved `config` names (`resolve_base`), sharded onto `mesh`
-  by the config's logical rules."""
+  by the config's logical rules, after `check_base`."""
+  check_base(config)
   base_config, checkpointer = _read_base(fs.path(config.lora.base_workdir))
   boxed = _boxed_params(base_config.model)
   shardings = sharding.logical_shardings(mesh, config_lib.mesh_rules(config), boxed)

@@ -12,7 +12,15 @@ and a word to characters), and a row is
 than fits is cut into windows that start every `data.doc_stride` tokens, so every answer lies whole in some
 window. The targets are the answer's first and last token in the row, or (0, 0), the BOS position, when the
 window does not hold the whole answer. At evaluation the best span (start <= end, at most
-`MAX_ANSWER_TOKENS` long, inside the context) over all windows of an example is its prediction.
+`MAX_ANSWER_TOKENS` long, inside the context) over all windows of an example is its prediction, and every
+example whose windows were all scored counts (an example with no scorable span predicts '').
+
+Every answer is checked against its context when read: the context's text at `answer_start` must be the answer's
+text, else one line names the file and the question's id. BERT's run_squad.py drops such questions with a warning
+and Hugging Face's run_qa.py trains on whatever span the offset gives; guessing the intended occurrence near the
+offset could pick the wrong one, so a bad offset is the data's to fix. A question without answers (SQuAD 2.0's
+unanswerable ones) is refused the same way: the span head here has no no-answer prediction, so such questions
+would be scored wrong, silently.
 """
 
 from __future__ import annotations
@@ -39,6 +47,37 @@ class Example:
   context: str
   answers: tuple[str, ...]
   answer_starts: tuple[int, ...]
+  id: str = ""  # the data's id of the question, which errors name
+
+
+def checked(example: Example, where: str) -> Example:
+  """Checks that a question has an answer and that each answer's text is at its `answer_start` in the context.
+
+  Args:
+    example: the question as read.
+    where: the file or data set it comes from, for the error.
+
+  Returns:
+    `example`.
+
+  Raises:
+    ConfigError: one line naming `where` and the question's id, and the fix.
+  """
+  question = f"{where}: question '{example.id}'" if example.id else f"{where}: question {example.question[:60]!r}"
+  if not example.answers:
+    raise ConfigError(
+      f"{question} has no answers (SQuAD 2.0's unanswerable questions are not supported: encoder_qa always "
+      "predicts a span); drop it, or give its answer"
+    )
+  for text, start in zip(example.answers, example.answer_starts):
+    if not 0 <= start <= len(example.context) - len(text) or example.context[start : start + len(text)] != text:
+      found = example.context.find(text)
+      hint = f"the text occurs at {found}" if found >= 0 else "the text is nowhere in the context"
+      raise ConfigError(
+        f"{question}: answer {text[:60]!r} is not at answer_start={start} of its {len(example.context)}-character "
+        f"context ({hint}); fix answer_start"
+      )
+  return example
 
 
 def _text(value) -> str:
@@ -50,12 +89,13 @@ def read_json(path: str | Path) -> list[Example]:
   ConfigError naming the file and the missing field if it is not one."""
   try:
     articles = json.loads(Path(path).read_text(encoding="utf-8"))["data"]
-    return [
+    examples = [
       Example(
         qa["question"],
         paragraph["context"],
         tuple(a["text"] for a in qa["answers"]),
         tuple(int(a["answer_start"]) for a in qa["answers"]),
+        str(qa.get("id", "")),
       )
       for article in articles
       for paragraph in article["paragraphs"]
@@ -68,6 +108,7 @@ def read_json(path: str | Path) -> list[Example]:
       f"{path}: not SQuAD format (missing field {error}); expected "
       "{'data': [{'paragraphs': [{'context', 'qas': [{'question', 'answers'}]}]}]}"
     ) from None
+  return [checked(example, str(path)) for example in examples]
 
 
 def read_tfds(name: str, split: str, data_dir: str = "") -> list[Example]:
@@ -85,9 +126,10 @@ def read_tfds(name: str, split: str, data_dir: str = "") -> list[Example]:
         _text(record["context"]),
         tuple(_text(t) for t in answers["text"]),
         tuple(int(s) for s in answers["answer_start"]),
+        _text(record.get("id", i)),
       )
     )
-  return examples
+  return [checked(example, f"TFDS {name} split {split}") for example in examples]
 
 
 def load_examples(config, split: str) -> list[Example]:
@@ -212,8 +254,9 @@ def rows(config, tokenizer, split: str) -> SquadRows:
 
 
 def best_spans(rows: SquadRows, logits_Nx2xT: np.ndarray) -> list[str]:
-  """The predicted answer text of each example whose features are the first N rows: the context words from
-  the best span's first word to its last, cut from the context as written."""
+  """The predicted answer text of each example whose features are all among the first N rows: the context words
+  from the best span's first word to its last, cut from the context as written; '' when none of its windows has a
+  span to score."""
   best: dict[int, tuple[float, int, int]] = {}
   for feature, logits_2xT in zip(rows.features, logits_Nx2xT):
     word_of = np.full(rows.seq_len, -1)
@@ -228,8 +271,10 @@ def best_spans(rows: SquadRows, logits_Nx2xT: np.ndarray) -> list[str]:
     s, e = np.unravel_index(np.argmax(score_TxT), score_TxT.shape)
     if np.isfinite(score_TxT[s, e]) and score_TxT[s, e] > best.get(feature.example, (-np.inf,))[0]:
       best[feature.example] = (float(score_TxT[s, e]), int(word_of[s]), int(word_of[e]))
+  scored = len(logits_Nx2xT)
+  whole = rows.features[scored].example if scored < len(rows.features) else len(rows.examples)
   predictions = []
-  for index in range(max(best) + 1 if best else 0):
+  for index in range(whole):
     example = rows.examples[index]
     if index not in best:
       predictions.append("")

@@ -50,14 +50,16 @@ def enabled(config: Config) -> bool:
 
 
 def _read_config(base_dir) -> Config:
-  """The base run's saved config; ConfigError naming the key when there is none."""
-  try:
-    return loader.load_config(base_dir)
-  except loader.RunError:
+  """The base run's saved config; ConfigError naming the key and the file when there is none, or it is garbled."""
+  if not run_dir.config_path(base_dir).is_file():
     raise ConfigError(
       f"train.init_from: {run_dir.config_path(base_dir)} not found; pass the work directory "
       "of a `jaxlm train` or `jaxlm convert --from-hf` run"
-    ) from None
+    )
+  try:
+    return loader.load_config(base_dir)
+  except loader.RunError as e:
+    raise ConfigError(f"train.init_from: {e}") from None
 
 
 def _base_step(base_dir, step: int) -> int:
@@ -81,9 +83,16 @@ def _base_step(base_dir, step: int) -> int:
 
 def _tokenizer_keys(run_dir) -> tuple[str, str]:
   """(data.tokenizer, data.tokenizer_path) naming the tokenizer a run saved (see `jaxlm.data.tokenizer`'s `save`)."""
-  saved = json.loads((fs.path(run_dir) / "tokenizer.json").read_text())
-  name = saved.get("folder") or saved.get("file")
-  return saved["kind"], os.fspath(fs.path(run_dir) / name) if name else ""
+  path = fs.path(run_dir) / "tokenizer.json"
+  try:
+    saved = json.loads(path.read_text())
+    name = saved.get("folder") or saved.get("file")
+    return saved["kind"], os.fspath(fs.path(run_dir) / name) if name else ""
+  except (OSError, ValueError, AttributeError, KeyError, TypeError) as e:  # missing, garbled, or not the record
+    raise ConfigError(
+      f"train.init_from: {path} is not a readable tokenizer record ({type(e).__name__}: {e}); restore that "
+      "run's tokenizer.json"
+    ) from None
 
 
 def _name(path) -> str:

@@ -3,11 +3,12 @@
 import json
 import shutil
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from support import REPO, files_config, run_cli
+from support import REPO, error_line, files_config, run_cli, run_in_process
 
 import jaxlm
 from jaxlm import config as config_lib
@@ -15,6 +16,7 @@ from jaxlm import families, loader
 from jaxlm.cli import main
 from jaxlm.models import lora
 from jaxlm.models import transformer as model_lib
+from jaxlm.storage import run_dir
 
 TINY = str(REPO / "configs" / "tiny.py")
 TARGETS = "query,value,out,down"  # input axes first (query, value) and last (out, down), multi-axis and 2-D
@@ -161,6 +163,7 @@ def test_adapters_save_and_load_on_their_own(lora_run, base_run):
   workdir, keep = lora_run
   saved = json.loads((workdir / "config.json").read_text())["lora"]
   assert saved["base_workdir"] == str(base_run.absolute()) and saved["base_step"] == 6
+  assert saved["base_checksum"] == lora.base_checksum(base_run, 6) != ""
   config = loader.load_config(workdir)
   mesh = loader.single_device_mesh()
   base = lora.base_params(config, mesh)
@@ -249,3 +252,41 @@ def test_cli_lora_run_then_generate_and_convert_to_hf(text_corpus, base_run, tmp
   mlp = next(k for k in exported["base"] if k.endswith("0.mlp.c_fc.weight"))
   assert not np.allclose(exported["lora"][attention], exported["base"][attention])
   np.testing.assert_array_equal(exported["lora"][mlp], exported["base"][mlp])
+
+
+def test_a_base_replaced_by_another_run_of_the_same_shapes_is_refused(text_corpus, lora_run, base_run, tmp_path, capfd):
+  """`lora_run`'s adapters over a copy of their base, which is then replaced by another run's step of the same
+  model: every reader of the LoRA run names the base and what changed, instead of merging into it."""
+  base = tmp_path / "base"
+  shutil.copytree(base_run, base)
+  workdir = tmp_path / "adapter"
+  shutil.copytree(lora_run[0], workdir)
+  saved = json.loads((workdir / "config.json").read_text())
+  saved["lora"]["base_workdir"] = str(base)
+  (workdir / "config.json").write_text(json.dumps(saved))
+  lora.check_base(loader.load_config(workdir))  # the copy holds the weights it recorded
+
+  base_config = loader.load_config(base)
+  params = nn.meta.unbox(model_lib.build(base_config.model).init(jax.random.key(1), jnp.ones((1, 8), jnp.int32)))
+  shutil.rmtree(base / "checkpoints")
+  run_dir.write_checkpoint(base, 6, params, base_config, keep=3)  # same folder, shapes and step
+  with pytest.raises(config_lib.ConfigError, match=f"lora.base_workdir: {base} step 6 is not the base .*changed"):
+    jaxlm.load(workdir)
+  result = run_in_process(["eval", "--workdir", str(workdir)], capfd)
+  assert result.returncode == 2 and str(base) in error_line(result)
+  config = lora_config(text_corpus, base)
+  config.train.num_steps = 7
+  steps = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+  with pytest.raises(config_lib.ConfigError, match="is not the base these adapters were trained over"):
+    jaxlm.train(config, workdir)  # resuming over the replaced base
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == steps  # nothing trained or saved
+
+  # A recorded step that is gone is named; a LoRA run saved before the record existed loads as it did (unchecked).
+  saved["lora"]["base_step"] = 5
+  (workdir / "config.json").write_text(json.dumps(saved))
+  with pytest.raises(config_lib.ConfigError, match=f"{base} has no checkpoint step 5, .*its steps: 6"):
+    jaxlm.load(workdir)
+  saved["lora"].pop("base_checksum")
+  saved["lora"]["base_step"] = 6
+  (workdir / "config.json").write_text(json.dumps(saved))
+  assert jaxlm.load(workdir).step == 6

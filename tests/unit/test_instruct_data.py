@@ -66,6 +66,22 @@ def test_templates_are_sandboxed():
     chat_template.ChatTemplate("{% for m in messages %}")
 
 
+@pytest.mark.parametrize(
+  "source, error",
+  [
+    ("{{ 1 // 0 }}", "failed: ZeroDivisionError: integer division or modulo by zero"),
+    ("{{ messages[0]['content'] + 1 }}", "failed: TypeError: can only concatenate str"),
+    ("{{ raise_exception('roles must alternate') }}", "refused these messages: roles must alternate"),
+  ],
+)
+def test_a_template_that_raises_is_one_error_naming_it(source, error):
+  template = chat_template.ChatTemplate(source, name="the chat template in T/chat_template.jinja")
+  assert template.turn_end == ""  # its probe conversation failed too: no marker, and no traceback
+  with pytest.raises(chat_template.ChatTemplateError, match="in T/chat_template.jinja " + error) as caught:
+    template.render([{"role": "user", "content": "x"}])
+  assert "\n" not in str(caught.value)
+
+
 def test_segments_mark_exactly_the_assistant_turns(hf_folder):
   for source, turn_end in ((CHATML, "<|im_end|>"), (chat_template.DEFAULT_TEMPLATE, "<|end|>"), (LLAMA2, "</s>")):
     template = chat_template.ChatTemplate(source, {"bos_token": "<s>", "eos_token": "</s>"})
@@ -157,6 +173,21 @@ def test_long_examples_are_cut_with_a_warning(tmp_path):
     rows = instruct.rows(config, tokenizer_lib.ByteTokenizer(), "train")
   assert rows.truncated == 2 and len(rows) == 3
   assert not rows[0]["weights"].any() and rows[0]["segment_ids"].min() == 1  # only prompt fits: no answer
+
+
+def test_no_answer_token_left_is_an_error_and_mostly_none_a_warning(tmp_path):
+  long = {"prompt": "x" * 300, "completion": "y"}  # 302 tokens with the prefix: the answer starts at token 301
+  config = jsonl_config(tmp_path, records=[long] * 3)
+  with pytest.raises(instruct.RecordError) as error:
+    instruct.rows(config, tokenizer_lib.ByteTokenizer(), "train")
+  message = str(error.value)
+  assert f"3 of 3 train examples in {tmp_path / 'train.jsonl'} keep no answer token within data.seq_len=192" in message
+  assert "raise data.seq_len to at least 301" in message and "\n" not in message
+  config = jsonl_config(tmp_path, records=[long] * 3 + RECORDS[:2])
+  with pytest.warns(UserWarning, match="WARNING: 3 of 5 train examples .* keep no answer token") as caught:
+    rows = instruct.rows(config, tokenizer_lib.ByteTokenizer(), "train")
+  assert rows.answerless == 3 and len(caught) == 2  # beside the count of cut examples
+  assert rows.answer_tokens() == sum(len(r["completion"]) + 1 for r in RECORDS[:2])
 
 
 def test_batches_resume_exactly(tmp_path):

@@ -2,8 +2,11 @@
 fields (n, logprobs, echo, user, model), request ids and logs, and every bad request a 4xx JSON error."""
 
 import asyncio
+import concurrent.futures
+import contextlib
 import json
 import logging
+import socket
 import time
 
 import aiohttp
@@ -11,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from support import files_config
+from support import error_line, files_config, run_in_process
 
 from jaxlm import hf, loader
 from jaxlm.data import tokenizer as tokenizer_lib
@@ -349,3 +352,87 @@ def test_token_offsets_and_texts_for_split_and_invalid_bytes():
   assert scoring.char_offsets(tok, ids, 0, len(ids)) == [0, 1, 1, 2, 3]
   assert [scoring.token_text(tok, i) for i in ids] == ["a", "bytes:\\xc3", "bytes:\\xa9", "bytes:\\xa7", "b"]
   assert scoring.token_text(tok, tok.eos_id) == "<eos>"
+
+
+HALF_BODY = (
+  b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+  b'{"prompt": '
+)
+
+
+def _exchange(port: int, data: bytes, hang_up: bool = False) -> bytes:
+  """Sends `data` on a fresh connection and reads until the server closes it (a 60 s cap, so a server that holds
+  the connection fails the test instead of hanging it); `hang_up` closes it right after sending instead."""
+  with socket.create_connection(("127.0.0.1", port)) as connection:
+    connection.sendall(data)
+    if hang_up:  # after a moment, so that the server has usually begun to read the body
+      connection.settimeout(0.2)
+      with contextlib.suppress(TimeoutError):
+        connection.recv(1)
+      return b""
+    connection.settimeout(60)
+    received = b""
+    try:
+      while chunk := connection.recv(65536):
+        received += chunk
+    except TimeoutError:
+      pytest.fail(f"the server held the connection open: {data[:80]!r}")
+    return received
+
+
+def _json_answer(raw: bytes) -> tuple[int, str, dict]:
+  head, body = raw.split(b"\r\n\r\n", 1)
+  status = int(head.split(b" ")[1])
+  content_type = next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-type:"))
+  return status, content_type.decode(), json.loads(body)
+
+
+def test_slow_malformed_and_vanishing_clients_are_closed_with_json_errors(caplog):
+  app = serve.make_app(_SlowBytes("ok"), tokenizer_lib.ByteTokenizer(), "bytes", header_timeout=1.0, body_timeout=1.0)
+  background = serve.BackgroundServer(app)
+  malformed = [
+    b"GARBAGE\r\n\r\n",
+    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    b"GET / HTTP/1.1\r\n" + b"X: " + b"y" * 10_000 + b"\r\n\r\n",
+  ]
+  try:
+    with caplog.at_level(logging.INFO), concurrent.futures.ThreadPoolExecutor(20) as pool:
+      half_bodies = list(pool.map(lambda _: _exchange(background.port, HALF_BODY), range(20)))
+      half_header = _exchange(background.port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+      silent = _exchange(background.port, b"")
+      bad = [_exchange(background.port, data) for data in malformed]
+      for _ in range(3):
+        _exchange(background.port, HALF_BODY, hang_up=True)
+      good = _exchange(
+        background.port,
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 15\r\n"
+        b'Connection: close\r\n\r\n{"prompt": "a"}',
+      )
+      deadline = time.time() + 30
+      while time.time() < deadline and sum("client-disconnected" in r.getMessage() for r in caplog.records) < 3:
+        time.sleep(0.05)
+  finally:
+    background.close()
+  # 20 bodies that stop half way: each a JSON 408 naming the body, then the connection closed.
+  for raw in half_bodies:
+    status, content_type, body = _json_answer(raw)
+    assert status == 408 and "application/json" in content_type and body["error"]["param"] == "body", raw
+  # Headers that stop half way, and a connection that sends nothing, are closed without an answer.
+  assert half_header == b"" and silent == b""
+  # Malformed HTTP gets the API's JSON 400, not aiohttp's plain text.
+  for raw, data in zip(bad, malformed):
+    status, content_type, body = _json_answer(raw)
+    assert status == 400 and "application/json" in content_type, (data[:40], raw[:300])
+    assert body["error"]["param"] == "http" and "malformed HTTP" in body["error"]["message"], body
+  assert _json_answer(good)[0] == 200  # still serving
+  # Clients that hang up mid-body: one quiet line each, no 500, no traceback.
+  messages = [r.getMessage() for r in caplog.records if r.name == "jaxlm.inference.server"]
+  assert 1 <= sum("client-disconnected" in m for m in messages) <= 3, messages  # a hang-up before reading: none
+  assert not [m for m in messages if " 500 " in m]
+  assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+
+
+def test_a_timeout_that_is_not_positive_is_one_line(tmp_path, capfd):
+  result = run_in_process(["serve", "--workdir", str(tmp_path), "--body-timeout", "0"], capfd)
+  assert result.returncode == 2 and "--body-timeout 0.0: must be a positive number of seconds" in error_line(result)

@@ -1,5 +1,6 @@
 """Extractive QA: SQuAD JSON and TFDS reading, windowing with a stride, span decoding, the span head, train + eval."""
 
+import dataclasses
 import json
 
 import jax
@@ -82,21 +83,74 @@ def test_best_span_takes_the_best_window_and_never_ends_before_it_starts():
 
 def test_read_json_and_bad_json(tmp_path):
   path = squad_json(tmp_path / "train.json", [(CONTEXT, "Who jumps?", "brown fox")])
-  assert squad.read_json(path) == [EXAMPLE]
+  assert squad.read_json(path) == [dataclasses.replace(EXAMPLE, id="0")]
   (tmp_path / "bad.json").write_text(json.dumps({"data": [{"paragraphs": [{"qas": [{"question": "q"}]}]}]}))
   with pytest.raises(config_lib.ConfigError, match="bad.json: not SQuAD format .*'context'"):
     squad.read_json(tmp_path / "bad.json")
+
+
+def _tfds_records(starts):
+  """SQuAD records as TFDS gives them (text as bytes, as prepared data has it), one per answer start."""
+  return [
+    {
+      "id": f"q{i}".encode(),
+      "question": b"Who jumps?",
+      "context": CONTEXT.encode(),
+      "answers": {"text": [b"brown fox"], "answer_start": [start]},
+    }
+    for i, start in enumerate(starts)
+  ]
+
+
+def test_answers_must_be_at_their_offsets_and_present(tmp_path):
+  at = CONTEXT.index("brown fox")
+  cases = [
+    (
+      len(CONTEXT) + 5,
+      "answer 'brown fox' is not at answer_start=78 of its 73-character context \\(the text occurs at 10\\)",
+    ),
+    (at + 7, "answer 'brown fox' is not at answer_start=17 .*occurs at 10"),
+    (-1, "answer 'brown fox' is not at answer_start=-1 "),
+  ]
+  for start, message in cases:
+    path = squad_json(tmp_path / "train.json", [(CONTEXT, "Who jumps?", "brown fox")] * 2)
+    data = json.loads(path.read_text())
+    data["data"][0]["paragraphs"][1]["qas"][0]["answers"][0]["answer_start"] = start
+    path.write_text(json.dumps(data))
+    with pytest.raises(config_lib.ConfigError, match=f"train.json: question '1': {message}"):
+      squad.read_json(path)
+  data["data"][0]["paragraphs"][1]["qas"][0]["answers"] = []
+  path.write_text(json.dumps(data))
+  with pytest.raises(config_lib.ConfigError, match="train.json: question '1' has no answers .*unanswerable"):
+    squad.read_json(path)
+
+
+def test_every_scored_question_counts_even_without_a_span():
+  # The last question's windows have no scorable span (NaN logits): it predicts '' and still counts.
+  rows = squad.SquadRows([EXAMPLE] * 6, ByteTokenizer(), seq_len=40, doc_stride=10)
+  logits = np.zeros((len(rows), 2, 40))
+  logits[[i for i, f in enumerate(rows.features) if f.example == 5]] = np.nan
+  predictions = squad.best_spans(rows, logits)
+  assert len(predictions) == 6 and predictions[-1] == "" and all(predictions[:5])
+  # Logits for only part of the windows: the examples whose windows were all scored, no more.
+  cut = next(i for i, f in enumerate(rows.features) if f.example == 3) + 1
+  assert len(squad.best_spans(rows, logits[:cut])) == 3
 
 
 def test_tfds_squad_source_through_mock_data():
   tfds = pytest.importorskip("tensorflow_datasets")
   c = tiny_config(family="encoder_qa", num_token_types=2, norm_position="post")
   c.data.source, c.data.tfds_eval_split = "squad", "validation"
-  with tfds.testing.mock_data(num_examples=3):
+  good = _tfds_records([CONTEXT.index("brown fox")] * 3)
+  with tfds.testing.mock_data(as_data_source_fn=lambda *args, **kwargs: good):
     rows = squad.rows(c, ByteTokenizer(), "validation")
-  assert len(rows.examples) == 3 and len(rows) >= 3  # mocked text is str; each example gives a window or more
+  assert len(rows.examples) == 3 and len(rows) >= 3  # each example gives a window or more
   row = rows[0]
   assert row["targets"].shape == (2,) and row["inputs"].shape == (c.data.seq_len,)
+  bad = _tfds_records([CONTEXT.index("brown fox"), CONTEXT.index("brown fox") + 7])
+  with tfds.testing.mock_data(as_data_source_fn=lambda *args, **kwargs: bad):
+    with pytest.raises(config_lib.ConfigError, match="TFDS squad split validation: question 'q1': answer 'brown fox'"):
+      squad.rows(c, ByteTokenizer(), "validation")
 
 
 def test_span_head_masks_padding():
