@@ -101,6 +101,14 @@ double_quote() {
   echo "\"$s\""
 }
 
+# tpu_slice NAME: prints "ACCELERATOR_TYPE RUNTIME_VERSION" for a slice in either spelling (v5e-16 or
+# v5litepod-16, or the shape v5e:4x4), from the one table of slices, TPU_GENERATIONS in
+# jaxlm/training/chips.py (run as a plain script: standard library only, no JAX or venv needed).
+# Exit 2 with one line on stderr for a size Cloud does not build, 3 for a generation the table lacks.
+tpu_slice() {
+  python3 "$(dirname "${BASH_SOURCE[0]}")/../jaxlm/training/chips.py" "$1"
+}
+
 # run CMD...: runs CMD, or under --dry-run prints it as one copy-pasteable line.
 run() {
   if ((DRY_RUN)); then

@@ -2,8 +2,9 @@
 # Usage: tpu/create.sh --name NAME --accelerator-type TYPE --zone ZONE
 #            --project PROJECT [--runtime-version V] [--spot] [--dry-run]
 #
-# Creates a TPU VM (e.g. TYPE=v5litepod-16) through a queued resource and
-# waits until it is ACTIVE. --runtime-version defaults to Google's
+# Creates a TPU VM (e.g. TYPE=v5e-16, the same as v5litepod-16, or v5e:4x4)
+# through a queued resource and waits until it is ACTIVE. TYPE is passed to
+# gcloud in Cloud's spelling. --runtime-version defaults to Google's
 # recommended JAX image for the TPU generation. --dry-run prints the gcloud
 # commands instead of running them.
 set -euo pipefail
@@ -13,14 +14,18 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 parse_args "name= accelerator-type= zone= project= runtime-version= spot" "$@"
 require name accelerator-type zone project
 
-if [[ -z ${OPT[runtime-version]:-} ]]; then
-  case ${OPT[accelerator-type]} in
-    v6e-*) OPT[runtime-version]=v2-alpha-tpuv6e ;;
-    v5p-*) OPT[runtime-version]=v2-alpha-tpuv5 ;;
-    v5litepod-*) OPT[runtime-version]=v2-alpha-tpuv5-lite ;;
-    v2-* | v3-* | v4-*) OPT[runtime-version]=tpu-ubuntu2204-base ;;
-    *) usage_error "no default runtime for ${OPT[accelerator-type]}; pass --runtime-version" ;;
-  esac
+# Slice names and default runtimes come from jaxlm's one table (tpu_slice in common.sh). A generation
+# the table lacks goes to gcloud as written when --runtime-version names its image.
+status=0
+answer=$(tpu_slice "${OPT[accelerator-type]}" 2>&1) || status=$?
+if ((status == 0)); then
+  read -r accelerator runtime <<<"$answer"
+  OPT[accelerator-type]=$accelerator
+  OPT[runtime-version]=${OPT[runtime-version]:-$runtime}
+elif ((status == 3)) && [[ -z ${OPT[runtime-version]:-} ]]; then
+  usage_error "--accelerator-type $answer; or pass --runtime-version for a generation not listed"
+elif ((status != 3)); then
+  usage_error "--accelerator-type $answer"
 fi
 
 spot=()

@@ -19,7 +19,8 @@ overlap:
   compute: the FLOPs of `metrics.flops_per_token` (plus what the remat
            policy recomputes) over the chip's published bf16 peak;
   memory:  the HBM traffic implied by `memory_analysis()` (arguments and
-           outputs once, temporaries written and read once) over its bandwidth;
+           outputs once, temporaries written and read once per micro-batch)
+           over its bandwidth;
   network: the collectives the mesh implies (fsdp gathers and scatters the
            weights, tensor all-reduces activations, data all-reduces
            gradients) over the chip's ICI bandwidth.
@@ -31,9 +32,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import math
 import os
-import re
 import time
 
 import flax.linen as nn
@@ -45,6 +44,7 @@ from jaxlm import config as config_lib
 from jaxlm import families
 from jaxlm.parallel import mesh as mesh_lib
 from jaxlm.parallel import sharding
+from jaxlm.training import chips  # the slice names (tpu/create.sh reads them too)
 from jaxlm.training import flops as metrics
 from jaxlm.training import memory as memory_lib
 from jaxlm.training.chips import (  # the one table of published chip figures (the trainer's MFU reads it too)
@@ -58,73 +58,51 @@ class CompileError(config_lib.ConfigError):
   """A bad --topology, or no libtpu; one line naming the fix (a ConfigError, so the CLI prints it and exits 2)."""
 
 
-# libtpu's topology names: (chip prefix, two- or three-dimensional torus, TensorCores per chip).
-_TPU_TOPOLOGY = {"v4": ("v4", 3, 2), "v5p": ("v5", 3, 2), "v5e": ("v5e", 2, 1), "v6e": ("v6e", 2, 1)}
-_CHIP_SHAPES = {  # chips -> the slice shape Google Cloud builds for that many chips
-  2: {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)},
-  3: {
-    4: (2, 2, 1),
-    8: (2, 2, 2),
-    16: (2, 2, 4),
-    32: (2, 4, 4),
-    64: (4, 4, 4),
-    128: (4, 4, 8),
-    256: (4, 8, 8),
-    512: (8, 8, 8),
-  },
-}
+def target_slice(name: str) -> chips.Slice:
+  """A slice `jaxlm compile` can target, by any spelling `chips.parse_slice` accepts ('v5e-16', 'v5litepod-16',
+  'v5e:4x4'). Raises CompileError (one line naming --topology) for a name Cloud does not build or a
+  generation libtpu cannot target (v2, v3)."""
+  try:
+    found = chips.parse_slice(name)
+  except chips.SliceError as e:
+    raise CompileError(f"--topology {e}") from None
+  if not found.topology:
+    raise CompileError(f"--topology {name}: jaxlm compile targets v4, v5e, v5p and v6e slices only")
+  return found
 
 
 def parse_topology(name: str) -> tuple[str, str, int]:
-  """'v5e-16' (Cloud TPU accelerator type: chips for v5e/v6e, TensorCores for v4/v5p) or 'v5e:4x4'.
-
-  Returns (chip kind, libtpu topology name such as 'v5e:4x4', number of chips).
-  """
-  slice_match = re.fullmatch(r"(v4|v5e|v5p|v6e)-(\d+)", name)
-  shape_match = re.fullmatch(r"(v4|v5e|v5p|v5|v6e):(\d+(?:x\d+)+)", name)
-  if slice_match:
-    kind, count = slice_match.group(1), int(slice_match.group(2))
-    prefix, dims, cores = _TPU_TOPOLOGY[kind]
-    shape = _CHIP_SHAPES[dims].get(count // cores) if count % cores == 0 else None
-    if shape is None:
-      sizes = ", ".join(f"{kind}-{chips * cores}" for chips in _CHIP_SHAPES[dims])
-      raise CompileError(f"--topology {name}: no such slice; choose one of {sizes}")
-    return kind, f"{prefix}:{'x'.join(map(str, shape))}", count // cores
-  if shape_match:
-    kind = "v5p" if shape_match.group(1) == "v5" else shape_match.group(1)
-    shape = tuple(int(d) for d in shape_match.group(2).split("x"))
-    if len(shape) != _TPU_TOPOLOGY[kind][1]:
-      raise CompileError(f"--topology {name}: {kind} slices have {_TPU_TOPOLOGY[kind][1]} dimensions")
-    return kind, f"{_TPU_TOPOLOGY[kind][0]}:{shape_match.group(2)}", math.prod(shape)
-  raise CompileError(f"--topology '{name}' is not a TPU slice; write it as v5e-16, v5p-32, v4-8, v6e-8 or v5e:4x4")
+  """(chip kind, libtpu topology name such as 'v5e:4x4', number of chips) of `target_slice(name)`."""
+  found = target_slice(name)
+  return found.kind, found.topology, found.chips
 
 
 def tpu_devices(name: str) -> tuple[str, list]:
   """Compile-only TPU devices of a slice: (chip kind, devices). Needs libtpu, not a TPU."""
-  kind, topology, chips = parse_topology(name)
+  found = target_slice(name)
   if importlib.util.find_spec("libtpu") is None:
     raise CompileError(
       f"compiling for TPU needs libtpu; install it with "
       f"pip install 'jax[tpu]=={jax.__version__}' (or pip install -e '.[aot]')"
     )
-  _compile_only_libtpu(name)
+  _compile_only_libtpu(found.accelerator_type)
   from jax.experimental import topologies  # local: loads the TPU plugin
 
-  dims = _TPU_TOPOLOGY[kind][1]
-  shape = tuple(int(d) for d in topology.split(":")[1].split("x"))
+  shape, count = found.shape, found.chips
+  dims = len(shape)
   # As MaxText's accelerator_to_spec_map: 2x2 chips per host; 16-chip dimensions wrap into a torus.
   devices = topologies.get_topology_desc(
-    topology_name=topology,
+    topology_name=found.topology,
     platform="tpu",
     num_slices=1,
-    chip_config_name="megacore" if _TPU_TOPOLOGY[kind][2] == 2 else "default",
-    chips_per_host_bounds=(2, 2, 1) if dims == 3 or chips >= 4 else (*shape, 1),
-    wrap=tuple(d >= 16 for d in shape) + (False,) * (3 - dims) if dims == 2 else (chips >= 64,) * 3,
+    chip_config_name="megacore" if found.cores_per_chip == 2 else "default",
+    chips_per_host_bounds=(2, 2, 1) if dims == 3 or count >= 4 else (*shape, 1),
+    wrap=tuple(d >= 16 for d in shape) + (False,) * (3 - dims) if dims == 2 else (count >= 64,) * 3,
   ).devices
-  return kind, devices
+  return found.kind, devices
 
 
-def _compile_only_libtpu(name: str) -> None:
+def _compile_only_libtpu(accelerator_type: str) -> None:
   """Settings for libtpu on a host without TPUs, where it only compiles.
 
   Without a host description libtpu logs three warnings (harmless when only
@@ -136,9 +114,20 @@ def _compile_only_libtpu(name: str) -> None:
 
   if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
     return
-  os.environ.setdefault("TPU_ACCELERATOR_TYPE", name if "-" in name else "v5litepod-4")
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", accelerator_type)
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
+def check_report_path(path: str) -> None:
+  """CompileError unless `path` can take the --json report: not a folder, in a folder that exists."""
+  import pathlib
+
+  where = pathlib.Path(path)
+  if where.is_dir():
+    raise CompileError(f"--json {path} is a folder; pass a file path such as {where / 'report.json'}")
+  if not where.parent.is_dir():
+    raise CompileError(f"--json {path}: folder {where.parent} does not exist; create it or pass another path")
 
 
 def check_divisible(abstract_tree, sharding_tree) -> None:
@@ -173,7 +162,8 @@ def estimate(
   executed_flops = (matmul_flops * matmul_factor + attention_flops * attention_factor) * tokens_per_chip
   compute_s = executed_flops / chip.peak_flops
 
-  hbm_bytes = memory.arguments + memory.outputs + 2 * memory.temporaries
+  # Each micro-batch writes and reads its own activations: the temporaries are reused, not traffic saved.
+  hbm_bytes = memory.arguments + memory.outputs + 2 * memory.temporaries * config.train.num_micro_batches
   memory_s = hbm_bytes / chip.hbm_bandwidth
 
   compute_bytes = jnp.dtype(m.dtype).itemsize
@@ -277,6 +267,13 @@ def compile_decode(config, topology: str, batch_size: int, prompt_len: int = 0) 
   from jaxlm.inference import decode  # local, as in compile_train_step
   from jaxlm.training import step as train_step
 
+  if batch_size < 1:
+    raise CompileError(f"--batch-size {batch_size}: decode needs at least one row; pass a positive --batch-size")
+  if not 0 <= prompt_len < config.model.max_len:
+    raise CompileError(
+      f"--prompt-len {prompt_len}: a prompt takes 1 to {config.model.max_len - 1} tokens (model.max_len "
+      f"{config.model.max_len} less one to generate); pass a --prompt-len in that range, or 0 for half the context"
+    )
   kind, devices = tpu_devices(topology)
   chip = CHIPS[kind]
   config_lib.validate(config, len(devices))

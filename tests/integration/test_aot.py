@@ -7,13 +7,16 @@ no-libtpu message itself is tested by hiding the package).
 import importlib.util
 import json
 import math
+import os
+import shlex
+import subprocess
 
 import pytest
 from support import REPO
 
 from jaxlm import config as config_lib
 from jaxlm.cli import main
-from jaxlm.training import aot
+from jaxlm.training import aot, chips
 from jaxlm.training.memory import StepMemory
 
 TINY = str(REPO / "configs" / "tiny.py")
@@ -68,8 +71,8 @@ def test_fsdp_shards_the_state(tmp_path):
   config = config_lib.apply_overrides(
     config_lib.load_config_file(TINY), ["--config.mesh.data=1", "--config.mesh.fsdp=-1"]
   )
-  sharded = aot.compile_train_step(config, "v5e:2x2")
-  assert sharded["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+  sharded = aot.compile_train_step(config, "v5litepod-4")  # Cloud's spelling of v5e-4
+  assert sharded["chip"] == "v5e" and sharded["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
   # Norm scales and biases carry no 'embed' axis and stay whole; every matrix is split four ways.
   whole = 4 * tiny_param_count()
   assert whole / 4 < sharded["params_bytes"] < whole / 2
@@ -85,16 +88,39 @@ def test_without_libtpu_one_line(monkeypatch, capsys):
   assert len(err.splitlines()) == 1 and "libtpu" in err and "pip install" in err, err
 
 
-@pytest.mark.parametrize("name", ["v5e-3", "v7x-8", "v5p-7", "v5e:2x2x2"])
+@pytest.mark.parametrize("name", ["v5e-3", "v7x-8", "v5p-7", "v5e:2x2x2", "v5e:0x4", "v5e:3x3", "v2-8"])
 def test_bad_topology_one_line(name, capsys):
   assert main.main(["compile", "--config", TINY, "--topology", name]) == 2
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and "--topology" in err, err
 
 
+@pytest.mark.parametrize(
+  "args,names",
+  [
+    (["--decode", "--batch-size", "0"], "--batch-size"),
+    (["--decode", "--batch-size", "-3"], "--batch-size"),
+    (["--decode", "--prompt-len", "64"], "--prompt-len"),  # tiny's max_len is 64: no room to generate
+    (["--decode", "--prompt-len", "-1"], "--prompt-len"),
+    (["--json", "."], "--json"),
+    (["--json", "no/such/folder/r.json"], "--json"),
+  ],
+)
+def test_bad_compile_arguments_one_line(args, names, capsys):
+  """Refused before any compile (so without libtpu too): one line naming the flag, exit 2 (issue 21)."""
+  assert main.main(["compile", "--config", TINY, "--topology", "v5e-4", *args]) == 2
+  captured = capsys.readouterr()
+  assert captured.out == "" and len(captured.err.strip().splitlines()) == 1, captured
+  assert "jaxlm: error:" in captured.err and names in captured.err, captured.err
+
+
 def test_slice_names():
   # Cloud TPU names count chips for v5e/v6e and TensorCores (two per chip) for v4/v5p.
   assert aot.parse_topology("v5e-16") == ("v5e", "v5e:4x4", 16)
+  # Cloud's spelling of v5e, and the shape, name the same slice.
+  assert aot.parse_topology("v5litepod-16") == aot.parse_topology("v5e:4x4") == aot.parse_topology("v5e-16")
+  assert aot.parse_topology("v5litepod:2x4") == ("v5e", "v5e:2x4", 8)
+  assert aot.parse_topology("v5p:2x2x1") == aot.parse_topology("v5p-8") == ("v5p", "v5:2x2x1", 4)
   assert aot.parse_topology("v5e-64") == ("v5e", "v5e:8x8", 64)
   assert aot.parse_topology("v5p-32") == ("v5p", "v5:2x2x4", 16)
   assert aot.parse_topology("v4-8") == ("v4", "v4:2x2x1", 4)
@@ -173,3 +199,58 @@ def test_mesh_that_does_not_divide_the_model_one_line(capsys):
   err = capsys.readouterr().err.strip()
   assert status == 2
   assert len(err.splitlines()) == 1 and "36" in err and "fsdp" in err and "--config.mesh" in err, err
+
+
+# --- the slice table and tpu/create.sh, which reads it (no second copy in the shell scripts) ---
+
+
+@pytest.fixture(scope="module")
+def fake_gcloud(tmp_path_factory):
+  """An environment whose first `gcloud` on PATH fails loudly: a dry run must never reach the real one."""
+  bin_dir = tmp_path_factory.mktemp("bin")
+  (bin_dir / "gcloud").write_text("#!/bin/sh\necho 'gcloud must not run in tests' >&2\nexit 99\n")
+  (bin_dir / "gcloud").chmod(0o755)
+  return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+
+
+def create_dry_run(env, accelerator, *extra):
+  return subprocess.run(
+    ["bash", str(REPO / "tpu" / "create.sh"), "--dry-run", "--name", "t", "--zone", "z", "--project", "p"]
+    + ["--accelerator-type", accelerator, *extra],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=30,
+  )
+
+
+@pytest.mark.parametrize("generation", chips.TPU_GENERATIONS, ids=lambda g: g.names[0])
+def test_create_takes_every_spelling_of_the_table(generation, fake_gcloud):
+  """Each generation's spellings, in both -N and shape forms, ask gcloud for Cloud's name and the table's runtime."""
+  count = next(iter(generation.shapes), 4) * generation.cores_per_chip
+  shape = generation.shapes.get(count // generation.cores_per_chip)
+  names = [f"{name}-{count}" for name in generation.names]
+  names += [f"{name}:{'x'.join(map(str, shape))}" for name in generation.names if shape]
+  for name in names:
+    result = create_dry_run(fake_gcloud, name)
+    assert result.returncode == 0 and result.stderr == "", (name, result.stderr)
+    words = shlex.split(result.stdout.splitlines()[0])
+    assert words[words.index("--accelerator-type") + 1] == f"{generation.cloud}-{count}", name
+    assert words[words.index("--runtime-version") + 1] == generation.runtime, name
+
+
+def test_create_refuses_a_slice_cloud_does_not_build(fake_gcloud):
+  for name in ("v5e-3", "v5litepod:3x3"):
+    result = create_dry_run(fake_gcloud, name, "--runtime-version", "x")
+    assert result.returncode == 2 and result.stdout == "", result
+    assert len(result.stderr.splitlines()) == 1 and "no such slice" in result.stderr, result.stderr
+
+
+def test_shell_scripts_keep_no_copy_of_the_slice_table():
+  """Runtimes and Cloud's spellings live in jaxlm/training/chips.py only."""
+  for script in (REPO / "tpu").glob("*.sh"):
+    text = script.read_text()
+    for generation in chips.TPU_GENERATIONS:
+      if generation.runtime.startswith("v2-alpha"):
+        assert generation.runtime not in text, (script.name, generation.runtime)
+    assert "v5litepod-*" not in text, script.name
