@@ -10,13 +10,17 @@ heads with 4 key/value heads, SwiGLU 5632, RoPE; sequence 2048, batches 4,
 8, 16). Attention: cuDNN's fused kernel, the Pallas/Triton flash kernel
 (jaxlm/ops/pallas_attention.py, with segment ids) and XLA's own code.
 
-Installs nothing: it needs the jax (with CUDA) that the machine has, and this
-repository on the path. bfloat16 compute with float32 master weights
+Installs nothing: it needs the jax (with CUDA) that the machine has
+(`pip install -e '.[cuda12]'`), and this repository on the path;
+benchmarks/gpu_check.sh installs both on a fresh GPU machine and runs this
+script among its checks. bfloat16 compute with float32 master weights
 (model.dtype=bfloat16, param_dtype=float32), scanned layers, AdamW, through
 jaxlm's real train step. MFU counts 6 N_matmul + attention FLOPs per token
 (jaxlm.training.flops.flops_per_token) against the bfloat16 dense matmul peak
-measured in the same run (jaxlm.training.flops.measure_matmul_peak), not the spec
-sheet. Each configuration's result (or its error, e.g. out of memory) is
+measured in the same run (jaxlm.training.flops.measure_matmul_peak); `mfu_published`
+divides by the chip's published peak instead (jaxlm.training.chips, what the
+trainer's MFU and `jaxlm devices` use), where the table knows the chip.
+Each configuration's result (or its error, e.g. out of memory) is
 printed and written to the JSON file as soon as it is done, so a run cut
 short still reports what it measured.
 """
@@ -39,9 +43,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from jaxlm import runtime
 from jaxlm.config import presets
 from jaxlm.parallel import mesh as mesh_lib
 from jaxlm.parallel import sharding
+from jaxlm.training import chips
 from jaxlm.training import flops as metrics
 from jaxlm.training import step as train
 
@@ -120,6 +126,7 @@ def main(argv=None):
   p.add_argument("--json", default="gpu_h200.json")
   p.add_argument("--smoke", action="store_true", help="tiny model on CPU; triton runs in Pallas interpret mode")
   args = p.parse_args(argv)
+  runtime.skip_tpu_backend_without_tpu()  # as `jaxlm` does: an installed libtpu stays quiet on a GPU or CPU host
   if args.smoke:
     args.models, args.impls, args.remat, args.batches, args.steps = (
       ["gpt2"],
@@ -131,6 +138,8 @@ def main(argv=None):
   began = time.perf_counter()
   device = jax.devices()[0]
   peak = metrics.measure_matmul_peak(n=512 if args.smoke else 8192, dtype=jnp.bfloat16, repeats=10)
+  chip = chips.chip_for_device_kind(device.device_kind)
+  published = chips.CHIPS[chip].peak_flops if chip else None
   report = {
     "date": time.strftime("%Y-%m-%d"),
     "device": device.device_kind,
@@ -138,9 +147,13 @@ def main(argv=None):
     "jax": jax.__version__,
     "smoke": args.smoke,
     "bf16_matmul_peak_tflops": peak / 1e12,
+    "published_peak_tflops": published / 1e12 if published else None,
     "results": [],
   }
-  print(f"{device.device_kind} ({device.platform}); measured bf16 matmul peak {peak / 1e12:.1f} TFLOP/s")
+  print(
+    f"{device.device_kind} ({device.platform}); measured bf16 matmul peak {peak / 1e12:.1f} TFLOP/s, published "
+    + (f"{published / 1e12:,.0f} TFLOP/s" if published else "unknown (not in jaxlm/training/chips.py)")
+  )
   print(
     f"{'model':8s} {'attention':9s} {'remat':14s} {'batch':>5s} {'tok/s':>10s} {'ms/step':>8s} {'MFU':>6s} "
     f"{'temp GiB':>8s} {'compile s':>9s}"
@@ -164,7 +177,9 @@ def main(argv=None):
     }
     try:
       row.update(measure(config, args.steps))
-      row["mfu"] = row["tokens_per_s"] * metrics.flops_per_token(config.model, config.data.seq_len) / peak
+      achieved = row["tokens_per_s"] * metrics.flops_per_token(config.model, config.data.seq_len)
+      row["mfu"] = achieved / peak
+      row["mfu_published"] = achieved / published if published else None
       print(
         f"{model:8s} {impl:9s} {remat:14s} {batch:5d} {row['tokens_per_s']:10,.0f} {row['step_ms']:8.1f} "
         f"{row['mfu']:6.1%} {row['temp_gib'] or 0:8.2f} {row['compile_s']:9.1f}",

@@ -13,6 +13,7 @@ Usage:
   jaxlm verify --workdir runs/x [--step N]
   jaxlm config show configs/default.py [--config.model.num_layers=4 ...]
   jaxlm compile --config configs/llama_7b.py --topology v5p-32 [--config.mesh.fsdp=-1 ...] [--json out.json]
+  jaxlm devices [--config configs/gpt2_small.py --config.mesh.fsdp=-1 ...] [--json devices.json]
   jaxlm prepare --config configs/default.py --out data/x [--config.data.source=files --config.data.paths='c/*.txt']
 """
 
@@ -58,11 +59,26 @@ def parser() -> argparse.ArgumentParser:
     "fits or not, estimated MFU (needs libtpu: pip install -e '.[aot]')",
   )
   compile_.add_argument("--config", required=True, help="a configs/*.py file with get_config()")
-  compile_.add_argument("--topology", required=True, help="a TPU slice: v5e-16, v5p-32, v4-8, v6e-8, or v5e:4x4")
+  compile_.add_argument(
+    "--topology", required=True, help="a TPU slice: v5e-16 (or v5litepod-16), v5p-32, v4-8, v6e-8, or v5e:4x4"
+  )
   compile_.add_argument("--json", default="", help="also write the report to this JSON file")
   compile_.add_argument("--decode", action="store_true", help="compile prefill and the decode step instead of training")
   compile_.add_argument("--batch-size", type=int, default=8, help="--decode: rows decoded together")
   compile_.add_argument("--prompt-len", type=int, default=0, help="--decode: prompt tokens (default: half the context)")
+  compile_.add_argument(
+    "--plan",
+    action="store_true",
+    help="search mesh layout x remat policy x micro-batches for the fastest plan that fits; prints its --config flags",
+  )
+  compile_.add_argument("--plan-compiles", type=int, default=4, help="--plan: full compiles at most (minutes each)")
+  devices = sub.add_parser(
+    "devices",
+    help="preflight: what JAX sees, the versions, memory and peak FLOP/s per device, and the kernels and mesh "
+    "a config would get here",
+  )
+  devices.add_argument("--config", default=None, help="a configs/*.py file (default: the schema's defaults)")
+  devices.add_argument("--json", default="", help="also write the report to this JSON file")
   verify = sub.add_parser("verify", help="check every checkpoint of a run against the checksums saved with it")
   verify.add_argument("--workdir", required=True)
   verify.add_argument("--step", type=int, default=None, help="check this step only (default: all)")
@@ -149,6 +165,8 @@ def _deployment_parsers(sub):
   serve.add_argument("--host", default="127.0.0.1")
   serve.add_argument("--port", type=int, default=8000)
   serve.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
+  serve.add_argument("--header-timeout", type=float, help="seconds a connection has to send a request's headers (15)")
+  serve.add_argument("--body-timeout", type=float, help="seconds a request has to send its body (30)")
   convert = sub.add_parser(
     "convert", help="Hugging Face <-> jaxlm (GPT2LMHeadModel, LlamaForCausalLM, BertForMaskedLM)"
   )
@@ -179,8 +197,7 @@ def main(argv: list[str] | None = None) -> int:
   """The `jaxlm` command on `argv` (default sys.argv[1:]); returns the exit status."""
   runtime.retain_freed_memory()
   args, rest = parser().parse_known_args(argv)
-  if args.command != "compile":
-    runtime.skip_tpu_metadata_query_without_tpu()
+  runtime.skip_tpu_backend_without_tpu()  # before anything looks for devices: libtpu's start-up lines
   overrides = [a for a in rest if a.startswith("--config.")]
   unknown = [a for a in rest if not a.startswith("--config.")]
   spaced = [
@@ -203,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
       file=sys.stderr,
     )
     return 2
-  if overrides and args.command not in ("train", "compile", "config", "prepare"):
+  if overrides and args.command not in ("train", "compile", "config", "prepare", "devices"):
     print(
       f"jaxlm: error: {args.command} uses the run's saved config; --config.* overrides apply to train and compile only",
       file=sys.stderr,

@@ -27,6 +27,8 @@ from typing import Any, Callable
 
 import jax
 
+from jaxlm.errors import ConfigError
+
 OPS = ("attention", "norm", "dense", "activation")
 
 
@@ -96,7 +98,7 @@ def choose(op: str, model_cfg, dtype, *, variant: str | None = None, target: Tar
 
   model_cfg: the model sub-config (`config.model`). dtype: the dtype the op
   computes in. variant: for 'activation', the activation's name. target:
-  defaults to `current_target()`. Raises ValueError naming
+  defaults to `current_target()`. Raises ConfigError naming
   `model.attention_impl` when the implementation it names cannot run on the
   target.
   """
@@ -106,11 +108,12 @@ def choose(op: str, model_cfg, dtype, *, variant: str | None = None, target: Tar
   if requested != "xla":
     implementation = table.get(requested)
     if implementation is None:
-      raise ValueError(f"model.attention_impl={requested!r} is not registered; choose one of {', '.join(table)}")
+      raise ConfigError(f"model.attention_impl={requested!r} is not registered; choose one of {', '.join(table)}")
     if not _runs(implementation, target, dtype, variant):
-      raise ValueError(
+      raise ConfigError(
         f"model.attention_impl={requested!r} runs on {', '.join(implementation.platforms or ())} "
-        f"(dtypes {implementation.dtypes or 'any'}), not on {target.platform} in {jax.numpy.dtype(dtype)}; "
+        f"(in {', '.join(jax.numpy.dtype(d).name for d in implementation.dtypes or ()) or 'any dtype'}), "
+        f"not on {target.platform} in {jax.numpy.dtype(dtype)}; "
         "set --config.model.attention_impl=xla"
       )
     return requested

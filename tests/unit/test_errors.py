@@ -83,3 +83,14 @@ def test_other_errors_are_not_swallowed(monkeypatch):
   monkeypatch.setitem(commands.COMMANDS, "config", fail)
   with pytest.raises(KeyError):
     commands.run(argparse.Namespace(command="config"), [])
+
+
+def test_a_kernel_the_platform_lacks_is_one_line(capfd, tmp_path):
+  # `ops.dispatch.choose` runs while the step is traced, deep under JAX's frames: its error must still be one line.
+  from support import TINY, error_line, run_in_process
+
+  result = run_in_process(
+    ["train", "--config", TINY, "--workdir", str(tmp_path / "run"), "--config.model.attention_impl=cudnn"], capfd
+  )
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert "model.attention_impl='cudnn' runs on gpu" in error_line(result) and "Traceback" not in result.stderr
