@@ -4,9 +4,11 @@
 #
 # Installs jaxlm on every worker of the TPU VM: ~/jaxlm holds the code and
 # ~/jaxlm-venv a virtualenv with `uv pip install -e '.[tpu]'`. --repo is a git
-# URL to clone (optionally at --ref: branch, tag or commit) or a local
-# directory to copy as-is; it defaults to this checkout, uncommitted changes
-# included. Rerunning replaces ~/jaxlm and updates the venv.
+# URL to clone (optionally at --ref: branch, tag or commit) or a local git
+# checkout, of which only the files git tracks are shipped (as they are on
+# disk, uncommitted edits included; not .venv/, runs/, data/ or other
+# untracked or ignored files); it defaults to this checkout. Rerunning
+# replaces ~/jaxlm and updates the venv.
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR disable=SC1091
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -24,11 +26,21 @@ setup+=' && ~/.local/bin/uv pip install -q --python ~/jaxlm-venv -e ".[tpu]"'
 
 if [[ -d ${OPT[repo]} ]]; then
   [[ -z ${OPT[ref]:-} ]] || usage_error "--ref needs --repo to be a git URL, not a directory"
-  # scp into an existing ~/jaxlm would nest the copy inside it, so clear it.
-  tpu_ssh all 'rm -rf ~/jaxlm'
-  run gcloud compute tpus tpu-vm scp --recurse "${OPT[repo]}" "${OPT[name]}:jaxlm" \
+  git -C "${OPT[repo]}" rev-parse --is-inside-work-tree >/dev/null 2>&1 ||
+    usage_error "--repo ${OPT[repo]} is not a git checkout: install.sh ships the files git tracks there"
+  # The tracked files as they are on disk; tar skips (with a warning) a tracked file deleted but not committed.
+  archive="${TMPDIR:-/tmp}/jaxlm-${OPT[name]}.tar.gz"
+  tracked=(git -C "${OPT[repo]}" ls-files -z)
+  pack=(tar -C "${OPT[repo]}" --null --files-from=- --ignore-failed-read -czf "$archive")
+  if ((DRY_RUN)); then
+    echo "$(shell_quote "${tracked[@]}") | $(shell_quote "${pack[@]}")"
+  else
+    trap 'rm -f "$archive"' EXIT
+    "${tracked[@]}" | "${pack[@]}"
+  fi
+  run gcloud compute tpus tpu-vm scp "$archive" "${OPT[name]}:jaxlm.tar.gz" \
     --zone "${OPT[zone]}" --project "${OPT[project]}" --worker=all
-  tpu_ssh all "$setup"
+  tpu_ssh all "rm -rf ~/jaxlm && mkdir ~/jaxlm && tar -xzf ~/jaxlm.tar.gz -C ~/jaxlm && rm ~/jaxlm.tar.gz && $setup"
 else
   fetch="rm -rf ~/jaxlm && git clone -q $(shell_quote "${OPT[repo]}") ~/jaxlm"
   if [[ -n ${OPT[ref]:-} ]]; then

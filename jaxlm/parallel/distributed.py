@@ -7,9 +7,10 @@ import os
 import time
 
 import jax
+from jax.experimental import multihost_utils
 
 from jaxlm.errors import ConfigError, JaxlmError
-from jaxlm.parallel import watchdog
+from jaxlm.parallel import supervisor, watchdog
 
 
 class DistributedError(JaxlmError, RuntimeError):
@@ -32,11 +33,12 @@ def maybe_initialize_distributed(config) -> None:
     config: the whole config; its `distributed` section.
 
   Raises:
-    ConfigError: a hand launch without a coordinator address or process id.
+    ConfigError: a hand launch without a coordinator address or process id, or JAX_NUM_PROCESSES or
+      JAX_PROCESS_ID that is not a whole number.
     DistributedError: the process could not join the coordinator in the attempts allowed.
   """
   d = config.distributed
-  num_processes = d.num_processes or int(os.environ.get("JAX_NUM_PROCESSES", "0"))
+  num_processes = supervisor.num_processes_of(d)
   if num_processes == -1:
     jax.distributed.initialize(
       initialization_timeout=d.initialization_timeout_s,
@@ -47,7 +49,7 @@ def maybe_initialize_distributed(config) -> None:
   if num_processes <= 1:
     return
   address = d.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
-  process_id = d.process_id if d.process_id >= 0 else int(os.environ.get("JAX_PROCESS_ID", "-1"))
+  process_id = supervisor.process_id_of(d)
   if not address or process_id < 0:
     raise ConfigError(
       "distributed.num_processes > 1 needs distributed.coordinator_address and distributed.process_id "
@@ -75,3 +77,33 @@ def maybe_initialize_distributed(config) -> None:
           "process was started, or raise distributed.initialization_timeout_s"
         ) from None
       time.sleep(min(2**attempt, 10))
+
+
+def name_a_lost_peer() -> None:
+  """Before a multi-process run reports a failure: when a lost peer caused it (a collective or a save that broke
+  because a process died), names that process in one line and exits with status 1, as when the watchdog finds it
+  between steps (see `watchdog.name_a_lost_peer`; waits at most `distributed.heartbeat_timeout_s` and a little).
+  Returns at once in a one-process run."""
+  watchdog.name_a_lost_peer()
+
+
+def preemption_service_on() -> bool:
+  """Whether JAX's preemption service runs in this process: a multi-process run (after `jax.distributed.initialize`)
+  with jax_enable_preemption_service on. Its handler then owns SIGTERM, from start-up on."""
+  from jax._src import distributed as jax_distributed  # private: JAX has no public handle on its sync manager
+
+  return jax.process_count() > 1 and jax_distributed.global_state.preemption_sync_manager is not None
+
+
+def reached_stop_point(steps_run: int) -> bool:
+  """Whether every process should save and stop after its `steps_run`-th step: a preemption notice (SIGTERM)
+  reached some process, and `steps_run` is the step after the furthest process's when the notice spread. Call it
+  after every step with the same count in every process (0 before the first), as the preemption service needs.
+
+  Args:
+    steps_run: steps run so far, counted from a point all processes share.
+
+  Returns:
+    True at the agreed step, in every process alike.
+  """
+  return multihost_utils.reached_preemption_sync_point(steps_run)

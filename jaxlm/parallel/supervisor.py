@@ -18,8 +18,11 @@ are the child's own. Once the runtime's fatal report starts (a glog `F` line,
 "Check failure stack trace", "terminate called ..."), the rest is withheld
 and saved to WORKDIR/crash-<host>-<pid>.log, and the supervisor prints one
 `jaxlm: error:` line naming the lost process where the report names it, then
-exits 1. The runtime's glog lines (and the lines continuing them) are held
-back for a second, because such lines ("Polled an error from coordination
+exits 1. That is only for a child that dies of a signal (the runtime's abort):
+one that exits with a status of its own (0, 143 or 75 after saving, 1 after its
+own error line) gets its withheld lines shown and its status passed on, since
+a line that merely looks fatal is no evidence against the status. The
+runtime's glog lines (and the lines continuing them) are held back for a second, because such lines ("Polled an error from coordination
 service") come just before the fatal one. SIGINT and SIGTERM are forwarded,
 so the child's own exit statuses (130, 143, 75 after saving) come through
 unchanged, and the child is killed when the supervisor dies, so killing
@@ -52,6 +55,7 @@ import time
 from typing import NamedTuple
 
 from jaxlm import config as config_lib
+from jaxlm.errors import ConfigError
 
 _CHILD_MARK = "JAXLM_SUPERVISED"
 _HOLD_S = 1.0  # how long a glog line waits for the fatal line that may follow it
@@ -79,6 +83,43 @@ class Launch(NamedTuple):
   attempts: int = 1
 
 
+def environment_int(name: str, default: int, meaning: str) -> int:
+  """The whole number in the environment variable `name` (`default` when unset or empty).
+
+  Args:
+    name: e.g. "JAX_NUM_PROCESSES".
+    default: the value when the variable is unset or empty.
+    meaning: what the number is, for the error message (e.g. "the number of processes").
+
+  Returns:
+    The number.
+
+  Raises:
+    ConfigError: the variable holds something else; one line naming it.
+  """
+  text = os.environ.get(name, "").strip()
+  if not text:
+    return default
+  try:
+    return int(text)
+  except ValueError:
+    raise ConfigError(
+      f"environment variable {name}={text[:40]!r} is not a whole number; set it to {meaning}, or unset it"
+    ) from None
+
+
+def num_processes_of(distributed) -> int:
+  """The process count of a `distributed` config section: its num_processes, else JAX_NUM_PROCESSES, else 0."""
+  return distributed.num_processes or environment_int("JAX_NUM_PROCESSES", 0, "the number of processes")
+
+
+def process_id_of(distributed) -> int:
+  """The process id of a `distributed` config section: its process_id, else JAX_PROCESS_ID, else -1."""
+  if distributed.process_id >= 0:
+    return distributed.process_id
+  return environment_int("JAX_PROCESS_ID", -1, "this process's number (0 for the first)")
+
+
 def lost_line(lost: str, process_id: int, num_processes: int) -> str:
   """The one `jaxlm: error:` line of a process that stops because `lost` (e.g. 'lost process 1: ...') happened."""
   me = f"process {process_id} of {num_processes}" if process_id >= 0 and num_processes > 0 else "this process"
@@ -92,8 +133,8 @@ def launch_of(config_path: str, overrides: list[str], workdir: str) -> Launch | 
     return None
   try:
     distributed = config_lib.apply_overrides(config_lib.load_config_file(config_path), overrides).distributed
-    num_processes = distributed.num_processes or int(os.environ.get("JAX_NUM_PROCESSES", "0"))
-    process_id = distributed.process_id if distributed.process_id >= 0 else int(os.environ.get("JAX_PROCESS_ID", "-1"))
+    num_processes = num_processes_of(distributed)
+    process_id = process_id_of(distributed)
     coordinator = distributed.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
   except Exception:  # noqa: BLE001 - any config failure is reported by the run itself
     return None
@@ -228,10 +269,12 @@ def _supervise(child: subprocess.Popen, launch: Launch, forwarded: list[int], ma
     show(waiting)
   status = child.wait()
 
-  if report is None and status >= 0:
-    return status  # the child's own ending: success, a stop after saving, or one line of its own
-  if report is None and -status in forwarded:
-    return 128 - status  # it died of the signal the user sent, before installing its handler
+  if status >= 0 or -status in forwarded:
+    # The exit status wins over lines that only look fatal: the child ended on its own (success, a stop after
+    # saving, one line of its own), or of the signal the user sent, before installing its handler.
+    for line in report or []:
+      show(line)
+    return status if status >= 0 else 128 - status
   if report is None:
     lost = f"the training process was killed by {signal.Signals(-status).name}"
   else:

