@@ -96,7 +96,9 @@ def estimate_temporaries(config, mesh: dict, remat: str, micro: int, param_bytes
   m = config.model
   b = jnp.dtype(m.dtype).itemsize
   t = mesh["tensor"]
-  seq = config.data.seq_len + (config.data.target_len if m.family == "encoder_decoder" else 0)
+  # A family that reads (source, target) pairs runs its decoder over target_len more tokens (0: seq_len).
+  target = config.data.target_len or config.data.seq_len
+  seq = config.data.seq_len + (target if families.get(m.family).reads_pairs else 0)
   tokens = config.train.global_batch_size // (micro * mesh["data"] * mesh["fsdp"]) * seq
   head_dim = config_lib.head_dim(m)
   q = m.num_heads * head_dim / t
