@@ -72,7 +72,7 @@ def cli_run(text_corpus, tmp_path_factory) -> tuple[Path, str]:
 
 
 def pytest_collection_modifyitems(items):
-  """Files with slow tests first (stable otherwise). With `-n 2 --dist loadfile` each file runs whole on one
+  """Files with slow tests first (stable otherwise). With `-n 3 --dist loadfile` each file runs whole on one
   worker, in this order, so the long files start first and the short ones fill in around them at the end,
   instead of one long file starting last and running alone."""
   slow_files = {item.path for item in items if item.get_closest_marker("slow")}
