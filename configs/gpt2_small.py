@@ -21,9 +21,5 @@ def get_config():
   # --plan` picked it (peak 9.54 GiB of 16 per chip by XLA, estimated step 284 ms against 379 ms for remat full);
   # v4-32 holds half the rows per chip. fsdp over the devices the other axes leave; checked by
   # benchmarks/fit_paper_configs.py.
-  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
-  c.model.remat_policy = "dots"
-  c.train.num_micro_batches = 8
-  # Evaluation batches of one training micro-batch's rows: they split over the same devices as training's.
-  c.eval.batch_size = c.train.global_batch_size // c.train.num_micro_batches
+  presets.slice_plan(c, remat_policy="dots", micro_batches=8)
   return c

@@ -19,9 +19,5 @@ def get_config():
   c = presets.gpt(48, 1600, 25)
   # The plan for the slice the docstring names, so the step fits there as written (v4-256 (128 chips): 4 rows per
   # chip): d_model 1600 splits at most 64 ways, so data 2 x fsdp 64; checked by benchmarks/fit_paper_configs.py.
-  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, -1, 1
-  c.model.remat_policy = "full"
-  c.train.num_micro_batches = 1
-  # Evaluation batches of one training micro-batch's rows: they split over the same devices as training's.
-  c.eval.batch_size = c.train.global_batch_size // c.train.num_micro_batches
+  presets.slice_plan(c, data=2, remat_policy="full", micro_batches=1)
   return c

@@ -22,9 +22,5 @@ def get_config():
   # The plan for the slice the docstring names, so the step fits there as written (v5p-2048, 1024 chips: d_model 5140
   # splits at most 4 ways, so fsdp 4 and data 256, 1 row per chip; a quarter of the state is 39 GB, too much for a v4
   # chip's 32 GiB); checked by benchmarks/fit_paper_configs.py.
-  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, 4, 1
-  c.model.remat_policy = "full"
-  c.train.num_micro_batches = 1
-  # Evaluation batches of one training micro-batch's rows: they split over the same devices as training's.
-  c.eval.batch_size = c.train.global_batch_size // c.train.num_micro_batches
+  presets.slice_plan(c, data=-1, fsdp=4, remat_policy="full", micro_batches=1)
   return c

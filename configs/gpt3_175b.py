@@ -24,11 +24,7 @@ def get_config():
   # The plan for the slice the docstring names, so the step fits there as written (v4-4096 (2048 chips): 1536 rows
   # split at most 512 ways, so fsdp 512 x tensor 4; 1 row per chip per micro-batch): fsdp over the devices the other
   # axes leave; checked by benchmarks/fit_paper_configs.py.
-  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 4
-  c.model.remat_policy = "full"
-  c.train.num_micro_batches = 3
-  # Evaluation batches of one training micro-batch's rows: they split over the same devices as training's.
-  c.eval.batch_size = c.train.global_batch_size // c.train.num_micro_batches
+  presets.slice_plan(c, tensor=4, remat_policy="full", micro_batches=3)
   # The odd vocabulary (50257) cannot split over tensor: the embedding is split over fsdp only.
   c.mesh.rules = json.dumps([[name, axes] for name, axes in DEFAULT_RULES if name != "vocab"] + [["vocab", None]])
   return c

@@ -20,9 +20,5 @@ def get_config():
   c = presets.gpt3("2.7b")
   # The plan for the slice the docstring names, so the step fits there as written (v4-512 (256 chips): 2 rows per
   # chip): fsdp over the devices the other axes leave; checked by benchmarks/fit_paper_configs.py.
-  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
-  c.model.remat_policy = "full"
-  c.train.num_micro_batches = 1
-  # Evaluation batches of one training micro-batch's rows: they split over the same devices as training's.
-  c.eval.batch_size = c.train.global_batch_size // c.train.num_micro_batches
+  presets.slice_plan(c, remat_policy="full", micro_batches=1)
   return c

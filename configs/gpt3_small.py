@@ -21,9 +21,5 @@ def get_config():
   # The plan for the slice the docstring names, so the step fits there as written (v4-64 (32 chips): 2 rows of 2048
   # tokens per chip per micro-batch): fsdp over the devices the other axes leave; checked by
   # benchmarks/fit_paper_configs.py.
-  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
-  c.model.remat_policy = "full"
-  c.train.num_micro_batches = 4
-  # Evaluation batches of one training micro-batch's rows: they split over the same devices as training's.
-  c.eval.batch_size = c.train.global_batch_size // c.train.num_micro_batches
+  presets.slice_plan(c, remat_policy="full", micro_batches=4)
   return c

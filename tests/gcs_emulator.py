@@ -16,6 +16,7 @@ variables that point every client library jaxlm uses at it:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -24,6 +25,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from typing import Iterator
 
 from support import free_port
 
@@ -221,3 +223,16 @@ def restore_environment(previous: dict[str, str | None]) -> None:
       os.environ.pop(key, None)
     else:
       os.environ[key] = value
+
+
+@contextlib.contextmanager
+def serving(bucket: str) -> Iterator[Emulator]:
+  """An emulator holding `bucket`, with this process's environment pointing at it until the block ends."""
+  server = Emulator().start()
+  server.create_bucket(bucket)
+  previous = apply_environment(server.environment())
+  try:
+    yield server
+  finally:
+    restore_environment(previous)
+    server.stop()

@@ -189,3 +189,24 @@ def llama(num_layers: int = 32, d_model: int = 4096, num_heads: int = 32, mlp_di
   c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.95, 1e-5
   c.optim.weight_decay = 0.1
   return c
+
+
+def slice_plan(
+  c: ConfigDict, *, data: int = 1, fsdp: int = -1, tensor: int = 1, remat_policy: str = "full", micro_batches: int = 1
+) -> ConfigDict:
+  """Sets the layout a paper config runs with on the TPU slice its docstring names.
+
+  Args:
+    c: the config, changed in place.
+    data, fsdp, tensor: the mesh axes' sizes (one may be -1: the devices the others leave).
+    remat_policy: `model.remat_policy`.
+    micro_batches: `train.num_micro_batches`.
+
+  Returns:
+    `c`, whose evaluation batch is also one training micro-batch's rows, so that it splits over the same devices.
+  """
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = data, fsdp, tensor
+  c.model.remat_policy = remat_policy
+  c.train.num_micro_batches = micro_batches
+  c.eval.batch_size = c.train.global_batch_size // micro_batches
+  return c

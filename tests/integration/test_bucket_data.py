@@ -23,12 +23,8 @@ BLOCK = 1024  # small blocks, so that a few rows of this 100 kB corpus are a sma
 
 @pytest.fixture(scope="module")
 def emulator():
-  server = gcs_emulator.Emulator().start()
-  server.create_bucket(BUCKET)
-  previous = gcs_emulator.apply_environment(server.environment())
-  yield server
-  gcs_emulator.restore_environment(previous)
-  server.stop()
+  with gcs_emulator.serving(BUCKET) as server:
+    yield server
 
 
 @pytest.fixture(scope="module")

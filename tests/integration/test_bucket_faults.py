@@ -27,12 +27,8 @@ TINY = str(REPO / "configs" / "tiny.py")
 
 @pytest.fixture(scope="module")
 def emulator():
-  server = gcs_emulator.Emulator().start()
-  server.create_bucket(BUCKET)
-  previous = gcs_emulator.apply_environment(server.environment())
-  yield server
-  gcs_emulator.restore_environment(previous)
-  server.stop()
+  with gcs_emulator.serving(BUCKET) as server:
+    yield server
 
 
 def copy_run(cli_run, destination):

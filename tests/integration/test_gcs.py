@@ -26,12 +26,8 @@ BUCKET = "jaxlm-test"
 
 @pytest.fixture(scope="module")
 def emulator():
-  server = gcs_emulator.Emulator().start()
-  server.create_bucket(BUCKET)
-  previous = gcs_emulator.apply_environment(server.environment())
-  yield server
-  gcs_emulator.restore_environment(previous)
-  server.stop()
+  with gcs_emulator.serving(BUCKET) as server:
+    yield server
 
 
 # --- the path module and the client libraries against the emulator -----------------------------------
