@@ -7,8 +7,10 @@
 set -euo pipefail
 runs=${1:-runs}
 here=$(dirname "${BASH_SOURCE[0]}")
+# shellcheck source=experiments/_env.sh
+source "$here/_env.sh"
 if [[ ! -d $runs/default ]]; then
-  jaxlm train --config "$here/../configs/default.py" --workdir "$runs/default"
+  "$JAXLM" train --config "$here/../configs/default.py" --workdir "$runs/default"
 fi
 "$here/reproduce.sh" codesum_decoder "$runs/codesum_decoder" -- --config.train.init_from="$runs/default"
 "$here/reproduce.sh" codesum_decoder_lora "$runs/codesum_decoder_lora" -- --config.lora.base_workdir="$runs/default"

@@ -16,13 +16,15 @@ name=$1 workdir=$2
 shift 2
 [[ ${1:-} == "--" ]] && shift
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=experiments/_env.sh
+source "$repo/experiments/_env.sh"
 config="$repo/configs/$name.py"
 if [[ ! -f $config ]]; then
   echo "$0: no config $config; see configs/" >&2
   exit 2
 fi
-jaxlm train --config "$config" --workdir "$workdir" "$@"
-jaxlm eval --workdir "$workdir" | tee "$workdir/eval.log"
+"$JAXLM" train --config "$config" --workdir "$workdir" "$@"
+"$JAXLM" eval --workdir "$workdir" | tee "$workdir/eval.log"
 latest=$(find "$workdir" -maxdepth 1 -name 'eval_step_*.json' | sort -t_ -k3 -n | tail -n 1)
 cp "$latest" "$workdir/results.json"
 echo "results: $workdir/results.json"

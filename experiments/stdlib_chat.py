@@ -5,6 +5,8 @@ docstring, from jaxlm/tasks/codesum.py's pairs, same split by file) and asks wha
 does; the assistant answers with the first line of the docstring. Usage:
 
     python experiments/stdlib_chat.py data/stdlib_chat   # then configs/chat_tiny.py
+
+data/ is in .gitignore, as runs/ is: the files are made on each machine, never committed.
 """
 
 import json

@@ -3,14 +3,19 @@
 The public names, imported on first use (so `import jaxlm` loads no JAX, Flax or Orbax, and changes no
 process-wide state):
 
-  load(workdir, step=None, mesh=None) -> Run   a trained run: config, model, params, tokenizer, step
+  load(workdir, step=None, mesh=None, model=None, rules=None) -> Run   a run: config, model, params, tokenizer, step
+  save(workdir, run_or_config, params=None, tokenizer=None, *, step=None, model=None)   params as a run directory
+  init(config_or_model, seed=0, *, batch=None, deterministic=False) -> (model, params)   fresh plain params
+  count_params(params) -> int                 the parameters in a tree
+  apply_lora(config, base_params, rank=8, ...) -> (model, adapters), merge_lora(model, adapters) -> params
   train(config, workdir, **kwargs) -> dict    the training loop (`Trainer(...).run()`)
   Trainer, Callback                           the open loop: your model, data, loss and hooks
-  TrainState, LossFn, cross_entropy_loss      the train state and the objective's contract
+  TrainState, LossFn, cross_entropy_loss      the train state and the objective's contract (extra NAME_sum terms)
   LanguageModel                               the contract a Flax module meets to be trained
   build_model(model_cfg, decode=False, deterministic=True)   a family's model from `config.model`
   DecoderLM, EncoderDecoder, Encoder          the built-in families' models
   Norm, Attention, Mlp, Block, Stack, Embedder the layers they are built from
+  attention_weights(model, params, tokens)     every attention layer's B x N x T x S weights, no rebuild
   base_config, load_config_file               configs (`config` = whole config, `model_cfg` = config.model)
   make_mesh                                   the ('data', 'fsdp', 'tensor') mesh a config asks for
   Family, register_family                     add a model family
@@ -27,6 +32,11 @@ __version__ = "0.1.0"
 _EXPORTS = {
   "load": ("jaxlm.loader", "load"),
   "Run": ("jaxlm.loader", "Run"),
+  "save": ("jaxlm.training.saving", "save"),
+  "init": ("jaxlm.models.initialize", "init"),
+  "count_params": ("jaxlm.models.initialize", "count_params"),
+  "apply_lora": ("jaxlm.models.lora", "apply_lora"),
+  "merge_lora": ("jaxlm.models.lora", "merge_lora"),
   "train": ("jaxlm.training.trainer", "train"),
   "Trainer": ("jaxlm.training.trainer", "Trainer"),
   "Callback": ("jaxlm.training.trainer", "Callback"),
@@ -46,6 +56,7 @@ _EXPORTS = {
   "Block": ("jaxlm.models.layers", "Block"),
   "Stack": ("jaxlm.models.layers", "Stack"),
   "Embedder": ("jaxlm.models.layers", "Embedder"),
+  "attention_weights": ("jaxlm.models.transformer", "attention_weights"),
   "base_config": ("jaxlm.config", "base_config"),
   "load_config_file": ("jaxlm.config", "load_config_file"),
   "make_mesh": ("jaxlm.parallel.mesh", "make_mesh"),

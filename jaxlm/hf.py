@@ -1,5 +1,5 @@
-"""Hugging Face interop: GPT2LMHeadModel, LlamaForCausalLM and BertForMaskedLM as config.json + model.safetensors
-both ways, and GPTJForCausalLM (jaxlm's parallel residual) for export.
+"""Hugging Face interop: GPT2LMHeadModel, LlamaForCausalLM, MixtralForCausalLM and BertForMaskedLM as config.json +
+model.safetensors both ways, and GPTJForCausalLM (jaxlm's parallel residual) for export.
 
 Weights are read and written with `safetensors.numpy`, so conversion needs
 no torch. Layout facts the mapping relies on:
@@ -12,6 +12,12 @@ no torch. Layout facts the mapping relies on:
          MLM head dense + GELU + LayerNorm, decoder tied to the word
          embeddings (save_pretrained writes only cls.predictions.bias).
          Our Encoder's segment id 0 is HF's attention_mask 0.
+  Mixtral: Llama's attention and norms; each MLP is block_sparse_moe: `gate` (E, D) router, softmax over
+         all E in float32, top-k, weights renormalized over the k; experts.e.w1 (gate), w3 (up), w2 (down)
+         Linear (out, in), our E x D x F / E x F x D stacks (jaxlm/models/moe.py) one slice per expert.
+  BLOOM: Linear weights stored (out, in) with biases; query_key_value is (N*3*H, D), each head's q, k, v side
+         by side; LayerNorm over the word embeddings (embed_norm); ALiBi (model.position='alibi'), no position
+         table; MLP 4*D with tanh GELU; lm_head tied to the word embeddings.
   GPT-J: Linear weights stored (out, in); one ln_1 feeds attention and MLP
          (parallel residual); no attention biases; interleaved RoPE over
          rotary_dim = head_dim; untied lm_head with a bias.
@@ -29,13 +35,13 @@ import os
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from einops import EinopsError, rearrange
 
 from jaxlm import config as config_lib
 from jaxlm.errors import JaxlmError
 from jaxlm.inference.export import flatten, unflatten
+from jaxlm.models import moe as moe_lib
 from jaxlm.models import transformer as model_lib
 from jaxlm.storage import fs
 
@@ -44,7 +50,7 @@ class ConvertError(JaxlmError, ValueError):
   """An unsupported or inconsistent checkpoint; the message lists what differs."""
 
 
-ARCHITECTURES = ("GPT2LMHeadModel", "LlamaForCausalLM", "BertForMaskedLM")
+ARCHITECTURES = ("GPT2LMHeadModel", "LlamaForCausalLM", "MixtralForCausalLM", "BertForMaskedLM", "BloomForCausalLM")
 
 
 # --- configs ----------------------------------------------------------------------------------------
@@ -71,7 +77,7 @@ def config_from_hf(hf: dict) -> config_lib.ConfigDict:
     m.mlp_dim = hf.get("n_inner") or 4 * hf["n_embd"]
     m.norm_eps = hf.get("layer_norm_epsilon", 1e-5)
     m.norm, m.position, m.mlp, m.use_bias, m.tie_embeddings = "layernorm", "learned", "gelu", True, True
-  elif arch == "LlamaForCausalLM":
+  elif arch in ("LlamaForCausalLM", "MixtralForCausalLM"):
     _require(hf, "hidden_act", ("silu",), "silu")
     _require(hf, "attention_bias", (False,), False)
     _require(hf, "mlp_bias", (False,), False)
@@ -85,6 +91,18 @@ def config_from_hf(hf: dict) -> config_lib.ConfigDict:
     m.rope_theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
     m.tie_embeddings = bool(hf.get("tie_word_embeddings", False))
     m.norm, m.position, m.mlp, m.use_bias = "rmsnorm", "rope", "swiglu", False
+    if arch == "MixtralForCausalLM":
+      _require(hf, "sliding_window", (None,), None)  # jaxlm attends to the whole context
+      m.moe_experts, m.moe_top_k = hf["num_local_experts"], hf["num_experts_per_tok"]
+      if not 2 <= m.moe_top_k <= m.moe_experts:
+        raise ConvertError(
+          f"config.json: num_experts_per_tok={m.moe_top_k} is not supported; jaxlm maps 2 to num_local_experts "
+          "(with one expert jaxlm weights it by its probability, as Switch; HF Mixtral by 1)"
+        )
+      m.moe_hidden = hf["intermediate_size"]
+      m.moe_dispatch = "dropless"  # HF drops no token: neither may the imported model
+      # HF's load-balancing loss is top-k times jaxlm's (jaxlm/models/moe.py): the same objective.
+      m.moe_aux_loss_weight = hf.get("router_aux_loss_coef", 0.001) * m.moe_top_k
   elif arch == "BertForMaskedLM":
     _require(hf, "hidden_act", ("gelu",), "gelu")
     _require(hf, "position_embedding_type", ("absolute",), "absolute")
@@ -102,6 +120,14 @@ def config_from_hf(hf: dict) -> config_lib.ConfigDict:
     m.num_token_types = hf.get("type_vocab_size", 2)
     m.norm_eps = hf.get("layer_norm_eps", 1e-12)
     m.norm, m.position, m.mlp, m.use_bias, m.tie_embeddings = "layernorm", "learned", "gelu_exact", True, True
+  elif arch == "BloomForCausalLM":
+    _require(hf, "apply_residual_connection_post_layernorm", (False,), False)
+    _require(hf, "tie_word_embeddings", (True,), True)
+    m.vocab_size, m.d_model = hf["vocab_size"], hf.get("hidden_size") or hf["n_embed"]
+    m.num_layers, m.num_heads = hf["n_layer"], hf["n_head"]
+    m.mlp_dim, m.norm_eps = 4 * m.d_model, hf.get("layer_norm_epsilon", 1e-5)
+    m.max_len = hf.get("seq_length", 2048)  # ALiBi has no position table: BLOOM's training length
+    m.norm, m.position, m.mlp, m.use_bias, m.embed_norm = "layernorm", "alibi", "gelu", True, True
   else:
     raise ConvertError(f"config.json: architecture {arch!r} is not supported; convert one of {list(ARCHITECTURES)}")
   c.data.seq_len = min(c.data.seq_len, m.max_len)
@@ -147,6 +173,30 @@ _EXPORTS = {
     head_dim=None,
     rope_theta=None,
   ),
+  # Llama with a sparse MLP in every layer. The router's loss weights only train; the dispatch decides which
+  # tokens an over-full expert skips, so a capacity-trained run exports too (HF computes it dropless, as jaxlm
+  # does with moe_dispatch 'dropless' or 'dense').
+  "MixtralForCausalLM": dict(
+    family="decoder",
+    norm="rmsnorm",
+    norm_position="pre",
+    position="rope",
+    mlp="swiglu",
+    use_bias=False,
+    tie_embeddings=None,
+    num_kv_heads=None,
+    head_dim=None,
+    rope_theta=None,
+    moe_experts=lambda m: m.moe_experts > 0,
+    moe_top_k=lambda m: m.moe_top_k >= 2,  # HF renormalizes the top k: one expert would weigh 1, ours p
+    moe_hidden=None,
+    moe_shared_experts=(0,),  # Mixtral has no shared expert
+    moe_every=(1,),
+    moe_dispatch=None,
+    moe_capacity_factor=None,
+    moe_aux_loss_weight=None,
+    moe_z_loss_weight=None,
+  ),
   # GPT-J: one LayerNorm shared by attention and MLP (parallel residual), interleaved RoPE on the whole head
   # (the exporter permutes q/k to it), no attention biases; its LayerNorm, MLP and lm_head biases are written
   # as zeros, so jaxlm's use_bias=False is exactly it.
@@ -162,6 +212,20 @@ _EXPORTS = {
     head_dim=_heads_cover_d_model,
     rope_theta=(10000.0,),
     parallel_residual=True,
+  ),
+  "BloomForCausalLM": dict(
+    family="decoder",
+    norm="layernorm",
+    norm_position="pre",
+    position="alibi",
+    mlp="gelu",
+    mlp_dim=lambda m: m.mlp_dim == 4 * m.d_model,  # BLOOM's MLP is always 4 * hidden_size
+    use_bias=True,
+    tie_embeddings=True,
+    num_kv_heads=_multi_head,
+    head_dim=_heads_cover_d_model,
+    rope_theta=None,
+    embed_norm=True,
   ),
   "BertForMaskedLM": dict(
     family="encoder",
@@ -185,7 +249,7 @@ def _mismatches(m, spec: dict) -> list[str]:
   defaults = config_lib.base_config().model
   bad = []
   for key in sorted(m.keys()):
-    if key in _FREE:
+    if key in _FREE and key not in spec:  # a free key the architecture constrains is checked too
       continue
     wanted, value = spec.get(key, (defaults.get(key),)), m[key]
     if wanted is None:
@@ -250,6 +314,22 @@ def config_to_hf(m) -> dict:
       "attn_pdrop": 0.0,
       "torch_dtype": "float32",
     }
+  if arch == "BloomForCausalLM":
+    return {
+      "architectures": [arch],
+      "model_type": "bloom",
+      "vocab_size": m.vocab_size,
+      "hidden_size": m.d_model,
+      "n_layer": m.num_layers,
+      "n_head": m.num_heads,
+      "layer_norm_epsilon": m.norm_eps,
+      "apply_residual_connection_post_layernorm": False,
+      "tie_word_embeddings": True,
+      "hidden_dropout": 0.0,
+      "attention_dropout": 0.0,
+      "seq_length": m.max_len,
+      "torch_dtype": "float32",
+    }
   if arch == "BertForMaskedLM":
     return {
       "architectures": [arch],
@@ -271,7 +351,7 @@ def config_to_hf(m) -> dict:
       "pad_token_id": 0,
       "torch_dtype": "float32",
     }
-  return {
+  llama = {
     "architectures": [arch],
     "model_type": "llama",
     "vocab_size": m.vocab_size,
@@ -290,6 +370,19 @@ def config_to_hf(m) -> dict:
     "attention_bias": False,
     "mlp_bias": False,
     "torch_dtype": "float32",
+  }
+  if arch == "LlamaForCausalLM":
+    return llama
+  for key in ("attention_bias", "mlp_bias"):  # Mixtral has neither
+    del llama[key]
+  return llama | {
+    "model_type": "mixtral",
+    "intermediate_size": moe_lib.hidden_size(m),
+    "num_local_experts": m.moe_experts,
+    "num_experts_per_tok": m.moe_top_k,
+    "router_aux_loss_coef": m.moe_aux_loss_weight / m.moe_top_k,  # HF's loss is top-k times ours
+    "router_jitter_noise": 0.0,
+    "sliding_window": None,
   }
 
 
@@ -380,9 +473,28 @@ def _llama_table(m):
       (f"{hf}self_attn.k_proj.weight", f"{ours}self_attention/key/kernel", *into),
       (f"{hf}self_attn.v_proj.weight", f"{ours}self_attention/value/kernel", *into),
       (f"{hf}self_attn.o_proj.weight", f"{ours}self_attention/out/kernel", *out_of),
+    ]
+    if m.get("moe_experts", 0):  # Mixtral
+      rows += _mixtral_moe_rows(m, f"{hf}block_sparse_moe.", f"{ours}mlp/")
+      continue
+    rows += [
       (f"{hf}mlp.gate_proj.weight", f"{ours}mlp/gate/kernel", lambda w: w.T, lambda x: x.T),
       (f"{hf}mlp.up_proj.weight", f"{ours}mlp/up/kernel", lambda w: w.T, lambda x: x.T),
       (f"{hf}mlp.down_proj.weight", f"{ours}mlp/down/kernel", lambda w: w.T, lambda x: x.T),
+    ]
+  return rows
+
+
+def _mixtral_moe_rows(m, hf: str, ours: str):
+  """One layer's sparse MLP: HF's per-expert Linear weights, (out, in), are slices of our expert stacks. A jaxlm
+  path ending in '#e' is expert e of the stack (axis 0): the importer stacks the experts, the exporter slices."""
+  t = (lambda w: w.T, lambda x: x.T)
+  rows = [(f"{hf}gate.weight", f"{ours}router/kernel", *t)]
+  for e in range(m.moe_experts):
+    rows += [
+      (f"{hf}experts.{e}.w1.weight", f"{ours}wi_gate#{e}", *t),
+      (f"{hf}experts.{e}.w3.weight", f"{ours}wi_up#{e}", *t),
+      (f"{hf}experts.{e}.w2.weight", f"{ours}wo#{e}", *t),
     ]
   return rows
 
@@ -456,12 +568,57 @@ def _gptj_table(m):
   return rows
 
 
+def _bloom_table(m):
+  h = config_lib.head_dim(m)
+  t = (lambda w: w.T, lambda x: x.T)
+  rows = [
+    ("transformer.word_embeddings.weight", "embedder/token/embedding", None, None),
+    ("transformer.word_embeddings_layernorm.weight", "embedder/embed_norm/scale", None, None),
+    ("transformer.word_embeddings_layernorm.bias", "embedder/embed_norm/bias", None, None),
+    ("transformer.ln_f.weight", "final_norm/scale", None, None),
+    ("transformer.ln_f.bias", "final_norm/bias", None, None),
+  ]
+  for i in range(m.num_layers):
+    hf, ours = f"transformer.h.{i}.", f"decoder/layer_{i}/"
+    for j, name in enumerate(("query", "key", "value")):
+      # One HF tensor feeds three of ours, each head's q, k, v side by side (params_to_hf interleaves them back).
+      rows += [
+        (
+          f"{hf}self_attention.query_key_value.weight#{j}",
+          f"{ours}self_attention/{name}/kernel",
+          lambda w, j=j: rearrange(w, "(N three H) D -> three D N H", three=3, H=h)[j],
+          lambda k: rearrange(k, "D N H -> N H D"),
+        ),
+        (
+          f"{hf}self_attention.query_key_value.bias#{j}",
+          f"{ours}self_attention/{name}/bias",
+          lambda b, j=j: rearrange(b, "(N three H) -> three N H", three=3, H=h)[j],
+          None,
+        ),
+      ]
+    rows += [
+      (f"{hf}input_layernorm.weight", f"{ours}self_attention_norm/scale", None, None),
+      (f"{hf}input_layernorm.bias", f"{ours}self_attention_norm/bias", None, None),
+      (f"{hf}self_attention.dense.weight", f"{ours}self_attention/out/kernel", *_linear_out(h)),
+      (f"{hf}self_attention.dense.bias", f"{ours}self_attention/out/bias", None, None),
+      (f"{hf}post_attention_layernorm.weight", f"{ours}mlp_norm/scale", None, None),
+      (f"{hf}post_attention_layernorm.bias", f"{ours}mlp_norm/bias", None, None),
+      (f"{hf}mlp.dense_h_to_4h.weight", f"{ours}mlp/up/kernel", *t),
+      (f"{hf}mlp.dense_h_to_4h.bias", f"{ours}mlp/up/bias", None, None),
+      (f"{hf}mlp.dense_4h_to_h.weight", f"{ours}mlp/down/kernel", *t),
+      (f"{hf}mlp.dense_4h_to_h.bias", f"{ours}mlp/down/bias", None, None),
+    ]
+  return rows
+
+
 def _table(m):
   return {
     "GPT2LMHeadModel": _gpt2_table,
     "LlamaForCausalLM": _llama_table,
+    "MixtralForCausalLM": _llama_table,
     "GPTJForCausalLM": _gptj_table,
     "BertForMaskedLM": _bert_table,
+    "BloomForCausalLM": _bloom_table,
   }[architecture_of(m)](m)
 
 
@@ -548,20 +705,34 @@ def params_from_hf(state: dict[str, np.ndarray], config) -> dict:
     raise ConvertError(
       f"model.safetensors does not match {arch}: missing keys {absent or 'none'}; unexpected keys {extra or 'none'}"
     )
-  flat = {}
+  flat, experts = {}, {}
   for hf_key, path, to_ours, _ in table:
     tensor = np.asarray(state[hf_key.split("#")[0]], np.float32)
     try:
-      flat[path] = to_ours(tensor) if to_ours else tensor
+      value = to_ours(tensor) if to_ours else tensor
     except (ValueError, EinopsError) as e:
       raise ConvertError(
         f"model.safetensors: {hf_key.split('#')[0]} has shape {tensor.shape}, which does not "
         f"fit {path} ({' '.join(str(e).split())})"
       ) from None
+    path, _, expert = path.partition("#")
+    if expert:
+      experts.setdefault(path, {})[int(expert)] = value
+    else:
+      flat[path] = value
+  for path, parts in experts.items():
+    shapes = {tuple(part.shape) for part in parts.values()}
+    if len(shapes) > 1:
+      raise ConvertError(f"model.safetensors: the experts of {path} differ in shape: {sorted(shapes)}")
+    flat[path] = np.stack([parts[e] for e in sorted(parts)])
   if m.scan_layers:
     flat = _stack_layers(flat, m.num_layers, _stack_name(m))
   _check(flat, expected_params(config), "model.safetensors")
   return unflatten(flat)
+
+
+# Fused tensors whose pieces interleave head by head instead of following each other: BLOOM's query_key_value.
+_HEAD_INTERLEAVED = (".query_key_value.weight", ".query_key_value.bias")
 
 
 def params_to_hf(params, config) -> dict[str, np.ndarray]:
@@ -573,7 +744,8 @@ def params_to_hf(params, config) -> dict[str, np.ndarray]:
     flat = _unstack_layers(flat, m.num_layers, _stack_name(m))
   state, pieces = {}, {}
   for hf_key, path, _, to_hf in _table(m):
-    value = flat[path] if path else None
+    path, _, expert = (path or "").partition("#")
+    value = (flat[path][int(expert)] if expert else flat[path]) if path else None
     value = to_hf(value) if to_hf else value
     key, _, index = hf_key.partition("#")
     if index:
@@ -581,7 +753,12 @@ def params_to_hf(params, config) -> dict[str, np.ndarray]:
     else:
       state[key] = value
   for key, parts in pieces.items():
-    state[key] = np.concatenate([parts[j] for j in sorted(parts)], axis=-1)
+    ordered = [parts[j] for j in sorted(parts)]
+    if key.endswith(_HEAD_INTERLEAVED):
+      stacked = np.stack(ordered, axis=1)  # N x pieces x H (x D)
+      state[key] = stacked.reshape(-1, *stacked.shape[3:])
+    else:
+      state[key] = np.concatenate(ordered, axis=-1)
   return {k: np.ascontiguousarray(v) for k, v in state.items()}
 
 
@@ -662,25 +839,15 @@ def import_run(hf_dir, workdir) -> Path:
 def write_run(config, params, workdir, tokenizer=None) -> Path:
   """A run directory usable by train/eval/generate/serve: config.json, `tokenizer` (default: the byte
   tokenizer), and an Orbax checkpoint at step 0 holding `params` with a fresh optimizer state (the normal
-  TrainState layout)."""
+  TrainState layout), as `jaxlm.save` writes it."""
   from jaxlm.data import tokenizer as tokenizer_lib
-  from jaxlm.parallel import mesh as mesh_lib
   from jaxlm.storage import run_dir
-  from jaxlm.training import step as train_lib
+  from jaxlm.training import saving
 
   workdir = fs.path(workdir)
   if run_dir.has_checkpoints(workdir):
     raise ConvertError(f"{run_dir.checkpoints_path(workdir)} already holds checkpoints; pass an empty --workdir")
-  run_dir.write_run_files(workdir, config, tokenizer or tokenizer_lib.ByteTokenizer())
-  s = train_lib.setup(config, mesh_lib.make_mesh(config))
-
-  def make_state(p):
-    return train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=s.tx.init(p))
-
-  params = jax.tree.map(jnp.asarray, _unbox(params))
-  state = jax.jit(make_state, out_shardings=s.state_shardings)(params)
-  run_dir.write_checkpoint(workdir, 0, state.to_dict(), config, keep=config.train.keep_checkpoints)
-  return workdir
+  return saving.save(workdir, config, params, tokenizer or tokenizer_lib.ByteTokenizer())
 
 
 def export_run(workdir, out, step: int | None = None) -> Path:

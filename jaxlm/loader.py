@@ -14,8 +14,6 @@ never read, so a run loads in the memory of its parameters alone.
 
 from __future__ import annotations
 
-import contextlib
-import logging
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -33,7 +31,7 @@ from jaxlm.models import transformer as model_lib
 from jaxlm.parallel import mesh as mesh_lib
 from jaxlm.parallel import sharding
 from jaxlm.storage import checkpoint as checkpoint_lib
-from jaxlm.storage import fs, run_dir
+from jaxlm.storage import fs, integrity, run_dir
 
 
 class RunError(JaxlmError, RuntimeError):
@@ -55,6 +53,26 @@ class Run(NamedTuple):
   params: Any
   tokenizer: tokenizer_lib.Tokenizer
   step: int
+
+  def score(
+    self, texts, batch_size: int = 8, max_len: int | None = None, stride: int | None = None, hidden_states: bool = False
+  ):
+    """Per-token log-probabilities, loss (mean NLL) and token count of each text, for a decoder run; long texts
+    in windows with context. See `jaxlm.inference.score.score`.
+
+    Args:
+      texts: a list of strings.
+      batch_size: windows run together.
+      max_len: tokens per window (default and most: model.max_len); stride: tokens each further window scores.
+      hidden_states: also return every layer's hidden states at the text's tokens.
+
+    Returns:
+      A list of `jaxlm.inference.score.ScoredText` (token_ids, logprobs, is_greedy, loss, num_tokens,
+      hidden_states).
+    """
+    from jaxlm.inference import score as score_lib  # at the loader's stage (tests/unit/test_imports.py)
+
+    return score_lib.score(self, texts, batch_size, max_len, stride, hidden_states)
 
 
 def load_config(workdir: str | Path) -> Config:
@@ -92,18 +110,6 @@ def param_shardings(config: Config, mesh: Mesh, module: nn.Module | None = None,
   return sharding.logical_shardings(mesh, rules, abstract_params(config.model, module))
 
 
-@contextlib.contextmanager
-def _quiet_restore():
-  """Silences the absl warnings Orbax logs on every read-only partial restore (they are expected here)."""
-  logger = logging.getLogger("absl")
-  previous = logger.level
-  logger.setLevel(logging.ERROR)
-  try:
-    yield
-  finally:
-    logger.setLevel(previous)
-
-
 def restore_params(
   workdir: str | Path, config: Config, shardings, step: int | None = None, module: nn.Module | None = None
 ):
@@ -118,16 +124,37 @@ def restore_params(
   target = {"params": checkpoint_lib.abstract_with_shardings(abstract, shardings)}
   if quantize.is_int8_run(workdir):  # written by `jaxlm quantize`: int8 params, no optimizer state
     target = {"params": quantize.abstract_int8(target["params"])}
-  with _quiet_restore():
-    checkpointer = checkpoint_lib.Checkpointer(run_dir.checkpoints_path(workdir), read_only=True)
-    try:
-      step = checkpointer.latest_step() if step is None else step
-      if step is None:
-        raise RunError(f"no complete checkpoint in {checkpointer.directory}; train first")
-      params = checkpointer.restore(step, target, partial=True)["params"]
-    finally:
-      checkpointer.close()
+  checkpointer = checkpoint_lib.Checkpointer(run_dir.checkpoints_path(workdir), read_only=True)
+  try:
+    step = checkpointer.latest_step() if step is None else step
+    if step is None:
+      raise RunError(f"no complete checkpoint in {checkpointer.directory}; train first")
+    _check_model_fits(checkpointer, step, target, module)
+    params = checkpointer.restore(step, target, partial=True)["params"]
+  finally:
+    checkpointer.close()
   return params, step
+
+
+def _check_model_fits(checkpointer: checkpoint_lib.Checkpointer, step: int, target, module) -> None:
+  """RunError when checkpoint `step` cannot fill `target`, naming `load`'s `model=` for a custom model's run."""
+  if step not in checkpointer.all_steps():
+    return  # `restore` names the steps there are
+  records = (checkpointer.read_meta(step) or {}).get("integrity", {}).get("arrays")
+  mismatch = integrity.mismatch_with_target(records, target, partial=True) if records is not None else None
+  if mismatch is None:
+    return
+  if module is None:
+    fix = (
+      "a run trained with its own module (`Trainer(model=...)`) loads from Python: "
+      "jaxlm.load(workdir, model=that_module)"
+    )
+  else:
+    fix = "pass model= the module this run was trained with"
+  raise RunError(
+    f"checkpoint step {step} in {checkpointer.directory} does not fit the model "
+    f"({'config.model' if module is None else 'model='}): {mismatch}; {fix}"
+  )
 
 
 def load(
@@ -167,5 +194,5 @@ def load(
   tokenizer = tokenizer_lib.load(workdir)
   module = model if model is not None else model_lib.build(config.model)
   shardings = param_shardings(config, mesh or single_device_mesh(), module, rules)
-  params, step = restore_params(workdir, config, shardings, step, module)
+  params, step = restore_params(workdir, config, shardings, step, model)  # None: the family's, named in errors
   return Run(config, module, params, tokenizer, step)

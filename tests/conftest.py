@@ -23,6 +23,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxlm-tests-xla-cache-")
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# MFU on CPU divides by a nominal peak measured once per machine and cached under XDG_CACHE_HOME
+# (jaxlm/training/flops.py): the session gets its own cache, so tests neither read a peak from the home
+# folder nor write one there; the first process to need it measures it, the rest read it.
+if "JAXLM_TESTS_CACHE" not in os.environ:
+  os.environ["JAXLM_TESTS_CACHE"] = os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="jaxlm-tests-cache-")
+  atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 
 import pytest
 from support import REPO, built_once, run_cli

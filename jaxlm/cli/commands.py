@@ -67,11 +67,20 @@ def _train(args, overrides) -> int:
 
 
 def _eval(args, overrides) -> int:
+  if args.tasks:
+    from jaxlm.tasks import harness
+
+    options = {"include_path": args.include_path, "batch_size": args.batch_size, "limit": args.limit}
+    harness.run_tasks(args.workdir, args.tasks.split(","), args.step, num_fewshot=args.num_fewshot, **options)
+    return 0
   from jaxlm.tasks import evaluate
 
   result = evaluate.evaluate(args.workdir, args.step, args.max_batches)
-  print(json.dumps(result, indent=2))
-  print(result["summary"])  # each family's line, against its own baselines
+  # The summary line and any table print as text, once, not escaped inside the JSON (eval_step_N.json has all).
+  print(json.dumps({key: value for key, value in result.items() if key not in evaluate.TEXT_KEYS}, indent=2))
+  for key in evaluate.TEXT_KEYS:  # the family's line against its baselines first
+    if key in result:
+      print(result[key])
   return 0
 
 
@@ -153,7 +162,17 @@ def _serve(args, overrides) -> int:
 
   timeouts = {"header_timeout": args.header_timeout, "body_timeout": args.body_timeout}
   given = {name: seconds for name, seconds in timeouts.items() if seconds is not None}  # else the server's defaults
-  serve.serve(args.workdir, args.host, args.port, args.step, args.int8, args.max_batch, _mesh(args), **given)
+  serve.serve(
+    args.workdir,
+    args.host,
+    args.port,
+    args.step,
+    args.int8,
+    args.max_batch,
+    _mesh(args),
+    batching_policy=args.batching,
+    **given,
+  )
   return 0
 
 
@@ -251,8 +270,9 @@ def _verify(args, overrides) -> int:
 def _config(args, overrides) -> int:
   from jaxlm.config import show as config_show
 
-  config = config_lib.apply_overrides(config_lib.load_config_file(args.config), overrides)
-  print(config_show.format_table(config, args.config))
+  from_file = config_lib.load_config_file(args.config)
+  config = config_lib.apply_overrides(from_file.copy_and_resolve_references(), overrides)
+  print(config_show.format_table(config, args.config, from_file))
   return 0
 
 

@@ -2,7 +2,7 @@
 
 Usage:
   jaxlm train --config configs/default.py --workdir runs/x [--config.model.num_layers=4 ...]
-  jaxlm eval --workdir runs/x [--step N]
+  jaxlm eval --workdir runs/x [--step N]  |  jaxlm eval --workdir runs/x --tasks T1,T2 [--include-path DIR]
   jaxlm generate --workdir runs/x --prompt "def " [--max-tokens 64 --temperature 0.8 --top-p 0.9 --seed 0]
   jaxlm chat --workdir runs/x [--system "Be terse." --max-tokens 256]
   jaxlm serve --workdir runs/x --port 8000
@@ -26,11 +26,26 @@ import sys
 from jaxlm import runtime
 from jaxlm.cli import commands
 
+WORKDIR_HELP = "the run directory (a local folder or gs://BUCKET/PATH): config.json, checkpoints/, metrics.jsonl"
+
+
+class HelpWithDefaults(argparse.HelpFormatter):
+  """Adds '(default: X)' to each option's help that has a default worth saying and does not say it already."""
+
+  def _get_help_string(self, action):
+    text = action.help or ""
+    unsaid = action.default is None or action.default is argparse.SUPPRESS or "default" in text
+    if unsaid or action.nargs == 0 or not action.option_strings:  # a flag (--int8) has no default to show
+      return text
+    return f"{text} (default: %(default)s)"
+
 
 def parser() -> argparse.ArgumentParser:
   """The `jaxlm` argument parser: one subparser per subcommand."""
   p = argparse.ArgumentParser(prog="jaxlm", description=__doc__.splitlines()[0])
   sub = p.add_subparsers(dest="command", required=True)
+  add_parser = sub.add_parser
+  sub.add_parser = lambda *args, **kwargs: add_parser(*args, formatter_class=HelpWithDefaults, **kwargs)
   train = sub.add_parser(
     "train",
     help="train a model; resumes from the latest intact checkpoint in --workdir",
@@ -40,16 +55,27 @@ def parser() -> argparse.ArgumentParser:
     "comment.",
   )
   train.add_argument("--config", required=True, help="a configs/*.py file with get_config()")
-  train.add_argument("--workdir", required=True)
-  evaluate = sub.add_parser("eval", help="evaluate a checkpoint on the validation split")
-  evaluate.add_argument("--workdir", required=True)
+  train.add_argument("--workdir", required=True, help=WORKDIR_HELP + "; an existing run there is resumed")
+  evaluate = sub.add_parser(
+    "eval",
+    help="evaluate a checkpoint on the validation split, or on lm-evaluation-harness tasks (--tasks)",
+  )
+  evaluate.add_argument("--workdir", required=True, help=WORKDIR_HELP)
   evaluate.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   evaluate.add_argument("--max-batches", type=int, default=None, help="limit the batches scored (default: config)")
+  harness = evaluate.add_argument_group(
+    "lm-evaluation-harness (a decoder run; needs pip install 'jaxlm[eval]'; docs/tasks.md)"
+  )
+  harness.add_argument("--tasks", default="", help="comma-separated harness task names: run them instead")
+  harness.add_argument("--include-path", default=None, help="a folder of task YAML files (then only its tasks)")
+  harness.add_argument("--limit", type=float, default=None, help="examples per task (a fraction below 1)")
+  harness.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's)")
+  harness.add_argument("--batch-size", type=int, default=8, help="rows scored or decoded together")
   _deployment_parsers(sub)
   plot = sub.add_parser(
     "plot",
     help="loss, learning rate, gradient norm and tokens/s of runs, overlaid, as a PNG "
-    "(needs matplotlib: pip install 'jaxlm[plot]')",
+    "(needs matplotlib: pip install -e '.[plot]' in the jaxlm checkout)",
   )
   plot.add_argument("runs", nargs="+", metavar="RUN", help="run directories (their metrics.jsonl)")
   plot.add_argument("--out", default="loss.png", help="the image to write (default: loss.png)")
@@ -80,7 +106,7 @@ def parser() -> argparse.ArgumentParser:
   devices.add_argument("--config", default=None, help="a configs/*.py file (default: the schema's defaults)")
   devices.add_argument("--json", default="", help="also write the report to this JSON file")
   verify = sub.add_parser("verify", help="check every checkpoint of a run against the checksums saved with it")
-  verify.add_argument("--workdir", required=True)
+  verify.add_argument("--workdir", required=True, help=WORKDIR_HELP)
   verify.add_argument("--step", type=int, default=None, help="check this step only (default: all)")
   config_show = sub.add_parser(
     "config",
@@ -118,7 +144,7 @@ def mesh_sizes(text: str) -> dict[str, int]:
 
 
 def _run_args(p, int8: bool = True, mesh: bool = False):
-  p.add_argument("--workdir", required=True)
+  p.add_argument("--workdir", required=True, help=WORKDIR_HELP)
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   if int8:
     p.add_argument("--int8", action="store_true", help="int8 weight-only quantized weights (see `jaxlm quantize`)")
@@ -127,7 +153,7 @@ def _run_args(p, int8: bool = True, mesh: bool = False):
       "--mesh",
       type=mesh_sizes,
       default=None,
-      metavar="data=D,fsdp=F,tensor=T",
+      metavar="data=D,fsdp=F,expert=E,tensor=T",
       help="shard the params (by the run's mesh.rules) and the KV cache (batch x kv heads) over "
       "D*F*T devices; axes left out are 1 (default: one device)",
     )
@@ -137,13 +163,13 @@ def _deployment_parsers(sub):
   gen = sub.add_parser("generate", help="generate text from a run's checkpoint, streaming tokens as produced")
   _run_args(gen, mesh=True)
   source = gen.add_mutually_exclusive_group(required=True)
-  source.add_argument("--prompt")
-  source.add_argument("--prompt-file")
-  gen.add_argument("--max-tokens", type=int, default=128)
+  source.add_argument("--prompt", help="the text to continue")
+  source.add_argument("--prompt-file", help="a text file (local or gs://) whose text to continue")
+  gen.add_argument("--max-tokens", type=int, default=128, help="the most tokens to generate")
   gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
   gen.add_argument("--top-k", type=int, default=0, help="0 disables")
   gen.add_argument("--top-p", type=float, default=1.0, help="1 disables")
-  gen.add_argument("--seed", type=int, default=0)
+  gen.add_argument("--seed", type=int, default=0, help="the sampling seed")
   gen.add_argument("--beam-size", type=int, default=0, help="beam search with this width (no streaming)")
   gen.add_argument("--length-penalty", type=float, default=0.6, help="GNMT alpha for beam search")
   gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
@@ -156,15 +182,21 @@ def _deployment_parsers(sub):
   chat.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
   chat.add_argument("--top-k", type=int, default=0, help="0 disables")
   chat.add_argument("--top-p", type=float, default=1.0, help="1 disables")
-  chat.add_argument("--seed", type=int, default=0)
+  chat.add_argument("--seed", type=int, default=0, help="the sampling seed")
   chat.add_argument("--system", default="", help="a system message that opens the conversation")
   serve = sub.add_parser(
     "serve", help="HTTP completion server (POST /v1/completions, /v1/chat/completions, GET /health, /v1/models)"
   )
   _run_args(serve, mesh=True)
-  serve.add_argument("--host", default="127.0.0.1")
-  serve.add_argument("--port", type=int, default=8000)
+  serve.add_argument("--host", default="127.0.0.1", help="the address to listen on")
+  serve.add_argument("--port", type=int, default=8000, help="the port to listen on")
   serve.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
+  serve.add_argument(
+    "--batching",
+    choices=("continuous", "static"),
+    default="continuous",
+    help="continuous: requests join the decode batch between steps; static: a batch decodes to its end first",
+  )
   serve.add_argument("--header-timeout", type=float, help="seconds a connection has to send a request's headers (15)")
   serve.add_argument("--body-timeout", type=float, help="seconds a request has to send its body (30)")
   convert = sub.add_parser(
@@ -173,13 +205,13 @@ def _deployment_parsers(sub):
   direction = convert.add_mutually_exclusive_group(required=True)
   direction.add_argument("--from-hf", metavar="HF_DIR", help="config.json + model.safetensors; needs --workdir")
   direction.add_argument("--to-hf", metavar="RUN", help="a run directory; needs --out")
-  convert.add_argument("--workdir")
-  convert.add_argument("--out")
-  convert.add_argument("--step", type=int, default=None)
+  convert.add_argument("--workdir", help="--from-hf: the run directory to write")
+  convert.add_argument("--out", help="--to-hf: the folder to write config.json and model.safetensors to")
+  convert.add_argument("--step", type=int, default=None, help="--to-hf: checkpoint step (default: latest)")
   export = sub.add_parser("export", help="serialize prefill and decode step (StableHLO via jax.export) + weights")
   _run_args(export, mesh=True)
-  export.add_argument("--out", required=True)
-  export.add_argument("--batch-size", type=int, default=1)
+  export.add_argument("--out", required=True, help="the folder to write the artifact to")
+  export.add_argument("--batch-size", type=int, default=1, help="rows the artifact decodes together")
   export.add_argument(
     "--max-prompt-len", type=int, default=0, help="prompt tokens the artifact takes (default: half the context)"
   )
@@ -189,7 +221,7 @@ def _deployment_parsers(sub):
     "and reports memory and validation perplexity vs float",
   )
   _run_args(quantize, int8=False)
-  quantize.add_argument("--max-batches", type=int, default=None)
+  quantize.add_argument("--max-batches", type=int, default=None, help="validation batches scored (default: config)")
   quantize.add_argument("--out", default=None, help="the int8 run directory to write (default: WORKDIR/int8)")
 
 

@@ -136,11 +136,12 @@ def validate(config: ConfigDict, num_devices: int) -> None:
   mesh_shape(config, num_devices)  # raises on a bad mesh
   for logical, axes in mesh_rules(config):
     for axis in axes if isinstance(axes, tuple) else (axes,):
-      if axis is not None and axis not in ("data", "fsdp", "tensor"):
+      if axis is not None and axis not in MESH_AXES:
         raise ConfigError(
           f"config key 'mesh.rules' maps '{logical}' to mesh axis '{axis}', which does not exist; "
-          "use data, fsdp, tensor or null"
+          "use data, fsdp, expert, tensor or null"
         )
+  _check_moe(config, num_devices)
   t = config.train
   dp = data_parallel_size(config, num_devices)
   if t.global_batch_size % (dp * t.num_micro_batches):
@@ -164,9 +165,37 @@ def _path(location: str):
   return fs.path(location)
 
 
+def _check_moe(config: ConfigDict, num_devices: int) -> None:
+  """The mixture-of-experts keys (docs/moe.md) against each other, the MLP and the mesh."""
+  m = config.model
+  if not m.get("moe_experts", 0):
+    return
+  if m.moe_top_k > m.moe_experts:
+    raise ConfigError(
+      f"model.moe_top_k={m.moe_top_k} exceeds model.moe_experts={m.moe_experts}; choose top_k <= experts"
+    )
+  if m.mlp != "swiglu":
+    raise ConfigError(f"model.moe_experts>0 needs model.mlp='swiglu' (experts are SwiGLU, as Mixtral's), got '{m.mlp}'")
+  if m.moe_every > 1 and m.scan_layers:
+    raise ConfigError(
+      f"model.moe_every={m.moe_every} mixes MoE and dense layers, which model.scan_layers=True cannot scan; "
+      "set --config.model.scan_layers=False or model.moe_every=1"
+    )
+  expert = mesh_shape(config, num_devices)["expert"]
+  if m.moe_experts % expert:
+    raise ConfigError(
+      f"model.moe_experts={m.moe_experts} is not divisible by mesh.expert={expert}; choose mesh.expert dividing it"
+    )
+
+
+# The mesh's axes, in its device order (jaxlm.parallel.mesh lays the devices out in this order).
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+
+
 def mesh_shape(config: ConfigDict, num_devices: int) -> dict[str, int]:
-  """{'data': d, 'fsdp': f, 'tensor': t} whose product is the device count."""
-  sizes = {axis: config.mesh[axis] for axis in ("data", "fsdp", "tensor")}
+  """{'data': d, 'fsdp': f, 'expert': e, 'tensor': t} whose product is the device count (a config saved before
+  mesh.expert existed has expert 1)."""
+  sizes = {axis: config.mesh.get(axis, 1) for axis in MESH_AXES}
   free = [axis for axis, size in sizes.items() if size == -1]
   if len(free) > 1 or any(size == 0 or size < -1 for size in sizes.values()):
     raise ConfigError(f"mesh {sizes} is invalid; give positive sizes, with at most one axis set to -1")
@@ -184,6 +213,7 @@ def mesh_shape(config: ConfigDict, num_devices: int) -> dict[str, int]:
 
 
 def data_parallel_size(config: ConfigDict, num_devices: int) -> int:
-  """Ways the whole config's batch is split over `num_devices`: mesh data x fsdp."""
+  """Ways the whole config's batch is split over `num_devices`: mesh data x fsdp x expert (expert-parallel
+  devices split the rows too, and exchange tokens in the MoE layers)."""
   sizes = mesh_shape(config, num_devices)
-  return sizes["data"] * sizes["fsdp"]
+  return sizes["data"] * sizes["fsdp"] * sizes["expert"]

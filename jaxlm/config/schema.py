@@ -2,9 +2,10 @@
 about the weights.
 
 `base_config()` holds the defaults and, beside each, the comment `jaxlm config show` prints. `RANGES` and
-`_CHOICES` say what each key accepts, except the three keys whose choices their registries own
-(`_REGISTERED`: `model.family`, `model.attention_impl`, `data.source`), read when asked so that a family,
-attention implementation or data source registered from outside is accepted like a built-in one.
+`_CHOICES` say what each key accepts, except the keys whose choices their registries own
+(`_REGISTERED`: `model.family`, `model.attention_impl`, `model.moe_dispatch`, `data.source`), read when asked so
+that a family, attention implementation, MoE dispatch or data source registered from outside is accepted like a
+built-in one.
 `WEIGHTS_FREE` marks the model keys that do not change the weights.
 """
 
@@ -27,7 +28,7 @@ ModelConfig = ConfigDict
 # batch rows split over data and fsdp, weights split over fsdp along the
 # embedding dimension and over tensor along heads/mlp/vocab.
 DEFAULT_RULES = (
-  ("batch", ("data", "fsdp")),
+  ("batch", ("data", "fsdp", "expert")),
   ("length", None),
   ("embed", "fsdp"),
   ("vocab", "tensor"),
@@ -35,6 +36,7 @@ DEFAULT_RULES = (
   ("kv_heads", "tensor"),
   ("head_dim", None),
   ("mlp", "tensor"),
+  ("expert", "expert"),
   ("layers", None),
   ("norm", None),
 )
@@ -59,7 +61,7 @@ def base_config() -> ConfigDict:
   c.model.norm = "layernorm"  # layernorm | rmsnorm
   c.model.norm_eps = 1e-5
   c.model.norm_position = "pre"  # pre | post
-  c.model.position = "learned"  # learned | rope | sinusoidal
+  c.model.position = "learned"  # learned | rope | sinusoidal | alibi (a bias on the scores; docs/extending.md)
   c.model.rope_theta = 10000.0
   c.model.mlp = "gelu"  # gelu (tanh, GPT-2) | gelu_exact (erf, BERT) | swiglu | relu | squared_relu (Primer)
   c.model.parallel_residual = False  # GPT-J/PaLM block: x + attn(norm(x)) + mlp(norm(x)); pre-norm, no cross-attention
@@ -80,6 +82,16 @@ def base_config() -> ConfigDict:
   c.model.sow_attention_weights = (
     False  # attention on XLA's code, weights sown into 'intermediates' (docs/extending.md)
   )
+  # Mixture of experts (docs/moe.md): SwiGLU experts in place of the MLP, top-k routed (jaxlm/models/moe.py).
+  c.model.moe_experts = 0  # experts per MoE layer; 0: the dense MLP
+  c.model.moe_top_k = 2  # experts each token goes to
+  c.model.moe_shared_experts = 0  # always-on experts: one dense SwiGLU MLP of width moe_shared_experts x moe_hidden
+  c.model.moe_dispatch = "dropless"  # a registered dispatch (jaxlm/ops/moe.py): dropless, capacity, dense
+  c.model.moe_capacity_factor = 1.25  # capacity: slots per expert = ceil(factor x tokens per row x top_k / experts)
+  c.model.moe_aux_loss_weight = 0.01  # load-balancing loss (Switch): experts x sum_e tokens_e x probability_e
+  c.model.moe_z_loss_weight = 0.001  # router z-loss (ST-MoE): mean logsumexp(router logits)^2
+  c.model.moe_every = 1  # every n-th layer is MoE (layers n-1, 2n-1, ...); >1 needs scan_layers=False
+  c.model.moe_hidden = 0  # expert FFN width; 0 means mlp_dim
 
   c.data = ConfigDict()
   c.data.source = "stdlib"  # a registered data source (jaxlm/data/sources.py): stdlib, files, tfds, ...
@@ -128,6 +140,8 @@ def base_config() -> ConfigDict:
     ""  # a new run from this run's parameters (train or convert --from-hf workdir; jaxlm/training/init_from.py)
   )
   c.train.init_from_step = -1  # its checkpoint; -1: the newest (recorded in this run's config.json)
+  c.train.wandb = ""  # a Weights & Biases project: also log there (pip install -e '.[wandb]'); empty: off
+  c.train.profile_steps = ""  # FIRST:LAST, e.g. 5:8: jax.profiler trace of those steps into RUN/profile/HOST
 
   c.optim = ConfigDict()
   c.optim.name = "adamw"  # adamw | adafactor | lion
@@ -162,6 +176,7 @@ def base_config() -> ConfigDict:
   c.mesh = ConfigDict()
   c.mesh.data = -1  # -1 takes the devices the other axes leave
   c.mesh.fsdp = 1
+  c.mesh.expert = 1  # expert parallelism: MoE experts split over it, batch rows too (docs/moe.md)
   c.mesh.tensor = 1
   c.mesh.rules = json.dumps(DEFAULT_RULES)  # JSON so it can be overridden on the command line
 
@@ -253,6 +268,14 @@ RANGES = {
   "model.parallel_residual": _BOOL,
   "model.sow_attention_weights": _BOOL,
   "model.attention_block_size": _COUNT,
+  "model.moe_experts": _COUNT,
+  "model.moe_top_k": _POSITIVE,
+  "model.moe_shared_experts": _COUNT,
+  "model.moe_capacity_factor": _POSITIVE_REAL,
+  "model.moe_aux_loss_weight": _at_least(0),
+  "model.moe_z_loss_weight": _at_least(0),
+  "model.moe_every": _POSITIVE,
+  "model.moe_hidden": _COUNT,
   "data.paths": Allowed(note="comma-separated paths or globs"),
   "data.validation_paths": Allowed(note="comma-separated paths or globs"),
   "data.include_tests": _BOOL,
@@ -290,6 +313,8 @@ RANGES = {
   "train.compilation_cache_dir": Allowed(note="a directory"),
   "train.init_from": Allowed(note="a run directory"),
   "train.init_from_step": _at_least(0, -1),
+  "train.wandb": Allowed(note="a W&B project name; empty: off"),
+  "train.profile_steps": Allowed(note="FIRST:LAST steps, e.g. 5:8; empty: off"),
   "optim.learning_rate": _POSITIVE_REAL,
   "optim.warmup_steps": _COUNT,
   "optim.end_lr_fraction": _FRACTION,
@@ -314,6 +339,7 @@ RANGES = {
   "eval.bleu_examples": _COUNT,
   "mesh.data": _at_least(1, -1),
   "mesh.fsdp": _at_least(1, -1),
+  "mesh.expert": _at_least(1, -1),
   "mesh.tensor": _at_least(1, -1),
   "mesh.rules": Allowed(note="JSON list of [logical, mesh axes]"),
   "distributed.coordinator_address": Allowed(note="host:port"),
@@ -355,7 +381,7 @@ def _get(config: ConfigDict, dotted: str):
 _CHOICES = {
   "model.norm": ("layernorm", "rmsnorm"),
   "model.norm_position": ("pre", "post"),
-  "model.position": ("learned", "rope", "sinusoidal"),
+  "model.position": ("learned", "rope", "sinusoidal", "alibi"),
   "model.mlp": ("gelu", "gelu_exact", "swiglu", "relu", "squared_relu"),
   "model.dtype": ("float32", "bfloat16", "float16"),
   "model.param_dtype": ("float32", "bfloat16"),
@@ -379,6 +405,12 @@ def _attention_names() -> tuple[str, ...]:
   return tuple(name for name, implementation in dispatch.REGISTRY["attention"].items() if not implementation.automatic)
 
 
+def _moe_dispatch_names() -> tuple[str, ...]:
+  from jaxlm.ops import moe  # local: imports JAX, which the schema alone does not need
+
+  return tuple(moe.REGISTRY)
+
+
 def _source_names() -> tuple[str, ...]:
   from jaxlm.data import sources  # local: the registry imports its sources at first use
 
@@ -386,7 +418,12 @@ def _source_names() -> tuple[str, ...]:
 
 
 # Keys whose choices are what their registry holds when asked, so that entries registered from outside count.
-_REGISTERED = {"model.family": _family_names, "model.attention_impl": _attention_names, "data.source": _source_names}
+_REGISTERED = {
+  "model.family": _family_names,
+  "model.attention_impl": _attention_names,
+  "model.moe_dispatch": _moe_dispatch_names,
+  "data.source": _source_names,
+}
 
 
 def allowed(key: str) -> Allowed:
@@ -396,7 +433,7 @@ def allowed(key: str) -> Allowed:
     key: a dotted schema key, e.g. 'model.num_heads'.
 
   Returns:
-    Its `Allowed` values: the registry's names for `model.family`, `model.attention_impl` and `data.source`;
+    Its `Allowed` values: the registry's names for the keys of `_REGISTERED`;
     anything, for a key missing from the tables (a test flags those).
   """
   if key in _REGISTERED:
@@ -432,6 +469,10 @@ WEIGHTS_FREE = {
   "attention_block_size": "runtime",
   "cpu_kernels": "runtime",
   "sow_attention_weights": "runtime",
+  "moe_dispatch": "runtime",
+  "moe_capacity_factor": "runtime",
+  "moe_aux_loss_weight": "runtime",
+  "moe_z_loss_weight": "runtime",
 }
 
 

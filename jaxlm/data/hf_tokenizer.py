@@ -33,6 +33,54 @@ SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token", "mask_token
 _BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
+# jaxlm's byte tokenizer's special ids 0-3 (pad, bos, eos, mask) as Hugging Face tokens.
+BYTE_SPECIAL_TOKENS = {
+  "pad_token": "<|pad|>",
+  "bos_token": "<|bos|>",
+  "eos_token": "<|endoftext|>",
+  "mask_token": "<|mask|>",
+}
+
+
+def _byte_characters() -> list[str]:
+  """GPT-2's printable character for each byte 0-255 (what the `tokenizers` ByteLevel pre-tokenizer maps to)."""
+  printable = [
+    *range(ord("!"), ord("~") + 1),
+    *range(ord("\xa1"), ord("\xac") + 1),
+    *range(ord("\xae"), ord("\xff") + 1),
+  ]
+  shifted = iter(range(256, 512))
+  return [chr(byte) if byte in printable else chr(next(shifted)) for byte in range(256)]
+
+
+def write_byte_level(directory: str | Path, tokenizer) -> None:
+  """jaxlm's byte tokenizer as Hugging Face files (tokenizer.json, tokenizer_config.json, special_tokens_map.json)
+  that `transformers.AutoTokenizer` loads: byte b is id b + 4 and ids 0-3 are `BYTE_SPECIAL_TOKENS`, so
+  Hugging Face encodes and decodes text to and from the ids jaxlm does (no BOS or EOS added).
+
+  Args:
+    directory: the folder to write into (local or gs://).
+    tokenizer: the `jaxlm.data.tokenizer.ByteTokenizer` (its offset and special ids).
+  """
+  from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers  # local: as HuggingFaceTokenizer
+
+  special = dict(
+    zip((tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, tokenizer.mask_id), BYTE_SPECIAL_TOKENS.values())
+  )
+  vocab = {text: i for i, text in special.items()}
+  vocab.update({character: byte + tokenizer.offset for byte, character in enumerate(_byte_characters())})
+  backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))  # no merges: one token per byte
+  backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+  backend.decoder = decoders.ByteLevel()
+  backend.add_special_tokens([AddedToken(text, special=True) for text in special.values()])
+  directory = fs.path(directory)
+  fs.makedirs(directory)
+  (directory / "tokenizer.json").write_text(backend.to_str())
+  config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False, **BYTE_SPECIAL_TOKENS}
+  (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+  (directory / "special_tokens_map.json").write_text(json.dumps(BYTE_SPECIAL_TOKENS, indent=2))
+
+
 class HuggingFaceTokenizerError(ConfigError):
   """A tokenizer folder that cannot be used; the message names the file and the fix (a ConfigError, so the
   CLI prints it as one line)."""

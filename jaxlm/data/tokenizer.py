@@ -68,6 +68,12 @@ class ByteTokenizer:
   def save(self, directory: Path) -> None:
     (fs.path(directory) / "tokenizer.json").write_text(json.dumps({"kind": "byte"}))
 
+  def write_hf_files(self, directory: Path) -> None:
+    """Writes this tokenizer as Hugging Face tokenizer files into `directory` (`jaxlm convert --to-hf`)."""
+    from jaxlm.data import hf_tokenizer  # local: only the export needs the `tokenizers` library
+
+    hf_tokenizer.write_byte_level(directory, self)
+
 
 class SentencePieceTokenizer:
   """A SentencePiece model; ids as the model defines them (pad, bos, eos, unk), [MASK] last."""

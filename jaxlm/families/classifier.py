@@ -18,7 +18,6 @@ import numpy as np
 
 from jaxlm import config as config_lib
 from jaxlm import families
-from jaxlm.data import pipeline as data_lib
 from jaxlm.data import sources
 from jaxlm.families import decoder, encoder
 from jaxlm.models import heads
@@ -66,7 +65,7 @@ def predicted_logits(evaluation) -> Iterator[tuple[dict, np.ndarray]]:
   model = train_step.evaluation_mode(evaluation.run.model)
   apply = jax.jit(lambda params, batch: model.apply({"params": params}, **families.model_inputs(model, batch)))
   apply = train_step.under_mesh(evaluation.batch_sharding.mesh, config_lib.mesh_rules(evaluation.config), apply)
-  for local in data_lib.eval_batches(evaluation.rows, evaluation.config.eval.batch_size, evaluation.max_batches):
+  for local in evaluation.batches():  # with progress lines
     yield local, np.asarray(apply(evaluation.params, sharding.global_batch(local, evaluation.batch_sharding)))
 
 
@@ -99,9 +98,8 @@ def evaluate(evaluation) -> dict:
     f"step {result['step']}: accuracy {result['accuracy']:.3f}, macro P/R/F1 {result['macro_precision']:.3f}/"
     f"{result['macro_recall']:.3f}/{result['macro_f1']:.3f} on {result['examples']} examples; majority "
     f"baseline {result['majority_accuracy']:.3f} (macro F1 {result['majority_macro_f1']:.3f}), naive Bayes "
-    f"{result['naive_bayes_accuracy']:.3f} (macro F1 {result['naive_bayes_macro_f1']:.3f})\n"
-    + result["per_class_table"]
-  )
+    f"{result['naive_bayes_accuracy']:.3f} (macro F1 {result['naive_bayes_macro_f1']:.3f})"
+  )  # `jaxlm eval` prints the per-class table after this line
   return result
 
 

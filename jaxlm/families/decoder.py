@@ -95,12 +95,38 @@ def compression_bits_per_byte(text: bytes) -> dict[str, float]:
   }
 
 
+def scored_text(rows, text: bytes, byte_lengths: np.ndarray, num_rows: int, num_bytes: float) -> bytes:
+  """The validation bytes that the first `num_rows` rows score, for the compression baselines.
+
+  Packed rows (`PackedRows`) hold the split's tokens in order: their span of `text` is the bytes of the tokens
+  they predict (the first token of the split is never a target). Other rows (records, prepared shards): the
+  first `num_bytes` bytes of `text`, as many as the scored tokens stand for.
+
+  Args:
+    rows: the validation rows.
+    text: the split's documents, joined.
+    byte_lengths: UTF-8 bytes per token id (`Tokenizer.byte_lengths`).
+    num_rows: the rows scored (all of them, or max_batches' worth).
+    num_bytes: the bytes of the scored tokens.
+
+  Returns:
+    The bytes gzip and xz compress.
+  """
+  stream = getattr(rows, "stream", None)
+  if stream is None or not hasattr(rows, "seq_len"):
+    return text[: int(num_bytes)]
+  tokens = stream.tokens[: num_rows * rows.seq_len + 1]
+  start = int(byte_lengths[tokens[:1]].sum())
+  return text[start : start + int(byte_lengths[tokens[1:]].sum())]
+
+
 def evaluate(evaluation) -> dict:
-  """Loss, perplexity, accuracy and bits per byte on the validation split, beside gzip -9 and xz -9, and a
-  one-line summary; on (source, target) pairs, loss and BLEU beside the baselines instead
-  (`seq2seq.evaluate`)."""
+  """Loss, perplexity, accuracy and bits per byte on the validation split, beside gzip -9 and xz -9 on the same
+  bytes, and a one-line summary that says how many batches and tokens it scored; on (source, target) pairs,
+  loss and BLEU beside the baselines instead (`seq2seq.evaluate`)."""
   if _on_pairs(evaluation.config):
     return seq2seq.evaluate(evaluation)
+  config = evaluation.config
   byte_lengths = evaluation.tokenizer.byte_lengths()
   num_bytes = [0.0]
 
@@ -110,13 +136,27 @@ def evaluate(evaluation) -> dict:
   totals = evaluation.loss_sums(on_batch=count_bytes)
   all_bytes = float(np.sum(multihost_utils.process_allgather(np.float64(num_bytes[0]))))
   result = {**evaluation.loss_metrics(totals), "bits_per_byte": totals["nll_sum"] / math.log(2) / max(all_bytes, 1.0)}
-  documents = data_lib.load_documents(evaluation.config.data, "validation")
-  for name, bpb in compression_bits_per_byte(b"".join(documents)).items():
+  documents = data_lib.load_documents(config.data, "validation")
+  num_rows = min(len(evaluation.rows), evaluation.num_batches * config.eval.batch_size)
+  text = scored_text(evaluation.rows, b"".join(documents), byte_lengths, num_rows, all_bytes)
+  result["baseline_bytes"] = len(text)
+  evaluation.log(f"eval: compressing the {len(text):,} scored bytes with gzip -9 and xz -9 (the baselines)")
+  for name, bpb in compression_bits_per_byte(text).items():
     result[f"{name}_bits_per_byte"] = bpb
+  batches = result["batches"]
+  # Training's validation scores the first train.eval_batches batches of the same rows, with the same loss.
+  trained = min(config.train.eval_batches, -(-len(evaluation.rows) // config.eval.batch_size))
+  note = (
+    "the batches training's validation scores"
+    if batches == trained
+    else f"training's validation scores the first {trained} (train.eval_batches): --max-batches {trained} gives its loss"
+  )
   result["summary"] = (
-    f"step {result['step']}: validation loss {result['loss']:.4f}, perplexity "
-    f"{result['perplexity']:.3f}, {result['bits_per_byte']:.3f} bits/byte (gzip -9: "
-    f"{result['gzip-9_bits_per_byte']:.3f}, xz -9: {result['xz-9_bits_per_byte']:.3f})"
+    f"step {result['step']}: validation loss {result['loss']:.4f} on {batches} batch{'es' * (batches != 1)}, "
+    f"{result['tokens']:,.0f} "
+    f"tokens ({note}); perplexity {result['perplexity']:.3f}, {result['bits_per_byte']:.3f} bits/byte "
+    f"(gzip -9: {result['gzip-9_bits_per_byte']:.3f}, xz -9: {result['xz-9_bits_per_byte']:.3f} on the same "
+    f"{len(text):,} bytes)"
   )
   return result
 

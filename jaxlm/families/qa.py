@@ -4,11 +4,15 @@ Rows (`jaxlm.tasks.squad`): `BOS question EOS context-window EOS` with token typ
 end) positions and `weights` (1, 1) (B x 2); the head (`jaxlm.models.heads.SpanHead`) gives B x 2 x T logits, so the
 trainer's cross-entropy is BERT's mean of the start and end losses. Evaluation: exact match and F1 with SQuAD
 v1.1's normalization (`jaxlm.tasks.metrics`), best over each example's gold answers, beside the span loss and a
-first-words baseline (the context's first as many words as the average training answer has).
+first-words baseline (the context's first as many words as the average training answer has). `jaxlm eval` also
+writes RUN/predictions.json, {question id: answer text}, which SQuAD's official evaluate-v1.1.py reads.
 """
 
 from __future__ import annotations
 
+import json
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -17,6 +21,7 @@ from jaxlm.data import sources
 from jaxlm.families import classifier, decoder, encoder
 from jaxlm.models import heads
 from jaxlm.models import transformer as model_lib
+from jaxlm.storage import fs
 from jaxlm.tasks import metrics as task_metrics
 from jaxlm.tasks import squad
 
@@ -53,6 +58,10 @@ def evaluate(evaluation) -> dict:
     scores = task_metrics.squad_scores(guesses, golds) if golds else {"exact_match": 0.0, "f1": 0.0, "examples": 0}
     result[f"{name}exact_match"], result[f"{name}f1"] = 100 * scores["exact_match"], 100 * scores["f1"]
   result["examples"] = len(golds)
+  if evaluation.workdir is not None and jax.process_index() == 0:  # for SQuAD's official evaluate-v1.1.py
+    path = fs.join(evaluation.workdir, "predictions.json")
+    fs.write_text(path, json.dumps(squad.predictions_json(rows.examples, predictions), indent=2, ensure_ascii=False))
+    result["predictions"] = str(path)
   result["summary"] = (
     f"step {result['step']}: exact match {result['exact_match']:.2f}, F1 {result['f1']:.2f} "
     f"on {len(golds)} questions (first {length} context words: EM "

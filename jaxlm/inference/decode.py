@@ -116,6 +116,42 @@ class Adapter:
     rows = dict(rows, kv_segment_ids_BxS=kv_segment_BxS, positions_B=rows["positions_B"] + 1)
     return logits_Bx1xV[:, 0], constrain({"cache": cache, "rows": rows, "slot": slot + 1})
 
+  def ring_step(self, params, state, tokens_B):
+    """`step` for rows that joined at different times (`jaxlm.inference.batching`), the cache a ring.
+
+    Every row writes at the shared index `state['slot']`, which wraps at the cache length, from its own
+    position; a row's earlier tokens may lie on either side of that index, so the causal order is the
+    filled slots of the row (`kv_segment_ids_BxS`) alone: each query is placed at the last slot. Positions
+    stop at `model.max_len - 1`, so an idle row (its request done) can step on harmlessly.
+
+    Args:
+      params: the model's parameters.
+      state: as `step`'s.
+      tokens_B: one token per row.
+
+    Returns:
+      (logits B x V, the state with the token written and the index advanced).
+    """
+    rows, slot = state["rows"], state["slot"]
+    cache_len = rows["kv_segment_ids_BxS"].shape[1]
+    set_index = lambda path, x: jnp.full_like(x, slot) if getattr(path[-1], "key", "") == "cache_index" else x
+    cache = jax.tree_util.tree_map_with_path(set_index, state["cache"])
+    kv_segment_BxS = rows["kv_segment_ids_BxS"].at[:, slot].set(1)
+    ones_Bx1 = jnp.ones_like(tokens_B)[:, None]
+    logits_Bx1xV, cache = self._apply(
+      params,
+      cache,
+      rows,
+      tokens_B[:, None],
+      ones_Bx1,
+      rows["positions_B"][:, None],
+      ones_Bx1 * (cache_len - 1),
+      kv_segment_BxS,
+    )
+    positions_B = jnp.minimum(rows["positions_B"] + 1, self.cfg.max_len - 1)
+    rows = dict(rows, kv_segment_ids_BxS=kv_segment_BxS, positions_B=positions_B)
+    return logits_Bx1xV[:, 0], constrain({"cache": cache, "rows": rows, "slot": (slot + 1) % cache_len})
+
   def _zero_cache(self, params, rows, batch: int, cache_len: int):
     shapes = self._cache_shapes(params, rows, batch, cache_len)
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
@@ -137,7 +173,10 @@ def map_rows(fn, state):
 
   def cache_leaf(path, x):
     name = getattr(path[-1], "key", "")
-    # cached_key/value are B x S x K x H, with a leading layer axis under scan_layers.
+    # cached_key/value are B x S x K x H, with a leading layer axis under scan_layers; so is cached_position
+    # (ALiBi's key positions), B x S.
+    if name == "cached_position":
+      return fn(x, x.ndim - 2)
     return fn(x, x.ndim - 4) if name in ("cached_key", "cached_value") else x
 
   return {
@@ -160,7 +199,7 @@ def state_logical_axes(state):
   def axes(x, batch_axis):
     if x.ndim >= 4 and batch_axis == x.ndim - 4:
       return PartitionSpec(*(("layers",) * batch_axis + CACHE_AXES))
-    return PartitionSpec(*(["batch"] + [None] * (x.ndim - 1)))
+    return PartitionSpec(*([None] * batch_axis + ["batch"] + [None] * (x.ndim - 1 - batch_axis)))
 
   is_spec = lambda x: isinstance(x, PartitionSpec)
   return jax.tree.map(lambda x: x if is_spec(x) else PartitionSpec(), map_rows(axes, state), is_leaf=is_spec)

@@ -1,9 +1,17 @@
 """The OpenAI protocol of `jaxlm serve`: requests, answers and server-sent events of both endpoints.
 
-    POST /v1/completions {prompt, max_tokens=16, temperature=0, top_p=1, top_k=0, stop=null|str|[str],
-                          seed=0, stream=false, n=1, logprobs=null|0..5, echo=false, user, model}
-    POST /v1/chat/completions {messages: [{role, content}, ...], and the same fields but prompt, echo
-                               and logprobs}
+    POST /v1/completions {prompt: str|[str]|[ids]|[[ids]], max_tokens|max_completion_tokens=16, temperature=0,
+                          top_p=1, top_k=0, presence_penalty=0, frequency_penalty=0, logit_bias={id: -100..100},
+                          stop=null|str|[str], seed=0, stream=false, stream_options={include_usage}, n=1,
+                          best_of=n, logprobs=null|0..5, echo=false, suffix="", response_format={type: text},
+                          user, model}
+    POST /v1/chat/completions {messages: [{role, content}, ...], logprobs=false, top_logprobs=0..20, and the
+                               same fields but prompt, echo, best_of and suffix}
+
+Field semantics follow vLLM's OpenAI server: null is the default, penalties count the generated tokens,
+`max_completion_tokens` wins over `max_tokens`, a list prompt gives each prompt `n` choices indexed
+prompt-major (choice i*n + j), token-id prompts are taken as they are (no EOS prefix). What jaxlm cannot do
+is a 400 naming the field: `best_of` other than `n`, a non-empty `suffix`, a JSON `response_format`.
 
 A chat conversation is rendered with the run's template (`jaxlm.data.chat_template`:
 the Hugging Face tokenizer's, else the default) and the assistant's cue, and then
@@ -31,28 +39,39 @@ from jaxlm.data import chat_template as chat_template_lib
 from jaxlm.inference import logprobs as scoring
 
 MAX_CHOICES = 16  # the most completions `n` may ask for
+CHAT_TOP_LOGPROBS = 20  # the most alternatives chat's `top_logprobs` may ask for, as in the OpenAI API
 
 _NUMBER = (int, float)
 COMPLETION_FIELDS = {
-  "prompt": (str,),
+  "prompt": (str, list),
   "max_tokens": (int,),
+  "max_completion_tokens": (int,),
   "temperature": _NUMBER,
   "top_p": _NUMBER,
   "top_k": (int,),
-  "stop": (str, list, type(None)),
+  "presence_penalty": _NUMBER,
+  "frequency_penalty": _NUMBER,
+  "logit_bias": (dict,),
+  "stop": (str, list),
   "seed": (int,),
   "stream": (bool,),
+  "stream_options": (dict,),
   "n": (int,),
-  "logprobs": (int, type(None)),
+  "best_of": (int,),
+  "logprobs": (int,),
   "echo": (bool,),
+  "suffix": (str,),
+  "response_format": (dict,),
   "user": (str,),
   "model": (str,),
 }
-"""Each field of a completion request and the JSON types it takes."""
-_BOOLEANS = {"stream", "echo"}
-NOT_FOR_CHAT = ("prompt", "echo", "logprobs")  # completion fields with no chat meaning here
-CHAT_FIELDS = sorted({"messages", *COMPLETION_FIELDS} - set(NOT_FOR_CHAT))
-"""The fields a chat request may have."""
+"""Each field of a completion request and the JSON types it takes (null: as if the field were absent)."""
+NOT_FOR_CHAT = ("prompt", "echo", "logprobs", "suffix", "best_of")  # completion fields with no chat meaning here
+CHAT_ONLY = {"messages": (list,), "logprobs": (bool,), "top_logprobs": (int,)}
+"""The fields of a chat request besides the completion fields it shares (chat's `logprobs` is a switch)."""
+MAX_ROWS = 64  # the most completions one request may ask for: prompts times `n`
+PENALTY_BOUND = 2.0  # presence_penalty and frequency_penalty lie in [-2, 2], as in the OpenAI API
+BIAS_BOUND = 100.0  # logit_bias values lie in [-100, 100]
 
 
 class RequestError(ValueError):
@@ -87,25 +106,8 @@ def _check_text(field: str, text: str) -> None:
     ) from None
 
 
-def parse_completion_request(
-  body: bytes, tokenizer, max_len: int, prefix: list[int], vocab_size: int, model_name: str = ""
-) -> dict:
-  """The validated fields of a completion request (with defaults) and the prompt's ids.
-
-  Args:
-    body: the request body.
-    tokenizer: encodes the prompt.
-    max_len: the model's context, which the prompt and `max_tokens` must fit.
-    prefix: ids that start every prompt.
-    vocab_size: the bound of `top_k`.
-    model_name: when given, the only `model` accepted.
-
-  Returns:
-    Every field (defaults filled in), `stop` as a list, and `ids`: `prefix` + the encoded prompt.
-
-  Raises:
-    RequestError: naming the bad field.
-  """
+def _load(body: bytes) -> dict:
+  """The request's JSON object, its null fields dropped (null means the default, as in the OpenAI API)."""
   try:
     request = json.loads(body, parse_constant=_reject_constant)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -114,20 +116,111 @@ def parse_completion_request(
     raise RequestError("body", "the request body nests too deeply; send a flat JSON object") from None
   if not isinstance(request, dict):
     raise RequestError("body", "the request body must be a JSON object")
+  return {key: value for key, value in request.items() if value is not None}
+
+
+def _check_types(request: dict, fields: dict) -> None:
   for key, value in request.items():
-    if key not in COMPLETION_FIELDS:
-      raise RequestError(key, f"unknown field '{key}'; allowed: {', '.join(sorted(COMPLETION_FIELDS))}")
+    if key not in fields:
+      raise RequestError(key, f"unknown field '{key}'; allowed: {', '.join(sorted(fields))}")
     # bool is an int in Python; only the boolean fields may be one.
-    if not isinstance(value, COMPLETION_FIELDS[key]) or (
-      isinstance(value, bool) != (key in _BOOLEANS) and value is not None
-    ):
+    if not isinstance(value, fields[key]) or isinstance(value, bool) != (fields[key] == (bool,)):
       raise RequestError(key, f"field '{key}' has the wrong type ({type(value).__name__})")
+
+
+def _prompts(prompt, tokenizer, prefix: list[int], vocab_size: int) -> list[dict]:
+  """The prompts of `prompt` (a string, a list of strings, a list of token ids or a list of such lists), each
+  {'ids', 'text', 'prompt_start'}: text is encoded after `prefix`; token ids are taken as they are."""
+  usage = "a non-empty string, a list of them, a list of token ids or a list of lists of token ids"
+  if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt)):
+    prompt = [prompt]
+  if not isinstance(prompt, list) or not prompt:
+    raise RequestError("prompt", f"field 'prompt' is required and must be {usage}")
+  out = []
+  for p in prompt:
+    if isinstance(p, str) and p:
+      _check_text("prompt", p)
+      ids = [int(i) for i in tokenizer.encode(p)]
+      out.append({"ids": prefix + ids, "text": p, "prompt_start": len(prefix)})
+    elif isinstance(p, list) and p and all(isinstance(i, int) and not isinstance(i, bool) for i in p):
+      if not all(0 <= i < vocab_size for i in p):
+        raise RequestError("prompt", f"field 'prompt' has a token id outside [0, {vocab_size}) (the vocabulary)")
+      out.append({"ids": list(p), "text": tokenizer.decode(p), "prompt_start": 0})
+    else:
+      raise RequestError("prompt", f"field 'prompt' must be {usage}")
+  return out
+
+
+def _logit_bias(bias: dict, vocab_size: int) -> dict[int, float]:
+  out = {}
+  for key, value in bias.items():
+    if not (key.isdigit() and int(key) < vocab_size):
+      raise RequestError("logit_bias", f"field 'logit_bias' has key '{key}'; keys are token ids in [0, {vocab_size})")
+    if isinstance(value, bool) or not isinstance(value, _NUMBER) or not -BIAS_BOUND <= value <= BIAS_BOUND:
+      raise RequestError(
+        "logit_bias", f"field 'logit_bias' maps '{key}' to {value!r}; values are numbers in [-100, 100]"
+      )
+    out[int(key)] = float(value)
+  return out
+
+
+def _refuse_unsupported(r: dict) -> None:
+  """400 naming the field for what jaxlm cannot do; neutral values pass."""
+  if "best_of" in r and r["best_of"] != r["n"]:
+    raise RequestError(
+      "best_of",
+      f"field 'best_of' ({r['best_of']}) must equal n ({r['n']}): jaxlm returns every completion it decodes, "
+      "it does not rank extra ones; leave best_of out",
+    )
+  if r.get("suffix"):
+    raise RequestError("suffix", "field 'suffix' is not supported (no fill-in-the-middle); send an empty one or none")
+  response_format = r.get("response_format", {"type": "text"})
+  if response_format.get("type") != "text" or set(response_format) != {"type"}:
+    raise RequestError(
+      "response_format",
+      f"field 'response_format' {json.dumps(response_format)[:100]} is not supported: jaxlm does not constrain "
+      'decoding to JSON; send {"type": "text"} or none',
+    )
+  options = r.get("stream_options")
+  if options is not None:
+    if not r["stream"]:
+      raise RequestError("stream_options", "field 'stream_options' is only for 'stream': true")
+    if set(options) - {"include_usage"} or not isinstance(options.get("include_usage", False), bool):
+      raise RequestError("stream_options", "field 'stream_options' takes {\"include_usage\": true|false} only")
+
+
+def parse_completion_request(
+  body: bytes, tokenizer, max_len: int, prefix: list[int], vocab_size: int, model_name: str = ""
+) -> dict:
+  """The validated fields of a completion request (with defaults) and the prompts' ids.
+
+  Args:
+    body: the request body.
+    tokenizer: encodes the prompt.
+    max_len: the model's context, which each prompt and `max_tokens` must fit.
+    prefix: ids that start every text prompt.
+    vocab_size: the bound of `top_k`, token ids and `logit_bias` keys.
+    model_name: when given, the only `model` accepted.
+
+  Returns:
+    Every field (defaults filled in), `stop` as a list, `max_tokens` (or `max_completion_tokens`),
+    `logit_bias` as {id: bias}, `include_usage`, and `prompts`: one {'ids', 'text', 'prompt_start'} per prompt
+    (`ids` starts with `prefix` for a text prompt).
+
+  Raises:
+    RequestError: naming the bad field.
+  """
+  request = _load(body)
+  _check_types(request, COMPLETION_FIELDS)
   r = {
     "max_tokens": 16,
     "temperature": 0.0,
     "top_p": 1.0,
     "top_k": 0,
-    "stop": None,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "logit_bias": {},
+    "stop": [],
     "seed": 0,
     "stream": False,
     "n": 1,
@@ -135,15 +228,17 @@ def parse_completion_request(
     "echo": False,
     **request,
   }
+  if "max_completion_tokens" in r:  # the newer name wins, as in vLLM
+    r["max_tokens"] = r["max_completion_tokens"]
+  max_field = "max_completion_tokens" if "max_completion_tokens" in r else "max_tokens"
   if model_name and "model" in request and request["model"] != model_name:
     raise RequestError(
       "model",
       f"model '{request['model']}' is not served here; this server serves '{model_name}' (GET /v1/models)",
       status=404,
     )
-  if "prompt" not in r or not r["prompt"]:
-    raise RequestError("prompt", "field 'prompt' is required and must be a non-empty string")
-  for key in ("temperature", "top_p"):
+  prompts = _prompts(r.get("prompt"), tokenizer, prefix, vocab_size)
+  for key in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
     if not math.isfinite(r[key]):
       raise RequestError(key, f"field '{key}' must be a finite number")
   if r["temperature"] < 0:
@@ -152,27 +247,36 @@ def parse_completion_request(
     raise RequestError("top_p", "field 'top_p' must be in (0, 1]")
   if not 0 <= r["top_k"] <= vocab_size:
     raise RequestError("top_k", f"field 'top_k' must be in [0, {vocab_size}] (the vocabulary; 0 turns it off)")
+  for key in ("presence_penalty", "frequency_penalty"):
+    if not -PENALTY_BOUND <= r[key] <= PENALTY_BOUND:
+      raise RequestError(key, f"field '{key}' must be in [-2, 2]")
   if not 0 <= r["seed"] < 2**32:
     raise RequestError("seed", "field 'seed' must be in [0, 2^32)")
   if not 1 <= r["n"] <= MAX_CHOICES:
     raise RequestError("n", f"field 'n' must be in [1, {MAX_CHOICES}]")
+  if len(prompts) * r["n"] > MAX_ROWS:
+    raise RequestError("prompt", f"{len(prompts)} prompts times n={r['n']} is over {MAX_ROWS} completions")
   if r["logprobs"] is not None and not 0 <= r["logprobs"] <= scoring.TOP_LOGPROBS:
     raise RequestError("logprobs", f"field 'logprobs' must be null or in [0, {scoring.TOP_LOGPROBS}]")
-  stop = [r["stop"]] if isinstance(r["stop"], str) else (r["stop"] or [])
+  _refuse_unsupported(r)
+  stop = [r["stop"]] if isinstance(r["stop"], str) else r["stop"]
   if not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
     raise RequestError("stop", "field 'stop' must be a non-empty string or a list of at most 4 of them")
-  _check_text("prompt", r["prompt"])
   for s in stop:
     _check_text("stop", s)
-  ids = prefix + [int(i) for i in tokenizer.encode(r["prompt"])]
-  if len(ids) >= max_len:
-    raise RequestError("prompt", f"the prompt has {len(ids)} tokens; the model's context is {max_len}")
-  if not 1 <= r["max_tokens"] <= max_len - len(ids):
-    raise RequestError(
-      "max_tokens",
-      f"field 'max_tokens' must be in [1, {max_len - len(ids)}] for this prompt ({len(ids)} tokens, context {max_len})",
-    )
-  return {**r, "stop": stop, "ids": ids}
+  for prompt in prompts:
+    ids = prompt["ids"]
+    if len(ids) >= max_len:
+      raise RequestError("prompt", f"the prompt has {len(ids)} tokens; the model's context is {max_len}")
+    if not 1 <= r["max_tokens"] <= max_len - len(ids):
+      raise RequestError(
+        max_field,
+        f"field '{max_field}' must be in [1, {max_len - len(ids)}] for this prompt ({len(ids)} tokens, "
+        f"context {max_len})",
+      )
+  include_usage = r.get("stream_options", {}).get("include_usage", False)
+  logit_bias = _logit_bias(r["logit_bias"], vocab_size)
+  return {**r, "stop": stop, "prompts": prompts, "logit_bias": logit_bias, "include_usage": include_usage}
 
 
 def parse_chat_request(
@@ -193,31 +297,31 @@ def parse_chat_request(
 
   Returns:
     `parse_completion_request`'s fields for the rendered conversation, the template's stop strings added
-    to `stop`, and 'messages'.
+    to `stop`, 'messages', and `logprobs` the number of alternatives per token (`top_logprobs`, None when
+    `logprobs` is not true).
 
   Raises:
     RequestError: naming the bad field; problems with the rendered prompt (too long, bad text) name 'messages'.
   """
-  try:
-    request = json.loads(body, parse_constant=_reject_constant)
-  except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-    return parse_completion_request(body, tokenizer, max_len, prefix, vocab_size, model_name)  # its JSON errors
-  if not isinstance(request, dict):
-    raise RequestError("body", "the request body must be a JSON object")
-  for key in request:
-    if key not in CHAT_FIELDS:
-      raise RequestError(key, f"unknown field '{key}'; allowed: {', '.join(CHAT_FIELDS)}")
+  request = _load(body)
+  fields = {**{k: v for k, v in COMPLETION_FIELDS.items() if k not in NOT_FOR_CHAT}, **CHAT_ONLY}
+  _check_types(request, fields)
   if "messages" not in request:
     raise RequestError("messages", "field 'messages' is required: a list of {role, content} objects")
+  top = request.get("top_logprobs", 0)
+  if not 0 <= top <= CHAT_TOP_LOGPROBS:
+    raise RequestError("top_logprobs", f"field 'top_logprobs' must be in [0, {CHAT_TOP_LOGPROBS}]")
+  if top and not request.get("logprobs"):
+    raise RequestError("top_logprobs", "field 'top_logprobs' needs 'logprobs': true")
   try:
     messages = chat_template_lib.check_messages(request["messages"], "field 'messages'")
     prompt = template.render(messages, add_generation_prompt=True)
   except ValueError as e:  # check_messages and ChatTemplateError
     raise RequestError("messages", str(e)) from None
-  fields = {key: value for key, value in request.items() if key != "messages"}
+  shared = {key: value for key, value in request.items() if key not in CHAT_ONLY}
   try:
     r = parse_completion_request(
-      json.dumps({**fields, "prompt": prompt}).encode(), tokenizer, max_len, prefix, vocab_size, model_name
+      json.dumps({**shared, "prompt": prompt}).encode(), tokenizer, max_len, prefix, vocab_size, model_name
     )
   except RequestError as e:
     if e.param != "prompt":
@@ -225,7 +329,53 @@ def parse_chat_request(
     raise RequestError(
       "messages", f"the conversation, rendered with the chat template: {str(e).replace('field ', '')}", e.status
     ) from None
-  return {**r, "messages": messages, "stop": template.stop_strings(r["stop"])}
+  logprobs = top if request.get("logprobs") else None
+  return {**r, "messages": messages, "stop": template.stop_strings(r["stop"]), "logprobs": logprobs}
+
+
+def token_bytes(tokenizer, token: int) -> list[int]:
+  """A token's UTF-8 bytes, for chat logprobs: a byte tokenizer's lone byte as itself, a special id's name.
+
+  Args:
+    tokenizer: the run's tokenizer.
+    token: the id.
+
+  Returns:
+    The bytes as a list of ints.
+  """
+  offset = getattr(tokenizer, "offset", None)  # the byte tokenizer: one id per byte
+  text = scoring.token_text(tokenizer, token)
+  if offset is not None and text.startswith("bytes:"):
+    return [token - offset]
+  return list(text.encode("utf-8"))
+
+
+def chat_logprobs(tokenizer, ids: list[int], scores: list[tuple], top: int) -> dict:
+  """OpenAI's chat logprobs object {'content': [{token, logprob, bytes, top_logprobs}, ...]} for `ids`.
+
+  Args:
+    tokenizer: the run's tokenizer.
+    ids: the tokens.
+    scores: (logprob, top ids, top logprobs) per token.
+    top: alternatives per token.
+
+  Returns:
+    The object (its 'content' lists of several chunks concatenate: `scoring.merge_logprobs`).
+  """
+
+  def entry(token, logprob) -> dict:
+    return {
+      "token": scoring.token_text(tokenizer, token),
+      "logprob": float(logprob),
+      "bytes": token_bytes(tokenizer, token),
+    }
+
+  return {
+    "content": [
+      {**entry(token, logprob), "top_logprobs": [entry(int(i), lp) for i, lp in zip(top_ids[:top], top_logprobs[:top])]}
+      for token, (logprob, top_ids, top_logprobs) in zip(ids, scores)
+    ]
+  }
 
 
 # --- Answers ----------------------------------------------------------------------------------------
@@ -330,8 +480,9 @@ class ChatEndpoint(Endpoint):
     return {**head, "object": "chat.completion.chunk" if chunk else "chat.completion"}
 
   def choice(self, index: int, text: str, logprobs: dict | None, finish_reason: str) -> dict:
-    """See `Endpoint.choice`; a chat choice carries no logprobs."""
-    return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
+    """See `Endpoint.choice`; `logprobs` in the chat shape (`chat_logprobs`)."""
+    message = {"role": "assistant", "content": text}
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
 
   def opening(self, index: int) -> list[dict]:
     """See `Endpoint.opening`: the assistant's role."""
@@ -340,8 +491,9 @@ class ChatEndpoint(Endpoint):
   def chunks(self, index: int, event: dict) -> list[dict]:
     """See `Endpoint.chunks`: a content delta (when there is new text), then the finish reason in its own."""
     out = []
-    if event["text"]:
-      out.append({"index": index, "delta": {"content": event["text"]}, "finish_reason": None})
+    if event["text"] or event.get("logprobs"):
+      delta = {"index": index, "delta": {"content": event["text"]}, "finish_reason": None}
+      out.append({**delta, "logprobs": event["logprobs"]} if event.get("logprobs") else delta)
     if "finish_reason" in event:
       out.append({"index": index, "delta": {}, "finish_reason": event["finish_reason"]})
     return out
@@ -413,13 +565,20 @@ async def collect(endpoint: Endpoint, head: dict, events: asyncio.Queue, count: 
 
 
 async def stream(
-  request: web.Request, endpoint: Endpoint, head: dict, events: asyncio.Queue, count: int, info: dict
+  request: web.Request,
+  endpoint: Endpoint,
+  head: dict,
+  events: asyncio.Queue,
+  count: int,
+  info: dict,
+  include_usage: bool = False,
 ) -> web.StreamResponse:
   """Server-sent events: each choice's text that is final when the client is ready for more, then [DONE].
 
   Args:
     request: the request answered.
     endpoint, head, events, count, info: as `collect`.
+    include_usage: a last event before [DONE] with no choices and the usage (`stream_options`).
 
   Returns:
     The streamed response (info['status'] is 'client-disconnected' when the client went away).
@@ -451,6 +610,8 @@ async def stream(
         if "finish_reason" in event:
           finished += 1
           info["new_tokens"] += event["completion_tokens"]
+    if include_usage:
+      await response.write(sse_event({**endpoint.envelope(head, chunk=True), "choices": [], "usage": _usage(info)}))
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
   except ConnectionError:  # the client went away: one log line (the middleware's), no traceback

@@ -3,14 +3,15 @@
 Why aiohttp: one well-kept package gives both the asyncio server (with
 server-sent-event streaming via `StreamResponse`) and the client the tests
 use, with no ASGI layer between them. The decode loop is blocking JAX work,
-so it runs in one worker thread: requests that arrive while a batch decodes
-wait in a queue, and the worker takes up to `max_batch` of them as its next
-batch. The batch is padded to `max_batch` rows and the cache is always
-`model.max_len` long, so the decode step compiles once for the server's life.
+so it runs in one worker thread (`jaxlm.inference.batching.Engine`): the
+decode batch has `max_batch` slots, and a request that arrives while it
+decodes joins at the next step as soon as a slot is free (continuous
+batching; `batching_policy='static'` waits for the whole batch to finish).
+The decode step compiles once for the server's life.
 
 API (the OpenAI completions API, legacy form, and its chat form; `jaxlm.inference.openai`):
   POST /v1/completions, POST /v1/chat/completions, GET /health, GET /v1/models
-`n` decodes n rows (seeds seed, seed+1, ...); `logprobs` returns each token's
+`n` decodes n rows (seeds seed, seed+1, ...) of each prompt; `logprobs` returns each token's
 log-probability under the model (before temperature and filtering) and the
 top-k alternatives; `echo` puts the prompt in front of the completion (with
 its tokens' log-probabilities, a decoder-only model scoring its first token
@@ -32,20 +33,16 @@ error.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
-import queue
 import threading
 import time
 import uuid
 
-import jax
 from aiohttp import web, web_protocol, web_server
 
 from jaxlm.data import chat_template
 from jaxlm.errors import ConfigError
-from jaxlm.inference import decode, openai
-from jaxlm.inference import logprobs as scoring
+from jaxlm.inference import batching, decode, openai
 from jaxlm.inference import text as text_lib
 from jaxlm.models import quantize
 from jaxlm.storage import fs
@@ -58,147 +55,6 @@ BODY_TIMEOUT_S = 30.0  # a request's body (at most MAX_BODY_BYTES) must arrive w
 ENGINE = web.AppKey("engine", object)
 BODY_TIMEOUT = web.AppKey("body_timeout", float)
 REQUEST_INFO = web.RequestKey("info", dict)
-
-
-# --- The decode worker ------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Job:
-  """One completion (one of a request's `n` choices), filled by the decode thread."""
-
-  index: int
-  ids: list[int]
-  max_tokens: int
-  sampling: dict
-  output: text_lib.TextStream  # the completion's tokens and the text already sent
-  events: asyncio.Queue  # shared by the request's choices: (index, event) pairs
-  loop: asyncio.AbstractEventLoop
-  logprobs: int | None = None
-  echo_text: str | None = None  # the prompt, when `echo`
-  prompt_start: int = 0  # ids[prompt_start:] are the prompt's own tokens (after the prefix)
-  text_base: int = 0  # characters before the completion: completion text offsets start here
-  scores: list[tuple] = dataclasses.field(default_factory=list)  # (logprob, top ids, top logprobs) per token
-  scored_sent: int = 0  # tokens whose log-probabilities were already sent
-  done: bool = False
-  cancelled: bool = False  # the client went away: decode no further
-
-  def put(self, event: dict) -> None:
-    self.loop.call_soon_threadsafe(self.events.put_nowait, (self.index, event))
-
-
-class Engine:
-  """The decode worker: groups queued jobs into batches and streams their text back."""
-
-  def __init__(self, generator: scoring.ScoringGenerator, tokenizer, max_batch: int = 8, stop_ids=()):
-    self.generator, self.tokenizer, self.max_batch = generator, tokenizer, max_batch
-    self.stop_ids = list(stop_ids)
-    self.jobs: queue.Queue[Job] = queue.Queue()
-    self.batches = 0
-    threading.Thread(target=self._work, daemon=True, name="jaxlm-decode").start()
-
-  def _work(self) -> None:
-    while True:
-      batch = [self.jobs.get()]
-      time.sleep(0.002)  # let requests that arrive together share the batch
-      while len(batch) < self.max_batch:
-        try:
-          batch.append(self.jobs.get_nowait())
-        except queue.Empty:
-          break
-      batch = [job for job in batch if not job.cancelled]
-      if not batch:
-        continue
-      try:
-        self._run(batch)
-      except Exception as e:  # a failed batch answers its requests; the server keeps serving
-        LOG.exception("decoding failed")
-        for job in batch:
-          if not job.done:
-            job.put({"error": f"decoding failed: {type(e).__name__}: {e}"})
-      self.batches += 1
-
-  def _run(self, batch: list[Job]) -> None:
-    fields = lambda key: [job.sampling[key] for job in batch]
-    sampling = decode.Sampling(fields("temperature"), fields("top_k"), fields("top_p"), fields("seed"))
-    stream = self.generator.stream(
-      [job.ids for job in batch], [job.max_tokens for job in batch], sampling, self.stop_ids, batch_size=self.max_batch
-    )
-    scoring = any(job.logprobs is not None for job in batch)
-    self.generator.score_prompt_now = any(job.logprobs is not None and job.echo_text is not None for job in batch)
-    for t, out in enumerate(stream):
-      scores = jax.device_get(self.generator.scores) if scoring else {}
-      for i, job in enumerate(batch):
-        if job.done:
-          continue
-        if t == 0 and job.echo_text is not None:
-          job.put({"text": job.echo_text, "logprobs": self._prompt_logprobs(job, i, scores)})
-        if job.cancelled:
-          job.done = True
-          continue
-        if out.emit_B[i] and scoring:
-          job.scores.append((scores["logprob_B"][i], scores["top_ids_BxK"][i], scores["top_logprobs_BxK"][i]))
-        reason = "stop" if out.stopped_B[i] else ("length" if out.finished_B[i] else None)
-        self._emit(job, int(out.tokens_B[i]) if out.emit_B[i] else None, reason)
-      if all(job.done for job in batch):
-        stream.close()
-        return
-
-  def _logprobs(self, job: Job, ids, scores, offsets) -> dict | None:
-    if job.logprobs is None:
-      return None
-    return scoring.logprobs_object(self.tokenizer, ids, scores, offsets, job.logprobs)
-
-  def _prompt_logprobs(self, job: Job, row: int, scores: dict) -> dict | None:
-    if job.logprobs is None:
-      return None
-    ids = job.ids[job.prompt_start :]
-    # Position j of prompt_* scores token j + 1 of the row (the first token has no context).
-    positions = range(job.prompt_start - 1, len(job.ids) - 1)
-    if "prompt_logprob_BxP" in scores:
-      rows = [
-        (
-          scores["prompt_logprob_BxP"][row, j],
-          scores["prompt_top_ids_BxPxK"][row, j],
-          scores["prompt_top_logprobs_BxPxK"][row, j],
-        )
-        if j >= 0
-        else (None, None, None)
-        for j in positions
-      ]
-    else:  # the prompt was a source for an encoder: it has no log-probabilities of its own
-      rows = [(None, None, None)] * len(ids)
-    return self._logprobs(job, ids, rows, scoring.char_offsets(self.tokenizer, ids, 0, len(ids)))
-
-  def _emit(self, job: Job, token: int | None, reason: str | None) -> None:
-    """Adds `token` (None: none) and sends the completion text that is final (`jaxlm.inference.text`)."""
-    output = job.output
-    piece = output.push(token, last=reason is not None)
-    if output.stopped:
-      reason = "stop"
-    if reason is None:
-      if piece:
-        job.put({"text": piece, "logprobs": self._completion_logprobs(job, output.sent)})
-      return
-    job.done = True
-    logprobs = self._completion_logprobs(job, output.sent if output.stopped else None)
-    job.put({"text": piece, "logprobs": logprobs, "finish_reason": reason, "completion_tokens": len(output.tokens)})
-
-  def _completion_logprobs(self, job: Job, ready: int | None) -> dict | None:
-    """Log-probabilities of the tokens not yet sent that begin before character `ready` of the completion
-    (None: all of them)."""
-    if job.logprobs is None:
-      return None
-    tokens = job.output.tokens
-    offsets = scoring.char_offsets(self.tokenizer, tokens, job.scored_sent, len(tokens))
-    count = len(offsets) if ready is None else sum(1 for o in offsets if o < ready)
-    start, job.scored_sent = job.scored_sent, job.scored_sent + count
-    return self._logprobs(
-      job,
-      tokens[start : job.scored_sent],
-      job.scores[start : job.scored_sent],
-      [job.text_base + o for o in offsets[:count]],
-    )
 
 
 # --- HTTP -------------------------------------------------------------------------------------------
@@ -325,38 +181,39 @@ def _check_timeouts(header_timeout: float, body_timeout: float) -> None:
 
 
 def make_app(
-  generator: scoring.ScoringGenerator,
+  decoder: batching.SlotDecoder,
   tokenizer,
   model_name: str,
-  max_batch: int = 8,
   prefix: list[int] = (),
   stop_ids=(),
   header_timeout: float = HEADER_TIMEOUT_S,
   body_timeout: float = BODY_TIMEOUT_S,
+  batching_policy: str = "continuous",
 ) -> web.Application:
-  """The aiohttp application serving `generator` as `model_name`.
+  """The aiohttp application serving `decoder` as `model_name`.
 
   Args:
-    generator: decodes the batches and scores their tokens.
+    decoder: decodes the requests in its slots and scores their tokens (`batching.SlotDecoder`).
     tokenizer: the run's tokenizer (its chat template renders chat requests).
     model_name: the name the API serves.
-    max_batch: the most rows decoded together.
-    prefix: ids that start every prompt.
+    prefix: ids that start every text prompt.
     stop_ids: ids that end a completion.
     header_timeout: seconds a connection has to send a request's headers (from its opening or its last answer).
     body_timeout: seconds a request has to send its body.
+    batching_policy: 'continuous' (requests join the decode batch between steps) or 'static' (a batch
+      decodes to its end before the next starts), see `jaxlm.inference.batching`.
 
   Returns:
     The application, its decode worker in `app[ENGINE]`.
   """
   _check_timeouts(header_timeout, body_timeout)
-  engine = Engine(generator, tokenizer, max_batch, stop_ids)
-  max_len = generator.cfg.max_len
-  vocab_size = generator.cfg.vocab_size
+  engine = batching.Engine(decoder, tokenizer, stop_ids, batching_policy)
+  max_len = decoder.cfg.max_len
+  vocab_size = decoder.cfg.vocab_size
   template = chat_template.for_tokenizer(tokenizer)
 
   async def health(_):
-    return web.json_response({"status": "ok", "batches": engine.batches})
+    return web.json_response({"status": "ok", "steps": engine.steps, "requests": engine.admitted})
 
   async def models(_):
     return web.json_response(
@@ -375,22 +232,26 @@ def make_app(
           status=415,
         )
       r = parse(await _read_body(request, info))
-      info["prompt_tokens"] = len(r["ids"])
+      info["prompt_tokens"] = sum(len(prompt["ids"]) for prompt in r["prompts"])
       events, loop = asyncio.Queue(), asyncio.get_running_loop()
+      keys = ("temperature", "top_k", "top_p", "presence_penalty", "frequency_penalty", "logit_bias")
+      # OpenAI's order: the n choices of prompt 0, then of prompt 1...; choice i of a prompt samples with seed + i.
       jobs = [
-        Job(
-          i,
-          r["ids"],
+        batching.Job(
+          p * r["n"] + i,
+          prompt["ids"],
           r["max_tokens"],
-          {"temperature": r["temperature"], "top_k": r["top_k"], "top_p": r["top_p"], "seed": (r["seed"] + i) % 2**32},
+          {**{key: r[key] for key in keys}, "seed": (r["seed"] + i) % 2**32},
           text_lib.TextStream(tokenizer, r["stop"]),
           events,
           loop,
           r["logprobs"],
-          r["prompt"] if r["echo"] else None,
-          len(prefix),
-          len(r["prompt"]),
+          prompt["text"] if r["echo"] else None,
+          prompt["prompt_start"],
+          len(prompt["text"]),  # completion offsets count from the prompt's start, echoed or not (OpenAI)
+          chat_logprobs=endpoint is openai.CHAT,
         )
+        for p, prompt in enumerate(r["prompts"])
         for i in range(r["n"])
       ]
       for job in jobs:
@@ -398,7 +259,7 @@ def make_app(
       head = {"id": info["id"], "created": int(time.time()), "model": model_name}
       try:
         if r["stream"]:
-          return await openai.stream(request, endpoint, head, events, len(jobs), info)
+          return await openai.stream(request, endpoint, head, events, len(jobs), info, r["include_usage"])
         return await openai.collect(endpoint, head, events, len(jobs), info)
       finally:
         for job in jobs:  # a client that left (or a failure) stops its rows at the next decode step
@@ -433,37 +294,57 @@ def make_app(
 
 
 def app_for_run(
-  workdir, step: int | None = None, int8: bool = False, max_batch: int = 8, mesh=None, **timeouts
+  workdir,
+  step: int | None = None,
+  int8: bool = False,
+  max_batch: int = 8,
+  mesh=None,
+  batching_policy: str = "continuous",
+  **timeouts,
 ) -> web.Application:
-  """The server app for a run directory (or an int8 one from `jaxlm quantize`), named after its folder;
-  `mesh` (a `jax.sharding.Mesh`, None: one device) shards the params and the KV cache (see `jaxlm.inference.decode`);
-  `timeouts`: `make_app`'s header_timeout and body_timeout."""
+  """The server app for a run directory (or an int8 one from `jaxlm quantize`), named after its folder.
+
+  Args:
+    workdir: the run.
+    step: the checkpoint step (None: the latest).
+    int8: quantize the weights to int8.
+    max_batch: the decode slots: the most requests decoded together.
+    mesh: a `jax.sharding.Mesh` (None: one device) that shards the params and the KV cache (`jaxlm.inference.decode`).
+    batching_policy: 'continuous' or 'static' (`make_app`).
+    timeouts: `make_app`'s header_timeout and body_timeout.
+
+  Returns:
+    The application; it logs the run and the step it loaded.
+  """
   from jaxlm import config as config_lib  # local: `jaxlm.inference.export` artifacts need no loader
   from jaxlm import loader
 
+  if batching_policy not in batching.POLICIES:
+    raise ConfigError(f"--batching {batching_policy}: must be one of {', '.join(batching.POLICIES)}")
+  if max_batch < 1:
+    raise ConfigError(f"--max-batch {max_batch}: must be at least 1")
   run = loader.load(workdir, step, mesh)
   params = quantize.quantize_params(run.params) if int8 and not quantize.is_quantized(run.params) else run.params
   model = run.config.model
   # A decoder continues its prompt (after the EOS that ends every training document), so the prompt is text
   # the model scores; an encoder-decoder's prompt is its source. The family's decoding adapter knows which.
-  adapter = decode.adapter_for(model, run.tokenizer.bos_id)
-  continues_prompt = adapter.prompt_in_cache
-  prefix = adapter.prompt_ids(run.tokenizer, "")
-  # All rows share the slot index, so the cache must hold the longest (bucketed) prompt of a batch plus its
-  # largest max_tokens: twice the context covers any batch, with one cache shape for the server's life.
-  cache_len = 2 * decode.round_up(model.max_len, decode.PROMPT_BUCKET)
-  generator = scoring.ScoringGenerator(
-    model,
-    params,
-    cache_len=cache_len,
-    start_id=run.tokenizer.bos_id,
-    can_score_prompt=continues_prompt,
-    mesh=mesh,
-    rules=config_lib.mesh_rules(run.config),
+  prefix = decode.adapter_for(model, run.tokenizer.bos_id).prompt_ids(run.tokenizer, "")
+  decoder = batching.SlotDecoder(
+    model, params, max_batch, run.tokenizer.bos_id, mesh=mesh, rules=config_lib.mesh_rules(run.config)
   )
   # EOS, and a chat template's end-of-turn token (e.g. <|im_end|>), as HF generation configs of chat models list.
   stop_ids = chat_template.for_tokenizer(run.tokenizer).stop_ids(run.tokenizer)
-  return make_app(generator, run.tokenizer, fs.absolute(workdir).name, max_batch, prefix, stop_ids, **timeouts)
+  name = fs.absolute(workdir).name
+  LOG.info(
+    "loaded run %s (%s) at step %d%s: %d decode slots, %s batching",
+    name,
+    fs.absolute(workdir),
+    run.step,
+    ", int8" if int8 or quantize.is_quantized(params) else "",
+    max_batch,
+    batching_policy,
+  )
+  return make_app(decoder, run.tokenizer, name, prefix, stop_ids, batching_policy=batching_policy, **timeouts)
 
 
 def serve(
@@ -476,9 +357,10 @@ def serve(
   mesh=None,
   header_timeout: float = HEADER_TIMEOUT_S,
   body_timeout: float = BODY_TIMEOUT_S,
+  batching_policy: str = "continuous",
 ) -> None:
-  """Serves a run until interrupted (on `mesh`, as `app_for_run`; timeouts as `make_app`); logs one line per
-  request to stderr."""
+  """Serves a run until interrupted (as `app_for_run`; timeouts as `make_app`); logs the run and step it
+  loaded, then one line per request, to stderr."""
   if not LOG.handlers:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
@@ -486,7 +368,16 @@ def serve(
     LOG.setLevel(logging.INFO)
     LOG.propagate = False  # one line per request, whatever handlers the root logger has
   _check_timeouts(header_timeout, body_timeout)  # before the run loads
-  app = app_for_run(workdir, step, int8, max_batch, mesh, header_timeout=header_timeout, body_timeout=body_timeout)
+  app = app_for_run(
+    workdir,
+    step,
+    int8,
+    max_batch,
+    mesh,
+    batching_policy,
+    header_timeout=header_timeout,
+    body_timeout=body_timeout,
+  )
 
   async def run() -> None:
     runner = Runner(app)

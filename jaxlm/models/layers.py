@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from einops import rearrange
 
 from jaxlm import config as config_lib
@@ -127,6 +128,35 @@ def sinusoidal(positions_BxT: Array, d_model: int) -> Array:
   return jnp.concatenate([jnp.sin(angles_BxTxD2), jnp.cos(angles_BxTxD2)], axis=-1)
 
 
+def alibi_slopes(num_heads: int) -> np.ndarray:
+  """ALiBi's per-head slopes (Press et al., 2022): the geometric sequence 2^(-8/n), 2^(-16/n), ... for n heads.
+
+  For a head count that is not a power of two, as in the paper's code and BLOOM: the slopes of the power of two
+  below it, then every other slope of twice that power, until there are `num_heads`.
+
+  Args:
+    num_heads: the number of query heads N.
+
+  Returns:
+    float32 array of N slopes, largest first.
+  """
+  power = 2 ** math.floor(math.log2(num_heads))
+  geometric = lambda n: [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
+  slopes = geometric(power) + geometric(2 * power)[0::2][: num_heads - power]
+  return np.asarray(slopes, np.float32)
+
+
+def alibi_bias(q_positions_BxT: Array, kv_positions_BxS: Array, num_heads: int) -> Array:
+  """ALiBi's attention bias, float32 B x N x T x S: -slope_n * |query position - key position|.
+
+  Causal attention only reads keys at or before the query, where this is Press et al.'s -slope * (t - s); BLOOM's
+  slope * s differs from it by a constant per query row, which the softmax cancels. Encoders get the symmetric
+  distance.
+  """
+  distance_BxTxS = jnp.abs(q_positions_BxT[:, :, None] - kv_positions_BxS[:, None, :]).astype(jnp.float32)
+  return -jnp.asarray(alibi_slopes(num_heads))[None, :, None, None] * distance_BxTxS[:, None]
+
+
 def attention_mask(
   q_segment_BxT: Array,
   kv_segment_BxS: Array,
@@ -156,6 +186,10 @@ def segment_mask(q_segment_BxT: Array, kv_segment_BxS: Array, causal: bool) -> o
   return ops.attention.Mask(attention_mask(q_segment_BxT, kv_segment_BxS, causal), q_segment_BxT, kv_segment_BxS)
 
 
+# The collection `Attention` sows its weights into when an apply makes it mutable (`jaxlm.attention_weights`).
+ATTENTION_WEIGHTS = "attention_weights"
+
+
 class Attention(nn.Module):
   """Multi-head, grouped-query or multi-query attention; self or cross.
 
@@ -163,15 +197,37 @@ class Attention(nn.Module):
   are appended to a static-shape cache in the 'cache' collection, so one
   compiled decode step serves every position. `causal=True` declares that the
   mask hides later keys. `mask` is a boolean B x 1 x T x S array or an
-  `ops.attention.Mask`. The attention itself runs through `ops.attention`;
-  with `model.sow_attention_weights` it runs on XLA's code instead and sows
-  the B x N x T x S weights as 'attention_weights' into 'intermediates'.
+  `ops.attention.Mask`. The attention itself runs through `ops.attention`,
+  with the additive bias of `score_bias` (ALiBi for `model.position='alibi'`).
+
+  Attention weights: applied with the 'attention_weights' collection mutable
+  (`mutable=['attention_weights']`, what `jaxlm.attention_weights` does), or
+  with `model.sow_attention_weights` (into 'intermediates'), the layer runs on
+  XLA's code and sows its B x N x T x S weights as 'attention_weights'.
   """
 
   cfg: ml_collections.ConfigDict
   decode: bool = False
   deterministic: bool = True
   causal: bool = False
+
+  def score_bias(self, q_positions_BxT: Array, kv_positions_BxS: Array | None) -> Array | None:
+    """The bias self-attention adds to its scaled scores, float (B or 1) x (N or 1) x T x S, or None.
+
+    Extension point: override it in an `attention_cls` for another bias (the implementation must take one:
+    xla and cudnn do). While decoding, `kv_positions_BxS` are the cached keys' positions, kept in the cache
+    only for `model.position='alibi'` (else None).
+
+    Args:
+      q_positions_BxT: the queries' positions (restarting at 0 in every packed segment).
+      kv_positions_BxS: the keys' positions.
+
+    Returns:
+      ALiBi's bias (`alibi_bias`) for `model.position='alibi'`, else None.
+    """
+    if self.cfg.position == "alibi":
+      return alibi_bias(q_positions_BxT, kv_positions_BxS, self.cfg.num_heads)
+    return None
 
   @nn.compact
   def __call__(
@@ -191,9 +247,11 @@ class Attention(nn.Module):
     query = DenseParams((d,), (num_heads, hd), ("embed", "heads", "head_dim"), cfg, name="query")()
     key = DenseParams((kv_in.shape[-1],), (num_kv, hd), ("embed", "kv_heads", "head_dim"), cfg, name="key")()
     value = DenseParams((kv_in.shape[-1],), (num_kv, hd), ("embed", "kv_heads", "head_dim"), cfg, name="value")()
-    sow = cfg.get("sow_attention_weights", False)
+    sow = self._weights_collection()
+    bias_BxNxTxS = None if is_cross or self.decode else self.score_bias(positions_BxT, positions_BxT)
     packed = ops.attention.packed_self_attention(cfg, dtype)
-    if packed is not None and not is_cross and not self.decode and cfg.position != "rope" and not sow:
+    fused = not is_cross and not self.decode and cfg.position != "rope" and not sow and bias_BxNxTxS is None
+    if packed is not None and fused:  # the packed kernels take no bias
       qkv_BxTxC = ops.projection(x_BxTxD, [query, key, value], dtype, cfg, split=False)
       qkv_BxTxCxH = rearrange(qkv_BxTxC, "B T (C H) -> B T C H", H=hd)  # C = N query, K key, K value heads
       return self._output(packed(qkv_BxTxCxH, mask.dense_Bx1xTxS, self.causal, num_heads))
@@ -206,17 +264,34 @@ class Attention(nn.Module):
       q_BxTxNxH = rope(q_BxTxNxH, positions_BxT, cfg.rope_theta)
       k_BxSxKxH = rope(k_BxSxKxH, positions_BxT, cfg.rope_theta)
     if self.decode and not is_cross:
-      k_BxSxKxH, v_BxSxKxH = self._update_cache(k_BxSxKxH, v_BxSxKxH)
+      keep_positions = cfg.position == "alibi"
+      k_BxSxKxH, v_BxSxKxH, kv_positions_BxS = self._update_cache(
+        k_BxSxKxH, v_BxSxKxH, positions_BxT if keep_positions else None
+      )
+      bias_BxNxTxS = self.score_bias(positions_BxT, kv_positions_BxS)
       mask = ops.attention.Mask(mask.dense_Bx1xTxS)  # queries sit at cache slots: segment ids no longer say it all
     if sow:
-      weights_BxNxTxS = ops.attention.attention_weights(q_BxTxNxH, k_BxSxKxH, mask.dense_Bx1xTxS)
-      self.sow("intermediates", "attention_weights", weights_BxNxTxS)
+      weights_BxNxTxS = ops.attention.attention_weights(q_BxTxNxH, k_BxSxKxH, mask.dense_Bx1xTxS, bias_BxNxTxS)
+      self.sow(sow, "attention_weights", weights_BxNxTxS)
       return self._output(ops.attention.attend_with_weights(weights_BxNxTxS, v_BxSxKxH))
     # While decoding, queries sit at cache slots, not at their row index: not causal by row.
     out_BxTxNxH = ops.attention.attention(
-      q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, cfg, causal=self.causal and not self.decode
+      q_BxTxNxH,
+      k_BxSxKxH,
+      v_BxSxKxH,
+      mask,
+      cfg,
+      causal=self.causal and not self.decode,
+      bias_BxNxTxS=bias_BxNxTxS,
     )
     return self._output(out_BxTxNxH)
+
+  def _weights_collection(self) -> str | None:
+    """Where to sow the attention weights: 'attention_weights' when the apply made it mutable (never while
+    initializing, when every collection is), 'intermediates' under `model.sow_attention_weights`, else None."""
+    if self.is_mutable_collection(ATTENTION_WEIGHTS) and not self.is_initializing():
+      return ATTENTION_WEIGHTS
+    return "intermediates" if self.cfg.get("sow_attention_weights", False) else None
 
   def _output(self, out_BxTxNxH: Array) -> Array:
     cfg = self.cfg
@@ -232,8 +307,10 @@ class Attention(nn.Module):
     )
     return nn.Dropout(cfg.dropout_rate)(out_BxTxD, deterministic=self.deterministic)
 
-  def _update_cache(self, k_BxTxKxH: Array, v_BxTxKxH: Array) -> tuple[Array, Array]:
-    """Writes T new keys/values at the cache index and returns the whole cache.
+  def _update_cache(
+    self, k_BxTxKxH: Array, v_BxTxKxH: Array, positions_BxT: Array | None
+  ) -> tuple[Array, Array, Array | None]:
+    """Writes T new keys/values (and their positions, when given) at the cache index; returns the whole cache.
 
     The cache length is fixed when the cache is created (the `init` call with
     `decode=True` and a full-length input); later calls write T entries.
@@ -241,14 +318,21 @@ class Attention(nn.Module):
     is_initialized = self.has_variable("cache", "cached_key")
     cached_k = self.variable("cache", "cached_key", jnp.zeros, k_BxTxKxH.shape, k_BxTxKxH.dtype)
     cached_v = self.variable("cache", "cached_value", jnp.zeros, v_BxTxKxH.shape, v_BxTxKxH.dtype)
+    cached_positions = None
+    if positions_BxT is not None:
+      cached_positions = self.variable("cache", "cached_position", jnp.zeros, positions_BxT.shape, jnp.int32)
     index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
     if not is_initialized:
-      return k_BxTxKxH, v_BxTxKxH
+      return k_BxTxKxH, v_BxTxKxH, positions_BxT
     start = (0, index.value, 0, 0)
     cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_BxTxKxH.astype(cached_k.value.dtype), start)
     cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_BxTxKxH.astype(cached_v.value.dtype), start)
+    if cached_positions is not None:
+      cached_positions.value = jax.lax.dynamic_update_slice(
+        cached_positions.value, positions_BxT.astype(jnp.int32), start[:2]
+      )
     index.value = index.value + k_BxTxKxH.shape[1]
-    return cached_k.value, cached_v.value
+    return cached_k.value, cached_v.value, None if cached_positions is None else cached_positions.value
 
 
 class Mlp(nn.Module):
@@ -355,6 +439,12 @@ def block_class(cfg: ml_collections.ConfigDict) -> type[Block]:
   return ParallelBlock if cfg.get("parallel_residual", False) else Block
 
 
+def is_moe_layer(cfg: ml_collections.ConfigDict, index: int) -> bool:
+  """Whether layer `index` (from 0) of a stack is a mixture-of-experts layer: every `moe_every`-th layer
+  (n-1, 2n-1, ...) when `moe_experts` > 0 (docs/moe.md)."""
+  return cfg.get("moe_experts", 0) > 0 and (index + 1) % cfg.get("moe_every", 1) == 0
+
+
 _REMAT_POLICIES: dict[str, Any] = {
   "full": None,  # save nothing: recompute the whole layer in the backward pass
   "dots": jax.checkpoint_policies.save_from_both_policies(
@@ -372,7 +462,9 @@ class Stack(nn.Module):
 
   `causal=True` declares that the mask hides later positions (decoders).
   `block_cls` (default `block_class(cfg)`), `attention_cls` and `mlp_cls`
-  choose the classes; any `Block` subclass keeps scan, remat, the cache and
+  choose the classes; the MoE layers of `model.moe_experts` (`is_moe_layer`)
+  take `moe_mlp_cls` in place of `mlp_cls` (the families pass
+  `jaxlm.models.moe.MoeMlp`, which builds on this module); any `Block` subclass keeps scan, remat, the cache and
   dropout. Returns x_BxTxD, or with `return_hidden_states=True` (x_BxTxD,
   hidden_LxBxTxD): every block's output, stacked.
   """
@@ -386,6 +478,7 @@ class Stack(nn.Module):
   block_cls: Any = None
   attention_cls: Any = Attention
   mlp_cls: Any = Mlp
+  moe_mlp_cls: Any = None
 
   @nn.compact
   def __call__(
@@ -402,22 +495,28 @@ class Stack(nn.Module):
     block = self.block_cls or block_class(cfg)
     if cfg.remat_policy != "none":
       block = nn.remat(block, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
-    fields = (cfg, self.cross, self.decode, self.deterministic, self.causal, self.attention_cls, self.mlp_cls)
+    if cfg.get("moe_experts", 0) and self.moe_mlp_cls is None:
+      raise ValueError("model.moe_experts needs Stack(moe_mlp_cls=...), e.g. jaxlm.models.moe.MoeMlp")
+
+    def fields(index: int) -> tuple:
+      mlp_cls = self.moe_mlp_cls if is_moe_layer(cfg, index) else self.mlp_cls
+      return (cfg, self.cross, self.decode, self.deterministic, self.causal, self.attention_cls, mlp_cls)
+
     args = (mask_Bx1xTxS, positions_BxT, encoded_BxSxD, cross_mask_Bx1xTxS)
-    if cfg.scan_layers:
+    if cfg.scan_layers:  # one body for every layer: moe_every must be 1 (config validation says so)
       scanned = nn.scan(
         _ScanAdapter,
-        variable_axes={"params": 0, "cache": 0, "intermediates": 0},
+        variable_axes={"params": 0, "cache": 0, "intermediates": 0, ATTENTION_WEIGHTS: 0},
         split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast,) * 4,
         length=self.num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
       )
-      x_BxTxD, hidden_LxBxTxD = scanned(block, *fields, return_hidden_states, name="layers")(x_BxTxD, *args)
+      x_BxTxD, hidden_LxBxTxD = scanned(block, *fields(0), return_hidden_states, name="layers")(x_BxTxD, *args)
     else:
       hidden = []
       for i in range(self.num_layers):
-        x_BxTxD = block(*fields, name=f"layer_{i}")(x_BxTxD, *args)
+        x_BxTxD = block(*fields(i), name=f"layer_{i}")(x_BxTxD, *args)
         hidden.append(x_BxTxD)
       hidden_LxBxTxD = jnp.stack(hidden) if return_hidden_states else None
     return (x_BxTxD, hidden_LxBxTxD) if return_hidden_states else x_BxTxD
@@ -444,6 +543,26 @@ class _ScanAdapter(nn.Module):
     return x_BxTxD, (x_BxTxD if self.output else None)
 
 
+class _Embed(nn.Embed):
+  """nn.Embed whose table is gathered along `embed` before the lookup.
+
+  The table is split over `vocab` and `embed` (tensor and fsdp by the default rules). Looking rows up in a table
+  split along `embed` gives rows split along `embed`, which the SPMD partitioner cannot turn into the batch-split
+  activations the model needs without replicating them ("Involuntary full rematerialization", in the lookup and
+  in its transpose). Gathered along `embed` first, as FSDP gathers every weight before use, the lookup splits
+  like its token ids and the vocabulary split costs one all-reduce. The values are the same.
+  """
+
+  vocab_axis: str | None = None  # the table's first logical axis: 'vocab' for tokens, None for positions and types
+
+  def __call__(self, inputs: Array) -> Array:
+    (table_VxD,) = self.promote_dtype(self.embedding, dtype=self.dtype, inexact=False)
+    if self.num_embeddings == 1:
+      return jnp.broadcast_to(table_VxD, inputs.shape + (self.features,))
+    table_VxD = nn.with_logical_constraint(table_VxD, (self.vocab_axis, None))
+    return jnp.take(table_VxD, inputs, axis=0)
+
+
 class Embedder(nn.Module):
   """Token (+ token-type) embeddings, positions, and the output projection."""
 
@@ -453,11 +572,16 @@ class Embedder(nn.Module):
   def setup(self):
     cfg = self.cfg
     init = nn.with_logical_partitioning(_kernel_init, ("vocab", "embed"))
-    self.token = nn.Embed(
-      cfg.vocab_size, cfg.d_model, embedding_init=init, dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype]
+    self.token = _Embed(
+      cfg.vocab_size,
+      cfg.d_model,
+      embedding_init=init,
+      dtype=DTYPES[cfg.dtype],
+      param_dtype=DTYPES[cfg.param_dtype],
+      vocab_axis="vocab",
     )
     if cfg.position == "learned":
-      self.position = nn.Embed(
+      self.position = _Embed(
         cfg.max_len,
         cfg.d_model,
         embedding_init=nn.with_logical_partitioning(_kernel_init, (None, "embed")),
@@ -465,7 +589,7 @@ class Embedder(nn.Module):
         param_dtype=DTYPES[cfg.param_dtype],
       )
     if cfg.num_token_types:
-      self.token_type = nn.Embed(
+      self.token_type = _Embed(
         cfg.num_token_types,
         cfg.d_model,
         embedding_init=nn.with_logical_partitioning(_kernel_init, (None, "embed")),

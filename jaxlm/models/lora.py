@@ -24,6 +24,13 @@ see plain merged parameters. The adapters alone:
     adapters, step = jaxlm.loader.restore_params(RUN, config, jaxlm.loader.param_shardings(config, mesh, module),
                                                  None, module)
 
+From Python, without a base run directory (`apply_lora`, `merge_lora`; exported as `jaxlm.apply_lora`,
+`jaxlm.merge_lora`):
+
+    model, adapters = lora.apply_lora(config, base_params, rank=8)  # an ordinary module to train
+    jaxlm.train(config, RUN, model=model, train_data=...)           # config.lora.rank stays 0
+    params = lora.merge_lora(model, jaxlm.load(RUN, model=model).params)  # the base's tree, adapted
+
 Each step merges the adapters into the targeted kernels (one matmul per
 projection, as the base model's) instead of adding a second path per token.
 For that reason `lora.dropout` cannot drop per token as in the paper: it
@@ -39,6 +46,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -185,6 +193,83 @@ def adapted_model(config: Config, base_params, deterministic: bool = False) -> A
   """The `AdaptedModel` of the whole `config` (its `model` and `lora` sections) over `base_params`."""
   targets = tuple(sorted(targets_of(config).items()))
   return AdaptedModel(config.model, config.lora, base_params, targets, deterministic)
+
+
+def apply_lora(
+  config,
+  base_params,
+  rank: int = 8,
+  alpha: float = 16.0,
+  targets: str = "query,value",
+  dropout: float = 0.0,
+  deterministic: bool = False,
+) -> tuple[AdaptedModel, Any]:
+  """LoRA adapters over in-memory base parameters: a module that trains only them, and fresh adapters.
+
+  Train the module like any other (`jaxlm.train(config, workdir, model=model, ...)`, with `config.lora.rank`
+  left at 0: the module carries the adapters); `merge_lora` folds trained adapters into the base.
+
+  Args:
+    config: the whole config or its `model` section, describing the base model (a built-in family's).
+    base_params: the base model's parameters (plain or boxed arrays, e.g. `jaxlm.init`'s or `jaxlm.load`'s).
+    rank: the adapters' rank r (> 0).
+    alpha: the scale numerator: each targeted kernel W becomes W + (alpha / rank) * A @ B.
+    targets: comma-separated projection names (query, key, value, out, up, gate, down).
+    dropout: the fraction of A's input features dropped per step in training.
+    deterministic: True turns dropout (the base model's and the adapters') off; the trainer evaluates with
+      it on and off as it does for any model.
+
+  Returns:
+    (model, adapters): the `AdaptedModel` and its initial adapter parameters ({'PATH.lora_a', 'PATH.lora_b'};
+    B is zero, so the adapted model starts equal to the base).
+
+  Raises:
+    ConfigError: rank < 1, or a target that names no projection of the model.
+  """
+  model_cfg = config.model if "model" in config else config
+  if rank < 1:
+    raise config_lib.ConfigError(f"apply_lora: rank is {rank}; pass rank >= 1 (e.g. 8)")
+  lora_cfg = ml_collections.ConfigDict(dict(rank=rank, alpha=float(alpha), dropout=float(dropout), targets=targets))
+  found = tuple(sorted(target_kernels(_boxed_params(model_cfg), targets).items()))
+  model = AdaptedModel(model_cfg, lora_cfg, nn.meta.unbox(base_params), found, deterministic)
+  batch = model_lib.example_batch(model_cfg, (1, 8))
+  rngs = {"params": jax.random.key(0), "dropout": jax.random.key(0)}
+  adapters = jax.jit(lambda: model.init(rngs, **families.model_inputs(model, batch))["params"])()
+  return model, adapters
+
+
+def on_mesh(model: AdaptedModel, mesh: Mesh, rules) -> AdaptedModel:
+  """`model` with its base parameters placed on `mesh` by the logical `rules` (where the trainer runs it).
+
+  Args:
+    model: an `AdaptedModel` whose base parameters may sit anywhere (one device, another mesh).
+    mesh: the run's mesh.
+    rules: the run's logical axis rules (`config_lib.mesh_rules(config)`).
+
+  Returns:
+    A clone of `model` whose base parameters are sharded on `mesh`.
+  """
+  shardings = sharding.logical_shardings(mesh, rules, _boxed_params(model.cfg))
+  base = flax.core.unfreeze(model.base_params)  # Flax froze the field's dict; the shardings' tree is plain
+  return model.clone(base_params=jax.device_put(base, shardings))
+
+
+def merge_lora(model: AdaptedModel, adapters) -> Any:
+  """The base parameters of `model` (an `apply_lora` module) with `adapters` merged in.
+
+  Args:
+    model: the `AdaptedModel`, which holds the base parameters and the LoRA settings.
+    adapters: its (trained) adapter parameters, e.g. `jaxlm.load(RUN, model=model).params`.
+
+  Returns:
+    A parameter tree of the base model's structure, shapes and dtypes, for `jaxlm.build_model(config.model)`
+    and `jaxlm.save`.
+  """
+  scale = model.lora_cfg.alpha / model.lora_cfg.rank
+  # The adapters may sit on the trainer's mesh and the base on one device (`jaxlm.load`); jit takes no arguments
+  # across device sets, so the adapters (low-rank, small) come to the host and follow the base parameters.
+  adapters = jax.device_get(adapters)
+  return jax.jit(lambda base, a: merge(base, a, dict(model.targets), scale))(model.base_params, adapters)
 
 
 def _check_base(config: Config) -> None:

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxlm import families
-from jaxlm.models import layers
+from jaxlm.models import layers, moe
 
 Array = jax.Array
 
@@ -67,8 +67,8 @@ class DecoderLM(nn.Module):
   Hugging Face (positions are still added); `return_hidden_states=True`
   returns (logits, hidden_states), a tuple of num_layers + 1 arrays B x T x D:
   the embedder's output, then every block's output (before the final norm).
-  With `model.sow_attention_weights` every attention layer sows its weights
-  into 'intermediates' (apply with `mutable='intermediates'`).
+  `attention_weights(model, params, tokens_BxT)` returns every layer's
+  attention weights.
   """
 
   cfg: ml_collections.ConfigDict
@@ -91,6 +91,7 @@ class DecoderLM(nn.Module):
       block_cls=self.block_cls,
       attention_cls=self.attention_cls,
       mlp_cls=self.mlp_cls,
+      moe_mlp_cls=moe.MoeMlp,
     )
     self.final_norm = _final_norm(cfg)
     self.head = self.head_cls(cfg) if self.head_cls is not None else None
@@ -152,7 +153,7 @@ class EncoderDecoder(nn.Module):
   def setup(self):
     cfg = self.cfg
     self.embedder = layers.Embedder(cfg, self.deterministic)
-    self.encoder = layers.Stack(cfg, cfg.num_layers, deterministic=self.deterministic)
+    self.encoder = layers.Stack(cfg, cfg.num_layers, deterministic=self.deterministic, moe_mlp_cls=moe.MoeMlp)
     self.encoder_norm = _final_norm(cfg)
     self.decoder = layers.Stack(
       cfg,
@@ -161,6 +162,7 @@ class EncoderDecoder(nn.Module):
       decode=self.decoding,
       deterministic=self.deterministic,
       causal=True,
+      moe_mlp_cls=moe.MoeMlp,
     )
     self.decoder_norm = _final_norm(cfg)
 
@@ -252,9 +254,9 @@ class Encoder(nn.Module):
     mask = layers.segment_mask(segment_ids_BxT, segment_ids_BxT, causal=False)
     embedder = layers.Embedder(cfg, self.deterministic, name="embedder")
     x_BxTxD = embedder.embed(tokens_BxT, positions_BxT, token_types_BxT)
-    x_BxTxD = layers.Stack(cfg, cfg.num_layers, deterministic=self.deterministic, name="encoder")(
-      x_BxTxD, mask, positions_BxT
-    )
+    x_BxTxD = layers.Stack(
+      cfg, cfg.num_layers, deterministic=self.deterministic, moe_mlp_cls=moe.MoeMlp, name="encoder"
+    )(x_BxTxD, mask, positions_BxT)
     x_BxTxD = _final_norm(cfg, "final_norm")(x_BxTxD)
     head = MlmHead(cfg, name="mlm_head") if self.head_cls is None else self.head_cls(cfg, name="head")
     return head(x_BxTxD, embedder, segment_ids_BxT)
@@ -272,6 +274,46 @@ def example_batch(model_cfg: ml_collections.ConfigDict, shape: tuple[int, int]) 
   `shape` on both sides here even when its data has a separate target length.
   """
   return families.get(model_cfg.family).example_batch(model_cfg, shape)
+
+
+def attention_weights(model: nn.Module, params, *inputs, **named_inputs) -> list[Array]:
+  """Every attention layer's weights, from the model as built: no config change, no rebuild.
+
+  The model is applied with the 'attention_weights' collection mutable, which makes each `layers.Attention`
+  run on XLA's code and sow softmax(q k^T / sqrt(H) + bias) over the keys it may read (masked keys get 0).
+  The logits are the usual ones. Pure in (params, inputs): `jax.jit(functools.partial(attention_weights,
+  model))` compiles it once for repeated calls.
+
+  Args:
+    model: a built model (`build`, `jaxlm.load(...).model`, or any module whose attention layers are
+      `layers.Attention`).
+    params: its parameters (the 'params' tree, or a variables dict holding one).
+    *inputs, **named_inputs: the model's inputs, as `model.apply` takes them (e.g. `tokens_BxT`,
+      `segment_ids_BxT=...`).
+
+  Returns:
+    One float32 B x N x T x S array per attention layer, in the order the model runs them: a decoder's
+    layer 0 first; an encoder-decoder's encoder layers, then each decoder layer's self- then cross-attention.
+    A scanned stack (`model.scan_layers`) gives the same list.
+  """
+  variables = params if "params" in params else {"params": params}
+  _, state = model.apply(variables, *inputs, mutable=[layers.ATTENTION_WEIGHTS], **named_inputs)
+  return _in_call_order(state.get(layers.ATTENTION_WEIGHTS, {}))
+
+
+def _in_call_order(tree) -> list[Array]:
+  """The sown weights of a collection tree, modules in insertion (call) order; a scanned stack ('layers', every
+  leaf stacked on a leading layer axis) is unstacked layer by layer."""
+  found = []
+  for key, value in tree.items():
+    if key == "attention_weights":
+      found.extend(value)  # sow keeps a tuple: one entry per call
+    elif key == "layers":
+      stacked = _in_call_order(value)
+      found.extend(weights[i] for i in range(stacked[0].shape[0]) for weights in stacked)
+    else:
+      found.extend(_in_call_order(value))
+  return found
 
 
 def build(model_cfg: ml_collections.ConfigDict, decode: bool = False, deterministic: bool = True) -> nn.Module:

@@ -12,6 +12,7 @@ for the rule and `jaxlm/ops/attention.py` for the attention extension point
   dense.py          fused projections (several kernels, one matmul)
   activation.py     bias + activation, and the table of activations
   pallas_attention.py  splash (TPU) and triton (GPU) Pallas attention, registered through `register_attention`
+  moe.py            mixture-of-experts dispatch (dropless, capacity, dense) and expert parallelism
 """
 
 from jaxlm.ops import (
@@ -19,6 +20,7 @@ from jaxlm.ops import (
   attention,
   dense,
   dispatch,
+  moe,
   norm,
   pallas_attention,  # noqa: F401  registers attention_impl splash (TPU) and triton (GPU)
 )
@@ -39,6 +41,7 @@ __all__ = [
   "current_target",
   "dense",
   "dispatch",
+  "moe",
   "norm",
   "projection",
   "register_attention",

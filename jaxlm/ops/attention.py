@@ -1,9 +1,9 @@
-"""The attention op: softmax(q k^T / sqrt(H), masked) v, with one table of implementations.
+"""The attention op: softmax(q k^T / sqrt(H) + bias, masked) v, with one table of implementations.
 
 Extension point. An attention implementation is a function
 
     fn(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *, mask_Bx1xTxS, q_segment_ids_BxT,
-       kv_segment_ids_BxS, causal, model_cfg) -> out_BxTxNxH
+       kv_segment_ids_BxS, causal, model_cfg[, bias_BxNxTxS]) -> out_BxTxNxH
 
   q, k, v:        the compute dtype; K divides N (grouped-query attention:
                   query head n reads key/value head n // (N // K)). q is not
@@ -17,6 +17,13 @@ Extension point. An attention implementation is a function
                   the mask is anything else (decoding against the cache).
   causal:         the mask hides every key after its query (T == S).
   model_cfg:      the model sub-config, for implementation settings.
+  bias_BxNxTxS:   only for implementations registered with `takes_bias=True`,
+                  and only passed when there is a bias: a float array of shape
+                  (B or 1, N or 1, T, S) added to the scaled scores before the
+                  mask and the softmax (ALiBi, relative-position biases). An
+                  implementation without `takes_bias` is refused with one line
+                  naming `model.attention_impl` when a bias is given; the
+                  automatic CPU kernels stand aside for "xla" instead.
   Returns out_BxTxNxH in v's dtype. Rows that see no key are never read by
   the loss; their values are unspecified.
 
@@ -28,9 +35,11 @@ on those platforms (the config's allowed names are this registry's). With `needs
 the fused projection (see `packed_self_attention`).
 
 Built in: "xla" (`xla_attention.dot_product_attention`, the reference, runs
-anywhere), "cpu" (the fused float32 kernel of `cpu_kernels`, chosen
-automatically on one CPU device) and "cudnn" (`jax.nn.dot_product_attention`
-with implementation='cudnn', GPU only, named by the config).
+anywhere, takes a bias), "cpu" (the fused float32 kernel of `cpu_kernels`,
+chosen automatically on one CPU device; no bias: with one, "xla" runs) and
+"cudnn" (`jax.nn.dot_product_attention` with implementation='cudnn', GPU only,
+named by the config, takes a bias). splash and triton (`pallas_attention`)
+take no bias.
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ import jax.numpy as jnp
 from einops import repeat
 from flax import struct
 
+from jaxlm.errors import ConfigError
 from jaxlm.ops import cpu_kernels, dispatch, xla_attention
 
 Array = jax.Array
@@ -71,6 +81,7 @@ class AttentionFn(Protocol):
     kv_segment_ids_BxS: Array | None,
     causal: bool,
     model_cfg,
+    bias_BxNxTxS: Array | None = None,
   ) -> Array: ...
 
 
@@ -85,9 +96,26 @@ def register_attention(
   automatic: bool = False,
   available: Callable[[], bool] = lambda: True,
   packed: Callable | None = None,
+  takes_bias: bool = False,
 ):
-  """Registers an attention implementation under `name`; returns its `dispatch.Implementation`."""
-  extras = {"needs_segment_ids": needs_segment_ids}
+  """Registers an attention implementation under `name`; `--config.model.attention_impl=NAME` then picks it.
+
+  Args:
+    name: the name the config uses.
+    fn: an `AttentionFn` (the module docstring has the contract).
+    platforms: target platforms it runs on; None runs anywhere (`dispatch.Implementation` has these five).
+    dtypes: dtypes it computes in; None takes any.
+    single_device: a custom call XLA cannot partition; stands aside on a mesh of more than one device.
+    automatic: chosen without being named when its conditions hold.
+    available: a check that it can run here at all (a kernel library built), called last.
+    needs_segment_ids: calls without segment ids (decoding) run "xla" instead.
+    packed: self-attention over the fused q|k|v projection (see `packed_self_attention`).
+    takes_bias: `fn` accepts `bias_BxNxTxS` (an additive score bias such as ALiBi's).
+
+  Returns:
+    Its `dispatch.Implementation`.
+  """
+  extras = {"needs_segment_ids": needs_segment_ids, "takes_bias": takes_bias}
   if packed is not None:
     extras["packed"] = packed
   return dispatch.register(
@@ -105,9 +133,22 @@ def register_attention(
   )
 
 
-def _xla(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *, mask_Bx1xTxS, q_segment_ids_BxT, kv_segment_ids_BxS, causal, model_cfg):
+def _xla(
+  q_BxTxNxH,
+  k_BxSxKxH,
+  v_BxSxKxH,
+  *,
+  mask_Bx1xTxS,
+  q_segment_ids_BxT,
+  kv_segment_ids_BxS,
+  causal,
+  model_cfg,
+  bias_BxNxTxS=None,
+):
   del q_segment_ids_BxT, kv_segment_ids_BxS, model_cfg
-  return xla_attention.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, causal=causal)
+  return xla_attention.dot_product_attention(
+    q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, causal=causal, bias_BxNxTxS=bias_BxNxTxS
+  )
 
 
 def _cpu(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *, mask_Bx1xTxS, q_segment_ids_BxT, kv_segment_ids_BxS, causal, model_cfg):
@@ -123,12 +164,25 @@ def _cpu_packed(qkv_BxTxCxH: Array, mask_Bx1xTxT: Array, causal: bool, num_heads
   return cpu_kernels.self_attention(qkv_BxTxCxH, mask_BxTxT, causal, num_heads)
 
 
-def _cudnn(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *, mask_Bx1xTxS, q_segment_ids_BxT, kv_segment_ids_BxS, causal, model_cfg):
+def _cudnn(
+  q_BxTxNxH,
+  k_BxSxKxH,
+  v_BxSxKxH,
+  *,
+  mask_Bx1xTxS,
+  q_segment_ids_BxT,
+  kv_segment_ids_BxS,
+  causal,
+  model_cfg,
+  bias_BxNxTxS=None,
+):
   del q_segment_ids_BxT, kv_segment_ids_BxS, causal, model_cfg  # the mask says it all
-  return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS, implementation="cudnn")
+  return jax.nn.dot_product_attention(
+    q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, bias=bias_BxNxTxS, mask=mask_Bx1xTxS, implementation="cudnn"
+  )
 
 
-register_attention("xla", _xla)
+register_attention("xla", _xla, takes_bias=True)
 register_attention(
   "cpu",
   _cpu,
@@ -136,19 +190,49 @@ register_attention(
   available=cpu_kernels.available,
   packed=_cpu_packed,
 )
-register_attention("cudnn", _cudnn, platforms=("gpu", "cuda"), dtypes=(jnp.bfloat16, jnp.float16))
+register_attention("cudnn", _cudnn, platforms=("gpu", "cuda"), dtypes=(jnp.bfloat16, jnp.float16), takes_bias=True)
 
 
 def attention(
-  q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask: Mask | Array, model_cfg, *, causal: bool = False
+  q_BxTxNxH: Array,
+  k_BxSxKxH: Array,
+  v_BxSxKxH: Array,
+  mask: Mask | Array,
+  model_cfg,
+  *,
+  causal: bool = False,
+  bias_BxNxTxS: Array | None = None,
 ) -> Array:
-  """out_BxTxNxH through the implementation `dispatch.choose` picks (arguments as in the module docstring;
-  `mask` is a `Mask` or the dense B x 1 x T x S boolean array alone)."""
+  """Attention through the implementation `dispatch.choose` picks.
+
+  Args:
+    q_BxTxNxH, k_BxSxKxH, v_BxSxKxH: as in the module docstring.
+    mask: a `Mask`, or the dense B x 1 x T x S boolean array alone (see `Mask` for the rules).
+    model_cfg: the model sub-config (`model.attention_impl` and the kernels' settings).
+    causal: the mask hides every key after its query (T == S).
+    bias_BxNxTxS: None, or a float (B or 1) x (N or 1) x T x S bias added to the scaled scores.
+
+  Returns:
+    out_BxTxNxH in v's dtype. Raises ConfigError naming `model.attention_impl` when a bias is given to an
+    implementation the config names that takes none.
+  """
   if not isinstance(mask, Mask):
     mask = Mask(mask)
-  implementation = dispatch.implementation("attention", model_cfg, q_BxTxNxH.dtype)
+  name = dispatch.choose("attention", model_cfg, q_BxTxNxH.dtype)
+  implementation = dispatch.REGISTRY["attention"][name]
   if implementation.extras.get("needs_segment_ids") and mask.q_segment_ids_BxT is None:
-    implementation = dispatch.REGISTRY["attention"]["xla"]
+    name, implementation = "xla", dispatch.REGISTRY["attention"]["xla"]
+  bias = {}
+  if bias_BxNxTxS is not None:
+    if not implementation.extras.get("takes_bias"):
+      if not implementation.automatic:
+        raise ConfigError(
+          f"model.attention_impl={name!r} takes no attention bias, and this model adds one (model.position="
+          f"{model_cfg.get('position')!r} or its attention class); set --config.model.attention_impl to one of "
+          f"{', '.join(n for n, i in dispatch.REGISTRY['attention'].items() if i.extras.get('takes_bias'))}"
+        )
+      implementation = dispatch.REGISTRY["attention"]["xla"]  # an automatic kernel stands aside, as on a mesh
+    bias = {"bias_BxNxTxS": bias_BxNxTxS}
   return implementation.fn(
     q_BxTxNxH,
     k_BxSxKxH,
@@ -158,6 +242,7 @@ def attention(
     kv_segment_ids_BxS=mask.kv_segment_ids_BxS,
     causal=causal,
     model_cfg=model_cfg,
+    **bias,
   )
 
 
@@ -172,17 +257,21 @@ def packed_self_attention(model_cfg, dtype) -> Callable | None:
   return dispatch.implementation("attention", model_cfg, dtype).extras.get("packed")
 
 
-def attention_weights(q_BxTxNxH: Array, k_BxSxKxH: Array, mask_Bx1xTxS: Array) -> Array:
-  """softmax(q k^T / sqrt(H)) over the keys a query may read, as B x N x T x S float32, on XLA's code.
+def attention_weights(
+  q_BxTxNxH: Array, k_BxSxKxH: Array, mask_Bx1xTxS: Array, bias_BxNxTxS: Array | None = None
+) -> Array:
+  """softmax(q k^T / sqrt(H) + bias) over the keys a query may read, as B x N x T x S float32, on XLA's code.
 
   The fused implementations never form these weights; this is for
-  introspection (`model.sow_attention_weights`). A row with no visible key
+  introspection (`jaxlm.attention_weights`). A row with no visible key
   is all zeros.
   """
   n, k = q_BxTxNxH.shape[2], k_BxSxKxH.shape[2]
   k_BxSxNxH = repeat(k_BxSxKxH, "B S K H -> B S (K G) H", G=n // k)  # query head n reads kv head n // G
   logits_BxNxTxS = jnp.einsum("BTNH,BSNH->BNTS", q_BxTxNxH, k_BxSxNxH, preferred_element_type=jnp.float32)
   logits_BxNxTxS = logits_BxNxTxS * q_BxTxNxH.shape[-1] ** -0.5
+  if bias_BxNxTxS is not None:
+    logits_BxNxTxS = logits_BxNxTxS + bias_BxNxTxS.astype(jnp.float32)
   # A finite fill, not -inf: a row with no visible key must not turn into NaN, nor its gradient.
   weights_BxNxTxS = jax.nn.softmax(jnp.where(mask_Bx1xTxS, logits_BxNxTxS, jnp.finfo(jnp.float32).min), axis=-1)
   return jnp.where(mask_Bx1xTxS, weights_BxNxTxS, 0.0)

@@ -1,8 +1,8 @@
-"""The device mesh: every ('data', 'fsdp', 'tensor') mesh of jaxlm comes from one body here.
+"""The device mesh: every ('data', 'fsdp', 'expert', 'tensor') mesh of jaxlm comes from one body here.
 
 Three callers, one layout: `make_mesh(config)` for training and loading (the whole config's `mesh` sizes on
 all devices), `make_mesh(config, devices, torus=True)` for a compile-only TPU slice (`jaxlm compile`), and
-`mesh_of_sizes` for the `--mesh data=D,fsdp=F,tensor=T` flag of generate, serve and export. `fit_mesh`
+`mesh_of_sizes` for the `--mesh data=D,fsdp=F,expert=E,tensor=T` flag of generate, serve and export. `fit_mesh`
 refits a saved run's config to the devices of this machine (`jaxlm eval`, `jaxlm verify`).
 
 Flax is never imported, and the config code only by the functions that read a config: an exported artifact
@@ -20,7 +20,9 @@ from jax.sharding import Mesh
 
 from jaxlm.errors import ConfigError
 
-AXES = ("data", "fsdp", "tensor")
+# 'expert' splits the experts of MoE layers and, under the default rules, the batch rows too (docs/moe.md);
+# it sits inside data and fsdp so that the tokens MoE layers exchange travel between nearer devices.
+AXES = ("data", "fsdp", "expert", "tensor")
 
 
 def _build(sizes: dict[str, int], devices: Sequence[jax.Device], torus: bool) -> Mesh:
@@ -36,10 +38,11 @@ def _build(sizes: dict[str, int], devices: Sequence[jax.Device], torus: bool) ->
 
 
 def make_mesh(config, devices: Sequence[jax.Device] | None = None, torus: bool = False) -> Mesh:
-  """The mesh with axes ('data', 'fsdp', 'tensor') that the whole `config` asks for (`config.mesh`).
+  """The mesh with axes ('data', 'fsdp', 'expert', 'tensor') that the whole `config` asks for (`config.mesh`).
 
   Args:
-    config: the whole config; its `mesh.data`, `mesh.fsdp` and `mesh.tensor` (one may be -1: the rest).
+    config: the whole config; its `mesh.data`, `mesh.fsdp`, `mesh.expert` and `mesh.tensor` (one may be -1:
+      the rest).
     devices: the devices to lay out; default all of them, sorted by process, which keeps each process's
       devices contiguous along the data axes, as `jaxlm.data.pipeline.local_rows` lays out the batch.
     torus: lay the devices out along a TPU slice's torus (`jax.experimental.mesh_utils`), as `jaxlm compile`
@@ -56,14 +59,16 @@ def make_mesh(config, devices: Sequence[jax.Device] | None = None, torus: bool =
 
 
 def mesh_of_sizes(sizes: dict[str, int]) -> Mesh:
-  """The mesh of the `--mesh` flag of generate, serve and export, on the first D*F*T devices.
+  """The mesh of the `--mesh` flag of generate, serve and export, on the first D*F*E*T devices.
 
   Args:
-    sizes: {'data': D, 'fsdp': F, 'tensor': T}, as `jaxlm.cli.main.mesh_sizes` parses the flag.
+    sizes: {'data': D, 'fsdp': F, 'expert': E, 'tensor': T}, as `jaxlm.cli.main.mesh_sizes` parses the flag
+      (an axis left out is 1).
 
   Returns:
     The `jax.sharding.Mesh`. Raises ConfigError naming --mesh when fewer devices are visible.
   """
+  sizes = {axis: sizes.get(axis, 1) for axis in AXES}
   count = math.prod(sizes[axis] for axis in AXES)
   if count > jax.device_count():
     raise ConfigError(
@@ -90,7 +95,7 @@ def fit_mesh(config, device_count: int):
   try:
     config_lib.mesh_shape(config, device_count)
   except ConfigError:
-    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
+    config.mesh.data, config.mesh.fsdp, config.mesh.expert, config.mesh.tensor = -1, 1, 1, 1
   data_parallel = config_lib.data_parallel_size(config, device_count)
   config.eval.batch_size = -(-config.eval.batch_size // data_parallel) * data_parallel
   return config

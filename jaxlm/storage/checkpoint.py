@@ -186,14 +186,14 @@ class Checkpointer:
     self._last_started: int | None = None  # the newest save started; Orbax runs one at a time, so a failure
     # that check() or wait() finds is this step's
     async_options = None if read_only else ocp.AsyncOptions(post_finalization_callback=self._write_file_manifests)
-    options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep,
-      create=not read_only,
-      enable_async_checkpointing=not read_only,
-      read_only=read_only,
-      async_options=async_options,
-    )
-    with _orbax_warnings_dropped():
+    with _orbax_warnings_dropped():  # the options warn too ('read_only=True, setting max_to_keep=None')
+      options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        create=not read_only,
+        enable_async_checkpointing=not read_only,
+        read_only=read_only,
+        async_options=async_options,
+      )
       self.manager = ocp.CheckpointManager(self.directory, options=options)
     # Orbax logs each failed background write with a traceback; `check` and `wait` report it in one line.
     self._quiet = _DropOrbaxErrors()

@@ -14,8 +14,9 @@ import dataclasses
 import json
 import math
 import os
+import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 
@@ -30,13 +31,19 @@ from jaxlm.storage import fs
 from jaxlm.training import step as train_step
 from jaxlm.training import trainer
 
+# Result keys that hold text for people (a summary line, a table): `jaxlm eval` prints them as text after the
+# JSON of the numbers, never escaped inside it.
+TEXT_KEYS = ("summary", "per_class_table")
+PROGRESS_EVERY_S = 10.0  # a progress line at least this often while batches are scored
+
 
 @dataclasses.dataclass
 class Evaluation:
   """What a family's `evaluate` gets: the loaded run, its validation rows and a way to sum the loss.
 
   config: the whole config, fitted to these devices (`jaxlm.parallel.mesh.fit_mesh`). run: the `loader.Run`.
-  rows: the family's validation rows. max_batches: the batches to score (0: all).
+  rows: the family's validation rows. max_batches: the batches to score (0: all). workdir: the run's folder,
+  where a family may write files beside the report (QA's predictions.json); None writes none.
   """
 
   config: Config
@@ -45,6 +52,7 @@ class Evaluation:
   max_batches: int
   eval_step: Callable
   batch_sharding: Any
+  workdir: Any = None
 
   @property
   def params(self):
@@ -61,10 +69,36 @@ class Evaluation:
     """The checkpoint step evaluated."""
     return self.run.step
 
+  @staticmethod
+  def log(message: str) -> None:
+    """A progress line on stderr (process 0), above any bar."""
+    trainer.log(message)
+
+  @property
+  def num_batches(self) -> int:
+    """The validation batches scored: all of the split's (the last one padded), or `max_batches` of them."""
+    count = -(-len(self.rows) // self.config.eval.batch_size)
+    return min(count, self.max_batches) if self.max_batches else count
+
+  def batches(self) -> Iterator[dict]:
+    """This process's validation batches in order, with a line saying how many and progress lines on stderr
+    (the first after compilation, then every PROGRESS_EVERY_S seconds, and the last)."""
+    size, total = self.config.eval.batch_size, self.num_batches
+    whole = -(-len(self.rows) // size)
+    limit = f"the first {total} of {whole} (max_batches={self.max_batches})" if total < whole else f"all {total}"
+    trainer.log(f"eval: scoring {limit} validation batches of {size} rows")
+    start = last = time.perf_counter()
+    for done, local in enumerate(data_lib.eval_batches(self.rows, size, self.max_batches), 1):
+      yield local
+      now = time.perf_counter()
+      if done in (1, total) or now - last >= PROGRESS_EVERY_S:
+        trainer.log(f"eval: batch {done}/{total} ({now - start:.1f} s)")
+        last = now
+
   def loss_sums(self, on_batch: Callable[[dict], None] | None = None) -> dict[str, float]:
-    """{'loss_sum', 'nll_sum', 'weight_sum', 'correct_sum'} over the scored batches; `on_batch(local)` sees
-    each process-local batch first (for sums the loss does not give, such as bytes)."""
-    batches = data_lib.eval_batches(self.rows, self.config.eval.batch_size, self.max_batches)
+    """{'loss_sum', 'nll_sum', 'weight_sum', 'correct_sum'} over the scored batches (`batches`); `on_batch(local)`
+    sees each process-local batch first (for sums the loss does not give, such as bytes)."""
+    batches = self.batches()
     if on_batch is not None:
       batches = _tap(batches, on_batch)
     return train_step.evaluate_loss(self.eval_step, self.params, batches, self.batch_sharding)
@@ -76,17 +110,20 @@ class Evaluation:
       totals: `loss_sums()`'s answer; default: a new `loss_sums()`.
 
     Returns:
-      {'step', 'tokens' (the weight sum), 'loss' (NLL per weighted token), 'perplexity', 'accuracy'}.
+      {'step', 'batches', 'tokens' (the weight sum), 'loss' (NLL per weighted token), 'perplexity', 'accuracy'} and
+      each extra term NAME_sum of the loss as NAME.
     """
     totals = self.loss_sums() if totals is None else totals
     weight = max(totals["weight_sum"], 1.0)
     loss = totals["nll_sum"] / weight
     return {
       "step": self.step,
+      "batches": self.num_batches,
       "tokens": totals["weight_sum"],
       "loss": loss,
       "perplexity": math.exp(min(loss, 700)),
       "accuracy": totals["correct_sum"] / weight,
+      **train_step.loss_terms(totals, weight),  # a loss's extra terms (`jaxlm.LossFn`), e.g. MoE's
     }
 
 
@@ -124,7 +161,7 @@ def load(workdir: str | Path, step: int | None = None, max_batches: int | None =
   )
   rows = family.rows(config, run.tokenizer, "validation")
   limit = config.eval.max_batches if max_batches is None else max_batches
-  return Evaluation(config, run, rows, limit, eval_step, batch_sharding)
+  return Evaluation(config, run, rows, limit, eval_step, batch_sharding, workdir)
 
 
 def evaluate(workdir: str | Path, step: int | None = None, max_batches: int | None = None) -> dict:

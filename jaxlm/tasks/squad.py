@@ -253,6 +253,19 @@ def rows(config, tokenizer, split: str) -> SquadRows:
   return SquadRows(load_examples(config, split), tokenizer, config.data.seq_len, config.data.doc_stride)
 
 
+def predictions_json(examples: Sequence[Example], predictions: Sequence[str]) -> dict[str, str]:
+  """{question id: predicted answer text}, the predictions file SQuAD's official evaluate-v1.1.py reads.
+
+  Args:
+    examples: the scored examples, in order (a question without an id is keyed by its index).
+    predictions: their predicted answers (`best_spans`), as many as were scored.
+
+  Returns:
+    The mapping, in the examples' order.
+  """
+  return {example.id or str(index): text for index, (example, text) in enumerate(zip(examples, predictions))}
+
+
 def best_spans(rows: SquadRows, logits_Nx2xT: np.ndarray) -> list[str]:
   """The predicted answer text of each example whose features are all among the first N rows: the context words
   from the best span's first word to its last, cut from the context as written; '' when none of its windows has a

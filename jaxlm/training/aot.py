@@ -23,7 +23,8 @@ overlap:
            over its bandwidth;
   network: the collectives the mesh implies (fsdp gathers and scatters the
            weights, tensor all-reduces activations, data all-reduces
-           gradients) over the chip's ICI bandwidth.
+           gradients, expert gathers and scatters each MoE layer's tokens)
+           over the chip's ICI bandwidth.
 MFU is the model FLOPs (without recomputation) over that time and the peak:
 an upper bound, not a measurement.
 """
@@ -42,6 +43,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxlm import config as config_lib
 from jaxlm import families
+from jaxlm.models import layers as layers_lib
 from jaxlm.parallel import mesh as mesh_lib
 from jaxlm.parallel import sharding
 from jaxlm.training import chips  # the slice names (tpu/create.sh reads them too)
@@ -167,18 +169,24 @@ def estimate(
   memory_s = hbm_bytes / chip.hbm_bandwidth
 
   compute_bytes = jnp.dtype(m.dtype).itemsize
-  params = metrics.matmul_params(m)
+  # Every expert's weights move, not only the active ones: a chip holds 1/expert of them.
+  experts = metrics.projection_params(m).get("experts", 0) + metrics.inactive_params(m)
   micro = config.train.num_micro_batches
-  f, t, d = mesh_sizes["fsdp"], mesh_sizes["tensor"], mesh_sizes["data"]
+  f, t, d, e = mesh_sizes["fsdp"], mesh_sizes["tensor"], mesh_sizes["data"], mesh_sizes.get("expert", 1)
+  params = metrics.matmul_params(m) - metrics.projection_params(m).get("experts", 0) + experts / e
   # fsdp: per micro-batch, gather the weights for forward and backward and reduce-scatter their gradients.
   fsdp_bytes = micro * (f - 1) / f * params / t * (2 * compute_bytes + 4) if f > 1 else 0.0
-  # tensor: two all-reduces of the layer's activations forward, two backward (Megatron), 2(t-1)/t each.
+  # expert: per MoE layer an all-gather of the group's tokens and a reduce-scatter of their outputs forward,
+  # the same two transposed backward (jaxlm.ops.moe.moe_ffn): the rows of the e-1 peers each time.
   layers = families.get(m.family).attention_layers(m)[0]  # every self-attention layer, encoder and decoder
+  moe_layers = sum(layers_lib.is_moe_layer(m, i) for i in range(layers))
+  expert_bytes = 4 * moe_layers * (e - 1) * tokens_per_chip * m.d_model * compute_bytes if e > 1 else 0.0
+  # tensor: two all-reduces of the layer's activations forward, two backward (Megatron), 2(t-1)/t each.
   activation = tokens_per_chip * t * m.d_model * compute_bytes  # a tensor group shares its rows
   tensor_bytes = 4 * layers * 2 * (t - 1) / t * activation if t > 1 else 0.0
   # data: one all-reduce of the float32 gradients each step.
   data_bytes = 2 * (d - 1) / d * param_bytes if d > 1 else 0.0
-  network_s = (fsdp_bytes + tensor_bytes + data_bytes) / chip.ici_bandwidth
+  network_s = (fsdp_bytes + tensor_bytes + data_bytes + expert_bytes) / chip.ici_bandwidth
 
   step_s = max(compute_s, memory_s, network_s)
   bound = {compute_s: "compute", memory_s: "memory", network_s: "network"}[step_s]

@@ -81,7 +81,7 @@ def mesh_layouts(config, num_chips: int) -> list[dict]:
     for data in _powers_of_two_dividing(num_chips // tensor):
       fsdp = num_chips // tensor // data
       if config.train.global_batch_size % (data * fsdp) == 0:
-        layouts.append({"data": data, "fsdp": fsdp, "tensor": tensor})
+        layouts.append({"data": data, "fsdp": fsdp, "expert": 1, "tensor": tensor})
   return layouts
 
 

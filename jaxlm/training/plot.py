@@ -9,13 +9,14 @@ steps after its checkpoint again) keeps its last value, so curves never
 double back. Tokens are steps x `train.global_batch_size` x `data.seq_len`
 from the run's `config.json` (padding included).
 
-matplotlib is an optional dependency (`pip install 'jaxlm[plot]'`). The
+matplotlib is an optional dependency (`pip install -e '.[plot]'` in the jaxlm checkout). The
 figure is built with `matplotlib.figure.Figure` and no pyplot, so plotting
 changes no process-wide state (no backend switch, no global figure list).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -25,15 +26,26 @@ from typing import Sequence
 from jaxlm.errors import JaxlmError
 from jaxlm.storage import fs, run_dir
 
+# Loss on a log scale: the first steps' loss (ln of the vocabulary, 5.6 for bytes) is several times the rest, and
+# on a linear axis it squeezes the curve that matters into the bottom few pixels.
 PANELS = (  # (title, metrics key, x axis, y label, y scale)
-  ("loss against steps", "loss", "step", "loss (nats/token)", "linear"),
-  ("loss against tokens", "loss", "tokens", "loss (nats/token)", "linear"),
+  ("loss against steps", "loss", "step", "loss (nats/token, log scale)", "log"),
+  ("loss against tokens", "loss", "tokens", "loss (nats/token, log scale)", "log"),
   ("learning rate", "learning_rate", "step", "learning rate", "linear"),
   ("gradient norm", "grad_norm", "step", "global gradient norm", "log"),
   ("throughput", "tokens_per_s", "step", "tokens/s", "linear"),
 )
 TRAIN_STYLE = {"linestyle": "-", "linewidth": 1.4}
 VALIDATION_STYLE = {"linestyle": "--", "marker": "o", "markersize": 3, "linewidth": 1.4}
+
+
+# jaxlm installs from its checkout (README.md), not from a package index.
+INSTALL = "pip install -e '.[plot]' in the jaxlm checkout"
+
+
+def available() -> bool:
+  """Whether matplotlib can be imported, without importing it."""
+  return importlib.util.find_spec("matplotlib") is not None
 
 
 class PlotError(JaxlmError, ValueError):
@@ -85,8 +97,9 @@ def figure(workdirs: Sequence, labels: Sequence[str] | None = None):
   """
   try:
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
   except ImportError:
-    raise PlotError("plotting needs matplotlib: pip install 'jaxlm[plot]'") from None
+    raise PlotError(f"plotting needs matplotlib: {INSTALL}") from None
   labels = list(labels or _labels(workdirs))
   fig = Figure(figsize=(15, 8.5), layout="constrained")
   axes = fig.subplots(2, 3).ravel()
@@ -106,6 +119,9 @@ def figure(workdirs: Sequence, labels: Sequence[str] | None = None):
     ax.set_ylabel(y_label)
     if y_scale == "log" and any(len(line.get_xdata()) for line in ax.get_lines()):
       ax.set_yscale("log")
+      plain = FuncFormatter(lambda value, _: f"{value:g}")  # 2, 3, 4 rather than 2 x 10^0
+      ax.yaxis.set_major_formatter(plain)
+      ax.yaxis.set_minor_formatter(plain)
     ax.grid(True, alpha=0.3)
   legend = axes[-1]
   legend.axis("off")

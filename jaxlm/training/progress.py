@@ -1,5 +1,9 @@
 """Training progress on stderr: a smoothed time-left estimate, and a bar only on a terminal.
 
+The bar counts finished steps and shows the latest finished step's loss: the trainer reports a step once
+its result has been read back from the device (at most two steps after it was dispatched,
+`jaxlm.training.trainer.RUN_AHEAD_STEPS`), never when it was only queued.
+
 The estimate leaves the first step out (it waits for compilation) and smooths
 the step time with an exponential moving average over log intervals, so one
 slow interval moves it a little. Time between the steps (validation,
@@ -98,7 +102,7 @@ class Progress:
     self.loss = ""
 
   def update(self, done: int, loss: float | None = None) -> None:
-    """Step `done` finished (with its `loss`, when known): moves the bar."""
+    """Step `done` finished on the device (with its `loss`, when known): moves the bar."""
     if self.bar is None:
       return
     if loss is not None:

@@ -75,8 +75,10 @@ def banner(trainer, start: int, rows, origin: str = "") -> list[str]:
   flops = metrics_lib.flops_per_token(config.model, config.data.seq_len)
   devices = jax.devices()
   mesh = " x ".join(f"{name} {size}" for name, size in s.mesh.shape.items())
+  inactive = metrics_lib.inactive_params(config.model)  # MoE: the experts a token skips
+  active = f", {total - inactive:,} active per token" if inactive else ""
   lines = [
-    f"model: {total:,} parameters ({embedding:,} embedding, {total - embedding:,} other), "
+    f"model: {total:,} parameters ({embedding:,} embedding, {total - embedding:,} other{active}), "
     f"{flops / 1e6:,.1f} MFLOP per token",
     f"devices: {len(devices)} x {devices[0].device_kind} ({jax.process_count()} process(es)); mesh {mesh}",
   ]
@@ -99,7 +101,9 @@ def summary_lines(summary: dict) -> list[str]:
   """The lines printed after the last step, from the `train_summary.json` dict."""
   minutes = lambda seconds: f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
   lines = [
-    f"{_ENDINGS[summary['stop_reason']]} at step {summary['step']} after {minutes(summary['wall_time_s'])}: "
+    f"{_ENDINGS[summary['stop_reason']]} at step {summary['step']} after {minutes(summary['wall_time_s'])}"
+    + (f" over {summary['segments']} runs of the command" if summary.get("segments", 1) > 1 else "")
+    + ": "
     f"compile {minutes(summary['compile_time_s'])}, evaluation {minutes(summary['eval_time_s'])}, "
     f"checkpoints {minutes(summary['checkpoint_time_s'])}"
   ]

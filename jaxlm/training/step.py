@@ -11,14 +11,15 @@ estimate of it (`jaxlm.training.memory`) and runs that executable.
 What is open: `setup` takes any Flax module that meets `jaxlm.families.LanguageModel`
 (default: the family's model from `config.model`) and any `LossFn` (default:
 `cross_entropy_loss`, token-weighted cross-entropy with z-loss and label smoothing).
-`config` is always the whole config; `model_cfg` the model sub-config.
+A loss's extra `NAME_sum` terms are reported as NAME (`loss_terms`), in training
+and validation alike. `config` is always the whole config; `model_cfg` the model sub-config.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping, Protocol
 
 import flax.linen as nn
 import jax
@@ -30,16 +31,100 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxlm import config as config_lib
 from jaxlm import families
 from jaxlm.config import Config
-from jaxlm.models import layers
+from jaxlm.errors import JaxlmError
+from jaxlm.models import layers, moe
 from jaxlm.models import transformer as model_lib
 from jaxlm.parallel import sharding
 from jaxlm.training import optim
 
-LossFn = Callable[[nn.Module, Any, dict, dict], dict]
-"""`loss_fn(model, params, batch, rngs) -> sums`: token-weighted SUMS over the batch (not means), so
-micro-batches and hosts add up exactly. `sums` must hold 'loss_sum' (what is minimized) and 'weight_sum'
-(the tokens it covers; the step divides by it); 'nll_sum' (reported as the loss, default 'loss_sum') and
-'correct_sum' (accuracy) are optional. `rngs` is {'dropout': key} in training and {} in evaluation."""
+
+class LossFnError(JaxlmError, TypeError):
+  """A `LossFn` whose sums break the contract (a missing key, a key not named NAME_sum); one line naming it."""
+
+
+class LossFn(Protocol):
+  """The contract of a training objective: `loss_fn(model, params, batch, rngs) -> sums`.
+
+  Any function with this signature is one (`cross_entropy_loss(config.train)` is the default). It returns
+  token-weighted SUMS over the batch, not means, so micro-batches and hosts add up exactly: the step adds
+  the sums of every micro-batch and device first, then divides by 'weight_sum'.
+  """
+
+  def __call__(self, model: nn.Module, params: Any, batch: dict, rngs: dict) -> dict[str, jax.Array]:
+    """The objective's sums over one batch.
+
+    Args:
+      model: the Flax module being trained (dropout on in training, off in evaluation).
+      params: its parameter tree.
+      batch: a dict of B x T arrays (for the decoder: inputs, targets, segment_ids, positions, weights). Pass
+        the model all of its inputs (`jaxlm.families.model_inputs(model, batch)`): a decoder given `inputs`
+        alone attends across the documents packed into a row.
+      rngs: {'dropout': key} in training, {} in evaluation; pass it to `model.apply(..., rngs=rngs)`.
+
+    Returns:
+      A dict of scalar sums. Required: 'loss_sum' (what is minimized) and 'weight_sum' (the tokens it
+      covers). Optional: 'nll_sum' (reported as `loss`; default 'loss_sum') and 'correct_sum' (accuracy in
+      `jaxlm eval`). Every other key must be named NAME_sum, e.g. 'z_loss_sum' or 'aux_sum': it is reported
+      as NAME = sum / weight_sum in metrics.jsonl, TensorBoard and the log line, and as val_NAME after each
+      validation. Add a term into 'loss_sum' yourself to train on it; the extra keys are only reported.
+    """
+    ...
+
+
+BUILT_IN_SUMS = ("loss_sum", "weight_sum", "nll_sum", "correct_sum")  # what the step reads itself
+# The train step's own metrics and the trainer's, which an extra term's name must not shadow.
+_RESERVED_NAMES = (
+  "loss",
+  "objective",
+  "grad_norm",
+  "learning_rate",
+  "tokens",
+  "accuracy",
+  "step_time_s",
+  "tokens_per_s",
+  "peak_flops",
+  "mfu",
+  "batch_crc32",
+)
+
+
+def check_sums(sums: Mapping[str, Any]) -> None:
+  """Raises LossFnError unless `sums` (a `LossFn`'s result, arrays or shapes) meets the `LossFn` contract."""
+  if not isinstance(sums, Mapping):
+    raise LossFnError(
+      f"loss_fn returned a {type(sums).__name__}; return a dict of sums with 'loss_sum' and 'weight_sum'"
+    )
+  for key in ("loss_sum", "weight_sum"):
+    if key not in sums:
+      raise LossFnError(
+        f"loss_fn returned no '{key}' (keys: {', '.join(sorted(sums)) or 'none'}); return 'loss_sum' (the "
+        "token-weighted sum to minimize) and 'weight_sum' (the tokens it covers)"
+      )
+  for key, value in sums.items():
+    if not key.endswith("_sum") or key == "_sum":
+      raise LossFnError(
+        f"loss_fn returned '{key}': every key must be a token-weighted sum named NAME_sum (e.g. '{key}_sum'), "
+        "which is reported as NAME = sum / weight_sum"
+      )
+    if key not in BUILT_IN_SUMS and key.removesuffix("_sum") in _RESERVED_NAMES:
+      raise LossFnError(
+        f"loss_fn returned '{key}', whose metric name '{key.removesuffix('_sum')}' is the trainer's own; rename it"
+      )
+    if jnp.ndim(value) != 0:
+      raise LossFnError(f"loss_fn returned '{key}' of shape {jnp.shape(value)}; every sum must be a scalar")
+
+
+def loss_terms(sums: Mapping[str, Any], weight) -> dict[str, Any]:
+  """The extra terms of a `LossFn`'s sums: NAME -> sums['NAME_sum'] / weight, for each key not in `BUILT_IN_SUMS`.
+
+  Args:
+    sums: the sums, added over micro-batches, devices and batches (arrays or floats).
+    weight: what to divide by: the summed 'weight_sum' (at least 1).
+
+  Returns:
+    {NAME: mean}, e.g. {'z_loss': ...} for a 'z_loss_sum'.
+  """
+  return {key.removesuffix("_sum"): value / weight for key, value in sums.items() if key not in BUILT_IN_SUMS}
 
 
 class TrainState(struct.PyTreeNode):
@@ -159,13 +244,15 @@ def cross_entropy(
 
 def cross_entropy_loss(train_config) -> LossFn:
   """The default `LossFn`: `cross_entropy` of the model's logits against batch['targets'], weighted by
-  batch['weights'], with `train_config.z_loss` and `train_config.label_smoothing` (the `config.train` section)."""
+  batch['weights'], with `train_config.z_loss` and `train_config.label_smoothing` (the `config.train` section);
+  a mixture-of-experts model adds its weighted load-balancing and router z-losses (`moe.add_to_sums`)."""
 
   def loss_fn(model: nn.Module, params, batch: dict, rngs: dict) -> dict[str, jax.Array]:
-    logits_BxTxV = model.apply({"params": params}, **families.model_inputs(model, batch), rngs=rngs)
-    return cross_entropy(
+    logits_BxTxV, moe_stats = moe.apply_with_statistics(model, params, families.model_inputs(model, batch), rngs)
+    sums = cross_entropy(
       logits_BxTxV, batch["targets"], batch["weights"], train_config.z_loss, train_config.label_smoothing
     )
+    return moe.add_to_sums(sums, moe_stats, model.cfg) if moe_stats else sums
 
   return loss_fn
 
@@ -183,7 +270,7 @@ def make_train_step(s: Setup):
 
   `batch` is a global batch (B x T arrays sharded by `s.batch_sharding`); with
   `train.num_micro_batches` = M it is split into M micro-batches inside the step. metrics: loss (nll per
-  weighted token), objective, grad_norm, learning_rate, tokens.
+  weighted token), objective, grad_norm, learning_rate, tokens, and the loss's extra terms (`loss_terms`).
   """
   cfg = s.config
   num_micro = cfg.train.num_micro_batches
@@ -192,6 +279,7 @@ def make_train_step(s: Setup):
   def grads_and_sums(params, batch, rng):
     def loss_fn(p):
       sums = s.loss_fn(s.model, p, batch, {"dropout": rng})
+      check_sums(sums)  # at trace time: a bad key stops the compilation in one line
       return sums["loss_sum"], sums
 
     grads, sums = jax.grad(loss_fn, has_aux=True)(params)
@@ -228,6 +316,7 @@ def make_train_step(s: Setup):
       "grad_norm": optax.tree.norm(grads),
       "learning_rate": s.schedule(state.step),
       "tokens": sums["weight_sum"],
+      **loss_terms(sums, weight),
     }
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -315,9 +404,29 @@ def eval_step_for(
   model = evaluation_mode(model)
 
   def eval_fn(params, batch):
-    return loss_fn(model, params, batch, {})
+    sums = loss_fn(model, params, batch, {})
+    check_sums(sums)
+    return sums
 
   return under_mesh(mesh, rules, jax.jit(eval_fn, in_shardings=(params_shardings, batch_sharding)))
+
+
+def make_logits_fn(s: Setup, params_shardings):
+  """The jitted `(params, global batch) -> logits` of `s.model` in evaluation mode, under the run's mesh and rules.
+
+  Args:
+    s: the run's `Setup`.
+    params_shardings: the params' NamedShardings (`s.state_shardings.params`).
+
+  Returns:
+    The function; its logits are B x T x V, sharded as the batch.
+  """
+  model = evaluation_mode(s.model)
+
+  def logits_fn(params, batch):
+    return model.apply({"params": params}, **families.model_inputs(model, batch))
+
+  return under_mesh(s.mesh, s.rules, jax.jit(logits_fn, in_shardings=(params_shardings, s.batch_sharding)))
 
 
 def evaluate_loss(eval_step, params, batches: Iterable[dict], batch_sharding: NamedSharding) -> dict[str, float]:

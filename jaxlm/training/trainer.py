@@ -12,6 +12,7 @@ an uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -29,7 +30,7 @@ import tqdm
 from jaxlm import config as config_lib
 from jaxlm import families
 from jaxlm.config import Config
-from jaxlm.data import corpus, feed, mixture
+from jaxlm.data import corpus, feed, mixture, pipeline
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.errors import JaxlmError
 from jaxlm.models import lora
@@ -38,10 +39,15 @@ from jaxlm.parallel import mesh as mesh_lib
 from jaxlm.storage import checkpoint as checkpoint_lib
 from jaxlm.storage import fs, run_dir, runlock
 from jaxlm.training import flops as metrics_lib
-from jaxlm.training import init_from, memory, plot
+from jaxlm.training import init_from, memory, plot, profiling, tracking
 from jaxlm.training import progress as progress_lib
 from jaxlm.training import report as run_report
 from jaxlm.training import step as train_step
+
+# Steps the host may dispatch before the device has finished them: dispatch is asynchronous, and without a bound
+# the host ran ~30 steps ahead, so the bar counted steps not yet computed and a stop waited for all of them.
+# Two keep the device busy (the next step is queued while one runs) and the bar within two steps of the truth.
+RUN_AHEAD_STEPS = 2
 
 
 class TrainingError(JaxlmError, RuntimeError):
@@ -61,7 +67,8 @@ class Callback:
   on_start(trainer, step): the state is ready (fresh, or restored at `step`).
   on_step(trainer, step, metrics): after each logged step (every `train.log_every`, the first and each save);
     `metrics` is the dict of floats written to metrics.jsonl.
-  on_eval(trainer, step, metrics): after each validation, with {'val_loss': ...}.
+  on_eval(trainer, step, metrics): after each validation, with {'val_loss': ...} and val_NAME for each extra
+    term NAME_sum of the loss (`jaxlm.LossFn`).
   on_save(trainer, step): after a checkpoint save of `step` started (saves are asynchronous).
   on_end(trainer, summary): after the loop, with what train_summary.json holds; `trainer.stop_reason` says
     why it ended: 'finished', 'sigint', 'sigterm' or 'stop_at_step'. Not called when training fails.
@@ -150,14 +157,16 @@ def prepare_data(config: Config, tokenizer, split: str):
   return families.get(config.model.family).rows(config, tokenizer, split)
 
 
-def load_tokenizer(config: Config) -> tokenizer_lib.Tokenizer:
-  """The tokenizer the whole `config` names (training a SentencePiece vocabulary first if asked)."""
+def load_tokenizer(config: Config, check: bool = True) -> tokenizer_lib.Tokenizer:
+  """The tokenizer the whole `config` names (training a SentencePiece vocabulary first if asked); with `check`,
+  `check_vocab_size` first."""
   if config.data.tokenizer == "sentencepiece" and config.data.spm_vocab_size:
     from jaxlm.data import spm
 
     spm.train_if_missing(config)
   tokenizer = tokenizer_lib.from_config(config.data)
-  check_vocab_size(config, tokenizer)
+  if check:
+    check_vocab_size(config, tokenizer)
   return tokenizer
 
 
@@ -177,7 +186,9 @@ class Trainer:
     to build the default model and to count FLOPs).
   workdir: where config.json, the tokenizer, checkpoints/, metrics.jsonl, tensorboard/ and
     train_summary.json go; an existing run there is resumed.
-  model: a Flax module meeting `jaxlm.families.LanguageModel`; default the family model of `config.model`.
+  model: a Flax module meeting `jaxlm.families.LanguageModel`; default the family model of `config.model`
+    (with dropout on). `trainer.model` is the module trained once `run` has built it; `trainer.logits(batch)`
+    applies it in evaluation mode under the run's mesh and rules.
   train_data, eval_data: strings, random-access rows or ready batches (`jaxlm.data.feed`); default the
     config's data. With `train_data` given and no `eval_data`, there is no validation.
   loss_fn: a `jaxlm.training.step.LossFn`; default cross-entropy (`train_step.cross_entropy_loss`).
@@ -211,6 +222,7 @@ class Trainer:
     self.peak: metrics_lib.PeakFlops | None = None  # what MFU divides by
     self.stop_reason: str | None = None
     self.timings = {"compile_time_s": 0.0, "eval_time_s": 0.0, "checkpoint_time_s": 0.0}
+    self._logits_fn = None  # `logits`' jitted forward pass, made on first use
 
   def _emit(self, event: str, *args) -> None:
     for callback in self.callbacks:
@@ -238,6 +250,7 @@ class Trainer:
     ):  # another run's model and tokenizer (jaxlm/training/init_from.py), then validated
       self.config = init_from.resolve(self.config, self.workdir, log, self.model)
     config_lib.validate(self.config, jax.device_count())
+    profiling.parse_steps(self.config.train.get("profile_steps", ""))  # malformed: one line, before compiling
     self.lock = runlock.WorkdirLock(self.workdir, report=log)
     if jax.process_index() == 0:  # the other processes share process 0's work directory
       self.lock.acquire()
@@ -258,19 +271,28 @@ class Trainer:
       config = self.config = lora.resolve_base(config, log, self.workdir)
       if self.tokenizer is None:
         self.tokenizer = tokenizer_lib.load(fs.path(config.lora.base_workdir))
+    # The caller's own token ids (rows or batches, no tokenizer given) may use a vocabulary smaller than the
+    # tokenizer's, which is then only saved with the run; strings are tokenized, so they need it to fit.
+    own_ids = self.tokenizer is None and self.train_data is not None
     if self.tokenizer is None:
-      self.tokenizer = load_tokenizer(config)
+      self.tokenizer = load_tokenizer(config, check=not own_ids)
     else:
+      check_vocab_size(config, self.tokenizer)
+    train_source, eval_source = self._feeds(config, self.tokenizer)
+    sources = [source for source in (train_source, eval_source) if source is not None]
+    if own_ids and any(isinstance(source.rows, pipeline.PackedRows) for source in sources):  # strings, tokenized
       check_vocab_size(config, self.tokenizer)
     if config.train.compilation_cache_dir:
       jax.config.update("jax_compilation_cache_dir", config.train.compilation_cache_dir)
     run_dir.write_run_files(self.workdir, config, self.tokenizer)
 
-    train_source, eval_source = self._feeds(config, self.tokenizer)
     mesh = mesh_lib.make_mesh(config)
     if self.model is None and lora.enabled(config):
       self.model = lora.adapted_model(config, lora.base_params(config, mesh))
+    elif isinstance(self.model, lora.AdaptedModel):  # `jaxlm.apply_lora`'s: its base onto this run's mesh
+      self.model = lora.on_mesh(self.model, mesh, config_lib.mesh_rules(config))
     s = self.setup = train_step.setup(config, mesh, self.model, self.loss_fn)
+    self.model = s.model  # the module trained, the config's family model by default, for callbacks
     # Both refuse a step too big for a device in one line, before any state exists: the state count first
     # (no tracing), then XLA's analysis of the compiled step, activations included (jaxlm/training/memory.py).
     sharding.check_state_fits(s.abstract_state, s.state_shardings, s.abstract_state.params)
@@ -307,13 +329,24 @@ class Trainer:
 
   def _validate(self, eval_step, eval_source: feed.Feed) -> dict[str, float]:
     t = self.config.train
+    batches = [0]
+
+    def counted(local_batches):
+      for local in local_batches:
+        batches[0] += 1
+        yield local
+
     totals = train_step.evaluate_loss(
       eval_step,
       self.state.params,
-      eval_source.eval_batches(self.config.eval.batch_size, t.eval_batches),
+      counted(eval_source.eval_batches(self.config.eval.batch_size, t.eval_batches)),
       self.setup.batch_sharding,
     )
-    return {"val_loss": totals.get("nll_sum", totals["loss_sum"]) / max(totals["weight_sum"], 1)}
+    # What the validation line says it scored: `jaxlm eval --max-batches N` scores the same N batches.
+    self.validation_scope = f"{batches[0]} batch{'es' * (batches[0] != 1)}, {totals['weight_sum']:,.0f} tokens"
+    weight = max(totals["weight_sum"], 1)
+    terms = train_step.loss_terms(totals, weight)  # the loss's extra terms, as the train step reports them
+    return {"val_loss": totals.get("nll_sum", totals["loss_sum"]) / weight} | {f"val_{k}": v for k, v in terms.items()}
 
   def _loop(self, start: int, train_source: feed.Feed, eval_source: feed.Feed | None) -> dict[str, float]:
     config, s, checkpointer = self.config, self.setup, self.checkpointer
@@ -323,10 +356,12 @@ class Trainer:
     batches = train_source.train_batches(
       t.global_batch_size, config.data.shuffle_seed, start, t.num_steps, config.data.prefetch_threads
     )
-    writer = metrics_lib.MetricWriter(self.workdir)
-    flops_per_step = (
-      metrics_lib.flops_per_token(config.model, config.data.seq_len) * t.global_batch_size * config.data.seq_len
-    )
+    writer = tracking.MetricWriter(self.workdir, config)
+    # FLOPs of what trains: a LoRA run's frozen weights cost no weight gradient (jaxlm/training/flops.py).
+    flops_per_step = metrics_lib.training_flops_per_token(config) * t.global_batch_size * config.data.seq_len
+    profiler = profiling.StepProfiler(t.get("profile_steps", ""), self.workdir, log)
+    if eval_source is not None and jax.process_index() == 0 and not plot.available():
+      log(f"no {fs.join(self.workdir, 'loss.png')} at evaluations: it needs matplotlib ({plot.INSTALL})")
     rng = jax.random.key(config.seed + 1)
     meta = lambda step: {"config": config.to_dict(), "data_position": step}
 
@@ -336,15 +371,23 @@ class Trainer:
     window_steps, window_seconds, resumed_at = 0, 0.0, time.perf_counter()
     self.stop_reason = "finished"
     progress = progress_lib.Progress(start, t.num_steps, enabled=jax.process_index() == 0)
+    in_flight = collections.deque()  # (step, its loss) of the steps dispatched and not yet seen finished
     try:
       with _StopRequest() as stop:
         for step in range(start, t.num_steps):
           local_batch = next(batches)
           batch = sharding.global_batch(local_batch, s.batch_sharding)
+          resumed_at += profiler.before_step(step + 1)  # tracing is not step time
           self.state, step_metrics = step_fn(self.state, batch, rng)
           window_steps += 1
           done = step + 1
-          progress.update(done)
+          resumed_at += profiler.after_step(done, step_metrics)
+          # Wait for step done - RUN_AHEAD_STEPS: the bar shows finished steps and their loss, and a stop or a save
+          # waits for at most RUN_AHEAD_STEPS steps; the device still holds the next ones, so it never idles.
+          in_flight.append((done, step_metrics["loss"]))
+          if len(in_flight) > RUN_AHEAD_STEPS:
+            finished, loss = in_flight.popleft()
+            progress.update(finished, float(loss))
           checkpointer.check()  # a failed asynchronous save (a full disk) stops the run at once
           # Read once: a signal landing later in this iteration is handled after the next step.
           stopping = stop.reached(done - start) or done == t.stop_at_step
@@ -374,10 +417,11 @@ class Trainer:
             if done > start + 1 and window_steps:  # the first step's time is compilation
               values["step_time_s"] = window_seconds / window_steps
               values["tokens_per_s"] = t.global_batch_size * config.data.seq_len / values["step_time_s"]
-              values["peak_flops"] = self.peak.refresh()  # measured now, after the window, on CPU
+              values["peak_flops"] = self.peak.flops  # fixed: published, or this machine's cached nominal peak
               values["mfu"] = flops_per_step / values["step_time_s"] / values["peak_flops"]
               progress.eta.observe(done, window_steps, window_seconds)
             writer.write(done, values)
+            in_flight.clear()  # reading this step's metrics waited for it and every step before
             progress.update(done, values["loss"])
             log(
               f"step {done}: "
@@ -399,7 +443,10 @@ class Trainer:
             self.timings["eval_time_s"] += time.perf_counter() - eval_start
             validations[done] = val["val_loss"]
             writer.write(done, val)
-            log(f"step {done}: validation loss {val['val_loss']:.4f}")
+            log(
+              f"step {done}: validation loss {val['val_loss']:.4f} on {self.validation_scope}"
+              + "".join(f", {k} {v:.4g}" for k, v in val.items() if k != "val_loss")
+            )
             last.update(val)
             self._emit("on_eval", done, val)
             if jax.process_index() == 0:
@@ -420,6 +467,7 @@ class Trainer:
     finally:
       # Stopping on an error: the metrics' last upload to a bucket that is gone fails too; report the first failure.
       failing = sys.exc_info()[1] is not None
+      profiler.stop(self.state)  # a trace still running (the run stopped inside the range) keeps what it has
       progress.close()
       close_start = time.perf_counter()
       checkpointer.close()  # waits for the last asynchronous save
@@ -429,22 +477,57 @@ class Trainer:
       except JaxlmError:
         if not failing:
           raise
-    summary = self._summary(done, last, validations)
+      finally:
+        if failing:
+          writer.finish(None)
+    summary = self._summary(start, done, last, validations)
     if jax.process_index() == 0:
       (self.workdir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    writer.finish(summary)
     for line in run_report.summary_lines(summary):
       log(line)
     self._emit("on_end", summary)
     return summary
 
-  def _summary(self, step: int, last: dict[str, float], validations: dict[int, float]) -> dict:
+  def _earlier_segments(self, start: int) -> list[dict]:
+    """The segments (runs of the command) before this one that resumed at `start`, from train_summary.json:
+    those that began before `start`, their steps cut at it (a resume from an older checkpoint redoes the rest;
+    the time they took still counts)."""
+    location = self.workdir / "train_summary.json"
+    if start == 0 or jax.process_index() != 0 or not location.exists():
+      return []
+    try:
+      segments = json.loads(location.read_text()).get("segment_history", [])
+    except ValueError:  # a summary half-written when the machine went down: this run's totals start here
+      return []
+    per_step = self.config.train.global_batch_size * self.config.data.seq_len
+    kept = [dict(segment) for segment in segments if segment["start"] < start]
+    for segment in kept:
+      segment["step"] = min(segment["step"], start)
+      segment["tokens"] = (segment["step"] - segment["start"]) * per_step
+    return kept
+
+  def _summary(self, start: int, step: int, last: dict[str, float], validations: dict[int, float]) -> dict:
+    """What train_summary.json holds: the last metrics, and times, steps and tokens (padding included) summed
+    over every segment of the run (each time the command ran), with `segment_history` listing them."""
+    t = self.config.train
+    segment = {
+      "start": start,
+      "step": step,
+      "tokens": (step - start) * t.global_batch_size * self.config.data.seq_len,
+      "wall_time_s": time.perf_counter() - self.started,
+      **self.timings,
+    }
+    segments = self._earlier_segments(start) + [segment]
     summary = {
       **last,
       "step": step,
       "stop_reason": self.stop_reason,
       "mfu_peak": self.peak.label,
-      "wall_time_s": time.perf_counter() - self.started,
-      **self.timings,
+      **{key: sum(s[key] for s in segments) for key in ("wall_time_s", *self.timings)},
+      "tokens_trained": sum(s["tokens"] for s in segments),
+      "segments": len(segments),
+      "segment_history": segments,
     }
     if validations:
       best_step = min(validations, key=validations.get)
@@ -452,6 +535,23 @@ class Trainer:
         final_val_loss=validations[max(validations)], best_val_loss=validations[best_step], best_val_step=best_step
       )
     return summary
+
+  def logits(self, batch: dict, params=None) -> jax.Array:
+    """The model's logits on `batch`, with dropout off, under the run's mesh and logical rules (from a callback).
+
+    Args:
+      batch: this process's rows of a global batch, a dict of B x T arrays with the data's keys (for the
+        decoder: inputs, segment_ids, positions; targets and weights are ignored). B must divide over the
+        mesh's data axes.
+      params: the parameters to use; default the current ones (`trainer.state.params`).
+
+    Returns:
+      The global logits, B x T x V (sharded as the batch is).
+    """
+    if self._logits_fn is None:
+      self._logits_fn = train_step.make_logits_fn(self.setup, self.setup.state_shardings.params)
+    params = self.state.params if params is None else params
+    return self._logits_fn(params, sharding.global_batch(batch, self.setup.batch_sharding))
 
 
 def train(config: Config, workdir: str | Path, **kwargs) -> dict[str, float]:

@@ -44,7 +44,7 @@ def test_tiny_config_fits_v5e_2x2(dtype, tmp_path, capsys):
   assert status == 0, printed
   report = json.loads(out.read_text())
   assert report["chips"] == 4 and report["chip"] == "v5e"
-  assert report["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
+  assert report["mesh"] == {"data": 4, "fsdp": 1, "expert": 1, "tensor": 1}
   # Float32 master weights whatever the compute dtype, replicated over the data axis: whole on every chip.
   assert report["params_bytes"] == 4 * tiny_param_count()
   # AdamW: two float32 moments per parameter, plus step counters.
@@ -72,7 +72,7 @@ def test_fsdp_shards_the_state(tmp_path):
     config_lib.load_config_file(TINY), ["--config.mesh.data=1", "--config.mesh.fsdp=-1"]
   )
   sharded = aot.compile_train_step(config, "v5litepod-4")  # Cloud's spelling of v5e-4
-  assert sharded["chip"] == "v5e" and sharded["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+  assert sharded["chip"] == "v5e" and sharded["mesh"] == {"data": 1, "fsdp": 4, "expert": 1, "tensor": 1}
   # Norm scales and biases carry no 'embed' axis and stay whole; every matrix is split four ways.
   whole = 4 * tiny_param_count()
   assert whole / 4 < sharded["params_bytes"] < whole / 2
@@ -150,6 +150,26 @@ def test_roofline_estimate():
   slow = aot.Chip(peak_flops=1e12, hbm_bytes=2**34, hbm_bandwidth=1e15, ici_bandwidth=1.0)
   est = aot.estimate(config, slow, 4, mesh, 1000, memory)
   assert est["bound"] == "network" and math.isclose(est["network_s"], 2 * 3 / 4 * 1000)
+
+
+def test_roofline_counts_expert_parallel_traffic():
+  """Expert parallelism moves each MoE layer's tokens four times (gather and scatter, forward and backward) and
+  fsdp gathers every expert's weights, not only the active ones."""
+  from jaxlm.training import flops as metrics
+
+  config = config_lib.load_config_file(TINY)
+  m = config.model
+  m.mlp, m.moe_experts, m.moe_top_k = "swiglu", 4, 2
+  config.train.global_batch_size = 64
+  slow = aot.Chip(peak_flops=1e30, hbm_bytes=2**34, hbm_bandwidth=1e30, ici_bandwidth=1.0)
+  memory = StepMemory(arguments=0, outputs=0, aliased=0, temporaries=0, code=0)
+  tokens_per_chip = 64 * config.data.seq_len / 4
+  est = aot.estimate(config, slow, 4, {"data": 1, "fsdp": 1, "expert": 4, "tensor": 1}, 0, memory)
+  assert math.isclose(est["network_s"], 4 * m.num_layers * 3 * tokens_per_chip * m.d_model * 4)  # float32
+  est = aot.estimate(config, slow, 4, {"data": 1, "fsdp": 4, "expert": 1, "tensor": 1}, 0, memory)
+  every_weight = metrics.matmul_params(m) + metrics.inactive_params(m)
+  assert metrics.inactive_params(m) > 0
+  assert math.isclose(est["network_s"], 3 / 4 * every_weight * (2 * 4 + 4))
 
 
 @needs_libtpu

@@ -111,7 +111,7 @@ def test_the_default_template_turn_end_stops_the_answer(session):
     ({"messages": [{"role": "user", "content": "x" * 200}]}, "messages"),
     ({"messages": [{"role": "user", "content": "\ud800"}]}, "messages"),
     ({"messages": HELLO, "prompt": "hi"}, "prompt"),
-    ({"messages": HELLO, "logprobs": True}, "logprobs"),
+    ({"messages": HELLO, "logprobs": 3}, "logprobs"),
     ({"messages": HELLO, "temperature": -1}, "temperature"),
     ({"messages": HELLO, "top_p": 0}, "top_p"),
     ({"messages": HELLO, "max_tokens": 0}, "max_tokens"),

@@ -31,7 +31,7 @@ def test_devices_on_eight_cpu_devices(tmp_path, capfd):
   assert report["versions"]["jax"] == jax.__version__ and report["versions"]["libtpu"] == libtpu_version()
   assert report["platform"] == "cpu" and report["devices"] == {"cpu": 8} and report["device_count"] == 8
   assert (report["process_index"], report["process_count"], report["local_device_count"]) == (0, 1, 8)
-  assert report["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1} and report["kernel_devices"] == 8
+  assert report["mesh"] == {"data": 8, "fsdp": 1, "expert": 1, "tensor": 1} and report["kernel_devices"] == 8
   assert report["kernels"] == dict.fromkeys(["attention", "norm", "dense", "activation"], "xla")
   assert report["peak_measured"] and report["peak_flops"] > 0 and "measured" in report["peak_label"]
   assert report["memory_per_device"] > 0 and report["compute_dtype"] == "float32"
@@ -58,7 +58,7 @@ def test_devices_on_one_device_in_a_fresh_process(tmp_path):
   assert result.returncode == 0 and result.stderr == "", result.stderr[-3000:]
   report = json.loads((tmp_path / "d.json").read_text())
   assert report["device_count"] == 1 and report["config"] == "the defaults"
-  assert report["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1}
+  assert report["mesh"] == {"data": 1, "fsdp": 1, "expert": 1, "tensor": 1}
   expected = "cpu" if cpu_kernels.available() else "xla"
   assert report["kernels"] == dict.fromkeys(["attention", "norm", "dense", "activation"], expected)
   assert len(result.stdout.splitlines()) == 6
@@ -92,7 +92,7 @@ def test_devices_across_two_processes(tmp_path):
     report = json.loads((tmp_path / f"{i}.json").read_text())
     assert (report["process_index"], report["process_count"]) == (i, 2)
     assert (report["device_count"], report["local_device_count"]) == (8, 4)
-    assert report["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
+    assert report["mesh"] == {"data": 8, "fsdp": 1, "expert": 1, "tensor": 1}
 
 
 def test_the_tpu_backend_is_skipped_only_without_tpu_chips_and_without_jax_platforms(monkeypatch):

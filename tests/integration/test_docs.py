@@ -1,6 +1,7 @@
 """The docs cannot drift: the site builds with `mkdocs build --strict`, and every Python example in README.md and
 docs/ runs against the current code, in order, page by page."""
 
+import ast
 import json
 import os
 import re
@@ -8,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from support import REPO
 
@@ -117,23 +119,126 @@ def test_readme_example_runs(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_python_api_examples_run_in_order(tmp_path, monkeypatch, capsys):
-  assert len(python_examples(DOCS / "python-api.md")) == 3
+  assert len(python_examples(DOCS / "python-api.md")) == 6
   monkeypatch.chdir(tmp_path)
   namespace = run_examples(DOCS / "python-api.md", tmp_path)
   printed = capsys.readouterr().out
   assert "step 3: validation loss" in printed and "step 6: validation loss" in printed
   assert namespace["run"].step == 6 and namespace["logits_BxTxV"].shape == (1, 11, 260)
+  first, second = namespace["first"], namespace["second"]  # Run.score: a text past max_len is scored whole
+  assert first.num_tokens == 25 and len(first.hidden_states) == 3 and second.num_tokens == 400
   assert (tmp_path / "runs" / "bigram" / "checkpoints" / "6").is_dir()
   bigram = [json.loads(line) for line in (tmp_path / "runs" / "bigram" / "metrics.jsonl").read_text().splitlines()]
   losses = [row["loss"] for row in bigram if "loss" in row]
   assert losses[-1] < losses[0]  # the custom objective went down
+  assert all("max_logit" in row for row in bigram if "loss" in row)  # its extra term, reported
+  assert jaxlm.load(tmp_path / "runs" / "merged").step == 0 and "step 4: accuracy" in printed
+
+
+# docs/research.md: nine recipes a researcher writes, each at most 15 lines on public names only (the page states
+# the rule; these functions are it). The public modules: jaxlm and those the API reference documents.
+RESEARCH = DOCS / "research.md"
+PUBLIC_MODULES = {"jaxlm"} | {
+  module for page in (DOCS / "reference").glob("*.md") for module in re.findall(r"^# `(jaxlm[\w.]*)`", page.read_text())
+}
+
+
+def code_lines(code: str) -> int:
+  """The lines of `code` that are neither blank nor only a comment."""
+  return sum(1 for line in code.splitlines() if line.strip() and not line.strip().startswith("#"))
+
+
+def private_names(code: str) -> set[str]:
+  """What `code` uses beyond jaxlm's public names: a jaxlm module outside PUBLIC_MODULES, a top-level `jaxlm.X`
+  that is neither in `jaxlm.__all__` nor a public module, and any imported name or attribute with a leading `_`
+  (dunders aside)."""
+
+  def public(module: str, name: str) -> bool:
+    private = name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+    return not private and (module != "jaxlm" or name in jaxlm.__all__ or f"jaxlm.{name}" in PUBLIC_MODULES)
+
+  found = set()
+  for node in ast.walk(ast.parse(code)):
+    if isinstance(node, ast.Import):
+      found |= {a.name for a in node.names if a.name.startswith("jaxlm") and a.name not in PUBLIC_MODULES}
+    elif isinstance(node, ast.ImportFrom):
+      module = node.module or ""
+      if module.startswith("jaxlm") and module not in PUBLIC_MODULES:
+        found.add(module)
+      found |= {f"{module}.{a.name}" for a in node.names if not public(module if module == "jaxlm" else "", a.name)}
+    elif isinstance(node, ast.Attribute):
+      module = node.value.id if isinstance(node.value, ast.Name) and node.value.id == "jaxlm" else ""
+      if not public(module, node.attr):
+        found.add(f"{module}.{node.attr}")
+  return found
+
+
+def test_the_recipe_rule_catches_long_blocks_and_private_names():
+  assert code_lines("import jaxlm\n\n  # a comment\nx = 1  # counted\n") == 2
+  private = "import jaxlm.loader\nfrom jaxlm.models import layers\nfrom jaxlm import loader, _EXPORTS\nrun._replace()\n"
+  assert private_names(private + "jaxlm.storage.fs\n") == {
+    "jaxlm.loader",
+    "jaxlm.models",
+    "jaxlm._EXPORTS",
+    "._replace",
+    "jaxlm.storage",
+  }
+  public = "import jaxlm\nimport jaxlm.ops\nfrom jaxlm.families import model_inputs\nfrom jaxlm import config, load\n"
+  assert private_names(public + "jaxlm.config.DEFAULT_RULES, jaxlm.load, x.__class__\n") == set()
+
+
+def test_research_recipes_are_nine_short_blocks_on_public_names():
+  assert PUBLIC_MODULES == {"jaxlm", "jaxlm.config", "jaxlm.families", "jaxlm.ops", "jaxlm.hf", "jaxlm.runtime"}
+  sections = re.split(r"^## ", RESEARCH.read_text(), flags=re.M)[1:]
+  assert len(sections) == 9 and all(len(python_examples_of(section)) == 1 for section in sections)
+  for number, code in enumerate(python_examples(RESEARCH), 1):
+    assert code_lines(code) <= 15, f"recipe {number}: {code_lines(code)} lines"
+    assert private_names(code) == set(), f"recipe {number}"
+
+
+def python_examples_of(markdown: str) -> list[str]:
+  """The ```python blocks of a Markdown text."""
+  return re.findall(r"^```python\n(.*?)```", markdown, re.M | re.S)
+
+
+@pytest.mark.slow
+def test_research_recipes_run_in_order(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  namespace = run_examples(RESEARCH, tmp_path)
+  runs = tmp_path / "runs"
+  per_layer, params = namespace["per_layer"], namespace["params"]  # 1
+  assert set(per_layer) == {"layer_0", "layer_1"} and 0 < sum(per_layer.values()) < jaxlm.count_params(params)
+  assert sorted(path.name for path in (runs / "parallel" / "checkpoints").iterdir() if path.name.isdigit()) == [
+    "2",
+    "4",
+  ]  # 2: trained to step 2, then resumed to step 4
+  assert namespace["summary"]["val_loss"] > 0  # 3: validated on its own split
+  run, scored = namespace["run"], namespace["scored"]  # 4
+  assert run.step == 2 and [text.num_tokens for text in scored] == [25, 30]
+  expected = run.score(["def main():"])[0].logprobs[-1]  # 5: the saliency's objective is what Run.score reports
+  assert abs(float(namespace["last_token_logprob"](namespace["embeds_BxTxD"])) - expected) < 1e-4
+  saliency_T = namespace["saliency_T"]  # the last token is the target: it cannot move its own log-probability
+  assert saliency_T.shape == (12,) and float(saliency_T[:-1].min()) > 0 and float(saliency_T[-1]) == 0
+  assert [weights.shape for weights in namespace["weights"]] == [(1, 4, 12, 12)] * 2
+  kernel = namespace["kernel"]  # 6: fsdp x tensor
+  assert tuple(kernel.sharding.spec) == ("fsdp", "tensor") and len(kernel.sharding.device_set) == 8
+  last = json.loads((runs / "z_loss" / "metrics.jsonl").read_text().splitlines()[-1])  # 7: both terms logged
+  assert abs(last["objective"] - (last["loss"] + 1e-4 * last["log_z_squared"])) < 1e-5
+  merged_run = jaxlm.load(runs / "merged")  # 8: the trained adapters, merged into a plain run
+  merged = merged_run.params["decoder"]["layer_0"]["self_attention"]
+  base = run.params["decoder"]["layer_0"]["self_attention"]
+  assert merged_run.step == 0 and (merged["key"]["kernel"] == base["key"]["kernel"]).all()
+  assert not (merged["query"]["kernel"] == base["query"]["kernel"]).all()
+  window_BxNxTxS = namespace["window_weights"][0]  # 9: each query reads itself and the 3 tokens before it
+  behind_TxS = np.arange(12)[:, None] - np.arange(12)[None, :]
+  assert ((window_BxNxTxS > 0) == ((behind_TxS >= 0) & (behind_TxS < 4))).all()
 
 
 # The other pages' examples: each page runs on its own, and asserts what it shows.
 OTHER_PAGES = sorted(
   path.relative_to(DOCS).as_posix()
   for path in DOCS.rglob("*.md")
-  if path.name != "python-api.md" and python_examples(path)
+  if path.name not in ("python-api.md", "research.md") and python_examples(path)
 )
 
 

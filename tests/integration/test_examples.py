@@ -89,4 +89,4 @@ def test_score_run_and_attention_weights_on_a_cli_run(cli_run):
 @pytest.mark.slow
 def test_mesh_fsdp_tensor(tmp_path):
   out = run_example("mesh_fsdp_tensor.py", str(tmp_path)).stdout
-  assert "{'data': 1, 'fsdp': 4, 'tensor': 2} P('fsdp', 'tensor')" in out  # P: PartitionSpec's repr
+  assert "{'data': 1, 'fsdp': 4, 'expert': 1, 'tensor': 2} P('fsdp', 'tensor')" in out  # P: PartitionSpec's repr

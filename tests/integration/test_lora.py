@@ -290,3 +290,19 @@ def test_a_base_replaced_by_another_run_of_the_same_shapes_is_refused(text_corpu
   saved["lora"]["base_step"] = 6
   (workdir / "config.json").write_text(json.dumps(saved))
   assert jaxlm.load(workdir).step == 6
+
+
+def test_mfu_counts_no_weight_gradient_for_the_frozen_base(lora_run, text_corpus, base_run):
+  from jaxlm.training import flops
+
+  workdir, _ = lora_run
+  config = lora_config(text_corpus, base_run)
+  rows = [row for row in map(json.loads, (workdir / "metrics.jsonl").open()) if "mfu" in row]
+  assert rows
+  tokens_per_step = config.train.global_batch_size * config.data.seq_len
+  for row in rows:
+    # The FLOPs behind the MFU are the LoRA count (frozen weights: forward and input gradient only), below a
+    # full fine-tune's, over the cached nominal peak: under 100%.
+    counted = row["mfu"] * row["peak_flops"] * row["step_time_s"] / tokens_per_step
+    assert counted == pytest.approx(flops.training_flops_per_token(config), rel=1e-6)
+    assert counted < flops.flops_per_token(config.model, config.data.seq_len) and row["mfu"] < 1

@@ -35,8 +35,9 @@ def test_estimate_falls_with_remat_and_micro_batches():
 def test_mesh_layouts_split_the_batch_and_the_weights():
   config = config_lib.load_config_file(TINY)  # batch 8, 4 heads, vocabulary 260
   layouts = plan.mesh_layouts(config, 8)
-  assert {"data": 1, "fsdp": 8, "tensor": 1} in layouts and {"data": 8, "fsdp": 1, "tensor": 1} in layouts
-  assert {"data": 1, "fsdp": 2, "tensor": 4} in layouts
+  assert {"data": 1, "fsdp": 8, "expert": 1, "tensor": 1} in layouts
+  assert {"data": 8, "fsdp": 1, "expert": 1, "tensor": 1} in layouts
+  assert {"data": 1, "fsdp": 2, "expert": 1, "tensor": 4} in layouts
   assert all(layout["tensor"] <= 4 for layout in layouts)  # 4 heads do not split 8 ways
   gpt2 = config_lib.load_config_file(str(REPO / "configs" / "gpt2_small.py"))
   assert all(layout["tensor"] == 1 for layout in plan.mesh_layouts(gpt2, 8))  # a vocabulary of 50257 is odd

@@ -1,6 +1,6 @@
 """The supervisor of multi-process runs (jaxlm/parallel/supervisor.py), in this process on small child programs: a
 child's own exit status wins over lines that only look fatal; a process-count variable that is not a number is one
-line. The runtime aborts and lost peers are in tests/integration/test_faults.py."""
+line. The runtime aborts and lost peers are in tests/integration/test_faults_processes.py."""
 
 import sys
 

@@ -73,7 +73,7 @@ def test_banner_before_step_1_and_summary_at_the_end(full_run):
   stderr = (full_run / "cli_stderr.txt").read_text()
   banner, rest = stderr.split("step 1:", 1)
   assert "parameters (" in banner and "embedding" in banner and "MFLOP per token" in banner
-  assert "devices: 8 x " in banner and "mesh data 2 x fsdp 4 x tensor 1" in banner
+  assert "devices: 8 x " in banner and "mesh data 2 x fsdp 4 x expert 1 x tensor 1" in banner
   assert "data: files: " in banner and " documents, " in banner and "epochs" in banner
   assert "tokenizer: ByteTokenizer" in banner
   # configs/tiny.py sets num_steps=200, log_every=20, ...: the overrides that differ are named.
@@ -103,6 +103,13 @@ def test_resume_twice_in_fresh_processes_is_exact(full_run, text_corpus, tmp_pat
     assert f"stopped at step {stop}" in result.stderr
   result = run_cli(train_args(text_corpus, tmp_path))
   assert "resumed from step 4" in result.stderr
+  # train_summary.json covers the whole run, not its last segment: steps, tokens and times of all three.
+  summary = json.loads((tmp_path / "train_summary.json").read_text())
+  segments = summary["segment_history"]
+  assert summary["segments"] == 3 and [(s["start"], s["step"]) for s in segments] == [(0, 2), (2, 4), (4, 6)]
+  assert summary["tokens_trained"] == 6 * 8 * 32 == sum(s["tokens"] for s in segments)
+  assert summary["wall_time_s"] == sum(s["wall_time_s"] for s in segments) > segments[-1]["wall_time_s"]
+  assert " over 3 runs of the command" in result.stderr
   full, resumed = metrics(full_run), metrics(tmp_path)
   for step in range(1, 7):
     assert resumed[step]["batch_crc32"] == full[step]["batch_crc32"], step
@@ -134,7 +141,7 @@ def test_restore_onto_a_different_mesh_is_exact(full_run, text_corpus):
   restored = checkpoint_lib.Checkpointer(full_run / "checkpoints", read_only=True).restore(6, target)
   kernel = restored["params"]["decoder"]["layer_0"]["mlp"]["up"]["kernel"]
   assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
-  assert dict(kernel.sharding.mesh.shape) == {"data": 4, "fsdp": 1, "tensor": 2}
+  assert dict(kernel.sharding.mesh.shape) == {"data": 4, "fsdp": 1, "expert": 1, "tensor": 2}
   for x, y in zip(jax.tree.leaves(original), jax.tree.leaves(jax.device_get(restored)), strict=True):
     np.testing.assert_array_equal(x, y)
 

@@ -110,7 +110,7 @@ def test_overrides_keep_types():
 def test_mesh_fills_free_axis():
   c = tiny_config()
   c.mesh.fsdp, c.mesh.tensor = 2, 2
-  assert config_lib.mesh_shape(c, 8) == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert config_lib.mesh_shape(c, 8) == {"data": 2, "fsdp": 2, "expert": 1, "tensor": 2}
   config_lib.validate(c, 8)
 
 
@@ -189,14 +189,30 @@ def test_train_help_mentions_overrides(capsys):
 
 
 def test_config_show_lists_every_key_with_range_comment_and_changes(capsys):
-  assert main.main(["config", "show", TINY, "--config.optim.learning_rate=0.01"]) == 0
+  overrides = ["--config.optim.learning_rate=0.01", "--config.model.d_model=32"]
+  assert main.main(["config", "show", TINY, *overrides]) == 0
   out = capsys.readouterr().out.splitlines()
   rows = {line[2:].split()[0]: line for line in out[2:]}
   assert set(rows) == {key for key, _ in config_lib.leaves(config_lib.base_config())}
-  # configs/tiny.py sets num_layers=2 (default 4); the override changes learning_rate; seed keeps its default.
-  assert rows["model.num_layers"].startswith("* ") and rows["optim.learning_rate"].startswith("* ")
-  assert rows["seed"].startswith("  ")
+  # `*`: an override changes the file's value (learning_rate; d_model=32 is what configs/tiny.py sets already);
+  # `+`: configs/tiny.py sets it away from the default (num_layers=2, default 4); seed keeps its default.
+  assert rows["optim.learning_rate"].startswith("* ") and rows["model.d_model"].startswith("+ ")
+  assert rows["model.num_layers"].startswith("+ ") and rows["seed"].startswith("  ")
+  assert "* marks the 1 that --config overrides change from" in out[0]
   assert ">= 1" in rows["model.num_layers"] and "0.01" in rows["optim.learning_rate"]
   assert "layernorm | rmsnorm" in rows["model.norm"]
   assert "0 means num_heads" in rows["model.num_kv_heads"]  # the schema's comment
-  assert out[0].startswith(f"{TINY}: {len(rows)} keys, ")
+  assert out[0].startswith(f"{TINY}: {len(rows)} keys; ")
+
+
+def test_workdir_has_help_and_generate_shows_its_defaults(capsys):
+  for command in ("train", "generate"):
+    with pytest.raises(SystemExit):
+      main.main([command, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--workdir WORKDIR the run directory" in out, out
+  # Every option with a value has its default said once; flags (--int8) and defaults already said are left.
+  assert "--max-tokens MAX_TOKENS the most tokens to generate (default: 128)" in out
+  assert "--temperature TEMPERATURE 0 is greedy (default: 0.0)" in out and "(default: 1.0)" in out
+  assert "checkpoint step (default: latest)" in out and out.count("default") == out.count("(default:")
+  assert "--int8 int8 weight-only quantized weights (see `jaxlm quantize`) --mesh" in out

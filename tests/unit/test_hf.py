@@ -45,6 +45,10 @@ HF_MODELS = {
       rms_norm_eps=1e-5,
     )
   ),
+  # ALiBi: 6 heads, not a power of two, takes the interleaved slopes (jaxlm.models.layers.alibi_slopes).
+  "bloom": lambda: transformers.BloomForCausalLM(
+    transformers.BloomConfig(vocab_size=260, hidden_size=48, n_layer=2, n_head=6)
+  ),
   "bert": lambda: transformers.BertForMaskedLM(
     transformers.BertConfig(
       vocab_size=260,
@@ -119,11 +123,12 @@ def test_import_matches_hf_logits(name, tmp_path):
     assert padded_diff(config, stacked, model) <= 1e-4
 
 
-@pytest.mark.parametrize("style", ["gpt2", "llama", "bert"])
+@pytest.mark.parametrize("style", ["gpt2", "llama", "bert", "bloom"])
 def test_export_matches_in_transformers(style, tmp_path):
   overrides = {
     "gpt2": {},
     "bert": BERT,
+    "bloom": dict(position="alibi", embed_norm=True, mlp_dim=128),
     "llama": dict(norm="rmsnorm", position="rope", mlp="swiglu", use_bias=False, tie_embeddings=False, num_kv_heads=2),
   }
   config = tiny_config(**overrides[style])
@@ -255,6 +260,7 @@ def test_parallel_residual_exports_to_gptj(tmp_path):
     (GPTJ | dict(rope_theta=500000.0), "model.rope_theta=500000.0"),  # GPT-J's RoPE base is fixed
     (dict(scale_embeddings=True), "model.scale_embeddings=True"),
     (dict(embed_norm=True), "model.embed_norm=True"),
+    (dict(position="alibi", embed_norm=True), "model.mlp_dim=64"),  # BLOOM's MLP is 4 * d_model
     (dict(norm="rmsnorm", position="rope", mlp="swiglu", use_bias=False, num_token_types=2), "model.num_token_types=2"),
     (dict(family="encoder_decoder"), "model.family='encoder_decoder'"),
   ],

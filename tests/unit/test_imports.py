@@ -109,7 +109,7 @@ STAGES = [
   ("jaxlm.parallel",),
   ("jaxlm.models",),
   ("jaxlm.data",),
-  ("jaxlm.loader",),
+  ("jaxlm.loader", "jaxlm.inference.score"),  # scoring reads a loaded run only, and `Run.score` calls it
   ("jaxlm.inference",),
   ("jaxlm.training",),
   ("jaxlm.tasks",),

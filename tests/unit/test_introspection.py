@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from support import tiny_config
 
+import jaxlm
 from jaxlm.models import transformer as model_lib
 
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(4, 260, (2, 12)))
@@ -74,3 +75,26 @@ def test_hidden_states_unrolled_and_scanned():
     unrolled_state["intermediates"]["decoder"]["layer_1"]["self_attention"]["attention_weights"][0],
     atol=1e-6,
   )
+
+
+@pytest.mark.parametrize("overrides", [{}, {"scan_layers": True, "position": "alibi"}])
+def test_attention_weights_of_the_model_as_built(overrides):
+  """`jaxlm.attention_weights` on a model built without `sow_attention_weights`: one B x N x T x T array per
+  layer, equal to what the flag sows (the bias included), for an unrolled or a scanned stack."""
+  config = tiny_config(**overrides)
+  model = model_lib.build(config.model)
+  params = jax.jit(model.init)(jax.random.key(0), TOKENS)["params"]
+  weights = jaxlm.attention_weights(model, params, TOKENS)
+  assert len(weights) == 2 and all(w.shape == (2, 4, 12, 12) for w in weights)
+  np.testing.assert_allclose(weights[1].sum(-1), 1.0, rtol=1e-5)
+  assert float(jnp.abs(weights[0] - weights[1]).max()) > 0
+  config.model.sow_attention_weights = True
+  _, state = model_lib.build(config.model).apply({"params": params}, TOKENS, mutable="intermediates")
+  stack = state["intermediates"]["decoder"]
+  sown = (
+    list(stack["layers"]["block"]["self_attention"]["attention_weights"][0])
+    if "layers" in stack
+    else [stack[f"layer_{i}"]["self_attention"]["attention_weights"][0] for i in range(2)]
+  )
+  for got, want in zip(weights, sown):
+    np.testing.assert_allclose(got, want, atol=1e-6)

@@ -1,4 +1,6 @@
-"""The FLOP formula against a hand count and against XLA's own count."""
+"""The FLOP formula against a hand count and against XLA's own count; the cached peak MFU divides by."""
+
+import json
 
 import jax
 import numpy as np
@@ -43,7 +45,7 @@ def test_flops_formula_matches_xla_cost_analysis():
   cfg.mesh.data = 1
   with jax.default_device(jax.devices()[0]):
     devices = jax.devices()[:1]
-    mesh = jax.sharding.Mesh(np.array(devices).reshape(1, 1, 1), mesh_lib.AXES)
+    mesh = jax.sharding.Mesh(np.array(devices).reshape((1,) * len(mesh_lib.AXES)), mesh_lib.AXES)
     s = train_lib.setup(cfg, mesh)
     state = jax.eval_shape(s.init_fn, jax.random.key(0))
     batch = {
@@ -83,24 +85,40 @@ def test_peak_on_a_chip_is_the_published_one(monkeypatch):
 
   monkeypatch.setattr(jax, "devices", lambda *args: [FakeTpu()])
   peak = metrics.PeakFlops(tiny_config(), num_devices=4)
-  assert not peak.measured and peak.flops == 4 * 197e12 and peak.refresh() == 4 * 197e12
+  assert not peak.measured and peak.flops == 4 * 197e12
   assert "published bf16 peak of 4 x TPU v5 lite" in peak.label
   assert metrics.format_mfu(0.4, peak.flops, peak) == "mfu 40.0% of 788 TFLOP/s published peak"
 
 
-def test_peak_on_cpu_is_measured_again_and_labelled():
+def test_cpu_peak_is_measured_once_per_machine_and_cached(tmp_path, monkeypatch):
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+  calls = []
+  real = metrics.measure_matmul_peak
+  monkeypatch.setattr(metrics, "measure_matmul_peak", lambda *a, **k: calls.append(1) or real(*a, **k))
   peak = metrics.PeakFlops(tiny_config(), num_devices=8)
-  assert peak.measured and peak.flops > 1e8 and "measured again at log lines on 1 host" in peak.label
-  first = peak.measured_at
-  peak.measured_at -= 21 * peak.seconds_measuring  # as if 21x the measurement's time had passed
-  peak.refresh()
-  assert peak.measured_at > first  # measured again
-  now = peak.measured_at
-  peak.refresh()
-  assert peak.measured_at == now  # too soon: at most 5% of the time goes to measuring
-  # Above 100% is printed as it is, with what it is relative to and why it can happen.
+  assert peak.measured and peak.flops > 1e8 and calls  # measured: no cache yet
+  cache = json.loads((tmp_path / "jaxlm" / "peak.json").read_text())
+  assert cache[peak.key]["flops"] == peak.flops and metrics.machine_name(jax.devices()[0]) in peak.key
+  assert f"nominal peak of 1 x {peak.machine}" in peak.label and str(tmp_path / "jaxlm" / "peak.json") in peak.label
+  calls.clear()
+  again = metrics.PeakFlops(tiny_config(), num_devices=8)
+  assert again.flops == peak.flops and not calls  # the second run reads it: one fixed figure per machine
+  # Above 100% is printed as it is, with what it is relative to and how to measure again.
   text = metrics.format_mfu(1.25, 40e9, peak)
-  assert text.startswith("mfu 125.0% of 40 GFLOP/s measured") and "load changed" in text
+  assert text.startswith("mfu 125.0% of 40 GFLOP/s nominal") and "delete" in text and "peak.json" in text
+
+
+def test_frozen_weights_cost_no_weight_gradient():
+  c = reference_model()
+  full = metrics.flops_per_token(c, 256)
+  # LoRA on query and value: those kernels' gradients are taken whole (6 per weight), the rest frozen (4).
+  query_value = 6 * 2 * 384 * 384
+  lora = metrics.flops_per_token(c, 256, trained="query,value")
+  assert lora == 4 * 10_715_136 + 2 * query_value + 7_077_888 < full
+  config = tiny_config()
+  assert metrics.training_flops_per_token(config) == metrics.flops_per_token(config.model, config.data.seq_len)
+  config.lora.rank, config.lora.targets = 4, "query,value"
+  assert metrics.training_flops_per_token(config) < metrics.flops_per_token(config.model, config.data.seq_len)
 
 
 def test_cpu_peak_includes_the_blas_dense_kernel_when_the_step_uses_it():

@@ -103,7 +103,7 @@ def test_activation_and_parameter_shardings_on_an_8_device_mesh(monkeypatch):
   every block, as on an accelerator. The contrast: forcing the (unpartitioned) CPU kernels gathers them."""
   config = tiny_config()
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
-  mesh = Mesh(np.array(jax.devices()).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
+  mesh = Mesh(np.array(jax.devices()).reshape(2, 2, 1, 2), ("data", "fsdp", "expert", "tensor"))
   rules = config_lib.mesh_rules(config)
   module = model_lib.build(config.model)
   tokens = jnp.asarray(np.random.default_rng(0).integers(4, 260, (8, 16)))

@@ -2,6 +2,7 @@
 
 import json
 import math
+import sys
 
 import pytest
 
@@ -57,6 +58,8 @@ def test_figure_overlays_runs_with_one_line_per_metric_and_run(tmp_path):
   assert [len(ax.get_lines()) for ax in axes[:5]] == [5, 5, 3, 3, 3]
   assert all(ax.get_xlabel() and ax.get_ylabel() for ax in axes[:5])
   assert axes[1].get_xlabel() == "tokens" and axes[3].get_yscale() == "log"
+  # Loss on a log scale: the first steps' loss (5.5 + 1 here) does not flatten the rest (1.2 to 1.7) to a line.
+  assert axes[0].get_yscale() == axes[1].get_yscale() == "log"
   # Runs are told apart by colour; validation by dashes.
   loss_lines = axes[0].get_lines()
   assert len({line.get_color() for line in loss_lines}) == 3
@@ -85,3 +88,11 @@ def test_write_run_plot_skips_a_run_without_rows_and_tolerates_a_half_written_li
   with open(run / "metrics.jsonl", "a") as f:
     f.write('{"step": 61, "lo')  # the trainer is mid-write
   assert plot.write_run_plot(run) == str(run / "loss.png") and (run / "loss.png").stat().st_size > 10_000
+
+
+def test_without_matplotlib_the_fix_is_the_checkout_install(tmp_path, monkeypatch, capsys):
+  run = fake_run(tmp_path / "run")
+  monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # as if not installed
+  assert main.main(["plot", str(run), "--out", str(tmp_path / "loss.png")]) == 2
+  assert "plotting needs matplotlib: pip install -e '.[plot]' in the jaxlm checkout" in capsys.readouterr().err
+  assert plot.write_run_plot(run) is None and not (run / "loss.png").exists()

@@ -89,7 +89,7 @@ BAD = [
 ]
 
 
-def test_concurrent_requests_with_bad_ones_mixed_in(server, expected_text):
+def test_concurrent_requests_with_bad_ones_mixed_in(server, expected_text, caplog):
   background, app = server
 
   async def main():
@@ -102,8 +102,14 @@ def test_concurrent_requests_with_bad_ones_mixed_in(server, expected_text):
       requests += [post(session, background.url, body) for body, _ in BAD]
       return await asyncio.gather(*requests)
 
-  batches_before = app[serve.ENGINE].batches
-  results = asyncio.run(main())
+  steps_before = app[serve.ENGINE].steps
+  log_compiles = jax.config.jax_log_compiles
+  jax.config.update("jax_log_compiles", True)  # the config, not its context: the decode thread compiles
+  try:
+    with caplog.at_level(logging.WARNING):
+      results = asyncio.run(main())
+  finally:
+    jax.config.update("jax_log_compiles", log_compiles)
   for (status, body), request in zip(results[: len(GOOD)], GOOD):
     assert status == 200, body
     choice = body["choices"][0]
@@ -118,8 +124,12 @@ def test_concurrent_requests_with_bad_ones_mixed_in(server, expected_text):
     assert body["usage"]["completion_tokens"] <= request["max_tokens"]
   for (status, body), (_, field) in zip(results[len(GOOD) :], BAD):
     assert status == 400 and body["error"]["param"] == field, body
-  # 24 good requests took far fewer decode batches: waiting requests were grouped.
-  assert app[serve.ENGINE].batches - batches_before <= 12
+  # 24 good requests (4 to 8 tokens each) shared decode steps: 8 slots, refilled as requests finished.
+  assert app[serve.ENGINE].steps - steps_before <= sum(r["max_tokens"] for r in GOOD) // 4
+  # One prefill compiled per shape (greedy and sampled, one prompt width): the steps return the state as the
+  # first prefill took it, so no later request compiles again while every slot waits.
+  compiled = [r.getMessage().split(" with ")[0] for r in caplog.records if r.getMessage().startswith("Compiling")]
+  assert compiled.count("Compiling jit(_insert_fn)") == 2, compiled
   # Ids are unique, not a counter.
   ids = [body["id"] for _, body in results[: len(GOOD)]]
   assert len(set(ids)) == len(ids) and "cmpl-0" not in ids
@@ -256,8 +266,32 @@ FUZZ = [  # (method, path, body, headers, status, param)
   ("POST", "/v1/completions", b'{"prompt": "hi", "echo": 1}', JSON, 400, "echo"),
   ("POST", "/v1/completions", b'{"prompt": "hi", "stream": "yes"}', JSON, 400, "stream"),
   ("POST", "/v1/completions", b'{"prompt": "hi", "user": 7}', JSON, 400, "user"),
-  ("POST", "/v1/completions", b'{"prompt": ["hi"]}', JSON, 400, "prompt"),
+  ("POST", "/v1/completions", b'{"prompt": [["hi"]]}', JSON, 400, "prompt"),
+  ("POST", "/v1/completions", b'{"prompt": [1, 99999]}', JSON, 400, "prompt"),
+  ("POST", "/v1/completions", b'{"prompt": []}', JSON, 400, "prompt"),
   ("POST", "/v1/completions", b'{"prompt": "hi", "best_of": 2}', JSON, 400, "best_of"),
+  ("POST", "/v1/completions", b'{"prompt": "hi", "suffix": "x"}', JSON, 400, "suffix"),
+  (
+    "POST",
+    "/v1/completions",
+    b'{"prompt": "hi", "response_format": {"type": "json_object"}}',
+    JSON,
+    400,
+    "response_format",
+  ),
+  (
+    "POST",
+    "/v1/completions",
+    b'{"prompt": "hi", "stream_options": {"include_usage": true}}',
+    JSON,
+    400,
+    "stream_options",
+  ),
+  ("POST", "/v1/completions", b'{"prompt": "hi", "presence_penalty": 3}', JSON, 400, "presence_penalty"),
+  ("POST", "/v1/completions", b'{"prompt": "hi", "logit_bias": {"x": 1}}', JSON, 400, "logit_bias"),
+  ("POST", "/v1/completions", b'{"prompt": "hi", "logit_bias": {"5": 101}}', JSON, 400, "logit_bias"),
+  ("POST", "/v1/completions", b'{"prompt": "hi", "max_completion_tokens": 0}', JSON, 400, "max_completion_tokens"),
+  ("POST", "/v1/chat/completions", b'{"messages": [], "top_logprobs": 2}', JSON, 400, "top_logprobs"),
   ("POST", "/v1/completions", b"[]", JSON, 400, "body"),
   ("POST", "/v1/completions", b"\xff\xfe", JSON, 400, "body"),
   ("POST", "/v1/completions", b"", JSON, 400, "body"),
@@ -293,21 +327,28 @@ def test_every_bad_request_gets_a_4xx_json_error_naming_the_field(server, caplog
 
 
 class _SlowBytes:
-  """A stand-in generator that emits given UTF-8 bytes one token per step, `delay` seconds apart."""
+  """A stand-in decoder (`batching.SlotDecoder`'s interface, one slot) that emits given UTF-8 bytes one token
+  per step, `delay` seconds apart, then EOS."""
+
+  slots = 1
 
   def __init__(self, text: str, delay: float = 0.0):
     self.tokens = [b + tokenizer_lib.ByteTokenizer.offset for b in text.encode()]
     self.delay = delay
     self.cfg = type("Cfg", (), {"max_len": 256, "vocab_size": 260})()
-    self.scores = {}
+    self.emitted = 0
 
-  def stream(self, prompts, max_new_tokens, sampling, stop_ids, batch_size):
-    for t, token in enumerate(self.tokens[: max_new_tokens[0]]):
-      time.sleep(self.delay)
-      last = t + 1 == min(len(self.tokens), max_new_tokens[0])
-      yield decode.StepOutput(
-        np.full(batch_size, token), np.ones(batch_size, bool), np.zeros(batch_size, bool), np.full(batch_size, last)
-      )
+  def _next(self) -> int:
+    self.emitted += 1
+    return self.tokens[self.emitted - 1] if self.emitted <= len(self.tokens) else tokenizer_lib.ByteTokenizer().eos_id
+
+  def insert(self, row, ids, sampling, bias, score_prompt):
+    self.emitted = 0
+    return self._next(), {}
+
+  def step(self, tokens_B, settings):
+    time.sleep(self.delay)
+    return np.asarray([self._next()]), {}
 
 
 def test_streams_whole_characters_and_a_disconnect_is_one_log_line(caplog):
@@ -317,8 +358,9 @@ def test_streams_whole_characters_and_a_disconnect_is_one_log_line(caplog):
     async with aiohttp.ClientSession() as session:
       return await _events(session, url, {"prompt": "x", "max_tokens": 200, "stream": True})
 
-  whole = serve.BackgroundServer(serve.make_app(_SlowBytes(text), tokenizer_lib.ByteTokenizer(), "bytes"))
-  slow = serve.BackgroundServer(serve.make_app(_SlowBytes(text * 4, 0.02), tokenizer_lib.ByteTokenizer(), "bytes"))
+  tok = tokenizer_lib.ByteTokenizer()
+  whole = serve.BackgroundServer(serve.make_app(_SlowBytes(text), tok, "bytes", stop_ids=[tok.eos_id]))
+  slow = serve.BackgroundServer(serve.make_app(_SlowBytes(text * 4, 0.02), tok, "bytes", stop_ids=[tok.eos_id]))
   try:
     with caplog.at_level(logging.DEBUG):
       events = asyncio.run(main(whole.url))
@@ -329,7 +371,8 @@ def test_streams_whole_characters_and_a_disconnect_is_one_log_line(caplog):
   finally:
     whole.close()
     slow.close()
-  pieces = [json.loads(e)["choices"][0]["text"] for e in events[:-1]]
+  texts = [json.loads(e)["choices"][0]["text"] for e in events[:-1]]
+  pieces = [t for t in texts if t]  # the last event may carry the finish reason alone
   assert "".join(pieces) == text and all("\ufffd" not in p for p in pieces)
   assert len(pieces) <= len(text)  # at most one event per character, never one per byte
   lines = [r for r in caplog.records if "client-disconnected" in r.getMessage()]

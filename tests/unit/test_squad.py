@@ -184,3 +184,8 @@ def test_train_then_eval_reports_exact_match_and_f1(tmp_path):
   assert result["first_words_f1"] == pytest.approx(50.0)
   assert 0.0 <= result["exact_match"] <= result["f1"] <= 100.0
   assert np.isfinite(result["span_loss"]) and "exact match" in result["summary"]
+  # The official evaluate-v1.1.py reads {question id: answer text}; the scores above come from the same answers.
+  predictions = json.loads((tmp_path / "run" / "predictions.json").read_text())
+  assert list(predictions) == ["0", "1"] and result["predictions"].endswith("predictions.json")
+  golds = [("alpha",), ("gamma",)]
+  assert 100 * task_metrics.squad_scores(list(predictions.values()), golds)["exact_match"] == result["exact_match"]
