@@ -97,7 +97,9 @@ class SlotDecoder:
     def empty():
       prompt = {"tokens_BxP": jnp.zeros((self.slots, self.prompt_width or 1), jnp.int32)}
       prompt["lengths_B"] = jnp.ones((self.slots,), jnp.int32)
-      shapes = jax.eval_shape(lambda: self.adapter.prefill(self.params, prompt, self.cache_len)[2])
+      shapes = jax.eval_shape(
+        lambda: self.adapter.prefill(quantize.materialize(self.params), prompt, self.cache_len)[2]
+      )
       state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
       vocab = self.cfg.vocab_size
       return {

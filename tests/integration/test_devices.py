@@ -37,7 +37,7 @@ def test_devices_on_eight_cpu_devices(tmp_path, capfd):
   assert report["memory_per_device"] > 0 and report["compute_dtype"] == "float32"
   lines = result.stdout.splitlines()
   assert len(lines) == 6, result.stdout
-  assert lines[-1] == "mesh for " + TINY + ": data 8 x fsdp 1 x tensor 1"
+  assert lines[-1] == "mesh for " + TINY + ": data 8 x fsdp 1 x expert 1 x tensor 1"
 
 
 def test_devices_reports_what_a_config_cannot_get_here(capfd):
