@@ -4,8 +4,9 @@ Command:   jaxlm train --config configs/default.py --workdir runs/default
            jaxlm eval --workdir runs/default
 Hardware:  2-core x86-64 CPU (CI-sized machine), float32.
 Time:      5 min 38 s for README command 1 from a fresh clone (install 1 min, 600 steps at about
-           0.43 s/step = 4 min 20 s with the CPU kernels, evaluation 15 s), measured 2026-11-29 with
-           jax 0.10.2 (8 min 52 s before the kernels).
+           0.43 s/step = 4 min 20 s with the CPU kernels, training's validation of 8 batches 15 s),
+           measured 2026-11-29 with jax 0.10.2 (8 min 52 s before the kernels); 7 min 59 s on a 2-core AMD
+           EPYC on 2026-12-07, of which `jaxlm eval` (all 232 validation batches, then gzip and xz) 46 s.
 Expected:  validation loss 1.668 nats/byte = 2.41 bits per byte, perplexity 5.30, on the
            standard library's validation files (gzip -9: 1.75, xz -9: 1.34 bits per byte on the same
            bytes); 2.39 before the kernels, the same model with float32 rounding in another order.
