@@ -8,12 +8,13 @@ every position scored (the rows past 128 are never trained: that is the method's
 
 Command:   python experiments/alibi_length.py   (writes docs/img/alibi_length.json and .png)
            python experiments/alibi_length.py --smoke   (alibi only, 4 steps: what CI checks)
-Hardware:  2-core x86-64 CPU shared with 7 other jobs, float32.
-Time:      the full 4 x 1,000 steps not yet measured; --steps 150 took 9.0, 4.0, 1.9 and 1.1 min per method
-           (training and scoring) as the load average fell from 30 to 4.
+Hardware:  2-core x86-64 CPU (AMD EPYC), float32.
+Time:      20.2, 5.3, 2.6 and 5.0 min per method (training and scoring) beside other jobs (load average 3-9);
+           --steps 150 took 9.0, 4.0, 1.9 and 1.1 min under a load average of 30 to 4.
 Expected:  ALiBi's perplexity stays flat or falls at 2x and 4x; learned and sinusoidal positions degrade sharply
-           past the training length, rotary less so. Measured at --steps 150 (perplexity per byte at 1x / 4x):
-           alibi 17.92 / 17.83, rope 17.71 / 18.24, learned 20.73 / 21.27, sinusoidal 37.50 / 37.58 (undertrained).
+           past the training length, rotary less so. Measured (perplexity per byte at 1x / 2x / 4x):
+           alibi 10.45 / 10.30 / 10.22, rope 9.15 / 9.86 / 12.71, learned 11.08 / 21.15 / 29.84,
+           sinusoidal 21.58 / 48.62 / 86.45 (docs/reproductions.md).
 """
 
 from jaxlm.config import base_config

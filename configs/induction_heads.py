@@ -1,21 +1,24 @@
-"""Induction heads (Olsson et al. 2022): a two-layer attention-only byte model on the default corpus.
+"""Induction heads (Olsson et al. 2022): two-layer (and one-layer) attention-only byte models on repeated strings.
 
 experiments/induction_heads.py builds the model from this config with its own block (attention, no MLP:
-`model.mlp_dim` is unused) and trains it on the standard library's source (`data.source='stdlib'`). Every 25
-steps it measures the in-context score (the loss at tokens 240-255 minus the loss at tokens 20-35, Olsson et
-al.'s "token 500 minus token 50" scaled to 256-token rows) on jaxlm's own Python files, which the model never
-trains on, and each layer-2 head's prefix-matching score on repeated random byte strings, read with
-`jaxlm.attention_weights`.
+`model.mlp_dim` is unused) and trains it, once with `model.num_layers` 2 and once with 1, on ready batches of
+repeated random byte strings (a random string of 8-64 bytes repeated to fill each 128-byte row; the config's
+`data` section is not read). Every 25 steps it measures, with `jaxlm.attention_weights`, the prefix-matching
+score of the last layer's heads and the previous-token score of the first layer's on held-out repeated strings,
+the loss on their repeat, and the in-context score (loss at tokens 112-127 minus tokens 12-27) on jaxlm's own
+Python files, which the model never trains on.
 
 Command:   python experiments/induction_heads.py   (writes docs/img/induction_heads.json and .png)
            python experiments/induction_heads.py --smoke   (10 steps: what CI checks)
-Hardware:  2-core x86-64 CPU shared with 7 other jobs, float32.
-Time:      14 min for the 2,000 steps (0.14-1.6 s a step, load average 4-8 from other jobs); --steps 300 took
-           9 min under a load average of 25-32.
-Expected:  (Olsson et al.) a phase change: the in-context score falls sharply while the best layer-2 head's
-           prefix-matching score jumps. Measured (2,000 steps): in-context score +0.01 -> -0.10 nats by step 175,
-           flat after; best prefix matching 0.006 (uniform): no induction head, no phase change within this
-           budget (docs/reproductions.md); validation loss 1.95 nats per byte.
+Hardware:  2-core x86-64 CPU (AMD EPYC), float32.
+Time:      3.6 min for the two-layer run and 1.9 min for the one-layer run (0.13 and 0.05 s a step, with another
+           experiment beside it).
+Expected:  (Olsson et al.) a phase change in the two-layer model only: within a few hundred steps the last
+           layer's best prefix-matching score jumps from near 0 to most of its attention, a first-layer head
+           turns to the previous token, and the loss on repeated text collapses; the one-layer model has no such
+           jump. Measured: between steps 675 and 775, prefix matching 0.07 -> 0.69, previous token 0.06 -> 0.66,
+           loss on the repeat 4.88 -> 0.63 nats, in-context score on text -0.26 -> -1.06; at step 1,500: 0.84,
+           0.79, 0.09 nats. One layer: prefix matching never above 0.02, loss on the repeat 5.10 nats.
 """
 
 from jaxlm.config import base_config
@@ -23,17 +26,18 @@ from jaxlm.config import base_config
 
 def get_config():
   config = base_config()
-  config.model.num_layers = 2
+  config.model.num_layers = 2  # the script also trains a one-layer model, the paper's control
   config.model.d_model = 128
   config.model.num_heads = 8
   config.model.mlp_dim = 1  # unused: the block has no MLP
-  config.model.max_len = 256
-  config.data.seq_len = 256
-  config.train.global_batch_size = 16
-  config.train.num_steps = 2000
+  config.model.position = "rope"  # a relative position makes a previous-token head one rotation away
+  config.model.max_len = 128
+  config.data.seq_len = 128
+  config.train.global_batch_size = 32
+  config.train.num_steps = 1500
   config.train.log_every = 25
-  config.train.eval_every = 2000
-  config.train.checkpoint_every = 2000
+  config.train.eval_every = 1500
+  config.train.checkpoint_every = 1500
   config.train.keep_checkpoints = 1
   config.optim.learning_rate = 1e-3
   config.optim.warmup_steps = 100

@@ -49,14 +49,34 @@ def files_config(text_corpus: Path, **model_overrides):
   return c
 
 
+def xla_flags(devices: int) -> str:
+  """XLA_FLAGS for a test's JAX process: `devices` CPU devices, plus the suite's compiler flags (tests/conftest.py
+  sets JAXLM_TESTS_XLA_FLAGS: XLA's CPU backend at optimization level 0 unless the caller chose otherwise)."""
+  return f"--xla_force_host_platform_device_count={devices} {os.environ.get('JAXLM_TESTS_XLA_FLAGS', '')}".strip()
+
+
 def run_cli(args: list[str], env_extra: dict | None = None, devices: int = 8, timeout: int = 600):
   """Runs `python -m jaxlm ...` in a fresh process; returns the CompletedProcess."""
   env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["XLA_FLAGS"] = xla_flags(devices)
   env.update(env_extra or {})
   return subprocess.run(
     [sys.executable, "-m", "jaxlm", *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO
   )
+
+
+def tensorboard_scalars(data: bytes) -> dict[str, list[tuple[int, float]]]:
+  """{tag: [(step, value)]} from the bytes of an event file (TFRecord framing around Event protos)."""
+  from tensorboardX.proto import event_pb2
+
+  scalars, offset = {}, 0
+  while offset < len(data):
+    length = int.from_bytes(data[offset : offset + 8], "little")
+    event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+    offset += 12 + length + 4  # length, its CRC, the record, its CRC
+    for value in event.summary.value:
+      scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+  return scalars
 
 
 def free_port() -> int:

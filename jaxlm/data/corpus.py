@@ -9,6 +9,7 @@ on where Python is installed.
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import itertools
@@ -26,22 +27,28 @@ def stdlib_root() -> Path:
   return Path(sysconfig.get_paths()["stdlib"])
 
 
-def _is_test_path(rel: Path) -> bool:
-  return any(part in ("test", "tests", "idle_test") for part in rel.parts)
-
-
 def stdlib_files(include_tests: bool = False) -> list[Path]:
-  """Sorted `.py` files of the standard library, without site-packages."""
-  root = stdlib_root()
+  """Sorted `.py` files of the standard library, without site-packages.
+
+  Args:
+    include_tests: also the library's own test folders (`test`, `tests`, `idle_test`).
+
+  Returns:
+    The files, sorted by path.
+  """
+  return list(_stdlib_files(include_tests))
+
+
+@functools.cache
+def _stdlib_files(include_tests: bool) -> tuple[Path, ...]:
+  # Listed once per process: a run asks for it per split and per data stream, and walking the library (skipped
+  # folders pruned, not walked) takes a second or more on a busy machine.
+  skipped = {"site-packages", "__pycache__"} | (set() if include_tests else {"test", "tests", "idle_test"})
   files = []
-  for path in sorted(root.rglob("*.py")):
-    rel = path.relative_to(root)
-    if "site-packages" in rel.parts or "__pycache__" in rel.parts:
-      continue
-    if not include_tests and _is_test_path(rel):
-      continue
-    files.append(path)
-  return files
+  for folder, subfolders, names in os.walk(stdlib_root()):
+    subfolders[:] = [name for name in subfolders if name not in skipped]
+    files.extend(Path(folder, name) for name in names if name.endswith(".py"))
+  return tuple(sorted(files))
 
 
 def split_of(rel_path: str, val_fraction: float) -> str:

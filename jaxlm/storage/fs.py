@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import threading
 import time
 from typing import Union
@@ -242,6 +243,22 @@ class AppendFile:
       self._upload()
 
 
+@contextlib.contextmanager
+def _torch_hidden():
+  """tensorboardX imports torch whenever it is installed, only to accept torch tensors, which jaxlm never passes:
+  1.2-1.7 s of every run's start on a machine with torch. Unless something imported torch already, an import of
+  torch fails (as if absent) while tensorboardX loads; afterwards torch imports as usual."""
+  if "torch" in sys.modules:
+    yield
+    return
+  sys.modules["torch"] = None  # the import system's marker for "not importable"
+  try:
+    yield
+  finally:
+    if sys.modules.get("torch", "") is None:
+      del sys.modules["torch"]
+
+
 class _TensorBoardFactory:
   """tensorboardX's record-writer factory for `gs://` (its own GCS writer needs google-cloud-storage
   and crashes in `__del__` when that fails); event files go through `AppendFile`."""
@@ -254,8 +271,16 @@ class _TensorBoardFactory:
 
 
 def tensorboard_writer(logdir: PathLike):
-  """A `tensorboardX.SummaryWriter` for `logdir`, local or `gs://`, without TensorFlow."""
-  from tensorboardX import SummaryWriter, record_writer  # local: only metric writers need it
+  """A `tensorboardX.SummaryWriter` for `logdir`, local or `gs://`, without TensorFlow.
+
+  Args:
+    logdir: the folder for the event files, a local path or a `gs://` location.
+
+  Returns:
+    The writer (jaxlm writes Python floats to it with `add_scalar`).
+  """
+  with _torch_hidden():
+    from tensorboardX import SummaryWriter, record_writer  # local: only metric writers need it
 
   if os.fspath(logdir).startswith("gs://"):
     record_writer.register_writer_factory("gs", _TensorBoardFactory())

@@ -29,6 +29,7 @@ from typing import Sequence
 import numpy as np
 
 from jaxlm.data import corpus, packing, sources
+from jaxlm.tasks import python_source
 
 PACKAGES = (
   "asyncio",
@@ -56,9 +57,10 @@ class Example:
 
 
 def _functions(tree: ast.AST, text: str, prefix: str):
+  lines = python_source.lines_of(text)  # split once per file: `ast.get_source_segment` splits it per function
   for node in ast.walk(tree):
-    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-      source = ast.get_source_segment(text, node)
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno is not None:
+      source = python_source.segment(lines, (node.lineno, node.col_offset), (node.end_lineno, node.end_col_offset))
       if source:
         yield f"{prefix}:{node.lineno}:{node.name}", source
 

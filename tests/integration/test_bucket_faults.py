@@ -16,7 +16,7 @@ import time
 
 import gcs_emulator
 import pytest
-from support import REPO, error_line, run_in_process
+from support import REPO, error_line, run_in_process, xla_flags
 from support import train_args as local_train_args
 
 from jaxlm.storage import fs, run_id, runlock
@@ -217,7 +217,7 @@ def bucket_train(workdir: str, corpus, cwd, environment: dict) -> subprocess.Pop
   return subprocess.Popen(
     [sys.executable, "-m", "jaxlm", *args],
     cwd=cwd,
-    env={**os.environ, **environment, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+    env={**os.environ, **environment, "XLA_FLAGS": xla_flags(1)},
     stderr=subprocess.PIPE,
     stdout=subprocess.DEVNULL,
     text=True,

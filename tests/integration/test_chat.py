@@ -11,7 +11,7 @@ import aiohttp
 import jax
 import jax.numpy as jnp
 import pytest
-from support import CONVERSATIONS, RECORDS, REPO, tiny_config, write_jsonl
+from support import CONVERSATIONS, RECORDS, REPO, tiny_config, write_jsonl, xla_flags
 
 from jaxlm import hf, loader
 from jaxlm.cli import main
@@ -153,7 +153,7 @@ def test_chat_cli_keeps_the_conversation(run_dir, session):
   finally:
     session.generator = generator
   assert second != fresh  # the second answer depends on the first turn
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1))
   result = subprocess.run(
     [sys.executable, "-m", "jaxlm", "chat", "--workdir", str(run_dir), "--max-tokens", "12"],
     input="Hello there\nAnd then?\n/reset\n\n/exit\nnever read\n",

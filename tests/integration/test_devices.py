@@ -9,7 +9,7 @@ import sys
 
 import jax
 import pytest
-from support import REPO, TINY, free_port, run_cli, run_in_process
+from support import REPO, TINY, free_port, run_cli, run_in_process, xla_flags
 
 from jaxlm import runtime
 from jaxlm.ops import cpu_kernels
@@ -70,7 +70,7 @@ def test_devices_across_two_processes(tmp_path):
   own 4 and its own index, and the same mesh."""
   env = dict(
     os.environ,
-    XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    XLA_FLAGS=xla_flags(4),
     JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}",
     JAX_NUM_PROCESSES="2",
   )

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from support import REPO
+from support import REPO, xla_flags
 
 import jaxlm
 from jaxlm import loader
@@ -37,7 +37,7 @@ def jaxlm_names(path) -> tuple[set[str], set[str]]:
 
 
 def run_example(name: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(8))
   result = subprocess.run(
     [sys.executable, str(REPO / "examples" / name), *args],
     capture_output=True,

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import CORRUPTIONS, REPO, built_once, corrupt, error_line, run_cli, run_in_process, train_args
+from support import CORRUPTIONS, REPO, built_once, corrupt, error_line, run_cli, run_in_process, train_args, xla_flags
 
 
 def arrays_of(workdir: Path, step: int) -> dict:
@@ -80,7 +80,7 @@ def test_train_resumes_from_the_newest_intact_checkpoint(trained, text_corpus, t
 @pytest.mark.parametrize("kill_after", [1, 6])
 def test_kill_9_then_resume_is_bitwise_identical(kill_after, trained, text_corpus, tmp_path):
   run = tmp_path / "run"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(8))
   process = subprocess.Popen(
     [sys.executable, "-m", "jaxlm", *train_args(text_corpus, run)], stderr=subprocess.PIPE, text=True, env=env, cwd=REPO
   )
@@ -145,7 +145,7 @@ def test_bad_config_is_one_line_before_compiling(overrides, key, text_corpus, tm
 @pytest.mark.slow
 def test_second_run_on_a_live_workdir_is_refused(text_corpus, tmp_path):
   run = tmp_path / "run"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(8))
   first = subprocess.Popen(
     [sys.executable, "-m", "jaxlm", *train_args(text_corpus, run, "--config.train.num_steps=100000")],
     stderr=subprocess.PIPE,

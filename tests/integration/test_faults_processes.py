@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import REPO, error_line, free_port, run_cli, run_in_process, train_args
+from support import REPO, error_line, free_port, run_cli, run_in_process, train_args, xla_flags
 
 C_PLUS_PLUS_ABORT = re.compile(r"^F\d{4} |Check failure stack trace|terminate called|^\s+@\s+0x", re.MULTILINE)
 
@@ -32,7 +32,7 @@ def test_lost_process_is_named_and_the_survivor_exits(victim, devices, text_corp
   # ("Received data size doesn't match expected size"), a case the supervisor tests below cover.
   env = dict(
     os.environ,
-    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    XLA_FLAGS=xla_flags(devices),
     JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}",
     JAX_NUM_PROCESSES="2",
   )
@@ -75,7 +75,7 @@ def start_two_processes(text_corpus, run: Path, *extra: str) -> list[subprocess.
   """`jaxlm train` as processes 0 and 1 of one run (2 CPU devices each, gloo), on `run`; stderr piped."""
   env = dict(
     os.environ,
-    XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    XLA_FLAGS=xla_flags(2),
     JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}",
     JAX_NUM_PROCESSES="2",
   )

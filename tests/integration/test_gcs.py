@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from support import REPO, free_port, tiny_config
+from support import REPO, free_port, tensorboard_scalars, tiny_config, xla_flags
 
 from jaxlm.storage import fs
 
@@ -72,20 +72,6 @@ def test_append_file_rewrites_the_object(emulator):
   assert fs.read_bytes(location) == b'{"step": 1}\n{"step": 2}\n'
   second.close()
   assert fs.read_bytes(location) == b'{"step": 1}\n{"step": 2}\n{"step": 3}\n'
-
-
-def tensorboard_scalars(data: bytes) -> dict[str, list[tuple[int, float]]]:
-  """{tag: [(step, value)]} from the bytes of an event file (TFRecord framing around Event protos)."""
-  from tensorboardX.proto import event_pb2
-
-  scalars, offset = {}, 0
-  while offset < len(data):
-    length = int.from_bytes(data[offset : offset + 8], "little")
-    event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
-    offset += 12 + length + 4  # length, its CRC, the record, its CRC
-    for value in event.summary.value:
-      scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
-  return scalars
 
 
 def test_tensorboard_events_in_a_bucket(emulator):
@@ -310,7 +296,7 @@ def train_args(workdir: str, corpus_glob: str, *extra: str) -> list[str]:
 
 def jaxlm(args: list[str], cwd, devices: int = 8, env: dict | None = None, timeout: int = 600, **popen):
   """`python -m jaxlm ARGS` run from `cwd` (not the repository), with the emulator's environment."""
-  environment = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **(env or {})}
+  environment = {**os.environ, "XLA_FLAGS": xla_flags(devices), **(env or {})}
   command = [sys.executable, "-m", "jaxlm", *args]
   if popen:
     return subprocess.Popen(command, cwd=cwd, env=environment, text=True, **popen)

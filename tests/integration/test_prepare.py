@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from support import REPO, error_line, files_config, run_cli, run_in_process
+from support import REPO, error_line, files_config, run_cli, run_in_process, xla_flags
 
 from jaxlm import config as config_lib
 from jaxlm.cli import main
@@ -404,7 +404,7 @@ def test_two_processes_read_disjoint_rows_whose_union_is_the_global_batch(prepar
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(4))
   procs = [
     subprocess.Popen(
       [sys.executable, "-c", WORKER, f"127.0.0.1:{port}", str(i), str(out / "train"), str(tmp_path / f"p{i}.npz")],
@@ -500,7 +500,7 @@ def test_prepare_killed_mid_run_resumes_to_the_same_bytes(tmp_path):
     "--config.data.source=files",
     f"--config.data.paths={source}/*.txt",
   ]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1))
   process = subprocess.Popen(
     [sys.executable, "-m", "jaxlm", *args(tmp_path / "killed")],
     cwd=REPO,

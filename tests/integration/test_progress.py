@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from support import run_cli
+from support import run_cli, xla_flags
 
 from jaxlm.training import progress
 
@@ -144,7 +144,7 @@ def test_sigint_saves_and_exits_within_a_few_steps(text_corpus, tmp_path):
     "--config.data.seq_len=64",
     "--config.train.global_batch_size=32",
   )
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  env = {**os.environ, "XLA_FLAGS": xla_flags(1)}
   process = subprocess.Popen(
     [sys.executable, "-m", "jaxlm", *args], stderr=subprocess.PIPE, text=True, env=env, cwd=REPO
   )

@@ -2,6 +2,7 @@
 budget that checks the mechanism (the data, the custom block, the callbacks, the introspection, the evaluation at
 other lengths), not the published result, which takes the full runs."""
 
+import copy
 import json
 import math
 import runpy
@@ -43,14 +44,28 @@ def test_grokking_smoke_memorizes_modular_addition(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_induction_smoke_trains_an_attention_only_model_and_scores_heads(tmp_path, monkeypatch):
+def test_induction_smoke_trains_attention_only_models_on_repeated_strings_and_scores_heads(tmp_path, monkeypatch):
   results, script = run_smoke("induction_heads", tmp_path, monkeypatch)
-  params = jaxlm.load(tmp_path / "runs", model=script["model"]).params["decoder"]  # the script's own module
-  assert set(params) == {"layer_0", "layer_1"} and set(params["layer_0"]) == {"norm", "self_attention"}  # no MLP
-  first, last = results["curve"][0], results["curve"][-1]
-  assert last["step"] == 10 and last["loss"] < first["loss"]
-  assert len(last["prefix_matching"]) == 8 and all(0 <= score <= 1 for score in last["prefix_matching"])
-  assert math.isfinite(last["in_context_score"]) and results["best_head_layer_2"] in range(8)
+  # The training rows are random strings of 8-64 bytes, each repeated to fill the row: every token from the second
+  # period on equals the token one period earlier.
+  batch = next(script["repeated_strings"]())
+  inputs, targets = batch["inputs"], batch["targets"]
+  assert inputs.shape == (32, 128) and (inputs[:, 1:] == targets[:, :-1]).all() and inputs.min() >= 4
+  periods = [next(p for p in range(8, 65) if (row[p:] == row[:-p]).all()) for row in inputs]
+  assert len(set(periods)) > 1 and all(8 <= p <= 64 for p in periods)
+  for layers in (2, 1):
+    model_config = copy.deepcopy(script["config"].model)
+    model_config.num_layers = layers  # the script's own block: attention, no MLP
+    model = jaxlm.DecoderLM(model_config, block_cls=script["AttentionOnly"])
+    params = jaxlm.load(tmp_path / "runs" / f"layers_{layers}", model=model).params["decoder"]
+    assert set(params) == {f"layer_{i}" for i in range(layers)}
+    assert set(params["layer_0"]) == {"norm", "self_attention"}  # no MLP
+    curve = results[f"layers_{layers}"]["curve"]
+    assert [row["step"] for row in curve] == [1, 5, 10]
+    for row in curve:  # attention weights: each score is a mean attention, in [0, 1]; one per head
+      assert len(row["prefix_matching"]) == len(row["previous_token"]) == 8
+      assert all(0 <= score <= 1 for score in row["prefix_matching"] + row["previous_token"])
+      assert math.isfinite(row["in_context_score"]) and 0 < row["repeat_loss"] < 10
 
 
 @pytest.mark.slow

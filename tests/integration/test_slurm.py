@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 import slurm_cluster
-from support import REPO, train_args
+from support import REPO, train_args, xla_flags
 
 pytestmark = pytest.mark.slow
 SBATCH = REPO / "slurm" / "train.sbatch"
-JOB_ENV = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}  # 2 processes x 2 devices: batch 8 divides
+JOB_ENV = {"XLA_FLAGS": xla_flags(2)}  # 2 processes x 2 devices: batch 8 divides
 # The template's GPU line, overridden for this CPU-only cluster; every other #SBATCH line is the template's own.
 CPU_ONLY = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0"]
 JOINED = "devices: 4 x cpu (2 process(es))"

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import REPO, TINY
+from support import REPO, TINY, xla_flags
 
 
 def error_cases(folder: Path) -> list[list[str]]:
@@ -49,7 +49,7 @@ def error_cases(folder: Path) -> list[list[str]]:
 @pytest.mark.slow
 def test_twenty_failed_commands_each_print_one_line(tmp_path):
   env = {key: value for key, value in os.environ.items() if key != "JAX_PLATFORMS"}
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  env["XLA_FLAGS"] = xla_flags(8)
   cases = error_cases(tmp_path)
   assert len({tuple(case) for case in cases}) == 20
   for case in cases:

@@ -6,10 +6,11 @@ import glob
 import json
 import socket
 import struct
+import subprocess
 import sys
 
 import pytest
-from support import error_line, run_in_process, train_args
+from support import REPO, error_line, run_in_process, tensorboard_scalars, train_args
 
 from jaxlm import config as config_lib
 from jaxlm.cli import main
@@ -111,3 +112,22 @@ def test_malformed_profile_steps_and_a_missing_wandb_are_one_line(text_corpus, t
   monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed: its import fails
   result = run_in_process(train_args(text_corpus, tmp_path / "b", "--config.train.wandb=p"), capfd)
   assert result.returncode == 2 and "pip install -e '.[wandb]'" in error_line(result)
+
+
+def test_the_tensorboard_writer_leaves_torch_unimported_and_importable(tmp_path):
+  # tensorboardX imports torch whenever it is installed (torch is, with the test extras): a run's start would pay
+  # for it. The writer hides torch while tensorboardX loads; torch still imports afterwards.
+  script = f"""
+import glob, sys
+from jaxlm.storage import fs
+writer = fs.tensorboard_writer({str(tmp_path)!r})
+writer.add_scalar("loss", 0.5, 7)
+writer.close()
+assert "torch" not in sys.modules, "tensorboardX imported torch"
+import torch
+print(glob.glob({str(tmp_path / "*tfevents*")!r})[0])
+"""
+  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  events = open(result.stdout.strip(), "rb").read()
+  assert tensorboard_scalars(events) == {"loss": [(7, 0.5)]}

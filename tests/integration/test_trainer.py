@@ -9,7 +9,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from support import REPO, files_config, free_port, run_cli, tiny_config
+from support import REPO, files_config, free_port, run_cli, tiny_config, xla_flags
 
 from jaxlm.data import mixture
 from jaxlm.parallel import mesh as mesh_lib
@@ -190,7 +190,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(text_corpus, tmp_path
 
 @pytest.mark.slow
 def test_sigterm_saves_then_exits(text_corpus, tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(8))
   proc = subprocess.Popen(
     [
       sys.executable,
@@ -220,7 +220,7 @@ def test_two_processes_match_one(full_run, text_corpus, tmp_path):
   port = free_port()
   env = dict(
     os.environ,
-    XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    XLA_FLAGS=xla_flags(4),
     JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
     JAX_NUM_PROCESSES="2",
   )

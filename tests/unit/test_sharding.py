@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import tiny_config
+from support import tiny_config, xla_flags
 
 from jaxlm import config as config_lib
 from jaxlm.parallel import mesh as mesh_lib
@@ -40,7 +40,7 @@ def test_the_token_lookup_compiles_on_a_3d_mesh_without_full_rematerialization()
   """The embedding gather and its transpose on a data x fsdp x tensor mesh (vocab on tensor, embed on fsdp):
   without `layers._Embed`'s gather along embed, XLA's SPMD partitioner replicates the looked-up rows. XLA's C++
   prints that warning to fd 2, and a cached executable prints nothing: hence a fresh process, without the cache."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_ENABLE_COMPILATION_CACHE="false")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(8), JAX_ENABLE_COMPILATION_CACHE="false")
   env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent.parent), env.get("PYTHONPATH", "")])
   result = subprocess.run(
     [sys.executable, "-c", _COMPILE_ON_A_3D_MESH], capture_output=True, text=True, env=env, timeout=600
