@@ -18,9 +18,10 @@ Hardware:  AMD EPYC, 2 cores shared with other jobs (load average 7-10; the run 
 Time:      15.9 min for both runs (8.8 min with weight decay, 6.9 min without; 0.5-1.1 s a step under that load).
 Expected:  (measured) train accuracy > 0.99 at step 80 in both runs; test accuracy > 0.95 / > 0.99 at steps
            240 / 300 with weight decay 1.0 (1.000 from step 420), at 380 / 540 without (0.994 at step 600).
-           Generalization follows memorization closely here: no plateau. With --train-pairs 3760 --steps 700
-           (40%, 10.7 min): a plateau (test 0.41 -> 0.62), then a jump to 0.87 at steps 460-500 and 0.93 at
-           700 with weight decay; 0.55 at 700 without (docs/reproductions.md, docs/img/grokking.train40.*).
+           Generalization follows memorization closely here: no plateau. With --train-pairs 3760 --steps 1500
+           (40%, 12.8 min): a plateau (test 0.41 -> 0.62), then a jump to 0.87 at steps 460-500, > 0.99 at
+           1,040 and 1.000 from 1,300 with weight decay; without it 0.61 at 1,200 and 0.73 at 1,500
+           (docs/reproductions.md, docs/img/grokking.train40.*).
 """
 
 from jaxlm.config import base_config
